@@ -1,0 +1,216 @@
+"""Kernel benchmark: BCQ LUT-GEMV (numba) vs dense torch matmuls, side by side in one run.
+
+For every shape (out x in), bit width, batch and thread count it times
+
+- ``lut``:     ``alphatune.kernels.numba_lut.bcq_matmul_lut`` (packed codes, float32 tables),
+- ``fp32``:    ``F.linear`` with a dense float32 weight,
+- ``bf16``:    ``F.linear`` with a dense bfloat16 weight and bfloat16 activations,
+- ``dequant``: ``bcq_matmul_dequant`` (unpack + dequantize the weight, then ``F.linear``),
+
+and reports median milliseconds, ``lut / fp32``, and the memory-bandwidth bound of the LUT kernel:
+the bytes it must read (packed codes + scales + activations) divided by the copy bandwidth measured
+on this machine with the same thread count (a large torch tensor copy, read + write bytes).
+
+Codes and scales are random: the speed of these kernels does not depend on their values.
+
+Usage::
+
+    python benchmarks/bench_kernels.py             # full grid, a few minutes
+    python benchmarks/bench_kernels.py --quick     # 4096x4096, 3 bits, batch 1: a smoke run
+    python benchmarks/bench_kernels.py --shapes 4096x4096 --bits 2,4 --batch 1 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from alphatune.kernels.numba_lut import bcq_matmul_lut, numba_available
+from alphatune.kernels.reference import bcq_matmul_dequant
+from alphatune.packing import packed_width
+
+DEFAULT_SHAPES = "2048x2048,4096x4096,4096x11008,11008x4096"
+DEFAULT_OUT = Path(__file__).parent / "results" / "kernels.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated OUTxIN shapes")
+    parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths q")
+    parser.add_argument("--batch", default="1,8", help="comma-separated token counts")
+    parser.add_argument("--threads", default="1,all", help="comma-separated thread counts or 'all'")
+    parser.add_argument("--group-size", type=int, default=None, help="inputs per scale (default: row)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed runs per kernel (median)")
+    parser.add_argument(
+        "--budget", type=float, default=1.0, help="seconds per kernel at most (at least 3 runs)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON path")
+    parser.add_argument("--quick", action="store_true", help="one shape, q=3, batch 1 (smoke run)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.bits, args.batch = "4096x4096", "3", "1"
+    return args
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        out, _, in_features = item.strip().lower().partition("x")
+        shapes.append((int(out), int(in_features)))
+    return shapes
+
+
+def parse_threads(text: str) -> list[int]:
+    available = os.cpu_count() or 1
+    counts = [available if item.strip() == "all" else int(item) for item in text.split(",")]
+    return sorted(set(counts))
+
+
+def time_ms(fn: Callable[[], object], repeat: int, budget_s: float) -> float:
+    """Median wall time in ms of ``fn()`` after one warm-up call; stops early past ``budget_s``."""
+    fn()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < repeat:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 3 and time.perf_counter() - started > budget_s:
+            break
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_gbs(megabytes: int = 256, repeat: int = 5) -> float:
+    """Read + write bandwidth of a large tensor copy (GB/s) with the current torch threads."""
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), repeat, budget_s=2.0)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def lut_bytes(bits: int, out: int, in_features: int, groups: int, batch: int) -> int:
+    """Bytes the LUT kernel must read: codes, float32 scales, float32 activations."""
+    return bits * out * packed_width(in_features) + 4 * bits * out * groups + 4 * batch * in_features
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    if not numba_available():
+        raise SystemExit("numba is not installed: pip install numba")
+    console = Console()
+    results = []
+    generator = torch.Generator().manual_seed(0)
+    threads_all = parse_threads(args.threads)
+    for threads in threads_all:
+        torch.set_num_threads(threads)
+        bandwidth = copy_bandwidth_gbs()
+        console.log(f"threads={threads}: copy bandwidth {bandwidth:.1f} GB/s")
+        for out, in_features in parse_shapes(args.shapes):
+            group_size = args.group_size or in_features
+            groups = in_features // group_size
+            weight = torch.randn(out, in_features, generator=generator) / in_features**0.5
+            weight_bf16 = weight.to(torch.bfloat16)
+            for batch in [int(b) for b in args.batch.split(",")]:
+                x = torch.randn(batch, in_features, generator=generator)
+                x_bf16 = x.to(torch.bfloat16)
+                fp32_ms = time_ms(lambda: F.linear(x, weight), args.repeat, args.budget)
+                bf16_ms = time_ms(lambda: F.linear(x_bf16, weight_bf16), args.repeat, args.budget)
+                for bits in [int(q) for q in args.bits.split(",")]:
+                    packed = torch.randint(
+                        0, 256, (bits, out, packed_width(in_features)), dtype=torch.uint8,
+                        generator=generator,
+                    )
+                    alpha = torch.rand(bits, out, groups, generator=generator)
+
+                    def lut() -> torch.Tensor:
+                        return bcq_matmul_lut(x, packed, alpha, None, group_size, in_features)
+
+                    def dequant() -> torch.Tensor:
+                        return bcq_matmul_dequant(x, packed, alpha, None, group_size, in_features)
+
+                    lut_ms = time_ms(lut, args.repeat, args.budget)
+                    dequant_ms = time_ms(dequant, args.repeat, args.budget)
+                    nbytes = lut_bytes(bits, out, in_features, groups, batch)
+                    bound_ms = nbytes / (bandwidth * 1e9) * 1e3
+                    row = {
+                        "out": out,
+                        "in": in_features,
+                        "bits": bits,
+                        "group_size": group_size,
+                        "batch": batch,
+                        "threads": threads,
+                        "lut_ms": lut_ms,
+                        "fp32_ms": fp32_ms,
+                        "bf16_ms": bf16_ms,
+                        "dequant_ms": dequant_ms,
+                        "lut_over_fp32": lut_ms / fp32_ms,
+                        "lut_bytes": nbytes,
+                        "bandwidth_gbs": bandwidth,
+                        "bound_ms": bound_ms,
+                        "lut_over_bound": lut_ms / bound_ms,
+                    }
+                    results.append(row)
+                    console.log(
+                        f"{out}x{in_features} q={bits} T={batch} threads={threads}: "
+                        f"lut {lut_ms:.3f} ms, fp32 {fp32_ms:.3f} ms ({lut_ms / fp32_ms:.2f}x)"
+                    )
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    table = Table(title="BCQ kernels: median ms (lower is better)")
+    for name in ["out x in", "q", "T", "thr", "lut", "fp32", "bf16", "dequant", "lut/fp32",
+                 "bound", "lut/bound"]:
+        table.add_column(name, justify="right")
+    for r in results:
+        table.add_row(
+            f"{r['out']}x{r['in']}", str(r["bits"]), str(r["batch"]), str(r["threads"]),
+            f"{r['lut_ms']:.3f}", f"{r['fp32_ms']:.3f}", f"{r['bf16_ms']:.3f}",
+            f"{r['dequant_ms']:.2f}", f"{r['lut_over_fp32']:.2f}", f"{r['bound_ms']:.3f}",
+            f"{r['lut_over_bound']:.1f}",
+        )
+    Console().print(table)
+
+
+def environment() -> dict:
+    import numba
+
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "numba_threads_max": numba.config.NUMBA_NUM_THREADS,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    results = run(args)
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "environment": environment(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "results": results,
+    }
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    Console().print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

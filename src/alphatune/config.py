@@ -1,0 +1,234 @@
+"""Configuration objects: how to quantize (BCQConfig), what trains (AlphaTuningConfig), how (TrainConfig).
+
+Configs are frozen dataclasses whose enums are ``str`` enums, so they round-trip through JSON and the
+command line. ``to_dict``/``from_dict`` give the JSON form; unknown keys warn instead of failing so
+that files written by a newer version still load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
+
+from alphatune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+class QuantMethod(str, Enum):
+    """How the binary codes and scales are fitted to a weight.
+
+    GREEDY and ALTERNATING are the paper's methods, kept exactly as defined there. OFFSET is BCQ with
+    a per-group offset, initialised from round-to-nearest uniform quantization and refined by
+    alternating least squares. CALIBRATED rounds onto the OFFSET grid with GPTQ-style error feedback
+    weighted by the layer's input statistics (needs calibration text).
+    """
+
+    GREEDY = "greedy"
+    ALTERNATING = "alternating"
+    OFFSET = "offset"
+    CALIBRATED = "calibrated"
+
+    @property
+    def has_offset(self) -> bool:
+        return self in (QuantMethod.OFFSET, QuantMethod.CALIBRATED)
+
+
+class PackingFormat(str, Enum):
+    """Layout of the packed codes on disk and in memory (see ``alphatune.packing``)."""
+
+    BITPLANE_U8 = "bitplane_u8"
+
+
+class TrainableScales(str, Enum):
+    """Which scale factors AlphaTuning trains."""
+
+    ALPHA1 = "alpha1"  # the paper's default: only the first (largest) scale of each row/group
+    ALL_ALPHA = "all_alpha"
+
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - known)
+    if unknown:
+        logger.warning("%s: ignoring unknown keys %s (written by a newer alphatune?)", where, unknown)
+    kwargs = {k: v for k, v in data.items() if k in known}
+    for key in ("include", "exclude"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class BCQConfig:
+    """How to quantize a model with binary-coding quantization.
+
+    Args:
+        bits: number of binary code planes q (1..8).
+        group_size: input features sharing one set of scales. ``None``: one set per output row (the
+            paper's row-wise BCQ). ``"auto"``: per layer, the divisor of ``in_features`` closest to
+            128. An integer must divide the ``in_features`` of every quantized layer.
+        method: fitting method (see ``QuantMethod``).
+        iterations: alternating-least-squares rounds for ALTERNATING / OFFSET / CALIBRATED.
+        include: glob patterns of module names to quantize; ``None`` means every ``nn.Linear``
+            inside the transformer blocks (any element of an ``nn.ModuleList``).
+        exclude: glob patterns of module names never quantized.
+        packing: code layout.
+        format_version: bumped when the saved layout changes.
+
+    Example:
+        >>> cfg = BCQConfig(bits=3, group_size=64, method="offset")
+        >>> cfg.method
+        <QuantMethod.OFFSET: 'offset'>
+    """
+
+    bits: int = 3
+    group_size: int | str | None = AUTO
+    method: QuantMethod = QuantMethod.CALIBRATED
+    iterations: int = 10
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ("*lm_head*",)
+    packing: PackingFormat = PackingFormat.BITPLANE_U8
+    format_version: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+            raise ConfigError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        gs = self.group_size
+        if isinstance(gs, str) and gs != AUTO:
+            raise ConfigError(f"group_size must be a positive integer, None or 'auto', got {gs!r}")
+        if isinstance(gs, bool) or (isinstance(gs, int) and gs < 1):
+            raise ConfigError(f"group_size must be a positive integer, None or 'auto', got {gs!r}")
+        try:
+            object.__setattr__(self, "method", QuantMethod(self.method))
+        except ValueError:
+            known = ", ".join(m.value for m in QuantMethod)
+            raise ConfigError(f"method must be one of {known}; got {self.method!r}") from None
+        object.__setattr__(self, "packing", PackingFormat(self.packing))
+        if self.iterations < 0:
+            raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
+
+    def group_size_for(self, in_features: int) -> int:
+        """The group size used for a layer with ``in_features`` inputs (raises if it cannot fit)."""
+        if self.group_size is None:
+            return in_features
+        if self.group_size == AUTO:
+            divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
+            # Closest to 128 on a log scale; ties go to the larger group (fewer scales to store).
+            return min(divisors, key=lambda d: (abs(math.log(d / 128)), -d))
+        assert isinstance(self.group_size, int)
+        if in_features % self.group_size:
+            divisors = [d for d in range(8, in_features + 1, 8) if in_features % d == 0]
+            raise ConfigError(
+                f"group_size {self.group_size} does not divide in_features={in_features}; "
+                f"choose one of {divisors[:12]} (or None for one group per row, or 'auto')"
+            )
+        return self.group_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["method"] = self.method.value
+        data["packing"] = self.packing.value
+        data["include"] = list(self.include) if self.include is not None else None
+        data["exclude"] = list(self.exclude)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "quantization_config") -> BCQConfig:
+        return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
+class AlphaTuningConfig:
+    """What AlphaTuning trains; everything else (codes, other scales, embeddings, norms) is frozen.
+
+    Args:
+        train: ``"alpha1"`` (paper default) or ``"all_alpha"``.
+        train_offset: also train the per-group offsets (OFFSET / CALIBRATED methods only).
+        train_bias: also train the biases of quantized layers (an ablation in the paper).
+        alpha_lr_scale: multiplies the learning rate of the scales. The paper scales α's update down
+            because one α multiplies a whole row (or group); with Adam a gradient scale cancels out,
+            so the knob is expressed on the learning rate.
+    """
+
+    train: TrainableScales = TrainableScales.ALPHA1
+    train_offset: bool = False
+    train_bias: bool = False
+    alpha_lr_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "train", TrainableScales(self.train))
+        except ValueError:
+            raise ConfigError(
+                f"train must be 'alpha1' or 'all_alpha', got {self.train!r}"
+            ) from None
+        if not self.alpha_lr_scale > 0:
+            raise ConfigError(f"alpha_lr_scale must be > 0, got {self.alpha_lr_scale}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["train"] = self.train.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "alphatuning config") -> AlphaTuningConfig:
+        return _from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: the paper's recipe (AdamW, linear decay with warm-up, label smoothing 0.1).
+
+    ``max_steps`` bounds optimizer steps (``None``: run ``epochs`` full passes). One optimizer step
+    consumes ``batch_size * grad_accum`` examples.
+    """
+
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.06
+    label_smoothing: float = 0.1
+    max_length: int = 128
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    seed: int = 0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        checks = {
+            "learning_rate": self.learning_rate > 0,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "epochs": self.epochs > 0,
+            "max_steps": self.max_steps is None or self.max_steps >= 1,
+            "warmup_ratio": 0 <= self.warmup_ratio < 1,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "max_length": self.max_length >= 8,
+            "eval_every": self.eval_every >= 0,
+            "checkpoint_every": self.checkpoint_every >= 0,
+            "weight_decay": self.weight_decay >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            raise ConfigError(f"invalid training settings: {values}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "training config") -> TrainConfig:
+        return _from_dict(cls, data, where)

@@ -1,0 +1,32 @@
+"""Task data: loading files into examples, tokenizing them and batching them."""
+
+from alphatune.data.e2e import e2e_prompt, load_e2e_eval, load_e2e_train
+from alphatune.data.examples import EvalItem, Example
+from alphatune.data.text import load_text_tokens
+from alphatune.data.tokenize import (
+    IGNORE_INDEX,
+    TASKS,
+    collate,
+    encode_example,
+    encode_prompt,
+    load_task,
+)
+from alphatune.data.triples import load_triples_eval, load_triples_train, triples_prompt
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "EvalItem",
+    "Example",
+    "collate",
+    "e2e_prompt",
+    "encode_example",
+    "encode_prompt",
+    "load_e2e_eval",
+    "load_e2e_train",
+    "load_task",
+    "load_text_tokens",
+    "load_triples_eval",
+    "load_triples_train",
+    "triples_prompt",
+]

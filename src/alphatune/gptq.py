@@ -1,0 +1,150 @@
+"""Calibration-aware rounding onto BCQ grids (GPTQ-style error feedback), as pure tensor math.
+
+The grid of every (row, group) — its 2^q values ``Σ ±alpha_i + offset`` — is fitted first from the
+weight alone (``bcq.fit_offset``). Columns are then rounded one at a time to the nearest grid value
+of their row and group, and each column's rounding error is spread over the columns not yet
+rounded through the inverse Hessian ``H = Σ x xᵀ`` of the layer's inputs (Frantar et al. 2022,
+"GPTQ"), so that the layer's *output* error, not its weight error, is minimised. Finally the
+scales and offsets are re-fitted for the chosen codes by Hessian-weighted least squares.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alphatune import bcq
+
+
+def _grid_values(alpha: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sorted grid values per (row, group), their midpoints and sign patterns.
+
+    alpha (q, out, G), offset (out, G) -> values (out, G, 2^q), midpoints (out, G, 2^q - 1),
+    signs (out, G, 2^q, q).
+    """
+    bits = alpha.shape[0]
+    table = bcq._combination_signs(bits, alpha.dtype, alpha.device)  # (2^q, q)
+    values = torch.einsum("mq,qog->ogm", table, alpha) + offset[..., None]
+    values, order = values.sort(dim=-1)
+    signs = table[order]  # (out, G, 2^q, q)
+    return values, (values[..., 1:] + values[..., :-1]) / 2, signs
+
+
+def _inverse_hessian_factor(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1`` (GPTQ's numerically stable form)."""
+    h = hessian.clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0  # inputs that never fire carry no information; keep H invertible
+    h.diagonal().add_(damp * h.diagonal().mean())
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def round_with_error_feedback(
+    weight: Tensor,
+    hessian: Tensor,
+    alpha: Tensor,
+    offset: Tensor,
+    group_size: int,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> Tensor:
+    """Choose codes on a fixed BCQ-with-offset grid minimising the layer's output error.
+
+    Args:
+        weight: ``(out, in)``.
+        hessian: ``(in, in)``, ``Σ_t x_t x_tᵀ`` over calibration inputs.
+        alpha: ``(q, out, G)``; offset: ``(out, G)`` — the grid.
+        act_order: round columns in order of decreasing ``diag(H)`` (most important first).
+    Returns:
+        codes ``(q, out, in)`` float ±1.
+    """
+    w = weight.detach().double().clone()
+    h = hessian.double()
+    out, in_features = w.shape
+    values, midpoints, signs = _grid_values(alpha.double(), offset.double())
+    order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features)
+    w = w[:, order]
+    factor = _inverse_hessian_factor(h[order][:, order], damp)
+    codes = torch.empty(alpha.shape[0], out, in_features, dtype=torch.float64)
+    rows = torch.arange(out)
+    for col in range(in_features):
+        original = int(order[col])
+        group = original // group_size
+        column = w[:, col]
+        index = torch.searchsorted(midpoints[:, group].contiguous(), column[:, None].contiguous())[:, 0]
+        rounded = values[rows, group, index]
+        codes[:, :, original] = signs[rows, group, index].T
+        error = (column - rounded) / factor[col, col]
+        w[:, col + 1 :] -= error[:, None] * factor[col, col + 1 :][None, :]
+    return codes
+
+
+def refit_scales(
+    weight: Tensor, hessian: Tensor, codes: Tensor, group_size: int, ridge: float = 1e-4
+) -> tuple[Tensor, Tensor]:
+    """Hessian-weighted least-squares scales and offsets for fixed codes.
+
+    Minimises ``Σ_r (w_r - ŵ_r)ᵀ H (w_r - ŵ_r)`` over every row's ``(q + 1)·G`` parameters.
+    Returns alpha ``(q, out, G)`` and offset ``(out, G)``.
+    """
+    bits, out, in_features = codes.shape
+    groups = in_features // group_size
+    h = hessian.double()
+    h = h + ridge * h.diagonal().mean() * torch.eye(in_features, dtype=h.dtype)
+    # Design per row: column p = (plane i or the offset's ones) restricted to group k.
+    planes = torch.cat([codes.double(), torch.ones(1, out, in_features, dtype=torch.float64)])
+    mask = torch.zeros(groups, in_features, dtype=torch.float64)
+    mask[torch.arange(in_features) // group_size, torch.arange(in_features)] = 1
+    design = (planes[:, :, None, :] * mask[None, None]).permute(1, 0, 2, 3)  # (out, q+1, G, in)
+    design = design.reshape(out, (bits + 1) * groups, in_features)  # (out, P, in)
+    h_design = design @ h  # (out, P, in)
+    gram = h_design @ design.transpose(1, 2)  # (out, P, P)
+    rhs = h_design @ weight.double()[:, :, None]  # (out, P, 1)
+    # A plane that is constant over a group duplicates the offset's column; a relative ridge keeps
+    # the system solvable without moving well-determined solutions.
+    scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+    gram = gram + 1e-7 * scale[:, None, None] * torch.eye(gram.shape[1], dtype=gram.dtype)
+    solution = torch.linalg.solve(gram, rhs)[..., 0].reshape(out, bits + 1, groups)
+    return solution[:, :bits].permute(1, 0, 2).contiguous(), solution[:, bits].contiguous()
+
+
+def fit_calibrated(
+    weight: Tensor,
+    hessian: Tensor,
+    bits: int,
+    group_size: int,
+    iterations: int = 10,
+    damp: float = 0.01,
+    act_order: bool = True,
+) -> bcq.BCQWeight:
+    """BCQ with offset, rounded with GPTQ error feedback and re-fitted with Hessian weights.
+
+    Returns whichever of (GPTQ-rounded, data-free) has the lower output error ``tr(E H Eᵀ)``.
+    """
+    start = bcq.fit_offset(weight, bits, group_size, iterations)
+    assert start.offset is not None
+    codes = round_with_error_feedback(
+        weight, hessian, start.alpha, start.offset, group_size, damp, act_order
+    )
+    alpha, offset = refit_scales(weight, hessian, codes, group_size)
+    codes, alpha_rows = bcq._canonical(
+        codes.reshape(bits, -1, group_size), alpha.reshape(bits, -1)
+    )
+    candidate = bcq.BCQWeight(
+        codes=codes.reshape(bits, *weight.shape).to(torch.int8),
+        alpha=alpha_rows.reshape(alpha.shape).float(),
+        offset=offset.float(),
+        group_size=group_size,
+    )
+    if output_error(weight, candidate.dequantize(), hessian) <= output_error(
+        weight, start.dequantize(), hessian
+    ):
+        return candidate
+    return start
+
+
+def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
+    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the summed squared output error over the calibration inputs."""
+    error = (weight.double() - approx.double())
+    return float(((error @ hessian.double()) * error).sum())

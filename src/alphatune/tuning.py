@@ -1,0 +1,84 @@
+"""Choosing what AlphaTuning trains: freeze everything, then unfreeze the chosen scales."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from alphatune.config import AlphaTuningConfig, TrainableScales
+from alphatune.errors import ConfigError
+from alphatune.layers import BCQLinear
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainableReport:
+    """How many parameters train, out of how many the model has."""
+
+    trainable: int
+    total: int
+
+    @property
+    def ratio(self) -> float:
+        """Total / trainable (the paper's "x fewer trainable parameters")."""
+        return self.total / max(self.trainable, 1)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+
+def _count_total(model: nn.Module) -> int:
+    """Parameters of the model as it was before quantization (quantized layers count in×out)."""
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BCQLinear):
+            total += module.in_features * module.out_features
+            total += 0 if module.bias is None else module.bias.numel()
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def prepare_for_alphatuning(
+    model: nn.Module, config: AlphaTuningConfig | None = None
+) -> TrainableReport:
+    """Freeze every parameter, then make the scales chosen by ``config`` trainable.
+
+    Returns the trainable-parameter count and its ratio to the original model size.
+    """
+    config = config or AlphaTuningConfig()
+    layers = [m for m in model.modules() if isinstance(m, BCQLinear)]
+    if not layers:
+        raise ConfigError("the model has no BCQLinear layers: call quantize_(model, ...) first")
+    if config.train_offset and all(m.offset is None for m in layers):
+        raise ConfigError("train_offset=True but the model was quantized without offsets")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers:
+        layer.make_trainable(
+            alpha_rest=config.train == TrainableScales.ALL_ALPHA, offset=config.train_offset
+        )
+        layer.alpha1.requires_grad_(True)
+        if config.train == TrainableScales.ALL_ALPHA and isinstance(layer.alpha_rest, nn.Parameter):
+            layer.alpha_rest.requires_grad_(True)
+        if config.train_offset and isinstance(layer.offset, nn.Parameter):
+            layer.offset.requires_grad_(True)
+        if config.train_bias and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report = TrainableReport(trainable=trainable, total=_count_total(model))
+    logger.info("trainable parameters: %d (%.4f%%)", report.trainable, report.percent)
+    return report
+
+
+def trainable_state(model: nn.Module) -> dict[str, "nn.Parameter"]:
+    """Name -> parameter for everything that trains (what an adapter or checkpoint stores)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
