@@ -30,6 +30,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -51,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths q")
     parser.add_argument("--batch", default="1,8", help="comma-separated token counts")
     parser.add_argument("--threads", default="1,all", help="comma-separated thread counts or 'all'")
-    parser.add_argument("--group-size", type=int, default=None, help="inputs per scale (default: row)")
+    parser.add_argument(
+        "--group-size", type=int, default=None, help="inputs per scale (default: row)"
+    )
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per kernel (median)")
     parser.add_argument(
         "--budget", type=float, default=1.0, help="seconds per kernel at most (at least 3 runs)"
@@ -78,9 +81,10 @@ def parse_threads(text: str) -> list[int]:
     return sorted(set(counts))
 
 
-def time_ms(fn: Callable[[], object], repeat: int, budget_s: float) -> float:
-    """Median wall time in ms of ``fn()`` after one warm-up call; stops early past ``budget_s``."""
-    fn()
+def time_ms(fn: Callable[[], object], repeat: int, budget_s: float, warmup: bool = True) -> float:
+    """Median wall time in ms of ``fn()``, after one warm-up call; stops early past ``budget_s``."""
+    if warmup:
+        fn()
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < repeat:
@@ -102,7 +106,9 @@ def copy_bandwidth_gbs(megabytes: int = 256, repeat: int = 5) -> float:
 
 def lut_bytes(bits: int, out: int, in_features: int, groups: int, batch: int) -> int:
     """Bytes the LUT kernel must read: codes, float32 scales, float32 activations."""
-    return bits * out * packed_width(in_features) + 4 * bits * out * groups + 4 * batch * in_features
+    return (
+        bits * out * packed_width(in_features) + 4 * bits * out * groups + 4 * batch * in_features
+    )
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -124,23 +130,23 @@ def run(args: argparse.Namespace) -> list[dict]:
             for batch in [int(b) for b in args.batch.split(",")]:
                 x = torch.randn(batch, in_features, generator=generator)
                 x_bf16 = x.to(torch.bfloat16)
-                fp32_ms = time_ms(lambda: F.linear(x, weight), args.repeat, args.budget)
-                bf16_ms = time_ms(lambda: F.linear(x_bf16, weight_bf16), args.repeat, args.budget)
+                fp32_ms = time_ms(partial(F.linear, x, weight), args.repeat, args.budget)
+                bf16_ms = time_ms(partial(F.linear, x_bf16, weight_bf16), args.repeat, args.budget)
                 for bits in [int(q) for q in args.bits.split(",")]:
                     packed = torch.randint(
-                        0, 256, (bits, out, packed_width(in_features)), dtype=torch.uint8,
+                        0,
+                        256,
+                        (bits, out, packed_width(in_features)),
+                        dtype=torch.uint8,
                         generator=generator,
                     )
                     alpha = torch.rand(bits, out, groups, generator=generator)
-
-                    def lut() -> torch.Tensor:
-                        return bcq_matmul_lut(x, packed, alpha, None, group_size, in_features)
-
-                    def dequant() -> torch.Tensor:
-                        return bcq_matmul_dequant(x, packed, alpha, None, group_size, in_features)
-
-                    lut_ms = time_ms(lut, args.repeat, args.budget)
-                    dequant_ms = time_ms(dequant, args.repeat, args.budget)
+                    operands = (x, packed, alpha, None, group_size, in_features)
+                    lut_ms = time_ms(partial(bcq_matmul_lut, *operands), args.repeat, args.budget)
+                    # Dequantizing the whole weight takes 0.1-2 s here: two runs, no warm-up.
+                    dequant_ms = time_ms(
+                        partial(bcq_matmul_dequant, *operands), 2, args.budget, warmup=False
+                    )
                     nbytes = lut_bytes(bits, out, in_features, groups, batch)
                     bound_ms = nbytes / (bandwidth * 1e9) * 1e3
                     row = {
@@ -170,26 +176,55 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def print_table(results: list[dict]) -> None:
     table = Table(title="BCQ kernels: median ms (lower is better)")
-    for name in ["out x in", "q", "T", "thr", "lut", "fp32", "bf16", "dequant", "lut/fp32",
-                 "bound", "lut/bound"]:
+    for name in [
+        "out x in",
+        "q",
+        "T",
+        "thr",
+        "lut",
+        "fp32",
+        "bf16",
+        "dequant",
+        "lut/fp32",
+        "bound",
+        "lut/bound",
+    ]:
         table.add_column(name, justify="right")
     for r in results:
         table.add_row(
-            f"{r['out']}x{r['in']}", str(r["bits"]), str(r["batch"]), str(r["threads"]),
-            f"{r['lut_ms']:.3f}", f"{r['fp32_ms']:.3f}", f"{r['bf16_ms']:.3f}",
-            f"{r['dequant_ms']:.2f}", f"{r['lut_over_fp32']:.2f}", f"{r['bound_ms']:.3f}",
+            f"{r['out']}x{r['in']}",
+            str(r["bits"]),
+            str(r["batch"]),
+            str(r["threads"]),
+            f"{r['lut_ms']:.3f}",
+            f"{r['fp32_ms']:.3f}",
+            f"{r['bf16_ms']:.3f}",
+            f"{r['dequant_ms']:.2f}",
+            f"{r['lut_over_fp32']:.2f}",
+            f"{r['bound_ms']:.3f}",
             f"{r['lut_over_bound']:.1f}",
         )
-    Console().print(table)
+    Console(width=160).print(table)
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def environment() -> dict:
     import numba
 
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -141,22 +141,24 @@ def _row_errors(rows: Tensor, codes: Tensor, alpha: Tensor, offset: Tensor | Non
 def _alternate(
     rows: Tensor, codes: Tensor, alpha: Tensor, offset: Tensor | None, iterations: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Alternating refinement; keeps, per row, the best iterate so the error never rises."""
+    """Alternating refinement; keeps, per row, the best iterate so the error never rises.
+
+    Round 0 re-fits the scales of the starting codes; every later round re-picks the codes for
+    the current scales, then re-fits the scales.
+    """
     with_offset = offset is not None
     best_err = _row_errors(rows, codes, alpha, offset)
-    best_codes, best_alpha = codes.clone(), alpha.clone()
-    best_offset = offset.clone() if offset is not None else None
-    for _ in range(iterations):
-        alpha, offset = _least_squares_scales(rows, codes, with_offset)
-        codes = _nearest_codes(rows, alpha, offset)
+    best_codes, best_alpha, best_offset = codes, alpha, offset
+    for round_ in range(iterations + 1 if iterations else 0):
+        if round_:
+            codes = _nearest_codes(rows, alpha, offset)
         alpha, offset = _least_squares_scales(rows, codes, with_offset)
         err = _row_errors(rows, codes, alpha, offset)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_codes = torch.where(better[None, :, None], codes, best_codes)
         best_alpha = torch.where(better[None, :], alpha, best_alpha)
-        if with_offset:
-            assert offset is not None and best_offset is not None
+        if offset is not None and best_offset is not None:
             best_offset = torch.where(better, offset, best_offset)
     return best_codes, best_alpha, best_offset
 
@@ -193,7 +195,7 @@ def fit_greedy(weight: Tensor, bits: int, group_size: int | None = None) -> BCQW
         group_size: inputs per scale group (must divide ``in``); ``None`` for row-wise.
     """
     g = _check(weight, bits, group_size)
-    rows = _to_rows(weight.detach().double(), g)
+    rows = _to_rows(weight.detach().float(), g)
     codes, alpha = _rows_greedy(rows, bits)
     return _finish(codes, alpha, None, weight.shape[0], g, torch.float32)
 
@@ -203,7 +205,7 @@ def fit_alternating(
 ) -> BCQWeight:
     """Alternating BCQ (Xu et al. 2018): greedy start, then least-squares scales and nearest codes."""
     g = _check(weight, bits, group_size)
-    rows = _to_rows(weight.detach().double(), g)
+    rows = _to_rows(weight.detach().float(), g)
     codes, alpha = _rows_greedy(rows, bits)
     codes, alpha, _ = _alternate(rows, codes, alpha, None, iterations)
     return _finish(codes, alpha, None, weight.shape[0], g, torch.float32)
@@ -235,7 +237,7 @@ def fit_offset(
     Contains uniform quantization exactly, so it is never worse than round-to-nearest.
     """
     g = _check(weight, bits, group_size)
-    rows = _to_rows(weight.detach().double(), g)
+    rows = _to_rows(weight.detach().float(), g)
     codes, alpha, offset = uniform_init(rows, bits)
     codes, alpha, offset = _alternate(rows, codes, alpha, offset, iterations)
     return _finish(codes, alpha, offset, weight.shape[0], g, torch.float32)

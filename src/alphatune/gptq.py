@@ -48,6 +48,7 @@ def round_with_error_feedback(
     group_size: int,
     damp: float = 0.01,
     act_order: bool = True,
+    block_size: int = 128,
 ) -> Tensor:
     """Choose codes on a fixed BCQ-with-offset grid minimising the layer's output error.
 
@@ -56,27 +57,34 @@ def round_with_error_feedback(
         hessian: ``(in, in)``, ``Σ_t x_t x_tᵀ`` over calibration inputs.
         alpha: ``(q, out, G)``; offset: ``(out, G)`` — the grid.
         act_order: round columns in order of decreasing ``diag(H)`` (most important first).
+        block_size: columns updated lazily together (GPTQ's blocking; same result, less traffic).
     Returns:
         codes ``(q, out, in)`` float ±1.
     """
-    w = weight.detach().double().clone()
-    h = hessian.double()
+    w = weight.detach().float().clone()
     out, in_features = w.shape
-    values, midpoints, signs = _grid_values(alpha.double(), offset.double())
+    values, midpoints, signs = _grid_values(alpha.float(), offset.float())
+    h = hessian.double()
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features)
     w = w[:, order]
-    factor = _inverse_hessian_factor(h[order][:, order], damp)
-    codes = torch.empty(alpha.shape[0], out, in_features, dtype=torch.float64)
+    factor = _inverse_hessian_factor(h[order][:, order], damp).float()
+    codes = torch.empty(alpha.shape[0], out, in_features)
     rows = torch.arange(out)
-    for col in range(in_features):
-        original = int(order[col])
-        group = original // group_size
-        column = w[:, col]
-        index = torch.searchsorted(midpoints[:, group].contiguous(), column[:, None].contiguous())[:, 0]
-        rounded = values[rows, group, index]
-        codes[:, :, original] = signs[rows, group, index].T
-        error = (column - rounded) / factor[col, col]
-        w[:, col + 1 :] -= error[:, None] * factor[col, col + 1 :][None, :]
+    for begin in range(0, in_features, block_size):
+        end = min(begin + block_size, in_features)
+        block = w[:, begin:end].clone()
+        errors = torch.empty_like(block)
+        for i in range(end - begin):
+            col = begin + i
+            original = int(order[col])
+            group = original // group_size
+            column = block[:, i]
+            index = torch.searchsorted(midpoints[:, group].contiguous(), column[:, None].contiguous())[:, 0]
+            codes[:, :, original] = signs[rows, group, index].T
+            error = (column - values[rows, group, index]) / factor[col, col]
+            block[:, i:] -= error[:, None] * factor[col, col:end][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ factor[begin:end, end:]
     return codes
 
 
@@ -85,26 +93,31 @@ def refit_scales(
 ) -> tuple[Tensor, Tensor]:
     """Hessian-weighted least-squares scales and offsets for fixed codes.
 
-    Minimises ``Σ_r (w_r - ŵ_r)ᵀ H (w_r - ŵ_r)`` over every row's ``(q + 1)·G`` parameters.
+    Minimises ``Σ_r (w_r - ŵ_r)ᵀ H (w_r - ŵ_r)`` over every row's ``(q + 1)·G`` parameters, where
+    parameter ``(p, k)`` multiplies plane ``p`` (the codes, or ones for the offset) on group ``k``.
     Returns alpha ``(q, out, G)`` and offset ``(out, G)``.
     """
     bits, out, in_features = codes.shape
     groups = in_features // group_size
     h = hessian.double()
     h = h + ridge * h.diagonal().mean() * torch.eye(in_features, dtype=h.dtype)
-    # Design per row: column p = (plane i or the offset's ones) restricted to group k.
+    h_grouped = h.reshape(groups, group_size, in_features)  # (G, g, in)
     planes = torch.cat([codes.double(), torch.ones(1, out, in_features, dtype=torch.float64)])
-    mask = torch.zeros(groups, in_features, dtype=torch.float64)
-    mask[torch.arange(in_features) // group_size, torch.arange(in_features)] = 1
-    design = (planes[:, :, None, :] * mask[None, None]).permute(1, 0, 2, 3)  # (out, q+1, G, in)
-    design = design.reshape(out, (bits + 1) * groups, in_features)  # (out, P, in)
-    h_design = design @ h  # (out, P, in)
-    gram = h_design @ design.transpose(1, 2)  # (out, P, P)
-    rhs = h_design @ weight.double()[:, :, None]  # (out, P, 1)
+    planes_grouped = planes.reshape(bits + 1, out, groups, group_size)  # (Q, out, G, g)
+    blocks = []
+    for p in range(bits + 1):
+        # Row r, group k of plane p times H: (out, G, in), viewed per target group (out, G, G, g).
+        plane_h = torch.einsum("okj,kjn->okn", planes_grouped[p], h_grouped)
+        plane_h = plane_h.reshape(out, groups, groups, group_size)
+        blocks.append(torch.einsum("okKj,PoKj->okPK", plane_h, planes_grouped))  # (out, G, Q, G)
+    size = (bits + 1) * groups
+    gram = torch.stack(blocks, dim=1).reshape(out, size, size)
+    wh = (weight.double() @ h).reshape(out, groups, group_size)
+    rhs = torch.einsum("pokj,okj->opk", planes_grouped, wh).reshape(out, size, 1)
     # A plane that is constant over a group duplicates the offset's column; a relative ridge keeps
     # the system solvable without moving well-determined solutions.
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
-    gram = gram + 1e-7 * scale[:, None, None] * torch.eye(gram.shape[1], dtype=gram.dtype)
+    gram = gram + 1e-7 * scale[:, None, None] * torch.eye(size, dtype=gram.dtype)
     solution = torch.linalg.solve(gram, rhs)[..., 0].reshape(out, bits + 1, groups)
     return solution[:, :bits].permute(1, 0, 2).contiguous(), solution[:, bits].contiguous()
 

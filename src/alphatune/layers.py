@@ -116,6 +116,8 @@ class BCQLinear(nn.Linear):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device))
         else:
             self.register_parameter("bias", None)
+        # Inference-only dense copy for the dequantize path; rebuilt when the scales change.
+        self._dense_cache = kernels.DenseCache()
 
     @classmethod
     def from_weight(
@@ -178,6 +180,10 @@ class BCQLinear(nn.Linear):
         """Unpacked ±1 codes ``(q, out, in)`` int8."""
         return unpack_codes(self.packed_codes, self.in_features)
 
+    def _scales_version(self) -> tuple[object, ...]:
+        tensors = (self.packed_codes, self.alpha1, self.alpha_rest, self.offset)
+        return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+
     def make_trainable(self, *, alpha_rest: bool = False, offset: bool = False) -> None:
         """Turn frozen buffers into trainable parameters (same state-dict names)."""
         for name, wanted in (("alpha_rest", alpha_rest), ("offset", offset)):
@@ -200,7 +206,8 @@ class BCQLinear(nn.Linear):
             )
         else:
             y = kernels.bcq_matmul(
-                x, self.packed_codes, self.alpha, self.offset, self.group_size, self.in_features
+                x, self.packed_codes, self.alpha, self.offset, self.group_size, self.in_features,
+                cache=self._dense_cache, cache_key=self._scales_version(),
             )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

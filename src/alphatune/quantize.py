@@ -22,7 +22,7 @@ from alphatune.layers import BCQLinear, fit_weight, linear_weight
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]  # (layer name, index done, total)
+ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
 
 SCALE_BITS = 16  # scales and offsets are stored as fp16
 
@@ -181,7 +181,8 @@ def quantize_(
         model: a causal LM (any module whose transformer blocks use ``nn.Linear``/``Conv1D``).
         config: how to quantize; defaults to ``BCQConfig()``.
         calibration: ``(n_sequences, seq_len)`` token ids; needed by ``method="calibrated"``.
-        progress: called as ``progress(layer_name, done, total)`` after each layer.
+        progress: called as ``progress(stage, done, total)`` after each calibration batch
+            (stage ``"calibrating"``) and after each layer (stage = the layer's name).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -206,7 +207,8 @@ def quantize_(
                 "method 'calibrated' needs calibration token ids (n_sequences, seq_len); pass "
                 "calibration=... (the CLI uses --calibration FILE), or choose method='offset'"
             )
-        hessians = collect_hessians(model, layers, calibration)
+        on_batch = (lambda done, total: progress("calibrating", done, total)) if progress else None
+        hessians = collect_hessians(model, layers, calibration, on_batch=on_batch)
     for i, (name, module) in enumerate(layers.items()):
         weight, bias = linear_weight(module)
         if config.method == QuantMethod.CALIBRATED:

@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("numba")
 
-from alphatune.bcq import fit_greedy, fit_offset  # noqa: E402
-from alphatune.errors import ConfigError, KernelUnavailableError  # noqa: E402
-from alphatune.kernels import numba_lut  # noqa: E402
-from alphatune.kernels.numba_lut import bcq_matmul_lut, numba_available  # noqa: E402
-from alphatune.kernels.reference import bcq_matmul_reference  # noqa: E402
-from alphatune.packing import pack_codes  # noqa: E402
+from alphatune.bcq import fit_greedy, fit_offset
+from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.kernels import numba_lut
+from alphatune.kernels.numba_lut import bcq_matmul_lut, numba_available
+from alphatune.kernels.reference import bcq_matmul_reference
+from alphatune.packing import pack_codes
 
 pytestmark = pytest.mark.numba
 
@@ -27,6 +27,7 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 # (out, in_features, group_size or None for one group per row). Which path each one takes:
 # words: ceil(in/8) % 8 == 0 and (one group or group_size % 64 == 0); bytes: the rest.
@@ -62,7 +63,9 @@ def _quantized(out: int, in_features: int, group_size: int | None, bits: int, wi
 @pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4], ids=lambda b: f"bits={b}")
-def test_matches_reference(bits: int, layout: tuple[int, int, int | None], with_offset: bool) -> None:
+def test_matches_reference(
+    bits: int, layout: tuple[int, int, int | None], with_offset: bool
+) -> None:
     out, in_features, group_size = layout
     packed, alpha, offset, g = _quantized(out, in_features, group_size, bits, with_offset)
     generator = torch.Generator().manual_seed(7)
@@ -72,7 +75,9 @@ def test_matches_reference(bits: int, layout: tuple[int, int, int | None], with_
         out_lut = bcq_matmul_lut(x, packed, alpha, offset, g, in_features)
         assert out_lut.shape == ref.shape == (*shape[:-1], out)
         assert out_lut.dtype == x.dtype
-        torch.testing.assert_close(out_lut, ref, rtol=1e-4, atol=1e-4)  # only summation order differs
+        torch.testing.assert_close(
+            out_lut, ref, rtol=1e-4, atol=1e-4
+        )  # only summation order differs
 
 
 @pytest.mark.parametrize("layout", [(7, 100, None), (64, 576, 64)], ids=_layout_id)
@@ -87,14 +92,20 @@ def test_bf16_input_returns_bf16(layout: tuple[int, int, int | None]) -> None:
     torch.testing.assert_close(out_lut.float(), ref.float(), rtol=1.6e-2, atol=1e-3)
 
 
-def test_threads_agree() -> None:
-    """Row blocks split over threads give the one-thread result exactly."""
-    packed, alpha, offset, g = _quantized(300, 576, 64, 3, with_offset=True)
-    x = torch.randn(3, 576)
-    one = bcq_matmul_lut(x, packed, alpha, offset, g, 576)
+@pytest.mark.parametrize("layout", [(300, 576, 64), (300, 100, None)], ids=_layout_id)
+def test_threads_agree(
+    layout: tuple[int, int, int | None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row blocks split over threads give the one-thread result exactly; torch keeps its threads."""
+    monkeypatch.setattr(numba_lut, "_MIN_PARALLEL_LOOKUPS", 0)  # small layers run serially
+    out, in_features, group_size = layout
+    packed, alpha, offset, g = _quantized(out, in_features, group_size, 3, with_offset=True)
+    x = torch.randn(3, in_features)
+    one = bcq_matmul_lut(x, packed, alpha, offset, g, in_features)
     torch.set_num_threads(2)
     try:
-        two = bcq_matmul_lut(x, packed, alpha, offset, g, 576)
+        two = bcq_matmul_lut(x, packed, alpha, offset, g, in_features)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)
     assert torch.equal(one, two)
@@ -105,7 +116,9 @@ def test_more_tokens_than_one_launch() -> None:
     packed, alpha, offset, g = _quantized(7, 576, 64, 3, with_offset=True)
     x = torch.randn(2, 11, 576)
     ref = bcq_matmul_reference(x, packed, alpha, offset, g, 576)
-    torch.testing.assert_close(bcq_matmul_lut(x, packed, alpha, offset, g, 576), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        bcq_matmul_lut(x, packed, alpha, offset, g, 576), ref, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_no_tokens() -> None:
@@ -120,8 +133,9 @@ def test_alpha_requiring_grad_is_read_not_tracked() -> None:
     x = torch.randn(1, 64)
     y = bcq_matmul_lut(x, packed, alpha, offset, g, 64)
     assert not y.requires_grad
-    torch.testing.assert_close(y, bcq_matmul_reference(x, packed, alpha, offset, g, 64).detach(),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        y, bcq_matmul_reference(x, packed, alpha, offset, g, 64).detach(), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("in_features,group_size", [(16, 4), (24, 12)], ids=["g=4", "g=12"])
@@ -129,7 +143,9 @@ def test_groups_splitting_a_byte_are_refused(in_features: int, group_size: int) 
     codes = torch.ones(2, 3, in_features, dtype=torch.int8)
     alpha = torch.ones(2, 3, in_features // group_size)
     with pytest.raises(KernelUnavailableError, match="multiple of 8"):
-        bcq_matmul_lut(torch.randn(1, in_features), pack_codes(codes), alpha, None, group_size, in_features)
+        bcq_matmul_lut(
+            torch.randn(1, in_features), pack_codes(codes), alpha, None, group_size, in_features
+        )
 
 
 def test_inconsistent_shapes_are_config_errors() -> None:

@@ -9,7 +9,9 @@ Every kernel has the signature of ``reference.bcq_matmul_reference``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from alphatune.kernels.reference import (
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 LUT_MAX_TOKENS = 4
 
 __all__ = [
+    "DenseCache",
     "bcq_matmul",
     "bcq_matmul_dequant",
     "bcq_matmul_reference",
@@ -41,6 +44,26 @@ def _lut_kernel():  # noqa: ANN202
     return numba_lut if numba_lut.numba_available() else None
 
 
+class DenseCache:
+    """One layer's dequantized weight, reused while its scales are unchanged.
+
+    The key holds the scales' in-place version counters, which every optimizer step and
+    ``load_state_dict`` bump, so a stale weight is never used.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[object, ...] | None = None
+        self.weight: Tensor | None = None
+
+    def get(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
+        if self.key != key or self.weight is None:
+            self.weight, self.key = build(), key
+        return self.weight
+
+    def clear(self) -> None:
+        self.key = self.weight = None
+
+
 def bcq_matmul(
     x: Tensor,
     packed: Tensor,
@@ -48,11 +71,23 @@ def bcq_matmul(
     offset: Tensor | None,
     group_size: int,
     in_features: int,
+    cache: DenseCache | None = None,
+    cache_key: tuple[object, ...] = (),
 ) -> Tensor:
-    """``y = x Ŵᵀ`` for a BCQ weight, on the fastest available backend (no bias, no autograd)."""
+    """``y = x Ŵᵀ`` for a BCQ weight, on the fastest available backend (no bias, no autograd).
+
+    ``cache`` (with a key that changes whenever the scales change) keeps the dense weight of the
+    dequantize path between calls.
+    """
     tokens = x.numel() // in_features
     if x.device.type == "cpu" and tokens <= LUT_MAX_TOKENS:
         lut = _lut_kernel()
         if lut is not None and lut.supports(group_size, in_features):
             return lut.bcq_matmul_lut(x, packed, alpha, offset, group_size, in_features)
-    return bcq_matmul_dequant(x, packed, alpha, offset, group_size, in_features)
+    if cache is None:
+        return bcq_matmul_dequant(x, packed, alpha, offset, group_size, in_features)
+    key = (*cache_key, x.device, x.dtype)
+    weight = cache.get(
+        key, lambda: dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
+    )
+    return F.linear(x, weight)

@@ -20,18 +20,26 @@ byte) count as 0, so the padding bits (0, i.e. "-1") contribute nothing.
 
 Two code paths, both exact up to float32 summation order:
 
-- **words** (the fast one): ``ceil(in/8) % 8 == 0`` and groups of a multiple of 64 inputs (or one
-  group per row). Code bytes are read 8 at a time as ``uint64``; rows are processed in blocks and
-  the input dimension in tiles of 4 words, so that the tables a tile touches (32 KiB) stay in L1.
+- **words**: ``ceil(in/8) % 8 == 0`` (e.g. in_features % 64 == 0) and groups of a multiple of 64
+  inputs (or one group per row). Code bytes are read 8 at a time as ``uint64``.
 - **bytes**: any ``in_features``, groups of a multiple of 8 inputs (or one group per row).
+
+Rows are processed in blocks of ``_ROW_BLOCK``; each token's table is swept once per block, so a
+block's codes are read from memory once for all tokens. Row blocks are the unit of parallel work.
 
 Groups that split a code byte (``group_size % 8 != 0`` with more than one group) are not supported:
 the kernel raises ``KernelUnavailableError`` and the dispatcher falls back to the reference.
 
+Speed, measured on the development machine (2 vCPU AMD EPYC Zen 4, shared): the lookups run from
+L2 (the tables are ``ceil(in/8)`` KiB per token) and bound the speed, not the bytes of codes read.
+Tiling the input so that tables stay in L1 was 2x faster on hugepage-backed numpy buffers but
+slower on ordinary torch tensors (strided code reads), so rows are streamed whole. 4-bit tables
+(T-MAC's 16 entries, one cache line each) need twice the lookups and were 1.3x slower.
+
 Everything is computed in float32; the result comes back in x's dtype. No autograd: inputs are
 detached. Tokens are processed in chunks of ``_MAX_TOKENS`` so table memory stays bounded
-(``_MAX_TOKENS · ceil(in/8) · 1 KiB``); the kernel is meant for decode (1..8 tokens), where it
-beats dequantize + ``F.linear``.
+(``_MAX_TOKENS · ceil(in/8) KiB``); the cost grows linearly with tokens, so the kernel is meant
+for decode (one or a few tokens).
 """
 
 from __future__ import annotations
@@ -55,20 +63,20 @@ try:
 
     _NUMBA_IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # numba is an optional dependency (extra "fast")
-    numba = None
+    numba = None  # type: ignore[assignment]
     _NUMBA_IMPORT_ERROR = exc
-    prange = range
+    prange = range  # type: ignore[assignment,misc]
 
-    def njit(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+    def njit(*args: Any, **kwargs: Any) -> Callable[..., Any]:  # type: ignore[no-redef]
         """Stand-in so the module imports without numba; the kernel refuses to run."""
         if len(args) == 1 and callable(args[0]) and not kwargs:
             return args[0]
         return lambda function: function
 
 
-_ROW_BLOCK = 128  # rows per parallel work item: their codes stay in L2 while all tiles pass
-_TILE_WORDS = 4  # 4 words = 32 code bytes -> 32 tables of 1 KiB: one L1d of tables per tile
+_ROW_BLOCK = 128  # rows per work item: their codes stay in L2 while every token's table passes
 _MAX_TOKENS = 8  # tokens per kernel launch; bounds table memory
+_MIN_PARALLEL_LOOKUPS = 1 << 18  # below this (~0.1 ms of work) one thread beats a thread launch
 
 _U8 = np.uint64(8)
 _U16 = np.uint64(16)
@@ -92,37 +100,38 @@ def numba_available() -> bool:
 # signed index, which costs more than the lookup itself.
 
 
-@njit(parallel=True, fastmath=False, cache=True)
+@njit(fastmath=False, cache=True)
 def _build_tables(x, tables, group_sums, group_size, with_sums):  # pragma: no cover - numba
-    """tables (T, ceil(in/8)*256) <- signed partial sums; group_sums (T, G) <- Σ x per group."""
+    """tables (T, ceil(in/8)*256) <- signed partial sums; group_sums (T, G) <- Σ x per group.
+
+    Serial: 255 adds per 8 activations, a few percent of the lookups that follow.
+    """
     n_tokens, in_features = x.shape
     n_bytes = tables.shape[1] // 256
-    for job in prange(n_tokens * n_bytes):
-        t = job // n_bytes
-        k = job - t * n_bytes
-        first = 8 * k
-        base = 256 * k
-        total = np.float32(0.0)
-        for j in range(8):
-            if first + j < in_features:
-                total -= x[t, first + j]
-        tables[t, base] = total
-        step = 1
-        for j in range(8):
-            # A missing activation (partial last byte) is 0: its padding bit adds nothing.
-            twice = np.float32(2.0) * x[t, first + j] if first + j < in_features else np.float32(0.0)
-            for m in range(step):
-                tables[t, base + step + m] = tables[t, base + m] + twice
-            step *= 2
-    if with_sums:
-        n_groups = group_sums.shape[1]
-        for job in prange(n_tokens * n_groups):
-            t = job // n_groups
-            g = job - t * n_groups
-            s = np.float32(0.0)
-            for j in range(g * group_size, (g + 1) * group_size):
-                s += x[t, j]
-            group_sums[t, g] = s
+    for t in range(n_tokens):
+        for k in range(n_bytes):
+            first = 8 * k
+            base = 256 * k
+            total = np.float32(0.0)
+            for j in range(8):
+                if first + j < in_features:
+                    total -= x[t, first + j]
+            tables[t, base] = total
+            step = 1
+            for j in range(8):
+                # A missing activation (partial last byte) is 0: its padding bit adds nothing.
+                twice = np.float32(0.0)
+                if first + j < in_features:
+                    twice = np.float32(2.0) * x[t, first + j]
+                for m in range(step):
+                    tables[t, base + step + m] = tables[t, base + m] + twice
+                step *= 2
+        if with_sums:
+            for g in range(group_sums.shape[1]):
+                s = np.float32(0.0)
+                for j in range(g * group_size, (g + 1) * group_size):
+                    s += x[t, j]
+                group_sums[t, g] = s
 
 
 @njit(inline="always")
@@ -139,96 +148,66 @@ def _lookup_word(table, base, word, s0, s1, s2, s3):  # pragma: no cover - numba
     return s0, s1, s2, s3
 
 
-@njit(parallel=True, fastmath=False, cache=True)
-def _gemv_words(
-    tables, words, alpha, offset, group_sums, with_offset, words_per_group, y
+@njit(fastmath=False, cache=True)
+def _words_block(
+    tables, words, alpha, offset, group_sums, with_offset, words_per_group, r0, r1, y
 ):  # pragma: no cover - numba
-    """y (T, out) <- LUT-GEMV reading codes as uint64 words (q, out, nw), input in tiles.
+    """Rows r0..r1 of y (T, out) from codes read as uint64 words (q, out, nw).
 
-    A tile is ``_TILE_WORDS`` words of one group, or several whole groups when groups are
-    shorter; it is cut into segments of one group each. Tile bounds are computed once, outside
-    the row loop (an integer division per row and plane costs as much as the lookups).
+    Every token's table is swept once per row block, so a block's codes (L2) are read from
+    memory once for all tokens.
     """
     n_tokens = tables.shape[0]
-    bits, out, n_words = words.shape
+    bits = words.shape[0]
     n_groups = alpha.shape[2]
-    if words_per_group >= _TILE_WORDS:
-        tiles_per_group = (words_per_group + _TILE_WORDS - 1) // _TILE_WORDS
-        n_tiles = n_groups * tiles_per_group
-        segment = _TILE_WORDS
-    else:
-        groups_per_tile = _TILE_WORDS // words_per_group
-        n_tiles = (n_groups + groups_per_tile - 1) // groups_per_tile
-        segment = words_per_group
-    tile_first = np.empty(n_tiles + 1, np.int64)  # word where tile j starts; last: n_words
-    tile_group = np.empty(n_tiles, np.int64)  # group of the tile's first segment
-    for j in range(n_tiles):
-        if words_per_group >= _TILE_WORDS:
-            g = j // tiles_per_group
-            tile_first[j] = g * words_per_group + (j - g * tiles_per_group) * _TILE_WORDS
-            tile_group[j] = g
-        else:
-            tile_first[j] = j * groups_per_tile * words_per_group
-            tile_group[j] = j * groups_per_tile
-    tile_first[n_tiles] = n_words
-    n_blocks = (out + _ROW_BLOCK - 1) // _ROW_BLOCK
-    for block in prange(n_blocks):
-        r0 = block * _ROW_BLOCK
-        r1 = min(out, r0 + _ROW_BLOCK)
-        acc = np.empty(r1 - r0, np.float32)
-        for t in range(n_tokens):
-            table = tables[t]
-            acc[:] = 0.0
-            for j in range(n_tiles):
-                w0 = tile_first[j]
-                w1 = tile_first[j + 1]
-                if words_per_group >= _TILE_WORDS:
-                    w1 = min(w1, w0 + _TILE_WORDS)
-                g0 = tile_group[j]
-                for r in range(r0, r1):
-                    a = acc[r - r0]
-                    for i in range(bits):
-                        g = g0
-                        start = w0
-                        while start < w1:
-                            end = min(w1, start + segment)
-                            z = np.float32(0.0)
-                            s0, s1, s2, s3 = z, z, z, z
-                            u0, u1, u2, u3 = z, z, z, z
-                            base = np.uint64(start) * _WORD_TABLES
-                            w = start
-                            while w + 2 <= end:
-                                s0, s1, s2, s3 = _lookup_word(table, base, words[i, r, w], s0, s1, s2, s3)
-                                u0, u1, u2, u3 = _lookup_word(
-                                    table, base + _WORD_TABLES, words[i, r, w + 1], u0, u1, u2, u3
-                                )
-                                base += _WORD_TABLES + _WORD_TABLES
-                                w += 2
-                            if w < end:
-                                s0, s1, s2, s3 = _lookup_word(table, base, words[i, r, w], s0, s1, s2, s3)
-                            a += alpha[i, r, g] * (((s0 + u0) + (s1 + u1)) + ((s2 + u2) + (s3 + u3)))
-                            start = end
-                            g += 1
-                    acc[r - r0] = a
-            for r in range(r0, r1):
-                a = acc[r - r0]
-                if with_offset:
-                    for g in range(n_groups):
-                        a += offset[r, g] * group_sums[t, g]
-                y[t, r] = a
+    for t in range(n_tokens):
+        table = tables[t]
+        for r in range(r0, r1):
+            a = np.float32(0.0)
+            for g in range(n_groups):
+                start = g * words_per_group
+                end = start + words_per_group
+                base0 = np.uint64(start) * _WORD_TABLES
+                for i in range(bits):
+                    z = np.float32(0.0)
+                    s0, s1, s2, s3 = z, z, z, z
+                    base = base0
+                    if words_per_group == 1:
+                        s0, s1, s2, s3 = _lookup_word(
+                            table, base, words[i, r, start], s0, s1, s2, s3
+                        )
+                        a += alpha[i, r, g] * ((s0 + s1) + (s2 + s3))
+                        continue
+                    u0, u1, u2, u3 = z, z, z, z
+                    w = start
+                    # Two words per step into 8 independent sums: the adds' latency hides.
+                    while w + 2 <= end:
+                        s0, s1, s2, s3 = _lookup_word(table, base, words[i, r, w], s0, s1, s2, s3)
+                        u0, u1, u2, u3 = _lookup_word(
+                            table, base + _WORD_TABLES, words[i, r, w + 1], u0, u1, u2, u3
+                        )
+                        base += _WORD_TABLES + _WORD_TABLES
+                        w += 2
+                    if w < end:
+                        s0, s1, s2, s3 = _lookup_word(table, base, words[i, r, w], s0, s1, s2, s3)
+                    a += alpha[i, r, g] * (((s0 + u0) + (s1 + u1)) + ((s2 + u2) + (s3 + u3)))
+            if with_offset:
+                for g in range(n_groups):
+                    a += offset[r, g] * group_sums[t, g]
+            y[t, r] = a
 
 
-@njit(parallel=True, fastmath=False, cache=True)
-def _gemv_bytes(
-    tables, packed, alpha, offset, group_sums, with_offset, bytes_per_group, y
+@njit(fastmath=False, cache=True)
+def _bytes_block(
+    tables, packed, alpha, offset, group_sums, with_offset, bytes_per_group, r0, r1, y
 ):  # pragma: no cover - numba
-    """y (T, out) <- LUT-GEMV reading codes byte by byte (q, out, nb); any in_features."""
+    """Rows r0..r1 of y (T, out) from codes read byte by byte (q, out, nb); any in_features."""
     n_tokens = tables.shape[0]
-    bits, out, n_bytes = packed.shape
+    bits, _, n_bytes = packed.shape
     n_groups = alpha.shape[2]
-    for r in prange(out):
-        for t in range(n_tokens):
-            table = tables[t]
+    for t in range(n_tokens):
+        table = tables[t]
+        for r in range(r0, r1):
             a = np.float32(0.0)
             for g in range(n_groups):
                 k0 = g * bytes_per_group
@@ -256,7 +235,100 @@ def _gemv_bytes(
             y[t, r] = a
 
 
+# Two drivers per path: numba's OpenMP pool costs milliseconds per launch on a busy machine, so
+# one thread runs a plain loop and never starts it.
+
+
+@njit(fastmath=False, cache=True)
+def _gemv_words_serial(
+    tables, words, alpha, offset, group_sums, with_offset, words_per_group, y
+):  # pragma: no cover - numba
+    out = words.shape[1]
+    for r0 in range(0, out, _ROW_BLOCK):
+        _words_block(
+            tables,
+            words,
+            alpha,
+            offset,
+            group_sums,
+            with_offset,
+            words_per_group,
+            r0,
+            min(out, r0 + _ROW_BLOCK),
+            y,
+        )
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _gemv_words_parallel(
+    tables, words, alpha, offset, group_sums, with_offset, words_per_group, y
+):  # pragma: no cover - numba
+    out = words.shape[1]
+    n_blocks = (out + _ROW_BLOCK - 1) // _ROW_BLOCK
+    for block in prange(n_blocks):
+        r0 = block * _ROW_BLOCK
+        _words_block(
+            tables,
+            words,
+            alpha,
+            offset,
+            group_sums,
+            with_offset,
+            words_per_group,
+            r0,
+            min(out, r0 + _ROW_BLOCK),
+            y,
+        )
+
+
+@njit(fastmath=False, cache=True)
+def _gemv_bytes_serial(
+    tables, packed, alpha, offset, group_sums, with_offset, bytes_per_group, y
+):  # pragma: no cover - numba
+    _bytes_block(
+        tables,
+        packed,
+        alpha,
+        offset,
+        group_sums,
+        with_offset,
+        bytes_per_group,
+        0,
+        packed.shape[1],
+        y,
+    )
+
+
+@njit(parallel=True, fastmath=False, cache=True)
+def _gemv_bytes_parallel(
+    tables, packed, alpha, offset, group_sums, with_offset, bytes_per_group, y
+):  # pragma: no cover - numba
+    out = packed.shape[1]
+    n_blocks = (out + _ROW_BLOCK - 1) // _ROW_BLOCK
+    for block in prange(n_blocks):
+        r0 = block * _ROW_BLOCK
+        _bytes_block(
+            tables,
+            packed,
+            alpha,
+            offset,
+            group_sums,
+            with_offset,
+            bytes_per_group,
+            r0,
+            min(out, r0 + _ROW_BLOCK),
+            y,
+        )
+
+
 # ----------------------------------------------------------------------------- python wrapper
+
+
+def _threads_for(lookups: int) -> int:
+    """Threads for one launch: torch's setting, capped by numba's pool; 1 for small layers."""
+    if lookups < _MIN_PARALLEL_LOOKUPS:
+        return 1
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def _require_numba() -> None:
@@ -380,23 +452,46 @@ def bcq_matmul_lut(
     chunk = min(n_tokens, _MAX_TOKENS)
     tables = np.empty((chunk, n_bytes * 256), np.float32)
     group_sums = np.zeros((chunk, n_groups if with_offset else 1), np.float32)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     x_np = flat.numpy()
     y_np = y.numpy()
     words = codes.view(np.uint64) if use_words else None
-    for start in range(0, n_tokens, chunk):
-        stop = min(n_tokens, start + chunk)
-        used = stop - start
-        x_chunk, tables_chunk, sums_chunk = x_np[start:stop], tables[:used], group_sums[:used]
-        _build_tables(x_chunk, tables_chunk, sums_chunk, group_size, with_offset)
-        if words is not None:
-            _gemv_words(
-                tables_chunk, words, alpha_np, offset_np, sums_chunk, with_offset,
-                bytes_per_group // 8, y_np[start:stop],
-            )
-        else:
-            _gemv_bytes(
-                tables_chunk, codes, alpha_np, offset_np, sums_chunk, with_offset,
-                bytes_per_group, y_np[start:stop],
-            )
+    threads = _threads_for(bits * out * n_bytes * chunk)
+    torch_threads = torch.get_num_threads()
+    if threads > 1:
+        numba.set_num_threads(threads)
+    try:
+        for start in range(0, n_tokens, chunk):
+            stop = min(n_tokens, start + chunk)
+            used = stop - start
+            x_chunk, tables_chunk, sums_chunk = x_np[start:stop], tables[:used], group_sums[:used]
+            _build_tables(x_chunk, tables_chunk, sums_chunk, group_size, with_offset)
+            if words is not None:
+                gemv = _gemv_words_parallel if threads > 1 else _gemv_words_serial
+                gemv(
+                    tables_chunk,
+                    words,
+                    alpha_np,
+                    offset_np,
+                    sums_chunk,
+                    with_offset,
+                    bytes_per_group // 8,
+                    y_np[start:stop],
+                )
+            else:
+                gemv = _gemv_bytes_parallel if threads > 1 else _gemv_bytes_serial
+                gemv(
+                    tables_chunk,
+                    codes,
+                    alpha_np,
+                    offset_np,
+                    sums_chunk,
+                    with_offset,
+                    bytes_per_group,
+                    y_np[start:stop],
+                )
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            # Starting numba's OpenMP pool resets the process-wide OpenMP thread count that
+            # torch reads; give torch its setting back.
+            torch.set_num_threads(torch_threads)
     return y.reshape(*lead, out).to(x.dtype)

@@ -1,0 +1,300 @@
+"""Files: the quantized base (saved once) and task adapters (the trained scales only).
+
+Base directory::
+
+    config.json          Hugging Face config + "quantization_config" (BCQConfig, per-layer specs,
+                         base fingerprint, alphatune version)
+    model.safetensors    packed codes (uint8), scales and offsets (fp16 when lossless), every
+                         unquantized tensor; tied tensors are stored once
+    tokenizer files
+
+Adapter directory::
+
+    adapter_config.json  base fingerprint, tuning config, tensor names and shapes, version
+    adapter.safetensors  the trained tensors (alpha1, ...), fp32
+
+The base fingerprint hashes every layer's packed codes and shape, so an adapter loaded onto a base
+with different codes is refused instead of silently producing garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from alphatune.config import AlphaTuningConfig, BCQConfig
+from alphatune.errors import CheckpointError
+from alphatune.layers import BCQLinear
+from alphatune.quantize import _set_submodule, quantized_layers
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD_NAME = "alphatune_bcq"
+FORMAT_VERSION = 1
+BASE_WEIGHTS = "model.safetensors"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_SCALE_NAMES = ("alpha1", "alpha_rest", "offset")
+
+
+def _library_version() -> str:
+    from alphatune import __version__
+
+    return __version__
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Short hash of every quantized layer's name, shape and packed codes."""
+    digest = hashlib.sha256()
+    for name, layer in quantized_layers(model):
+        digest.update(f"{name}:{layer.out_features}x{layer.in_features}:{layer.group_size};".encode())
+        digest.update(layer.packed_codes.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bits": m.bits,
+            "group_size": m.group_size,
+            "offset": m.offset is not None,
+            "bias": m.bias is not None,
+        }
+        for name, m in quantized_layers(model)
+    }
+
+
+def _storage_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """State dict for saving: tied tensors once (aliases returned), scales fp16 when lossless."""
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in first_name:
+            aliases[name] = first_name[key]
+            continue
+        first_name[key] = name
+        t = tensor.detach().cpu()
+        if name.rsplit(".", 1)[-1] in _SCALE_NAMES and t.dtype == torch.float32:
+            half = t.to(torch.float16)
+            if torch.equal(half.float(), t):  # store compactly only when nothing is lost
+                t = half
+        tensors[name] = t.contiguous()
+    return tensors, aliases
+
+
+def _write_atomically(directory: Path, write: Any, overwrite: bool) -> None:
+    """Write into a temporary sibling, then rename; an existing target is kept unless overwrite."""
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise CheckpointError(
+            f"{directory} exists and is not empty; choose another output directory or pass "
+            "overwrite=True (--overwrite) to replace it"
+        )
+    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def save_quantized(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    config: BCQConfig,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a quantized model (packed codes, scales, unquantized tensors) as a base directory."""
+    directory = Path(directory)
+    if not any(True for _ in quantized_layers(model)):
+        raise CheckpointError("the model has no BCQLinear layers; quantize it before saving")
+    tensors, aliases = _storage_tensors(model)
+    quantization_config = {
+        "quant_method": QUANT_METHOD_NAME,
+        **config.to_dict(),
+        "layers": _layer_specs(model),
+        "tied": aliases,
+        "fingerprint": base_fingerprint(model),
+        "alphatune_version": _library_version(),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / BASE_WEIGHTS, metadata={"format": "pt"})
+        hf_config = model.config.to_dict()
+        hf_config["quantization_config"] = quantization_config
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    _write_atomically(directory, write, overwrite)
+    logger.info("saved quantized base to %s", directory)
+    return directory
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is corrupted") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} cannot be read ({err}); it is truncated or corrupted") from err
+
+
+def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
+    """Load a base saved by ``save_quantized``: returns ``(model, tokenizer or None)``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory (expected a quantized base)")
+    raw = _read_json(directory / "config.json")
+    qconfig = raw.get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD_NAME:
+        raise CheckpointError(
+            f"{directory / 'config.json'} has no alphatune quantization_config; create a base "
+            "with 'alphatune quantize' first"
+        )
+    tensors = _read_safetensors(directory / BASE_WEIGHTS)
+    hf_config = AutoConfig.from_pretrained(directory)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    for name, spec in qconfig["layers"].items():
+        layer = BCQLinear(
+            spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+            spec["offset"], bias=spec["bias"],
+        )
+        try:
+            _set_submodule(model, name, layer)
+        except AttributeError as err:
+            raise CheckpointError(
+                f"{directory / 'config.json'}: quantized layer {name!r} does not exist in "
+                f"{type(model).__name__}"
+            ) from err
+    _load_into(model, tensors, qconfig.get("tied", {}), directory / BASE_WEIGHTS)
+    model.eval()
+    found = base_fingerprint(model)
+    if found != qconfig.get("fingerprint"):
+        raise CheckpointError(
+            f"{directory / BASE_WEIGHTS}: codes do not match the fingerprint recorded in config.json "
+            f"({found} vs {qconfig.get('fingerprint')}); the base is corrupted"
+        )
+    tokenizer = None
+    if (directory / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def _load_into(model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], where: Path) -> None:
+    state = model.state_dict()
+    missing = [n for n in state if n not in tensors and n not in tied]
+    unexpected = [n for n in tensors if n not in state]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: tensors do not match the model; missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    with torch.no_grad():
+        for name, target in state.items():
+            source = tensors[tied.get(name, name)] if name in tied else tensors[name]
+            if source.shape != target.shape:
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} has shape {tuple(source.shape)}, the model expects "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(source.to(target.dtype))
+    model.tie_weights()
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    tuning: AlphaTuningConfig,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save the trainable tensors (alpha1, ...) and a fingerprint of the base they belong to."""
+    directory = Path(directory)
+    tensors = {n: p.detach().cpu().float().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    if not tensors:
+        raise CheckpointError("nothing is trainable; call prepare_for_alphatuning(model) first")
+    config = {
+        "format_version": FORMAT_VERSION,
+        "alphatune_version": _library_version(),
+        "base_fingerprint": base_fingerprint(model),
+        "tuning": tuning.to_dict(),
+        "tensors": {n: list(t.shape) for n, t in tensors.items()},
+        **(metadata or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    _write_atomically(directory, write, overwrite)
+    return directory
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load an adapter's tensors into a quantized model; refuses a different base.
+
+    Returns the adapter's config (JSON).
+    """
+    directory = Path(directory)
+    config = _read_json(directory / ADAPTER_CONFIG)
+    expected = config.get("base_fingerprint")
+    found = base_fingerprint(model)
+    if expected != found:
+        raise CheckpointError(
+            f"{directory / ADAPTER_CONFIG}: adapter was tuned on base {expected}, this base is "
+            f"{found}; load the base it was tuned on"
+        )
+    tensors = _read_safetensors(directory / ADAPTER_WEIGHTS)
+    listed = config.get("tensors", {})
+    missing = sorted(set(listed) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} lacks tensors {missing[:5]}")
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            if name not in targets:
+                raise CheckpointError(
+                    f"{directory / ADAPTER_WEIGHTS}: tensor {name!r} has no place in this model"
+                )
+            if targets[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{directory / ADAPTER_WEIGHTS}: {name!r} has shape {tuple(tensor.shape)}, the "
+                    f"model expects {tuple(targets[name].shape)}"
+                )
+            targets[name].copy_(tensor.to(targets[name].dtype))
+    return config

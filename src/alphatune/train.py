@@ -1,0 +1,274 @@
+"""The AlphaTuning training loop: causal-LM loss on target tokens, AdamW, linear decay with warm-up.
+
+Checkpoints hold only what trains (the scales), the optimizer state and the position in the data,
+as safetensors + JSON, so a killed run continues with ``resume=True`` where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from alphatune.config import AlphaTuningConfig, TrainConfig
+from alphatune.data import IGNORE_INDEX, Example, collate, encode_example
+from alphatune.errors import CheckpointError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+_SCALE_SUFFIXES = ("alpha1", "alpha_rest", "offset")
+
+
+@dataclass
+class TrainResult:
+    """Losses along the way (per optimizer step) and where training ended."""
+
+    steps: int
+    train_losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int = 0
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of next-token prediction over labelled positions.
+
+    logits ``(B, T, V)``, labels ``(B, T)`` with ``IGNORE_INDEX`` on prompt and padding.
+    """
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shifted_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(
+        shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+    )
+
+
+def _param_groups(model: nn.Module, config: TrainConfig, tuning: AlphaTuningConfig) -> list[dict[str, Any]]:
+    scales, others = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (scales if name.rsplit(".", 1)[-1] in _SCALE_SUFFIXES else others).append(p)
+    if not scales and not others:
+        raise ConfigError("nothing to train: call prepare_for_alphatuning(model) first")
+    groups = [{"params": scales, "lr": config.learning_rate * tuning.alpha_lr_scale}]
+    if others:
+        groups.append({"params": others, "lr": config.learning_rate})
+    return groups
+
+
+def _linear_schedule(total_steps: int, warmup_steps: int):  # noqa: ANN202
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def _batches_for_step(
+    step: int, n_examples: int, config: TrainConfig
+) -> list[list[int]]:
+    """Example indices of the micro-batches of optimizer step ``step`` (deterministic, resumable)."""
+    per_step = config.batch_size * config.grad_accum
+    start = step * per_step
+    indices = []
+    for position in range(start, start + per_step):
+        epoch, offset = divmod(position, n_examples)
+        indices.append(_epoch_order(n_examples, config.seed, epoch)[offset])
+    return [indices[i : i + config.batch_size] for i in range(0, per_step, config.batch_size)]
+
+
+def total_steps(n_examples: int, config: TrainConfig) -> int:
+    """Optimizer steps of a run: ``max_steps`` when set (it overrides epochs), else the epochs'."""
+    if config.max_steps:
+        return config.max_steps
+    per_step = config.batch_size * config.grad_accum
+    return max(1, math.ceil(config.epochs * n_examples / per_step))
+
+
+def evaluate_loss(
+    model: nn.Module, encoded: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 8
+) -> float:
+    """Mean target-token cross-entropy (no label smoothing) over encoded examples."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], pad_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(causal_lm_loss(logits, batch["labels"])) * n
+            count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _save_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+    result: TrainResult, fingerprint: str,
+) -> None:
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
+    index = {id(p): n for n, p in trainable.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, Tensor):
+                    tensors[f"optim/{index[id(p)]}/{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
+    state = {
+        "step": step,
+        "fingerprint": fingerprint,
+        "train_losses": result.train_losses,
+        "eval_losses": result.eval_losses,
+    }
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, tmp / "state.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def _load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str
+) -> dict[str, Any]:
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        tensors = load_file(directory / "state.safetensors")
+    except Exception as err:  # noqa: BLE001 - any read failure means an unusable checkpoint
+        raise CheckpointError(f"cannot resume from {directory}: {err}") from err
+    if state.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{directory}: checkpoint belongs to base {state.get('fingerprint')}, this base is "
+            f"{fingerprint}; resume with the same base or start a new output directory"
+        )
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in params.items():
+            key = f"param/{name}"
+            if key not in tensors:
+                raise CheckpointError(f"{directory}: checkpoint lacks {name!r} (different tuning config?)")
+            p.copy_(tensors[key])
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = next(n for n, q in params.items() if q is p)
+            slots = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{name}/")}
+            if slots:
+                optimizer.state[p] = dict(slots)
+    return state
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    train_examples: Sequence[Example],
+    config: TrainConfig,
+    tuning: AlphaTuningConfig | None = None,
+    *,
+    eval_examples: Sequence[Example] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    fingerprint: str = "",
+) -> TrainResult:
+    """α-tune ``model`` (already prepared with ``prepare_for_alphatuning``) on prompt/target pairs.
+
+    Args:
+        train_examples: prompt/target pairs; loss is taken on target tokens only.
+        config: optimisation settings (see ``TrainConfig``).
+        eval_examples: scored every ``config.eval_every`` steps and at the end.
+        output_dir: where checkpoints go (``<output_dir>/checkpoint``) every
+            ``config.checkpoint_every`` steps; ``None`` disables checkpoints.
+        resume: continue from the checkpoint in ``output_dir``.
+        fingerprint: base fingerprint recorded in checkpoints, checked on resume.
+    """
+    if not train_examples:
+        raise ConfigError("no training examples")
+    tuning = tuning or AlphaTuningConfig()
+    torch.manual_seed(config.seed)
+    pad_id = tokenizer.pad_token_id
+    encoded = [encode_example(tokenizer, ex, config.max_length) for ex in train_examples]
+    eval_encoded = [encode_example(tokenizer, ex, config.max_length) for ex in eval_examples or []]
+    steps = total_steps(len(encoded), config)
+    warmup = int(config.warmup_ratio * steps)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config, tuning), weight_decay=config.weight_decay
+    )
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    schedule = _linear_schedule(steps, warmup)
+    result = TrainResult(steps=steps)
+    checkpoint = Path(output_dir) / CHECKPOINT_DIR if output_dir is not None else None
+    start_step = 0
+    if resume:
+        if checkpoint is None or not (checkpoint / "state.json").exists():
+            raise CheckpointError(
+                f"nothing to resume: no checkpoint in {output_dir}; run without --resume"
+            )
+        state = _load_checkpoint(checkpoint, model, optimizer, fingerprint)
+        start_step = int(state["step"])
+        result.train_losses = list(state["train_losses"])
+        result.eval_losses = [tuple(e) for e in state["eval_losses"]]  # type: ignore[misc]
+        result.resumed_from = start_step
+        logger.info("resumed from step %d", start_step)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    began = time.perf_counter()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("α-tuning"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("train", total=steps, completed=start_step, loss="-")
+        for step in range(start_step, steps):
+            step_loss = 0.0
+            micro_batches = _batches_for_step(step, len(encoded), config)
+            for indices in micro_batches:
+                batch = collate([encoded[i] for i in indices], pad_id)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = causal_lm_loss(logits, batch["labels"], config.label_smoothing)
+                (loss / len(micro_batches)).backward()
+                step_loss += loss.item() / len(micro_batches)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            # The schedule is a pure function of the step, so a resumed run needs no saved state.
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * schedule(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.train_losses.append(step_loss)
+            bar.update(task, advance=1, loss=f"{step_loss:.3f}")
+            done = step + 1
+            if eval_encoded and config.eval_every and done % config.eval_every == 0 and done < steps:
+                result.eval_losses.append((done, evaluate_loss(model, eval_encoded, pad_id)))
+                model.train()
+            if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+                _save_checkpoint(checkpoint, model, optimizer, done, result, fingerprint)
+    if eval_encoded:
+        result.eval_losses.append((steps, evaluate_loss(model, eval_encoded, pad_id)))
+    model.eval()
+    result.seconds = time.perf_counter() - began
+    if checkpoint is not None:
+        _save_checkpoint(checkpoint, model, optimizer, steps, result, fingerprint)
+    return result
