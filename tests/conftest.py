@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_models import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -23,20 +23,6 @@ def tokenizer():
     from alphatune.models import load_tokenizer
 
     return load_tokenizer()
-
-
-def make_tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.1,
-    )
-    model = LlamaForCausalLM(config)
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from tiny_models import make_tiny_llama
 
-from alphatune import AlphaTuningConfig, BCQConfig, CheckpointError, prepare_for_alphatuning, quantize_
+from alphatune import (
+    AlphaTuningConfig,
+    BCQConfig,
+    CheckpointError,
+    prepare_for_alphatuning,
+    quantize_,
+)
 from alphatune.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

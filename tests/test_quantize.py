@@ -203,7 +203,7 @@ def test_group_size_that_does_not_divide_names_the_divisors(llama: nn.Module) ->
 
 def test_group_size_auto_and_none(llama: nn.Module) -> None:
     quantize_(llama, BCQConfig(bits=2, group_size="auto", method="greedy"))
-    layers = dict((n, m) for n, m in llama.named_modules() if isinstance(m, BCQLinear))
+    layers = {n: m for n, m in llama.named_modules() if isinstance(m, BCQLinear)}
     assert {m.group_size for m in layers.values()} == {64, 128}  # whole rows: closest to 128
 
 

@@ -19,12 +19,15 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from alphatune.config import AUTO, AlphaTuningConfig, BCQConfig, QuantMethod, TrainConfig
 from alphatune.errors import AlphaTuneError, ConfigError
 from alphatune.models import DEFAULT_MODEL
 
 console = Console(stderr=False)
+# Errors go to stderr unwrapped, so that paths and names in them stay greppable.
+error_console = Console(stderr=True, soft_wrap=True)
 logger = logging.getLogger("alphatune.cli")
 
 
@@ -398,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except AlphaTuneError as err:
-        console.print(f"[red]error:[/] {err}")
+        # Plain text: messages quote user data such as "name[Aromi]", which is not markup.
+        error_console.print(Text("error: ", style="red") + Text(str(err)), highlight=False)
         return 2
     return 0
 

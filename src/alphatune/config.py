@@ -61,11 +61,7 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     unknown = sorted(set(data) - known)
     if unknown:
         logger.warning("%s: ignoring unknown keys %s (written by a newer alphatune?)", where, unknown)
-    kwargs = {k: v for k, v in data.items() if k in known}
-    for key in ("include", "exclude"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
-    return cls(**kwargs)
+    return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -106,14 +102,24 @@ class BCQConfig:
         gs = self.group_size
         if isinstance(gs, str) and gs != AUTO:
             raise ConfigError(f"group_size must be a positive integer, None or 'auto', got {gs!r}")
-        if isinstance(gs, bool) or (isinstance(gs, int) and gs < 1):
+        if gs is not None and not isinstance(gs, str) and (
+            isinstance(gs, bool) or not isinstance(gs, int) or gs < 1
+        ):
             raise ConfigError(f"group_size must be a positive integer, None or 'auto', got {gs!r}")
         try:
             object.__setattr__(self, "method", QuantMethod(self.method))
         except ValueError:
             known = ", ".join(m.value for m in QuantMethod)
             raise ConfigError(f"method must be one of {known}; got {self.method!r}") from None
-        object.__setattr__(self, "packing", PackingFormat(self.packing))
+        try:
+            object.__setattr__(self, "packing", PackingFormat(self.packing))
+        except ValueError:
+            known = ", ".join(p.value for p in PackingFormat)
+            raise ConfigError(f"packing must be one of {known}; got {self.packing!r}") from None
+        # Patterns may arrive as lists (JSON, callers); keep the frozen config hashable.
+        if self.include is not None:
+            object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.iterations < 0:
             raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
 
@@ -125,7 +131,6 @@ class BCQConfig:
             divisors = [d for d in range(1, in_features + 1) if in_features % d == 0]
             # Closest to 128 on a log scale; ties go to the larger group (fewer scales to store).
             return min(divisors, key=lambda d: (abs(math.log(d / 128)), -d))
-        assert isinstance(self.group_size, int)
         if in_features % self.group_size:
             divisors = [d for d in range(8, in_features + 1, 8) if in_features % d == 0]
             raise ConfigError(

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alphatune import bcq, kernels
@@ -48,7 +47,7 @@ class BCQMatmul(torch.autograd.Function):
         return kernels.bcq_matmul_dequant(x, packed, alpha, offset, group_size, in_features)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]  # noqa: ANN205
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, packed, alpha1, alpha_rest, offset = ctx.saved_tensors
         g, in_features = ctx.group_size, ctx.in_features
         need_x, _, need_a1, need_rest, need_offset = ctx.needs_input_grad[:5]

@@ -95,7 +95,7 @@ def load_model(
     return model
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL):  # noqa: ANN201
+def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL):
     """Load the tokenizer, with a pad token set (left padding, for batched generation)."""
     from transformers import AutoTokenizer
 

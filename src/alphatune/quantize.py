@@ -117,6 +117,8 @@ def collect_hessians(
         return hook
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()  # dropout would add noise to the statistics
     try:
         with torch.inference_mode():
             total = (calibration.shape[0] + batch_size - 1) // batch_size
@@ -126,6 +128,7 @@ def collect_hessians(
                 if on_batch:
                     on_batch(i + 1, total)
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     return hessians

@@ -69,7 +69,7 @@ def _param_groups(model: nn.Module, config: TrainConfig, tuning: AlphaTuningConf
     return groups
 
 
-def _linear_schedule(total_steps: int, warmup_steps: int):  # noqa: ANN202
+def _linear_schedule(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
@@ -156,7 +156,7 @@ def _load_checkpoint(
     try:
         state = json.loads((directory / "state.json").read_text())
         tensors = load_file(directory / "state.safetensors")
-    except Exception as err:  # noqa: BLE001 - any read failure means an unusable checkpoint
+    except Exception as err:
         raise CheckpointError(f"cannot resume from {directory}: {err}") from err
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(

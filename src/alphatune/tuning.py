@@ -79,6 +79,6 @@ def prepare_for_alphatuning(
     return report
 
 
-def trainable_state(model: nn.Module) -> dict[str, "nn.Parameter"]:
+def trainable_state(model: nn.Module) -> dict[str, nn.Parameter]:
     """Name -> parameter for everything that trains (what an adapter or checkpoint stores)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,7 +1,9 @@
 """Kernel dispatch: the only place that chooses between backends.
 
-- batch of a few tokens, no autograd, CPU, numba present: LUT-GEMV on the packed codes;
-- anything else: dequantize once and call ``F.linear`` (the torch path, also used on CUDA).
+- a layer that keeps a dense cache (the default): dequantize once, reuse, ``F.linear``. Measured
+  faster than today's LUT-GEMV at batch 1 (benchmarks/bench_kernels.py), at the cost of memory;
+- no cache, a few tokens, CPU, numba present: LUT-GEMV straight on the packed codes;
+- anything else: dequantize and call ``F.linear`` (the torch path, also used on CUDA).
 
 Every kernel has the signature of ``reference.bcq_matmul_reference``.
 """
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 
-def _lut_kernel():  # noqa: ANN202
+def _lut_kernel():
     try:
         from alphatune.kernels import numba_lut
     except ImportError:
@@ -80,7 +82,7 @@ def bcq_matmul(
     dequantize path between calls.
     """
     tokens = x.numel() // in_features
-    if x.device.type == "cpu" and tokens <= LUT_MAX_TOKENS:
+    if cache is None and x.device.type == "cpu" and tokens <= LUT_MAX_TOKENS:
         lut = _lut_kernel()
         if lut is not None and lut.supports(group_size, in_features):
             return lut.bcq_matmul_lut(x, packed, alpha, offset, group_size, in_features)

@@ -385,6 +385,11 @@ def _check_inputs(
         )
 
 
+def supports(group_size: int, in_features: int) -> bool:
+    """Whether the LUT kernel handles this layer layout (groups must not split a code byte)."""
+    return group_size == in_features or group_size % 8 == 0
+
+
 def _as_f32(t: Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 

@@ -13,7 +13,6 @@ All kernels share one signature::
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

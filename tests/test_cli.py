@@ -1,0 +1,110 @@
+"""The command line: a smoke run of every verb on a tiny model, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from alphatune.cli import main
+
+
+@pytest.fixture(scope="module")
+def e2e_files(tmp_path_factory):
+    path = tmp_path_factory.mktemp("e2e")
+    rows = [
+        ("name[Aromi], eatType[pub]", "Aromi is a pub."),
+        ("name[Aromi], eatType[pub]", "There is a pub called Aromi."),
+        ("name[Cotto], food[Indian]", "Cotto serves Indian food."),
+        ("name[Zizzi], area[riverside]", "Zizzi is by the riverside."),
+    ]
+    for split in ("train", "test"):
+        with open(path / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["mr", "ref"])
+            writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("cli") / "base"
+    code = main(["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--group-size", "32",
+                 "--method", "offset", "--output", str(out), "--no-progress"])
+    assert code == 0
+    return out
+
+
+def test_quantize_writes_a_base(base_dir):
+    config = json.loads((base_dir / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == 3 and config["group_size"] == 32 and len(config["layers"]) == 14
+    assert (base_dir / "model.safetensors").exists() and (base_dir / "tokenizer_config.json").exists()
+
+
+def test_tune_evaluate_generate(base_dir, e2e_files, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    assert main(["tune", "--base", str(base_dir), "--data", str(e2e_files / "train.csv"),
+                 "--eval-data", str(e2e_files / "train.csv"), "--eval-limit", "2",
+                 "--max-steps", "2", "--batch-size", "2", "--output", str(adapter), "--no-progress"]) == 0
+    assert (adapter / "adapter.safetensors").exists()
+    assert "trainable parameters" in capsys.readouterr().out
+    assert main(["evaluate", "--base", str(base_dir), "--adapter", str(adapter),
+                 "--data", str(e2e_files / "test.csv"), "--limit", "2", "--max-new-tokens", "4",
+                 "--no-progress"]) == 0
+    assert "BLEU on 2 inputs" in capsys.readouterr().out
+    assert main(["generate", "--base", str(base_dir), "--adapter", str(adapter),
+                 "--prompt", "name[Aromi]", "--max-new-tokens", "3", "--no-progress"]) == 0
+    assert "name[Aromi]" in capsys.readouterr().out
+
+
+def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "keep.txt").write_text("mine")
+    code = main(["tune", "--base", str(base_dir), "--data", str(e2e_files / "train.csv"),
+                 "--max-steps", "1", "--output", str(adapter), "--no-progress"])
+    assert code == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (adapter / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["quantize", "--bits", "0", "--output", "x"], "bits must be 1..8"),
+        (["quantize", "--bits", "three", "--output", "x"], "bits must be an integer"),
+        (["quantize", "--group-size", "-4", "--output", "x"], "group size must be positive"),
+        (["tune", "--base", "/no/such/base", "--output", "x"], "directory not found: /no/such/base"),
+        (["evaluate", "--base", ".", "--data", "/no/such.csv"], "file not found: /no/such.csv"),
+    ],
+    ids=["bits=0", "bits=text", "group=-4", "missing-base", "missing-data"],
+)
+def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_group_size_that_does_not_divide(tiny_model_dir, tmp_path, capsys):
+    code = main(["quantize", "--model", str(tiny_model_dir), "--group-size", "48", "--method", "offset",
+                 "--output", str(tmp_path / "b"), "--no-progress"])
+    assert code == 2
+    out = capsys.readouterr().err
+    assert "group_size 48 does not divide in_features=64" in out and "choose one of" in out
+    assert not (tmp_path / "b").exists()
+
+
+def test_loading_something_that_is_not_a_base(tiny_model_dir, capsys):
+    code = main(["evaluate", "--base", str(tiny_model_dir), "--limit", "1", "--no-progress"])
+    assert code == 2
+    assert "no alphatune quantization_config" in capsys.readouterr().err
+
+
+def test_help_for_every_command(capsys):
+    for command in ("quantize", "tune", "generate", "evaluate", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    assert "--bits" in capsys.readouterr().out
