@@ -110,17 +110,20 @@ def _nearest_codes(rows: Tensor, alpha: Tensor, offset: Tensor | None) -> Tensor
     return table[combination].permute(2, 0, 1)  # (q, N, g)
 
 
-def _least_squares_scales(rows: Tensor, codes: Tensor, with_offset: bool) -> tuple[Tensor, Tensor | None]:
-    """Least-squares alpha (and offset) given the codes, one small solve per row.
+def _least_squares_scales(
+    rows: Tensor, codes: Tensor, with_offset: bool, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """(Weighted) least-squares alpha (and offset) given the codes, one small solve per row.
 
-    rows (N, g), codes (q, N, g) -> alpha (q, N), offset (N,) or None.
+    rows (N, g), codes (q, N, g), weights (N, g) or None -> alpha (q, N), offset (N,) or None.
     """
     design = codes.permute(1, 0, 2)  # (N, q, g)
     if with_offset:
         ones = torch.ones_like(design[:, :1])
         design = torch.cat([design, ones], dim=1)  # (N, q+1, g)
-    gram = design @ design.transpose(1, 2)  # (N, p, p)
-    rhs = design @ rows[:, :, None]  # (N, p, 1)
+    weighted = design if weights is None else design * weights[:, None, :]
+    gram = weighted @ design.transpose(1, 2)  # (N, p, p)
+    rhs = weighted @ rows[:, :, None]  # (N, p, 1)
     # Identical or opposite code planes make the Gram matrix singular; a tiny ridge keeps the
     # solve defined and picks the minimum-norm-like solution.
     ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
@@ -131,29 +134,38 @@ def _least_squares_scales(rows: Tensor, codes: Tensor, with_offset: bool) -> tup
     return solution.T.contiguous(), None
 
 
-def _row_errors(rows: Tensor, codes: Tensor, alpha: Tensor, offset: Tensor | None) -> Tensor:
+def _row_errors(
+    rows: Tensor, codes: Tensor, alpha: Tensor, offset: Tensor | None, weights: Tensor | None = None
+) -> Tensor:
     approx = (alpha[:, :, None] * codes).sum(0)
     if offset is not None:
         approx = approx + offset[:, None]
-    return (rows - approx).pow(2).sum(dim=1)
+    squared = (rows - approx).pow(2)
+    return (squared if weights is None else squared * weights).sum(dim=1)
 
 
 def _alternate(
-    rows: Tensor, codes: Tensor, alpha: Tensor, offset: Tensor | None, iterations: int
+    rows: Tensor,
+    codes: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    iterations: int,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Alternating refinement; keeps, per row, the best iterate so the error never rises.
 
     Round 0 re-fits the scales of the starting codes; every later round re-picks the codes for
-    the current scales, then re-fits the scales.
+    the current scales (nearest value: the same under any positive element weights), then
+    re-fits the scales. ``weights`` (N, g) make the error an importance-weighted one.
     """
     with_offset = offset is not None
-    best_err = _row_errors(rows, codes, alpha, offset)
+    best_err = _row_errors(rows, codes, alpha, offset, weights)
     best_codes, best_alpha, best_offset = codes, alpha, offset
     for round_ in range(iterations + 1 if iterations else 0):
         if round_:
             codes = _nearest_codes(rows, alpha, offset)
-        alpha, offset = _least_squares_scales(rows, codes, with_offset)
-        err = _row_errors(rows, codes, alpha, offset)
+        alpha, offset = _least_squares_scales(rows, codes, with_offset, weights)
+        err = _row_errors(rows, codes, alpha, offset, weights)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_codes = torch.where(better[None, :, None], codes, best_codes)
@@ -230,16 +242,34 @@ def uniform_init(rows: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def fit_offset(
-    weight: Tensor, bits: int, group_size: int | None = None, iterations: int = 10
+    weight: Tensor,
+    bits: int,
+    group_size: int | None = None,
+    iterations: int = 10,
+    importance: Tensor | None = None,
 ) -> BCQWeight:
     """BCQ with an offset: uniform round-to-nearest start, then alternating least squares.
 
-    Contains uniform quantization exactly, so it is never worse than round-to-nearest.
+    Contains uniform quantization exactly, so it is never worse than round-to-nearest (in the
+    error it minimises).
+
+    Args:
+        importance: optional ``(in,)`` non-negative weight per input feature (e.g. the mean
+            squared activation, ``diag(H)``): the fit then minimises ``Σ importance·(w - ŵ)²``.
     """
     g = _check(weight, bits, group_size)
     rows = _to_rows(weight.detach().float(), g)
+    weights = None
+    if importance is not None:
+        if importance.shape != (weight.shape[1],):
+            raise ConfigError(
+                f"importance must have shape ({weight.shape[1]},), got {tuple(importance.shape)}"
+            )
+        per_group = importance.float().reshape(-1, g)  # (G, g)
+        per_group = per_group / per_group.mean(dim=1, keepdim=True).clamp_min(1e-12) + 1e-3
+        weights = per_group.repeat(weight.shape[0], 1)  # (out * G, g), rows ordered (out, G)
     codes, alpha, offset = uniform_init(rows, bits)
-    codes, alpha, offset = _alternate(rows, codes, alpha, offset, iterations)
+    codes, alpha, offset = _alternate(rows, codes, alpha, offset, iterations, weights)
     return _finish(codes, alpha, offset, weight.shape[0], g, torch.float32)
 
 

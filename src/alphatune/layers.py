@@ -179,9 +179,16 @@ class BCQLinear(nn.Linear):
         """Unpacked ±1 codes ``(q, out, in)`` int8."""
         return unpack_codes(self.packed_codes, self.in_features)
 
-    def _scales_version(self) -> tuple[object, ...]:
-        tensors = (self.packed_codes, self.alpha1, self.alpha_rest, self.offset)
-        return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    def _scales_version(self) -> tuple[object, ...] | None:
+        """Identity and in-place version of every tensor the weight depends on.
+
+        ``None`` when a tensor was made under ``torch.inference_mode`` (no version counter):
+        such a layer is not cached.
+        """
+        tensors = [t for t in (self.packed_codes, self.alpha1, self.alpha_rest, self.offset) if t is not None]
+        if any(t.is_inference() for t in tensors):
+            return None
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def make_trainable(self, *, alpha_rest: bool = False, offset: bool = False) -> None:
         """Turn frozen buffers into trainable parameters (same state-dict names)."""
@@ -204,9 +211,10 @@ class BCQLinear(nn.Linear):
                 self.group_size, self.in_features,
             )
         else:
+            key = self._scales_version()
             y = kernels.bcq_matmul(
                 x, self.packed_codes, self.alpha, self.offset, self.group_size, self.in_features,
-                cache=self._dense_cache, cache_key=self._scales_version(),
+                cache=self._dense_cache if key is not None else None, cache_key=key or (),
             )
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

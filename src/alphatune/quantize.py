@@ -138,6 +138,112 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the first block's inputs are captured."""
+
+
+def _transformer_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` holding the most target layers (the transformer blocks)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name:
+            count = sum(1 for layer in layers if layer.startswith(name + "."))
+            if count and (best is None or count > best[0]):
+                best = (count, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def _block_inputs(model: nn.Module, first_block: nn.Module, calibration: Tensor, batch_size: int):
+    """Positional and keyword inputs of the first block, one entry per calibration batch."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            batch = calibration[start : start + batch_size].to(_model_device(model))
+            try:
+                model(input_ids=batch, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _block_output(output: object) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+def _quantize_sequentially(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calibration: Tensor,
+    fit_layer: Callable[[str, nn.Module, Tensor | None], None],
+    batch_size: int = 4,
+) -> set[str]:
+    """GPTQ's layer-sequential calibration, one transformer block at a time.
+
+    Each block's Hessians come from inputs that already went through the *quantized* earlier
+    blocks, so later blocks learn to compensate earlier errors. Returns the names it quantized.
+    """
+    found = _transformer_blocks(model, layers)
+    if found is None:
+        return set()
+    prefix, blocks = found
+    was_training = model.training
+    model.eval()
+    done: set[str] = set()
+    # no_grad, not inference_mode: the new layers' tensors must stay usable for training later.
+    with torch.no_grad():
+        inputs = _block_inputs(model, blocks[0], calibration, batch_size)
+        for index, block in enumerate(blocks):
+            block_prefix = f"{prefix}.{index}."
+            targets = {n: m for n, m in layers.items() if n.startswith(block_prefix)}
+            if targets:
+                hessians = _hessians_from(block, targets, block_prefix, inputs)
+                for name, module in targets.items():
+                    fit_layer(name, module, hessians.pop(name))
+                    done.add(name)
+            inputs = [
+                _replace_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
+                for args, kwargs in inputs
+            ]
+    model.train(was_training)
+    return done
+
+
+def _hessians_from(
+    block: nn.Module, targets: dict[str, nn.Module], prefix: str, inputs: list[tuple[tuple, dict]]
+) -> dict[str, Tensor]:
+    hessians: dict[str, Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets.items()]
+    try:
+        for args, kwargs in inputs:
+            block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
 def summarize(model: nn.Module) -> QuantizationSummary:
     """Sizes and bits per weight of a (quantized) model."""
     layers = [m for m in model.modules() if isinstance(m, BCQLinear)]
@@ -176,6 +282,7 @@ def quantize_(
     config: BCQConfig | None = None,
     *,
     calibration: Tensor | None = None,
+    sequential: bool = True,
     progress: ProgressCallback | None = None,
 ) -> QuantizationSummary:
     """Quantize ``model`` in place with BCQ and return a summary of what changed.
@@ -184,6 +291,9 @@ def quantize_(
         model: a causal LM (any module whose transformer blocks use ``nn.Linear``/``Conv1D``).
         config: how to quantize; defaults to ``BCQConfig()``.
         calibration: ``(n_sequences, seq_len)`` token ids; needed by ``method="calibrated"``.
+        sequential: calibrate block by block on the outputs of the already quantized blocks
+            (GPTQ's sequential mode); ``False`` takes every layer's statistics from the
+            unquantized model in one pass (faster, less accurate).
         progress: called as ``progress(stage, done, total)`` after each calibration batch
             (stage ``"calibrating"``) and after each layer (stage = the layer's name).
 
@@ -203,29 +313,41 @@ def quantize_(
             f"exclude={config.exclude}); pass include patterns naming its linear layers"
         )
     group_sizes = {name: config.group_size_for(linear_weight(m)[0].shape[1]) for name, m in layers.items()}
-    hessians: dict[str, Tensor] = {}
-    if config.method == QuantMethod.CALIBRATED:
-        if calibration is None:
-            raise ConfigError(
-                "method 'calibrated' needs calibration token ids (n_sequences, seq_len); pass "
-                "calibration=... (the CLI uses --calibration FILE), or choose method='offset'"
-            )
-        on_batch = (lambda done, total: progress("calibrating", done, total)) if progress else None
-        hessians = collect_hessians(model, layers, calibration, on_batch=on_batch)
-    for i, (name, module) in enumerate(layers.items()):
+    total = len(layers)
+    done: list[str] = []
+
+    def fit_layer(name: str, module: nn.Module, hessian: Tensor | None) -> None:
         weight, bias = linear_weight(module)
-        if config.method == QuantMethod.CALIBRATED:
+        if hessian is not None:
             fitted = fit_calibrated(
-                weight.float().cpu(), hessians.pop(name).cpu(), config.bits, group_sizes[name],
-                config.iterations,
+                weight.float().cpu(), hessian.cpu(), config.bits, group_sizes[name], config.iterations
             )
         else:
             fitted = fit_weight(weight.float(), config, group_sizes[name])
         layer = BCQLinear.from_weight(fitted, bias).to(weight.device)
         layer.train(module.training)
         _set_submodule(model, name, layer)
+        done.append(name)
         if progress:
-            progress(name, i + 1, len(layers))
+            progress(name, len(done), total)
+
+    if config.method == QuantMethod.CALIBRATED:
+        if calibration is None:
+            raise ConfigError(
+                "method 'calibrated' needs calibration token ids (n_sequences, seq_len); pass "
+                "calibration=... (the CLI uses --calibration FILE), or choose method='offset'"
+            )
+        if sequential:
+            _quantize_sequentially(model, layers, calibration, fit_layer)
+        rest = {n: m for n, m in layers.items() if n not in done}
+        if rest:
+            on_batch = (lambda d, t: progress("calibrating", d, t)) if progress else None
+            hessians = collect_hessians(model, rest, calibration, on_batch=on_batch)
+            for name, module in rest.items():
+                fit_layer(name, module, hessians.pop(name))
+    else:
+        for name, module in layers.items():
+            fit_layer(name, module, None)
     summary = summarize(model)
     logger.info("quantized %d layers: %.3f bits per weight", summary.layers, summary.bits_per_weight)
     return summary
