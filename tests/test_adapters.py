@@ -88,7 +88,7 @@ def test_adapter_round_trip_restores_tuned_logits(saved_base, tmp_path):
     base, _ = load_quantized(path)
     assert not torch.equal(logits(base), logits(model))
     meta = load_adapter(base, tmp_path / "adapter")
-    assert meta["task"] == "x"
+    assert meta["metadata"]["task"] == "x"
     assert torch.equal(logits(base), logits(model))
 
 
@@ -172,3 +172,56 @@ def test_a_plain_model_directory_is_not_a_base(tmp_path):
     model.save_pretrained(tmp_path / "plain")
     with pytest.raises(CheckpointError, match="no alphatune quantization_config"):
         load_quantized(tmp_path / "plain")
+
+
+def test_switching_adapters_leaves_nothing_of_the_previous_one(saved_base, tmp_path):
+    from alphatune.adapters import unload_adapter
+
+    model, path = saved_base
+    base_logits = logits(model)
+    # Adapter A trains all scales; adapter B only alpha1.
+    prepare_for_alphatuning(model, AlphaTuningConfig(train="all_alpha"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.mul_(1.2)
+    save_adapter(model, tmp_path / "a", AlphaTuningConfig(train="all_alpha"))
+    fresh, _ = load_quantized(path)
+    prepare_for_alphatuning(fresh, AlphaTuningConfig())
+    with torch.no_grad():
+        for p in fresh.parameters():
+            if p.requires_grad:
+                p.mul_(0.9)
+    expected_b = logits(fresh)
+    save_adapter(fresh, tmp_path / "b", AlphaTuningConfig())
+
+    served, _ = load_quantized(path)
+    load_adapter(served, tmp_path / "a")
+    assert torch.equal(logits(served), logits(model))
+    load_adapter(served, tmp_path / "b")
+    assert torch.equal(logits(served), expected_b)
+    unload_adapter(served)
+    assert torch.equal(logits(served), base_logits)
+
+
+def test_overwrite_never_touches_a_foreign_directory(tmp_path):
+    model = quantized_model()
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(CheckpointError, match="not written by alphatune"):
+        save_quantized(model, foreign, CONFIG, overwrite=True)
+    assert (foreign / "cat.jpg").read_bytes() == b"meow"
+    assert sorted(p.name for p in foreign.iterdir()) == ["cat.jpg"]
+
+
+def test_adapter_from_a_newer_format_is_refused(saved_base, tmp_path):
+    model, _ = saved_base
+    prepare_for_alphatuning(model)
+    save_adapter(model, tmp_path / "adapter", AlphaTuningConfig())
+    config_path = tmp_path / "adapter" / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config["format_version"] = 99
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="newer than this alphatune"):
+        load_adapter(model, tmp_path / "adapter")

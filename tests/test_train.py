@@ -95,7 +95,7 @@ def test_resume_on_another_base_is_refused(tokenizer, examples, tmp_path):
     train(model, tokenizer, examples, TrainConfig(max_steps=2, batch_size=2), output_dir=tmp_path,
           fingerprint="aaaa", progress=False)
     with pytest.raises(CheckpointError, match="belongs to base aaaa"):
-        train(tuned_model(tokenizer), tokenizer, examples, TrainConfig(max_steps=4, batch_size=2),
+        train(tuned_model(tokenizer), tokenizer, examples, TrainConfig(max_steps=2, batch_size=2),
               output_dir=tmp_path, resume=True, fingerprint="bbbb", progress=False)
 
 
@@ -118,3 +118,22 @@ def test_loss_ignores_prompt_and_padding():
 def test_bad_train_settings(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_resume_with_different_settings_is_refused(tokenizer, examples, tmp_path):
+    config = TrainConfig(max_steps=2, batch_size=2, checkpoint_every=1)
+    train(tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path, progress=False)
+    changed = TrainConfig(max_steps=4, batch_size=3, checkpoint_every=1)
+    with pytest.raises(CheckpointError, match="batch_size: 2 -> 3"):
+        train(tuned_model(tokenizer), tokenizer, examples, changed, output_dir=tmp_path,
+              resume=True, progress=False)
+
+
+def test_a_crash_while_swapping_checkpoints_keeps_the_old_one(tokenizer, examples, tmp_path):
+    config = TrainConfig(max_steps=2, batch_size=2, checkpoint_every=1)
+    train(tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path, progress=False)
+    # Simulate a crash after the old checkpoint was renamed aside but before the new one landed.
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
+    result = train(tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path,
+                   resume=True, progress=False)
+    assert result.resumed_from == 2

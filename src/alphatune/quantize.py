@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from alphatune.config import BCQConfig, QuantMethod
 from alphatune.errors import ConfigError, UnsupportedModelError
 from alphatune.gptq import fit_calibrated
-from alphatune.layers import BCQLinear, fit_weight, linear_weight
+from alphatune.layers import BCQLinear, fit_weight, is_linear, linear_weight
+from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,6 @@ class QuantizationSummary:
         return data
 
 
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (
-        type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-    )
-
-
 def find_target_layers(model: nn.Module, config: BCQConfig) -> dict[str, nn.Module]:
     """Linear layers ``quantize_`` would replace, by qualified name (in model order)."""
     in_block: set[str] = set()
@@ -75,7 +70,7 @@ def find_target_layers(model: nn.Module, config: BCQConfig) -> dict[str, nn.Modu
 
     targets = {}
     for name, module in model.named_modules():
-        if not _is_linear(module) or isinstance(module, BCQLinear):
+        if not is_linear(module) or isinstance(module, BCQLinear):
             continue
         if config.include is not None:
             if not any(fnmatch.fnmatchcase(name, p) for p in config.include):
@@ -124,7 +119,7 @@ def collect_hessians(
             total = (calibration.shape[0] + batch_size - 1) // batch_size
             for i, start in enumerate(range(0, calibration.shape[0], batch_size)):
                 batch = calibration[start : start + batch_size]
-                model(input_ids=batch.to(_model_device(model)))
+                model(input_ids=batch.to(model_device(model)))
                 if on_batch:
                     on_batch(i + 1, total)
     finally:
@@ -132,10 +127,6 @@ def collect_hessians(
         for handle in handles:
             handle.remove()
     return hessians
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 class _StopForward(Exception):
@@ -164,7 +155,7 @@ def _block_inputs(model: nn.Module, first_block: nn.Module, calibration: Tensor,
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for start in range(0, calibration.shape[0], batch_size):
-            batch = calibration[start : start + batch_size].to(_model_device(model))
+            batch = calibration[start : start + batch_size].to(model_device(model))
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:

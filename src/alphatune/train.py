@@ -6,12 +6,12 @@ as safetensors + JSON, so a killed run continues with ``resume=True`` where it s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,17 +20,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from alphatune.config import AlphaTuningConfig, TrainConfig
 from alphatune.data import IGNORE_INDEX, Example, collate, encode_example
 from alphatune.errors import CheckpointError, ConfigError
+from alphatune.files import existing_directory, replace_directory
+from alphatune.layers import SCALE_NAMES
+from alphatune.models import model_device
+from alphatune.tuning import trainable_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
-_SCALE_SUFFIXES = ("alpha1", "alpha_rest", "offset")
 
 
 @dataclass
@@ -60,7 +64,7 @@ def _param_groups(model: nn.Module, config: TrainConfig, tuning: AlphaTuningConf
     scales, others = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (scales if name.rsplit(".", 1)[-1] in _SCALE_SUFFIXES else others).append(p)
+            (scales if name.rsplit(".", 1)[-1] in SCALE_NAMES else others).append(p)
     if not scales and not others:
         raise ConfigError("nothing to train: call prepare_for_alphatuning(model) first")
     groups = [{"params": scales, "lr": config.learning_rate * tuning.alpha_lr_scale}]
@@ -78,7 +82,9 @@ def _linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
+@functools.lru_cache(maxsize=2)
 def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (n, seed, epoch)."""
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
     return order
@@ -112,10 +118,11 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start : start + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = _to(collate(encoded[start : start + batch_size], pad_id), device)
+            logits = _forward(model, batch)
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             total += float(causal_lm_loss(logits, batch["labels"])) * n
             count += n
@@ -123,59 +130,89 @@ def evaluate_loss(
     return total / max(count, 1)
 
 
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+
+
 def _save_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-    result: TrainResult, fingerprint: str,
+    result: TrainResult, fingerprint: str, config: TrainConfig,
 ) -> None:
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_state(model)
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
     index = {id(p): n for n, p in trainable.items()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, Tensor):
-                    tensors[f"optim/{index[id(p)]}/{key}"] = value.detach().cpu().reshape(value.shape).contiguous()
+                    tensors[f"optim/{index[id(p)]}/{key}"] = value.detach().cpu().contiguous()
     state = {
         "step": step,
         "fingerprint": fingerprint,
+        "train_config": config.to_dict(),
         "train_losses": result.train_losses,
         "eval_losses": result.eval_losses,
     }
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state))
+
+    replace_directory(directory, write)
+
+
+# Settings that decide the data order and the schedule: a resumed run must keep them.
+_RESUME_KEYS = ("batch_size", "grad_accum", "epochs", "max_steps", "seed", "max_length", "learning_rate",
+                "warmup_ratio")
 
 
 def _load_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str,
+    config: TrainConfig,
 ) -> dict[str, Any]:
     try:
         state = json.loads((directory / "state.json").read_text())
         tensors = load_file(directory / "state.safetensors")
-    except Exception as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"cannot resume from {directory}: {err}") from err
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"{directory}: checkpoint belongs to base {state.get('fingerprint')}, this base is "
             f"{fingerprint}; resume with the same base or start a new output directory"
         )
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = state.get("train_config", {})
+    changed = [k for k in _RESUME_KEYS if k in saved and saved[k] != getattr(config, k)]
+    if changed:
+        values = ", ".join(f"{k}: {saved[k]!r} -> {getattr(config, k)!r}" for k in changed)
+        raise CheckpointError(
+            f"{directory}: cannot resume with different settings ({values}); use the original "
+            "settings or start a new output directory"
+        )
+    params = trainable_state(model)
+    unknown = sorted({k.split("/")[1] for k in tensors if k.startswith("param/")} - set(params))
+    if unknown:
+        raise CheckpointError(
+            f"{directory}: checkpoint trains {unknown[:3]}, which this run does not (different "
+            "tuning config?)"
+        )
     with torch.no_grad():
         for name, p in params.items():
             key = f"param/{name}"
             if key not in tensors:
                 raise CheckpointError(f"{directory}: checkpoint lacks {name!r} (different tuning config?)")
             p.copy_(tensors[key])
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            name = next(n for n, q in params.items() if q is p)
-            slots = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{name}/")}
-            if slots:
-                optimizer.state[p] = dict(slots)
+    for name, p in params.items():
+        prefix = f"optim/{name}/"
+        slots = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if slots:
+            # Moment estimates live beside their parameter; Adam keeps its step count on the CPU.
+            optimizer.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in slots.items()}
     return state
 
 
@@ -207,7 +244,9 @@ def train(
         raise ConfigError("no training examples")
     tuning = tuning or AlphaTuningConfig()
     torch.manual_seed(config.seed)
-    pad_id = tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
     encoded = [encode_example(tokenizer, ex, config.max_length) for ex in train_examples]
     eval_encoded = [encode_example(tokenizer, ex, config.max_length) for ex in eval_examples or []]
     steps = total_steps(len(encoded), config)
@@ -221,19 +260,22 @@ def train(
     checkpoint = Path(output_dir) / CHECKPOINT_DIR if output_dir is not None else None
     start_step = 0
     if resume:
-        if checkpoint is None or not (checkpoint / "state.json").exists():
+        found = existing_directory(checkpoint) if checkpoint is not None else None
+        if found is None or not (found / "state.json").exists():
             raise CheckpointError(
                 f"nothing to resume: no checkpoint in {output_dir}; run without --resume"
             )
-        state = _load_checkpoint(checkpoint, model, optimizer, fingerprint)
+        state = _load_checkpoint(found, model, optimizer, fingerprint, config)
         start_step = int(state["step"])
         result.train_losses = list(state["train_losses"])
         result.eval_losses = [tuple(e) for e in state["eval_losses"]]  # type: ignore[misc]
         result.resumed_from = start_step
         logger.info("resumed from step %d", start_step)
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    trainable = list(trainable_state(model).values())
+    # The paper's recipe trains without dropout: eval mode switches it off in any architecture.
+    model.train(config.dropout)
+    device = model_device(model)
     began = time.perf_counter()
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -245,8 +287,8 @@ def train(
             step_loss = 0.0
             micro_batches = _batches_for_step(step, len(encoded), config)
             for indices in micro_batches:
-                batch = collate([encoded[i] for i in indices], pad_id)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                batch = _to(collate([encoded[i] for i in indices], pad_id), device)
+                logits = _forward(model, batch)
                 loss = causal_lm_loss(logits, batch["labels"], config.label_smoothing)
                 (loss / len(micro_batches)).backward()
                 step_loss += loss.item() / len(micro_batches)
@@ -262,13 +304,13 @@ def train(
             done = step + 1
             if eval_encoded and config.eval_every and done % config.eval_every == 0 and done < steps:
                 result.eval_losses.append((done, evaluate_loss(model, eval_encoded, pad_id)))
-                model.train()
+                model.train(config.dropout)
             if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-                _save_checkpoint(checkpoint, model, optimizer, done, result, fingerprint)
+                _save_checkpoint(checkpoint, model, optimizer, done, result, fingerprint, config)
     if eval_encoded:
         result.eval_losses.append((steps, evaluate_loss(model, eval_encoded, pad_id)))
     model.eval()
     result.seconds = time.perf_counter() - began
     if checkpoint is not None:
-        _save_checkpoint(checkpoint, model, optimizer, steps, result, fingerprint)
+        _save_checkpoint(checkpoint, model, optimizer, steps, result, fingerprint, config)
     return result

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from alphatune.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,4 +33,4 @@ class EvalItem:
 def check_limit(limit: int | None) -> None:
     """Reject a negative ``limit`` (``None`` means no limit; 0 returns nothing)."""
     if limit is not None and limit < 0:
-        raise ValueError(f"limit must be None or >= 0, got {limit}")
+        raise DataError(f"limit must be None or >= 0, got {limit}")

@@ -30,7 +30,7 @@ def load_text_tokens(
         int64 tensor of shape (n_tokens,).
     """
     if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be None or >= 1, got {max_tokens}")
+        raise DataError(f"max_tokens must be None or >= 1, got {max_tokens}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"text file not found: {path}; expected a UTF-8 text file")

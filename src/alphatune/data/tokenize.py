@@ -18,6 +18,7 @@ from torch import Tensor
 from alphatune.data.e2e import load_e2e_eval, load_e2e_train
 from alphatune.data.examples import EvalItem, Example
 from alphatune.data.triples import load_triples_eval, load_triples_train
+from alphatune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,12 @@ def encode_example(tokenizer: Any, example: Example, max_length: int) -> dict[st
         ``{"input_ids": [...], "labels": [...]}``, two lists of the same length <= max_length.
     """
     if max_length < 2:
-        raise ValueError(
+        raise DataError(
             f"max_length must be >= 2 (one prompt and one target token), got {max_length}"
         )
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token first")
+        raise DataError("the tokenizer has no eos token; set tokenizer.eos_token first")
     prompt_ids = encode_prompt(tokenizer, example.prompt)
     target_ids = _ids(tokenizer, example.target) + [eos_id]
     if len(prompt_ids) + len(target_ids) > max_length:
@@ -82,7 +83,7 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Ten
         (int64, (batch, longest), 1 on real tokens).
     """
     if not batch:
-        raise ValueError("cannot collate an empty batch")
+        raise DataError("cannot collate an empty batch")
     longest = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
@@ -90,7 +91,7 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, Ten
     for row, item in enumerate(batch):
         length = len(item["input_ids"])
         if len(item["labels"]) != length:
-            raise ValueError(
+            raise DataError(
                 f"batch item {row}: {length} input_ids but {len(item['labels'])} labels"
             )
         input_ids[row, :length] = torch.tensor(item["input_ids"], dtype=torch.long)
@@ -125,9 +126,9 @@ def load_task(
     """
     loaders = TASKS.get(task.lower())
     if loaders is None:
-        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
+        raise DataError(f"unknown task {task!r}; known tasks: {', '.join(sorted(TASKS))}")
     if split_role == "train":
         return loaders[0](path, limit)
     if split_role == "eval":
         return loaders[1](path, limit)
-    raise ValueError(f"split_role must be 'train' or 'eval', got {split_role!r}")
+    raise DataError(f"split_role must be 'train' or 'eval', got {split_role!r}")

@@ -10,15 +10,10 @@ from rich.progress import Progress
 from torch import nn
 
 from alphatune.data.tokenize import encode_prompt
+from alphatune.errors import DataError
+from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a model without parameters)."""
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +62,7 @@ def generate(
         One stripped string per prompt, in the order of ``prompts``.
     """
     if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
-        raise ValueError(
+        raise DataError(
             "batch_size, num_beams and max_new_tokens must be >= 1, got "
             f"{batch_size}, {num_beams}, {max_new_tokens}"
         )
@@ -75,12 +70,12 @@ def generate(
         return []
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
-        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token first")
+        raise DataError("the tokenizer has no eos token; set tokenizer.eos_token first")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     encoded = [encode_prompt(tokenizer, prompt) for prompt in prompts]
     for index, ids in enumerate(encoded):
         if not ids:
-            raise ValueError(f"prompt {index} is empty after tokenization; give it some text")
+            raise DataError(f"prompt {index} is empty after tokenization; give it some text")
     # Longest first: a batch too large for memory fails at once, not at the end.
     order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]), reverse=True)
     options: dict[str, Any] = {
@@ -92,7 +87,7 @@ def generate(
     }
     if num_beams > 1:
         options.update(early_stopping=True, no_repeat_ngram_size=0)
-    device = _model_device(model)
+    device = model_device(model)
     answers: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import sacrebleu
 
+from alphatune.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,19 +26,19 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
         BLEU on sacrebleu's 0-100 scale.
     """
     if len(hypotheses) != len(references):
-        raise ValueError(
+        raise DataError(
             f"got {len(hypotheses)} hypotheses but {len(references)} reference sets; "
             "give one reference set per hypothesis"
         )
     if not hypotheses:
-        raise ValueError("cannot score an empty corpus")
+        raise DataError("cannot score an empty corpus")
     for index, refs in enumerate(references):
         if isinstance(refs, str):
             raise TypeError(
                 f"references[{index}] is a string; wrap it as a tuple of references: (ref,)"
             )
         if not refs:
-            raise ValueError(f"references[{index}] is empty; every item needs a reference")
+            raise DataError(f"references[{index}] is empty; every item needs a reference")
     most = max(len(refs) for refs in references)
     # sacrebleu wants one stream per reference slot, each as long as the hypotheses.
     streams: list[list[str | None]] = [

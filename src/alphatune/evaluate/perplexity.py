@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from alphatune.errors import DataError
+from alphatune.models import model_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,17 +41,17 @@ def perplexity(
         The perplexity, >= 1.
     """
     if tokens.dim() != 1:
-        raise ValueError(f"tokens must be 1-D (n_tokens,), got shape {tuple(tokens.shape)}")
+        raise DataError(f"tokens must be 1-D (n_tokens,), got shape {tuple(tokens.shape)}")
     if context < 2 or batch_size < 1:
-        raise ValueError(f"context must be >= 2 and batch_size >= 1, got {context}, {batch_size}")
+        raise DataError(f"context must be >= 2 and batch_size >= 1, got {context}, {batch_size}")
     n_windows = tokens.numel() // context
     if n_windows == 0:
-        raise ValueError(
+        raise DataError(
             f"{tokens.numel()} tokens give no full window of {context}; pass more tokens "
             "or a smaller context"
         )
     windows = tokens[: n_windows * context].view(n_windows, context)  # (windows, context)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = model_device(model)
     total_nll = 0.0
     was_training = model.training
     model.eval()

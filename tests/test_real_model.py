@@ -1,0 +1,93 @@
+"""The embedded SmolLM2-135M-Instruct, quantized with the default method: quality floors and tuning.
+
+One fp model is loaded per run; calibration and evaluation use small WikiText-2 / E2E slices so the
+module stays within a few minutes on 2 CPU cores. Bounds are stated next to what was measured.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from alphatune import AlphaTuningConfig, BCQConfig, TrainConfig, prepare_for_alphatuning, quantize_
+from alphatune.data import load_e2e_train, load_text_tokens
+from alphatune.evaluate import perplexity
+from alphatune.train import evaluate_loss, train
+
+pytestmark = pytest.mark.model
+
+CALIBRATION = (16, 512)  # sequences x tokens from WikiText-2 valid
+EVAL_TOKENS = 4096  # WikiText-2 test: 8 windows of 512
+# Measured with these slices (fp 26.4 on this slice): see docs/quantization.md for full sweeps.
+BOUND_4BIT = 1.3  # the issue's target: 4 bits within 1.3x the unquantized perplexity
+
+
+@pytest.fixture(scope="module")
+def fp_model():
+    from alphatune.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def calibration(tokenizer, shared_data_dir):
+    n, length = CALIBRATION
+    tokens = load_text_tokens(tokenizer, shared_data_dir / "wikitext-2" / "valid.txt", max_tokens=n * length)
+    return tokens.reshape(n, length)
+
+
+@pytest.fixture(scope="module")
+def eval_tokens(tokenizer, shared_data_dir):
+    return load_text_tokens(tokenizer, shared_data_dir / "wikitext-2" / "test.txt", max_tokens=EVAL_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def fp_perplexity(fp_model, eval_tokens):
+    return perplexity(fp_model, eval_tokens, progress=False)
+
+
+@pytest.fixture(scope="module")
+def quantized(fp_model, calibration, eval_tokens):
+    """bits -> (model, perplexity), default method and group size."""
+    results = {}
+    for bits in (2, 3, 4):
+        model = copy.deepcopy(fp_model)
+        summary = quantize_(model, BCQConfig(bits=bits), calibration=calibration)
+        assert summary.layers == 210
+        results[bits] = (model, perplexity(model, eval_tokens, progress=False), summary)
+    return results
+
+
+def test_four_bits_stays_close_to_full_precision(quantized, fp_perplexity):
+    _, ppl, _ = quantized[4]
+    assert ppl <= BOUND_4BIT * fp_perplexity, (ppl, fp_perplexity)
+
+
+def test_fewer_bits_are_worse(quantized, fp_perplexity):
+    ppl = {bits: value for bits, (_, value, _) in quantized.items()}
+    assert ppl[2] > ppl[3] > ppl[4] > fp_perplexity * 0.99, ppl
+
+
+def test_three_bits_stores_at_most_three_and_a_half_bits(quantized):
+    _, _, summary = quantized[3]
+    assert summary.bits_per_weight <= 3.5
+    assert summary.compression_vs_fp32 > 9
+
+
+def test_twenty_steps_lower_the_e2e_loss(quantized, tokenizer, shared_data_dir):
+    model = copy.deepcopy(quantized[3][0])
+    prepare_for_alphatuning(model, AlphaTuningConfig())
+    examples = load_e2e_train(shared_data_dir / "e2e" / "train.csv", limit=160)
+    held_out = load_e2e_train(shared_data_dir / "e2e" / "dev.csv", limit=24)
+    from alphatune.data import encode_example
+
+    encoded = [encode_example(tokenizer, ex, 128) for ex in held_out]
+    before = evaluate_loss(model, encoded, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    result = train(model, tokenizer, examples, TrainConfig(max_steps=20, batch_size=8, checkpoint_every=0),
+                   progress=False)
+    after = evaluate_loss(model, encoded, tokenizer.pad_token_id)
+    assert result.steps == 20
+    assert after < before - 0.1, (before, after)
