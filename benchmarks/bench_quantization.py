@@ -48,13 +48,13 @@ def render(records: list[dict], settings: dict) -> str:
     lines = [
         "# Quantization quality on SmolLM2-135M-Instruct",
         "",
-        "WikiText-2 test perplexity (first "
+        ("WikiText-2 test perplexity (first "
         f"{settings['eval_tokens']:,} tokens, context 512) after quantizing the 210 linear layers of the "
         "30 blocks, no fine-tuning. `calibrated` uses "
         f"{settings['calibration_sequences']}×512 tokens of WikiText-2 *valid*. Bits per weight count "
         "codes + fp16 scales + fp16 offsets. `auto` groups are 144 inputs for 576-wide layers and 128 "
         "for 1536-wide ones. Caveat (MODELS.md): the fp32 model is itself a Q4_1 (4-bit, groups of 32) "
-        "dequantization, so 4 bits at group 32 flatters any method.",
+        "dequantization, so 4 bits at group 32 flatters any method."),
         "",
         f"Reproduce: `{settings['command']}` (results in `benchmarks/results/quantization.jsonl`).",
         "",
@@ -76,8 +76,8 @@ def render(records: list[dict], settings: dict) -> str:
             f"| {r['method']} | {r['bits']} | {r['group_size'] or 'row'} | {seq} | "
             f"{r['bits_per_weight']:.2f} | {ppl} | {ratio:.2f}× | {r['seconds']:.0f} |"
         )
-    lines += ["", f"Machine: {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}.", ""]
+    lines += ["", (f"Machine: {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}."), ""]
     return "\n".join(lines)
 
 

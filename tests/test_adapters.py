@@ -139,7 +139,7 @@ def test_missing_tensor_in_adapter_names_it(saved_base, tmp_path):
     save_adapter(model, tmp_path / "adapter", AlphaTuningConfig())
     weights = tmp_path / "adapter" / ADAPTER_WEIGHTS
     tensors = load_file(weights)
-    removed = sorted(tensors)[0]
+    removed = min(tensors)
     del tensors[removed]
     save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="lacks tensors"):

@@ -58,7 +58,7 @@ class BCQMatmul(torch.autograd.Function):
         return F.linear(x, weight.to(x.dtype))
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]  # noqa: ANN205
+    def backward(ctx: Any, dy: Tensor):  # type: ignore[override]
         x, packed, weight = ctx.saved_tensors
         g, in_features = ctx.group_size, ctx.in_features
         need_x, _, need_a1, need_rest, need_offset = ctx.needs_input_grad[:5]
