@@ -170,16 +170,25 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
             f"{directory / 'config.json'} has no alphatune quantization_config; create a base "
             "with 'alphatune quantize' first"
         )
+    layers = qconfig.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{directory / 'config.json'}: quantization_config has no 'layers'")
     tensors = _read_safetensors(directory / BASE_WEIGHTS)
     hf_config = AutoConfig.from_pretrained(directory)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    for name, spec in qconfig["layers"].items():
-        layer = BCQLinear(
-            spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-            spec["offset"], bias=spec["bias"],
-        )
+    for name, spec in layers.items():
+        try:
+            layer = BCQLinear(
+                spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                spec["offset"], bias=spec["bias"],
+            )
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{directory / 'config.json'}: layer {name!r} has an incomplete spec ({err}); "
+                "expected in_features, out_features, bits, group_size, offset, bias"
+            ) from err
         try:
             _set_submodule(model, name, layer)
         except AttributeError as err:

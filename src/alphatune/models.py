@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from alphatune.errors import UnsupportedModelError
+from alphatune.files import replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,12 @@ def _convert_embedded(target: Path) -> None:
     # A GGUF-loaded model carries a quantizer that refuses save_pretrained; rebuild a plain one.
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    replace_directory(target, write)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:

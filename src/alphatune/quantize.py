@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -89,6 +90,38 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+@contextmanager
+def _recording_hessians(layers: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
+    """While active, accumulate ``Σ x xᵀ`` of every layer's input into the yielded dict."""
+    hessians: dict[str, Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            h = x.T @ x
+            hessians[name] = hessians[name] + h if name in hessians else h
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        yield hessians
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for calibration (dropout would add noise to the statistics), restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def collect_hessians(
     model: nn.Module,
     layers: dict[str, nn.Module],
@@ -101,31 +134,12 @@ def collect_hessians(
     Args:
         calibration: ``(n_sequences, seq_len)`` token ids.
     """
-    hessians: dict[str, Tensor] = {}
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            h = x.T @ x
-            hessians[name] = hessians[name] + h if name in hessians else h
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()  # dropout would add noise to the statistics
-    try:
-        with torch.inference_mode():
-            total = (calibration.shape[0] + batch_size - 1) // batch_size
-            for i, start in enumerate(range(0, calibration.shape[0], batch_size)):
-                batch = calibration[start : start + batch_size]
-                model(input_ids=batch.to(model_device(model)))
-                if on_batch:
-                    on_batch(i + 1, total)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    total = (calibration.shape[0] + batch_size - 1) // batch_size
+    with _recording_hessians(layers) as hessians, _eval_mode(model), torch.inference_mode():
+        for i, start in enumerate(range(0, calibration.shape[0], batch_size)):
+            model(input_ids=calibration[start : start + batch_size].to(model_device(model)))
+            if on_batch:
+                on_batch(i + 1, total)
     return hessians
 
 
@@ -191,17 +205,17 @@ def _quantize_sequentially(
     if found is None:
         return set()
     prefix, blocks = found
-    was_training = model.training
-    model.eval()
     done: set[str] = set()
     # no_grad, not inference_mode: the new layers' tensors must stay usable for training later.
-    with torch.no_grad():
+    with _eval_mode(model), torch.no_grad():
         inputs = _block_inputs(model, blocks[0], calibration, batch_size)
         for index, block in enumerate(blocks):
             block_prefix = f"{prefix}.{index}."
             targets = {n: m for n, m in layers.items() if n.startswith(block_prefix)}
             if targets:
-                hessians = _hessians_from(block, targets, block_prefix, inputs)
+                with _recording_hessians(targets) as hessians:
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
                 for name, module in targets.items():
                     fit_layer(name, module, hessians.pop(name))
                     done.add(name)
@@ -209,30 +223,7 @@ def _quantize_sequentially(
                 _replace_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
                 for args, kwargs in inputs
             ]
-    model.train(was_training)
     return done
-
-
-def _hessians_from(
-    block: nn.Module, targets: dict[str, nn.Module], prefix: str, inputs: list[tuple[tuple, dict]]
-) -> dict[str, Tensor]:
-    hessians: dict[str, Tensor] = {}
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in targets.items()]
-    try:
-        for args, kwargs in inputs:
-            block(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hessians
 
 
 def summarize(model: nn.Module) -> QuantizationSummary:
@@ -244,14 +235,13 @@ def summarize(model: nn.Module) -> QuantizationSummary:
         scales = m.alpha1.numel() + m.alpha_rest.numel()
         scales += 0 if m.offset is None else m.offset.numel()
         stored += m.packed_codes.numel() + scales * SCALE_BITS // 8
-        if m.bias is not None:
-            stored += m.bias.numel() * 4
     seen: set[int] = set()
-    other = 0
+    other = 0  # everything kept in full precision, biases of quantized layers included
     for m in model.modules():
-        if isinstance(m, BCQLinear):
-            continue
-        for p in m.parameters(recurse=False):
+        params = [m.bias] if isinstance(m, BCQLinear) and m.bias is not None else []
+        if not isinstance(m, BCQLinear):
+            params = list(m.parameters(recurse=False))
+        for p in params:
             if id(p) not in seen:  # tied weights count once
                 seen.add(id(p))
                 other += p.numel()
@@ -327,6 +317,11 @@ def quantize_(
             raise ConfigError(
                 "method 'calibrated' needs calibration token ids (n_sequences, seq_len); pass "
                 "calibration=... (the CLI uses --calibration FILE), or choose method='offset'"
+            )
+        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(
+                "calibration must be integer token ids of shape (n_sequences, seq_len), got "
+                f"{calibration.dtype} {tuple(calibration.shape)}"
             )
         if sequential:
             _quantize_sequentially(model, layers, calibration, fit_layer)

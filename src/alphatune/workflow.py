@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from alphatune.data import EvalItem, load_text_tokens
@@ -85,10 +84,9 @@ def score_generation(
     progress: bool = True,
 ) -> TaskScore:
     """Generate for every item and score corpus BLEU against its references."""
-    with torch.inference_mode():
-        predictions = generate(
-            model, tokenizer, [item.prompt for item in items], max_new_tokens=max_new_tokens,
-            num_beams=num_beams, batch_size=batch_size, progress=progress,
-        )
+    predictions = generate(
+        model, tokenizer, [item.prompt for item in items], max_new_tokens=max_new_tokens,
+        num_beams=num_beams, batch_size=batch_size, progress=progress,
+    )
     bleu = corpus_bleu(predictions, [item.references for item in items])
     return TaskScore(bleu=bleu, predictions=predictions, items=len(items))
