@@ -25,12 +25,8 @@ SQNR_FLOOR_4BIT = {"greedy": 3.0, "alternating": 16.0, "offset": 16.0}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(single_thread):
     """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _bits_id(bits: int) -> str:

@@ -26,12 +26,8 @@ OUT = 6
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(single_thread):
     """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _layout_id(layout: tuple[int, int | str | None]) -> str:

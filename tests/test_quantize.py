@@ -28,12 +28,8 @@ GPT2_TARGETS = [f"transformer.h.{i}.{n}" for i in range(2) for n in GPT2_PER_BLO
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids thread start-up and spinning on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(single_thread):
+    """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
 
 
 @pytest.fixture(scope="module")
