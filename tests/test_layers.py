@@ -305,3 +305,10 @@ def test_group_size_not_dividing_is_refused() -> None:
 def test_other_modules_are_refused() -> None:
     with pytest.raises(ConfigError, match="Conv2d"):
         BCQLinear.from_linear(nn.Conv2d(3, 3, 1), BCQConfig(bits=2, method="greedy"))
+
+
+def test_storage_bytes_counts_packed_codes_and_fp16_scales() -> None:
+    layer = BCQLinear.from_linear(nn.Linear(100, 40), BCQConfig(bits=3, group_size=25, method="offset"))
+    codes = 3 * 40 * 13  # ceil(100 / 8) bytes per row and plane
+    scales = 2 * (3 * 40 * 4 + 40 * 4)  # fp16 alpha (q, out, G) + offset (out, G)
+    assert layer.storage_bytes() == codes + scales

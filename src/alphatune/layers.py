@@ -186,6 +186,15 @@ class BCQLinear(nn.Linear):
             self.packed_codes, self.alpha, self.offset, self.group_size, self.in_features
         )
 
+    def storage_bytes(self) -> int:
+        """Bytes this layer's weight takes when saved: packed codes + fp16 scales and offsets.
+
+        The bias (kept in full precision) is not included.
+        """
+        scales = self.alpha1.numel() + self.alpha_rest.numel()
+        scales += 0 if self.offset is None else self.offset.numel()
+        return self.packed_codes.numel() + 2 * scales
+
     def codes(self) -> Tensor:
         """Unpacked ±1 codes ``(q, out, in)`` int8."""
         return unpack_codes(self.packed_codes, self.in_features)

@@ -26,8 +26,6 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
 
-SCALE_BITS = 16  # scales and offsets are stored as fp16
-
 
 @dataclass(frozen=True)
 class QuantizationSummary:
@@ -232,9 +230,7 @@ def summarize(model: nn.Module) -> QuantizationSummary:
     quantized = sum(m.in_features * m.out_features for m in layers)
     stored = 0
     for m in layers:
-        scales = m.alpha1.numel() + m.alpha_rest.numel()
-        scales += 0 if m.offset is None else m.offset.numel()
-        stored += m.packed_codes.numel() + scales * SCALE_BITS // 8
+        stored += m.storage_bytes()
     seen: set[int] = set()
     other = 0  # everything kept in full precision, biases of quantized layers included
     for m in model.modules():
