@@ -26,16 +26,6 @@ def _one_thread(single_thread):
 
 
 @pytest.fixture(scope="module")
-def llama_base() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
 def fp_params(llama_base: nn.Module) -> int:
     return sum(p.numel() for p in llama_base.parameters())
 
