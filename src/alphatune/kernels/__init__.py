@@ -86,10 +86,9 @@ def bcq_matmul(
         lut = _lut_kernel()
         if lut is not None and lut.supports(group_size, in_features):
             return lut.bcq_matmul_lut(x, packed, alpha, offset, group_size, in_features)
-    if cache is None:
-        return bcq_matmul_dequant(x, packed, alpha, offset, group_size, in_features)
-    key = (*cache_key, x.device, x.dtype)
-    weight = cache.get(
-        key, lambda: dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
-    )
+
+    def build() -> Tensor:
+        return dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
+
+    weight = build() if cache is None else cache.get((*cache_key, x.device, x.dtype), build)
     return F.linear(x, weight)
