@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from alphatune import bcq
+from alphatune.autograd import BCQMatmul
 from alphatune.config import AlphaTuningConfig, BCQConfig
 from alphatune.errors import ConfigError
 from alphatune.kernels.reference import bcq_matmul_reference
-from alphatune.layers import BCQLinear, BCQMatmul
+from alphatune.layers import BCQLinear
 from alphatune.packing import pack_codes
 from alphatune.tuning import prepare_for_alphatuning
 
@@ -50,8 +51,12 @@ def _layer(method: str, bias: bool, in_features: int, group_size: int | str | No
     """A fresh copy of a cached quantized layer (tests may modify it)."""
     cached = _quantized(method, bias, in_features, group_size)
     layer = BCQLinear(
-        cached.in_features, cached.out_features, cached.bits, cached.group_size,
-        cached.offset is not None, bias=cached.bias is not None,
+        cached.in_features,
+        cached.out_features,
+        cached.bits,
+        cached.group_size,
+        cached.offset is not None,
+        bias=cached.bias is not None,
     )
     layer.load_state_dict(cached.state_dict())
     return layer
@@ -59,7 +64,11 @@ def _layer(method: str, bias: bool, in_features: int, group_size: int | str | No
 
 def _reference(layer: BCQLinear, x: torch.Tensor) -> torch.Tensor:
     y = bcq_matmul_reference(
-        x, layer.packed_codes, layer.alpha.detach(), layer.offset, layer.group_size,
+        x,
+        layer.packed_codes,
+        layer.alpha.detach(),
+        layer.offset,
+        layer.group_size,
         layer.in_features,
     )
     return y if layer.bias is None else y + layer.bias.detach()
@@ -112,8 +121,11 @@ def test_weight_property_is_dequantize(method: str) -> None:
 def test_from_linear_matches_the_fit(method: str) -> None:
     """The layer stores the fitted codes exactly and the scales rounded to fp16."""
     linear = nn.Linear(40, OUT)
-    fitted = {"greedy": bcq.fit_greedy, "alternating": bcq.fit_alternating,
-              "offset": bcq.fit_offset}[method](linear.weight.detach(), 2, 8)
+    fitted = {
+        "greedy": bcq.fit_greedy,
+        "alternating": bcq.fit_alternating,
+        "offset": bcq.fit_offset,
+    }[method](linear.weight.detach(), 2, 8)
     layer = BCQLinear.from_linear(linear, BCQConfig(bits=2, group_size=8, method=method))
     assert torch.equal(layer.codes(), fitted.codes)
     assert torch.equal(layer.alpha.detach(), fitted.alpha.half().float())
@@ -154,9 +166,7 @@ def test_dense_cache_follows_an_optimizer_step() -> None:
     layer(x).square().sum().backward()
     optimizer.step()
     with torch.no_grad():
-        torch.testing.assert_close(
-            layer(x), F.linear(x, layer.dequantize()), rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize()), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -246,8 +256,9 @@ def test_scale_gradients_match_the_dense_formula(method: str) -> None:
 
 def test_one_bit_layer_trains() -> None:
     """q = 1 leaves alpha_rest empty; forward and backward still work."""
-    layer = BCQLinear.from_linear(nn.Linear(24, OUT), BCQConfig(bits=1, group_size=8,
-                                                                method="greedy"))
+    layer = BCQLinear.from_linear(
+        nn.Linear(24, OUT), BCQConfig(bits=1, group_size=8, method="greedy")
+    )
     assert layer.alpha_rest.shape == (0, OUT, 3)
     x = torch.randn(4, 24)
     y = layer(x)
@@ -308,7 +319,9 @@ def test_other_modules_are_refused() -> None:
 
 
 def test_storage_bytes_counts_packed_codes_and_fp16_scales() -> None:
-    layer = BCQLinear.from_linear(nn.Linear(100, 40), BCQConfig(bits=3, group_size=25, method="offset"))
+    layer = BCQLinear.from_linear(
+        nn.Linear(100, 40), BCQConfig(bits=3, group_size=25, method="offset")
+    )
     codes = 3 * 40 * 13  # ceil(100 / 8) bytes per row and plane
     scales = 2 * (3 * 40 * 4 + 40 * 4)  # fp16 alpha (q, out, G) + offset (out, G)
     assert layer.storage_bytes() == codes + scales
