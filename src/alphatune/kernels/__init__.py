@@ -18,6 +18,7 @@ from torch import Tensor
 
 from alphatune.kernels.reference import (
     bcq_matmul_dequant,
+    bcq_matmul_mixed_reference,
     bcq_matmul_reference,
     binary_products,
     dequantize_packed,
@@ -32,6 +33,8 @@ __all__ = [
     "DenseCache",
     "bcq_matmul",
     "bcq_matmul_dequant",
+    "bcq_matmul_mixed",
+    "bcq_matmul_mixed_reference",
     "bcq_matmul_reference",
     "binary_products",
     "dequantize_packed",
@@ -92,3 +95,23 @@ def bcq_matmul(
 
     weight = build() if cache is None else cache.get((*cache_key, x.device, x.dtype), build)
     return F.linear(x, weight)
+
+
+def bcq_matmul_mixed(
+    x: Tensor,
+    packed: Tensor,
+    alpha1_bank: Tensor,
+    token_adapter: Tensor,
+    alpha_rest: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """``y = x Ŵᵀ`` where token ``t`` has its own first scale ``alpha1_bank[token_adapter[t]]``.
+
+    The binary codes are shared by every task; only α₁ differs. x (T, in) -> (T, out), no bias,
+    no autograd. Contract: ``reference.bcq_matmul_mixed_reference``.
+    """
+    return bcq_matmul_mixed_reference(
+        x, packed, alpha1_bank, token_adapter, alpha_rest, offset, group_size, in_features
+    )

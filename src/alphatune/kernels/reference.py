@@ -13,6 +13,7 @@ All kernels share one signature::
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -74,3 +75,26 @@ def bcq_matmul_dequant(
     """Same result as the reference through one dense weight and ``F.linear`` (faster for T > 1)."""
     weight = dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
     return F.linear(x, weight)
+
+
+def bcq_matmul_mixed_reference(
+    x: Tensor,
+    packed: Tensor,
+    alpha1_bank: Tensor,
+    token_adapter: Tensor,
+    alpha_rest: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """A mixed-task batch: token ``t`` uses ``alpha1_bank[token_adapter[t]]`` as its first scale.
+
+    x (T, in); alpha1_bank (A, out, G); token_adapter (T,) int64 in [0, A); alpha_rest (q-1, out, G).
+    Tokens are grouped by adapter and each group goes through its own dense weight.
+    """
+    y = x.new_empty(x.shape[0], packed.shape[1])
+    for adapter in token_adapter.unique().tolist():
+        rows = token_adapter == adapter
+        alpha = torch.cat([alpha1_bank[adapter][None], alpha_rest])
+        y[rows] = bcq_matmul_dequant(x[rows], packed, alpha, offset, group_size, in_features)
+    return y
