@@ -7,6 +7,10 @@ State (all saved in the state dict):
 - ``alpha_rest``: ``(q-1, out, G)`` buffer, the other scales (frozen unless made trainable);
 - ``offset``: ``(out, G)`` buffer or ``None`` (BCQ with offset), frozen unless made trainable;
 - ``bias``: kept in full precision.
+
+Mixed-task batches (``alphatune.mixed``) add ``alpha1_bank``, a non-persistent ``(A, out, G)``
+buffer of every loaded adapter's α₁, and ``adapter_rows``, the bank index of each batch row while
+``alphatune.mixed.adapter_rows`` is active.
 """
 
 from __future__ import annotations
@@ -77,9 +81,12 @@ class BCQLinear(nn.Linear):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device))
         else:
             self.register_parameter("bias", None)
-        # Inference-only dense copy for the dequantize path (eval mode only): rebuilt when the
-        # scales change, dropped by train() and release_dense_cache().
-        self._dense_cache = kernels.DenseCache()
+        # Inference-only prepared forms of the weight (eval mode only; see kernels.WeightCache):
+        # rebuilt when the scales change, dropped by train() and release_dense_cache().
+        self._dense_cache = kernels.WeightCache()
+        # Mixed-task batches: set and cleared by alphatune.mixed, never saved.
+        self.register_buffer("alpha1_bank", None, persistent=False)
+        self.adapter_rows: Tensor | None = None  # (B,) int64 bank index per batch row
 
     @classmethod
     def from_weight(
@@ -193,7 +200,15 @@ class BCQLinear(nn.Linear):
             or isinstance(self.offset, nn.Parameter)
             and self.offset.requires_grad
         )
-        if needs_graph:
+        if self.adapter_rows is not None:
+            if needs_graph or self.training:
+                raise ConfigError(
+                    "mixed-task batches (adapter rows) are for inference only: call model.eval() "
+                    "and run under torch.no_grad() or torch.inference_mode(); to train, load one "
+                    "adapter with load_adapter"
+                )
+            y = self._mixed_matmul(x)
+        elif needs_graph:
             y = BCQMatmul.apply(
                 x,
                 self.packed_codes,
@@ -216,6 +231,30 @@ class BCQLinear(nn.Linear):
                 cache_key=key or (),
             )
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _mixed_matmul(self, x: Tensor) -> Tensor:
+        """Each batch row with its own α₁ from the bank; the codes are shared (no bias)."""
+        rows = self.adapter_rows
+        assert rows is not None and self.alpha1_bank is not None  # set together by mixed.py
+        if x.dim() < 2 or x.shape[0] != rows.numel():
+            raise ConfigError(
+                f"adapter rows name {rows.numel()} batch rows, but the input to this layer has "
+                f"shape {tuple(x.shape)}; give one adapter name per batch row (with beam search: "
+                "per prompt and beam)"
+            )
+        flat = x.reshape(-1, self.in_features)  # (T, in), rows stay contiguous
+        token_adapter = rows.repeat_interleave(flat.shape[0] // rows.numel())  # (T,)
+        y = kernels.bcq_matmul_mixed(
+            flat,
+            self.packed_codes,
+            self.alpha1_bank,
+            token_adapter,
+            self.alpha_rest,
+            self.offset,
+            self.group_size,
+            self.in_features,
+        )
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -1,36 +1,46 @@
 """Kernel dispatch: the only place that chooses between backends.
 
-- a layer that keeps a dense cache (the default): dequantize once, reuse, ``F.linear``. Measured
-  faster than today's LUT-GEMV at batch 1 (benchmarks/bench_kernels.py), at the cost of memory;
-- no cache, a few tokens, CPU, numba present: LUT-GEMV straight on the packed codes;
-- anything else: dequantize and call ``F.linear`` (the torch path, also used on CUDA).
+On CPU, with numba and AVX-512 (``avx512_lut.available()``):
 
-Every kernel has the signature of ``reference.bcq_matmul_reference``.
+- decode (up to ``LUT_MAX_TOKENS`` tokens): LUT-GEMV straight on the codes, in a kernel layout
+  that the layer keeps (``WeightCache``; about the size of the codes, ~3 bits per weight);
+- more tokens (prefill, evaluation, training): dequantize (numba, parallel) and one ``F.linear``.
+  The dense weight is not kept: decode never needs it, and keeping it would cost 32 bits per weight.
+
+On CPU without AVX-512: the dense weight is dequantized once (numba when present) and kept in the
+layer's cache, then ``F.linear`` — the fastest path there, at the cost of memory. Elsewhere (CUDA,
+no numba): the torch reference dequantization and ``F.linear``.
+
+Every matmul kernel has the signature of ``reference.bcq_matmul_reference``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alphatune.kernels import avx512_lut, numba_dequant
 from alphatune.kernels.reference import (
     bcq_matmul_dequant,
     bcq_matmul_mixed_reference,
     bcq_matmul_reference,
     binary_products,
-    dequantize_packed,
 )
+from alphatune.kernels.reference import dequantize_packed as dequantize_packed_reference
 
 logger = logging.getLogger(__name__)
 
-# Up to this many tokens the LUT-GEMV beats dequantize + GEMM (decode, small batches).
-LUT_MAX_TOKENS = 4
+# Up to this many tokens the LUT-GEMV beats dequantize + GEMM (benchmarks/bench_kernels.py).
+LUT_MAX_TOKENS = 8
 
 __all__ = [
-    "DenseCache",
+    "LUT_MAX_TOKENS",
+    "WeightCache",
     "bcq_matmul",
     "bcq_matmul_dequant",
     "bcq_matmul_mixed",
@@ -38,35 +48,70 @@ __all__ = [
     "bcq_matmul_reference",
     "binary_products",
     "dequantize_packed",
+    "dequantize_packed_reference",
 ]
 
 
-def _lut_kernel():
-    try:
-        from alphatune.kernels import numba_lut
-    except ImportError:
-        return None
-    return numba_lut if numba_lut.numba_available() else None
+def lut_available() -> bool:
+    """Whether decode runs on the LUT kernel here (numba present, AVX-512 CPU)."""
+    return avx512_lut.available()
 
 
-class DenseCache:
-    """One layer's dequantized weight, reused while its scales are unchanged.
+def dequantize_packed(
+    packed: Tensor, alpha: Tensor, offset: Tensor | None, group_size: int, in_features: int
+) -> Tensor:
+    """Dense ``(out, in)`` weight in alpha's dtype: numba on CPU float32, torch elsewhere."""
+    if packed.device.type == "cpu" and alpha.dtype == torch.float32 and numba_dequant.available():
+        return numba_dequant.dequantize_fast(packed, alpha, offset, group_size, in_features)
+    return dequantize_packed_reference(packed, alpha, offset, group_size, in_features)
 
-    The key holds the scales' in-place version counters, which every optimizer step and
-    ``load_state_dict`` bump, so a stale weight is never used.
+
+class WeightCache:
+    """Forms of one layer's weight derived from its codes and scales, reused while they hold.
+
+    Every form is stored under a name with a key; the key holds the source tensors' identity and
+    in-place version counters (which every optimizer step and ``load_state_dict`` bump), so a
+    stale form is never used.
     """
 
     def __init__(self) -> None:
-        self.key: tuple[object, ...] | None = None
-        self.weight: Tensor | None = None
+        self._forms: dict[str, tuple[Hashable, Any]] = {}
 
-    def get(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
-        if self.key != key or self.weight is None:
-            self.weight, self.key = build(), key
-        return self.weight
+    def get(self, name: str, key: Hashable, build: Callable[[], Any]) -> Any:
+        held = self._forms.get(name)
+        if held is None or held[0] != key:
+            value = build()
+            self._forms[name] = (key, value)
+            return value
+        return held[1]
 
     def clear(self) -> None:
-        self.key = self.weight = None
+        self._forms.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._forms
+
+
+def _cached(cache: WeightCache | None, name: str, key: Hashable, build: Callable[[], Any]) -> Any:
+    return build() if cache is None else cache.get(name, key, build)
+
+
+def _tensor_key(t: Tensor) -> tuple[int, int]:
+    return (t.data_ptr(), t._version)
+
+
+def _use_lut(x: Tensor, tokens: int, group_size: int, in_features: int) -> bool:
+    return (
+        x.device.type == "cpu"
+        and tokens <= LUT_MAX_TOKENS
+        and avx512_lut.supports(group_size, in_features)
+        and avx512_lut.available()
+    )
+
+
+def _offset_term(flat: Tensor, offset: Tensor, group_size: int) -> Tensor:
+    """``offset[:, k] · Σ x[group k]`` for every token: (T, out)."""
+    return flat.reshape(flat.shape[0], -1, group_size).sum(-1) @ offset.to(flat.dtype).T
 
 
 def bcq_matmul(
@@ -76,24 +121,37 @@ def bcq_matmul(
     offset: Tensor | None,
     group_size: int,
     in_features: int,
-    cache: DenseCache | None = None,
+    cache: WeightCache | None = None,
     cache_key: tuple[object, ...] = (),
 ) -> Tensor:
     """``y = x Ŵᵀ`` for a BCQ weight, on the fastest available backend (no bias, no autograd).
 
-    ``cache`` (with a key that changes whenever the scales change) keeps the dense weight of the
-    dequantize path between calls.
+    ``cache`` (with a key that changes whenever the scales change) keeps the prepared forms of
+    the weight between calls.
     """
-    tokens = x.numel() // in_features
-    if cache is None and x.device.type == "cpu" and tokens <= LUT_MAX_TOKENS:
-        lut = _lut_kernel()
-        if lut is not None and lut.supports(group_size, in_features):
-            return lut.bcq_matmul_lut(x, packed, alpha, offset, group_size, in_features)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, in_features)
+    if _use_lut(x, flat.shape[0], group_size, in_features):
+        codes = _cached(
+            cache,
+            "lut_codes",
+            _tensor_key(packed),
+            lambda: avx512_lut.prepare_codes(packed, in_features),
+        )
+        scales = _cached(
+            cache, "lut_scales", cache_key, lambda: avx512_lut.prepare_scales(alpha[None])
+        )
+        y = avx512_lut.lut_matmul(flat.to(torch.float32), codes, scales, None, group_size)
+        if offset is not None:
+            y = y + _offset_term(flat.to(torch.float32), offset, group_size)
+        return y.reshape(*lead, packed.shape[1]).to(x.dtype)
 
     def build() -> Tensor:
         return dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
 
-    weight = build() if cache is None else cache.get((*cache_key, x.device, x.dtype), build)
+    # With the LUT kernel serving decode, a kept dense weight would only cost memory.
+    keep_dense = cache is not None and not (x.device.type == "cpu" and avx512_lut.available())
+    weight = cache.get("dense", (*cache_key, x.device, x.dtype), build) if keep_dense else build()
     return F.linear(x, weight)
 
 
@@ -106,12 +164,35 @@ def bcq_matmul_mixed(
     offset: Tensor | None,
     group_size: int,
     in_features: int,
+    cache: WeightCache | None = None,
+    cache_key: tuple[object, ...] = (),
 ) -> Tensor:
     """``y = x Ŵᵀ`` where token ``t`` has its own first scale ``alpha1_bank[token_adapter[t]]``.
 
     The binary codes are shared by every task; only α₁ differs. x (T, in) -> (T, out), no bias,
-    no autograd. Contract: ``reference.bcq_matmul_mixed_reference``.
+    no autograd. Contract: ``reference.bcq_matmul_mixed_reference``. On the LUT kernel the codes
+    are read once for all tokens, whatever their adapter; ``cache_key`` must change whenever the
+    bank or the other scales change.
     """
-    return bcq_matmul_mixed_reference(
-        x, packed, alpha1_bank, token_adapter, alpha_rest, offset, group_size, in_features
+    if not _use_lut(x, x.shape[0], group_size, in_features):
+        return bcq_matmul_mixed_reference(
+            x, packed, alpha1_bank, token_adapter, alpha_rest, offset, group_size, in_features
+        )
+
+    def build_scales() -> Any:
+        adapters = alpha1_bank.shape[0]
+        rest = alpha_rest[None].expand(adapters, *alpha_rest.shape)
+        return avx512_lut.prepare_scales(torch.cat([alpha1_bank[:, None], rest], dim=1))
+
+    codes = _cached(
+        cache,
+        "lut_codes",
+        _tensor_key(packed),
+        lambda: avx512_lut.prepare_codes(packed, in_features),
     )
+    scales = _cached(cache, "lut_mixed_scales", cache_key, build_scales)
+    flat = x.to(torch.float32)
+    y = avx512_lut.lut_matmul(flat, codes, scales, token_adapter, group_size)
+    if offset is not None:
+        y = y + _offset_term(flat, offset, group_size)
+    return y.to(x.dtype)

@@ -37,7 +37,9 @@ def binary_products(x: Tensor, codes: Tensor, group_size: int) -> Tensor:
     bits, out, in_features = codes.shape
     groups = in_features // group_size
     x_grouped = x.reshape(-1, groups, group_size).transpose(0, 1)  # (G, T, g)
-    codes_grouped = codes.reshape(bits, out, groups, group_size).permute(0, 2, 3, 1)  # (q, G, g, out)
+    codes_grouped = codes.reshape(bits, out, groups, group_size).permute(
+        0, 2, 3, 1
+    )  # (q, G, g, out)
     return x_grouped[None] @ codes_grouped  # (q, G, T, out)
 
 

@@ -1,0 +1,432 @@
+"""LUT-GEMV for BCQ decode on AVX-512 CPUs: 16-entry tables kept in a register (numba + LLVM).
+
+Same contract as ``alphatune.kernels.reference.bcq_matmul_reference`` (see ``bcq_matmul_lut``),
+plus a mixed-task form where every token picks its own set of scales.
+
+Algorithm (T-MAC, Wei et al. 2024, in LUT-GEMM's spirit). For every 4 activations
+``x[4j .. 4j+3]`` of a token, a table of the 16 signed partial sums
+
+    table[j, m] = Σ_b (bit b of m ? +x[4j+b] : -x[4j+b])
+
+fits one 512-bit register. One packed code byte holds 8 codes of a row (``alphatune.packing``):
+its low nibble indexes the table of inputs 8k..8k+3, its high nibble that of 8k+4..8k+7. With the
+codes of 16 rows side by side, one ``vpermps`` looks up 16 rows at once, so a code byte plane of
+16 rows costs two permutes, one add and one fused multiply-add by the 16 rows' α:
+
+    y[rows] += α_i[rows, group] * (table_lo[nibble_lo] + table_hi[nibble_hi])
+
+That is 6 vector instructions per 128 weights of a plane, against 128 multiply-adds for fp32
+(8 zmm FMAs, plus 512 bytes of weights read instead of 16 bytes of codes).
+
+Layout (``prepare``, done once per layer and cached by the caller while the scales are
+unchanged): codes ``(q, out/16, ceil(in/8), 16)`` uint8, i.e. each byte column of 16 consecutive rows
+made contiguous; scales ``(S, q, G, out)`` float32, rows contiguous so 16 rows' α load as one
+vector. ``S`` is the number of scale sets: 1 normally, one per adapter for a mixed-task batch.
+Rows are padded to a multiple of 16 with zero codes and zero scales.
+
+Inputs past ``in_features`` (the padding bits of a partial last byte) are treated as activations
+equal to 0, so they add nothing. Groups must not split a code byte (``group_size % 8 == 0``, or
+one group per row).
+
+The vector code is LLVM IR emitted through a numba intrinsic: it needs AVX-512F (``available()``).
+Everything is float32; the result comes back in x's dtype. No autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.packing import packed_width
+
+try:
+    import llvmlite.binding as llvm_binding
+    from llvmlite import ir
+    from numba import config as numba_config
+    from numba import njit, prange, types
+    from numba import set_num_threads as numba_set_num_threads
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # numba is an optional dependency (extra "fast")
+    _IMPORT_ERROR = exc
+
+ROWS = 16  # rows per vector: one float32 lane each in a 512-bit register
+_ROW_BLOCKS_PER_TASK = 8  # parallel work item: 128 rows
+_MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
+
+
+def available() -> bool:
+    """True when numba imports and this CPU has AVX-512F (the ``vpermps`` the kernel is built on)."""
+    if _IMPORT_ERROR is not None:
+        return False
+    return bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
+
+
+def supports(group_size: int, in_features: int) -> bool:
+    """Whether the kernel handles this layer layout (groups must not split a code byte)."""
+    return group_size == in_features or group_size % 8 == 0
+
+
+# ----------------------------------------------------------------------------- the vector loop
+
+if _IMPORT_ERROR is None:
+    _F32 = ir.FloatType()
+    _VEC = ir.VectorType(_F32, ROWS)
+    _IVEC = ir.VectorType(ir.IntType(32), ROWS)
+    _BVEC = ir.VectorType(ir.IntType(8), ROWS)
+
+    @intrinsic
+    def _row_block_dot(
+        typingctx: Any,
+        tables: Any,
+        table_base: Any,
+        codes: Any,
+        code_base: Any,
+        code_plane_stride: Any,
+        alpha: Any,
+        alpha_base: Any,
+        alpha_plane_stride: Any,
+        alpha_group_stride: Any,
+        n_planes: Any,
+        n_groups: Any,
+        bytes_per_group: Any,
+        y: Any,
+        y_base: Any,
+    ) -> Any:
+        """16 rows of one token: ``y[y_base:+16] = Σ_g Σ_i α · (table_lo[lo] + table_hi[hi])``.
+
+        All arrays are flat and C-contiguous; the ``*_base`` / ``*_stride`` arguments are element
+        offsets. Codes of plane i, byte k: ``codes[code_base + i*code_plane_stride + 16k : +16]``;
+        tables of byte k: ``tables[table_base + 32k : +32]``; α of plane i, group g:
+        ``alpha[alpha_base + i*alpha_plane_stride + g*alpha_group_stride : +16]``.
+        """
+        sig = types.void(
+            tables, table_base, codes, code_base, code_plane_stride, alpha, alpha_base,
+            alpha_plane_stride, alpha_group_stride, n_planes, n_groups, bytes_per_group, y, y_base,
+        )  # fmt: skip
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            arrays = {0: None, 2: None, 5: None, 12: None}
+            for position in arrays:
+                array_type = signature.args[position]
+                arrays[position] = context.make_array(array_type)(
+                    context, builder, args[position]
+                ).data
+            tables_ptr, codes_ptr, alpha_ptr, y_ptr = (arrays[p] for p in (0, 2, 5, 12))
+            intp = context.get_value_type(types.intp)
+
+            def as_intp(value: Any) -> Any:
+                return builder.sext(value, intp) if value.type.width < intp.width else value
+
+            (table_base, code_base, code_plane_stride, alpha_base, alpha_plane_stride,
+             alpha_group_stride, n_planes, n_groups, bytes_per_group, y_base) = (
+                as_intp(args[i]) for i in (1, 3, 4, 6, 7, 8, 9, 10, 11, 13)
+            )  # fmt: skip
+
+            def const(value: int) -> Any:
+                return ir.Constant(intp, value)
+
+            permute = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(_VEC, [_VEC, _IVEC]),
+                "llvm.x86.avx512.permvar.sf.512",
+            )
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]), "llvm.fma.v16f32"
+            )
+            low_nibble = ir.Constant(_IVEC, [15] * ROWS)
+            nibble_shift = ir.Constant(_IVEC, [4] * ROWS)
+
+            def load_vector(pointer: Any, index: Any, vector_type: Any = _VEC) -> Any:
+                address = builder.bitcast(builder.gep(pointer, [index]), vector_type.as_pointer())
+                return builder.load(address, align=1)
+
+            # Three accumulators: two for alternating bytes (the FMAs' latency overlaps), one
+            # for a group's odd last byte. allocas in the entry block become registers.
+            sums = [cgutils.alloca_once(builder, _VEC) for _ in range(3)]
+            for total in sums:
+                builder.store(ir.Constant(_VEC, None), total)
+
+            def plane_byte(k: Any, g: Any, plane: Any, total: Any) -> None:
+                code_index = builder.add(
+                    builder.add(code_base, builder.mul(plane, code_plane_stride)),
+                    builder.mul(k, const(16)),
+                )
+                index = builder.zext(load_vector(codes_ptr, code_index, _BVEC), _IVEC)
+                table = builder.add(table_base, builder.mul(k, const(32)))
+                low = builder.call(
+                    permute, [load_vector(tables_ptr, table), builder.and_(index, low_nibble)]
+                )
+                high = builder.call(
+                    permute,
+                    [
+                        load_vector(tables_ptr, builder.add(table, const(16))),
+                        builder.lshr(index, nibble_shift),
+                    ],
+                )
+                alpha_index = builder.add(
+                    builder.add(alpha_base, builder.mul(plane, alpha_plane_stride)),
+                    builder.mul(g, alpha_group_stride),
+                )
+                scale = load_vector(alpha_ptr, alpha_index)
+                builder.store(
+                    builder.call(fma, [scale, builder.fadd(low, high), builder.load(total)]), total
+                )
+
+            with cgutils.for_range(builder, n_groups) as group_loop:
+                g = group_loop.index
+                first = builder.mul(g, bytes_per_group)
+                pairs = builder.udiv(bytes_per_group, const(2))
+                with cgutils.for_range(builder, pairs) as pair_loop:
+                    k = builder.add(first, builder.mul(pair_loop.index, const(2)))
+                    with cgutils.for_range(builder, n_planes) as plane_loop:
+                        plane_byte(k, g, plane_loop.index, sums[0])
+                        plane_byte(builder.add(k, const(1)), g, plane_loop.index, sums[1])
+                odd = builder.icmp_unsigned("!=", builder.mul(pairs, const(2)), bytes_per_group)
+                with builder.if_then(odd):
+                    last = builder.add(first, builder.sub(bytes_per_group, const(1)))
+                    with cgutils.for_range(builder, n_planes) as plane_loop:
+                        plane_byte(last, g, plane_loop.index, sums[2])
+            result = builder.fadd(
+                builder.fadd(builder.load(sums[0]), builder.load(sums[1])), builder.load(sums[2])
+            )
+            out = builder.bitcast(builder.gep(y_ptr, [y_base]), _VEC.as_pointer())
+            builder.store(result, out, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @njit(cache=True)
+    def _build_tables(x: np.ndarray, tables: np.ndarray) -> None:  # pragma: no cover - numba
+        """tables (T, 4·n_bytes·... ) <- the 16 signed sums of every 4 activations (x padded)."""
+        n_tokens, padded = x.shape
+        for t in range(n_tokens):
+            for j in range(padded // 4):
+                base = 16 * j
+                tables[t, base] = -(
+                    x[t, 4 * j] + x[t, 4 * j + 1] + x[t, 4 * j + 2] + x[t, 4 * j + 3]
+                )
+                step = 1
+                for b in range(4):
+                    twice = np.float32(2.0) * x[t, 4 * j + b]
+                    for m in range(step):
+                        tables[t, base + step + m] = tables[t, base + m] + twice
+                    step *= 2
+
+    @njit(cache=True)
+    def _row_blocks(
+        tables, codes, alpha, token_set, n_groups, bytes_per_group, first, last, y
+    ):  # pragma: no cover - numba
+        """Row blocks first..last-1 of every token; codes stay in L1 while the tokens pass."""
+        n_tokens, table_width = tables.shape
+        bits, n_blocks, n_bytes, _ = codes.shape
+        out = n_blocks * ROWS
+        set_width = bits * n_groups * out
+        flat_tables, flat_codes, flat_alpha, flat_y = (
+            tables.reshape(-1),
+            codes.reshape(-1),
+            alpha.reshape(-1),
+            y.reshape(-1),
+        )
+        for block in range(first, last):
+            for t in range(n_tokens):
+                _row_block_dot(
+                    flat_tables, t * table_width,
+                    flat_codes, block * n_bytes * ROWS, n_blocks * n_bytes * ROWS,
+                    flat_alpha, token_set[t] * set_width + block * ROWS, n_groups * out, out,
+                    bits, n_groups, bytes_per_group,
+                    flat_y, t * out + block * ROWS,
+                )  # fmt: skip
+
+    @njit(parallel=True, cache=True)
+    def _row_blocks_parallel(
+        tables, codes, alpha, token_set, n_groups, bytes_per_group, y
+    ):  # pragma: no cover - numba
+        n_blocks = codes.shape[1]
+        n_tasks = (n_blocks + _ROW_BLOCKS_PER_TASK - 1) // _ROW_BLOCKS_PER_TASK
+        for task in prange(n_tasks):
+            first = task * _ROW_BLOCKS_PER_TASK
+            last = min(n_blocks, first + _ROW_BLOCKS_PER_TASK)
+            _row_blocks(tables, codes, alpha, token_set, n_groups, bytes_per_group, first, last, y)
+
+
+# ----------------------------------------------------------------------------- python side
+
+
+@dataclass(frozen=True)
+class PreparedCodes:
+    """A layer's codes in the kernel's layout: ``(q, ceil(out/16), ceil(in/8), 16)`` uint8."""
+
+    codes: np.ndarray
+    out_features: int
+    in_features: int
+
+
+def _require() -> None:
+    if _IMPORT_ERROR is not None:
+        raise KernelUnavailableError(
+            "the AVX-512 LUT kernel needs numba, which failed to import; "
+            "install it with `pip install numba` (or `pip install alphatune[fast]`)"
+        ) from _IMPORT_ERROR
+    if not available():
+        raise KernelUnavailableError("the AVX-512 LUT kernel needs a CPU with AVX-512F")
+
+
+def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
+    """Reorder packed codes ``(q, out, ceil(in/8))`` so 16 rows' bytes are contiguous."""
+    if packed.dtype != torch.uint8 or packed.dim() != 3:
+        raise ConfigError(
+            f"packed codes must be uint8 (q, out, ceil(in/8)), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    bits, out, n_bytes = packed.shape
+    if n_bytes != packed_width(in_features):
+        raise ConfigError(
+            f"packed width {n_bytes} does not match in_features={in_features} "
+            f"(expected {packed_width(in_features)} bytes per row)"
+        )
+    padded = -(-out // ROWS) * ROWS
+    codes = torch.zeros(bits, padded, n_bytes, dtype=torch.uint8)
+    codes[:, :out] = packed.detach().cpu()
+    tiled = codes.reshape(bits, padded // ROWS, ROWS, n_bytes).permute(0, 1, 3, 2).contiguous()
+    return PreparedCodes(tiled.numpy(), out, in_features)
+
+
+def prepare_scales(alpha_sets: Tensor) -> np.ndarray:
+    """Scale sets ``(S, q, out, G)`` -> ``(S, q, G, padded out)`` float32, rows contiguous."""
+    sets, bits, out, groups = alpha_sets.shape
+    padded = -(-out // ROWS) * ROWS
+    scales = torch.zeros(sets, bits, groups, padded, dtype=torch.float32)
+    scales[..., :out] = alpha_sets.detach().cpu().to(torch.float32).transpose(2, 3)
+    return scales.numpy()
+
+
+def _threads_for(work: int) -> int:
+    if work < _MIN_PARALLEL_WORK:
+        return 1
+    return max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS))
+
+
+def lut_matmul(
+    x: Tensor,
+    prepared: PreparedCodes,
+    scales: np.ndarray,
+    token_set: Tensor | None,
+    group_size: int,
+) -> Tensor:
+    """``y (T, out)`` for ``x (T, in)``: token t uses scale set ``token_set[t]`` (default 0).
+
+    ``prepared`` and ``scales`` come from ``prepare_codes`` and ``prepare_scales``; no offset term
+    (the caller adds ``offset · Σx`` per group) and no bias. Uses ``torch.get_num_threads()``
+    threads (capped by numba's pool) for layers large enough to gain from them.
+    """
+    _require()
+    in_features, out = prepared.in_features, prepared.out_features
+    bits, n_blocks, n_bytes, _ = prepared.codes.shape
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ConfigError(f"x must be (tokens, {in_features}), got {tuple(x.shape)}")
+    n_groups = in_features // group_size
+    if not supports(group_size, in_features) or in_features % group_size:
+        raise KernelUnavailableError(
+            f"the LUT kernel needs groups that do not split a code byte: group_size must divide "
+            f"in_features={in_features} and be a multiple of 8 (or equal it), got {group_size}"
+        )
+    if scales.shape[1:] != (bits, n_groups, n_blocks * ROWS):
+        raise ConfigError(
+            f"scales must be (S, {bits}, {n_groups}, {n_blocks * ROWS}), got {scales.shape}"
+        )
+    n_tokens = x.shape[0]
+    bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
+    padded_x = torch.zeros(n_tokens, 8 * n_bytes, dtype=torch.float32)
+    padded_x[:, :in_features] = x.detach()
+    tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
+    _build_tables(padded_x.numpy(), tables)
+    sets = (
+        np.zeros(n_tokens, np.int64)
+        if token_set is None
+        else token_set.cpu().numpy().astype(np.int64)
+    )
+    y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
+    threads = _threads_for(bits * n_blocks * ROWS * 8 * n_bytes * n_tokens)
+    if threads == 1:
+        _row_blocks(tables, prepared.codes, scales, sets, n_groups, bytes_per_group, 0, n_blocks, y)
+    else:
+        torch_threads = torch.get_num_threads()
+        numba_set_num_threads(threads)
+        try:
+            _row_blocks_parallel(tables, prepared.codes, scales, sets, n_groups, bytes_per_group, y)
+        finally:
+            # Starting numba's OpenMP pool resets the process-wide OpenMP thread count that
+            # torch reads; give torch its setting back.
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+    return torch.from_numpy(y[:, :out])
+
+
+def _check_scales(
+    x: Tensor,
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> None:
+    if x.shape[-1] != in_features:
+        raise ConfigError(f"x has {x.shape[-1]} input features, the layer expects {in_features}")
+    if group_size < 1 or in_features % group_size:
+        raise ConfigError(f"group_size {group_size} must divide in_features={in_features}")
+    bits, out = packed.shape[0], packed.shape[1]
+    n_groups = in_features // group_size
+    if tuple(alpha.shape) != (bits, out, n_groups):
+        raise ConfigError(
+            f"alpha must have shape (q, out, in/group_size) = {(bits, out, n_groups)}, got {tuple(alpha.shape)}"
+        )
+    if offset is not None and tuple(offset.shape) != (out, n_groups):
+        raise ConfigError(
+            f"offset must have shape (out, in/group_size) = {(out, n_groups)}, got {tuple(offset.shape)}"
+        )
+
+
+def bcq_matmul_lut(
+    x: Tensor,
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """BCQ matmul by table lookup, with the contract of ``bcq_matmul_reference``.
+
+    Prepares the layout on every call; layers keep the prepared form instead (see
+    ``alphatune.kernels.bcq_matmul``). CPU tensors only; float32 arithmetic.
+
+    Example::
+
+        >>> import torch
+        >>> from alphatune.bcq import fit_greedy
+        >>> from alphatune.packing import pack_codes
+        >>> fit = fit_greedy(torch.randn(16, 64), bits=3)
+        >>> y = bcq_matmul_lut(torch.randn(1, 64), pack_codes(fit.codes), fit.alpha, None, 64, 64)
+        >>> y.shape
+        torch.Size([1, 16])
+    """
+    tensors = [t for t in (x, packed, alpha, offset) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors):
+        raise KernelUnavailableError(
+            "the LUT kernel runs on CPU tensors only: use the reference kernel"
+        )
+    _check_scales(x, packed, alpha, offset, group_size, in_features)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, in_features).to(torch.float32)
+    y = lut_matmul(
+        flat, prepare_codes(packed, in_features), prepare_scales(alpha[None]), None, group_size
+    )
+    if offset is not None:
+        y = y + flat.reshape(flat.shape[0], -1, group_size).sum(-1) @ offset.to(torch.float32).T
+    return y.reshape(*lead, packed.shape[1]).to(x.dtype)
