@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from alphatune.cli import main
 
@@ -108,3 +109,33 @@ def test_help_for_every_command(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
     assert "--bits" in capsys.readouterr().out
+
+
+def test_generate_with_an_adapter_per_prompt(base_dir, tmp_path, capsys):
+    from alphatune import AlphaTuningConfig, prepare_for_alphatuning
+    from alphatune.adapters import load_quantized, save_adapter
+
+    model, _ = load_quantized(base_dir)
+    prepare_for_alphatuning(model)
+    for name, factor in (("a", 1.3), ("b", 0.7)):
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(factor)
+        save_adapter(model, tmp_path / name, AlphaTuningConfig())
+    prompts = ["name[Aromi]", "name[Cotto], food[Indian]"]
+    options = ["--max-new-tokens", "3", "--no-progress"]
+
+    def answers(argv: list[str]) -> list[str]:
+        assert main(["generate", "--base", str(base_dir), *argv, *options]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("→")]
+
+    single = [answers(["--adapter", str(tmp_path / n), "--prompt", p])[0]
+              for n, p in zip("ab", prompts, strict=True)]
+    mixed = answers(["--adapter", f"a={tmp_path / 'a'}", "--adapter", f"b={tmp_path / 'b'}",
+                     "--prompt", prompts[0], "--prompt-adapter", "a",
+                     "--prompt", prompts[1], "--prompt-adapter", "b"])
+    assert mixed == single
+    code = main(["generate", "--base", str(base_dir), "--adapter", f"a={tmp_path / 'a'}",
+                 "--prompt", "x", *options])
+    assert code == 2 and "one --prompt-adapter NAME per --prompt" in capsys.readouterr().err

@@ -281,17 +281,29 @@ def unload_adapter(model: nn.Module) -> None:
             targets[name].copy_(value)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load an adapter's tensors into a quantized model; refuses a different base.
+def base_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer by name as it is with no adapter loaded (``load_adapter``
+    replaces some in place and keeps their base values aside)."""
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {name: t.detach() for name, t in state.items()} | model.__dict__.get(_BASE_VALUES, {})
 
-    Loading another adapter later first restores the base values of everything the previous one
-    set, so nothing of an earlier adapter lingers. Returns the adapter's config (JSON).
+
+def read_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], fingerprint: str | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read an adapter directory and check it against ``model``, without changing the model.
+
+    Checks the format version, the base fingerprint (``fingerprint``, if given, saves hashing the
+    base again when reading several adapters) and every tensor's name and shape.
+
+    Returns:
+        The adapter's config (JSON) and its tensors by state-dict name.
     """
     directory = Path(directory)
     config = _read_json(directory / ADAPTER_CONFIG)
     _check_format(config, directory / ADAPTER_CONFIG)
     expected = config.get("base_fingerprint")
-    found = base_fingerprint(model)
+    found = fingerprint or base_fingerprint(model)
     if expected != found:
         raise CheckpointError(
             f"{directory / ADAPTER_CONFIG}: adapter was tuned on base {expected}, this base is "
@@ -313,6 +325,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[st
                 f"{directory / ADAPTER_WEIGHTS}: {name!r} has shape {tuple(tensor.shape)}, the "
                 f"model expects {tuple(targets[name].shape)}"
             )
+    return config, tensors
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load an adapter's tensors into a quantized model; refuses a different base.
+
+    Loading another adapter later first restores the base values of everything the previous one
+    set, so nothing of an earlier adapter lingers. Returns the adapter's config (JSON).
+    """
+    config, tensors = read_adapter(model, directory)
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
     unload_adapter(model)
     stash: dict[str, Tensor] = model.__dict__.setdefault(_BASE_VALUES, {})
     with torch.no_grad():

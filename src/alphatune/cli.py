@@ -82,6 +82,16 @@ def _existing_dir(text: str) -> Path:
     return path
 
 
+def _adapter_spec(text: str) -> tuple[str | None, Path]:
+    """``DIR``, or ``NAME=DIR`` for one of several adapters serving a mixed-task batch."""
+    name, sep, directory = text.partition("=")
+    if not sep or Path(text).is_dir():
+        return None, _existing_dir(text)
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected DIR or NAME=DIR, got {text!r}")
+    return name, _existing_dir(directory)
+
+
 # ---------------------------------------------------------------- progress
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Progress]:
@@ -212,16 +222,54 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
             "eval_losses": result.eval_losses, "output": str(output)}
 
 
+def _mixed_adapters(args: argparse.Namespace) -> dict[str, Path] | None:
+    """``--adapter NAME=DIR`` (several) with one ``--prompt-adapter`` per prompt, or ``None``."""
+    specs: list[tuple[str | None, Path]] = args.adapter or []
+    named = dict(spec for spec in specs if spec[0] is not None)
+    usage = (
+        "give one --adapter DIR, or several --adapter NAME=DIR with one --prompt-adapter NAME "
+        "per --prompt (a mixed-task batch)"
+    )
+    if not named:
+        if len(specs) > 1 or args.prompt_adapter:
+            raise ConfigError(usage)
+        return None
+    if any(name is None for name, _ in specs):
+        raise ConfigError(f"an --adapter without a name among named ones; {usage}")
+    if len(named) != len(specs):
+        raise ConfigError(f"an adapter name is given twice; {usage}")
+    if len(args.prompt_adapter or []) != len(args.prompt):
+        raise ConfigError(
+            f"{len(args.prompt)} --prompt but {len(args.prompt_adapter or [])} "
+            f"--prompt-adapter; {usage}"
+        )
+    return named
+
+
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.data import e2e_prompt
     from alphatune.evaluate import generate
+    from alphatune.mixed import load_adapters
 
-    model, tokenizer = _load_base(args.base, args.adapter)
+    mixed = _mixed_adapters(args)
+    single = None if mixed is not None or not args.adapter else args.adapter[0][1]
+    model, tokenizer = _load_base(args.base, single)
+    if mixed is not None:
+        with _step(f"loading adapters {', '.join(mixed)}"):
+            load_adapters(model, mixed)
     prompts = [e2e_prompt(p) if args.task == "e2e" else p for p in args.prompt]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                       num_beams=args.beams, progress=not args.no_progress)
-    for prompt, text in zip(args.prompt, outputs, strict=True):
-        console.print(Text(prompt, style="bold"))
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        num_beams=args.beams,
+        adapters=args.prompt_adapter if mixed else None,
+        progress=not args.no_progress,
+    )
+    names = args.prompt_adapter if mixed else [None] * len(prompts)
+    for prompt, name, text in zip(args.prompt, names, outputs, strict=True):
+        console.print(Text(prompt, style="bold") + Text(f"  [{name}]" if name else "", style="dim"))
         console.print(Text(f"→ {text}"))
     return {"outputs": outputs}
 
@@ -365,8 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with a quantized base (and adapter)")
     g.add_argument("--base", required=True, type=_existing_dir)
-    g.add_argument("--adapter", type=_existing_dir, default=None)
+    g.add_argument("--adapter", type=_adapter_spec, action="append", metavar="[NAME=]DIR",
+                   help="adapter directory; repeat as NAME=DIR to serve several in one batch")
     g.add_argument("--prompt", action="append", required=True, help="input (repeatable)")
+    g.add_argument("--prompt-adapter", action="append", metavar="NAME",
+                   help="adapter of the --prompt at the same position (with NAME=DIR adapters)")
     g.add_argument("--task", choices=["e2e", "raw"], default="e2e",
                    help="e2e: the prompt is a meaning representation; raw: used as is")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -10,7 +12,8 @@ from rich.progress import Progress
 from torch import nn
 
 from alphatune.data.tokenize import encode_prompt
-from alphatune.errors import DataError
+from alphatune.errors import ConfigError, DataError
+from alphatune.mixed import adapter_bank
 from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ def generate(
     max_new_tokens: int = 64,
     num_beams: int = 1,
     batch_size: int = 8,
+    adapters: Sequence[str | None] | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Generate one answer per prompt: greedy (``num_beams == 1``) or beam search.
@@ -49,6 +53,10 @@ def generate(
     ``model.generate``. Only the new tokens are decoded; the answer is cut at the first line
     break. The model is put in eval mode for the call and restored afterwards.
 
+    With ``adapters``, each prompt runs with its own task adapter from the bank loaded by
+    :func:`alphatune.mixed.load_adapters`, in mixed batches; every answer is the one that prompt
+    gets alone with that adapter loaded.
+
     Args:
         model: a Hugging Face causal LM (anything with ``generate``).
         tokenizer: its tokenizer; needs an eos token (the pad token defaults to it).
@@ -56,6 +64,8 @@ def generate(
         max_new_tokens: most tokens generated per prompt.
         num_beams: 1 for greedy decoding, more for beam search (with early stopping).
         batch_size: prompts per ``generate`` call.
+        adapters: one loaded adapter name per prompt (``None``: the base), or ``None`` to use
+            the model as it is.
         progress: show a transient rich progress bar.
 
     Returns:
@@ -66,8 +76,22 @@ def generate(
             "batch_size, num_beams and max_new_tokens must be >= 1, got "
             f"{batch_size}, {num_beams}, {max_new_tokens}"
         )
+    if adapters is not None and len(adapters) != len(prompts):
+        raise ConfigError(
+            f"adapters must name one adapter per prompt: {len(prompts)} prompts, "
+            f"{len(adapters)} adapters"
+        )
     if not prompts:
         return []
+    bank = None
+    if adapters is not None:
+        bank = adapter_bank(model)
+        if bank is None:
+            raise ConfigError(
+                "adapters= needs adapters loaded side by side: call "
+                "alphatune.mixed.load_adapters(model, {name: directory, ...}) first"
+            )
+        bank.indices(adapters)  # unknown names fail now, not after some batches
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no eos token; set tokenizer.eos_token first")
@@ -100,11 +124,18 @@ def generate(
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 input_ids, attention_mask = _left_pad([encoded[i] for i in indices], pad_id)
-                output = model.generate(  # type: ignore[operator]
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    **options,
+                # Beam search runs num_beams rows per prompt, the beams of a prompt adjacent.
+                rows = (
+                    nullcontext()
+                    if bank is None or adapters is None
+                    else bank.rows([adapters[i] for i in indices for _ in range(num_beams)])
                 )
+                with rows:
+                    output = model.generate(  # type: ignore[operator]
+                        input_ids=input_ids.to(device),
+                        attention_mask=attention_mask.to(device),
+                        **options,
+                    )
                 new_tokens = output[:, input_ids.shape[1] :]  # (batch, <= max_new_tokens)
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for index, text in zip(indices, texts, strict=True):
