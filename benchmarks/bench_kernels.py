@@ -1,13 +1,19 @@
-"""Kernel benchmark: BCQ LUT-GEMV (numba) vs dense torch matmuls, side by side in one run.
+"""Kernel benchmark: BCQ kernels vs dense torch matmuls (and bitsandbytes NF4), side by side.
 
-For every shape (out x in), bit width, batch and thread count it times
+For every shape (out x in), bit width, batch and thread count it times the decode path
 
-- ``lut``:     ``alphatune.kernels.numba_lut.bcq_matmul_lut`` (packed codes, float32 tables),
-- ``fp32``:    ``F.linear`` with a dense float32 weight,
-- ``bf16``:    ``F.linear`` with a dense bfloat16 weight and bfloat16 activations,
-- ``dequant``: ``bcq_matmul_dequant`` (unpack + dequantize the weight, then ``F.linear``),
+- ``lut``:  ``avx512_lut.lut_matmul`` on the layout a layer keeps (tables built per call),
+- ``fp32``: ``F.linear`` with a dense float32 weight,
+- ``bf16``: ``F.linear`` with a dense bfloat16 weight and bfloat16 activations,
+- ``nf4``:  bitsandbytes ``matmul_4bit`` on an NF4 weight (when bitsandbytes runs on this CPU),
 
-and reports median milliseconds, ``lut / fp32``, and the memory-bandwidth bound of the LUT kernel:
+and the batched path (prefill / training, ``--prefill`` tokens):
+
+- ``batched``: ``numba_dequant.dequantize_fast`` + ``F.linear`` (what layers do for many tokens),
+- ``ref``:     the torch reference dequantization + ``F.linear`` (dequantize-then-matmul),
+- ``fp32_prefill``: ``F.linear`` with the dense weight for the same tokens.
+
+It reports median milliseconds, ``lut / fp32``, and the memory-bandwidth bound of the LUT kernel:
 the bytes it must read (packed codes + scales + activations) divided by the copy bandwidth measured
 on this machine with the same thread count (a large torch tensor copy, read + write bytes).
 
@@ -37,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+from torch import Tensor
 
-from alphatune.kernels.numba_lut import bcq_matmul_lut, numba_available
+from alphatune.kernels import avx512_lut, numba_dequant
 from alphatune.kernels.reference import bcq_matmul_dequant
 from alphatune.packing import packed_width
 
@@ -52,8 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths q")
     parser.add_argument("--batch", default="1,8", help="comma-separated token counts")
     parser.add_argument("--threads", default="1,all", help="comma-separated thread counts or 'all'")
+    parser.add_argument("--group-size", type=int, default=128, help="inputs per scale group")
     parser.add_argument(
-        "--group-size", type=int, default=None, help="inputs per scale (default: row)"
+        "--prefill", type=int, default=256, help="tokens for the batched path (0: skip it)"
     )
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per kernel (median)")
     parser.add_argument(
@@ -63,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one shape, q=3, batch 1 (smoke run)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.shapes, args.bits, args.batch = "4096x4096", "3", "1"
+        args.shapes, args.bits, args.batch, args.prefill = "4096x4096", "3", "1", 64
     return args
 
 
@@ -111,42 +119,91 @@ def lut_bytes(bits: int, out: int, in_features: int, groups: int, batch: int) ->
     )
 
 
+def batched_linear(
+    x: Tensor,
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """The batched path of a layer: numba dequantization, then one GEMM."""
+    weight = numba_dequant.dequantize_fast(
+        packed, alpha, offset, group_size, in_features, reuse=True
+    )
+    return F.linear(x, weight)
+
+
+def nf4_linear(weight: Tensor) -> Callable[[Tensor], Tensor] | str:
+    """bitsandbytes NF4 ``x -> x Wᵀ`` on CPU, or the reason it cannot run here."""
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        packed, state = bnbf.quantize_4bit(weight, quant_type="nf4", blocksize=64)
+        probe = torch.randn(1, weight.shape[1])
+        bnb.matmul_4bit(probe, packed.t(), quant_state=state)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"
+        return f"{type(exc).__name__}: {exc}"[:200]
+    return lambda x: bnb.matmul_4bit(x, packed.t(), quant_state=state)
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    if not numba_available():
-        raise SystemExit("numba is not installed: pip install numba")
+    if not avx512_lut.available():
+        raise SystemExit("the LUT kernel needs numba and an AVX-512 CPU (pip install numba)")
     console = Console()
     results = []
     generator = torch.Generator().manual_seed(0)
-    threads_all = parse_threads(args.threads)
-    for threads in threads_all:
+    for threads in parse_threads(args.threads):
         torch.set_num_threads(threads)
         bandwidth = copy_bandwidth_gbs()
         console.log(f"threads={threads}: copy bandwidth {bandwidth:.1f} GB/s")
         for out, in_features in parse_shapes(args.shapes):
-            group_size = args.group_size or in_features
+            group_size = args.group_size if in_features % args.group_size == 0 else in_features
             groups = in_features // group_size
             weight = torch.randn(out, in_features, generator=generator) / in_features**0.5
             weight_bf16 = weight.to(torch.bfloat16)
-            for batch in [int(b) for b in args.batch.split(",")]:
-                x = torch.randn(batch, in_features, generator=generator)
-                x_bf16 = x.to(torch.bfloat16)
-                fp32_ms = time_ms(partial(F.linear, x, weight), args.repeat, args.budget)
-                bf16_ms = time_ms(partial(F.linear, x_bf16, weight_bf16), args.repeat, args.budget)
-                for bits in [int(q) for q in args.bits.split(",")]:
-                    packed = torch.randint(
-                        0,
-                        256,
-                        (bits, out, packed_width(in_features)),
-                        dtype=torch.uint8,
-                        generator=generator,
-                    )
-                    alpha = torch.rand(bits, out, groups, generator=generator)
-                    operands = (x, packed, alpha, None, group_size, in_features)
-                    lut_ms = time_ms(partial(bcq_matmul_lut, *operands), args.repeat, args.budget)
-                    # Dequantizing the whole weight takes 0.1-2 s here: two runs, no warm-up.
-                    dequant_ms = time_ms(
+            nf4 = nf4_linear(weight)
+            prefill = torch.randn(args.prefill, in_features, generator=generator)
+            fp32_prefill_ms = (
+                time_ms(partial(F.linear, prefill, weight), 3, args.budget)
+                if args.prefill
+                else None
+            )
+            for bits in [int(q) for q in args.bits.split(",")]:
+                packed = torch.randint(
+                    0,
+                    256,
+                    (bits, out, packed_width(in_features)),
+                    dtype=torch.uint8,
+                    generator=generator,
+                )
+                alpha = torch.rand(bits, out, groups, generator=generator)
+                codes = avx512_lut.prepare_codes(packed, in_features)
+                scales = avx512_lut.prepare_scales(alpha[None])
+                batched_ms = ref_ms = None
+                if args.prefill:
+                    operands = (prefill, packed, alpha, None, group_size, in_features)
+                    batched_ms = time_ms(partial(batched_linear, *operands), 3, args.budget)
+                    # The torch reference dequantization takes 0.1-2 s: two runs, no warm-up.
+                    ref_ms = time_ms(
                         partial(bcq_matmul_dequant, *operands), 2, args.budget, warmup=False
                     )
+                for batch in [int(b) for b in args.batch.split(",")]:
+                    x = torch.randn(batch, in_features, generator=generator)
+                    fp32_ms = time_ms(partial(F.linear, x, weight), args.repeat, args.budget)
+                    bf16_ms = time_ms(
+                        partial(F.linear, x.to(torch.bfloat16), weight_bf16),
+                        args.repeat,
+                        args.budget,
+                    )
+                    nf4_ms = (
+                        time_ms(partial(nf4, x), args.repeat, args.budget)
+                        if callable(nf4)
+                        else None
+                    )
+                    lut = partial(avx512_lut.lut_matmul, x, codes, scales, None, group_size)
+                    lut_ms = time_ms(lut, args.repeat, args.budget)
                     nbytes = lut_bytes(bits, out, in_features, groups, batch)
                     bound_ms = nbytes / (bandwidth * 1e9) * 1e3
                     row = {
@@ -159,12 +216,18 @@ def run(args: argparse.Namespace) -> list[dict]:
                         "lut_ms": lut_ms,
                         "fp32_ms": fp32_ms,
                         "bf16_ms": bf16_ms,
-                        "dequant_ms": dequant_ms,
+                        "nf4_ms": nf4_ms,
+                        "nf4_unavailable": None if callable(nf4) else nf4,
                         "lut_over_fp32": lut_ms / fp32_ms,
                         "lut_bytes": nbytes,
                         "bandwidth_gbs": bandwidth,
                         "bound_ms": bound_ms,
+                        "bound_over_fp32": bound_ms / fp32_ms,
                         "lut_over_bound": lut_ms / bound_ms,
+                        "prefill_tokens": args.prefill,
+                        "batched_ms": batched_ms,
+                        "ref_dequant_ms": ref_ms,
+                        "fp32_prefill_ms": fp32_prefill_ms,
                     }
                     results.append(row)
                     console.log(
@@ -174,21 +237,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def _ms(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def print_table(results: list[dict]) -> None:
     table = Table(title="BCQ kernels: median ms (lower is better)")
-    for name in [
-        "out x in",
-        "q",
-        "T",
-        "thr",
-        "lut",
-        "fp32",
-        "bf16",
-        "dequant",
-        "lut/fp32",
-        "bound",
-        "lut/bound",
-    ]:
+    columns = ["out x in", "q", "T", "thr", "lut", "fp32", "bf16", "nf4", "lut/fp32", "bound/fp32"]
+    columns += ["batched", "ref deq", "fp32 pre"]
+    for name in columns:
         table.add_column(name, justify="right")
     for r in results:
         table.add_row(
@@ -196,15 +253,17 @@ def print_table(results: list[dict]) -> None:
             str(r["bits"]),
             str(r["batch"]),
             str(r["threads"]),
-            f"{r['lut_ms']:.3f}",
-            f"{r['fp32_ms']:.3f}",
-            f"{r['bf16_ms']:.3f}",
-            f"{r['dequant_ms']:.2f}",
+            _ms(r["lut_ms"]),
+            _ms(r["fp32_ms"]),
+            _ms(r["bf16_ms"]),
+            _ms(r["nf4_ms"]),
             f"{r['lut_over_fp32']:.2f}",
-            f"{r['bound_ms']:.3f}",
-            f"{r['lut_over_bound']:.1f}",
+            f"{r['bound_over_fp32']:.2f}",
+            _ms(r["batched_ms"], 1),
+            _ms(r["ref_dequant_ms"], 1),
+            _ms(r["fp32_prefill_ms"], 1),
         )
-    Console(width=160).print(table)
+    Console(width=180).print(table)
 
 
 def cpu_model() -> str:

@@ -229,3 +229,14 @@ def test_modules_import_and_fall_back_without_numba() -> None:
         "torch.testing.assert_close(y, x @ w.T)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_fast_dequantize_into_the_workspace() -> None:
+    """``reuse=True`` gives the same weight, in one buffer per shape that the next call overwrites."""
+    packed, alpha, offset, g = _quantized(33, 512, 128, 3, with_offset=True)
+    fresh = numba_dequant.dequantize_fast(packed, alpha, offset, g, 512)
+    first = numba_dequant.dequantize_fast(packed, alpha, offset, g, 512, reuse=True)
+    torch.testing.assert_close(first, fresh, rtol=0, atol=0)
+    second = numba_dequant.dequantize_fast(packed, alpha * 2, offset, g, 512, reuse=True)
+    assert second.data_ptr() == first.data_ptr()
+    assert not torch.equal(second, fresh)

@@ -149,9 +149,16 @@ def bcq_matmul(
     def build() -> Tensor:
         return dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
 
-    # With the LUT kernel serving decode, a kept dense weight would only cost memory.
-    keep_dense = cache is not None and not (x.device.type == "cpu" and avx512_lut.available())
-    weight = cache.get("dense", (*cache_key, x.device, x.dtype), build) if keep_dense else build()
+    if x.device.type == "cpu" and avx512_lut.available() and alpha.dtype == torch.float32:
+        # The LUT kernel serves decode, so a kept dense weight would only cost memory: dequantize
+        # into a reused workspace, consumed by this one GEMM.
+        weight = numba_dequant.dequantize_fast(
+            packed, alpha, offset, group_size, in_features, reuse=True
+        )
+        return F.linear(x, weight.to(x.dtype))
+    weight = (
+        build() if cache is None else cache.get("dense", (*cache_key, x.device, x.dtype), build)
+    )
     return F.linear(x, weight)
 
 

@@ -11,6 +11,8 @@ GEMM, without keeping a dense copy of the weight around.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -92,10 +94,34 @@ if _IMPORT_ERROR is None:
                     out[r, j] = value
 
 
+_WORKSPACES = threading.local()
+
+
+def _workspace(rows: int, columns: int) -> Tensor:
+    """This thread's float32 buffer of one shape (one per shape: a few layer shapes per model)."""
+    buffers = getattr(_WORKSPACES, "buffers", None)
+    if buffers is None:
+        buffers = _WORKSPACES.buffers = {}
+    if (rows, columns) not in buffers:
+        buffers[(rows, columns)] = torch.empty(rows, columns, dtype=torch.float32)
+    return buffers[(rows, columns)]
+
+
 def dequantize_fast(
-    packed: Tensor, alpha: Tensor, offset: Tensor | None, group_size: int, in_features: int
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+    reuse: bool = False,
 ) -> Tensor:
-    """Dense ``(out, in)`` float32 weight from CPU packed codes; see ``reference.dequantize_packed``."""
+    """Dense ``(out, in)`` float32 weight from CPU packed codes; see ``reference.dequantize_packed``.
+
+    ``reuse=True`` writes into this thread's workspace for the shape instead of a fresh tensor
+    (a fresh 64 MB tensor costs ~16k page faults, as much as the dequantization itself): the
+    result is only valid until the next ``reuse=True`` call of the same shape, so it suits a
+    weight consumed at once (one ``F.linear``), not one kept for backward.
+    """
     if _IMPORT_ERROR is not None:
         raise KernelUnavailableError(
             "fast dequantization needs numba (`pip install numba`)"
@@ -116,7 +142,7 @@ def dequantize_fast(
         out = torch.empty(rows, in_features, dtype=torch.float32)
         _dequantize_elements(codes, scales, shift, with_offset, group_size, out.numpy())
         return out
-    padded = torch.empty(rows, 8 * n_bytes, dtype=torch.float32)  # whole bytes
+    padded = _workspace(rows, 8 * n_bytes) if reuse else torch.empty(rows, 8 * n_bytes)
     if padded.numel() == 0:
         return padded[:, :in_features]
     bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
