@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alphatune import bcq
+from alphatune import bcq, kernels
 from alphatune.autograd import BCQMatmul
 from alphatune.config import AlphaTuningConfig, BCQConfig
 from alphatune.errors import ConfigError
@@ -133,10 +133,15 @@ def test_from_linear_matches_the_fit(method: str) -> None:
     assert bcq.sqnr_db(linear.weight, layer.dequantize()) > 5.0
 
 
+# (1, 1): one token, the decode path (LUT kernel on AVX-512 CPUs); (2, 5): ten, the batched path.
+CACHE_INPUTS = [(1, 1), (2, 5)]
+
+
+@pytest.mark.parametrize("lead", CACHE_INPUTS, ids=lambda s: f"x={(*s, 'in')}")
 @pytest.mark.parametrize("scale", ["alpha1", "alpha_rest", "offset"])
-def test_dense_cache_follows_in_place_changes(scale: str) -> None:
-    layer = _layer("offset", True, 64, 16)
-    x = torch.randn(2, 5, 64)  # 10 tokens: the cached dense path, not the LUT-GEMV
+def test_weight_cache_follows_in_place_changes(scale: str, lead: tuple[int, int]) -> None:
+    layer = _layer("offset", True, 64, 16).eval()  # eval: caches are used
+    x = torch.randn(*lead, 64)
     with torch.no_grad():
         before = layer(x)
         assert torch.equal(layer(x), before)  # served from the cache
@@ -147,19 +152,21 @@ def test_dense_cache_follows_in_place_changes(scale: str) -> None:
     assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)
 
 
-def test_dense_cache_follows_load_state_dict() -> None:
-    layer = _layer("greedy", True, 64, 16)
+@pytest.mark.parametrize("lead", CACHE_INPUTS, ids=lambda s: f"x={(*s, 'in')}")
+def test_weight_cache_follows_load_state_dict(lead: tuple[int, int]) -> None:
+    layer = _layer("greedy", True, 64, 16).eval()
     other = _layer("alternating", True, 64, 16)
-    x = torch.randn(2, 5, 64)
+    x = torch.randn(*lead, 64)
     with torch.no_grad():
         layer(x)  # fill the cache
         layer.load_state_dict(other.state_dict())
         torch.testing.assert_close(layer(x), other(x), rtol=1e-5, atol=1e-5)
 
 
-def test_dense_cache_follows_an_optimizer_step() -> None:
-    layer = _layer("greedy", False, 64, 16)
-    x = torch.randn(2, 5, 64)
+@pytest.mark.parametrize("lead", CACHE_INPUTS, ids=lambda s: f"x={(*s, 'in')}")
+def test_weight_cache_follows_an_optimizer_step(lead: tuple[int, int]) -> None:
+    layer = _layer("greedy", False, 64, 16).eval()
+    x = torch.randn(*lead, 64)
     with torch.no_grad():
         layer(x)  # fill the cache
     optimizer = torch.optim.SGD([layer.alpha1], lr=0.5)
@@ -325,3 +332,16 @@ def test_storage_bytes_counts_packed_codes_and_fp16_scales() -> None:
     codes = 3 * 40 * 13  # ceil(100 / 8) bytes per row and plane
     scales = 2 * (3 * 40 * 4 + 40 * 4)  # fp16 alpha (q, out, G) + offset (out, G)
     assert layer.storage_bytes() == codes + scales
+
+
+@pytest.mark.skipif(not kernels.lut_available(), reason="no LUT kernel on this CPU (AVX-512)")
+def test_inference_keeps_the_kernel_layout_not_a_dense_weight() -> None:
+    """Decode runs on the LUT layout (~ the codes' size); no 32-bit dense copy is ever kept."""
+    layer = _layer("offset", True, 64, 16).eval()
+    with torch.no_grad():
+        one = layer(torch.ones(1, 64))
+        many = layer(torch.ones(20, 64))
+    assert "lut_codes" in layer._weight_cache and "dense" not in layer._weight_cache
+    torch.testing.assert_close(one, many[:1], rtol=1e-5, atol=1e-5)
+    layer.release_weight_cache()
+    assert "lut_codes" not in layer._weight_cache

@@ -82,8 +82,8 @@ class BCQLinear(nn.Linear):
         else:
             self.register_parameter("bias", None)
         # Inference-only prepared forms of the weight (eval mode only; see kernels.WeightCache):
-        # rebuilt when the scales change, dropped by train() and release_dense_cache().
-        self._dense_cache = kernels.WeightCache()
+        # rebuilt when the scales change, dropped by train() and release_weight_cache().
+        self._weight_cache = kernels.WeightCache()
         # Mixed-task batches: set and cleared by alphatune.mixed, never saved.
         self.register_buffer("alpha1_bank", None, persistent=False)
         self.adapter_rows: Tensor | None = None  # (B,) int64 bank index per batch row
@@ -176,12 +176,12 @@ class BCQLinear(nn.Linear):
     def train(self, mode: bool = True) -> BCQLinear:
         """Switch mode; entering training mode drops the inference cache (scales will change)."""
         if mode:
-            self.release_dense_cache()
+            self.release_weight_cache()
         return super().train(mode)
 
-    def release_dense_cache(self) -> None:
-        """Free the dense weight kept for fast inference (rebuilt on the next eval forward)."""
-        self._dense_cache.clear()
+    def release_weight_cache(self) -> None:
+        """Free the forms of the weight kept for fast inference (rebuilt on the next eval forward)."""
+        self._weight_cache.clear()
 
     def make_trainable(self, *, alpha_rest: bool = False, offset: bool = False) -> None:
         """Turn frozen buffers into trainable parameters (same state-dict names)."""
@@ -220,14 +220,17 @@ class BCQLinear(nn.Linear):
             )
         else:
             key = None if self.training else self._scales_version()
+            cache = self._weight_cache if key is not None else None
+            # Cached too: on the decode path even this small concatenation shows.
+            alpha = self.alpha if cache is None else cache.get("alpha", key, lambda: self.alpha)
             y = kernels.bcq_matmul(
                 x,
                 self.packed_codes,
-                self.alpha,
+                alpha,
                 self.offset,
                 self.group_size,
                 self.in_features,
-                cache=self._dense_cache if key is not None else None,
+                cache=cache,
                 cache_key=key or (),
             )
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -244,6 +247,11 @@ class BCQLinear(nn.Linear):
             )
         flat = x.reshape(-1, self.in_features)  # (T, in), rows stay contiguous
         token_adapter = rows.repeat_interleave(flat.shape[0] // rows.numel())  # (T,)
+        key = self._scales_version()
+        if key is not None and not self.alpha1_bank.is_inference():
+            key = (*key, (self.alpha1_bank.data_ptr(), self.alpha1_bank._version))
+        else:
+            key = None
         y = kernels.bcq_matmul_mixed(
             flat,
             self.packed_codes,
@@ -253,6 +261,8 @@ class BCQLinear(nn.Linear):
             self.offset,
             self.group_size,
             self.in_features,
+            cache=self._weight_cache if key is not None else None,
+            cache_key=key or (),
         )
         return y.reshape(*x.shape[:-1], self.out_features)
 
