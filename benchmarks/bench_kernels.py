@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         if callable(nf4)
                         else None
                     )
-                    lut = partial(avx512_lut.lut_matmul, x, codes, scales, None, group_size)
+                    lut = partial(avx512_lut.lut_matmul, x, codes, scales, None, None, group_size)
                     lut_ms = time_ms(lut, args.repeat, args.budget)
                     nbytes = lut_bytes(bits, out, in_features, groups, batch)
                     bound_ms = nbytes / (bandwidth * 1e9) * 1e3

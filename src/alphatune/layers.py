@@ -164,14 +164,12 @@ class BCQLinear(nn.Linear):
         ``None`` when a tensor was made under ``torch.inference_mode`` (no version counter):
         such a layer is not cached.
         """
-        tensors = [
-            t
-            for t in (self.packed_codes, self.alpha1, self.alpha_rest, self.offset)
-            if t is not None
-        ]
-        if any(t.is_inference() for t in tensors):
+        # Straight from the module's dicts: nn.Module.__getattr__ is slow on the decode path.
+        tensors = [*self._parameters.values(), *self._buffers.values()]
+        try:
+            return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+        except RuntimeError:  # an inference tensor has no version counter
             return None
-        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def train(self, mode: bool = True) -> BCQLinear:
         """Switch mode; entering training mode drops the inference cache (scales will change)."""

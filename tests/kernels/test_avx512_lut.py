@@ -128,9 +128,7 @@ def test_mixed_task_scales_per_token(bits: int, layout: tuple[int, int, int | No
     x = torch.randn(5, in_features, generator=generator)
     sets = torch.cat([bank[:, None], alpha[1:][None].expand(4, *alpha[1:].shape)], dim=1)
     codes = avx512_lut.prepare_codes(packed, in_features)
-    y = avx512_lut.lut_matmul(x, codes, avx512_lut.prepare_scales(sets), token_adapter, g)
-    if offset is not None:
-        y = y + x.reshape(5, -1, g).sum(-1) @ offset.T
+    y = avx512_lut.lut_matmul(x, codes, avx512_lut.prepare_scales(sets), offset, token_adapter, g)
     ref = bcq_matmul_mixed_reference(
         x, packed, bank, token_adapter, alpha[1:], offset, g, in_features
     )

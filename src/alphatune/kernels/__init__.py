@@ -109,11 +109,6 @@ def _use_lut(x: Tensor, tokens: int, group_size: int, in_features: int) -> bool:
     )
 
 
-def _offset_term(flat: Tensor, offset: Tensor, group_size: int) -> Tensor:
-    """``offset[:, k] · Σ x[group k]`` for every token: (T, out)."""
-    return flat.reshape(flat.shape[0], -1, group_size).sum(-1) @ offset.to(flat.dtype).T
-
-
 def bcq_matmul(
     x: Tensor,
     packed: Tensor,
@@ -141,9 +136,7 @@ def bcq_matmul(
         scales = _cached(
             cache, "lut_scales", cache_key, lambda: avx512_lut.prepare_scales(alpha[None])
         )
-        y = avx512_lut.lut_matmul(flat.to(torch.float32), codes, scales, None, group_size)
-        if offset is not None:
-            y = y + _offset_term(flat.to(torch.float32), offset, group_size)
+        y = avx512_lut.lut_matmul(flat, codes, scales, offset, None, group_size)
         return y.reshape(*lead, packed.shape[1]).to(x.dtype)
 
     def build() -> Tensor:
@@ -198,8 +191,5 @@ def bcq_matmul_mixed(
         lambda: avx512_lut.prepare_codes(packed, in_features),
     )
     scales = _cached(cache, "lut_mixed_scales", cache_key, build_scales)
-    flat = x.to(torch.float32)
-    y = avx512_lut.lut_matmul(flat, codes, scales, token_adapter, group_size)
-    if offset is not None:
-        y = y + _offset_term(flat, offset, group_size)
+    y = avx512_lut.lut_matmul(x, codes, scales, offset, token_adapter, group_size)
     return y.to(x.dtype)

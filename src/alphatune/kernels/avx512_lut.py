@@ -34,6 +34,7 @@ Everything is float32; the result comes back in x's dtype. No autograd.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,12 +61,18 @@ except ImportError as exc:  # numba is an optional dependency (extra "fast")
 ROWS = 16  # rows per vector: one float32 lane each in a 512-bit register
 _ROW_BLOCKS_PER_TASK = 8  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
+_NO_SETS = np.zeros(64, np.int64)  # every token on scale set 0 (read only)
+_NO_OFFSET = np.zeros((1, 1), np.float32)  # one compiled signature with and without an offset
 
 
 def available() -> bool:
     """True when numba imports and this CPU has AVX-512F (the ``vpermps`` the kernel is built on)."""
-    if _IMPORT_ERROR is not None:
-        return False
+    return _IMPORT_ERROR is None and _host_has_avx512()
+
+
+@functools.cache
+def _host_has_avx512() -> bool:
+    # Asked once: llvmlite's feature query costs ~0.3 ms, and dispatch asks on every call.
     return bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
 
 
@@ -204,21 +211,44 @@ if _IMPORT_ERROR is None:
         return sig, codegen
 
     @njit(cache=True)
-    def _build_tables(x: np.ndarray, tables: np.ndarray) -> None:  # pragma: no cover - numba
-        """tables (T, 4·n_bytes·... ) <- the 16 signed sums of every 4 activations (x padded)."""
-        n_tokens, padded = x.shape
+    def _build_tables(x, group_size, tables, group_sums, with_sums):  # pragma: no cover - numba
+        """tables (T, 32·n_bytes) <- the 16 signed sums of every 4 activations; activations past
+        in_features (a partial last byte) count as 0. group_sums (T, G) <- Σ x per group."""
+        n_tokens, in_features = x.shape
+        n_quads = tables.shape[1] // 16
         for t in range(n_tokens):
-            for j in range(padded // 4):
+            for j in range(n_quads):
                 base = 16 * j
-                tables[t, base] = -(
-                    x[t, 4 * j] + x[t, 4 * j + 1] + x[t, 4 * j + 2] + x[t, 4 * j + 3]
-                )
+                total = np.float32(0.0)
+                for b in range(4):
+                    if 4 * j + b < in_features:
+                        total -= x[t, 4 * j + b]
+                tables[t, base] = total
                 step = 1
                 for b in range(4):
-                    twice = np.float32(2.0) * x[t, 4 * j + b]
+                    twice = np.float32(0.0)
+                    if 4 * j + b < in_features:
+                        twice = np.float32(2.0) * x[t, 4 * j + b]
                     for m in range(step):
                         tables[t, base + step + m] = tables[t, base + m] + twice
                     step *= 2
+            if with_sums:
+                for g in range(group_sums.shape[1]):
+                    total = np.float32(0.0)
+                    for i in range(g * group_size, (g + 1) * group_size):
+                        total += x[t, i]
+                    group_sums[t, g] = total
+
+    @njit(cache=True)
+    def _add_offset(y, offset, group_sums):  # pragma: no cover - numba
+        """y[t, r] += Σ_g offset[r, g] · group_sums[t, g] (BCQ with offset)."""
+        out, n_groups = offset.shape
+        for t in range(y.shape[0]):
+            for r in range(out):
+                total = np.float32(0.0)
+                for g in range(n_groups):
+                    total += offset[r, g] * group_sums[t, g]
+                y[t, r] += total
 
     @njit(cache=True)
     def _row_blocks(
@@ -244,6 +274,23 @@ if _IMPORT_ERROR is None:
                     bits, n_groups, bytes_per_group,
                     flat_y, t * out + block * ROWS,
                 )  # fmt: skip
+
+    @njit(cache=True)
+    def _decode_serial(
+        x, group_size, codes, alpha, token_set, offset, with_offset, n_groups, bytes_per_group
+    ):  # pragma: no cover - numba
+        """The whole single-thread matmul in one call: a decode step calls this ~200 times per
+        token on a small model, so every Python-side allocation and call shows."""
+        n_tokens = x.shape[0]
+        _, n_blocks, n_bytes, _ = codes.shape
+        tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
+        group_sums = np.empty((n_tokens, n_groups), np.float32)
+        _build_tables(x, group_size, tables, group_sums, with_offset)
+        y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
+        _row_blocks(tables, codes, alpha, token_set, n_groups, bytes_per_group, 0, n_blocks, y)
+        if with_offset:
+            _add_offset(y, offset, group_sums)
+        return y
 
     @njit(parallel=True, cache=True)
     def _row_blocks_parallel(
@@ -317,14 +364,15 @@ def lut_matmul(
     x: Tensor,
     prepared: PreparedCodes,
     scales: np.ndarray,
+    offset: Tensor | None,
     token_set: Tensor | None,
     group_size: int,
 ) -> Tensor:
-    """``y (T, out)`` for ``x (T, in)``: token t uses scale set ``token_set[t]`` (default 0).
+    """``y (T, out)`` float32 for ``x (T, in)``: token t uses scale set ``token_set[t]`` (default 0).
 
-    ``prepared`` and ``scales`` come from ``prepare_codes`` and ``prepare_scales``; no offset term
-    (the caller adds ``offset · Σx`` per group) and no bias. Uses ``torch.get_num_threads()``
-    threads (capped by numba's pool) for layers large enough to gain from them.
+    ``prepared`` and ``scales`` come from ``prepare_codes`` and ``prepare_scales``; ``offset``
+    ``(out, G)`` adds ``offset · Σx`` per group; no bias. Uses ``torch.get_num_threads()`` threads
+    (capped by numba's pool) for layers large enough to gain from them.
     """
     _require()
     in_features, out = prepared.in_features, prepared.out_features
@@ -342,30 +390,44 @@ def lut_matmul(
             f"scales must be (S, {bits}, {n_groups}, {n_blocks * ROWS}), got {scales.shape}"
         )
     n_tokens = x.shape[0]
-    bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
-    padded_x = torch.zeros(n_tokens, 8 * n_bytes, dtype=torch.float32)
-    padded_x[:, :in_features] = x.detach()
-    tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
-    _build_tables(padded_x.numpy(), tables)
-    sets = (
-        np.zeros(n_tokens, np.int64)
-        if token_set is None
-        else token_set.cpu().numpy().astype(np.int64)
+    x_np = x.detach().to(torch.float32).contiguous().numpy()
+    sets = _NO_SETS[:n_tokens] if token_set is None else token_set.cpu().numpy().astype(np.int64)
+    if len(sets) < n_tokens:
+        sets = np.zeros(n_tokens, np.int64)
+    with_offset = offset is not None
+    offset_np = (
+        offset.detach().to(torch.float32).contiguous().numpy() if with_offset else _NO_OFFSET
     )
-    y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
+    bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
     threads = _threads_for(bits * n_blocks * ROWS * 8 * n_bytes * n_tokens)
     if threads == 1:
-        _row_blocks(tables, prepared.codes, scales, sets, n_groups, bytes_per_group, 0, n_blocks, y)
-    else:
-        torch_threads = torch.get_num_threads()
-        numba_set_num_threads(threads)
-        try:
-            _row_blocks_parallel(tables, prepared.codes, scales, sets, n_groups, bytes_per_group, y)
-        finally:
-            # Starting numba's OpenMP pool resets the process-wide OpenMP thread count that
-            # torch reads; give torch its setting back.
-            if torch.get_num_threads() != torch_threads:
-                torch.set_num_threads(torch_threads)
+        y = _decode_serial(
+            x_np,
+            group_size,
+            prepared.codes,
+            scales,
+            sets,
+            offset_np,
+            with_offset,
+            n_groups,
+            bytes_per_group,
+        )
+        return torch.from_numpy(y[:, :out])
+    tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
+    group_sums = np.empty((n_tokens, n_groups), np.float32)
+    _build_tables(x_np, group_size, tables, group_sums, with_offset)
+    y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
+    torch_threads = torch.get_num_threads()
+    numba_set_num_threads(threads)
+    try:
+        _row_blocks_parallel(tables, prepared.codes, scales, sets, n_groups, bytes_per_group, y)
+    finally:
+        # Starting numba's OpenMP pool resets the process-wide OpenMP thread count that torch
+        # reads; give torch its setting back.
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
+    if with_offset:
+        _add_offset(y, offset_np, group_sums)
     return torch.from_numpy(y[:, :out])
 
 
@@ -423,10 +485,7 @@ def bcq_matmul_lut(
         )
     _check_scales(x, packed, alpha, offset, group_size, in_features)
     lead = x.shape[:-1]
-    flat = x.reshape(-1, in_features).to(torch.float32)
-    y = lut_matmul(
-        flat, prepare_codes(packed, in_features), prepare_scales(alpha[None]), None, group_size
-    )
-    if offset is not None:
-        y = y + flat.reshape(flat.shape[0], -1, group_size).sum(-1) @ offset.to(torch.float32).T
+    flat = x.reshape(-1, in_features)
+    codes, scales = prepare_codes(packed, in_features), prepare_scales(alpha[None])
+    y = lut_matmul(flat, codes, scales, offset, None, group_size)
     return y.reshape(*lead, packed.shape[1]).to(x.dtype)
