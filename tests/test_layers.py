@@ -133,8 +133,8 @@ def test_from_linear_matches_the_fit(method: str) -> None:
     assert bcq.sqnr_db(linear.weight, layer.dequantize()) > 5.0
 
 
-# (1, 1): one token, the decode path (LUT kernel on AVX-512 CPUs); (2, 5): ten, the batched path.
-CACHE_INPUTS = [(1, 1), (2, 5)]
+# One token: the decode path (LUT kernel on AVX-512 CPUs); more than LUT_MAX_TOKENS: batched.
+CACHE_INPUTS = [(1, 1), (2, kernels.LUT_MAX_TOKENS)]
 
 
 @pytest.mark.parametrize("lead", CACHE_INPUTS, ids=lambda s: f"x={(*s, 'in')}")
@@ -340,7 +340,7 @@ def test_inference_keeps_the_kernel_layout_not_a_dense_weight() -> None:
     layer = _layer("offset", True, 64, 16).eval()
     with torch.no_grad():
         one = layer(torch.ones(1, 64))
-        many = layer(torch.ones(20, 64))
+        many = layer(torch.ones(2 * kernels.LUT_MAX_TOKENS, 64))
     assert "lut_codes" in layer._weight_cache and "dense" not in layer._weight_cache
     torch.testing.assert_close(one, many[:1], rtol=1e-5, atol=1e-5)
     layer.release_weight_cache()
