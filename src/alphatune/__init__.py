@@ -10,6 +10,7 @@ Public API::
 from alphatune.config import (
     AlphaTuningConfig,
     BCQConfig,
+    LMHeadMode,
     PackingFormat,
     QuantMethod,
     TrainableScales,
@@ -24,6 +25,7 @@ from alphatune.errors import (
     UnsupportedModelError,
 )
 from alphatune.layers import BCQLinear
+from alphatune.lm_head import quantize_lm_head
 from alphatune.quantize import QuantizationSummary, quantize_
 from alphatune.tuning import TrainableReport, prepare_for_alphatuning
 
@@ -38,6 +40,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "KernelUnavailableError",
+    "LMHeadMode",
     "PackingFormat",
     "QuantMethod",
     "QuantizationSummary",
@@ -48,4 +51,5 @@ __all__ = [
     "__version__",
     "prepare_for_alphatuning",
     "quantize_",
+    "quantize_lm_head",
 ]

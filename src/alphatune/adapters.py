@@ -3,7 +3,8 @@
 Base directory::
 
     config.json          Hugging Face config + "quantization_config" (BCQConfig, per-layer specs,
-                         base fingerprint, alphatune version)
+                         base fingerprint, alphatune version, and "head" when the LM head was
+                         replaced: module, mode, untied, fingerprint of its codes)
     model.safetensors    packed codes (uint8), scales and offsets (fp16 when lossless), every
                          unquantized tensor; tied tensors are stored once
     tokenizer files
@@ -14,7 +15,13 @@ Adapter directory::
     adapter.safetensors  the trained tensors (alpha1, ...), fp32
 
 The base fingerprint hashes every layer's packed codes and shape, so an adapter loaded onto a base
-with different codes is refused instead of silently producing garbage.
+with different codes is refused instead of silently producing garbage. A head replaced through
+``BCQConfig.lm_head`` is left out of it (the head is frozen and never in an adapter, so an
+adapter tuned on a base works with any head); a BCQ head's codes have their own fingerprint,
+checked on load.
+
+Format versions of a base: 1, the original layout; 2, a base with a replaced LM head ("head"). A
+base without a replaced head is still written as version 1, so older alphatune versions read it.
 """
 
 from __future__ import annotations
@@ -31,10 +38,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from alphatune.config import AlphaTuningConfig, BCQConfig
-from alphatune.errors import CheckpointError
+from alphatune.config import AlphaTuningConfig, BCQConfig, LMHeadMode
+from alphatune.errors import CheckpointError, ConfigError
 from alphatune.files import check_output_dir, write_files
 from alphatune.layers import SCALE_NAMES, BCQLinear
+from alphatune.lm_head import (
+    BF16Linear,
+    ReplacedHead,
+    replaced_head,
+    replaced_head_module,
+    set_replaced_head,
+    untie_word_embeddings,
+)
 from alphatune.models import prepare_tokenizer
 from alphatune.quantize import _set_submodule, quantized_layers
 from alphatune.tuning import trainable_state
@@ -43,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD_NAME = "alphatune_bcq"
 FORMAT_VERSION = 1
+BASE_FORMAT_VERSION = 2  # the newest base layout this version reads (see the module docstring)
 BASE_WEIGHTS = "model.safetensors"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -57,13 +73,31 @@ def _library_version() -> str:
     return __version__
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """Short hash of every quantized layer's name, shape and packed codes."""
+def _fingerprint(layers: list[tuple[str, BCQLinear]]) -> str:
     digest = hashlib.sha256()
-    for name, layer in quantized_layers(model):
-        digest.update(f"{name}:{layer.out_features}x{layer.in_features}:{layer.group_size};".encode())
+    for name, layer in layers:
+        digest.update(
+            f"{name}:{layer.out_features}x{layer.in_features}:{layer.group_size};".encode()
+        )
         digest.update(layer.packed_codes.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Short hash of every quantized layer's name, shape and packed codes.
+
+    A head replaced through ``BCQConfig.lm_head`` is left out (see ``head_fingerprint``).
+    """
+    head = replaced_head_module(model)
+    return _fingerprint([(n, m) for n, m in quantized_layers(model) if m is not head])
+
+
+def head_fingerprint(model: nn.Module) -> str | None:
+    """Short hash of a replaced BCQ head's name, shape and codes; ``None`` for any other head."""
+    record, head = replaced_head(model), replaced_head_module(model)
+    if record is None or not isinstance(head, BCQLinear):
+        return None
+    return _fingerprint([(record.module, head)])
 
 
 def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -120,15 +154,28 @@ def save_quantized(
         "fingerprint": base_fingerprint(model),
         "alphatune_version": _library_version(),
     }
+    head = replaced_head(model)
+    if head is not None:
+        # The model is the truth: the head may have been replaced after quantize_ (or not at all).
+        quantization_config["lm_head"] = head.mode.value
+        quantization_config["head"] = {**head.to_dict(), "fingerprint": head_fingerprint(model)}
+        quantization_config["format_version"] = 2
+    else:
+        quantization_config["lm_head"] = "keep"
 
     check_output_dir(directory, BASE_MARKERS, overwrite)
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = quantization_config
-    write_files(directory, {
-        BASE_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-        # config.json last: a directory with a config.json is a complete base.
-        "config.json": lambda path: path.write_text(json.dumps(hf_config, indent=2, sort_keys=True)),
-    })
+    write_files(
+        directory,
+        {
+            BASE_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+            # config.json last: a directory with a config.json is a complete base.
+            "config.json": lambda path: path.write_text(
+                json.dumps(hf_config, indent=2, sort_keys=True)
+            ),
+        },
+    )
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     logger.info("saved quantized base to %s", directory)
@@ -153,7 +200,9 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path} cannot be read ({err}); it is truncated or corrupted") from err
+        raise CheckpointError(
+            f"{path} cannot be read ({err}); it is truncated or corrupted"
+        ) from err
 
 
 def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
@@ -170,19 +219,37 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
             f"{directory / 'config.json'} has no alphatune quantization_config; create a base "
             "with 'alphatune quantize' first"
         )
+    version = qconfig.get("format_version", 1)
+    if not isinstance(version, int) or version > BASE_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory / 'config.json'}: base format_version {version!r} is newer than this "
+            f"alphatune reads ({BASE_FORMAT_VERSION}); upgrade alphatune"
+        )
     layers = qconfig.get("layers")
     if not isinstance(layers, dict) or not layers:
         raise CheckpointError(f"{directory / 'config.json'}: quantization_config has no 'layers'")
+    head = None
+    if qconfig.get("head") is not None:
+        try:
+            head = ReplacedHead.from_dict(qconfig["head"], f"{directory / 'config.json'}: head")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
     tensors = _read_safetensors(directory / BASE_WEIGHTS)
     hf_config = AutoConfig.from_pretrained(directory)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
+    if head is not None:
+        untie_word_embeddings(hf_config)  # written untied; never let tie_weights() re-tie the head
     model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     for name, spec in layers.items():
         try:
             layer = BCQLinear(
-                spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                spec["offset"], bias=spec["bias"],
+                spec["in_features"],
+                spec["out_features"],
+                spec["bits"],
+                spec["group_size"],
+                spec["offset"],
+                bias=spec["bias"],
             )
         except (KeyError, TypeError) as err:
             raise CheckpointError(
@@ -196,21 +263,54 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
                 f"{directory / 'config.json'}: quantized layer {name!r} does not exist in "
                 f"{type(model).__name__}"
             ) from err
+    if head is not None:
+        _install_head(model, head, layers, directory / "config.json")
     _load_into(model, tensors, qconfig.get("tied", {}), directory / BASE_WEIGHTS)
     model.eval()
-    found = base_fingerprint(model)
-    if found != qconfig.get("fingerprint"):
-        raise CheckpointError(
-            f"{directory / BASE_WEIGHTS}: codes do not match the fingerprint recorded in config.json "
-            f"({found} vs {qconfig.get('fingerprint')}); the base is corrupted"
-        )
+    checks = [("fingerprint", base_fingerprint(model), qconfig.get("fingerprint"))]
+    if head is not None and head.mode == LMHeadMode.BCQ:
+        expected = qconfig["head"].get("fingerprint")
+        checks.append(("head fingerprint", head_fingerprint(model), expected))
+    for what, found, expected in checks:
+        if found != expected:
+            raise CheckpointError(
+                f"{directory / BASE_WEIGHTS}: codes do not match the {what} recorded in "
+                f"config.json ({found} vs {expected}); the base is corrupted"
+            )
     tokenizer = None
     if (directory / "tokenizer_config.json").exists():
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
     return model, tokenizer
 
 
-def _load_into(model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], where: Path) -> None:
+def _install_head(
+    model: nn.Module, head: ReplacedHead, layers: dict[str, Any], where: Path
+) -> None:
+    """Put the replaced head's module in place (a BCQ head is already a layer spec) and mark it."""
+    try:
+        current = model.get_submodule(head.module)
+    except AttributeError:
+        raise CheckpointError(
+            f"{where}: the LM head {head.module!r} does not exist in {type(model).__name__}"
+        ) from None
+    if head.mode == LMHeadMode.BCQ and head.module not in layers:
+        raise CheckpointError(f"{where}: the BCQ head {head.module!r} has no layer spec")
+    if head.mode == LMHeadMode.BF16:
+        if type(current) is not nn.Linear:
+            raise CheckpointError(
+                f"{where}: the bf16 head {head.module!r} should replace an nn.Linear, found "
+                f"{type(current).__name__}"
+            )
+        model.set_submodule(
+            head.module,
+            BF16Linear(current.in_features, current.out_features, bias=current.bias is not None),
+        )
+    set_replaced_head(model, head)
+
+
+def _load_into(
+    model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], where: Path
+) -> None:
     state = model.state_dict()
     missing = [n for n in state if n not in tensors and n not in tied]
     unexpected = [n for n in tensors if n not in state]
@@ -253,10 +353,15 @@ def save_adapter(
     }
 
     check_output_dir(directory, ADAPTER_MARKERS, overwrite)
-    write_files(directory, {
-        ADAPTER_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-        ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(config, indent=2, sort_keys=True)),
-    })
+    write_files(
+        directory,
+        {
+            ADAPTER_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
+            ADAPTER_CONFIG: lambda path: path.write_text(
+                json.dumps(config, indent=2, sort_keys=True)
+            ),
+        },
+    )
     return directory
 
 

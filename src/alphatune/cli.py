@@ -21,7 +21,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from alphatune.config import AUTO, AlphaTuningConfig, BCQConfig, QuantMethod, TrainConfig
+from alphatune.config import (
+    AUTO,
+    AlphaTuningConfig,
+    BCQConfig,
+    LMHeadMode,
+    QuantMethod,
+    TrainConfig,
+)
 from alphatune.errors import AlphaTuneError, CheckpointError, ConfigError
 from alphatune.models import DEFAULT_MODEL
 
@@ -48,7 +55,9 @@ def _bits(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"bits must be an integer 1..8, got {text!r}") from None
     if not 1 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"bits must be 1..8 (3 is the recommended setting), got {value}")
+        raise argparse.ArgumentTypeError(
+            f"bits must be 1..8 (3 is the recommended setting), got {value}"
+        )
     return value
 
 
@@ -95,8 +104,12 @@ def _adapter_spec(text: str) -> tuple[str | None, Path]:
 # ---------------------------------------------------------------- progress
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Progress]:
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=console, disable=not enabled, transient=True) as bar:
         yield bar
 
@@ -118,7 +131,12 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.workflow import calibration_batch, default_file
 
     config = BCQConfig(
-        bits=args.bits, group_size=args.group_size, method=args.method, iterations=args.iterations
+        bits=args.bits,
+        group_size=args.group_size,
+        method=args.method,
+        iterations=args.iterations,
+        lm_head=args.lm_head,
+        lm_head_bits=args.lm_head_bits,
     )
     check_output_dir(Path(args.output), BASE_MARKERS, args.overwrite)  # before minutes of work
     with _step(f"loading {args.model}"):
@@ -127,9 +145,13 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     calibration = None
     if config.method == QuantMethod.CALIBRATED:
         path = args.calibration or default_file("calibration", "text")
-        calibration = calibration_batch(tokenizer, path, args.calibration_sequences, args.calibration_length)
-        console.print(f"calibration: {calibration.shape[0]}×{calibration.shape[1]} tokens from {path}",
-                      markup=False)
+        calibration = calibration_batch(
+            tokenizer, path, args.calibration_sequences, args.calibration_length
+        )
+        console.print(
+            f"calibration: {calibration.shape[0]}×{calibration.shape[1]} tokens from {path}",
+            markup=False,
+        )
     began = time.perf_counter()
     with _progress(not args.no_progress) as bar:
         task = bar.add_task(f"quantizing to {config.bits} bits ({config.method.value})", total=None)
@@ -143,9 +165,19 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     table = Table(title="quantized base", show_header=False)
     table.add_row("layers", str(summary.layers))
     table.add_row("bits per weight (codes+scales+offsets)", f"{summary.bits_per_weight:.3f}")
-    table.add_row("quantized layers", f"{summary.quantized_bytes / 2**20:.1f} MiB "
-                  f"(fp32 {summary.fp32_bytes / 2**20:.1f} MiB, fp16 {summary.fp16_bytes / 2**20:.1f} MiB)")
-    table.add_row("compression vs fp32 / fp16", f"{summary.compression_vs_fp32:.2f}× / {summary.compression_vs_fp16:.2f}×")
+    table.add_row(
+        "quantized layers",
+        f"{summary.quantized_bytes / 2**20:.1f} MiB "
+        f"(fp32 {summary.fp32_bytes / 2**20:.1f} MiB, fp16 {summary.fp16_bytes / 2**20:.1f} MiB)",
+    )
+    table.add_row(
+        "compression vs fp32 / fp16",
+        f"{summary.compression_vs_fp32:.2f}× / {summary.compression_vs_fp16:.2f}×",
+    )
+    if summary.lm_head != LMHeadMode.KEEP.value:
+        table.add_row(
+            "LM head (frozen, untied)", f"{summary.lm_head} {summary.lm_head_bytes / 2**20:.1f} MiB"
+        )
     table.add_row("whole model as stored", f"{summary.model_bytes / 2**20:.1f} MiB")
     table.add_row("quantization time", f"{seconds:.1f} s")
     table.add_row("saved to", str(args.output))
@@ -177,10 +209,17 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
         train=args.train, train_offset=args.train_offset, alpha_lr_scale=args.alpha_lr_scale
     )
     config = TrainConfig(
-        learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        epochs=args.epochs, max_steps=args.max_steps, warmup_ratio=args.warmup_ratio,
-        label_smoothing=args.label_smoothing, seed=args.seed, max_length=args.max_length,
-        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+        learning_rate=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        warmup_ratio=args.warmup_ratio,
+        label_smoothing=args.label_smoothing,
+        seed=args.seed,
+        max_length=args.max_length,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
     )
     output = Path(args.output)
     if not args.resume:
@@ -198,16 +237,30 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--eval-every needs --eval-limit N (how many examples to score)")
     model, tokenizer = _load_base(args.base, None)
     report = prepare_for_alphatuning(model, tuning)
-    console.print(f"trainable parameters: {report.trainable:,} of {report.total:,} "
-                  f"({report.percent:.3f}%, {report.ratio:,.0f}× fewer); "
-                  f"{len(train_examples)} training examples from {train_path}")
+    console.print(
+        f"trainable parameters: {report.trainable:,} of {report.total:,} "
+        f"({report.percent:.3f}%, {report.ratio:,.0f}× fewer); "
+        f"{len(train_examples)} training examples from {train_path}"
+    )
     result = train(
-        model, tokenizer, train_examples, config, tuning, eval_examples=eval_examples,
-        output_dir=output, resume=args.resume, progress=not args.no_progress,
+        model,
+        tokenizer,
+        train_examples,
+        config,
+        tuning,
+        eval_examples=eval_examples,
+        output_dir=output,
+        resume=args.resume,
+        progress=not args.no_progress,
         fingerprint=base_fingerprint(model),
     )
-    metadata = {"task": args.task, "train_data": str(train_path), "base": str(args.base),
-                "steps": result.steps, "train": config.to_dict()}
+    metadata = {
+        "task": args.task,
+        "train_data": str(train_path),
+        "base": str(args.base),
+        "steps": result.steps,
+        "train": config.to_dict(),
+    }
     save_adapter(model, output, tuning, metadata=metadata, overwrite=True)
     first = result.train_losses[:5]
     last = result.train_losses[-5:]
@@ -217,9 +270,15 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
         + (f", eval loss {result.eval_losses[-1][1]:.3f}" if result.eval_losses else "")
         + f"; adapter saved to {output}"
     )
-    return {"trainable": report.trainable, "total": report.total, "steps": result.steps,
-            "seconds": result.seconds, "train_losses": result.train_losses,
-            "eval_losses": result.eval_losses, "output": str(output)}
+    return {
+        "trainable": report.trainable,
+        "total": report.total,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "train_losses": result.train_losses,
+        "eval_losses": result.eval_losses,
+        "output": str(output),
+    }
 
 
 def _mixed_adapters(args: argparse.Namespace) -> dict[str, Path] | None:
@@ -287,8 +346,14 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         return {"perplexity": value, "tokens": tokens.numel()}
     path = args.data or default_file(args.task, "test")
     items = load_task(args.task, path, "eval", args.limit)
-    score = score_generation(model, tokenizer, items, num_beams=args.beams,
-                             max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+    score = score_generation(
+        model,
+        tokenizer,
+        items,
+        num_beams=args.beams,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress,
+    )
     console.print(f"BLEU on {score.items} inputs of {path}: [bold]{score.bleu:.2f}[/]")
     if args.predictions:
         Path(args.predictions).write_text("\n".join(score.predictions) + "\n", encoding="utf-8")
@@ -304,45 +369,98 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     base, adapter = work / "base", work / "adapter-e2e"
     started = time.perf_counter()
     console.rule("1/4 quantize")
-    quant = _quantize(argparse.Namespace(
-        model=args.model, bits=args.bits, group_size=args.group_size, method=args.method,
-        iterations=10, calibration=None, calibration_sequences=args.calibration_sequences,
-        calibration_length=512, output=base, overwrite=True, no_progress=args.no_progress))
+    quant = _quantize(
+        argparse.Namespace(
+            model=args.model,
+            bits=args.bits,
+            group_size=args.group_size,
+            method=args.method,
+            lm_head=args.lm_head,
+            lm_head_bits=args.lm_head_bits,
+            iterations=10,
+            calibration=None,
+            calibration_sequences=args.calibration_sequences,
+            calibration_length=512,
+            output=base,
+            overwrite=True,
+            no_progress=args.no_progress,
+        )
+    )
     items = load_task("e2e", default_file("e2e", "test"), "eval", args.eval_limit)
     console.rule("2/4 score the quantized model before tuning")
     model, tokenizer = load_quantized(base)
-    before = score_generation(model, tokenizer, items, num_beams=args.beams, progress=not args.no_progress)
+    before = score_generation(
+        model, tokenizer, items, num_beams=args.beams, progress=not args.no_progress
+    )
     console.print(f"BLEU before tuning: {before.bleu:.2f}")
     console.rule("3/4 α-tune on an E2E slice")
-    tuned = _tune(argparse.Namespace(
-        base=base, task="e2e", data=None, eval_data=None, train_limit=args.train_limit,
-        eval_limit=args.eval_examples, output=adapter, lr=args.lr, batch_size=8, grad_accum=1,
-        epochs=1.0, max_steps=args.steps, warmup_ratio=0.06, label_smoothing=0.1, seed=0,
-        max_length=128, checkpoint_every=50, eval_every=0, train="alpha1", train_offset=False,
-        alpha_lr_scale=1.0, resume=False, overwrite=True, no_progress=args.no_progress))
+    tuned = _tune(
+        argparse.Namespace(
+            base=base,
+            task="e2e",
+            data=None,
+            eval_data=None,
+            train_limit=args.train_limit,
+            eval_limit=args.eval_examples,
+            output=adapter,
+            lr=args.lr,
+            batch_size=8,
+            grad_accum=1,
+            epochs=1.0,
+            max_steps=args.steps,
+            warmup_ratio=0.06,
+            label_smoothing=0.1,
+            seed=0,
+            max_length=128,
+            checkpoint_every=50,
+            eval_every=0,
+            train="alpha1",
+            train_offset=False,
+            alpha_lr_scale=1.0,
+            resume=False,
+            overwrite=True,
+            no_progress=args.no_progress,
+        )
+    )
     console.rule("4/4 score the tuned model")
     load_adapter(model, adapter)
-    after = score_generation(model, tokenizer, items, num_beams=args.beams, progress=not args.no_progress)
+    after = score_generation(
+        model, tokenizer, items, num_beams=args.beams, progress=not args.no_progress
+    )
     adapter_bytes = sum(f.stat().st_size for f in adapter.glob("adapter*"))
     table = Table(title="AlphaTuning demo (SmolLM2-135M-Instruct, E2E)", show_header=False)
     table.add_row("bits per weight", f"{quant['bits_per_weight']:.3f}")
-    table.add_row("quantized layers", f"{quant['quantized_bytes'] / 2**20:.1f} MiB vs fp32 "
-                  f"{quant['fp32_bytes'] / 2**20:.1f} MiB ({quant['compression_vs_fp32']:.1f}×)")
-    table.add_row("trainable parameters", f"{tuned['trainable']:,} of {tuned['total']:,} "
-                  f"({tuned['total'] / tuned['trainable']:,.0f}× fewer)")
+    table.add_row(
+        "quantized layers",
+        f"{quant['quantized_bytes'] / 2**20:.1f} MiB vs fp32 "
+        f"{quant['fp32_bytes'] / 2**20:.1f} MiB ({quant['compression_vs_fp32']:.1f}×)",
+    )
+    table.add_row(
+        "trainable parameters",
+        f"{tuned['trainable']:,} of {tuned['total']:,} "
+        f"({tuned['total'] / tuned['trainable']:,.0f}× fewer)",
+    )
     table.add_row("adapter size", f"{adapter_bytes / 1024:.0f} KiB")
-    table.add_row(f"BLEU on {len(items)} E2E test inputs, before → after",
-                  f"{before.bleu:.2f} → [bold]{after.bleu:.2f}[/]")
+    table.add_row(
+        f"BLEU on {len(items)} E2E test inputs, before → after",
+        f"{before.bleu:.2f} → [bold]{after.bleu:.2f}[/]",
+    )
     # Text, not markup: E2E inputs are full of brackets such as eatType[pub].
     table.add_row("example", Text(f"{items[0].prompt}\n→ {after.predictions[0]}"))
     table.add_row("files", f"base {base}\nadapter {adapter}")
     table.add_row("total time", f"{time.perf_counter() - started:.0f} s")
     console.print(table)
-    result = {"quantize": quant, "bleu_before": before.bleu, "bleu_after": after.bleu,
-              "trainable": tuned["trainable"], "total_params": tuned["total"],
-              "adapter_bytes": adapter_bytes, "steps": tuned["steps"],
-              "final_train_loss": tuned["train_losses"][-1],
-              "seconds": time.perf_counter() - started}
+    result = {
+        "quantize": quant,
+        "bleu_before": before.bleu,
+        "bleu_after": after.bleu,
+        "trainable": tuned["trainable"],
+        "total_params": tuned["total"],
+        "adapter_bytes": adapter_bytes,
+        "steps": tuned["steps"],
+        "final_train_loss": tuned["train_losses"][-1],
+        "seconds": time.perf_counter() - started,
+    }
     (work / "demo_results.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -355,16 +473,46 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_quant_options(parser: argparse.ArgumentParser) -> None:
     defaults = BCQConfig()
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"Hugging Face model directory or name (default: the embedded {DEFAULT_MODEL})")
-    parser.add_argument("--bits", type=_bits, default=defaults.bits, help="code planes q, 1..8 (default 3)")
-    parser.add_argument("--group-size", type=_group_size, default=defaults.group_size,
-                        help="inputs per scale group: an integer dividing every layer's input size, "
-                        "'row' for one group per row, or 'auto' (default: divisor nearest 128)")
-    parser.add_argument("--method", choices=[m.value for m in QuantMethod], default=defaults.method.value,
-                        help="fitting method (default: %(default)s)")
-    parser.add_argument("--calibration-sequences", type=_positive_int, default=32,
-                        help="calibration sequences of 512 tokens for --method calibrated (default 32)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Hugging Face model directory or name (default: the embedded {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--bits", type=_bits, default=defaults.bits, help="code planes q, 1..8 (default 3)"
+    )
+    parser.add_argument(
+        "--group-size",
+        type=_group_size,
+        default=defaults.group_size,
+        help="inputs per scale group: an integer dividing every layer's input size, "
+        "'row' for one group per row, or 'auto' (default: divisor nearest 128)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=[m.value for m in QuantMethod],
+        default=defaults.method.value,
+        help="fitting method (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--calibration-sequences",
+        type=_positive_int,
+        default=32,
+        help="calibration sequences of 512 tokens for --method calibrated (default 32)",
+    )
+    parser.add_argument(
+        "--lm-head",
+        choices=[m.value for m in LMHeadMode],
+        default=defaults.lm_head.value,
+        help="LM head for inference: keep it as is, a bf16 copy, or BCQ with "
+        "--lm-head-bits (frozen, untied from the embedding; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lm-head-bits",
+        type=_bits,
+        default=defaults.lm_head_bits,
+        help="code planes of a --lm-head bcq head (default %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -377,8 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save the base directory")
     _add_quant_options(q)
     q.add_argument("--iterations", type=int, default=10, help="alternating refinement rounds")
-    q.add_argument("--calibration", type=_existing_file, default=None,
-                   help="text file for calibration (default: WikiText-2 valid from the data directory)")
+    q.add_argument(
+        "--calibration",
+        type=_existing_file,
+        default=None,
+        help="text file for calibration (default: WikiText-2 valid from the data directory)",
+    )
     q.add_argument("--calibration-length", type=_positive_int, default=512)
     q.add_argument("--output", required=True, type=Path, help="directory for the quantized base")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -387,10 +539,24 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="α-tune a quantized base on a task; saves a small adapter")
     t.add_argument("--base", required=True, type=_existing_dir, help="quantized base directory")
     t.add_argument("--task", choices=["e2e", "triples"], default="e2e")
-    t.add_argument("--data", type=_existing_file, default=None, help="training file (default: the task's train split)")
-    t.add_argument("--eval-data", type=_existing_file, default=None, help="file for eval loss (default: dev split)")
-    t.add_argument("--train-limit", type=_positive_int, default=None, help="use the first N training examples")
-    t.add_argument("--eval-limit", type=_positive_int, default=None, help="eval-loss examples (default none)")
+    t.add_argument(
+        "--data",
+        type=_existing_file,
+        default=None,
+        help="training file (default: the task's train split)",
+    )
+    t.add_argument(
+        "--eval-data",
+        type=_existing_file,
+        default=None,
+        help="file for eval loss (default: dev split)",
+    )
+    t.add_argument(
+        "--train-limit", type=_positive_int, default=None, help="use the first N training examples"
+    )
+    t.add_argument(
+        "--eval-limit", type=_positive_int, default=None, help="eval-loss examples (default none)"
+    )
     t.add_argument("--output", required=True, type=Path, help="adapter directory")
     defaults = TrainConfig()
     t.add_argument("--lr", type=float, default=defaults.learning_rate)
@@ -404,22 +570,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=defaults.seed)
     t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     t.add_argument("--eval-every", type=int, default=0)
-    t.add_argument("--train", choices=["alpha1", "all_alpha"], default="alpha1", help="which scales train")
+    t.add_argument(
+        "--train", choices=["alpha1", "all_alpha"], default="alpha1", help="which scales train"
+    )
     t.add_argument("--train-offset", action="store_true", help="also train the offsets")
-    t.add_argument("--alpha-lr-scale", type=float, default=1.0, help="multiplies the scales' learning rate")
+    t.add_argument(
+        "--alpha-lr-scale", type=float, default=1.0, help="multiplies the scales' learning rate"
+    )
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     t.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
     _add_common(t)
 
     g = sub.add_parser("generate", help="generate text with a quantized base (and adapter)")
     g.add_argument("--base", required=True, type=_existing_dir)
-    g.add_argument("--adapter", type=_adapter_spec, action="append", metavar="[NAME=]DIR",
-                   help="adapter directory; repeat as NAME=DIR to serve several in one batch")
+    g.add_argument(
+        "--adapter",
+        type=_adapter_spec,
+        action="append",
+        metavar="[NAME=]DIR",
+        help="adapter directory; repeat as NAME=DIR to serve several in one batch",
+    )
     g.add_argument("--prompt", action="append", required=True, help="input (repeatable)")
-    g.add_argument("--prompt-adapter", action="append", metavar="NAME",
-                   help="adapter of the --prompt at the same position (with NAME=DIR adapters)")
-    g.add_argument("--task", choices=["e2e", "raw"], default="e2e",
-                   help="e2e: the prompt is a meaning representation; raw: used as is")
+    g.add_argument(
+        "--prompt-adapter",
+        action="append",
+        metavar="NAME",
+        help="adapter of the --prompt at the same position (with NAME=DIR adapters)",
+    )
+    g.add_argument(
+        "--task",
+        choices=["e2e", "raw"],
+        default="e2e",
+        help="e2e: the prompt is a meaning representation; raw: used as is",
+    )
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--beams", type=_positive_int, default=1)
     _add_common(g)
@@ -428,12 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", required=True, type=_existing_dir)
     e.add_argument("--adapter", type=_existing_dir, default=None)
     e.add_argument("--task", choices=["e2e", "triples"], default="e2e")
-    e.add_argument("--data", type=_existing_file, default=None, help="eval file (default: the test split)")
+    e.add_argument(
+        "--data", type=_existing_file, default=None, help="eval file (default: the test split)"
+    )
     e.add_argument("--limit", type=_positive_int, default=None, help="first N inputs")
     e.add_argument("--beams", type=_positive_int, default=1)
     e.add_argument("--max-new-tokens", type=_positive_int, default=64)
     e.add_argument("--predictions", type=Path, default=None, help="write generations here")
-    e.add_argument("--perplexity", type=_existing_file, default=None, help="score perplexity on this text file")
+    e.add_argument(
+        "--perplexity", type=_existing_file, default=None, help="score perplexity on this text file"
+    )
     e.add_argument("--max-tokens", type=_positive_int, default=8192)
     e.add_argument("--context", type=_positive_int, default=512)
     _add_common(e)
@@ -445,19 +632,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int, default=100)
     d.add_argument("--lr", type=float, default=TrainConfig().learning_rate)
     d.add_argument("--eval-limit", type=_positive_int, default=48, help="E2E test inputs to score")
-    d.add_argument("--eval-examples", type=_positive_int, default=64, help="dev examples for eval loss")
+    d.add_argument(
+        "--eval-examples", type=_positive_int, default=64, help="dev examples for eval loss"
+    )
     d.add_argument("--beams", type=_positive_int, default=1)
     _add_common(d)
     return parser
 
 
-COMMANDS = {"quantize": _quantize, "tune": _tune, "generate": _generate, "evaluate": _evaluate, "demo": _demo}
+COMMANDS = {
+    "quantize": _quantize,
+    "tune": _tune,
+    "generate": _generate,
+    "evaluate": _evaluate,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s",
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
     logging.getLogger("alphatune").setLevel(logging.DEBUG if args.verbose else logging.WARNING)

@@ -46,6 +46,14 @@ class PackingFormat(str, Enum):
     BITPLANE_U8 = "bitplane_u8"
 
 
+class LMHeadMode(str, Enum):
+    """What happens to the LM head (output projection) for inference; see ``alphatune.lm_head``."""
+
+    KEEP = "keep"  # unchanged (tied to the input embedding if the model ties them)
+    BF16 = "bf16"  # a bfloat16 copy, untied from the embedding (which stays for lookup)
+    BCQ = "bcq"  # a frozen BCQLinear of ``lm_head_bits`` bits, untied from the embedding
+
+
 class TrainableScales(str, Enum):
     """Which scale factors AlphaTuning trains."""
 
@@ -68,7 +76,9 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - known)
     if unknown:
-        logger.warning("%s: ignoring unknown keys %s (written by a newer alphatune?)", where, unknown)
+        logger.warning(
+            "%s: ignoring unknown keys %s (written by a newer alphatune?)", where, unknown
+        )
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -88,6 +98,10 @@ class BCQConfig:
         exclude: glob patterns of module names never quantized.
         packing: code layout.
         format_version: bumped when the saved layout changes.
+        lm_head: the LM head for inference: ``"keep"`` (default), ``"bf16"`` or ``"bcq"`` (see
+            ``alphatune.lm_head``). The head is never α-tuned.
+        lm_head_bits: code planes of a ``"bcq"`` head (1..8); it uses this config's method, group
+            size and iterations.
 
     Example:
         >>> cfg = BCQConfig(bits=3, group_size=64, method="offset")
@@ -103,15 +117,26 @@ class BCQConfig:
     exclude: tuple[str, ...] = ("*lm_head*",)
     packing: PackingFormat = PackingFormat.BITPLANE_U8
     format_version: int = 1
+    lm_head: LMHeadMode = LMHeadMode.KEEP
+    lm_head_bits: int = 4
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
-            raise ConfigError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        for name in ("bits", "lm_head_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+                raise ConfigError(f"{name} must be an integer in 1..8, got {value!r}")
+        try:
+            object.__setattr__(self, "lm_head", LMHeadMode(self.lm_head))
+        except ValueError:
+            known = ", ".join(m.value for m in LMHeadMode)
+            raise ConfigError(f"lm_head must be one of {known}; got {self.lm_head!r}") from None
         gs = self.group_size
         if isinstance(gs, str) and gs != AUTO:
             raise ConfigError(f"group_size must be a positive integer, None or 'auto', got {gs!r}")
-        if gs is not None and not isinstance(gs, str) and (
-            isinstance(gs, bool) or not isinstance(gs, int) or gs < 1
+        if (
+            gs is not None
+            and not isinstance(gs, str)
+            and (isinstance(gs, bool) or not isinstance(gs, int) or gs < 1)
         ):
             raise ConfigError(f"group_size must be a positive integer, None or 'auto', got {gs!r}")
         try:
@@ -152,6 +177,7 @@ class BCQConfig:
         data = dataclasses.asdict(self)
         data["method"] = self.method.value
         data["packing"] = self.packing.value
+        data["lm_head"] = self.lm_head.value
         data["include"] = list(self.include) if self.include is not None else None
         data["exclude"] = list(self.exclude)
         return data
@@ -195,7 +221,9 @@ class AlphaTuningConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "alphatuning config") -> AlphaTuningConfig:
+    def from_dict(
+        cls, data: dict[str, Any], where: str = "alphatuning config"
+    ) -> AlphaTuningConfig:
         return _from_dict(cls, data, where)
 
 

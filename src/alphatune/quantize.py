@@ -2,7 +2,8 @@
 
 Targets: every ``nn.Linear`` (or GPT-2 ``Conv1D``) inside a transformer block — any module that
 has an element of an ``nn.ModuleList`` among its ancestors — filtered by the config's include and
-exclude glob patterns. Embeddings, the LM head, norms and biases stay in full precision.
+exclude glob patterns. Embeddings, norms and biases stay in full precision; so does the LM head
+unless ``config.lm_head`` asks for a bf16 or BCQ head (``alphatune.lm_head``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from alphatune.config import BCQConfig, QuantMethod
+from alphatune.config import BCQConfig, LMHeadMode, QuantMethod
 from alphatune.errors import ConfigError, UnsupportedModelError
 from alphatune.gptq import fit_calibrated
 from alphatune.layers import BCQLinear, fit_weight, is_linear, linear_weight
+from alphatune.lm_head import check_lm_head, find_lm_head, quantize_lm_head, replaced_head_module
 from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
@@ -38,7 +40,9 @@ class QuantizationSummary:
     quantized_bytes: int  # packed codes + fp16 scales/offsets of the quantized layers
     fp32_bytes: int  # the same layers in fp32
     fp16_bytes: int
-    model_bytes: int  # whole model as stored: quantized layers + other params in fp32
+    model_bytes: int  # whole model as stored: quantized layers + head + other params as stored
+    lm_head: str = LMHeadMode.KEEP.value  # a replaced head is not among the layers counted above
+    lm_head_bytes: int = 0  # a replaced head as stored (a kept head counts with other_params)
 
     @property
     def compression_vs_fp32(self) -> float:
@@ -145,7 +149,9 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the first block's inputs are captured."""
 
 
-def _transformer_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, nn.ModuleList] | None:
+def _transformer_blocks(
+    model: nn.Module, layers: dict[str, nn.Module]
+) -> tuple[str, nn.ModuleList] | None:
     """The ``nn.ModuleList`` holding the most target layers (the transformer blocks)."""
     best: tuple[int, str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
@@ -225,15 +231,23 @@ def _quantize_sequentially(
 
 
 def summarize(model: nn.Module) -> QuantizationSummary:
-    """Sizes and bits per weight of a (quantized) model."""
-    layers = [m for m in model.modules() if isinstance(m, BCQLinear)]
+    """Sizes and bits per weight of a (quantized) model.
+
+    A head replaced by ``config.lm_head`` is reported on its own (``lm_head_bytes``), not among
+    the quantized layers or the other parameters.
+    """
+    head = replaced_head_module(model)
+    layers = [m for m in model.modules() if isinstance(m, BCQLinear) and m is not head]
     quantized = sum(m.in_features * m.out_features for m in layers)
     stored = 0
     for m in layers:
         stored += m.storage_bytes()
     seen: set[int] = set()
-    other = 0  # everything kept in full precision, biases of quantized layers included
+    # Everything kept in full precision, biases of quantized layers included.
+    other = other_bytes = 0
     for m in model.modules():
+        if m is head:
+            continue
         params = [m.bias] if isinstance(m, BCQLinear) and m.bias is not None else []
         if not isinstance(m, BCQLinear):
             params = list(m.parameters(recurse=False))
@@ -241,6 +255,15 @@ def summarize(model: nn.Module) -> QuantizationSummary:
             if id(p) not in seen:  # tied weights count once
                 seen.add(id(p))
                 other += p.numel()
+                other_bytes += p.numel() * p.element_size()
+    head_bytes = 0
+    if head is not None:
+        bias = head.bias
+        head_bytes = 0 if bias is None else bias.numel() * bias.element_size()
+        if isinstance(head, BCQLinear):
+            head_bytes += head.storage_bytes()
+        else:
+            head_bytes += head.weight.numel() * head.weight.element_size()
     bits_per_weight = 8 * stored / quantized if quantized else 0.0
     return QuantizationSummary(
         layers=len(layers),
@@ -250,8 +273,14 @@ def summarize(model: nn.Module) -> QuantizationSummary:
         quantized_bytes=stored,
         fp32_bytes=4 * quantized,
         fp16_bytes=2 * quantized,
-        model_bytes=stored + 4 * other,
+        model_bytes=stored + other_bytes + head_bytes,
+        lm_head=LMHeadMode.KEEP.value if head is None else _head_mode(head),
+        lm_head_bytes=head_bytes,
     )
+
+
+def _head_mode(head: nn.Module) -> str:
+    return (LMHeadMode.BCQ if isinstance(head, BCQLinear) else LMHeadMode.BF16).value
 
 
 def quantize_(
@@ -267,12 +296,14 @@ def quantize_(
     Args:
         model: a causal LM (any module whose transformer blocks use ``nn.Linear``/``Conv1D``).
         config: how to quantize; defaults to ``BCQConfig()``.
-        calibration: ``(n_sequences, seq_len)`` token ids; needed by ``method="calibrated"``.
+        calibration: ``(n_sequences, seq_len)`` token ids; needed by ``method="calibrated"``
+            (a ``lm_head="bcq"`` head is then calibrated on the quantized blocks' outputs).
         sequential: calibrate block by block on the outputs of the already quantized blocks
             (GPTQ's sequential mode); ``False`` takes every layer's statistics from the
             unquantized model in one pass (faster, less accurate).
         progress: called as ``progress(stage, done, total)`` after each calibration batch
-            (stage ``"calibrating"``) and after each layer (stage = the layer's name).
+            (stage ``"calibrating"``) and after each layer (stage = the layer's name); the total
+            counts a replaced LM head as one more layer.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -289,15 +320,29 @@ def quantize_(
             f"no linear layers to quantize in {type(model).__name__} (include={config.include}, "
             f"exclude={config.exclude}); pass include patterns naming its linear layers"
         )
-    group_sizes = {name: config.group_size_for(linear_weight(m)[0].shape[1]) for name, m in layers.items()}
-    total = len(layers)
+    group_sizes = {
+        name: config.group_size_for(linear_weight(m)[0].shape[1]) for name, m in layers.items()
+    }
+    if config.lm_head != LMHeadMode.KEEP:
+        check_lm_head(model, config, has_calibration=calibration is not None)
+        head_name, _ = find_lm_head(model)
+        if head_name in layers:
+            raise ConfigError(
+                f"lm_head={config.lm_head.value!r} and the include patterns both quantize "
+                f"{head_name!r}; drop it from include (or use lm_head='keep')"
+            )
+    total = len(layers) + (config.lm_head != LMHeadMode.KEEP)
     done: list[str] = []
 
     def fit_layer(name: str, module: nn.Module, hessian: Tensor | None) -> None:
         weight, bias = linear_weight(module)
         if hessian is not None:
             fitted = fit_calibrated(
-                weight.float().cpu(), hessian.cpu(), config.bits, group_sizes[name], config.iterations
+                weight.float().cpu(),
+                hessian.cpu(),
+                config.bits,
+                group_sizes[name],
+                config.iterations,
             )
         else:
             fitted = fit_weight(weight.float(), config, group_sizes[name])
@@ -330,8 +375,18 @@ def quantize_(
     else:
         for name, module in layers.items():
             fit_layer(name, module, None)
+    record = quantize_lm_head(
+        model,
+        config,
+        calibration=calibration,
+        progress=(lambda stage: progress(stage, len(done), total)) if progress else None,
+    )
+    if record is not None and progress:
+        progress(record.module, total, total)
     summary = summarize(model)
-    logger.info("quantized %d layers: %.3f bits per weight", summary.layers, summary.bits_per_weight)
+    logger.info(
+        "quantized %d layers: %.3f bits per weight", summary.layers, summary.bits_per_weight
+    )
     return summary
 
 

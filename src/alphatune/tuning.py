@@ -1,4 +1,9 @@
-"""Choosing what AlphaTuning trains: freeze everything, then unfreeze the chosen scales."""
+"""Choosing what AlphaTuning trains: freeze everything, then unfreeze the chosen scales.
+
+An LM head replaced through ``BCQConfig.lm_head`` (bf16 or BCQ) stays frozen: the paper tunes the
+scales of the block linears only, and a head's α would put ``vocab × groups`` more parameters
+into every adapter.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from torch import nn
 from alphatune.config import AlphaTuningConfig, TrainableScales
 from alphatune.errors import ConfigError
 from alphatune.layers import BCQLinear
+from alphatune.lm_head import replaced_head, replaced_head_module
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +41,10 @@ def _count_total(model: nn.Module) -> int:
     """Parameters of the model as it was before quantization (quantized layers count in×out)."""
     total = 0
     seen: set[int] = set()
+    record, head = replaced_head(model), replaced_head_module(model)
     for module in model.modules():
+        if module is head and record is not None and record.untied:
+            continue  # a copy of the input embedding, which counts already
         if isinstance(module, BCQLinear):
             total += module.in_features * module.out_features
             total += 0 if module.bias is None else module.bias.numel()
@@ -55,7 +64,8 @@ def prepare_for_alphatuning(
     Returns the trainable-parameter count and its ratio to the original model size.
     """
     config = config or AlphaTuningConfig()
-    layers = [m for m in model.modules() if isinstance(m, BCQLinear)]
+    head = replaced_head_module(model)
+    layers = [m for m in model.modules() if isinstance(m, BCQLinear) and m is not head]
     if not layers:
         raise ConfigError("the model has no BCQLinear layers: call quantize_(model, ...) first")
     if config.train_offset and all(m.offset is None for m in layers):
