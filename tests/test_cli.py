@@ -31,8 +31,22 @@ def e2e_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory, tiny_model_dir):
     out = tmp_path_factory.mktemp("cli") / "base"
-    code = main(["quantize", "--model", str(tiny_model_dir), "--bits", "3", "--group-size", "32",
-                 "--method", "offset", "--output", str(out), "--no-progress"])
+    code = main(
+        [
+            "quantize",
+            "--model",
+            str(tiny_model_dir),
+            "--bits",
+            "3",
+            "--group-size",
+            "32",
+            "--method",
+            "offset",
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return out
 
@@ -40,22 +54,75 @@ def base_dir(tmp_path_factory, tiny_model_dir):
 def test_quantize_writes_a_base(base_dir):
     config = json.loads((base_dir / "config.json").read_text())["quantization_config"]
     assert config["bits"] == 3 and config["group_size"] == 32 and len(config["layers"]) == 14
-    assert (base_dir / "model.safetensors").exists() and (base_dir / "tokenizer_config.json").exists()
+    assert (base_dir / "model.safetensors").exists() and (
+        base_dir / "tokenizer_config.json"
+    ).exists()
 
 
 def test_tune_evaluate_generate(base_dir, e2e_files, tmp_path, capsys):
     adapter = tmp_path / "adapter"
-    assert main(["tune", "--base", str(base_dir), "--data", str(e2e_files / "train.csv"),
-                 "--eval-data", str(e2e_files / "train.csv"), "--eval-limit", "2",
-                 "--max-steps", "2", "--batch-size", "2", "--output", str(adapter), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tune",
+                "--base",
+                str(base_dir),
+                "--data",
+                str(e2e_files / "train.csv"),
+                "--eval-data",
+                str(e2e_files / "train.csv"),
+                "--eval-limit",
+                "2",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--output",
+                str(adapter),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (adapter / "adapter.safetensors").exists()
     assert "trainable parameters" in capsys.readouterr().out
-    assert main(["evaluate", "--base", str(base_dir), "--adapter", str(adapter),
-                 "--data", str(e2e_files / "test.csv"), "--limit", "2", "--max-new-tokens", "4",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--base",
+                str(base_dir),
+                "--adapter",
+                str(adapter),
+                "--data",
+                str(e2e_files / "test.csv"),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "BLEU on 2 inputs" in capsys.readouterr().out
-    assert main(["generate", "--base", str(base_dir), "--adapter", str(adapter),
-                 "--prompt", "name[Aromi]", "--max-new-tokens", "3", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--base",
+                str(base_dir),
+                "--adapter",
+                str(adapter),
+                "--prompt",
+                "name[Aromi]",
+                "--max-new-tokens",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "name[Aromi]" in capsys.readouterr().out
 
 
@@ -63,8 +130,20 @@ def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, cap
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "keep.txt").write_text("mine")
-    code = main(["tune", "--base", str(base_dir), "--data", str(e2e_files / "train.csv"),
-                 "--max-steps", "1", "--output", str(adapter), "--no-progress"])
+    code = main(
+        [
+            "tune",
+            "--base",
+            str(base_dir),
+            "--data",
+            str(e2e_files / "train.csv"),
+            "--max-steps",
+            "1",
+            "--output",
+            str(adapter),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     assert "--resume" in capsys.readouterr().err
     assert (adapter / "keep.txt").read_text() == "mine"
@@ -76,7 +155,10 @@ def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, cap
         (["quantize", "--bits", "0", "--output", "x"], "bits must be 1..8"),
         (["quantize", "--bits", "three", "--output", "x"], "bits must be an integer"),
         (["quantize", "--group-size", "-4", "--output", "x"], "group size must be positive"),
-        (["tune", "--base", "/no/such/base", "--output", "x"], "directory not found: /no/such/base"),
+        (
+            ["tune", "--base", "/no/such/base", "--output", "x"],
+            "directory not found: /no/such/base",
+        ),
         (["evaluate", "--base", ".", "--data", "/no/such.csv"], "file not found: /no/such.csv"),
     ],
     ids=["bits=0", "bits=text", "group=-4", "missing-base", "missing-data"],
@@ -89,8 +171,20 @@ def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
 
 
 def test_group_size_that_does_not_divide(tiny_model_dir, tmp_path, capsys):
-    code = main(["quantize", "--model", str(tiny_model_dir), "--group-size", "48", "--method", "offset",
-                 "--output", str(tmp_path / "b"), "--no-progress"])
+    code = main(
+        [
+            "quantize",
+            "--model",
+            str(tiny_model_dir),
+            "--group-size",
+            "48",
+            "--method",
+            "offset",
+            "--output",
+            str(tmp_path / "b"),
+            "--no-progress",
+        ]
+    )
     assert code == 2
     out = capsys.readouterr().err
     assert "group_size 48 does not divide in_features=64" in out and "choose one of" in out
@@ -130,12 +224,37 @@ def test_generate_with_an_adapter_per_prompt(base_dir, tmp_path, capsys):
         assert main(["generate", "--base", str(base_dir), *argv, *options]) == 0
         return [line for line in capsys.readouterr().out.splitlines() if line.startswith("→")]
 
-    single = [answers(["--adapter", str(tmp_path / n), "--prompt", p])[0]
-              for n, p in zip("ab", prompts, strict=True)]
-    mixed = answers(["--adapter", f"a={tmp_path / 'a'}", "--adapter", f"b={tmp_path / 'b'}",
-                     "--prompt", prompts[0], "--prompt-adapter", "a",
-                     "--prompt", prompts[1], "--prompt-adapter", "b"])
+    single = [
+        answers(["--adapter", str(tmp_path / n), "--prompt", p])[0]
+        for n, p in zip("ab", prompts, strict=True)
+    ]
+    mixed = answers(
+        [
+            "--adapter",
+            f"a={tmp_path / 'a'}",
+            "--adapter",
+            f"b={tmp_path / 'b'}",
+            "--prompt",
+            prompts[0],
+            "--prompt-adapter",
+            "a",
+            "--prompt",
+            prompts[1],
+            "--prompt-adapter",
+            "b",
+        ]
+    )
     assert mixed == single
-    code = main(["generate", "--base", str(base_dir), "--adapter", f"a={tmp_path / 'a'}",
-                 "--prompt", "x", *options])
+    code = main(
+        [
+            "generate",
+            "--base",
+            str(base_dir),
+            "--adapter",
+            f"a={tmp_path / 'a'}",
+            "--prompt",
+            "x",
+            *options,
+        ]
+    )
     assert code == 2 and "one --prompt-adapter NAME per --prompt" in capsys.readouterr().err

@@ -20,8 +20,15 @@ from alphatune.quantize import find_target_layers, quantize_
 
 transformers = pytest.importorskip("transformers")
 
-LLAMA_PER_BLOCK = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+LLAMA_PER_BLOCK = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+]
 GPT2_PER_BLOCK = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 LLAMA_TARGETS = [f"model.layers.{i}.{n}" for i in range(2) for n in LLAMA_PER_BLOCK]
 GPT2_TARGETS = [f"transformer.h.{i}.{n}" for i in range(2) for n in GPT2_PER_BLOCK]
@@ -36,8 +43,13 @@ def _one_thread(single_thread):
 def gpt2_base() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
-        bos_token_id=0, eos_token_id=0,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        vocab_size=128,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config).eval()
 
@@ -90,9 +102,9 @@ def test_find_target_layers_in_model_order(arch) -> None:
 def test_quantize_replaces_exactly_the_block_linears(arch, method: str) -> None:
     model, expected = arch
     untouched = {
-        n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith(
-            tuple(expected)
-        )
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if not n.startswith(tuple(expected))
     }
     summary = quantize_(model, BCQConfig(bits=3, group_size=32, method=method))
     assert _quantized_names(model) == expected
@@ -120,7 +132,9 @@ def test_summary_sizes(arch, bits: int, method: str) -> None:
     # Biases stay in full precision and count with the other unquantized parameters.
     assert summary.quantized_params + summary.other_params == total_before
     # Codes (in_features % 8 == 0: no padding) + fp16 scales/offsets; biases are not in it.
-    assert summary.bits_per_weight == pytest.approx(bits + 16 * (bits + offsets) / group_size, abs=1e-3)
+    assert summary.bits_per_weight == pytest.approx(
+        bits + 16 * (bits + offsets) / group_size, abs=1e-3
+    )
     assert summary.model_bytes == summary.quantized_bytes + 4 * summary.other_params
     assert summary.compression_vs_fp32 == pytest.approx(32 / summary.bits_per_weight, rel=1e-3)
     assert summary.compression_vs_fp16 == pytest.approx(16 / summary.bits_per_weight, rel=1e-3)
@@ -201,12 +215,18 @@ def test_calibrated_keeps_the_logits_close(arch, tokens: torch.Tensor, sequentia
     reference = _logits(model, tokens)
     stages: list[tuple[str, int, int]] = []
     summary = quantize_(
-        model, BCQConfig(bits=4, group_size=32, method="calibrated"), calibration=tokens,
-        sequential=sequential, progress=lambda stage, done, total: stages.append((stage, done, total)),
+        model,
+        BCQConfig(bits=4, group_size=32, method="calibrated"),
+        calibration=tokens,
+        sequential=sequential,
+        progress=lambda stage, done, total: stages.append((stage, done, total)),
     )
     assert summary.layers == len(expected)
-    assert all(isinstance(m, BCQLinear) and m.offset is not None
-               for n, m in model.named_modules() if n in expected)
+    assert all(
+        isinstance(m, BCQLinear) and m.offset is not None
+        for n, m in model.named_modules()
+        if n in expected
+    )
     assert _cosine(_logits(model, tokens), reference) > 0.99  # measured > 0.999
     assert [s for s in stages if s[0] != "calibrating"] == [
         (name, i + 1, len(expected)) for i, name in enumerate(expected)
@@ -247,10 +267,20 @@ def test_training_mode_is_kept(llama: nn.Module) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"bits": 0}, {"bits": 9}, {"bits": True}, {"bits": 3.0}, {"bits": "3"},
-        {"group_size": "64"}, {"group_size": "Auto"}, {"group_size": 0}, {"group_size": -8},
-        {"group_size": True}, {"group_size": 64.0},
-        {"method": "gptq"}, {"method": "Greedy"}, {"iterations": -1},
+        {"bits": 0},
+        {"bits": 9},
+        {"bits": True},
+        {"bits": 3.0},
+        {"bits": "3"},
+        {"group_size": "64"},
+        {"group_size": "Auto"},
+        {"group_size": 0},
+        {"group_size": -8},
+        {"group_size": True},
+        {"group_size": 64.0},
+        {"method": "gptq"},
+        {"method": "Greedy"},
+        {"iterations": -1},
     ],
     ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
 )
@@ -287,8 +317,14 @@ def test_alphatuning_config_validation(kwargs: dict) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"learning_rate": 0.0}, {"batch_size": 0}, {"warmup_ratio": 1.0}, {"max_steps": 0},
-     {"label_smoothing": -0.1}, {"max_length": 4}],
+    [
+        {"learning_rate": 0.0},
+        {"batch_size": 0},
+        {"warmup_ratio": 1.0},
+        {"max_steps": 0},
+        {"label_smoothing": -0.1},
+        {"max_length": 4},
+    ],
     ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
 )
 def test_train_config_validation(kwargs: dict) -> None:

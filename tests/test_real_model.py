@@ -34,13 +34,17 @@ def fp_model():
 @pytest.fixture(scope="module")
 def calibration(tokenizer, shared_data_dir):
     n, length = CALIBRATION
-    tokens = load_text_tokens(tokenizer, shared_data_dir / "wikitext-2" / "valid.txt", max_tokens=n * length)
+    tokens = load_text_tokens(
+        tokenizer, shared_data_dir / "wikitext-2" / "valid.txt", max_tokens=n * length
+    )
     return tokens.reshape(n, length)
 
 
 @pytest.fixture(scope="module")
 def eval_tokens(tokenizer, shared_data_dir):
-    return load_text_tokens(tokenizer, shared_data_dir / "wikitext-2" / "test.txt", max_tokens=EVAL_TOKENS)
+    return load_text_tokens(
+        tokenizer, shared_data_dir / "wikitext-2" / "test.txt", max_tokens=EVAL_TOKENS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +90,13 @@ def test_twenty_steps_lower_the_e2e_loss(quantized, tokenizer, shared_data_dir):
     encoded = [encode_example(tokenizer, ex, 128) for ex in held_out]
     before = evaluate_loss(model, encoded, tokenizer.pad_token_id)
     torch.manual_seed(0)
-    result = train(model, tokenizer, examples, TrainConfig(max_steps=20, batch_size=8, checkpoint_every=0),
-                   progress=False)
+    result = train(
+        model,
+        tokenizer,
+        examples,
+        TrainConfig(max_steps=20, batch_size=8, checkpoint_every=0),
+        progress=False,
+    )
     after = evaluate_loss(model, encoded, tokenizer.pad_token_id)
     assert result.steps == 20
     assert after < before - 0.1, (before, after)

@@ -39,8 +39,14 @@ def alpha_state(model):
 
 def test_twenty_steps_lower_the_loss(tokenizer, examples):
     model = tuned_model(tokenizer)
-    config = TrainConfig(learning_rate=2e-2, batch_size=3, max_steps=20, checkpoint_every=0,
-                         label_smoothing=0.0, warmup_ratio=0.0)
+    config = TrainConfig(
+        learning_rate=2e-2,
+        batch_size=3,
+        max_steps=20,
+        checkpoint_every=0,
+        label_smoothing=0.0,
+        warmup_ratio=0.0,
+    )
     result = train(model, tokenizer, examples, config, eval_examples=examples, progress=False)
     assert result.steps == 20 and len(result.train_losses) == 20
     assert sum(result.train_losses[-3:]) / 3 < 0.9 * sum(result.train_losses[:3]) / 3
@@ -50,8 +56,13 @@ def test_twenty_steps_lower_the_loss(tokenizer, examples):
 def test_only_scales_change(tokenizer, examples):
     model = tuned_model(tokenizer)
     frozen = {n: t.clone() for n, t in model.state_dict().items() if "alpha1" not in n}
-    train(model, tokenizer, examples, TrainConfig(max_steps=3, batch_size=2, checkpoint_every=0),
-          progress=False)
+    train(
+        model,
+        tokenizer,
+        examples,
+        TrainConfig(max_steps=3, batch_size=2, checkpoint_every=0),
+        progress=False,
+    )
     for name, tensor in model.state_dict().items():
         if "alpha1" not in name:
             assert torch.equal(tensor, frozen[name]), name
@@ -73,11 +84,15 @@ def test_resume_continues_exactly(tokenizer, examples, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path, progress=False)
+        train(
+            tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path, progress=False
+        )
     monkeypatch.setattr(train_module, "_save_checkpoint", save)
     # A "new process": fresh model on the same base resumes from the step-3 checkpoint.
     resumed = tuned_model(tokenizer)
-    result = train(resumed, tokenizer, examples, config, output_dir=tmp_path, resume=True, progress=False)
+    result = train(
+        resumed, tokenizer, examples, config, output_dir=tmp_path, resume=True, progress=False
+    )
     assert result.resumed_from == 3 and len(result.train_losses) == 6
     for name, value in alpha_state(straight).items():
         torch.testing.assert_close(alpha_state(resumed)[name], value, rtol=1e-5, atol=1e-6)
@@ -86,17 +101,39 @@ def test_resume_continues_exactly(tokenizer, examples, tmp_path, monkeypatch):
 def test_resume_without_checkpoint_is_a_clear_error(tokenizer, examples, tmp_path):
     model = tuned_model(tokenizer)
     with pytest.raises(CheckpointError, match="nothing to resume"):
-        train(model, tokenizer, examples, TrainConfig(max_steps=1), output_dir=tmp_path,
-              resume=True, progress=False)
+        train(
+            model,
+            tokenizer,
+            examples,
+            TrainConfig(max_steps=1),
+            output_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_resume_on_another_base_is_refused(tokenizer, examples, tmp_path):
     model = tuned_model(tokenizer)
-    train(model, tokenizer, examples, TrainConfig(max_steps=2, batch_size=2), output_dir=tmp_path,
-          fingerprint="aaaa", progress=False)
+    train(
+        model,
+        tokenizer,
+        examples,
+        TrainConfig(max_steps=2, batch_size=2),
+        output_dir=tmp_path,
+        fingerprint="aaaa",
+        progress=False,
+    )
     with pytest.raises(CheckpointError, match="belongs to base aaaa"):
-        train(tuned_model(tokenizer), tokenizer, examples, TrainConfig(max_steps=2, batch_size=2),
-              output_dir=tmp_path, resume=True, fingerprint="bbbb", progress=False)
+        train(
+            tuned_model(tokenizer),
+            tokenizer,
+            examples,
+            TrainConfig(max_steps=2, batch_size=2),
+            output_dir=tmp_path,
+            resume=True,
+            fingerprint="bbbb",
+            progress=False,
+        )
 
 
 def test_untrainable_model_is_refused(tokenizer, examples):
@@ -114,7 +151,9 @@ def test_loss_ignores_prompt_and_padding():
     torch.testing.assert_close(causal_lm_loss(logits, labels), expected)
 
 
-@pytest.mark.parametrize("field,value", [("learning_rate", 0), ("batch_size", 0), ("warmup_ratio", 1.5)])
+@pytest.mark.parametrize(
+    "field,value", [("learning_rate", 0), ("batch_size", 0), ("warmup_ratio", 1.5)]
+)
 def test_bad_train_settings(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
@@ -125,8 +164,15 @@ def test_resume_with_different_settings_is_refused(tokenizer, examples, tmp_path
     train(tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path, progress=False)
     changed = TrainConfig(max_steps=4, batch_size=3, checkpoint_every=1)
     with pytest.raises(CheckpointError, match="batch_size: 2 -> 3"):
-        train(tuned_model(tokenizer), tokenizer, examples, changed, output_dir=tmp_path,
-              resume=True, progress=False)
+        train(
+            tuned_model(tokenizer),
+            tokenizer,
+            examples,
+            changed,
+            output_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_a_crash_while_swapping_checkpoints_keeps_the_old_one(tokenizer, examples, tmp_path):
@@ -134,6 +180,13 @@ def test_a_crash_while_swapping_checkpoints_keeps_the_old_one(tokenizer, example
     train(tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path, progress=False)
     # Simulate a crash after the old checkpoint was renamed aside but before the new one landed.
     (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")
-    result = train(tuned_model(tokenizer), tokenizer, examples, config, output_dir=tmp_path,
-                   resume=True, progress=False)
+    result = train(
+        tuned_model(tokenizer),
+        tokenizer,
+        examples,
+        config,
+        output_dir=tmp_path,
+        resume=True,
+        progress=False,
+    )
     assert result.resumed_from == 2

@@ -138,8 +138,9 @@ def test_train_bias() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(
         BCQLinear.from_linear(nn.Linear(16, 4), BCQConfig(bits=2, group_size=8, method="greedy")),
-        BCQLinear.from_linear(nn.Linear(4, 4, bias=False),
-                              BCQConfig(bits=2, group_size=None, method="greedy")),
+        BCQLinear.from_linear(
+            nn.Linear(4, 4, bias=False), BCQConfig(bits=2, group_size=None, method="greedy")
+        ),
     )
     report = prepare_for_alphatuning(model, AlphaTuningConfig(train_bias=True))
     assert sorted(trainable_state(model)) == ["0.alpha1", "0.bias", "1.alpha1"]

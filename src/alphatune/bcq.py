@@ -127,7 +127,9 @@ def _least_squares_scales(
     # Identical or opposite code planes make the Gram matrix singular; a tiny ridge keeps the
     # solve defined and picks the minimum-norm-like solution.
     ridge = 1e-6 * gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-12)
-    gram = gram + ridge[:, None, None] * torch.eye(gram.shape[1], dtype=rows.dtype, device=rows.device)
+    gram = gram + ridge[:, None, None] * torch.eye(
+        gram.shape[1], dtype=rows.dtype, device=rows.device
+    )
     solution = torch.linalg.solve(gram, rhs)[..., 0]  # (N, p)
     if with_offset:
         return solution[:, :-1].T.contiguous(), solution[:, -1].contiguous()

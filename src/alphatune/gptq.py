@@ -79,7 +79,9 @@ def round_with_error_feedback(
             original = int(order[col])
             group = original // group_size
             column = block[:, i]
-            index = torch.searchsorted(midpoints[:, group].contiguous(), column[:, None].contiguous())[:, 0]
+            index = torch.searchsorted(
+                midpoints[:, group].contiguous(), column[:, None].contiguous()
+            )[:, 0]
             codes[:, :, original] = signs[rows, group, index].T
             error = (column - values[rows, group, index]) / factor[col, col]
             block[:, i:] -= error[:, None] * factor[col, col:end][None, :]
@@ -141,9 +143,7 @@ def fit_calibrated(
         weight, hessian, start.alpha, start.offset, group_size, damp, act_order
     )
     alpha, offset = refit_scales(weight, hessian, codes, group_size)
-    codes, alpha_rows = bcq._canonical(
-        codes.reshape(bits, -1, group_size), alpha.reshape(bits, -1)
-    )
+    codes, alpha_rows = bcq._canonical(codes.reshape(bits, -1, group_size), alpha.reshape(bits, -1))
     candidate = bcq.BCQWeight(
         codes=codes.reshape(bits, *weight.shape).to(torch.int8),
         alpha=alpha_rows.reshape(alpha.shape).float(),
@@ -159,5 +159,5 @@ def fit_calibrated(
 
 def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the summed squared output error over the calibration inputs."""
-    error = (weight.double() - approx.double())
+    error = weight.double() - approx.double()
     return float(((error @ hessian.double()) * error).sum())

@@ -52,7 +52,9 @@ def embedded_gguf_path() -> Path:
     for entry in dist.files or []:
         if str(entry).endswith(".gguf"):
             return Path(str(dist.locate_file(entry)))
-    raise UnsupportedModelError(f"package '{_EMBEDDED_PACKAGE}' is installed but holds no .gguf file")
+    raise UnsupportedModelError(
+        f"package '{_EMBEDDED_PACKAGE}' is installed but holds no .gguf file"
+    )
 
 
 def _convert_embedded(target: Path) -> None:

@@ -60,7 +60,9 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0)
     )
 
 
-def _param_groups(model: nn.Module, config: TrainConfig, tuning: AlphaTuningConfig) -> list[dict[str, Any]]:
+def _param_groups(
+    model: nn.Module, config: TrainConfig, tuning: AlphaTuningConfig
+) -> list[dict[str, Any]]:
     scales, others = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -90,9 +92,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def _batches_for_step(
-    step: int, n_examples: int, config: TrainConfig
-) -> list[list[int]]:
+def _batches_for_step(step: int, n_examples: int, config: TrainConfig) -> list[list[int]]:
     """Example indices of the micro-batches of optimizer step ``step`` (deterministic, resumable)."""
     per_step = config.batch_size * config.grad_accum
     start = step * per_step
@@ -141,8 +141,13 @@ def _forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def _save_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-    result: TrainResult, fingerprint: str, config: TrainConfig,
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    result: TrainResult,
+    fingerprint: str,
+    config: TrainConfig,
 ) -> None:
     trainable = trainable_state(model)
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
@@ -168,12 +173,23 @@ def _save_checkpoint(
 
 
 # Settings that decide the data order and the schedule: a resumed run must keep them.
-_RESUME_KEYS = ("batch_size", "grad_accum", "epochs", "max_steps", "seed", "max_length", "learning_rate",
-                "warmup_ratio")
+_RESUME_KEYS = (
+    "batch_size",
+    "grad_accum",
+    "epochs",
+    "max_steps",
+    "seed",
+    "max_length",
+    "learning_rate",
+    "warmup_ratio",
+)
 
 
 def _load_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, fingerprint: str,
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: str,
     config: TrainConfig,
 ) -> dict[str, Any]:
     try:
@@ -205,11 +221,13 @@ def _load_checkpoint(
         for name, p in params.items():
             key = f"param/{name}"
             if key not in tensors:
-                raise CheckpointError(f"{directory}: checkpoint lacks {name!r} (different tuning config?)")
+                raise CheckpointError(
+                    f"{directory}: checkpoint lacks {name!r} (different tuning config?)"
+                )
             p.copy_(tensors[key])
     for name, p in params.items():
         prefix = f"optim/{name}/"
-        slots = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        slots = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if slots:
             # Moment estimates live beside their parameter; Adam keeps its step count on the CPU.
             optimizer.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in slots.items()}
@@ -244,9 +262,13 @@ def train(
         raise ConfigError("no training examples")
     tuning = tuning or AlphaTuningConfig()
     torch.manual_seed(config.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     if pad_id is None:
-        raise ConfigError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        raise ConfigError(
+            "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
+        )
     encoded = [encode_example(tokenizer, ex, config.max_length) for ex in train_examples]
     eval_encoded = [encode_example(tokenizer, ex, config.max_length) for ex in eval_examples or []]
     steps = total_steps(len(encoded), config)
@@ -279,8 +301,13 @@ def train(
     began = time.perf_counter()
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("α-tuning"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+    columns = (
+        TextColumn("α-tuning"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("train", total=steps, completed=start_step, loss="-")
         for step in range(start_step, steps):
@@ -302,10 +329,19 @@ def train(
             result.train_losses.append(step_loss)
             bar.update(task, advance=1, loss=f"{step_loss:.3f}")
             done = step + 1
-            if eval_encoded and config.eval_every and done % config.eval_every == 0 and done < steps:
+            if (
+                eval_encoded
+                and config.eval_every
+                and done % config.eval_every == 0
+                and done < steps
+            ):
                 result.eval_losses.append((done, evaluate_loss(model, eval_encoded, pad_id)))
                 model.train(config.dropout)
-            if checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            if (
+                checkpoint is not None
+                and config.checkpoint_every
+                and done % config.checkpoint_every == 0
+            ):
                 _save_checkpoint(checkpoint, model, optimizer, done, result, fingerprint, config)
     if eval_encoded:
         result.eval_losses.append((steps, evaluate_loss(model, eval_encoded, pad_id)))

@@ -49,11 +49,15 @@ def default_file(task: str, role: str) -> Path:
         raise DataError(f"no default {role} file for task {task!r}; pass --data FILE")
     path = find_data_dir() / relative
     if not path.is_file():
-        raise DataError(f"default {role} file for task {task!r} not found at {path}; pass it explicitly")
+        raise DataError(
+            f"default {role} file for task {task!r} not found at {path}; pass it explicitly"
+        )
     return path
 
 
-def calibration_batch(tokenizer: Any, path: str | os.PathLike[str], sequences: int, length: int) -> Tensor:
+def calibration_batch(
+    tokenizer: Any, path: str | os.PathLike[str], sequences: int, length: int
+) -> Tensor:
     """``(sequences, length)`` token ids cut from the start of a text file (for calibration)."""
     tokens = load_text_tokens(tokenizer, path, max_tokens=sequences * length)
     if tokens.numel() < sequences * length:
@@ -85,8 +89,13 @@ def score_generation(
 ) -> TaskScore:
     """Generate for every item and score corpus BLEU against its references."""
     predictions = generate(
-        model, tokenizer, [item.prompt for item in items], max_new_tokens=max_new_tokens,
-        num_beams=num_beams, batch_size=batch_size, progress=progress,
+        model,
+        tokenizer,
+        [item.prompt for item in items],
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        batch_size=batch_size,
+        progress=progress,
     )
     bleu = corpus_bleu(predictions, [item.references for item in items])
     return TaskScore(bleu=bleu, predictions=predictions, items=len(items))
