@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from alphatune import kernels
-from alphatune.packing import unpack_codes
 
 
 class AlphaGrad(str, Enum):
@@ -125,7 +124,7 @@ class BCQMatmul(torch.autograd.Function):
             grad_x = (flat_dy @ weight).reshape(x.shape).to(x.dtype)
         if need_a1 or need_rest:
             planes = slice(0, 1) if not need_rest else slice(0, packed.shape[0])
-            codes = unpack_codes(packed[planes], in_features, dtype=dtype)  # (p, out, in)
+            codes = kernels.unpack_signs(packed[planes], in_features, dtype)  # (p, out, in)
             method = ctx.alpha_grad or choose_alpha_grad(flat_x.shape[0], g)
             grad_planes = _ALPHA_GRAD[method](flat_x, flat_dy, codes, g)  # (p, out, G)
             grad_a1 = grad_planes[0] if need_a1 else None

@@ -238,3 +238,15 @@ def test_fast_dequantize_into_the_workspace() -> None:
     second = numba_dequant.dequantize_fast(packed, alpha * 2, offset, g, 512, reuse=True)
     assert second.data_ptr() == first.data_ptr()
     assert not torch.equal(second, fresh)
+
+
+@pytest.mark.parametrize("layout", [(7, 100, None), (33, 512, 128), (9, 36, 12)], ids=_layout_id)
+def test_unpack_signs_matches_packing(layout: tuple[int, int, int | None]) -> None:
+    from alphatune.kernels import unpack_signs
+    from alphatune.packing import unpack_codes
+
+    out, in_features, group_size = layout
+    packed, *_ = _quantized(out, in_features, group_size, 3, with_offset=False)
+    for dtype in (torch.float32, torch.float64):
+        expected = unpack_codes(packed, in_features, dtype=dtype)
+        assert torch.equal(unpack_signs(packed, in_features, dtype), expected)

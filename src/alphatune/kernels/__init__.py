@@ -32,6 +32,7 @@ from alphatune.kernels.reference import (
     binary_products,
 )
 from alphatune.kernels.reference import dequantize_packed as dequantize_packed_reference
+from alphatune.packing import unpack_codes
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ __all__ = [
     "binary_products",
     "dequantize_packed",
     "dequantize_packed_reference",
+    "unpack_signs",
 ]
 
 
@@ -66,6 +68,23 @@ def dequantize_packed(
     if packed.device.type == "cpu" and alpha.dtype == torch.float32 and numba_dequant.available():
         return numba_dequant.dequantize_fast(packed, alpha, offset, group_size, in_features)
     return dequantize_packed_reference(packed, alpha, offset, group_size, in_features)
+
+
+def unpack_signs(packed: Tensor, in_features: int, dtype: torch.dtype) -> Tensor:
+    """±1 codes ``(p, out, in)`` in ``dtype`` (numba on CPU float32, ``packing.unpack_codes`` else).
+
+    The numba path dequantizes each plane with all scales 1, which is several times faster than
+    unpacking bit by bit in torch (the training backward needs the codes of every step).
+    """
+    if packed.device.type == "cpu" and dtype == torch.float32 and numba_dequant.available():
+        bits, out, _ = packed.shape
+        ones = torch.ones(1, out, 1)
+        planes = [
+            numba_dequant.dequantize_fast(packed[i : i + 1], ones, None, in_features, in_features)
+            for i in range(bits)
+        ]
+        return torch.stack(planes)
+    return unpack_codes(packed, in_features, dtype=dtype)
 
 
 class WeightCache:
