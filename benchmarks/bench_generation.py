@@ -1,7 +1,7 @@
 """Model-level generation benchmark: batch-1 greedy decode, 512-token prefill, peak memory.
 
 Configs (``--configs``), each measured in a fresh subprocess so that its peak resident memory
-(``ru_maxrss``) is its own:
+(``VmHWM``) is its own:
 
 - ``fp32``, ``bf16``: the unquantized model (``transformers``, KV cache);
 - ``q3``, ``q4``: ours, calibrated BCQ bases (group "auto") with the LM head kept;
@@ -102,6 +102,18 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident set size of this process.
+
+    Linux: ``VmHWM``, the high-water mark of this process image. Not ``ru_maxrss``: that one
+    survives ``fork`` + ``exec``, so a worker started by a parent holding the fp32 model would
+    report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -445,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
             "nf4": "bitsandbytes Linear4bit NF4, double quantization, bf16 compute and bf16 rest",
             "ours": "calibrated BCQ, group 'auto'; q*-<head>: the LM head replaced (bench_lm_head)",
             "rss": (
-                "peak_rss: ru_maxrss of a fresh process per config, imports included; "
+                "peak_rss: VmHWM of a fresh process per config, imports included; "
                 "peak_rss_over_baseline: minus the RSS after imports, before loading the model"
             ),
         },
