@@ -25,16 +25,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import environment, save_results, time_ms
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -81,20 +75,6 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
         out, _, in_features = size.partition("x")
         shapes.append((int(out), int(in_features), int(group or in_features)))
     return shapes
-
-
-def time_ms(fn: Callable[[], object], repeat: int, budget_s: float) -> float:
-    """Median wall time in ms of ``fn()``, after one warm-up call; stops early past ``budget_s``."""
-    fn()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < repeat:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 3 and time.perf_counter() - started > budget_s:
-            break
-    return statistics.median(times) * 1e3
 
 
 def measure(
@@ -186,29 +166,10 @@ def print_table(rows: list[dict]) -> None:
     Console(width=160).print(table)
 
 
-def environment() -> dict:
-    processor = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": processor,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    env = environment(("torch",))  # before the run: its load is not in the average
     torch.manual_seed(0)
     console = Console()
     rows = []
@@ -236,14 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         else 1.0,
     }
     console.print(f"rule: {rule}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "environment": {**environment(), "threads": args.threads},
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "rule": rule,
-        "results": rows,
-    }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(args.out, args, rows, env=env, rule=rule)
     console.print(f"saved {args.out}")
 
 

@@ -29,18 +29,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import environment, save_results, time_ms
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor
@@ -87,21 +83,6 @@ def parse_threads(text: str) -> list[int]:
     available = os.cpu_count() or 1
     counts = [available if item.strip() == "all" else int(item) for item in text.split(",")]
     return sorted(set(counts))
-
-
-def time_ms(fn: Callable[[], object], repeat: int, budget_s: float, warmup: bool = True) -> float:
-    """Median wall time in ms of ``fn()``, after one warm-up call; stops early past ``budget_s``."""
-    if warmup:
-        fn()
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < repeat:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 3 and time.perf_counter() - started > budget_s:
-            break
-    return statistics.median(times) * 1e3
 
 
 def copy_bandwidth_gbs(megabytes: int = 256, repeat: int = 5) -> float:
@@ -266,43 +247,15 @@ def print_table(results: list[dict]) -> None:
     Console(width=180).print(table)
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def environment() -> dict:
-    import numba
-
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numba": numba.__version__,
-        "numba_threads_max": numba.config.NUMBA_NUM_THREADS,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    env = environment(("torch", "numba"))
     results = run(args)
     print_table(results)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "environment": environment(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-    }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    import numba  # run() has checked that the LUT kernel, hence numba, is available
+
+    env["numba_threads_max"] = numba.config.NUMBA_NUM_THREADS
+    save_results(args.out, args, results, env=env)
     Console().print(f"saved {args.out}")
 
 

@@ -14,13 +14,13 @@ killed run resumes where it stopped) and rendered as a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from bases import DEFAULT_CACHE, base_config, cached_base, calibration_tokens
+from common import append_record, describe_machine, load_records
 
 from alphatune import quantize_lm_head
 from alphatune.adapters import load_quantized
@@ -34,12 +34,6 @@ from alphatune.workflow import find_data_dir
 RESULTS = Path(__file__).parent / "results" / "lm_head.jsonl"
 DOCS = Path(__file__).parents[1] / "docs" / "lm_head.md"
 COMMAND = ".venv/bin/python benchmarks/bench_lm_head.py"
-
-
-def load_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def render(records: list[dict], settings: dict) -> str:
@@ -71,10 +65,7 @@ def render(records: list[dict], settings: dict) -> str:
         )
     lines += [
         "",
-        (
-            f"Machine: {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}."
-        ),
+        f"Machine: {describe_machine()}.",
         "",
     ]
     return "\n".join(lines)
@@ -106,8 +97,7 @@ def main() -> None:
         tokenizer, find_data_dir() / "wikitext-2" / "test.txt", max_tokens=args.eval_tokens
     )
     calibration = calibration_tokens(args.calibration_sequences)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    records = load_results(args.out)
+    records = load_records(args.out)
     done = {(r["base"], r["head"]) for r in records}
     settings = {
         "eval_tokens": args.eval_tokens,
@@ -116,12 +106,7 @@ def main() -> None:
     }
 
     def record(entry: dict) -> None:
-        records.append(entry)
-        with args.out.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(render(records, settings))
-        print(json.dumps(entry), flush=True)
+        append_record(records, entry, args.out, args.docs, partial(render, settings=settings))
 
     for base in args.bases:
         name = "fp32" if base == "fp32" else f"q{int(base)}"

@@ -29,10 +29,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -41,7 +38,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
-import transformers
+from common import environment, save_results, time_ms
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -78,17 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out is None:
         args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     return args
-
-
-def time_ms(fn: Callable[[], object], repeat: int) -> float:
-    """Median wall time in ms of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times) * 1e3
 
 
 def build_model(args: argparse.Namespace) -> tuple[nn.Module, str]:
@@ -195,10 +181,8 @@ def prepare_mode(
 
 
 def run(args: argparse.Namespace, console: Console) -> tuple[list[dict], str]:
-    threads = (os.cpu_count() or 1) if args.threads == "all" else int(args.threads)
-    torch.set_num_threads(threads)
     model, description = build_model(args)
-    console.log(f"model: {description}; threads={threads}")
+    console.log(f"model: {description}; threads={torch.get_num_threads()}")
     layers: dict[tuple[int, int], nn.Module] = {}  # one layer per distinct (out, in)
     for _, layer in quantized_layers(model):
         layers.setdefault((layer.out_features, layer.in_features), layer)
@@ -244,43 +228,14 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
     Console(width=140).print(table)
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def environment() -> dict:
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     console = Console()
+    torch.set_num_threads((os.cpu_count() or 1) if args.threads == "all" else int(args.threads))
+    env = environment(("torch", "transformers"))  # before the run: its load is not in the average
     results, description = run(args, console)
     print_table(results, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "environment": environment(),
-        "model": description,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "results": results,
-    }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(args.out, args, results, env=env, model=description)
     console.print(f"saved {args.out}")
 
 

@@ -11,13 +11,12 @@ resumes where it stopped) and rendered as a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import time
+from functools import partial
 from pathlib import Path
 
-import torch
+from common import append_record, describe_machine, load_records
 
 from alphatune import BCQConfig, quantize_
 from alphatune.data import load_text_tokens
@@ -37,24 +36,20 @@ def key(record: dict) -> tuple:
     return (record["method"], record["bits"], str(record["group_size"]), record.get("sequential"))
 
 
-def load_results(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def render(records: list[dict], settings: dict) -> str:
     fp = next((r for r in records if r["method"] == "fp32"), None)
     lines = [
         "# Quantization quality on SmolLM2-135M-Instruct",
         "",
-        ("WikiText-2 test perplexity (first "
-        f"{settings['eval_tokens']:,} tokens, context 512) after quantizing the 210 linear layers of the "
-        "30 blocks, no fine-tuning. `calibrated` uses "
-        f"{settings['calibration_sequences']}×512 tokens of WikiText-2 *valid*. Bits per weight count "
-        "codes + fp16 scales + fp16 offsets. `auto` groups are 144 inputs for 576-wide layers and 128 "
-        "for 1536-wide ones. Caveat (MODELS.md): the fp32 model is itself a Q4_1 (4-bit, groups of 32) "
-        "dequantization, so 4 bits at group 32 flatters any method."),
+        (
+            "WikiText-2 test perplexity (first "
+            f"{settings['eval_tokens']:,} tokens, context 512) after quantizing the 210 linear layers of the "
+            "30 blocks, no fine-tuning. `calibrated` uses "
+            f"{settings['calibration_sequences']}×512 tokens of WikiText-2 *valid*. Bits per weight count "
+            "codes + fp16 scales + fp16 offsets. `auto` groups are 144 inputs for 576-wide layers and 128 "
+            "for 1536-wide ones. Caveat (MODELS.md): the fp32 model is itself a Q4_1 (4-bit, groups of 32) "
+            "dequantization, so 4 bits at group 32 flatters any method."
+        ),
         "",
         f"Reproduce: `{settings['command']}` (results in `benchmarks/results/quantization.jsonl`).",
         "",
@@ -66,8 +61,10 @@ def render(records: list[dict], settings: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     order = {"greedy": 0, "alternating": 1, "offset": 2, "calibrated": 3}
-    rows = sorted((r for r in records if r["method"] != "fp32"),
-                  key=lambda r: (order.get(r["method"], 9), r["bits"], str(r["group_size"])))
+    rows = sorted(
+        (r for r in records if r["method"] != "fp32"),
+        key=lambda r: (order.get(r["method"], 9), r["bits"], str(r["group_size"])),
+    )
     for r in rows:
         ratio = r["perplexity"] / fp["perplexity"] if fp else float("nan")
         ppl = f"{r['perplexity']:.1f}" if r["perplexity"] < 1e5 else f"{r['perplexity']:.2e}"
@@ -76,14 +73,15 @@ def render(records: list[dict], settings: dict) -> str:
             f"| {r['method']} | {r['bits']} | {r['group_size'] or 'row'} | {seq} | "
             f"{r['bits_per_weight']:.2f} | {ppl} | {ratio:.2f}× | {r['seconds']:.0f} |"
         )
-    lines += ["", (f"Machine: {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}."), ""]
+    lines += ["", f"Machine: {describe_machine()}.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="+", default=["greedy", "alternating", "offset", "calibrated"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["greedy", "alternating", "offset", "calibrated"]
+    )
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 3, 4])
     parser.add_argument("--group-sizes", nargs="+", default=["row", "auto", "32"])
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -95,27 +93,36 @@ def main() -> None:
 
     data = find_data_dir()
     tokenizer = load_tokenizer()
-    eval_tokens = load_text_tokens(tokenizer, data / "wikitext-2" / "test.txt", max_tokens=args.eval_tokens)
-    calibration = calibration_batch(tokenizer, data / "wikitext-2" / "valid.txt", args.calibration_sequences, 512)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    records = load_results(args.out)
+    eval_tokens = load_text_tokens(
+        tokenizer, data / "wikitext-2" / "test.txt", max_tokens=args.eval_tokens
+    )
+    calibration = calibration_batch(
+        tokenizer, data / "wikitext-2" / "valid.txt", args.calibration_sequences, 512
+    )
+    records = load_records(args.out)
     done = {key(r) for r in records}
-    settings = {"eval_tokens": args.eval_tokens, "calibration_sequences": args.calibration_sequences,
-                "command": "make bench  # or .venv/bin/python benchmarks/bench_quantization.py"}
+    settings = {
+        "eval_tokens": args.eval_tokens,
+        "calibration_sequences": args.calibration_sequences,
+        "command": "make bench  # or .venv/bin/python benchmarks/bench_quantization.py",
+    }
 
     def record(entry: dict) -> None:
-        records.append(entry)
-        with args.out.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(render(records, settings))
-        print(json.dumps(entry), flush=True)
+        append_record(records, entry, args.out, args.docs, partial(render, settings=settings))
 
     if ("fp32", 32, "None", None) not in done:
         model = load_model()
-        record({"method": "fp32", "bits": 32, "group_size": None, "sequential": None,
+        record(
+            {
+                "method": "fp32",
+                "bits": 32,
+                "group_size": None,
+                "sequential": None,
                 "perplexity": perplexity(model, eval_tokens, progress=False),
-                "bits_per_weight": 32.0, "seconds": 0.0})
+                "bits_per_weight": 32.0,
+                "seconds": 0.0,
+            }
+        )
     for method in args.methods:
         for bits in args.bits:
             for group in args.group_sizes:
@@ -126,14 +133,23 @@ def main() -> None:
                 model = load_model()
                 config = BCQConfig(bits=bits, group_size=parse_group(group), method=method)
                 began = time.perf_counter()
-                summary = quantize_(model, config, calibration=calibration,
-                                    sequential=bool(sequential))
+                summary = quantize_(
+                    model, config, calibration=calibration, sequential=bool(sequential)
+                )
                 seconds = time.perf_counter() - began
                 value = perplexity(model, eval_tokens, progress=False)
-                record({"method": method, "bits": bits, "group_size": parse_group(group),
-                        "sequential": sequential, "perplexity": value if math.isfinite(value) else 1e30,
-                        "bits_per_weight": summary.bits_per_weight, "seconds": seconds,
-                        "eval_tokens": args.eval_tokens})
+                record(
+                    {
+                        "method": method,
+                        "bits": bits,
+                        "group_size": parse_group(group),
+                        "sequential": sequential,
+                        "perplexity": value if math.isfinite(value) else 1e30,
+                        "bits_per_weight": summary.bits_per_weight,
+                        "seconds": seconds,
+                        "eval_tokens": args.eval_tokens,
+                    }
+                )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import importlib.metadata
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -46,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import environment, save_results
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -240,35 +237,14 @@ def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     Console(width=160).print(table)
 
 
-def environment() -> dict[str, Any]:
-    processor = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                processor = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": processor,
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        # Versions from the metadata: importing peft here would only slow the parent down.
-        "transformers": importlib.metadata.version("transformers"),
-        "peft": importlib.metadata.version("peft"),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.config:  # child: one config, result as the last line of stdout
         print(json.dumps(run_config(args.config, args)))
         return
+    # Before the run, so its load is not in the average; the steps run in children with --threads.
+    env = environment(("torch", "transformers", "peft")) | {"threads": args.threads}
     console = Console()
     model_name = "tiny random Llama (tests/tiny_models.py)" if args.quick else args.model
     console.print(
@@ -293,15 +269,14 @@ def main(argv: list[str] | None = None) -> None:
         for key in ("step_s", "peak_rss_steps_mb", "rss_before_steps_mb", "trainable_params")
     }
     console.print("alphatune / lora: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "environment": environment(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "alphatune_base": "BCQ fitted with the data-free 'offset' method, 1 iteration",
-        "results": rows,
-        "alphatune_over_lora": ratio,
-    }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(
+        args.out,
+        args,
+        rows,
+        env=env,
+        alphatune_base="BCQ fitted with the data-free 'offset' method, 1 iteration",
+        alphatune_over_lora=ratio,
+    )
     console.print(f"saved {args.out}")
 
 
