@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -240,7 +241,12 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
         del hf_config.quantization_config
     if head is not None:
         untie_word_embeddings(hf_config)  # written untied; never let tie_weights() re-tie the head
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    # Parameters on the meta device: nothing is allocated or initialised for the weights the
+    # file replaces (an fp32 skeleton would cost the whole fp32 model's memory, and its RSS stays
+    # after the quantized layers replace it). Buffers stay real: the non-persistent ones (rotary
+    # frequencies) are computed here and are not in the file.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     for name, spec in layers.items():
         try:
             layer = BCQLinear(
@@ -311,7 +317,8 @@ def _install_head(
 def _load_into(
     model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], where: Path
 ) -> None:
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)
+    converted: dict[int, Tensor] = {}
     missing = [n for n in state if n not in tensors and n not in tied]
     unexpected = [n for n in tensors if n not in state]
     if missing or unexpected:
@@ -319,15 +326,18 @@ def _load_into(
             f"{where}: tensors do not match the model; missing {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         )
-    with torch.no_grad():
-        for name, target in state.items():
-            source = tensors[tied.get(name, name)] if name in tied else tensors[name]
-            if source.shape != target.shape:
-                raise CheckpointError(
-                    f"{where}: tensor {name!r} has shape {tuple(source.shape)}, the model expects "
-                    f"{tuple(target.shape)}"
-                )
-            target.copy_(source.to(target.dtype))
+    loaded: dict[str, Tensor] = {}
+    for name, target in state.items():
+        source = tensors[tied.get(name, name)] if name in tied else tensors[name]
+        if source.shape != target.shape:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {tuple(source.shape)}, the model expects "
+                f"{tuple(target.shape)}"
+            )
+        # Tied names get the very same tensor, so they stay tied after assignment.
+        loaded[name] = converted.setdefault(id(source), source.to(target.dtype))
+    # assign: the model takes the loaded tensors (its parameters may be on the meta device).
+    model.load_state_dict(loaded, strict=True, assign=True)
     model.tie_weights()
 
 
