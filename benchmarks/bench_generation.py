@@ -28,11 +28,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import environment, save_results
 from rich.console import Console
 from rich.table import Table
 
@@ -394,39 +392,12 @@ def print_table(results: list[dict], new_tokens: int, prefill: int) -> None:
     Console(width=160).print(table)
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment() -> dict:
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        **{name: version(name) for name in ("torch", "transformers", "bitsandbytes", "numba")},
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))), flush=True)
         return
+    env = environment(("torch", "transformers", "bitsandbytes", "numba"))
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         if args.quick:
             paths, inputs = quick_models(Path(tmp), args.configs, args.prefill)
@@ -449,21 +420,15 @@ def main(argv: list[str] | None = None) -> None:
             results.append(result)
     add_ratios(results)
     print_table(results, args.new_tokens, args.prefill)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "environment": environment(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "notes": {
-            "nf4": "bitsandbytes Linear4bit NF4, double quantization, bf16 compute and bf16 rest",
-            "ours": "calibrated BCQ, group 'auto'; q*-<head>: the LM head replaced (bench_lm_head)",
-            "rss": (
-                "peak_rss: VmHWM of a fresh process per config, imports included; "
-                "peak_rss_over_baseline: minus the RSS after imports, before loading the model"
-            ),
-        },
-        "results": results,
+    notes = {
+        "nf4": "bitsandbytes Linear4bit NF4, double quantization, bf16 compute and bf16 rest",
+        "ours": "calibrated BCQ, group 'auto'; q*-<head>: the LM head replaced (bench_lm_head)",
+        "rss": (
+            "peak_rss: VmHWM of a fresh process per config, imports included; "
+            "peak_rss_over_baseline: minus the RSS after imports, before loading the model"
+        ),
     }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    save_results(args.out, args, results, env=env, notes=notes)
     console.print(f"saved {args.out}")
 
 
