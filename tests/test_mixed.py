@@ -312,9 +312,11 @@ def test_generate_adapter_errors(served_text, tokenizer):
 @pytest.mark.parametrize(
     "in_features,group_size", [(64, 64), (64, 16), (100, 20), (100, 25), (24, 8)]
 )
-def test_mixed_kernel_equals_a_per_token_loop(bits, offset, in_features, group_size):
+@pytest.mark.parametrize("tokens", [11, 80], ids=["decode-sized", "prefill-sized"])
+def test_mixed_kernel_equals_a_per_token_loop(bits, offset, in_features, group_size, tokens):
+    """Decode-sized inputs take the LUT kernel (AVX-512), prefill-sized the dequantize path."""
     generator = torch.Generator().manual_seed(bits * 1000 + in_features + group_size + offset)
-    out, adapters, tokens = 7, 3, 11
+    out, adapters = 7, 3
     groups = in_features // group_size
     codes = torch.randint(0, 2, (bits, out, in_features), generator=generator) * 2 - 1
     packed = pack_codes(codes.to(torch.int8))

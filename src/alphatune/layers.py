@@ -244,7 +244,8 @@ class BCQLinear(nn.Linear):
                 "per prompt and beam)"
             )
         flat = x.reshape(-1, self.in_features)  # (T, in), rows stay contiguous
-        token_adapter = rows.repeat_interleave(flat.shape[0] // rows.numel())  # (T,)
+        per_row = flat.shape[0] // rows.numel()
+        token_adapter = rows if per_row == 1 else rows.repeat_interleave(per_row)  # (T,)
         key = self._scales_version()
         if key is not None and not self.alpha1_bank.is_inference():
             key = (*key, (self.alpha1_bank.data_ptr(), self.alpha1_bank._version))

@@ -196,9 +196,21 @@ def bcq_matmul_mixed(
     bank or the other scales change.
     """
     if not _use_lut(x, x.shape[0], group_size, in_features):
-        return bcq_matmul_mixed_reference(
-            x, packed, alpha1_bank, token_adapter, alpha_rest, offset, group_size, in_features
-        )
+        if x.device.type != "cpu" or not numba_dequant.available():
+            return bcq_matmul_mixed_reference(
+                x, packed, alpha1_bank, token_adapter, alpha_rest, offset, group_size, in_features
+            )
+        # Many tokens: each adapter's rows through its own weight, dequantized by numba into the
+        # workspace (one GEMM's worth of work in all, plus one dequantization per adapter).
+        y = x.new_empty(x.shape[0], packed.shape[1])
+        for adapter in token_adapter.unique().tolist():
+            rows = token_adapter == adapter
+            alpha = torch.cat([alpha1_bank[adapter][None], alpha_rest]).to(torch.float32)
+            weight = numba_dequant.dequantize_fast(
+                packed, alpha, offset, group_size, in_features, reuse=True
+            )
+            y[rows] = F.linear(x[rows], weight.to(x.dtype))
+        return y
 
     def build_scales() -> Any:
         adapters = alpha1_bank.shape[0]

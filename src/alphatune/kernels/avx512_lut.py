@@ -391,7 +391,10 @@ def lut_matmul(
         )
     n_tokens = x.shape[0]
     x_np = x.detach().to(torch.float32).contiguous().numpy()
-    sets = _NO_SETS[:n_tokens] if token_set is None else token_set.cpu().numpy().astype(np.int64)
+    if token_set is None:
+        sets = _NO_SETS[:n_tokens]
+    else:
+        sets = token_set.detach().cpu().to(torch.int64).numpy()
     if len(sets) < n_tokens:
         sets = np.zeros(n_tokens, np.int64)
     with_offset = offset is not None
