@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 )
                 alpha = torch.rand(bits, out, groups, generator=generator)
                 codes = avx512_lut.prepare_codes(packed, in_features)
-                scales = avx512_lut.prepare_scales(alpha[None])
+                scales = avx512_lut.prepare_scales(alpha[:1], alpha[1:])
                 batched_ms = ref_ms = None
                 if args.prefill:
                     operands = (prefill, packed, alpha, None, group_size, in_features)

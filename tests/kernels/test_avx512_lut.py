@@ -126,9 +126,10 @@ def test_mixed_task_scales_per_token(bits: int, layout: tuple[int, int, int | No
     bank = alpha[0] * (1 + 0.5 * torch.rand(4, *alpha.shape[1:], generator=generator))
     token_adapter = torch.tensor([2, 0, 3, 3, 1])
     x = torch.randn(5, in_features, generator=generator)
-    sets = torch.cat([bank[:, None], alpha[1:][None].expand(4, *alpha[1:].shape)], dim=1)
     codes = avx512_lut.prepare_codes(packed, in_features)
-    y = avx512_lut.lut_matmul(x, codes, avx512_lut.prepare_scales(sets), offset, token_adapter, g)
+    y = avx512_lut.lut_matmul(
+        x, codes, avx512_lut.prepare_scales(bank, alpha[1:]), offset, token_adapter, g
+    )
     ref = bcq_matmul_mixed_reference(
         x, packed, bank, token_adapter, alpha[1:], offset, g, in_features
     )

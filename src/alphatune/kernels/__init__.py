@@ -155,7 +155,7 @@ def bcq_matmul(
             lambda: avx512_lut.prepare_codes(packed, in_features),
         )
         scales = _cached(
-            cache, "lut_scales", cache_key, lambda: avx512_lut.prepare_scales(alpha[None])
+            cache, "lut_scales", cache_key, lambda: avx512_lut.prepare_scales(alpha[:1], alpha[1:])
         )
         y = avx512_lut.lut_matmul(flat, codes, scales, offset, None, group_size)
         return y.reshape(*lead, packed.shape[1]).to(x.dtype)
@@ -213,9 +213,7 @@ def bcq_matmul_mixed(
         return y
 
     def build_scales() -> Any:
-        adapters = alpha1_bank.shape[0]
-        rest = alpha_rest[None].expand(adapters, *alpha_rest.shape)
-        return avx512_lut.prepare_scales(torch.cat([alpha1_bank[:, None], rest], dim=1))
+        return avx512_lut.prepare_scales(alpha1_bank, alpha_rest)
 
     codes = _cached(
         cache,

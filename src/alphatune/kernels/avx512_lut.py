@@ -18,10 +18,11 @@ codes of 16 rows side by side, one ``vpermps`` looks up 16 rows at once, so a co
 That is 6 vector instructions per 128 weights of a plane, against 128 multiply-adds for fp32
 (8 zmm FMAs, plus 512 bytes of weights read instead of 16 bytes of codes).
 
-Layout (``prepare``, done once per layer and cached by the caller while the scales are
+Layout (``prepare_*``, done once per layer and cached by the caller while the scales are
 unchanged): codes ``(q, out/16, ceil(in/8), 16)`` uint8, i.e. each byte column of 16 consecutive rows
-made contiguous; scales ``(S, q, G, out)`` float32, rows contiguous so 16 rows' α load as one
-vector. ``S`` is the number of scale sets: 1 normally, one per adapter for a mixed-task batch.
+made contiguous; scales float32 with rows contiguous so 16 rows' α load as one vector: α₁ as
+``(S, G, out)``, the other planes as ``(q-1, G, out)``. ``S`` is the number of α₁ sets: 1 normally,
+one per adapter for a mixed-task batch (the other planes are shared by all tasks).
 Rows are padded to a multiple of 16 with zero codes and zero scales.
 
 Inputs past ``in_features`` (the padding bits of a partial last byte) are treated as activations
@@ -97,6 +98,8 @@ if _IMPORT_ERROR is None:
         codes: Any,
         code_base: Any,
         code_plane_stride: Any,
+        first: Any,
+        first_base: Any,
         alpha: Any,
         alpha_base: Any,
         alpha_plane_stride: Any,
@@ -112,29 +115,28 @@ if _IMPORT_ERROR is None:
         All arrays are flat and C-contiguous; the ``*_base`` / ``*_stride`` arguments are element
         offsets. Codes of plane i, byte k: ``codes[code_base + i*code_plane_stride + 16k : +16]``;
         tables of byte k: ``tables[table_base + 32k : +32]``; α of plane i, group g:
-        ``alpha[alpha_base + i*alpha_plane_stride + g*alpha_group_stride : +16]``.
+        ``first[first_base + g*alpha_group_stride : +16]`` for plane 0 (α₁, per scale set) and
+        ``alpha[alpha_base + (i-1)*alpha_plane_stride + g*alpha_group_stride : +16]`` for i >= 1.
         """
         sig = types.void(
-            tables, table_base, codes, code_base, code_plane_stride, alpha, alpha_base,
-            alpha_plane_stride, alpha_group_stride, n_planes, n_groups, bytes_per_group, y, y_base,
+            tables, table_base, codes, code_base, code_plane_stride, first, first_base, alpha,
+            alpha_base, alpha_plane_stride, alpha_group_stride, n_planes, n_groups,
+            bytes_per_group, y, y_base,
         )  # fmt: skip
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-            arrays = {0: None, 2: None, 5: None, 12: None}
-            for position in arrays:
-                array_type = signature.args[position]
-                arrays[position] = context.make_array(array_type)(
-                    context, builder, args[position]
-                ).data
-            tables_ptr, codes_ptr, alpha_ptr, y_ptr = (arrays[p] for p in (0, 2, 5, 12))
+            tables_ptr, codes_ptr, first_ptr, alpha_ptr, y_ptr = (
+                context.make_array(signature.args[p])(context, builder, args[p]).data
+                for p in (0, 2, 5, 7, 14)
+            )
             intp = context.get_value_type(types.intp)
 
             def as_intp(value: Any) -> Any:
                 return builder.sext(value, intp) if value.type.width < intp.width else value
 
-            (table_base, code_base, code_plane_stride, alpha_base, alpha_plane_stride,
+            (table_base, code_base, code_plane_stride, first_base, alpha_base, alpha_plane_stride,
              alpha_group_stride, n_planes, n_groups, bytes_per_group, y_base) = (
-                as_intp(args[i]) for i in (1, 3, 4, 6, 7, 8, 9, 10, 11, 13)
+                as_intp(args[i]) for i in (1, 3, 4, 6, 8, 9, 10, 11, 12, 13, 15)
             )  # fmt: skip
 
             def const(value: int) -> Any:
@@ -178,11 +180,20 @@ if _IMPORT_ERROR is None:
                         builder.lshr(index, nibble_shift),
                     ],
                 )
-                alpha_index = builder.add(
-                    builder.add(alpha_base, builder.mul(plane, alpha_plane_stride)),
-                    builder.mul(g, alpha_group_stride),
+                # Plane 0 (α₁) from its scale set, the other planes from the shared scales:
+                # a mixed-task batch reads every set's α₁ but the rest only once.
+                group_offset = builder.mul(g, alpha_group_stride)
+                rest_index = builder.add(
+                    builder.add(
+                        alpha_base, builder.mul(builder.sub(plane, const(1)), alpha_plane_stride)
+                    ),
+                    group_offset,
                 )
-                scale = load_vector(alpha_ptr, alpha_index)
+                first_address = builder.gep(first_ptr, [builder.add(first_base, group_offset)])
+                rest_address = builder.gep(alpha_ptr, [rest_index])
+                is_first = builder.icmp_unsigned("==", plane, const(0))
+                address = builder.select(is_first, first_address, rest_address)
+                scale = builder.load(builder.bitcast(address, _VEC.as_pointer()), align=1)
                 builder.store(
                     builder.call(fma, [scale, builder.fadd(low, high), builder.load(total)]), total
                 )
@@ -252,17 +263,27 @@ if _IMPORT_ERROR is None:
 
     @njit(cache=True)
     def _row_blocks(
-        tables, codes, alpha, token_set, n_groups, bytes_per_group, first, last, y
+        tables,
+        codes,
+        first_scales,
+        rest_scales,
+        token_set,
+        n_groups,
+        bytes_per_group,
+        first,
+        last,
+        y,
     ):  # pragma: no cover - numba
         """Row blocks first..last-1 of every token; codes stay in L1 while the tokens pass."""
         n_tokens, table_width = tables.shape
         bits, n_blocks, n_bytes, _ = codes.shape
         out = n_blocks * ROWS
-        set_width = bits * n_groups * out
-        flat_tables, flat_codes, flat_alpha, flat_y = (
+        plane_width = n_groups * out
+        flat_tables, flat_codes, flat_first, flat_rest, flat_y = (
             tables.reshape(-1),
             codes.reshape(-1),
-            alpha.reshape(-1),
+            first_scales.reshape(-1),
+            rest_scales.reshape(-1),
             y.reshape(-1),
         )
         for block in range(first, last):
@@ -270,14 +291,24 @@ if _IMPORT_ERROR is None:
                 _row_block_dot(
                     flat_tables, t * table_width,
                     flat_codes, block * n_bytes * ROWS, n_blocks * n_bytes * ROWS,
-                    flat_alpha, token_set[t] * set_width + block * ROWS, n_groups * out, out,
+                    flat_first, token_set[t] * plane_width + block * ROWS,
+                    flat_rest, block * ROWS, plane_width, out,
                     bits, n_groups, bytes_per_group,
                     flat_y, t * out + block * ROWS,
                 )  # fmt: skip
 
     @njit(cache=True)
     def _decode_serial(
-        x, group_size, codes, alpha, token_set, offset, with_offset, n_groups, bytes_per_group
+        x,
+        group_size,
+        codes,
+        first_scales,
+        rest_scales,
+        token_set,
+        offset,
+        with_offset,
+        n_groups,
+        bytes_per_group,
     ):  # pragma: no cover - numba
         """The whole single-thread matmul in one call: a decode step calls this ~200 times per
         token on a small model, so every Python-side allocation and call shows."""
@@ -287,21 +318,27 @@ if _IMPORT_ERROR is None:
         group_sums = np.empty((n_tokens, n_groups), np.float32)
         _build_tables(x, group_size, tables, group_sums, with_offset)
         y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
-        _row_blocks(tables, codes, alpha, token_set, n_groups, bytes_per_group, 0, n_blocks, y)
+        _row_blocks(
+            tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group, 0,
+            n_blocks, y,
+        )  # fmt: skip
         if with_offset:
             _add_offset(y, offset, group_sums)
         return y
 
     @njit(parallel=True, cache=True)
     def _row_blocks_parallel(
-        tables, codes, alpha, token_set, n_groups, bytes_per_group, y
+        tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group, y
     ):  # pragma: no cover - numba
         n_blocks = codes.shape[1]
         n_tasks = (n_blocks + _ROW_BLOCKS_PER_TASK - 1) // _ROW_BLOCKS_PER_TASK
         for task in prange(n_tasks):
             first = task * _ROW_BLOCKS_PER_TASK
             last = min(n_blocks, first + _ROW_BLOCKS_PER_TASK)
-            _row_blocks(tables, codes, alpha, token_set, n_groups, bytes_per_group, first, last, y)
+            _row_blocks(
+                tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group,
+                first, last, y,
+            )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- python side
@@ -345,13 +382,30 @@ def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
     return PreparedCodes(tiled.numpy(), out, in_features)
 
 
-def prepare_scales(alpha_sets: Tensor) -> np.ndarray:
-    """Scale sets ``(S, q, out, G)`` -> ``(S, q, G, padded out)`` float32, rows contiguous."""
-    sets, bits, out, groups = alpha_sets.shape
+@dataclass(frozen=True)
+class PreparedScales:
+    """Scales in the kernel's layout, rows contiguous and padded to a multiple of 16.
+
+    ``first``: ``(S, G, out)``, α₁ of each scale set (one set, or one per adapter); ``rest``:
+    ``(q-1, G, out)``, the other planes' scales, shared by every set.
+    """
+
+    first: np.ndarray
+    rest: np.ndarray
+
+
+def _rows_contiguous(scales: Tensor) -> np.ndarray:
+    """``(..., out, G)`` -> ``(..., G, padded out)`` float32."""
+    *lead, out, groups = scales.shape
     padded = -(-out // ROWS) * ROWS
-    scales = torch.zeros(sets, bits, groups, padded, dtype=torch.float32)
-    scales[..., :out] = alpha_sets.detach().cpu().to(torch.float32).transpose(2, 3)
-    return scales.numpy()
+    result = torch.zeros(*lead, groups, padded, dtype=torch.float32)
+    result[..., :out] = scales.detach().cpu().to(torch.float32).transpose(-1, -2)
+    return result.numpy()
+
+
+def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:
+    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in the kernel's layout."""
+    return PreparedScales(_rows_contiguous(first_sets), _rows_contiguous(rest))
 
 
 def _threads_for(work: int) -> int:
@@ -363,7 +417,7 @@ def _threads_for(work: int) -> int:
 def lut_matmul(
     x: Tensor,
     prepared: PreparedCodes,
-    scales: np.ndarray,
+    scales: PreparedScales,
     offset: Tensor | None,
     token_set: Tensor | None,
     group_size: int,
@@ -385,9 +439,11 @@ def lut_matmul(
             f"the LUT kernel needs groups that do not split a code byte: group_size must divide "
             f"in_features={in_features} and be a multiple of 8 (or equal it), got {group_size}"
         )
-    if scales.shape[1:] != (bits, n_groups, n_blocks * ROWS):
+    layout = (n_groups, n_blocks * ROWS)
+    if scales.first.shape[1:] != layout or scales.rest.shape != (bits - 1, *layout):
         raise ConfigError(
-            f"scales must be (S, {bits}, {n_groups}, {n_blocks * ROWS}), got {scales.shape}"
+            f"scales must be (S, {n_groups}, {n_blocks * ROWS}) and ({bits - 1}, {n_groups}, "
+            f"{n_blocks * ROWS}), got {scales.first.shape} and {scales.rest.shape}"
         )
     n_tokens = x.shape[0]
     x_np = x.detach().to(torch.float32).contiguous().numpy()
@@ -408,7 +464,8 @@ def lut_matmul(
             x_np,
             group_size,
             prepared.codes,
-            scales,
+            scales.first,
+            scales.rest,
             sets,
             offset_np,
             with_offset,
@@ -423,7 +480,9 @@ def lut_matmul(
     torch_threads = torch.get_num_threads()
     numba_set_num_threads(threads)
     try:
-        _row_blocks_parallel(tables, prepared.codes, scales, sets, n_groups, bytes_per_group, y)
+        _row_blocks_parallel(
+            tables, prepared.codes, scales.first, scales.rest, sets, n_groups, bytes_per_group, y
+        )
     finally:
         # Starting numba's OpenMP pool resets the process-wide OpenMP thread count that torch
         # reads; give torch its setting back.
@@ -489,6 +548,6 @@ def bcq_matmul_lut(
     _check_scales(x, packed, alpha, offset, group_size, in_features)
     lead = x.shape[:-1]
     flat = x.reshape(-1, in_features)
-    codes, scales = prepare_codes(packed, in_features), prepare_scales(alpha[None])
+    codes, scales = prepare_codes(packed, in_features), prepare_scales(alpha[:1], alpha[1:])
     y = lut_matmul(flat, codes, scales, offset, None, group_size)
     return y.reshape(*lead, packed.shape[1]).to(x.dtype)
