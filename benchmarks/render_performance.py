@@ -5,6 +5,7 @@ benchmark named next to its table; this script only formats them, so the page ca
 after any rerun::
 
     python benchmarks/render_performance.py            # prints the tables (markdown)
+    python benchmarks/render_performance.py --write    # puts them into docs/performance.md
     python benchmarks/render_performance.py --check    # fails if a results file is missing
 """
 
@@ -15,6 +16,8 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+PAGE = Path(__file__).parent.parent / "docs" / "performance.md"
+START, END = "<!-- tables:start -->", "<!-- tables:end -->"
 
 
 def _load(name: str) -> dict | None:
@@ -145,29 +148,45 @@ SECTIONS = {
     "kernels.json": ("Layer level: decode", kernels_table),
     "kernels.json#batched": ("Layer level: batched path", batched_table),
     "generation.json": ("Model level: SmolLM2 generation", generation_table),
-    "generation_bcq_head.json": ("Model level: BCQ LM head", generation_table),
     "training.json": ("Training step", training_table),
     "mixed.json": ("Mixed-task batches", mixed_table),
 }
 
 
+def render(check: bool = False) -> str:
+    """All tables as markdown; ``check`` raises if a results file is missing."""
+    parts, missing = [], []
+    for key, (title, render_table) in SECTIONS.items():
+        name = key.split("#")[0]
+        data = _load(name)
+        if data is None:
+            missing.append(name)
+            continue
+        date = data.get("environment", {}).get("date", "?")
+        parts.append(
+            f"### {title}\n\n(from `benchmarks/results/{name}`, {date})\n\n{render_table(data)}\n"
+        )
+    if missing and check:
+        raise SystemExit(f"missing results: {', '.join(missing)}")
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if a results file is missing")
+    parser.add_argument("--write", action="store_true", help=f"replace the tables in {PAGE}")
     args = parser.parse_args()
-    missing = []
-    for key, (title, render) in SECTIONS.items():
-        data = _load(key.split("#")[0])
-        if data is None:
-            missing.append(key)
-            continue
-        env = data.get("environment", {})
-        print(
-            f"### {title}\n\n(from `benchmarks/results/{key.split('#')[0]}`, {env.get('date', '?')})\n"
-        )
-        print(render(data) + "\n")
-    if missing and args.check:
-        raise SystemExit(f"missing results: {', '.join(missing)}")
+    tables = render(args.check)
+    if not args.write:
+        print(tables)
+        return
+    page = PAGE.read_text()
+    if START not in page or END not in page:
+        raise SystemExit(f"{PAGE} has no {START} ... {END} block to replace")
+    head, rest = page.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    PAGE.write_text(f"{head}{START}\n\n{tables}\n{END}{tail}")
+    print(f"wrote the tables into {PAGE}")
 
 
 if __name__ == "__main__":
