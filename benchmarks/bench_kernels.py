@@ -9,7 +9,8 @@ For every shape (out x in), bit width, batch and thread count it times the decod
 
 and the batched path (prefill / training, ``--prefill`` tokens):
 
-- ``batched``: ``numba_dequant.dequantize_fast`` + ``F.linear`` (what layers do for many tokens),
+- ``batched``: ``kernels.dequantized_linear`` (numba dequantization + ``F.linear``: what layers do for
+  many tokens),
 - ``ref``:     the torch reference dequantization + ``F.linear`` (dequantize-then-matmul),
 - ``fp32_prefill``: ``F.linear`` with the dense weight for the same tokens.
 
@@ -41,7 +42,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from alphatune.kernels import avx512_lut, numba_dequant
+from alphatune import kernels
+from alphatune.kernels import avx512_lut
 from alphatune.kernels.reference import bcq_matmul_dequant
 from alphatune.packing import packed_width
 
@@ -100,21 +102,6 @@ def lut_bytes(bits: int, out: int, in_features: int, groups: int, batch: int) ->
     )
 
 
-def batched_linear(
-    x: Tensor,
-    packed: Tensor,
-    alpha: Tensor,
-    offset: Tensor | None,
-    group_size: int,
-    in_features: int,
-) -> Tensor:
-    """The batched path of a layer: numba dequantization, then one GEMM."""
-    weight = numba_dequant.dequantize_fast(
-        packed, alpha, offset, group_size, in_features, reuse=True
-    )
-    return F.linear(x, weight)
-
-
 def nf4_linear(weight: Tensor) -> Callable[[Tensor], Tensor] | str:
     """bitsandbytes NF4 ``x -> x Wᵀ`` on CPU, or the reason it cannot run here."""
     try:
@@ -165,7 +152,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                 batched_ms = ref_ms = None
                 if args.prefill:
                     operands = (prefill, packed, alpha, None, group_size, in_features)
-                    batched_ms = time_ms(partial(batched_linear, *operands), 3, args.budget)
+                    batched_ms = time_ms(
+                        partial(kernels.dequantized_linear, *operands), 3, args.budget
+                    )
                     # The torch reference dequantization takes 0.1-2 s: two runs, no warm-up.
                     ref_ms = time_ms(
                         partial(bcq_matmul_dequant, *operands), 2, args.budget, warmup=False

@@ -159,10 +159,11 @@ class BCQLinear(nn.Linear):
         return unpack_codes(self.packed_codes, self.in_features)
 
     def _scales_version(self) -> tuple[object, ...] | None:
-        """Identity and in-place version of every tensor the weight depends on.
+        """Identity and in-place version of every parameter and buffer of the layer.
 
-        ``None`` when a tensor was made under ``torch.inference_mode`` (no version counter):
-        such a layer is not cached.
+        That covers what the weight depends on (codes, scales, offset) and the α₁ bank of
+        mixed-task batches (a buffer too). ``None`` when a tensor was made under
+        ``torch.inference_mode`` (no version counter): such a layer is not cached.
         """
         # Straight from the module's dicts: nn.Module.__getattr__ is slow on the decode path.
         tensors = [*self._parameters.values(), *self._buffers.values()]
@@ -246,11 +247,7 @@ class BCQLinear(nn.Linear):
         flat = x.reshape(-1, self.in_features)  # (T, in), rows stay contiguous
         per_row = flat.shape[0] // rows.numel()
         token_adapter = rows if per_row == 1 else rows.repeat_interleave(per_row)  # (T,)
-        key = self._scales_version()
-        if key is not None and not self.alpha1_bank.is_inference():
-            key = (*key, (self.alpha1_bank.data_ptr(), self.alpha1_bank._version))
-        else:
-            key = None
+        key = self._scales_version()  # covers the bank: it is a buffer
         y = kernels.bcq_matmul_mixed(
             flat,
             self.packed_codes,

@@ -52,6 +52,7 @@ __all__ = [
     "binary_products",
     "dequantize_packed",
     "dequantize_packed_reference",
+    "dequantized_linear",
     "unpack_signs",
 ]
 
@@ -117,6 +118,28 @@ def _cached(cache: WeightCache | None, name: str, key: Hashable, build: Callable
     return build() if cache is None else cache.get(name, key, build)
 
 
+def dequantized_linear(
+    x: Tensor,
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """``F.linear`` through a dequantized weight that is not kept (the batched path).
+
+    On CPU with numba the weight goes into a reused per-thread workspace (``numba_dequant``),
+    consumed by this one GEMM; elsewhere the torch reference builds it.
+    """
+    if packed.device.type == "cpu" and alpha.dtype == torch.float32 and numba_dequant.available():
+        weight = numba_dequant.dequantize_fast(
+            packed, alpha, offset, group_size, in_features, reuse=True
+        )
+    else:
+        weight = dequantize_packed_reference(packed, alpha, offset, group_size, in_features)
+    return F.linear(x, weight.to(x.dtype))
+
+
 def _tensor_key(t: Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t._version)
 
@@ -164,12 +187,8 @@ def bcq_matmul(
         return dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
 
     if x.device.type == "cpu" and avx512_lut.available() and alpha.dtype == torch.float32:
-        # The LUT kernel serves decode, so a kept dense weight would only cost memory: dequantize
-        # into a reused workspace, consumed by this one GEMM.
-        weight = numba_dequant.dequantize_fast(
-            packed, alpha, offset, group_size, in_features, reuse=True
-        )
-        return F.linear(x, weight.to(x.dtype))
+        # The LUT kernel serves decode, so a kept dense weight would only cost memory.
+        return dequantized_linear(x, packed, alpha, offset, group_size, in_features)
     weight = (
         build() if cache is None else cache.get("dense", (*cache_key, x.device, x.dtype), build)
     )
@@ -196,20 +215,13 @@ def bcq_matmul_mixed(
     bank or the other scales change.
     """
     if not _use_lut(x, x.shape[0], group_size, in_features):
-        if x.device.type != "cpu" or not numba_dequant.available():
-            return bcq_matmul_mixed_reference(
-                x, packed, alpha1_bank, token_adapter, alpha_rest, offset, group_size, in_features
-            )
-        # Many tokens: each adapter's rows through its own weight, dequantized by numba into the
-        # workspace (one GEMM's worth of work in all, plus one dequantization per adapter).
+        # Many tokens: each adapter's rows through its own weight, not kept (one GEMM's worth
+        # of work in all, plus one dequantization per adapter).
         y = x.new_empty(x.shape[0], packed.shape[1])
         for adapter in token_adapter.unique().tolist():
             rows = token_adapter == adapter
-            alpha = torch.cat([alpha1_bank[adapter][None], alpha_rest]).to(torch.float32)
-            weight = numba_dequant.dequantize_fast(
-                packed, alpha, offset, group_size, in_features, reuse=True
-            )
-            y[rows] = F.linear(x[rows], weight.to(x.dtype))
+            alpha = torch.cat([alpha1_bank[adapter][None], alpha_rest])
+            y[rows] = dequantized_linear(x[rows], packed, alpha, offset, group_size, in_features)
         return y
 
     def build_scales() -> Any:

@@ -62,7 +62,6 @@ except ImportError as exc:  # numba is an optional dependency (extra "fast")
 ROWS = 16  # rows per vector: one float32 lane each in a 512-bit register
 _ROW_BLOCKS_PER_TASK = 8  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
-_NO_SETS = np.zeros(64, np.int64)  # every token on scale set 0 (read only)
 _NO_OFFSET = np.zeros((1, 1), np.float32)  # one compiled signature with and without an offset
 
 
@@ -297,35 +296,6 @@ if _IMPORT_ERROR is None:
                     flat_y, t * out + block * ROWS,
                 )  # fmt: skip
 
-    @njit(cache=True)
-    def _decode_serial(
-        x,
-        group_size,
-        codes,
-        first_scales,
-        rest_scales,
-        token_set,
-        offset,
-        with_offset,
-        n_groups,
-        bytes_per_group,
-    ):  # pragma: no cover - numba
-        """The whole single-thread matmul in one call: a decode step calls this ~200 times per
-        token on a small model, so every Python-side allocation and call shows."""
-        n_tokens = x.shape[0]
-        _, n_blocks, n_bytes, _ = codes.shape
-        tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
-        group_sums = np.empty((n_tokens, n_groups), np.float32)
-        _build_tables(x, group_size, tables, group_sums, with_offset)
-        y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
-        _row_blocks(
-            tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group, 0,
-            n_blocks, y,
-        )  # fmt: skip
-        if with_offset:
-            _add_offset(y, offset, group_sums)
-        return y
-
     @njit(parallel=True, cache=True)
     def _row_blocks_parallel(
         tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group, y
@@ -339,6 +309,42 @@ if _IMPORT_ERROR is None:
                 tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group,
                 first, last, y,
             )  # fmt: skip
+
+    @njit(cache=True)
+    def _decode(
+        x,
+        group_size,
+        codes,
+        first_scales,
+        rest_scales,
+        token_set,
+        offset,
+        with_offset,
+        n_groups,
+        bytes_per_group,
+        parallel,
+    ):  # pragma: no cover - numba
+        """The whole matmul in one call: a decode step calls this ~200 times per token on a small
+        model, so every Python-side allocation and call shows. ``parallel`` splits the row blocks
+        over numba's threads (the caller sets their number)."""
+        n_tokens = x.shape[0]
+        _, n_blocks, n_bytes, _ = codes.shape
+        tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
+        group_sums = np.empty((n_tokens, n_groups), np.float32)
+        _build_tables(x, group_size, tables, group_sums, with_offset)
+        y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
+        if parallel:
+            _row_blocks_parallel(
+                tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group, y
+            )
+        else:
+            _row_blocks(
+                tables, codes, first_scales, rest_scales, token_set, n_groups, bytes_per_group, 0,
+                n_blocks, y,
+            )  # fmt: skip
+        if with_offset:
+            _add_offset(y, offset, group_sums)
+        return y
 
 
 # ----------------------------------------------------------------------------- python side
@@ -448,48 +454,30 @@ def lut_matmul(
     n_tokens = x.shape[0]
     x_np = x.detach().to(torch.float32).contiguous().numpy()
     if token_set is None:
-        sets = _NO_SETS[:n_tokens]
+        sets = np.zeros(n_tokens, np.int64)
     else:
         sets = token_set.detach().cpu().to(torch.int64).numpy()
-    if len(sets) < n_tokens:
-        sets = np.zeros(n_tokens, np.int64)
     with_offset = offset is not None
     offset_np = (
         offset.detach().to(torch.float32).contiguous().numpy() if with_offset else _NO_OFFSET
     )
     bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
     threads = _threads_for(bits * n_blocks * ROWS * 8 * n_bytes * n_tokens)
+    args = (
+        x_np, group_size, prepared.codes, scales.first, scales.rest, sets, offset_np, with_offset,
+        n_groups, bytes_per_group,
+    )  # fmt: skip
     if threads == 1:
-        y = _decode_serial(
-            x_np,
-            group_size,
-            prepared.codes,
-            scales.first,
-            scales.rest,
-            sets,
-            offset_np,
-            with_offset,
-            n_groups,
-            bytes_per_group,
-        )
-        return torch.from_numpy(y[:, :out])
-    tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
-    group_sums = np.empty((n_tokens, n_groups), np.float32)
-    _build_tables(x_np, group_size, tables, group_sums, with_offset)
-    y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
+        return torch.from_numpy(_decode(*args, False)[:, :out])
     torch_threads = torch.get_num_threads()
     numba_set_num_threads(threads)
     try:
-        _row_blocks_parallel(
-            tables, prepared.codes, scales.first, scales.rest, sets, n_groups, bytes_per_group, y
-        )
+        y = _decode(*args, True)
     finally:
         # Starting numba's OpenMP pool resets the process-wide OpenMP thread count that torch
         # reads; give torch its setting back.
         if torch.get_num_threads() != torch_threads:
             torch.set_num_threads(torch_threads)
-    if with_offset:
-        _add_offset(y, offset_np, group_sums)
     return torch.from_numpy(y[:, :out])
 
 
