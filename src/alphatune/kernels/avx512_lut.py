@@ -44,14 +44,13 @@ import torch
 from torch import Tensor
 
 from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.kernels.numba_threads import numba_threads, threads_for
 from alphatune.packing import packed_width
 
 try:
     import llvmlite.binding as llvm_binding
     from llvmlite import ir
-    from numba import config as numba_config
     from numba import njit, prange, types
-    from numba import set_num_threads as numba_set_num_threads
     from numba.core import cgutils
     from numba.extending import intrinsic
 
@@ -414,12 +413,6 @@ def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:
     return PreparedScales(_rows_contiguous(first_sets), _rows_contiguous(rest))
 
 
-def _threads_for(work: int) -> int:
-    if work < _MIN_PARALLEL_WORK:
-        return 1
-    return max(1, min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS))
-
-
 def lut_matmul(
     x: Tensor,
     prepared: PreparedCodes,
@@ -462,22 +455,15 @@ def lut_matmul(
         offset.detach().to(torch.float32).contiguous().numpy() if with_offset else _NO_OFFSET
     )
     bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
-    threads = _threads_for(bits * n_blocks * ROWS * 8 * n_bytes * n_tokens)
+    threads = threads_for(bits * n_blocks * ROWS * 8 * n_bytes * n_tokens, _MIN_PARALLEL_WORK)
     args = (
         x_np, group_size, prepared.codes, scales.first, scales.rest, sets, offset_np, with_offset,
         n_groups, bytes_per_group,
     )  # fmt: skip
     if threads == 1:
         return torch.from_numpy(_decode(*args, False)[:, :out])
-    torch_threads = torch.get_num_threads()
-    numba_set_num_threads(threads)
-    try:
+    with numba_threads(threads):
         y = _decode(*args, True)
-    finally:
-        # Starting numba's OpenMP pool resets the process-wide OpenMP thread count that torch
-        # reads; give torch its setting back.
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
     return torch.from_numpy(y[:, :out])
 
 

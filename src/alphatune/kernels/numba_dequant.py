@@ -18,11 +18,10 @@ import torch
 from torch import Tensor
 
 from alphatune.errors import KernelUnavailableError
+from alphatune.kernels.numba_threads import numba_threads, threads_for
 
 try:
-    from numba import config as numba_config
     from numba import njit, prange
-    from numba import set_num_threads as numba_set_num_threads
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # numba is an optional dependency (extra "fast")
@@ -147,15 +146,10 @@ def dequantize_fast(
         return padded[:, :in_features]
     bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
     args = (codes, scales, shift, with_offset, bytes_per_group, _SIGNS)
-    threads = min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS)
-    if threads > 1 and rows * n_bytes * bits >= _MIN_PARALLEL_BYTES:
-        torch_threads = torch.get_num_threads()
-        numba_set_num_threads(threads)
-        try:
+    threads = threads_for(rows * n_bytes * bits, _MIN_PARALLEL_BYTES)
+    if threads > 1:
+        with numba_threads(threads):
             _dequantize_rows_parallel(*args, padded.numpy())
-        finally:
-            if torch.get_num_threads() != torch_threads:  # numba's pool resets torch's count
-                torch.set_num_threads(torch_threads)
     else:
         _dequantize_rows(*args, 0, rows, padded.numpy())
     return padded if padded.shape[1] == in_features else padded[:, :in_features].contiguous()
