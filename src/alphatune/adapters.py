@@ -318,7 +318,6 @@ def _load_into(
     model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], where: Path
 ) -> None:
     state = model.state_dict(keep_vars=True)
-    converted: dict[int, Tensor] = {}
     missing = [n for n in state if n not in tensors and n not in tied]
     unexpected = [n for n in tensors if n not in state]
     if missing or unexpected:
@@ -327,15 +326,18 @@ def _load_into(
             f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
         )
     loaded: dict[str, Tensor] = {}
+    converted: dict[int, Tensor] = {}  # id of a file tensor -> it in the model's dtype
     for name, target in state.items():
-        source = tensors[tied.get(name, name)] if name in tied else tensors[name]
+        source = tensors[tied.get(name, name)]
         if source.shape != target.shape:
             raise CheckpointError(
                 f"{where}: tensor {name!r} has shape {tuple(source.shape)}, the model expects "
                 f"{tuple(target.shape)}"
             )
         # Tied names get the very same tensor, so they stay tied after assignment.
-        loaded[name] = converted.setdefault(id(source), source.to(target.dtype))
+        if id(source) not in converted:
+            converted[id(source)] = source.to(target.dtype)
+        loaded[name] = converted[id(source)]
     # assign: the model takes the loaded tensors (its parameters may be on the meta device).
     model.load_state_dict(loaded, strict=True, assign=True)
     model.tie_weights()
