@@ -88,7 +88,9 @@ class BCQMatmul(torch.autograd.Function):
 
     Args (of ``apply``): x ``(..., in)``; packed ``(q, out, ceil(in/8))`` uint8; alpha1
     ``(out, G)``; alpha_rest ``(q-1, out, G)``; offset ``(out, G)`` or ``None``; group_size;
-    in_features; alpha_grad ``AlphaGrad`` or ``None`` (choose by shape). Returns ``(..., out)``.
+    in_features; alpha_grad ``AlphaGrad`` or ``None`` (choose by shape); grad_scale, a factor
+    applied to the scale and offset gradients (the paper's Eq. 4 uses ``1 / group_size``).
+    Returns ``(..., out)``.
     """
 
     @staticmethod
@@ -102,12 +104,14 @@ class BCQMatmul(torch.autograd.Function):
         group_size: int,
         in_features: int,
         alpha_grad: AlphaGrad | str | None = None,
+        grad_scale: float = 1.0,
     ) -> Tensor:
         alpha = torch.cat([alpha1[None], alpha_rest])  # (q, out, G)
         weight = kernels.dequantize_packed(packed, alpha, offset, group_size, in_features)
         ctx.save_for_backward(x, packed, weight)
         ctx.group_size, ctx.in_features = group_size, in_features
         ctx.alpha_grad = None if alpha_grad is None else AlphaGrad(alpha_grad)
+        ctx.grad_scale = grad_scale
         return F.linear(x, weight.to(x.dtype))
 
     @staticmethod
@@ -127,9 +131,11 @@ class BCQMatmul(torch.autograd.Function):
             codes = kernels.unpack_signs(packed[planes], in_features, dtype)  # (p, out, in)
             method = ctx.alpha_grad or choose_alpha_grad(flat_x.shape[0], g)
             grad_planes = _ALPHA_GRAD[method](flat_x, flat_dy, codes, g)  # (p, out, G)
+            if ctx.grad_scale != 1.0:
+                grad_planes = grad_planes * ctx.grad_scale
             grad_a1 = grad_planes[0] if need_a1 else None
             grad_rest = grad_planes[1:] if need_rest else None
         if need_offset:
             group_sums = flat_x.reshape(flat_x.shape[0], -1, g).sum(-1)  # (T, G)
-            grad_offset = flat_dy.T @ group_sums  # (out, G)
-        return grad_x, None, grad_a1, grad_rest, grad_offset, None, None, None
+            grad_offset = (flat_dy.T @ group_sums) * ctx.grad_scale  # (out, G)
+        return grad_x, None, grad_a1, grad_rest, grad_offset, None, None, None, None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
@@ -61,15 +62,33 @@ class TrainableScales(str, Enum):
     ALL_ALPHA = "all_alpha"
 
 
+class Granularity(str, Enum):
+    """How many α₁ values an adapter trains per layer."""
+
+    GROUP = "group"  # one α₁ per (row, group): as many as the quantized layer has α₁ values
+    ROW = "row"  # one multiplier per output row on top of the frozen grouped α₁ (the paper's count)
+
+
+class AlphaGradScale(str, Enum):
+    """Factor on the scales' gradients (see ``AlphaTuningConfig.alpha_grad_scale``)."""
+
+    NONE = "none"
+    GROUP_SIZE = "group_size"  # the paper's Eq. 4: divide by the group size
+
+
 T = TypeVar("T")
 
 
 def _patterns(value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
-    if not all(isinstance(p, str) for p in value):  # type: ignore[attr-defined]
+    try:
+        patterns = tuple(value)  # type: ignore[call-overload]
+    except TypeError:
+        patterns = (value,)
+    if not all(isinstance(p, str) for p in patterns):
         raise ConfigError(f"module patterns must be strings, got {value!r}")
-    return tuple(value)  # type: ignore[arg-type]
+    return patterns
 
 
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
@@ -80,6 +99,38 @@ def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
             "%s: ignoring unknown keys %s (written by a newer alphatune?)", where, unknown
         )
     return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_types(
+    config: object,
+    integers: tuple[str, ...] = (),
+    reals: tuple[str, ...] = (),
+    flags: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Raise ``ConfigError`` for a field of the wrong type (not a ``TypeError`` later on) and store
+    numbers as plain ``int`` / ``float`` (numpy scalars included). ``optional`` fields may be
+    ``None``. Reals must be finite: an infinite or NaN learning rate or scale trains to NaN."""
+    for name in integers + reals + flags:
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if name in flags:
+            ok, expected = isinstance(value, bool), "true or false"
+        elif name in integers:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            expected = "an integer"
+        else:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            ok = ok and math.isfinite(value)  # type: ignore[arg-type]
+            expected = "a finite number"
+        if not ok:
+            expected += " or None" if name in optional else ""
+            raise ConfigError(f"{type(config).__name__}.{name} must be {expected}, got {value!r}")
+        if name in integers:
+            object.__setattr__(config, name, int(value))
+        elif name in reals:
+            object.__setattr__(config, name, float(value))
 
 
 @dataclass(frozen=True)
@@ -154,6 +205,7 @@ class BCQConfig:
         if self.include is not None:
             object.__setattr__(self, "include", _patterns(self.include))
         object.__setattr__(self, "exclude", _patterns(self.exclude))
+        _check_types(self, integers=("iterations", "format_version"))
         if self.iterations < 0:
             raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
 
@@ -198,12 +250,20 @@ class AlphaTuningConfig:
         alpha_lr_scale: multiplies the learning rate of the scales. The paper scales α's update down
             because one α multiplies a whole row (or group); with Adam a gradient scale cancels out,
             so the knob is expressed on the learning rate.
+        granularity: ``"group"`` trains α₁ itself, one value per (row, group); ``"row"`` freezes α₁
+            and trains one multiplier per output row on top of it (``alpha1`` training only), the
+            parameter count the paper's ">1,000x fewer" refers to.
+        alpha_grad_scale: ``"none"``, or ``"group_size"`` to divide the scales' gradients by the
+            group size as the paper's Eq. 4 does. Adam largely cancels a constant factor; what is
+            left acts through gradient clipping and Adam's epsilon (measured in docs/results.md).
     """
 
     train: TrainableScales = TrainableScales.ALPHA1
     train_offset: bool = False
     train_bias: bool = False
     alpha_lr_scale: float = 1.0
+    granularity: Granularity = Granularity.GROUP
+    alpha_grad_scale: AlphaGradScale = AlphaGradScale.NONE
 
     def __post_init__(self) -> None:
         try:
@@ -212,12 +272,27 @@ class AlphaTuningConfig:
             raise ConfigError(
                 f"train must be 'alpha1' or 'all_alpha', got {self.train!r}"
             ) from None
+        for name, kind in (("granularity", Granularity), ("alpha_grad_scale", AlphaGradScale)):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                known = ", ".join(repr(k.value) for k in kind)
+                raise ConfigError(
+                    f"{name} must be one of {known}, got {getattr(self, name)!r}"
+                ) from None
+        if self.granularity == Granularity.ROW and self.train != TrainableScales.ALPHA1:
+            raise ConfigError(
+                "granularity='row' trains a multiplier of α₁ only; use train='alpha1' with it"
+            )
+        _check_types(self, reals=("alpha_lr_scale",), flags=("train_offset", "train_bias"))
         if not self.alpha_lr_scale > 0:
             raise ConfigError(f"alpha_lr_scale must be > 0, got {self.alpha_lr_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["train"] = self.train.value
+        data["granularity"] = self.granularity.value
+        data["alpha_grad_scale"] = self.alpha_grad_scale.value
         return data
 
     @classmethod
@@ -251,6 +326,28 @@ class TrainConfig:
     dropout: bool = False  # the paper's recipe: no dropout (the model runs in eval mode)
 
     def __post_init__(self) -> None:
+        _check_types(
+            self,
+            integers=(
+                "batch_size",
+                "grad_accum",
+                "max_steps",
+                "max_length",
+                "eval_every",
+                "checkpoint_every",
+                "seed",
+            ),
+            reals=(
+                "learning_rate",
+                "weight_decay",
+                "epochs",
+                "warmup_ratio",
+                "label_smoothing",
+                "max_grad_norm",
+            ),
+            flags=("dropout",),
+            optional=("max_steps", "max_grad_norm"),
+        )
         checks = {
             "learning_rate": self.learning_rate > 0,
             "batch_size": self.batch_size >= 1,
@@ -263,6 +360,7 @@ class TrainConfig:
             "eval_every": self.eval_every >= 0,
             "checkpoint_every": self.checkpoint_every >= 0,
             "weight_decay": self.weight_decay >= 0,
+            "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -6,7 +6,14 @@ State (all saved in the state dict):
   AlphaTuning trains;
 - ``alpha_rest``: ``(q-1, out, G)`` buffer, the other scales (frozen unless made trainable);
 - ``offset``: ``(out, G)`` buffer or ``None`` (BCQ with offset), frozen unless made trainable;
+- ``alpha1_scale``: ``(out,)`` parameter or ``None``: one multiplier per output row on top of the
+  frozen grouped α₁ (``AlphaTuningConfig(granularity="row")``), so that an adapter holds one value
+  per row instead of one per (row, group);
 - ``bias``: kept in full precision.
+
+``alpha_grad_scale`` (a plain float, 1.0 unless ``AlphaTuningConfig(alpha_grad_scale="group_size")``
+sets it) multiplies the gradients of the scales in backward (the paper's Eq. 4 divides them by the
+group size).
 
 Mixed-task batches (``alphatune.mixed``) add ``alpha1_bank``, a non-persistent ``(A, out, G)``
 buffer of every loaded adapter's α₁, and ``adapter_rows``, the bank index of each batch row while
@@ -25,7 +32,7 @@ from alphatune.errors import ConfigError
 from alphatune.packing import pack_codes, packed_width, unpack_codes
 
 # Names of the per-layer scale tensors (what AlphaTuning may train and adapters store).
-SCALE_NAMES = ("alpha1", "alpha_rest", "offset")
+SCALE_NAMES = ("alpha1", "alpha_rest", "offset", "alpha1_scale")
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -81,6 +88,9 @@ class BCQLinear(nn.Linear):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device))
         else:
             self.register_parameter("bias", None)
+        # Row-wise adaptation (see the module docstring): created by make_trainable(row_scale=True).
+        self.register_parameter("alpha1_scale", None)
+        self.alpha_grad_scale = 1.0  # set by alphatune.tuning; multiplies scale gradients
         # Inference-only prepared forms of the weight (eval mode only; see kernels.WeightCache):
         # rebuilt when the scales change, dropped by train() and release_weight_cache().
         self._weight_cache = kernels.WeightCache()
@@ -134,10 +144,16 @@ class BCQLinear(nn.Linear):
     def weight(self) -> Tensor:  # type: ignore[override]
         return self.dequantize()
 
+    def effective_alpha1(self) -> Tensor:
+        """α₁ as the forward uses it, ``(out, G)``: times the row multiplier when there is one."""
+        if self.alpha1_scale is None:
+            return self.alpha1
+        return self.alpha1 * self.alpha1_scale[:, None]
+
     @property
     def alpha(self) -> Tensor:
-        """All scales, ``(q, out, G)``."""
-        return torch.cat([self.alpha1[None], self.alpha_rest])
+        """All scales as the forward uses them, ``(q, out, G)``."""
+        return torch.cat([self.effective_alpha1()[None], self.alpha_rest])
 
     def dequantize(self) -> Tensor:
         """The dense ``(out, in)`` float32 weight these codes and scales represent."""
@@ -182,23 +198,32 @@ class BCQLinear(nn.Linear):
         """Free the forms of the weight kept for fast inference (rebuilt on the next eval forward)."""
         self._weight_cache.clear()
 
-    def make_trainable(self, *, alpha_rest: bool = False, offset: bool = False) -> None:
-        """Turn frozen buffers into trainable parameters (same state-dict names)."""
+    def make_trainable(
+        self, *, alpha_rest: bool = False, offset: bool = False, row_scale: bool = False
+    ) -> None:
+        """Turn frozen buffers into trainable parameters (same state-dict names).
+
+        ``row_scale`` adds ``alpha1_scale``, one multiplier per output row initialised to 1 (the
+        layer computes exactly what it did before), if the layer has none yet.
+        """
         for name, wanted in (("alpha_rest", alpha_rest), ("offset", offset)):
             value = getattr(self, name)
             if wanted and value is not None and not isinstance(value, nn.Parameter):
                 del self._buffers[name]
                 setattr(self, name, nn.Parameter(value))
+        if row_scale and self.alpha1_scale is None:
+            self.alpha1_scale = nn.Parameter(
+                torch.ones(self.out_features, device=self.alpha1.device)
+            )
+
+    def _scales_need_grad(self) -> bool:
+        return any(
+            isinstance(t, nn.Parameter) and t.requires_grad
+            for t in (self.alpha1, self.alpha_rest, self.offset, self.alpha1_scale)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
-        needs_graph = torch.is_grad_enabled() and (
-            x.requires_grad
-            or self.alpha1.requires_grad
-            or isinstance(self.alpha_rest, nn.Parameter)
-            and self.alpha_rest.requires_grad
-            or isinstance(self.offset, nn.Parameter)
-            and self.offset.requires_grad
-        )
+        needs_graph = torch.is_grad_enabled() and (x.requires_grad or self._scales_need_grad())
         if self.adapter_rows is not None:
             if needs_graph or self.training:
                 raise ConfigError(
@@ -211,11 +236,13 @@ class BCQLinear(nn.Linear):
             y = BCQMatmul.apply(
                 x,
                 self.packed_codes,
-                self.alpha1,
+                self.effective_alpha1(),
                 self.alpha_rest,
                 self.offset,
                 self.group_size,
                 self.in_features,
+                None,
+                self.alpha_grad_scale,
             )
         else:
             key = None if self.training else self._scales_version()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from alphatune.config import AlphaTuningConfig, TrainableScales
+from alphatune.config import AlphaGradScale, AlphaTuningConfig, Granularity, TrainableScales
 from alphatune.errors import ConfigError
 from alphatune.layers import BCQLinear
 from alphatune.lm_head import replaced_head, replaced_head_module
@@ -72,11 +72,19 @@ def prepare_for_alphatuning(
         raise ConfigError("train_offset=True but the model was quantized without offsets")
     for p in model.parameters():
         p.requires_grad_(False)
+    by_row = config.granularity == Granularity.ROW
     for layer in layers:
         layer.make_trainable(
-            alpha_rest=config.train == TrainableScales.ALL_ALPHA, offset=config.train_offset
+            alpha_rest=config.train == TrainableScales.ALL_ALPHA,
+            offset=config.train_offset,
+            row_scale=by_row,
         )
-        layer.alpha1.requires_grad_(True)
+        if by_row:
+            layer.alpha1_scale.requires_grad_(True)
+        else:
+            layer.alpha1.requires_grad_(True)
+        by_group = config.alpha_grad_scale == AlphaGradScale.GROUP_SIZE
+        layer.alpha_grad_scale = 1.0 / layer.group_size if by_group else 1.0
         if config.train == TrainableScales.ALL_ALPHA and isinstance(layer.alpha_rest, nn.Parameter):
             layer.alpha_rest.requires_grad_(True)
         if config.train_offset and isinstance(layer.offset, nn.Parameter):

@@ -1,0 +1,179 @@
+"""``python -m alphatune.experiments``: run the comparison grid, one run, or list where it stands.
+
+    python -m alphatune.experiments grid [--phase e2e ...] [--threads 1]   # resumable, background
+    python -m alphatune.experiments list                                   # done / pending / todo
+    python -m alphatune.experiments run --task e2e --method lora --lr 1e-3 --steps 2 ...
+    python -m alphatune.experiments rescore                                # scores from predictions
+
+Each grid run goes to a fresh process (``run-spec``), so one failure or leak cannot touch the
+next; a failed run leaves ``<run id>.error.txt`` beside where its result would be and is skipped
+until ``--retry-failed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from alphatune.experiments import grid as grid_module
+from alphatune.experiments.spec import Budget, RunSpec, result_path
+from alphatune.models import cache_dir
+
+DEFAULT_RESULTS = Path("benchmarks/results/paper")
+
+
+def _error_path(results: Path, spec: RunSpec) -> Path:
+    return result_path(results, spec).with_suffix(".error.txt")
+
+
+def _run_grid(args: argparse.Namespace) -> int:
+    done_any = True
+    ran = 0
+    while done_any and (args.max_runs is None or ran < args.max_runs):
+        done_any = False  # another pass picks up runs whose learning rate is now known
+        for item in grid_module.specs(args.results, tuple(args.phase or grid_module.ORDER)):
+            if isinstance(item, str):
+                continue
+            if result_path(args.results, item).exists():
+                continue
+            error = _error_path(args.results, item)
+            if error.exists() and not args.retry_failed:
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {item.task}/{item.run_id}", flush=True)
+            command = [
+                sys.executable,
+                "-m",
+                "alphatune.experiments",
+                "run-spec",
+                json.dumps(item.to_dict()),
+                "--results",
+                str(args.results),
+                "--work",
+                str(args.work),
+                "--threads",
+                str(args.threads),
+            ]
+            began = time.time()
+            finished = subprocess.run(command, check=False, capture_output=True, text=True)
+            if finished.returncode != 0:
+                error.parent.mkdir(parents=True, exist_ok=True)
+                error.write_text(finished.stdout[-5000:] + finished.stderr[-20000:])
+                print(f"  failed (exit {finished.returncode}); see {error}", flush=True)
+            else:
+                error.unlink(missing_ok=True)
+                print(f"  done in {time.time() - began:.0f} s", flush=True)
+            done_any = True
+            ran += 1
+            break  # recompute the grid: a finished search may unlock later runs
+    return 0
+
+
+def _run_spec(args: argparse.Namespace) -> int:
+    from alphatune.experiments.runner import run
+
+    torch.set_num_threads(args.threads)
+    spec = RunSpec.from_dict(json.loads(args.spec))
+    result = run(spec, args.results, args.work)
+    print(json.dumps(result["scores"]))
+    return 0
+
+
+def _run_one(args: argparse.Namespace) -> int:
+    from alphatune.experiments.runner import run
+
+    torch.set_num_threads(args.threads)
+    budget = Budget(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        num_beams=args.beams,
+        max_new_tokens=args.max_new_tokens,
+        eval_limit=args.eval_limit,
+    )
+    options = tuple(
+        (k, json.loads(v) if v in ("true", "false") else v)
+        for k, v in (o.split("=", 1) for o in args.option)
+    )
+    spec = RunSpec(
+        args.task, args.method, args.bits, args.seed, args.lr, args.split, options, budget
+    )
+    result = run(spec, args.results, args.work, progress=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "predictions"}, indent=1))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    for item in grid_module.specs(args.results, tuple(args.phase or grid_module.ORDER)):
+        if isinstance(item, str):
+            print(f"pending  {item}")
+            continue
+        state = "done" if result_path(args.results, item).exists() else "todo"
+        if state == "todo" and _error_path(args.results, item).exists():
+            state = "FAILED"
+        print(f"{state:8} {item.task}/{item.run_id}")
+    return 0
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    from alphatune.experiments.runner import rescore
+
+    for path in sorted(args.results.glob("*/*.json")):
+        rescore(path)
+        print(f"rescored {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m alphatune.experiments")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--work", type=Path, default=cache_dir() / "paper" / "runs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grid", help="run every pending run of the grid, most important first")
+    g.add_argument("--phase", action="append", choices=list(grid_module.PHASES))
+    g.add_argument("--threads", type=int, default=1)
+    g.add_argument("--max-runs", type=int, default=None)
+    g.add_argument("--retry-failed", action="store_true")
+    g.set_defaults(func=_run_grid)
+    s = sub.add_parser("run-spec", help=argparse.SUPPRESS)
+    s.add_argument("spec")
+    s.add_argument("--threads", type=int, default=1)
+    s.set_defaults(func=_run_spec)
+    o = sub.add_parser("run", help="one run with explicit settings")
+    o.add_argument("--task", required=True)
+    o.add_argument("--method", required=True)
+    o.add_argument("--bits", type=int, default=None)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--lr", type=float, required=True)
+    o.add_argument("--split", default="test", choices=("dev", "test"))
+    o.add_argument("--option", action="append", default=[], help="name=value (method option)")
+    o.add_argument("--steps", type=int, default=300)
+    o.add_argument("--batch-size", type=int, default=8)
+    o.add_argument("--max-length", type=int, default=128)
+    o.add_argument("--beams", type=int, default=1)
+    o.add_argument("--max-new-tokens", type=int, default=64)
+    o.add_argument("--eval-limit", type=int, default=None)
+    o.add_argument("--threads", type=int, default=1)
+    o.set_defaults(func=_run_one)
+    ls = sub.add_parser("list", help="every run of the grid: done, todo, failed or pending")
+    ls.add_argument("--phase", action="append", choices=list(grid_module.PHASES))
+    ls.set_defaults(func=_list)
+    r = sub.add_parser("rescore", help="recompute every result's scores from its predictions")
+    r.set_defaults(func=_rescore)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

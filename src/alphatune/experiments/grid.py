@@ -1,0 +1,160 @@
+"""The comparison grid: which runs, in which order, with which learning rate.
+
+The grid is a list of phases, most important first. A phase's test runs take the learning rate
+their method family chose on dev (``best_learning_rate``: the best dev score of the family's
+search, seed 0); a run whose family has not finished its search yet is *pending* and is skipped
+until it has. Methods without a search of their own reuse their family's choice (PTQ after
+fine-tuning, PTQ → LoRA and QLoRA use LoRA's or full fine-tuning's; PEQA and the AlphaTuning
+ablations use AlphaTuning's), as the issue asks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from alphatune.errors import ConfigError
+from alphatune.experiments.methods import METHODS
+from alphatune.experiments.spec import Budget, RunSpec, read_result, result_path
+
+# Training and decoding budget per task: the same for every method. 200 steps x 8 examples: a
+# step of SmolLM2-135M is ~6 x 135M x ~500 tokens of FLOPs, 5-10 s on this 2-core CPU, so a run
+# fits the issue's ~20 minutes. Greedy decoding: beam search costs its width in decode time, which
+# 2 CPU cores cannot afford over whole test sets.
+BUDGETS = {
+    "e2e": Budget(steps=200, batch_size=8, max_length=128, max_new_tokens=64),
+    "webnlg": Budget(steps=200, batch_size=8, max_length=128, max_new_tokens=96),
+    "sst2": Budget(steps=100, batch_size=8, max_length=96),
+}
+DEV_ITEMS = 200  # dev items scored per learning-rate candidate (seeded sample)
+
+# The learning-rate search (<= 3 values) of each family, on dev, seed 0.
+LEARNING_RATES = {
+    "alphatuning": (2e-3, 5e-3, 1e-2),
+    "lora": (5e-4, 1e-3, 2e-3),
+    "full-ft": (2e-5, 5e-5, 1e-4),
+    "prompt-tuning": (3e-2,),  # peft's usual value; no search (not one of the issue's three)
+}
+# The spec whose dev scores choose the family's learning rate.
+SEARCHED = {
+    "alphatuning": ("alphatuning", 3, ()),
+    "lora": ("lora", None, ()),
+    "full-ft": ("full-ft", None, ()),
+    "prompt-tuning": ("prompt-tuning", None, ()),
+}
+MAIN_METRIC = {"e2e": "bleu", "webnlg": "bleu", "sst2": "accuracy"}
+
+
+def _budget(task: str, split: str) -> Budget:
+    budget = BUDGETS[task]
+    return replace(budget, eval_limit=DEV_ITEMS) if split == "dev" else budget
+
+
+def search_specs(task: str, family: str) -> list[RunSpec]:
+    method, bits, options = SEARCHED[family]
+    return [
+        RunSpec(task, method, bits, 0, lr, "dev", options, _budget(task, "dev"))
+        for lr in LEARNING_RATES[family]
+    ]
+
+
+def best_learning_rate(results_dir: Path, task: str, family: str) -> float | None:
+    """The family's learning rate with the best dev score, or ``None`` while its search runs."""
+    candidates = search_specs(task, family)
+    if len(candidates) == 1:
+        return candidates[0].learning_rate
+    scores = []
+    for spec in candidates:
+        path = result_path(results_dir, spec)
+        if not path.exists():
+            return None
+        scores.append((read_result(path, task)["scores"][MAIN_METRIC[task]], spec.learning_rate))
+    return max(scores)[1]
+
+
+# A phase entry: (method, bits, options, seeds).
+Entry = tuple[str, int | None, tuple[tuple[str, Any], ...], tuple[int, ...]]
+
+
+def _main(seeds: tuple[int, ...] = (0, 1)) -> list[Entry]:
+    """The headline comparison: AlphaTuning 3-bit against LoRA and LoRA → PTQ, two seeds."""
+    return [
+        ("alphatuning", 3, (), seeds),
+        ("lora", None, (), seeds),
+        ("lora-ptq", 3, (("quantizer", "calibrated"),), seeds),
+        ("lora-ptq", 3, (("quantizer", "rtn"),), (0,)),
+    ]
+
+
+REST: list[Entry] = [
+    ("qlora", 4, (), (0,)),
+    ("full-ft", None, (), (0,)),
+    ("ft-ptq", 3, (("quantizer", "calibrated"),), (0,)),
+    ("ft-ptq", 3, (("quantizer", "rtn"),), (0,)),
+    ("ptq-lora", 3, (), (0,)),
+    ("peqa", 3, (), (0,)),
+    ("alphatuning", 4, (), (0,)),
+    ("alphatuning", 2, (), (0,)),
+    ("prompt-tuning", None, (), (0,)),
+]
+
+
+ABLATIONS: list[Entry] = [
+    ("alphatuning", 3, (("granularity", "row"),), (0,)),
+    ("alphatuning", 3, (("base", "greedy"),), (0,)),
+    ("alphatuning", 3, (("train", "all_alpha"),), (0,)),
+    ("alphatuning", 3, (("train", "all_alpha"), ("offset", True)), (0,)),
+    ("alphatuning", 3, (("grad_scale", "group_size"),), (0,)),
+]
+
+PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
+    # phase -> [(task, kind, families, entries)]; kind "search" runs those families' dev searches.
+    "e2e": [
+        ("e2e", "search", ("alphatuning", "lora"), []),
+        ("e2e", "test", (), _main()),
+    ],
+    "e2e-rest": [
+        ("e2e", "search", ("full-ft", "prompt-tuning"), []),
+        ("e2e", "test", (), REST),
+    ],
+    "e2e-ablations": [("e2e", "test", (), ABLATIONS)],
+    "webnlg": [
+        ("webnlg", "search", tuple(SEARCHED), []),
+        ("webnlg", "test", (), _main() + REST),
+    ],
+    "sst2": [
+        ("sst2", "search", tuple(SEARCHED), []),
+        ("sst2", "test", (), _main((0,)) + REST),
+    ],
+    "webnlg-ablations": [("webnlg", "test", (), ABLATIONS)],
+}
+ORDER = ("e2e", "e2e-rest", "e2e-ablations", "webnlg", "sst2", "webnlg-ablations")
+
+
+def _parent_first(method: str) -> int:
+    return 1 if METHODS[method].parent else 0
+
+
+def specs(results_dir: Path, phases: tuple[str, ...] = ORDER) -> Iterator[RunSpec | str]:
+    """Every run of the phases in order; a run still waiting for its learning rate is a string."""
+    for phase in phases:
+        if phase not in PHASES:
+            raise ConfigError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
+        for task, kind, families, entries in PHASES[phase]:
+            if kind == "search":
+                for family in families:
+                    if len(LEARNING_RATES[family]) > 1:  # one candidate: nothing to search
+                        yield from search_specs(task, family)
+                continue
+            for method, bits, options, seeds in sorted(entries, key=lambda e: _parent_first(e[0])):
+                family = METHODS[method].family
+                lr = best_learning_rate(results_dir, task, family)
+                if lr is None:
+                    yield f"{task}/{method}: waiting for the {family} learning-rate search"
+                    continue
+                for seed in seeds:
+                    yield RunSpec(
+                        task, method, bits, seed, lr, "test", options, _budget(task, "test")
+                    )

@@ -1,0 +1,399 @@
+"""The methods the comparison runs, each turning a spec into a model ready to train and score.
+
+Every method ends in a ``Prepared``: the model (its trainable parameters marked ``requires_grad``),
+its tokenizer, and what the method costs to store. All of them train through the one loop,
+``alphatune.train.train``, and are scored by the same code (``runner``), so prompts,
+tokenization, data order, budget and decoding are the same for all.
+
+| method | what it is |
+|---|---|
+| ``full-ft`` | full fine-tuning of the fp32 model |
+| ``lora`` | LoRA (peft) on the fp32 model, every attention and MLP projection |
+| ``ft-ptq`` / ``lora-ptq`` | the ``full-ft`` / merged ``lora`` model of the same seed quantized to q bits afterwards, with our default quantizer (``quantizer=calibrated``) or round-to-nearest (``quantizer=rtn``) |
+| ``ptq-lora`` | LoRA on our frozen q-bit base (dequantized weights) |
+| ``qlora`` | LoRA on the fp32 model with the block linears through bitsandbytes' NF4 (blocks of 64), dequantized once: the values QLoRA computes with |
+| ``peqa`` | a q-bit round-to-nearest base, one trainable multiplier per (row, group) of the whole quantized weight (PEQA's trainable scale) |
+| ``prompt-tuning`` | peft prompt tuning, 20 virtual tokens initialised from text |
+| ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``grad_scale`` (none / group_size) |
+
+Bases are quantized once and cached (``cache_dir()/paper/bases``), calibrated on 32 x 512
+tokens of WikiText-2 *valid*, as ``alphatune quantize`` does by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alphatune.config import AlphaTuningConfig, BCQConfig, QuantMethod
+from alphatune.errors import ConfigError
+from alphatune.experiments.spec import RunSpec
+from alphatune.layers import BCQLinear
+from alphatune.models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
+from alphatune.quantize import _set_submodule, find_target_layers, quantize_, summarize
+from alphatune.tuning import prepare_for_alphatuning
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 32, 512
+PROMPT_TOKENS = 20
+PROMPT_INIT = "Write the data as a fluent sentence:"
+FP32 = 4  # bytes
+
+
+@dataclass
+class Prepared:
+    """A model ready to train (if the method trains) and score, and what it costs to store."""
+
+    model: nn.Module
+    tokenizer: Any
+    stored_bytes: int  # the deployed model for one task: base + whatever the task adds
+    adapter_bytes: int  # what one more task adds (0 when the method stores a whole model)
+    bits_per_weight: float | None = None  # of the block linears, as stored
+    notes: dict[str, Any] = field(default_factory=dict)
+    # Run after scoring, before the result is written: saves what later runs reuse.
+    handoff: Callable[[Path], None] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    prepare: Callable[[RunSpec, Path], Prepared]
+    quantized: bool
+    trains: bool = True
+    parent: str | None = None  # the method whose trained weights this one quantizes
+    family: str = ""  # the learning-rate search whose choice this method reuses
+
+
+def _unique_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _model_name(spec: RunSpec) -> str:
+    return spec.option("model", DEFAULT_MODEL)
+
+
+# --- bases -----------------------------------------------------------------------------------
+
+
+def base_config(bits: int, method: str) -> BCQConfig:
+    """The q-bit base of a quantizer name: ``calibrated`` (default), ``greedy`` or ``rtn``."""
+    if method == "rtn":  # the offset grid initialised by round-to-nearest, never refined
+        return BCQConfig(bits=bits, method=QuantMethod.OFFSET, iterations=0)
+    return BCQConfig(bits=bits, method=method)
+
+
+def _calibration(tokenizer: Any) -> Tensor:
+    from alphatune.workflow import calibration_batch, default_file
+
+    path = default_file("calibration", "text")
+    return calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)
+
+
+def quantize_model(model: nn.Module, tokenizer: Any, bits: int, method: str) -> None:
+    config = base_config(bits, method)
+    calibration = _calibration(tokenizer) if config.method == QuantMethod.CALIBRATED else None
+    quantize_(model, config, calibration=calibration)
+
+
+def cached_base(model_name: str, bits: int, method: str) -> Path:
+    """Directory of a saved q-bit base of ``model_name``, quantized once and reused."""
+    from alphatune.adapters import save_quantized
+
+    directory = cache_dir() / "paper" / "bases" / f"{Path(model_name).name}-{method}-q{bits}"
+    if (directory / "config.json").exists():
+        return directory
+    logger.info("quantizing %s to %d bits (%s) -> %s", model_name, bits, method, directory)
+    model, tokenizer = load_model(model_name), load_tokenizer(model_name)
+    quantize_model(model, tokenizer, bits, method)
+    save_quantized(model, directory, base_config(bits, method), tokenizer)
+    return directory
+
+
+def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any]:
+    from alphatune.adapters import load_quantized
+
+    if spec.bits is None:
+        raise ConfigError(f"{spec.method} needs bits (a quantized base)")
+    return load_quantized(cached_base(_model_name(spec), spec.bits, method))
+
+
+def _dense_copy(model: nn.Module) -> None:
+    """Replace every BCQLinear by an ``nn.Linear`` holding its dequantized weight (frozen)."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, BCQLinear):
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(layer.dequantize())
+                if layer.bias is not None:
+                    dense.bias.copy_(layer.bias)
+            _set_submodule(model, name, dense)
+
+
+def _quantized_sizes(model: nn.Module) -> tuple[int, float]:
+    summary = summarize(model)
+    return summary.model_bytes, summary.bits_per_weight
+
+
+# --- full precision and LoRA -------------------------------------------------------------------
+
+
+def _save_weights(model: nn.Module, tokenizer: Any) -> Callable[[Path], None]:
+    def handoff(work: Path) -> None:
+        model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+
+    return handoff
+
+
+def _full_ft(spec: RunSpec, work: Path) -> Prepared:
+    model, tokenizer = load_model(_model_name(spec)), load_tokenizer(_model_name(spec))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    size = _unique_params(model) * FP32
+    return Prepared(model, tokenizer, size, size, None, handoff=_save_weights(model, tokenizer))
+
+
+def _lora_config(spec: RunSpec):
+    from peft import LoraConfig
+
+    rank = int(spec.option("rank", 8))
+    return LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none"
+    )
+
+
+def _with_lora(
+    spec: RunSpec,
+    model: nn.Module,
+    tokenizer: Any,
+    base_bytes: int,
+    bits_per_weight: float | None = None,
+) -> Prepared:
+    from peft import get_peft_model
+
+    _freeze(model)
+    peft_model = get_peft_model(model, _lora_config(spec))
+    adapter = _trainable(peft_model) * FP32
+    return Prepared(peft_model, tokenizer, base_bytes + adapter, adapter, bits_per_weight)
+
+
+def _lora(spec: RunSpec, work: Path) -> Prepared:
+    model, tokenizer = load_model(_model_name(spec)), load_tokenizer(_model_name(spec))
+    prepared = _with_lora(spec, model, tokenizer, _unique_params(model) * FP32)
+
+    def handoff(directory: Path) -> None:
+        merged = prepared.model.merge_and_unload()  # type: ignore[operator]
+        _save_weights(merged, tokenizer)(directory)
+
+    prepared.handoff = handoff
+    return prepared
+
+
+def _ptq_lora(spec: RunSpec, work: Path) -> Prepared:
+    model, tokenizer = _load_base(spec, "calibrated")
+    stored, bpw = _quantized_sizes(model)
+    _dense_copy(model)
+    return _with_lora(spec, model, tokenizer, stored, bpw)
+
+
+def nf4_bytes(numel: int, blocksize: int = 64) -> int:
+    """bitsandbytes NF4 storage: 4-bit codes + one fp32 absmax per block (no double quant)."""
+    return numel // 2 + -(-numel // blocksize) * FP32
+
+
+def _qlora(spec: RunSpec, work: Path) -> Prepared:
+    import bitsandbytes.functional as bnbf
+
+    if spec.bits not in (None, 4):
+        raise ConfigError("qlora is NF4: bits must be 4")
+    model, tokenizer = load_model(_model_name(spec)), load_tokenizer(_model_name(spec))
+    targets = find_target_layers(model, BCQConfig())
+    other = _unique_params(model) - sum(m.weight.numel() for m in targets.values())
+    stored = other * FP32
+    with torch.no_grad():
+        for layer in targets.values():
+            packed, state = bnbf.quantize_4bit(layer.weight.data, blocksize=64, quant_type="nf4")
+            layer.weight.copy_(bnbf.dequantize_4bit(packed, state).to(layer.weight.dtype))
+            stored += nf4_bytes(layer.weight.numel())
+    bpw = (
+        8
+        * sum(nf4_bytes(m.weight.numel()) for m in targets.values())
+        / sum(m.weight.numel() for m in targets.values())
+    )
+    return _with_lora(spec, model, tokenizer, stored, bpw)
+
+
+# --- quantize after training ---------------------------------------------------------------------
+
+
+def _after_training(parent: str) -> Callable[[RunSpec, Path], Prepared]:
+    def prepare(spec: RunSpec, work: Path) -> Prepared:
+        if spec.bits is None:
+            raise ConfigError(f"{spec.method} needs bits")
+        source = parent_work(spec, work) / "model"
+        if not (source / "config.json").exists():
+            raise ConfigError(
+                f"{spec.method}: the weights of its {parent} run are missing at {source}; run "
+                f"that run (same task, seed and learning rate, split {spec.split}) first"
+            )
+        model, tokenizer = load_model(source), load_tokenizer(source)
+        quantize_model(model, tokenizer, spec.bits, spec.option("quantizer", "calibrated"))
+        _freeze(model)
+        stored, bpw = _quantized_sizes(model)
+        return Prepared(model, tokenizer, stored, stored, bpw)
+
+    return prepare
+
+
+def parent_spec(spec: RunSpec) -> RunSpec:
+    method = METHODS[spec.method]
+    assert method.parent is not None
+    options = tuple((k, v) for k, v in spec.options if k not in ("quantizer",))
+    return RunSpec(
+        task=spec.task,
+        method=method.parent,
+        bits=None,
+        seed=spec.seed,
+        learning_rate=spec.learning_rate,
+        split=spec.split,
+        options=options,
+        budget=spec.budget,
+    )
+
+
+def parent_work(spec: RunSpec, work: Path) -> Path:
+    """The work directory of the run whose weights ``spec`` quantizes (a sibling of ``work``)."""
+    return work.parent / parent_spec(spec).run_id
+
+
+# --- PEQA and prompt tuning --------------------------------------------------------------------
+
+
+class PEQALinear(nn.Module):
+    """A frozen quantized weight times one trainable scale per (row, group), as PEQA trains.
+
+    Uniform quantization ``w = s (k - z)`` with the integer codes ``k`` and zero point ``z``
+    frozen: training ``s`` multiplies the whole dequantized group, so ``w' = (s'/s) w``.
+    """
+
+    def __init__(self, layer: BCQLinear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.group_size = layer.group_size
+        self.register_buffer("weight", layer.dequantize().detach())
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
+        groups = layer.in_features // layer.group_size
+        self.scale = nn.Parameter(torch.ones(layer.out_features, groups))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.view(self.out_features, -1, self.group_size) * self.scale[..., None]
+        return F.linear(x, weight.view(self.out_features, self.in_features), self.bias)
+
+
+def _peqa(spec: RunSpec, work: Path) -> Prepared:
+    model, tokenizer = _load_base(spec, "rtn")
+    stored, bpw = _quantized_sizes(model)
+    _freeze(model)
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, BCQLinear):
+            _set_submodule(model, name, PEQALinear(layer))
+    adapter = _trainable(model) * FP32
+    return Prepared(model, tokenizer, stored, adapter, bpw)
+
+
+class DropVirtualTokens(nn.Module):
+    """A peft prompt-tuning model whose logits cover the real tokens only (as the loss expects)."""
+
+    def __init__(self, peft_model: nn.Module, virtual_tokens: int) -> None:
+        super().__init__()
+        self.peft_model, self.virtual_tokens = peft_model, virtual_tokens
+
+    def forward(self, **inputs: Any) -> Any:
+        output = self.peft_model(**inputs)
+        output.logits = output.logits[:, self.virtual_tokens :]
+        return output
+
+    def generate(self, **inputs: Any) -> Tensor:
+        return self.peft_model.generate(**inputs)  # type: ignore[operator]
+
+
+def _prompt_tuning(spec: RunSpec, work: Path) -> Prepared:
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+    from alphatune.models import resolve_model_path
+
+    model, tokenizer = load_model(_model_name(spec)), load_tokenizer(_model_name(spec))
+    _freeze(model)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=PROMPT_TOKENS,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=PROMPT_INIT,
+        tokenizer_name_or_path=resolve_model_path(_model_name(spec)),
+    )
+    peft_model = get_peft_model(model, config)
+    adapter = _trainable(peft_model) * FP32
+    base = _unique_params(model) * FP32
+    return Prepared(
+        DropVirtualTokens(peft_model, PROMPT_TOKENS), tokenizer, base + adapter, adapter
+    )
+
+
+# --- AlphaTuning -----------------------------------------------------------------------------
+
+
+def _alphatuning(spec: RunSpec, work: Path) -> Prepared:
+    model, tokenizer = _load_base(spec, spec.option("base", "calibrated"))
+    config = AlphaTuningConfig(
+        train=spec.option("train", "alpha1"),
+        train_offset=bool(spec.option("offset", False)),
+        granularity=spec.option("granularity", "group"),
+        alpha_grad_scale=spec.option("grad_scale", "none"),
+    )
+    report = prepare_for_alphatuning(model, config)
+    stored, bpw = _quantized_sizes(model)
+    adapter = report.trainable * FP32
+    return Prepared(
+        model, tokenizer, stored + adapter, adapter, bpw, notes={"config": config.to_dict()}
+    )
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("full-ft", _full_ft, quantized=False, family="full-ft"),
+        Method("lora", _lora, quantized=False, family="lora"),
+        Method("ft-ptq", _after_training("full-ft"), True, False, "full-ft", "full-ft"),
+        Method("lora-ptq", _after_training("lora"), True, False, "lora", "lora"),
+        Method("ptq-lora", _ptq_lora, quantized=True, family="lora"),
+        Method("qlora", _qlora, quantized=True, family="lora"),
+        Method("peqa", _peqa, quantized=True, family="alphatuning"),
+        Method("prompt-tuning", _prompt_tuning, quantized=False, family="prompt-tuning"),
+        Method("alphatuning", _alphatuning, quantized=True, family="alphatuning"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    method = METHODS.get(name)
+    if method is None:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    return method

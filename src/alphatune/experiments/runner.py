@@ -1,0 +1,175 @@
+"""Running one spec: prepare the method, train with the shared loop, score, write the result file.
+
+``run`` is idempotent: a spec whose result file exists is not run again, and a killed run resumes
+from its last training checkpoint (every 50 steps; full fine-tuning, whose checkpoint would be the
+whole model and its optimizer state, restarts instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alphatune.config import TrainConfig
+from alphatune.evaluate import generate
+from alphatune.experiments.methods import Prepared, get_method
+from alphatune.experiments.spec import (
+    RESULT_FORMAT,
+    RunSpec,
+    environment,
+    read_result,
+    result_path,
+    work_path,
+    write_json,
+)
+from alphatune.experiments.tasks import SST2_LABELS, classify, get_task
+from alphatune.models import load_model
+from alphatune.train import CHECKPOINT_DIR, train
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 50
+GENERATION_BATCH = 16
+
+
+@functools.lru_cache(maxsize=4)
+def fp32_bytes(model_name: str) -> int:
+    """Bytes of the unquantized model in fp32 (tied tensors once): the compression reference."""
+    model = load_model(model_name)
+    return 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def train_config(spec: RunSpec) -> TrainConfig:
+    """The shared recipe (AdamW, linear decay with warm-up, label smoothing 0.1) at the budget."""
+    return TrainConfig(
+        learning_rate=spec.learning_rate,
+        batch_size=spec.budget.batch_size,
+        max_steps=spec.budget.steps,
+        max_length=spec.budget.max_length,
+        seed=spec.seed,
+        checkpoint_every=CHECKPOINT_EVERY,
+    )
+
+
+def _train(spec: RunSpec, prepared: Prepared, work: Path, progress: bool) -> dict[str, Any]:
+    task = get_task(spec.task)
+    # A full fine-tuning checkpoint is the whole model plus Adam's two moments: restart instead.
+    output = None if spec.method == "full-ft" else work
+    resume = output is not None and (output / CHECKPOINT_DIR / "state.json").exists()
+    result = train(
+        prepared.model,
+        prepared.tokenizer,
+        task.train_examples(),
+        train_config(spec),
+        output_dir=output,
+        resume=resume,
+        progress=progress,
+    )
+    losses = result.train_losses
+    tail = losses[-20:]
+    return {
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "resumed_from": result.resumed_from,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(tail) / len(tail) if tail else None,
+        "losses_every_10": losses[::10],
+    }
+
+
+def predict(spec: RunSpec, prepared: Prepared, prompts: list[str], progress: bool) -> list[str]:
+    """The method's answers: generated text, or the chosen label for a classification task."""
+    if not get_task(spec.task).generates:
+        return classify(prepared.model, prepared.tokenizer, prompts, SST2_LABELS)
+    return generate(
+        prepared.model,
+        prepared.tokenizer,
+        prompts,
+        max_new_tokens=spec.budget.max_new_tokens,
+        num_beams=spec.budget.num_beams,
+        batch_size=GENERATION_BATCH,
+        progress=progress,
+    )
+
+
+def run(
+    spec: RunSpec,
+    results_dir: Path,
+    work_dir: Path,
+    *,
+    progress: bool = False,
+    handoff: bool = True,
+) -> dict[str, Any]:
+    """Run ``spec`` (or read its result if it ran already) and return the result.
+
+    Args:
+        results_dir: where result files go (``<results_dir>/<task>/<run id>.json``).
+        work_dir: checkpoints and the weights later runs reuse.
+        handoff: save what runs derived from this one need (fine-tuned weights for PTQ).
+    """
+    path = result_path(results_dir, spec)
+    if path.exists():
+        return read_result(path, spec.task)
+    task, method = get_task(spec.task), get_method(spec.method)
+    work = work_path(work_dir, spec)
+    work.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    prepared = method.prepare(spec, work)
+    trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
+    prepare_seconds = time.perf_counter() - began
+    training = _train(spec, prepared, work, progress) if method.trains else None
+
+    scored = time.perf_counter()
+    eval_set = task.eval_set(spec.split, spec.budget.eval_limit)
+    predictions = predict(spec, prepared, [item.prompt for item in eval_set.items], progress)
+    scores = task.score(predictions, eval_set)
+    eval_seconds = time.perf_counter() - scored
+    if handoff and prepared.handoff is not None:
+        prepared.handoff(work)
+
+    reference = fp32_bytes(spec.option("model", "smollm2-135m-instruct"))
+    result = {
+        "format": RESULT_FORMAT,
+        "spec": spec.to_dict(),
+        "variant": spec.variant,
+        "family": method.family,
+        "environment": environment(),
+        "trainable_parameters": trainable,
+        "stored_bytes": prepared.stored_bytes,
+        "adapter_bytes": prepared.adapter_bytes,
+        "bits_per_weight": prepared.bits_per_weight,
+        "compression_vs_fp32": round(reference / prepared.stored_bytes, 3),
+        "notes": prepared.notes,
+        "training": training,
+        "scores": scores,
+        "seconds": {
+            "prepare": round(prepare_seconds, 1),
+            "eval": round(eval_seconds, 1),
+            "total": round(time.perf_counter() - began, 1),
+        },
+        "predictions": predictions,
+    }
+    write_json(path, result)
+    return result
+
+
+def rescore(path: Path) -> dict[str, Any]:
+    """Recompute a result's scores from its saved predictions (after a metric changed)."""
+    result = read_result(path)
+    spec = RunSpec.from_dict(result["spec"])
+    task = get_task(spec.task)
+    eval_set = task.eval_set(spec.split, spec.budget.eval_limit)
+    if len(eval_set.items) != len(result["predictions"]):
+        raise ValueError(
+            f"{path}: {len(result['predictions'])} predictions but the evaluation set has "
+            f"{len(eval_set.items)} items; rerun it"
+        )
+    result["scores"] = task.score(result["predictions"], eval_set)
+    write_json(path, result)
+    return result

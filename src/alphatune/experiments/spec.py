@@ -1,0 +1,204 @@
+"""What one run of the paper comparison is (``RunSpec``), where its files go, and what it records.
+
+A run is one (task, method, bits, seed, learning rate, split) with the shared training budget. Its
+result is one JSON file, ``<results>/<task>/<run id>.json``, written atomically at the end: a run
+whose file exists is done and is skipped; a killed run resumes from its training checkpoint in the
+work directory (``<work>/<task>/<run id>/``), which also holds what later runs reuse (the weights a
+fine-tuned model hands to its post-training-quantization runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alphatune.errors import ConfigError
+
+RESULT_FORMAT = 1
+# The libraries whose versions every result records.
+RECORDED_PACKAGES = (
+    "alphatune",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "sacrebleu",
+    "nltk",
+    "pycocoevalcap",
+)
+SPLITS = ("dev", "test")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The training and decoding budget every method of a task gets (the report states it)."""
+
+    steps: int = 300
+    batch_size: int = 8
+    max_length: int = 128
+    num_beams: int = 1
+    max_new_tokens: int = 64
+    eval_limit: int | None = None  # items scored (a seeded sample); None: the whole split
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "num_beams", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"budget {name} must be a positive integer, got {value!r}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"budget eval_limit must be None or >= 1, got {self.eval_limit!r}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the comparison.
+
+    Args:
+        task: ``e2e``, ``webnlg`` or ``sst2`` (see ``alphatune.experiments.tasks``).
+        method: a key of ``alphatune.experiments.methods.METHODS``.
+        bits: bits of the quantized weights, ``None`` for a full-precision method.
+        seed: training seed (data order and any random initialisation).
+        learning_rate: peak learning rate.
+        split: ``dev`` (learning-rate search) or ``test`` (the reported numbers).
+        options: method options as sorted ``(name, value)`` pairs (hashable; see ``option``).
+        budget: the shared training and decoding budget.
+    """
+
+    task: str
+    method: str
+    bits: int | None
+    seed: int
+    learning_rate: float
+    split: str = "test"
+    options: tuple[tuple[str, Any], ...] = ()
+    budget: Budget = field(default_factory=Budget)
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if not self.learning_rate > 0 or self.learning_rate == float("inf"):
+            raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        object.__setattr__(self, "options", tuple(sorted(dict(self.options).items())))
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
+
+    @property
+    def variant(self) -> str:
+        """Method and options, e.g. ``alphatuning[granularity=row]``: one row of a table."""
+        if not self.options:
+            return self.method
+        return f"{self.method}[{','.join(f'{k}={v}' for k, v in self.options)}]"
+
+    @property
+    def run_id(self) -> str:
+        bits = "fp" if self.bits is None else f"q{self.bits}"
+        opts = "".join(f"-{k}={v}" for k, v in self.options)
+        return f"{self.method}{opts}-{bits}-lr{self.learning_rate:g}-s{self.seed}-{self.split}"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["options"] = dict(self.options)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        data = dict(data)
+        budget = Budget(**data.pop("budget", {}))
+        options = tuple(dict(data.pop("options", {})).items())
+        return cls(**data, options=options, budget=budget)
+
+
+def result_path(results_dir: Path, spec: RunSpec) -> Path:
+    return results_dir / spec.task / f"{spec.run_id}.json"
+
+
+def work_path(work_dir: Path, spec: RunSpec) -> Path:
+    return work_dir / spec.task / spec.run_id
+
+
+def commit() -> str:
+    """The git commit of the code that ran (``-dirty`` when the tree had changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Commit, library versions, machine and date, to save beside every result."""
+    env: dict[str, Any] = {
+        "commit": commit(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": platform.machine(),
+        "processor": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    for name in RECORDED_PACKAGES:
+        try:
+            env[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return env
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary name, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_result(path: Path, task: str | None = None) -> dict[str, Any]:
+    """A result file, checked to be one (and of ``task`` when given)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable result file ({err})") from err
+    if not isinstance(data, dict) or data.get("format") != RESULT_FORMAT or "spec" not in data:
+        raise ConfigError(
+            f"{path}: not an alphatune experiment result (format {RESULT_FORMAT} with a 'spec')"
+        )
+    if task is not None and data["spec"].get("task") != task:
+        raise ConfigError(
+            f"{path}: a result of task {data['spec'].get('task')!r} in the folder of task "
+            f"{task!r}; move it to its own task's folder"
+        )
+    return data

@@ -1,0 +1,270 @@
+"""The comparison's tasks: their training pairs, their evaluation items, and how they are scored.
+
+- ``e2e``: E2E NLG (restaurant meaning representations to text); BLEU, NIST, METEOR, ROUGE-L and
+  CIDEr against all references of each MR, BLEU with a bootstrap 95% interval.
+- ``webnlg``: WebNLG 2017 (DBpedia triples to text); BLEU on all, seen and unseen test categories
+  (the ``seen`` field), each with its interval.
+- ``sst2``: SST-2 sentiment as the classification task: the model reads the sentence and the label
+  with the higher likelihood (" positive" / " negative") is its answer; accuracy with its interval.
+  GLUE's test labels are not public, so the reported (``test``) split is GLUE's dev set and the
+  learning-rate search (``dev``) uses the last 1,000 training rows, held out from training.
+
+Evaluation items are the whole split or, with a limit, a seeded random sample of it (the same
+sample for every method and seed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alphatune.data import (
+    EvalItem,
+    Example,
+    collate,
+    encode_example,
+    load_e2e_eval,
+    load_e2e_train,
+    load_triples_eval,
+    load_triples_train,
+)
+from alphatune.errors import ConfigError, DataError
+from alphatune.evaluate import corpus_bleu
+from alphatune.models import model_device
+from alphatune.workflow import find_data_dir
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_SEED = 20221007  # the evaluation sample: one fixed draw for every run
+BOOTSTRAP_SAMPLES = 1000
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Evaluation items with, per item, the subsets it belongs to (e.g. ``seen``)."""
+
+    items: list[EvalItem]
+    subsets: dict[str, list[int]]  # subset name -> indices into items ("all" is implicit)
+
+
+def _sample(n: int, limit: int | None) -> list[int]:
+    """Indices of the evaluated items: all, or a seeded sample of ``limit`` in file order."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(SAMPLE_SEED).sample(range(n), limit))
+
+
+def _file(relative: str) -> Path:
+    path = find_data_dir() / relative
+    if not path.is_file():
+        raise DataError(f"data file {path} not found; the comparison reads ../shared/data")
+    return path
+
+
+class Task:
+    """A task of the comparison: its data and its scoring."""
+
+    name: str = ""
+    generates: bool = True
+
+    def train_examples(self) -> list[Example]:
+        raise NotImplementedError
+
+    def eval_set(self, split: str, limit: int | None) -> EvalSet:
+        raise NotImplementedError
+
+    def score(self, predictions: Sequence[str], eval_set: EvalSet) -> dict[str, Any]:
+        """Scores of the predictions (one per item), each with its interval where one applies."""
+        raise NotImplementedError
+
+
+def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
+    references = [item.references for item in items]
+    score: dict[str, Any] = {"bleu": corpus_bleu(predictions, references), "n": len(items)}
+    try:
+        from alphatune.evaluate.metrics import bootstrap_interval
+    except ImportError:  # scored again by ``rescore`` once the interval code exists
+        return score
+    low, high = bootstrap_interval(list(predictions), references, samples=BOOTSTRAP_SAMPLES, seed=0)
+    score["bleu_ci"] = [low, high]
+    return score
+
+
+class E2E(Task):
+    name = "e2e"
+
+    def train_examples(self) -> list[Example]:
+        return load_e2e_train(_file("e2e/train.csv"))
+
+    def eval_set(self, split: str, limit: int | None) -> EvalSet:
+        items = load_e2e_eval(_file(f"e2e/{split}.csv"))
+        return EvalSet([items[i] for i in _sample(len(items), limit)], {})
+
+    def score(self, predictions: Sequence[str], eval_set: EvalSet) -> dict[str, Any]:
+        scores = _bleu_with_interval(predictions, eval_set.items)
+        try:
+            from alphatune.evaluate.metrics import e2e_metrics
+        except ImportError:
+            return scores
+        references = [item.references for item in eval_set.items]
+        scores.update({k.lower(): v for k, v in e2e_metrics(predictions, references).items()})
+        return scores
+
+
+class WebNLG(Task):
+    name = "webnlg"
+
+    def train_examples(self) -> list[Example]:
+        return load_triples_train(_file("webnlg/train.jsonl"))
+
+    def eval_set(self, split: str, limit: int | None) -> EvalSet:
+        path = _file(f"webnlg/{split}.jsonl")
+        items = load_triples_eval(path)
+        # The same non-blank lines load_triples_eval read, in the same order.
+        records = [
+            json.loads(line)
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()
+        ]
+        if len(records) != len(items):
+            raise DataError(f"{path}: {len(records)} records but {len(items)} items were loaded")
+        kept = _sample(len(items), limit)
+        subsets: dict[str, list[int]] = {}
+        if all("seen" in records[i] for i in kept):
+            subsets["seen"] = [j for j, i in enumerate(kept) if records[i]["seen"]]
+            subsets["unseen"] = [j for j, i in enumerate(kept) if not records[i]["seen"]]
+        return EvalSet([items[i] for i in kept], subsets)
+
+    def score(self, predictions: Sequence[str], eval_set: EvalSet) -> dict[str, Any]:
+        scores = _bleu_with_interval(predictions, eval_set.items)
+        for name, indices in eval_set.subsets.items():
+            if indices:
+                part = _bleu_with_interval(
+                    [predictions[i] for i in indices], [eval_set.items[i] for i in indices]
+                )
+                scores.update({f"{name}_{k}": v for k, v in part.items()})
+        return scores
+
+
+SST2_LABELS = (" negative", " positive")  # label 0, label 1
+
+
+def sst2_prompt(sentence: str) -> str:
+    return f"Review: {sentence.strip()}\nSentiment:"
+
+
+def _read_sst2(path: Path) -> list[tuple[str, int]]:
+    rows = []
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if reader.fieldnames is None or {"sentence", "label"} - set(reader.fieldnames):
+            raise DataError(f"{path}: expected a TSV with the header 'sentence<TAB>label'")
+        for row in reader:
+            label = (row["label"] or "").strip()
+            if label not in ("0", "1") or not (row["sentence"] or "").strip():
+                raise DataError(f"{path}:{reader.line_num}: expected a sentence and label 0 or 1")
+            rows.append((row["sentence"], int(label)))
+    return rows
+
+
+SST2_HELD_OUT = 1000  # last training rows, the learning-rate search's dev set
+
+
+class SST2(Task):
+    name = "sst2"
+    generates = False
+
+    def train_examples(self) -> list[Example]:
+        rows = _read_sst2(_file("sst2/train.tsv"))[:-SST2_HELD_OUT]
+        return [Example(prompt=sst2_prompt(s), target=SST2_LABELS[label]) for s, label in rows]
+
+    def eval_set(self, split: str, limit: int | None) -> EvalSet:
+        if split == "dev":
+            rows = _read_sst2(_file("sst2/train.tsv"))[-SST2_HELD_OUT:]
+        else:  # GLUE's test labels are not public: its dev set is the reported one
+            rows = _read_sst2(_file("sst2/dev.tsv"))
+        items = [
+            EvalItem(prompt=sst2_prompt(s), references=(SST2_LABELS[label].strip(),))
+            for s, label in rows
+        ]
+        return EvalSet([items[i] for i in _sample(len(items), limit)], {})
+
+    def score(self, predictions: Sequence[str], eval_set: EvalSet) -> dict[str, Any]:
+        correct = [
+            p == item.references[0] for p, item in zip(predictions, eval_set.items, strict=True)
+        ]
+        n = len(correct)
+        accuracy = 100.0 * sum(correct) / n
+        rng = random.Random(0)
+        draws = sorted(
+            100.0 * sum(correct[rng.randrange(n)] for _ in range(n)) / n
+            for _ in range(BOOTSTRAP_SAMPLES)
+        )
+        low = draws[int(0.025 * BOOTSTRAP_SAMPLES)]
+        high = draws[int(0.975 * BOOTSTRAP_SAMPLES) - 1]
+        return {"accuracy": accuracy, "accuracy_ci": [low, high], "n": n}
+
+
+def classify(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    labels: Sequence[str],
+    batch_size: int = 16,
+) -> list[str]:
+    """The label (stripped) whose tokens the model finds most likely after each prompt.
+
+    Each (prompt, label) pair is scored by the summed log-probability of the label's tokens,
+    tokenized as training tokenizes targets.
+    """
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    device = model_device(model)
+    scores = torch.empty(len(prompts), len(labels))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for index, label in enumerate(labels):
+                # max_length large enough never to cut; the eos after the label is not scored.
+                encoded = [
+                    encode_example(tokenizer, Example(prompt=p, target=label), 10_000)
+                    for p in prompts
+                ]
+                for start in range(0, len(encoded), batch_size):
+                    batch = collate(encoded[start : start + batch_size], pad_id)
+                    logits = model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    ).logits.float()
+                    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).cpu()
+                    targets = batch["labels"][:, 1:]
+                    scored = (targets != -100) & (targets != tokenizer.eos_token_id)
+                    picked = logprobs.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+                    scores[start : start + len(encoded[start : start + batch_size]), index] = (
+                        picked * scored
+                    ).sum(-1)
+    finally:
+        model.train(was_training)
+    return [labels[int(i)].strip() for i in scores.argmax(dim=1)]
+
+
+TASKS: dict[str, Task] = {task.name: task for task in (E2E(), WebNLG(), SST2())}
+
+
+def get_task(name: str) -> Task:
+    task = TASKS.get(name)
+    if task is None:
+        raise ConfigError(f"unknown task {name!r}; known: {', '.join(TASKS)}")
+    return task
