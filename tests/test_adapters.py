@@ -109,13 +109,19 @@ def test_truncated_base_file_is_a_clear_error(saved_base):
         load_quantized(path)
 
 
-def test_corrupted_codes_fail_the_fingerprint(saved_base):
+def test_corrupted_codes_fail_the_hash_and_the_fingerprint(saved_base):
     from safetensors.torch import load_file, save_file
 
     _, path = saved_base
     tensors = load_file(path / BASE_WEIGHTS)
     tensors["model.layers.1.mlp.up_proj.packed_codes"][0, 0, 0] ^= 0xFF
     save_file(tensors, path / BASE_WEIGHTS)
+    with pytest.raises(CheckpointError, match="up_proj.packed_codes' does not match the hash"):
+        load_quantized(path)
+    # A base written before content hashes were recorded still has the codes' fingerprint.
+    config = json.loads((path / "config.json").read_text())
+    del config["quantization_config"]["integrity"]
+    (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_quantized(path)
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from sealing import reseal_base
 from tiny_models import make_tiny_llama
 from torch import nn
 
@@ -172,6 +173,7 @@ def test_block_fingerprint_ignores_the_head_but_the_head_codes_are_checked(tmp_p
     config = json.loads(config_path.read_text())
     config["quantization_config"]["head"]["fingerprint"] = "0" * 16
     config_path.write_text(json.dumps(config))
+    reseal_base(tmp_path / "base")  # reach the fingerprint check, past the integrity one
     with pytest.raises(CheckpointError, match="head fingerprint"):
         load_quantized(tmp_path / "base")
 
@@ -197,7 +199,8 @@ def test_old_base_without_head_fields_loads(tmp_path) -> None:
     config = json.loads(config_path.read_text())
     qconfig = config["quantization_config"]
     assert qconfig["format_version"] == 1 and "head" not in qconfig
-    for key in ("lm_head", "lm_head_bits"):  # what version-1 files written before the option hold
+    # What version-1 files written before the option (and before content hashes) hold.
+    for key in ("lm_head", "lm_head_bits", "integrity"):
         del qconfig[key]
     config_path.write_text(json.dumps(config))
     loaded, _ = load_quantized(tmp_path / "base")

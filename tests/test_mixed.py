@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sealing import reseal_adapter
 from tiny_models import make_tiny_llama
 
 from alphatune import AlphaTuningConfig, BCQConfig, quantize_
@@ -243,6 +244,7 @@ def test_adapter_covering_some_layers_keeps_the_base_elsewhere(model, served, tm
     config = json.loads((paths["e2e"] / ADAPTER_CONFIG).read_text())
     config["tensors"] = {n: list(t.shape) for n, t in kept.items()}
     (partial / ADAPTER_CONFIG).write_text(json.dumps(config))
+    reseal_adapter(partial)
     ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(6))
     expected = single_adapter_logits(model, {"partial": partial}, ["partial", None], ids)
     bank = load_adapters(model, {"partial": partial})

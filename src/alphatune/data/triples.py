@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from alphatune.data.examples import EvalItem, Example, check_limit
+from alphatune.data.text import utf8_error
 from alphatune.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def _read_entries(
                 entries += 1
                 yield triples_prompt(triples), refs, comments, where
         except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 text after line {lineno} ({err.reason})") from err
+            # The reader decodes in blocks: lineno can be far from the bad byte; find the byte.
+            raise DataError(f"{path}: not UTF-8 text ({utf8_error(path)})") from err
     if entries == 0:
         raise DataError(f"{path}: file is empty; expected {_EXPECTED}")
 
