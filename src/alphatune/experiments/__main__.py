@@ -130,6 +130,14 @@ def _rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from alphatune.experiments.report import render
+
+    render(args.results, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alphatune.experiments")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -166,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_list)
     r = sub.add_parser("rescore", help="recompute every result's scores from its predictions")
     r.set_defaults(func=_rescore)
+    rep = sub.add_parser("report", help="render the result files into docs/results.md")
+    rep.add_argument("--output", type=Path, default=Path("docs/results.md"))
+    rep.set_defaults(func=_report)
     return parser
 
 

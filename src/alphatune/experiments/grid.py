@@ -19,13 +19,14 @@ from alphatune.errors import ConfigError
 from alphatune.experiments.methods import METHODS
 from alphatune.experiments.spec import Budget, RunSpec, read_result, result_path
 
-# Training and decoding budget per task: the same for every method. 200 steps x 8 examples: a
-# step of SmolLM2-135M is ~6 x 135M x ~500 tokens of FLOPs, 5-10 s on this 2-core CPU, so a run
-# fits the issue's ~20 minutes. Greedy decoding: beam search costs its width in decode time, which
-# 2 CPU cores cannot afford over whole test sets.
+# Training and decoding budget per task: the same for every method. 100 steps x 8 examples: a
+# step of SmolLM2-135M costs ~4-6 x 135M parameters x ~560 tokens of FLOPs, 5-12 s on this
+# 2-core CPU (measured in the result files' training seconds), so a run with its evaluation
+# stays near the issue's ~20 minutes. Greedy decoding: beam search costs its width in decode
+# time, which 2 CPU cores cannot afford over whole test sets.
 BUDGETS = {
-    "e2e": Budget(steps=200, batch_size=8, max_length=128, max_new_tokens=64),
-    "webnlg": Budget(steps=200, batch_size=8, max_length=128, max_new_tokens=96),
+    "e2e": Budget(steps=100, batch_size=8, max_length=128, max_new_tokens=64),
+    "webnlg": Budget(steps=100, batch_size=8, max_length=128, max_new_tokens=96),
     "sst2": Budget(steps=100, batch_size=8, max_length=96),
 }
 DEV_ITEMS = 200  # dev items scored per learning-rate candidate (seeded sample)

@@ -36,7 +36,7 @@ from alphatune.config import AlphaTuningConfig, BCQConfig, QuantMethod
 from alphatune.errors import ConfigError
 from alphatune.experiments.spec import RunSpec
 from alphatune.layers import BCQLinear
-from alphatune.models import DEFAULT_MODEL, cache_dir, load_model, load_tokenizer
+from alphatune.models import cache_dir, load_model, load_tokenizer
 from alphatune.quantize import _set_submodule, find_target_layers, quantize_, summarize
 from alphatune.tuning import prepare_for_alphatuning
 
@@ -87,7 +87,7 @@ def _freeze(model: nn.Module) -> None:
 
 
 def _model_name(spec: RunSpec) -> str:
-    return spec.option("model", DEFAULT_MODEL)
+    return spec.model
 
 
 # --- bases -----------------------------------------------------------------------------------
@@ -276,6 +276,7 @@ def parent_spec(spec: RunSpec) -> RunSpec:
         split=spec.split,
         options=options,
         budget=spec.budget,
+        model=spec.model,
     )
 
 

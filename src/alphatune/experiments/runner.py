@@ -133,7 +133,7 @@ def run(
     if handoff and prepared.handoff is not None:
         prepared.handoff(work)
 
-    reference = fp32_bytes(spec.option("model", "smollm2-135m-instruct"))
+    reference = fp32_bytes(spec.model)
     result = {
         "format": RESULT_FORMAT,
         "spec": spec.to_dict(),

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from alphatune.errors import ConfigError
+from alphatune.models import DEFAULT_MODEL
 
 RESULT_FORMAT = 1
 # The libraries whose versions every result records.
@@ -72,6 +73,7 @@ class RunSpec:
         split: ``dev`` (learning-rate search) or ``test`` (the reported numbers).
         options: method options as sorted ``(name, value)`` pairs (hashable; see ``option``).
         budget: the shared training and decoding budget.
+        model: the model every method starts from (a name ``load_model`` takes, or a directory).
     """
 
     task: str
@@ -82,6 +84,7 @@ class RunSpec:
     split: str = "test"
     options: tuple[tuple[str, Any], ...] = ()
     budget: Budget = field(default_factory=Budget)
+    model: str = DEFAULT_MODEL
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -89,6 +92,12 @@ class RunSpec:
         if not self.learning_rate > 0 or self.learning_rate == float("inf"):
             raise ConfigError(f"learning_rate must be a positive number, got {self.learning_rate}")
         object.__setattr__(self, "options", tuple(sorted(dict(self.options).items())))
+        for name, value in self.options:
+            if not isinstance(value, str | int | float | bool) or "/" in str(value):
+                raise ConfigError(
+                    f"method option {name}={value!r}: options are plain words or numbers "
+                    "(they name the run's files)"
+                )
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
@@ -104,7 +113,10 @@ class RunSpec:
     def run_id(self) -> str:
         bits = "fp" if self.bits is None else f"q{self.bits}"
         opts = "".join(f"-{k}={v}" for k, v in self.options)
-        return f"{self.method}{opts}-{bits}-lr{self.learning_rate:g}-s{self.seed}-{self.split}"
+        model = "" if self.model == DEFAULT_MODEL else f"-{Path(self.model).name}"
+        return (
+            f"{self.method}{opts}{model}-{bits}-lr{self.learning_rate:g}-s{self.seed}-{self.split}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,0 +1,240 @@
+"""The comparison harness: a 2-step run of every method on a tiny model and tiny data slices, the
+grid's learning-rate choice, the report, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alphatune.errors import ConfigError, DataError
+from alphatune.experiments import grid, report
+from alphatune.experiments.methods import METHODS
+from alphatune.experiments.runner import rescore, run
+from alphatune.experiments.spec import Budget, RunSpec, read_result, result_path, write_json
+from alphatune.experiments.tasks import SST2_LABELS, get_task
+
+TINY = Budget(steps=2, batch_size=2, max_length=48, max_new_tokens=8, eval_limit=4)
+
+
+def _head(source: Path, target: Path, lines: int) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with source.open(encoding="utf-8", newline="") as handle:
+        kept = [next(handle) for _ in range(lines)]
+    target.write_text("".join(kept), encoding="utf-8", newline="")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, shared_data_dir: Path) -> Path:
+    """Small slices of every data file the tasks read (WebNLG test: seen and unseen entries)."""
+    root = tmp_path_factory.mktemp("data")
+    for split, lines in (("train", 41), ("dev", 30), ("test", 30)):
+        _head(shared_data_dir / "e2e" / f"{split}.csv", root / "e2e" / f"{split}.csv", lines)
+    for split in ("train", "dev"):
+        _head(shared_data_dir / "webnlg" / f"{split}.jsonl", root / "webnlg" / f"{split}.jsonl", 12)
+    records = (shared_data_dir / "webnlg" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    seen = [r for r in records if json.loads(r)["seen"]][:3]
+    unseen = [r for r in records if not json.loads(r)["seen"]][:3]
+    (root / "webnlg" / "test.jsonl").write_text("\n".join(seen + unseen) + "\n", encoding="utf-8")
+    _head(shared_data_dir / "sst2" / "train.tsv", root / "sst2" / "train.tsv", 41)
+    _head(shared_data_dir / "sst2" / "dev.tsv", root / "sst2" / "dev.tsv", 11)
+    (root / "wikitext-2").mkdir()
+    shutil.copy(shared_data_dir / "wikitext-2" / "valid.txt", root / "wikitext-2" / "valid.txt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def env(data_dir: Path, tmp_path_factory, tiny_model_dir: Path):
+    """Data, cache, results and work folders of their own for the module's runs."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ALPHATUNE_DATA_DIR", str(data_dir))
+    patch.setenv("ALPHATUNE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    root = tmp_path_factory.mktemp("runs")
+    yield {"results": root / "results", "work": root / "work", "model": str(tiny_model_dir)}
+    patch.undo()
+
+
+def _spec(env, method: str, bits: int | None = None, task: str = "e2e", **options) -> RunSpec:
+    return RunSpec(task, method, bits, 0, 1e-3, "test", tuple(options.items()), TINY, env["model"])
+
+
+def _check_result(result: dict, spec: RunSpec, trains: bool) -> None:
+    assert result["format"] == 1 and result["spec"] == spec.to_dict()
+    assert result["environment"]["commit"] and result["environment"]["torch"]
+    assert len(result["predictions"]) == result["scores"]["n"] == 4
+    assert result["stored_bytes"] > 0 and result["compression_vs_fp32"] > 0
+    if trains:
+        assert result["trainable_parameters"] > 0
+        assert result["training"]["steps"] == 2 and result["training"]["final_loss"] > 0
+    else:
+        assert result["training"] is None
+
+
+# Parents before the methods that quantize their weights.
+ORDERED = [
+    ("full-ft", None, {}),
+    ("lora", None, {}),
+    ("ft-ptq", 3, {"quantizer": "rtn"}),
+    ("lora-ptq", 3, {"quantizer": "calibrated"}),
+    ("ptq-lora", 3, {}),
+    ("peqa", 3, {}),
+    ("prompt-tuning", None, {}),
+    ("alphatuning", 3, {}),
+    ("alphatuning", 2, {"granularity": "row", "grad_scale": "group_size"}),
+    ("alphatuning", 3, {"base": "greedy", "train": "all_alpha"}),
+    ("alphatuning", 3, {"train": "all_alpha", "offset": True}),
+]
+
+
+@pytest.mark.parametrize(("method", "bits", "options"), ORDERED, ids=lambda v: str(v))
+def test_every_method_writes_a_result(env, method, bits, options, single_thread) -> None:
+    spec = _spec(env, method, bits, **options)
+    result = run(spec, env["results"], env["work"])
+    _check_result(result, spec, METHODS[method].trains)
+    on_disk = read_result(result_path(env["results"], spec), "e2e")
+    assert on_disk["predictions"] == result["predictions"]
+    assert {"bleu", "nist", "meteor", "rouge_l", "cider", "bleu_ci"} <= set(result["scores"])
+
+
+def test_trainable_counts_follow_the_method(env) -> None:
+    def trainable(method: str, bits: int | None, **options) -> int:
+        path = result_path(env["results"], _spec(env, method, bits, **options))
+        return read_result(path)["trainable_parameters"]
+
+    group = trainable("alphatuning", 3)
+    row = trainable("alphatuning", 2, granularity="row", grad_scale="group_size")
+    assert row < group  # one multiplier per row against one α₁ per (row, group)
+    assert trainable("full-ft", None) > trainable("lora", None) > trainable("prompt-tuning", None)
+    assert trainable("peqa", 3) == group  # one scale per (row, group) as well
+
+
+@pytest.mark.bnb
+def test_qlora_writes_a_result(env, single_thread) -> None:
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs the 'paper' extra (bitsandbytes)")
+    spec = _spec(env, "qlora", 4)
+    result = run(spec, env["results"], env["work"])
+    _check_result(result, spec, True)
+    assert 4.0 < result["bits_per_weight"] < 5.0  # NF4 codes + one fp32 absmax per 64
+
+
+def test_a_finished_run_is_not_run_again(env) -> None:
+    spec = _spec(env, "alphatuning", 3)
+    path = result_path(env["results"], spec)
+    before = path.read_bytes()
+    run(spec, env["results"], env["work"])
+    assert path.read_bytes() == before
+
+
+def test_webnlg_scores_seen_and_unseen(env, single_thread) -> None:
+    spec = _spec(env, "alphatuning", 3, task="webnlg")
+    result = run(spec, env["results"], env["work"])
+    scores = result["scores"]
+    assert scores["n"] == 4
+    assert scores["seen_n"] + scores["unseen_n"] == 4 and scores["seen_n"] > 0
+    assert "unseen_bleu_ci" in scores
+
+
+def test_sst2_answers_are_labels_and_scored_as_accuracy(env, single_thread) -> None:
+    spec = _spec(env, "alphatuning", 3, task="sst2")
+    result = run(spec, env["results"], env["work"])
+    assert set(result["predictions"]) <= {label.strip() for label in SST2_LABELS}
+    assert 0 <= result["scores"]["accuracy"] <= 100
+    low, high = result["scores"]["accuracy_ci"]
+    assert low <= result["scores"]["accuracy"] <= high
+
+
+def test_rescore_recomputes_scores_from_predictions(env) -> None:
+    spec = _spec(env, "alphatuning", 3)
+    path = result_path(env["results"], spec)
+    data = json.loads(path.read_text())
+    data["scores"] = {"bleu": -1}
+    write_json(path, data)
+    assert rescore(path)["scores"]["bleu"] >= 0
+
+
+def test_report_renders_tables_and_plots(env, tmp_path) -> None:
+    output = tmp_path / "docs" / "results.md"
+    text = report.render(env["results"], output)
+    assert output.read_text() == text
+    assert "## E2E NLG (test)" in text and "## WebNLG 2017 (test)" in text
+    assert "| alphatuning" in text and "BLEU 95% CI per seed" in text
+    plots = sorted((tmp_path / "docs" / "results").glob("*.png"))
+    assert {p.name for p in plots} >= {"e2e-bleu-vs-bits.png", "e2e-bleu-vs-trainable.png"}
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
+
+
+# --- the grid ---------------------------------------------------------------------------------
+
+
+def _fake_dev_result(results: Path, spec: RunSpec, bleu: float) -> None:
+    write_json(
+        result_path(results, spec),
+        {"format": 1, "spec": spec.to_dict(), "scores": {"bleu": bleu}},
+    )
+
+
+def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> None:
+    results = tmp_path / "results"
+    waiting = [s for s in grid.specs(results, ("e2e",)) if isinstance(s, str)]
+    assert any("alphatuning learning-rate search" in s for s in waiting)
+    searches = grid.search_specs("e2e", "alphatuning")
+    assert all(s.split == "dev" and s.budget.eval_limit == grid.DEV_ITEMS for s in searches)
+    for spec, bleu in zip(searches, (40.0, 55.0, 50.0), strict=True):
+        _fake_dev_result(results, spec, bleu)
+    assert grid.best_learning_rate(results, "e2e", "alphatuning") == searches[1].learning_rate
+    tests = [s for s in grid.specs(results, ("e2e",)) if not isinstance(s, str)]
+    ours = [s for s in tests if s.method == "alphatuning"]
+    assert {s.seed for s in ours} == {0, 1}
+    assert all(s.learning_rate == searches[1].learning_rate and s.split == "test" for s in ours)
+
+
+def test_derived_runs_come_after_their_parent() -> None:
+    order = [m for m, *_ in grid._main()] + [m for m, *_ in grid.REST]
+    entries = sorted(grid._main() + grid.REST, key=lambda e: grid._parent_first(e[0]))
+    methods = [e[0] for e in entries]
+    assert methods.index("lora") < methods.index("lora-ptq")
+    assert methods.index("full-ft") < methods.index("ft-ptq")
+    assert set(order) == set(methods)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_unknown_method_and_task_are_clear_errors(env) -> None:
+    with pytest.raises(ConfigError, match="unknown method 'lorax'; known: full-ft"):
+        run(_spec(env, "lorax"), env["results"], env["work"])
+    with pytest.raises(ConfigError, match="unknown task 'mnli'"):
+        get_task("mnli")
+    with pytest.raises(ConfigError, match="split must be one of"):
+        RunSpec("e2e", "lora", None, 0, 1e-3, split="train")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        RunSpec("e2e", "lora", None, 0, float("inf"))
+
+
+def test_a_missing_data_file_names_it(tmp_path, monkeypatch) -> None:
+    (tmp_path / "e2e").mkdir()
+    monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataError, match=r"e2e/train.csv not found"):
+        get_task("e2e").train_examples()
+
+
+def test_a_result_file_from_another_task_is_refused(env, tmp_path) -> None:
+    spec = _spec(env, "alphatuning", 3)
+    source = result_path(env["results"], spec)
+    misplaced = tmp_path / "webnlg" / source.name
+    misplaced.parent.mkdir()
+    shutil.copy(source, misplaced)
+    with pytest.raises(ConfigError, match="a result of task 'e2e' in the folder of task 'webnlg'"):
+        report.load_results(tmp_path)
+    (tmp_path / "webnlg" / "junk.json").write_text("{}")
+    misplaced.unlink()
+    with pytest.raises(ConfigError, match="junk.json: not an alphatune experiment result"):
+        report.load_results(tmp_path)
+
+
+def test_derived_run_without_its_parent_says_which(env) -> None:
+    spec = RunSpec("e2e", "ft-ptq", 3, 7, 1e-3, "test", (), TINY, env["model"])
+    with pytest.raises(ConfigError, match="the weights of its full-ft run are missing"):
+        run(spec, env["results"], env["work"])
