@@ -224,18 +224,24 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
     parts = [
         "# AlphaTuning against the methods users run today",
         "",
-        "Rendered by `alphatune report` from the result files in "
-        f"`{results_dir}` (one per run; rerun with `python -m alphatune.experiments grid`). "
-        "Do not edit by hand.",
+        (
+            "Rendered by `alphatune report` from the result files in "
+            f"`{results_dir}` (one per run; rerun with `python -m alphatune.experiments grid`). "
+            "Do not edit by hand."
+        ),
         "",
-        f"Model: SmolLM2-135M-Instruct. Machine(s): {', '.join(machines) or '–'}. "
-        f"Measured {dates[0] if dates else '–'} to {dates[-1] if dates else '–'}.",
+        (
+            f"Model: SmolLM2-135M-Instruct. Machine(s): {', '.join(machines) or '–'}. "
+            f"Measured {dates[0] if dates else '–'} to {dates[-1] if dates else '–'}."
+        ),
         "",
-        "Every method trains through the same loop (AdamW, weight decay 0.01, linear decay with "
-        "6% warm-up, label smoothing 0.1, no dropout, gradient clipping 1.0), on the same "
-        "prompts and tokenization, with the same steps × batch × max length, and is scored by "
-        "the same greedy decoding. Learning rates were chosen on dev (seed 0, "
-        f"{DEV_ITEMS} dev items), never on test.",
+        (
+            "Every method trains through the same loop (AdamW, weight decay 0.01, linear decay with "
+            "6% warm-up, label smoothing 0.1, no dropout, gradient clipping 1.0), on the same "
+            "prompts and tokenization, with the same steps × batch × max length, and is scored by "
+            "the same greedy decoding. Learning rates were chosen on dev (seed 0, "
+            f"{DEV_ITEMS} dev items), never on test."
+        ),
         "",
     ]
     for task, results in by_task.items():
@@ -243,10 +249,12 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
         parts += [f"## {TASK_TITLES.get(task, task)}", ""]
         if budget is not None:
             parts += [
-                f"Budget: {budget.steps} steps × batch {budget.batch_size} × max length "
-                f"{budget.max_length} tokens; decoding: greedy, at most {budget.max_new_tokens} "
-                "new tokens. Scores: mean over seeds ± half the range; the interval is a "
-                "bootstrap over test items (1,000 resamples) per seed.",
+                (
+                    f"Budget: {budget.steps} steps × batch {budget.batch_size} × max length "
+                    f"{budget.max_length} tokens; decoding: greedy, at most {budget.max_new_tokens} "
+                    "new tokens. Scores: mean over seeds ± half the range; the interval is a "
+                    "bootstrap over test items (1,000 resamples) per seed."
+                ),
                 "",
             ]
         if task in COLUMNS:
