@@ -22,6 +22,10 @@ CALIBRATION = (16, 512)  # sequences x tokens from WikiText-2 valid
 EVAL_TOKENS = 4096  # WikiText-2 test: 8 windows of 512
 # Measured with these slices (fp 26.4 on this slice): see docs/quantization.md for full sweeps.
 BOUND_4BIT = 1.3  # the target: 4 bits within 1.3x the unquantized perplexity
+# 3 bits: 1.51x on the 8,192-token slice with 32 calibration sequences (docs/quantization.md);
+# the bound leaves room for this module's smaller slices. 4 bits with groups aligned to the
+# source's Q4_1 blocks flatters any method (MODELS.md), so 3 bits is the honest floor.
+BOUND_3BIT = 1.8
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +71,11 @@ def quantized(fp_model, calibration, eval_tokens):
 def test_four_bits_stays_close_to_full_precision(quantized, fp_perplexity):
     _, ppl, _ = quantized[4]
     assert ppl <= BOUND_4BIT * fp_perplexity, (ppl, fp_perplexity)
+
+
+def test_three_bits_stays_within_its_floor(quantized, fp_perplexity):
+    _, ppl, _ = quantized[3]
+    assert ppl <= BOUND_3BIT * fp_perplexity, (ppl, fp_perplexity, ppl / fp_perplexity)
 
 
 def test_fewer_bits_are_worse(quantized, fp_perplexity):

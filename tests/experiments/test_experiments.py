@@ -81,6 +81,7 @@ ORDERED = [
     ("ptq-lora", 3, {}),
     ("peqa", 3, {}),
     ("prompt-tuning", None, {}),
+    ("adapter", None, {}),
     ("alphatuning", 3, {}),
     ("alphatuning", 2, {"granularity": "row", "grad_scale": "group_size"}),
     ("alphatuning", 3, {"base": "greedy", "train": "all_alpha"}),

@@ -99,6 +99,7 @@ REST: list[Entry] = [
     ("alphatuning", 4, (), (0,)),
     ("alphatuning", 2, (), (0,)),
     ("prompt-tuning", None, (), (0,)),
+    ("adapter", None, (), (0,)),
 ]
 
 

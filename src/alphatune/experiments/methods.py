@@ -14,6 +14,7 @@ tokenization, data order, budget and decoding are the same for all.
 | ``qlora`` | LoRA on the fp32 model with the block linears through bitsandbytes' NF4 (blocks of 64), dequantized once: the values QLoRA computes with |
 | ``peqa`` | a q-bit round-to-nearest base, one trainable multiplier per (row, group) of the whole quantized weight (PEQA's trainable scale) |
 | ``prompt-tuning`` | peft prompt tuning, 20 virtual tokens initialised from text |
+| ``adapter`` | bottleneck adapters (Pfeiffer: after each MLP, bottleneck 16), LoRA's learning rate |
 | ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``grad_scale`` (none / group_size) |
 
 Bases are quantized once and cached (``cache_dir()/paper/bases``), calibrated on 32 x 512
@@ -358,6 +359,54 @@ def _prompt_tuning(spec: RunSpec, work: Path) -> Prepared:
     )
 
 
+class BottleneckAdapter(nn.Module):
+    """Pfeiffer-style adapter: ``h + up(relu(down(h)))`` after a block's MLP, zero-initialised up.
+
+    Written here because the maintained ``adapters`` package (1.3) pins transformers 4.x, and
+    peft has no bottleneck adapter (docs/results.md says so beside the numbers).
+    """
+
+    def __init__(self, hidden: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck)
+        self.up = nn.Linear(bottleneck, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return hidden + self.up(F.relu(self.down(hidden)))
+
+
+class _WithAdapter(nn.Module):
+    """A block's MLP followed by its adapter."""
+
+    def __init__(self, mlp: nn.Module, adapter: BottleneckAdapter) -> None:
+        super().__init__()
+        self.mlp, self.adapter = mlp, adapter
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.adapter(self.mlp(hidden))
+
+
+ADAPTER_BOTTLENECK = 16
+
+
+def _bottleneck_adapter(spec: RunSpec, work: Path) -> Prepared:
+    model, tokenizer = load_model(_model_name(spec)), load_tokenizer(_model_name(spec))
+    _freeze(model)
+    base = _unique_params(model) * FP32
+    hidden = model.config.hidden_size
+    blocks = [m for m in model.modules() if hasattr(m, "mlp") and hasattr(m, "self_attn")]
+    if not blocks:
+        raise ConfigError(f"{spec.model}: no blocks with an 'mlp' found for bottleneck adapters")
+    torch.manual_seed(spec.seed)
+    for block in blocks:
+        adapter = BottleneckAdapter(hidden, int(spec.option("bottleneck", ADAPTER_BOTTLENECK)))
+        block.mlp = _WithAdapter(block.mlp, adapter)
+    adapter_bytes = _trainable(model) * FP32
+    return Prepared(model, tokenizer, base + adapter_bytes, adapter_bytes)
+
+
 # --- AlphaTuning -----------------------------------------------------------------------------
 
 
@@ -388,6 +437,7 @@ METHODS: dict[str, Method] = {
         Method("qlora", _qlora, quantized=True, family="lora"),
         Method("peqa", _peqa, quantized=True, family="alphatuning"),
         Method("prompt-tuning", _prompt_tuning, quantized=False, family="prompt-tuning"),
+        Method("adapter", _bottleneck_adapter, quantized=False, family="lora"),
         Method("alphatuning", _alphatuning, quantized=True, family="alphatuning"),
     )
 }
