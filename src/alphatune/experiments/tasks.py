@@ -2,8 +2,8 @@
 
 - ``e2e``: E2E NLG (restaurant meaning representations to text); BLEU, NIST, METEOR, ROUGE-L and
   CIDEr against all references of each MR, BLEU with a bootstrap 95% interval.
-- ``webnlg``: WebNLG 2017 (DBpedia triples to text); BLEU on all, seen and unseen test categories
-  (the ``seen`` field), each with its interval.
+- ``webnlg``: WebNLG 2017 (DBpedia triples to text); BLEU (sacrebleu, cased, 13a) on all, seen
+  and unseen test categories (the ``seen`` field), each with its interval.
 - ``sst2``: SST-2 sentiment as the classification task: the model reads the sentence and the label
   with the higher likelihood (" positive" / " negative") is its answer; accuracy with its interval.
   GLUE's test labels are not public, so the reported (``test``) split is GLUE's dev set and the
@@ -19,7 +19,7 @@ import csv
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +38,13 @@ from alphatune.data import (
     load_triples_train,
 )
 from alphatune.errors import ConfigError, DataError
-from alphatune.evaluate import corpus_bleu
+from alphatune.evaluate.metrics import bootstrap_interval, corpus_bleu, e2e_bleu, e2e_metrics
 from alphatune.models import model_device
 from alphatune.workflow import find_data_dir
 
 logger = logging.getLogger(__name__)
+
+Metric = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
 
 SAMPLE_SEED = 20221007  # the evaluation sample: one fixed draw for every run
 BOOTSTRAP_SAMPLES = 1000
@@ -87,16 +89,15 @@ class Task:
         raise NotImplementedError
 
 
-def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
+def _bleu_with_interval(
+    predictions: Sequence[str], items: Sequence[EvalItem], bleu: Metric = corpus_bleu
+) -> dict[str, Any]:
+    """BLEU and its bootstrap 95% interval over items (1,000 resamples, seed 0)."""
     references = [item.references for item in items]
-    score: dict[str, Any] = {"bleu": corpus_bleu(predictions, references), "n": len(items)}
-    try:
-        from alphatune.evaluate.metrics import bootstrap_interval
-    except ImportError:  # scored again by ``rescore`` once the interval code exists
-        return score
-    low, high = bootstrap_interval(list(predictions), references, samples=BOOTSTRAP_SAMPLES, seed=0)
-    score["bleu_ci"] = [low, high]
-    return score
+    low, high = bootstrap_interval(
+        list(predictions), references, metric=bleu, samples=BOOTSTRAP_SAMPLES, seed=0
+    )
+    return {"bleu": bleu(predictions, references), "bleu_ci": [low, high], "n": len(items)}
 
 
 class E2E(Task):
@@ -110,13 +111,11 @@ class E2E(Task):
         return EvalSet([items[i] for i in _sample(len(items), limit)], {})
 
     def score(self, predictions: Sequence[str], eval_set: EvalSet) -> dict[str, Any]:
-        scores = _bleu_with_interval(predictions, eval_set.items)
-        try:
-            from alphatune.evaluate.metrics import e2e_metrics
-        except ImportError:
-            return scores
+        """The official E2E metrics (``e2e_metrics``: lowercased BLEU, NIST, METEOR, ROUGE-L,
+        CIDEr-D) and the interval of that BLEU."""
         references = [item.references for item in eval_set.items]
-        scores.update({k.lower(): v for k, v in e2e_metrics(predictions, references).items()})
+        scores = {k.lower(): v for k, v in e2e_metrics(predictions, references).items()}
+        scores.update(_bleu_with_interval(predictions, eval_set.items, e2e_bleu))
         return scores
 
 
