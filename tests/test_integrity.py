@@ -35,7 +35,7 @@ from alphatune.adapters import (
     save_quantized,
 )
 from alphatune.data import Example
-from alphatune.files import CHECKPOINT_STATE, CHECKPOINT_TENSORS, tensor_digest
+from alphatune.files import CHECKPOINT_STATE, CHECKPOINT_TENSORS, seal, tensor_digest
 from alphatune.train import CHECKPOINT_DIR, train
 
 CONFIG = BCQConfig(bits=3, group_size=32, method="offset")
@@ -232,6 +232,21 @@ def test_an_adapter_without_hashes_loads_with_a_warning(saved_adapter, tmp_path,
         from alphatune.adapters import unload_adapter
 
         unload_adapter(base)
+
+
+def test_an_adapter_hashed_with_blake2b_still_verifies(saved_adapter, tmp_path):
+    base, adapter, _, tensors = saved_adapter
+    restore(tmp_path / "b2", files_of(adapter))
+    document = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    del document["integrity"]
+    document = seal(document, ("integrity",), tensors, algorithm="blake2b-128")
+    write_new(tmp_path / "b2" / ADAPTER_CONFIG, json.dumps(document).encode())
+    _, found = read_adapter(base, tmp_path / "b2")
+    assert same_state(found, tensors)
+    document["integrity"]["algorithm"] = "md5"
+    write_new(tmp_path / "b2" / ADAPTER_CONFIG, json.dumps(document).encode())
+    with pytest.raises(CheckpointError, match="names hash 'md5'"):
+        read_adapter(base, tmp_path / "b2")
 
 
 def test_a_nan_adapter_is_neither_saved_nor_loaded(saved_adapter, tmp_path):
