@@ -471,6 +471,12 @@ def test_a_prompt_longer_than_the_context_is_refused(capsys, base):
     assert code == 2 and re.search(r"prompt 0 has \d+ tokens", out) and "context of 256" in out
 
 
+def test_a_perplexity_window_longer_than_the_context_is_refused(capsys, base, e2e):
+    argv = ["evaluate", "--base", base, "--perplexity", e2e, "--context", "1000", "--no-progress"]
+    code, out = cli(capsys, *argv)
+    assert code == 2 and "--context 1000 is longer than the model's context of 256" in out
+
+
 def test_demo_checks_its_settings_before_quantizing(capsys, no_work):
     code, out = cli(capsys, "demo", "--lr", "-1")
     assert code == 2 and "--lr" in out and "positive" in out

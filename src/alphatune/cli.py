@@ -384,7 +384,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.data import load_task, load_text_tokens
     from alphatune.evaluate import perplexity
     from alphatune.files import check_output_file, write_file
-    from alphatune.workflow import default_file, score_generation
+    from alphatune.workflow import context_length, default_file, score_generation
 
     path = None if args.perplexity else args.data or default_file(args.task, "test")
     if args.predictions:
@@ -394,6 +394,12 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
         check_output_file(args.predictions, args.overwrite, inputs)
     model, tokenizer = _load_base(args.base, args.adapter)
     if args.perplexity:
+        limit = context_length(model)
+        if limit is not None and args.context > limit:
+            raise ConfigError(
+                f"--context {args.context} is longer than the model's context of {limit} "
+                f"tokens; use --context {limit} or less"
+            )
         tokens = load_text_tokens(tokenizer, args.perplexity, max_tokens=args.max_tokens)
         value = perplexity(model, tokens, context=args.context, progress=not args.no_progress)
         console.print(

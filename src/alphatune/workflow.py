@@ -68,6 +68,12 @@ def calibration_batch(
     return tokens[: sequences * length].reshape(sequences, length)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """Most positions the model handles (``config.max_position_embeddings``); ``None``: unknown."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) else None
+
+
 def check_prompt_lengths(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
 ) -> None:
@@ -76,8 +82,8 @@ def check_prompt_lengths(
     Past its position table a model runs slowly and returns garbage or nothing; saying so up
     front beats minutes of generation.
     """
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(context, int):
+    context = context_length(model)
+    if context is None:
         return
     for index, prompt in enumerate(prompts):
         length = len(encode_prompt(tokenizer, prompt))
