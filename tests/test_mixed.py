@@ -347,3 +347,21 @@ def test_mixed_kernel_equals_a_per_token_loop(bits, offset, in_features, group_s
     )
     assert y.shape == (tokens, out) and y.dtype == x.dtype
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)  # only summation order differs
+
+
+def test_row_granularity_adapters_load_alone_and_in_mixed_batches(tmp_path):
+    """A row adapter (one multiplier per row) loads onto a fresh base, and a mixed batch gives
+    each row what it gets alone with its adapter."""
+    tuned = quantized_model()
+    paths = save_task_adapters(tuned, tmp_path, config=AlphaTuningConfig(granularity="row"))
+    fresh = quantized_model()  # same seed and config: the same base, no row scales yet
+    ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(1))
+    rows = ["e2e", None, "dart"]
+    alone = single_adapter_logits(fresh, paths, rows, ids)
+    assert not torch.allclose(alone[0], alone[1])  # the adapter changes the logits
+    load_adapters(fresh, paths)
+    with adapter_rows(fresh, rows):
+        mixed = logits(fresh, ids)
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-4)
+    unload_adapters(fresh)
+    torch.testing.assert_close(logits(fresh, ids[1:2]), alone[1:2])  # unloaded: the base again

@@ -146,3 +146,44 @@ def test_train_bias() -> None:
     assert sorted(trainable_state(model)) == ["0.alpha1", "0.bias", "1.alpha1"]
     assert report.trainable == 4 * 2 + 4 + 4 * 1
     assert report.total == 16 * 4 + 4 + 4 * 4  # weights and the bias of the original layers
+
+
+def test_row_granularity_trains_one_multiplier_per_row(greedy_model: nn.Module) -> None:
+    before = greedy_model(torch.arange(8)[None]).logits
+    report = prepare_for_alphatuning(greedy_model, AlphaTuningConfig(granularity="row"))
+    layers = _layers(greedy_model)
+    assert report.trainable == sum(layer.out_features for layer in layers)
+    assert all(not layer.alpha1.requires_grad for layer in layers)
+    with torch.no_grad():  # a multiplier of 1 changes nothing
+        torch.testing.assert_close(greedy_model(torch.arange(8)[None]).logits, before)
+    greedy_model(torch.arange(8)[None]).logits.sum().backward()
+    assert all(layer.alpha1_scale.grad is not None for layer in layers)
+    prepare_for_alphatuning(greedy_model, AlphaTuningConfig())  # back to α₁ itself
+    assert all(not layer.alpha1_scale.requires_grad for layer in layers)
+
+
+def test_row_granularity_needs_alpha1_training() -> None:
+    with pytest.raises(ConfigError, match="granularity='row' trains a multiplier of α₁ only"):
+        AlphaTuningConfig(granularity="row", train="all_alpha")
+    with pytest.raises(ConfigError, match="granularity must be one of 'group', 'row'"):
+        AlphaTuningConfig(granularity="column")
+
+
+def test_group_size_gradient_scaling_divides_the_scale_gradients(offset_model: nn.Module) -> None:
+    def grads(scale: str) -> list[torch.Tensor]:
+        prepare_for_alphatuning(
+            offset_model,
+            AlphaTuningConfig(train="all_alpha", train_offset=True, alpha_grad_scale=scale),
+        )
+        offset_model.zero_grad()
+        offset_model(torch.arange(8)[None]).logits.square().mean().backward()
+        return [
+            p.grad.clone()
+            for layer in _layers(offset_model)
+            for p in (layer.alpha1, layer.alpha_rest, layer.offset)
+        ]
+
+    plain, scaled = grads("none"), grads("group_size")
+    sizes = [layer.group_size for layer in _layers(offset_model) for _ in range(3)]
+    for g, a, b in zip(sizes, plain, scaled, strict=True):
+        torch.testing.assert_close(b, a / g)

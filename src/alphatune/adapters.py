@@ -85,7 +85,7 @@ from alphatune.lm_head import (
 )
 from alphatune.models import prepare_tokenizer
 from alphatune.quantize import _set_submodule, quantized_layers
-from alphatune.tuning import trainable_state
+from alphatune.tuning import absent_row_scales, add_row_scales, trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -596,6 +596,7 @@ def read_adapter(
             "(its training diverged), train it again with a lower learning rate"
         )
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    targets |= absent_row_scales(model)  # a row-granularity adapter creates them on load
     for name, tensor in tensors.items():
         if name not in targets:
             raise CheckpointError(f"{weights}: tensor {name!r} has no place in this model")
@@ -614,6 +615,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[st
     set, so nothing of an earlier adapter lingers. Returns the adapter's config (JSON).
     """
     config, tensors = read_adapter(model, directory)
+    add_row_scales(model, tensors)
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     unload_adapter(model)
     stash: dict[str, Tensor] = model.__dict__.setdefault(_BASE_VALUES, {})

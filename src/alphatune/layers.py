@@ -32,7 +32,8 @@ from alphatune.errors import ConfigError
 from alphatune.packing import pack_codes, packed_width, unpack_codes
 
 # Names of the per-layer scale tensors (what AlphaTuning may train and adapters store).
-SCALE_NAMES = ("alpha1", "alpha_rest", "offset", "alpha1_scale")
+ROW_SCALE = "alpha1_scale"  # the row multiplier of AlphaTuningConfig(granularity="row")
+SCALE_NAMES = ("alpha1", "alpha_rest", "offset", ROW_SCALE)
 
 
 def is_linear(module: nn.Module) -> bool:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from alphatune.adapters import ADAPTER_WEIGHTS, base_fingerprint, base_state, read_adapter
 from alphatune.errors import CheckpointError, ConfigError
-from alphatune.layers import BCQLinear
+from alphatune.layers import ROW_SCALE, BCQLinear
 from alphatune.quantize import quantized_layers
 
 logger = logging.getLogger(__name__)
@@ -161,30 +161,38 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
             raise ConfigError(f"adapter names must be non-empty strings, got {name!r}")
     fingerprint = base_fingerprint(model)
     configs: dict[str, dict[str, Any]] = {}
-    alpha1: dict[str, dict[str, Tensor]] = {}  # adapter -> layer name -> (out, G)
+    tuned: dict[str, dict[str, dict[str, Tensor]]] = {}  # adapter -> layer -> attribute -> tensor
     for name, directory in adapters.items():
         configs[name], tensors = read_adapter(model, directory, fingerprint)
-        alpha1[name] = {}
+        tuned[name] = {}
         for tensor_name, tensor in tensors.items():
             layer_name, _, attribute = tensor_name.rpartition(".")
-            if attribute != "alpha1" or layer_name not in layers:
+            if attribute not in ("alpha1", ROW_SCALE) or layer_name not in layers:
                 raise CheckpointError(
                     f"{Path(directory) / ADAPTER_WEIGHTS}: holds {tensor_name!r}, but a mixed "
                     "batch shares everything except α₁ (the adapter was tuned with more than "
                     "alpha1); use it alone with load_adapter"
                 )
-            alpha1[name][layer_name] = tensor
+            tuned[name].setdefault(layer_name, {})[attribute] = tensor
 
     previous = adapter_bank(model)
     if previous is not None:
         previous.remove()
     base = base_state(model)
+
+    def effective_alpha1(name: str, layer_name: str, own: Tensor) -> Tensor:
+        """The α₁ an adapter's rows use: its own α₁ (or the base's) times its row multiplier."""
+        entry = tuned[name].get(layer_name, {})
+        alpha1 = entry.get("alpha1", own)
+        scale = entry.get(ROW_SCALE)
+        return alpha1 if scale is None else alpha1 * scale[:, None]
+
     banked = []
     with torch.no_grad():
         for layer_name, layer in layers.items():
             own = base[f"{layer_name}.alpha1"]  # (out, G)
-            entries = [own] + [alpha1[name].get(layer_name, own) for name in adapters]
-            like = layer.alpha1
+            entries = [own] + [effective_alpha1(name, layer_name, own) for name in adapters]
+            like = layer.effective_alpha1()
             stacked = torch.stack([e.to(like.device, like.dtype) for e in entries])  # (A, out, G)
             layer.adapter_rows = None
             # A layer every row sees with its current α₁ (say a frozen replaced head) keeps the

@@ -8,13 +8,15 @@ into every adapter.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from alphatune.config import AlphaGradScale, AlphaTuningConfig, Granularity, TrainableScales
 from alphatune.errors import ConfigError
-from alphatune.layers import BCQLinear
+from alphatune.layers import ROW_SCALE, BCQLinear
 from alphatune.lm_head import replaced_head, replaced_head_module
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,34 @@ def prepare_for_alphatuning(
     report = TrainableReport(trainable=trainable, total=_count_total(model))
     logger.info("trainable parameters: %d (%.4f%%)", report.trainable, report.percent)
     return report
+
+
+def absent_row_scales(model: nn.Module) -> dict[str, Tensor]:
+    """``name.alpha1_scale`` -> a ``(out,)`` placeholder for each layer that has none yet.
+
+    What a row-granularity adapter may hold for a model prepared without row scales (shapes for
+    checking a file before the model changes).
+    """
+    return {
+        f"{name}.{ROW_SCALE}": torch.empty(layer.out_features)
+        for name, layer in model.named_modules()
+        if isinstance(layer, BCQLinear) and layer.alpha1_scale is None
+    }
+
+
+def add_row_scales(model: nn.Module, names: Iterable[str]) -> None:
+    """Give the layers named by ``name.alpha1_scale`` entries a frozen row multiplier of 1.
+
+    A multiplier of 1 changes nothing, so unloading the adapter (which restores the value it
+    found) leaves the model computing exactly what it did before.
+    """
+    modules = dict(model.named_modules())
+    for entry in names:
+        layer_name, _, attribute = entry.rpartition(".")
+        layer = modules.get(layer_name)
+        if attribute == ROW_SCALE and isinstance(layer, BCQLinear) and layer.alpha1_scale is None:
+            layer.make_trainable(row_scale=True)
+            layer.alpha1_scale.requires_grad_(False)
 
 
 def trainable_state(model: nn.Module) -> dict[str, nn.Parameter]:
