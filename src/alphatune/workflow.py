@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from alphatune.data import EvalItem, encode_prompt, load_text_tokens
 from alphatune.errors import DataError
-from alphatune.evaluate import corpus_bleu, generate
+from alphatune.evaluate import bootstrap_interval, corpus_bleu, generate
 
 DATA_ENV = "ALPHATUNE_DATA_DIR"
 
@@ -97,11 +97,13 @@ def check_prompt_lengths(
 
 @dataclass
 class TaskScore:
-    """BLEU of generated text against the references, with the generations."""
+    """BLEU of generated text against the references, its bootstrap 95% interval over items,
+    and the generations."""
 
     bleu: float
     predictions: list[str]
     items: int
+    bleu_interval: tuple[float, float] = (float("nan"), float("nan"))
 
 
 def score_generation(
@@ -125,5 +127,7 @@ def score_generation(
         batch_size=batch_size,
         progress=progress,
     )
-    bleu = corpus_bleu(predictions, [item.references for item in items])
-    return TaskScore(bleu=bleu, predictions=predictions, items=len(items))
+    references = [item.references for item in items]
+    bleu = corpus_bleu(predictions, references)
+    interval = bootstrap_interval(predictions, references, samples=1000, seed=0)
+    return TaskScore(bleu=bleu, predictions=predictions, items=len(items), bleu_interval=interval)

@@ -173,6 +173,16 @@ def test_report_renders_tables_and_plots(env, tmp_path) -> None:
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
 
 
+def test_report_command_writes_the_page(env, tmp_path) -> None:
+    from alphatune.cli import main
+
+    output = tmp_path / "results.md"
+    assert main(["report", "--results", str(env["results"]), "--output", str(output)]) == 0
+    assert output.read_text().startswith("# AlphaTuning against the methods users run today")
+    missing = tmp_path / "nothing"
+    assert main(["report", "--results", str(missing), "--output", str(output)]) == 2
+
+
 # --- the grid ---------------------------------------------------------------------------------
 
 

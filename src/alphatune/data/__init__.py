@@ -1,7 +1,7 @@
 """Task data: loading files into examples, tokenizing them and batching them."""
 
 from alphatune.data.e2e import e2e_prompt, load_e2e_eval, load_e2e_train
-from alphatune.data.examples import EvalItem, Example
+from alphatune.data.examples import EvalItem, Example, seeded_sample
 from alphatune.data.text import load_text_tokens
 from alphatune.data.tokenize import (
     IGNORE_INDEX,
@@ -28,5 +28,6 @@ __all__ = [
     "load_text_tokens",
     "load_triples_eval",
     "load_triples_train",
+    "seeded_sample",
     "triples_prompt",
 ]

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from alphatune.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,3 +39,14 @@ def check_limit(limit: int | None) -> None:
     """Reject a negative ``limit`` (``None`` means no limit; 0 returns nothing)."""
     if limit is not None and limit < 0:
         raise DataError(f"limit must be None or >= 0, got {limit}")
+
+
+def seeded_sample(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
+    """``limit`` items drawn at random with ``seed``, kept in their original order (all of them
+    when ``limit`` is ``None`` or not smaller): a fixed sample that does not favour the start of
+    a file."""
+    check_limit(limit)
+    if limit is None or limit >= len(items):
+        return list(items)
+    kept = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in kept]

@@ -4,6 +4,7 @@
     python -m alphatune.experiments list                                   # done / pending / todo
     python -m alphatune.experiments run --task e2e --method lora --lr 1e-3 --steps 2 ...
     python -m alphatune.experiments rescore                                # scores from predictions
+    alphatune report                                 # docs/results.md and its plots from the files
 
 Each grid run goes to a fresh process (``run-spec``), so one failure or leak cannot touch the
 next; a failed run leaves ``<run id>.error.txt`` beside where its result would be and is skipped
@@ -130,14 +131,6 @@ def _rescore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from alphatune.experiments.report import render
-
-    render(args.results, args.output)
-    print(f"wrote {args.output}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alphatune.experiments")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -174,9 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_list)
     r = sub.add_parser("rescore", help="recompute every result's scores from its predictions")
     r.set_defaults(func=_rescore)
-    rep = sub.add_parser("report", help="render the result files into docs/results.md")
-    rep.add_argument("--output", type=Path, default=Path("docs/results.md"))
-    rep.set_defaults(func=_report)
     return parser
 
 

@@ -36,6 +36,7 @@ from alphatune.data import (
     load_e2e_train,
     load_triples_eval,
     load_triples_train,
+    seeded_sample,
 )
 from alphatune.errors import ConfigError, DataError
 from alphatune.evaluate.metrics import bootstrap_interval, corpus_bleu, e2e_bleu, e2e_metrics
@@ -60,9 +61,7 @@ class EvalSet:
 
 def _sample(n: int, limit: int | None) -> list[int]:
     """Indices of the evaluated items: all, or a seeded sample of ``limit`` in file order."""
-    if limit is None or limit >= n:
-        return list(range(n))
-    return sorted(random.Random(SAMPLE_SEED).sample(range(n), limit))
+    return seeded_sample(range(n), limit, SAMPLE_SEED)
 
 
 def _file(relative: str) -> Path:
