@@ -5,6 +5,7 @@ already worked keep working. One tiny Llama, quantized and tuned once for the mo
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 import re
@@ -100,8 +101,9 @@ def no_work(monkeypatch):
         raise AssertionError("the command started working before checking its inputs")
 
     monkeypatch.setattr("alphatune.models.load_model", refuse)
-    monkeypatch.setattr("alphatune.adapters.load_quantized", refuse)
-    monkeypatch.setattr("alphatune.train.train", refuse)
+    monkeypatch.setattr("alphatune.bases.load_quantized", refuse)
+    # The module by name: the package face exports the function ``train`` under the same name.
+    monkeypatch.setattr(importlib.import_module("alphatune.train"), "train", refuse)
 
 
 # ---------------------------------------------------------------- fixtures

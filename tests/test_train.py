@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from tiny_models import make_tiny_llama
@@ -69,7 +71,8 @@ def test_only_scales_change(tokenizer, examples):
 
 
 def test_resume_continues_exactly(tokenizer, examples, tmp_path, monkeypatch):
-    import alphatune.train as train_module
+    # The module, not the function the package face exports under the same name.
+    train_module = importlib.import_module("alphatune.train")
 
     config = TrainConfig(max_steps=6, batch_size=2, checkpoint_every=3, learning_rate=1e-2)
     straight = tuned_model(tokenizer)

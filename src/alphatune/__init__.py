@@ -4,9 +4,17 @@ Public API::
 
     from alphatune import BCQConfig, AlphaTuningConfig, quantize_, prepare_for_alphatuning
     summary = quantize_(model, BCQConfig(bits=3), calibration=token_ids)
+    save_quantized(model, "base", BCQConfig(bits=3), tokenizer)
     report = prepare_for_alphatuning(model, AlphaTuningConfig())
+    train(model, tokenizer, examples, TrainConfig(max_steps=100), output_dir="adapter")
+    save_adapter(model, "adapter", AlphaTuningConfig())
+
+The package face imports the rooms (``bases``: the quantized base's files, ``adapters``: task
+adapters, ``mixed``: several adapters in one batch, ``train``, ...); none of them imports it.
 """
 
+from alphatune.adapters import load_adapter, read_adapter, save_adapter, unload_adapter
+from alphatune.bases import base_fingerprint, load_quantized, save_quantized
 from alphatune.config import (
     AlphaTuningConfig,
     BCQConfig,
@@ -26,12 +34,14 @@ from alphatune.errors import (
 )
 from alphatune.layers import BCQLinear
 from alphatune.lm_head import quantize_lm_head
+from alphatune.mixed import AdapterBank, load_adapters, unload_adapters
 from alphatune.quantize import QuantizationSummary, quantize_
+from alphatune.train import TrainResult, train
 from alphatune.tuning import TrainableReport, prepare_for_alphatuning
-
-__version__ = "0.1.0"
+from alphatune.version import __version__
 
 __all__ = [
+    "AdapterBank",
     "AlphaTuneError",
     "AlphaTuningConfig",
     "BCQConfig",
@@ -45,11 +55,22 @@ __all__ = [
     "QuantMethod",
     "QuantizationSummary",
     "TrainConfig",
+    "TrainResult",
     "TrainableReport",
     "TrainableScales",
     "UnsupportedModelError",
     "__version__",
+    "base_fingerprint",
+    "load_adapter",
+    "load_adapters",
+    "load_quantized",
     "prepare_for_alphatuning",
     "quantize_",
     "quantize_lm_head",
+    "read_adapter",
+    "save_adapter",
+    "save_quantized",
+    "train",
+    "unload_adapter",
+    "unload_adapters",
 ]

@@ -161,8 +161,8 @@ def _inputs(*paths: Any) -> list[Path]:
 
 # ---------------------------------------------------------------- commands
 def _quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.adapters import BASE_MARKERS, save_quantized
-    from alphatune.files import check_output_dir
+    from alphatune.bases import save_quantized
+    from alphatune.files import BASE_MARKERS, check_output_dir
     from alphatune.models import load_model, load_tokenizer, local_model_dir
     from alphatune.quantize import quantize_
     from alphatune.workflow import calibration_batch, default_file
@@ -225,7 +225,8 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_base(base: Path, adapter: Path | None) -> tuple[Any, Any]:
-    from alphatune.adapters import load_adapter, load_quantized
+    from alphatune.adapters import load_adapter
+    from alphatune.bases import load_quantized
 
     with _step(f"loading base {base}" + (f" + adapter {adapter}" if adapter else "")):
         model, tokenizer = load_quantized(base)
@@ -237,9 +238,10 @@ def _load_base(base: Path, adapter: Path | None) -> tuple[Any, Any]:
 
 
 def _tune(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.adapters import ADAPTER_MARKERS, base_fingerprint, save_adapter
+    from alphatune.adapters import save_adapter
+    from alphatune.bases import base_fingerprint
     from alphatune.data import load_task
-    from alphatune.files import check_output_dir
+    from alphatune.files import ADAPTER_MARKERS, check_output_dir
     from alphatune.train import train
     from alphatune.tuning import prepare_for_alphatuning
     from alphatune.workflow import default_file
@@ -432,10 +434,24 @@ def _interval(interval: tuple[float, float]) -> str:
     return f"(95% bootstrap interval {interval[0]:.1f}–{interval[1]:.1f})"
 
 
+def _command_args(command: str, *argv: object) -> argparse.Namespace:
+    """What ``alphatune COMMAND ARGV...`` parses to: the demo runs the real commands, so every
+    option it does not set has the command's own default."""
+    return build_parser().parse_args([command, *map(str, argv)])
+
+
+def _quant_option_names() -> list[str]:
+    """The settings ``quantize`` and ``demo`` share (``_add_quant_options``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_quant_options(parser)
+    return [action.dest for action in parser._actions]
+
+
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.adapters import ADAPTER_MARKERS, BASE_MARKERS, load_adapter, load_quantized
+    from alphatune.adapters import load_adapter
+    from alphatune.bases import load_quantized
     from alphatune.data import load_task, seeded_sample
-    from alphatune.files import check_output_dir, write_file
+    from alphatune.files import ADAPTER_MARKERS, BASE_MARKERS, check_output_dir, write_file
     from alphatune.models import local_model_dir
     from alphatune.workflow import default_file, score_generation
 
@@ -448,23 +464,11 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     check_output_dir(adapter, ADAPTER_MARKERS, True, inputs)
     started = time.perf_counter()
     console.rule("1/4 quantize")
-    quant = _quantize(
-        argparse.Namespace(
-            model=args.model,
-            bits=args.bits,
-            group_size=args.group_size,
-            method=args.method,
-            lm_head=args.lm_head,
-            lm_head_bits=args.lm_head_bits,
-            iterations=10,
-            calibration=None,
-            calibration_sequences=args.calibration_sequences,
-            calibration_length=512,
-            output=base,
-            overwrite=True,
-            no_progress=args.no_progress,
-        )
-    )
+    common = ["--no-progress"] if args.no_progress else []
+    quant_args = _command_args("quantize", "--output", base, "--overwrite", *common)
+    for name in _quant_option_names():  # the demo takes the quantize options itself
+        setattr(quant_args, name, getattr(args, name))
+    quant = _quantize(quant_args)
     # A seeded random sample of the 630 test MRs (the file's first ones are not typical).
     items = seeded_sample(load_task("e2e", default_file("e2e", "test"), "eval"), args.eval_limit, 0)
     console.rule("2/4 score the quantized model before tuning")
@@ -475,31 +479,12 @@ def _demo(args: argparse.Namespace) -> dict[str, Any]:
     console.print(f"BLEU before tuning: {before.bleu:.2f} {_interval(before.bleu_interval)}")
     console.rule("3/4 α-tune on an E2E slice")
     tuned = _tune(
-        argparse.Namespace(
-            base=base,
-            task="e2e",
-            data=None,
-            eval_data=None,
-            train_limit=args.train_limit,
-            eval_limit=args.eval_examples,
-            output=adapter,
-            lr=args.lr,
-            batch_size=8,
-            grad_accum=1,
-            epochs=1.0,
-            max_steps=args.steps,
-            warmup_ratio=0.06,
-            label_smoothing=0.1,
-            seed=0,
-            max_length=128,
-            checkpoint_every=50,
-            eval_every=0,
-            train="alpha1",
-            train_offset=False,
-            alpha_lr_scale=1.0,
-            resume=False,
-            overwrite=True,
-            no_progress=args.no_progress,
+        _command_args(
+            "tune",
+            *("--base", base, "--task", "e2e", "--output", adapter, "--overwrite"),
+            *("--train-limit", args.train_limit, "--eval-limit", args.eval_examples),
+            *("--lr", args.lr, "--max-steps", args.steps),
+            *common,
         )
     )
     console.rule("4/4 score the tuned model")

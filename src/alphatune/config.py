@@ -16,6 +16,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from alphatune.errors import ConfigError
+from alphatune.files import BASE_FORMAT
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,9 @@ class BCQConfig:
             inside the transformer blocks (any element of an ``nn.ModuleList``).
         exclude: glob patterns of module names never quantized.
         packing: code layout.
-        format_version: bumped when the saved layout changes.
+        format_version: the layout version of a saved base (``alphatune.files``): what a
+            loaded base's ``quantization_config`` says; ``save_quantized`` writes the version
+            of the layout it writes, whatever this field holds.
         lm_head: the LM head for inference: ``"keep"`` (default), ``"bf16"`` or ``"bcq"`` (see
             ``alphatune.lm_head``). The head is never α-tuned.
         lm_head_bits: code planes of a ``"bcq"`` head (1..8); it uses this config's method, group
@@ -167,7 +170,7 @@ class BCQConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ("*lm_head*",)
     packing: PackingFormat = PackingFormat.BITPLANE_U8
-    format_version: int = 1
+    format_version: int = BASE_FORMAT
     lm_head: LMHeadMode = LMHeadMode.KEEP
     lm_head_bits: int = 4
 

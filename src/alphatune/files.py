@@ -1,11 +1,15 @@
 """What alphatune writes, how it recognises its own files, and how it writes them safely.
 
-One room for the file policy (the formats themselves live in ``adapters.py`` and ``train.py``):
+One room for the file policy (the formats themselves live in ``bases.py``, ``adapters.py`` and
+``train.py``):
 
-- **Names and markers.** A base, an adapter and a training checkpoint each carry a marker in one
+- **Names, versions and markers.** Every file name, format version and marker is defined here and
+  imported, never re-typed. A base, an adapter and a training checkpoint each carry a marker in one
   of their JSON files (``quant_method == "alphatune_bcq"``, ``format == "alphatune_adapter"``,
   ``format == "alphatune_checkpoint"``). A file name alone proves nothing: every Hugging Face
-  model folder has a ``config.json``.
+  model folder has a ``config.json``. A base whose ``quant_method`` is ``"bcq"`` (the short name
+  also registered with transformers) is a base too; alphatune writes ``"alphatune_bcq"``, which
+  every alphatune version reads.
 - **Overwrite guard.** A non-empty directory is only written to with ``overwrite=True``, and only
   if it carries the marker of what is about to be written; an output that is, holds or sits
   inside an input is refused; writability is probed before any work starts.
@@ -39,6 +43,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from alphatune.errors import CheckpointError
+from alphatune.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +52,8 @@ Writer = Callable[[Path], None]
 # ---------------------------------------------------------------- names
 BASE_CONFIG = "config.json"
 BASE_WEIGHTS = "model.safetensors"
-QUANT_METHOD = "alphatune_bcq"
+QUANT_METHOD = "alphatune_bcq"  # what a base's quantization_config says; what alphatune writes
+QUANT_METHOD_ALIASES = ("bcq",)  # also a base when read (the name the issue tracker proposed)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FORMAT = "alphatune_adapter"
@@ -65,6 +71,35 @@ _HASHES: dict[str, Callable[[], Any]] = {
     "blake2b-128": lambda: hashlib.blake2b(digest_size=16),
 }
 HASH_ALGORITHM = "sha256-128"
+# The library version every JSON file records (what wrote it).
+LIBRARY_VERSION = __version__
+
+# ---------------------------------------------------------------- format versions
+# A base: 1, the original layout; 2, a base whose LM head was replaced ("head" in its
+# quantization_config). A base without a replaced head is still written as version 1, so older
+# alphatune versions read it.
+BASE_FORMAT = 1
+BASE_FORMAT_WITH_HEAD = 2
+NEWEST_BASE_FORMAT = BASE_FORMAT_WITH_HEAD  # the newest base layout this version reads
+ADAPTER_FORMAT_VERSION = 1  # an adapter's "format_version" (the newest this version reads)
+# Where each JSON file keeps its integrity record (see ``seal``).
+BASE_RECORD = ("quantization_config", INTEGRITY)
+ADAPTER_RECORD = (INTEGRITY,)
+
+
+def check_format_version(
+    document: dict[str, Any], newest: int, where: Path, what: str = "format_version"
+) -> None:
+    """Raise unless ``document["format_version"]`` (1 when absent) is one this version reads.
+
+    Checked before anything else of a file: a newer format may seal its files differently.
+    """
+    version = document.get("format_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version > newest:
+        raise CheckpointError(
+            f"{where}: {what} {version!r} is newer than this alphatune reads ({newest}); "
+            "upgrade alphatune"
+        )
 
 
 # ---------------------------------------------------------------- markers
@@ -81,6 +116,7 @@ class Marker:
     key: tuple[str, ...]
     value: str
     legacy_keys: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()  # other values that mark the same kind when read
 
     def found_in(self, directory: Path) -> bool:
         try:
@@ -90,7 +126,7 @@ class Marker:
         found: Any = data
         for key in self.key:
             found = found.get(key) if isinstance(found, dict) else None
-        if found == self.value:
+        if found == self.value or (isinstance(found, str) and found in self.aliases):
             return True
         return (
             bool(self.legacy_keys)
@@ -101,7 +137,11 @@ class Marker:
 
 
 BASE_MARKER = Marker(
-    "quantized base", BASE_CONFIG, ("quantization_config", "quant_method"), QUANT_METHOD
+    "quantized base",
+    BASE_CONFIG,
+    ("quantization_config", "quant_method"),
+    QUANT_METHOD,
+    aliases=QUANT_METHOD_ALIASES,
 )
 ADAPTER_MARKER = Marker(
     "adapter",

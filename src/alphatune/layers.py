@@ -15,9 +15,10 @@ State (all saved in the state dict):
 sets it) multiplies the gradients of the scales in backward (the paper's Eq. 4 divides them by the
 group size).
 
-Mixed-task batches (``alphatune.mixed``) add ``alpha1_bank``, a non-persistent ``(A, out, G)``
+Mixed-task batches (``alphatune.mixed``) use ``alpha1_bank``, a non-persistent ``(A, out, G)``
 buffer of every loaded adapter's α₁, and ``adapter_rows``, the bank index of each batch row while
-``alphatune.mixed.adapter_rows`` is active.
+``alphatune.mixed.adapter_rows`` is active; both change only through ``set_adapter_bank`` and
+``set_adapter_rows``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from torch import Tensor, nn
 
 from alphatune import bcq, kernels
 from alphatune.autograd import BCQMatmul
-from alphatune.config import BCQConfig, QuantMethod
+from alphatune.config import BCQConfig
 from alphatune.errors import ConfigError
+from alphatune.fitting import fit_inputs, fit_weight
 from alphatune.packing import pack_codes, packed_width, unpack_codes
 
 # Names of the per-layer scale tensors (what AlphaTuning may train and adapters store).
@@ -95,7 +97,7 @@ class BCQLinear(nn.Linear):
         # Inference-only prepared forms of the weight (eval mode only; see kernels.WeightCache):
         # rebuilt when the scales change, dropped by train() and release_weight_cache().
         self._weight_cache = kernels.WeightCache()
-        # Mixed-task batches: set and cleared by alphatune.mixed, never saved.
+        # Mixed-task batches (set_adapter_bank, set_adapter_rows), never saved.
         self.register_buffer("alpha1_bank", None, persistent=False)
         self.adapter_rows: Tensor | None = None  # (B,) int64 bank index per batch row
 
@@ -129,17 +131,32 @@ class BCQLinear(nn.Linear):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, config: BCQConfig) -> BCQLinear:
-        """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``) with a data-free method of ``config``."""
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        config: BCQConfig,
+        *,
+        bits: int | None = None,
+        hessian: Tensor | None = None,
+        group_size: int | None = None,
+    ) -> BCQLinear:
+        """Quantize an ``nn.Linear`` (or GPT-2 ``Conv1D``) as ``config`` says (``alphatune.fitting``).
+
+        Args:
+            linear: the layer to replace; the new one is on its device and in its mode.
+            config: how to fit (a data-free method, or ``calibrated`` with ``hessian``).
+            bits: code planes, if not ``config.bits``.
+            hessian: ``(in, in)`` statistics of the layer's input, for the calibrated method.
+            group_size: input features per scale group, if not ``config.group_size_for(in)``.
+        """
         weight, bias = linear_weight(linear)
-        group_size = config.group_size_for(weight.shape[1])
-        if config.method == QuantMethod.CALIBRATED:
-            raise ConfigError(
-                "method 'calibrated' needs calibration data: use quantize_(model, config, "
-                "calibration=tokens) instead of BCQLinear.from_linear"
-            )
-        fitted = fit_weight(weight, config, group_size)
-        return cls.from_weight(fitted, bias)
+        if group_size is None:
+            group_size = config.group_size_for(weight.shape[1])
+        inputs, statistics = fit_inputs(weight, hessian)
+        fitted = fit_weight(inputs, config, group_size, bits=bits, hessian=statistics)
+        layer = cls.from_weight(fitted, bias).to(weight.device)
+        layer.train(linear.training)
+        return layer
 
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
@@ -216,6 +233,25 @@ class BCQLinear(nn.Linear):
             self.alpha1_scale = nn.Parameter(
                 torch.ones(self.out_features, device=self.alpha1.device)
             )
+
+    def set_adapter_bank(self, bank: Tensor | None) -> None:
+        """Hold ``bank``, the α₁ of every adapter of a mixed batch, ``(A, out, G)``, or drop it
+        (``None``). Either way the batch rows are cleared: forwards use the layer's own α₁ until
+        ``set_adapter_rows``."""
+        if bank is not None and bank.shape[1:] != self.alpha1.shape:
+            raise ConfigError(
+                f"an adapter bank of this layer is (A, {self.out_features}, "
+                f"{self.alpha1.shape[1]}), got {tuple(bank.shape)}"
+            )
+        self.alpha1_bank = bank
+        self.adapter_rows = None
+
+    def set_adapter_rows(self, rows: Tensor | None) -> None:
+        """Bank index of each batch row, ``(B,)`` int64, for the forwards that follow; ``None``:
+        every row uses the layer's own α₁."""
+        if rows is not None and self.alpha1_bank is None:
+            raise ConfigError("this layer holds no adapter bank; load the adapters first")
+        self.adapter_rows = rows
 
     def _scales_need_grad(self) -> bool:
         return any(
@@ -310,12 +346,3 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     if is_linear(module):  # Conv1D
         return module.weight.detach().T, module.bias
     raise ConfigError(f"cannot quantize {type(module).__name__}: expected nn.Linear or Conv1D")
-
-
-def fit_weight(weight: Tensor, config: BCQConfig, group_size: int) -> bcq.BCQWeight:
-    """Fit codes and scales with a data-free method of ``config``."""
-    if config.method == QuantMethod.GREEDY:
-        return bcq.fit_greedy(weight, config.bits, group_size)
-    if config.method == QuantMethod.ALTERNATING:
-        return bcq.fit_alternating(weight, config.bits, group_size, config.iterations)
-    return bcq.fit_offset(weight, config.bits, group_size, config.iterations)

@@ -23,7 +23,6 @@ any head); ``save_quantized`` records its own fingerprint of the head's codes, c
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,19 +32,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alphatune import bcq
+from alphatune.calibration import (
+    check_calibration,
+    eval_mode,
+    recording_hessians,
+    run_batches,
+)
 from alphatune.config import BCQConfig, LMHeadMode, QuantMethod
 from alphatune.errors import ConfigError, UnsupportedModelError
-from alphatune.gptq import fit_calibrated
-from alphatune.layers import BCQLinear, fit_weight
-from alphatune.models import model_device
+from alphatune.fitting import FIT_ROWS  # noqa: F401  (kept importable from here)
+from alphatune.layers import BCQLinear
+from alphatune.state import existing_state, model_state
 
 logger = logging.getLogger(__name__)
-
-# Key in the model's __dict__ of the ReplacedHead record (what save_quantized writes).
-_RECORD = "_alphatune_lm_head"
-# Rows fitted at once: every row's fit is independent, and a whole 49k-row head would need GBs.
-FIT_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -139,8 +138,8 @@ def find_lm_head(model: nn.Module) -> tuple[str, nn.Module]:
 
 def replaced_head(model: nn.Module) -> ReplacedHead | None:
     """The record of a head replaced by ``quantize_lm_head`` (or loaded so), else ``None``."""
-    record = model.__dict__.get(_RECORD)
-    return record if isinstance(record, ReplacedHead) else None
+    state = existing_state(model)
+    return None if state is None else state.head
 
 
 def replaced_head_module(model: nn.Module) -> nn.Module | None:
@@ -151,7 +150,7 @@ def replaced_head_module(model: nn.Module) -> nn.Module | None:
 
 def set_replaced_head(model: nn.Module, record: ReplacedHead) -> None:
     """Mark ``model``'s head as replaced (``load_quantized`` restores the mark from the file)."""
-    model.__dict__[_RECORD] = record
+    model_state(model).set_head(record)
 
 
 def untie_word_embeddings(model_or_config: Any) -> None:
@@ -172,18 +171,6 @@ def untie_word_embeddings(model_or_config: Any) -> None:
         )
 
 
-def _check_calibration(calibration: Tensor) -> None:
-    if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-        raise ConfigError(
-            "calibration must be integer token ids of shape (n_sequences, seq_len), got "
-            f"{calibration.dtype} {tuple(calibration.shape)}"
-        )
-
-
-class _HeadReached(Exception):
-    """Raised by a hook once the head's input is recorded: the head's product is not needed."""
-
-
 def collect_head_hessian(model: nn.Module, calibration: Tensor, batch_size: int = 4) -> Tensor:
     """``H = Σ_t x_t x_tᵀ`` of the LM head's input over calibration sequences.
 
@@ -195,54 +182,18 @@ def collect_head_hessian(model: nn.Module, calibration: Tensor, batch_size: int 
     Returns:
         ``(hidden, hidden)`` float32.
     """
-    _check_calibration(calibration)
+    check_calibration(calibration)
     _, head = find_lm_head(model)
-    sums: list[Tensor] = []
-
-    def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, hidden)
-        sums.append(x.T @ x)
-        raise _HeadReached
-
-    handle = head.register_forward_pre_hook(hook)
-    was_training = model.training
-    model.eval()  # dropout would add noise to the statistics
-    try:
-        with torch.no_grad():
-            for start in range(0, calibration.shape[0], batch_size):
-                batch = calibration[start : start + batch_size].to(model_device(model))
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except _HeadReached:
-                    pass
-    finally:
-        handle.remove()
-        model.train(was_training)
-    if not sums:
+    # The pass stops at the head: its vocab-wide product is not needed.
+    with (
+        recording_hessians({"head": head}, stop=True) as hessians,
+        eval_mode(model),
+        torch.no_grad(),
+    ):
+        run_batches(model, calibration, batch_size, use_cache=False)
+    if "head" not in hessians:
         raise ConfigError("calibration holds no sequences")
-    return torch.stack(sums).sum(0)
-
-
-def _fit_rows(
-    weight: Tensor, hessian: Tensor | None, config: BCQConfig, group_size: int
-) -> bcq.BCQWeight:
-    """Fit the head ``FIT_ROWS`` rows at a time (every row's fit is independent of the others)."""
-    bits = config.lm_head_bits
-    data_free = dataclasses.replace(config, bits=bits)
-    parts = []
-    for start in range(0, weight.shape[0], FIT_ROWS):
-        rows = weight[start : start + FIT_ROWS]  # (rows, in)
-        if hessian is not None:
-            parts.append(fit_calibrated(rows, hessian, bits, group_size, config.iterations))
-        else:
-            parts.append(fit_weight(rows, data_free, group_size))
-    offsets = [p.offset for p in parts if p.offset is not None]
-    return bcq.BCQWeight(
-        codes=torch.cat([p.codes for p in parts], dim=1),  # (q, out, in)
-        alpha=torch.cat([p.alpha for p in parts], dim=1),  # (q, out, G)
-        offset=torch.cat(offsets) if offsets else None,  # (out, G)
-        group_size=group_size,
-    )
+    return hessians["head"]
 
 
 def check_lm_head(model: nn.Module, config: BCQConfig, has_calibration: bool = False) -> None:
@@ -327,15 +278,7 @@ def quantize_lm_head(
             )
         if progress:
             progress(f"fitting {name}")
-        group_size = config.group_size_for(weight.shape[1])
-        fitted = _fit_rows(
-            weight.float().cpu(),
-            None if hessian is None else hessian.float().cpu(),
-            config,
-            group_size,
-        )
-        new = BCQLinear.from_weight(fitted, head.bias).to(weight.device)
-        new.train(head.training)
+        new = BCQLinear.from_linear(head, config, bits=config.lm_head_bits, hessian=hessian)
     model.set_submodule(name, new)
     untie_word_embeddings(model)
     record = ReplacedHead(module=name, mode=config.lm_head, untied=untied)

@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alphatune.adapters import ADAPTER_WEIGHTS, base_fingerprint, base_state, read_adapter
+from alphatune.adapters import read_adapter
+from alphatune.bases import base_fingerprint
 from alphatune.errors import CheckpointError, ConfigError
+from alphatune.files import ADAPTER_WEIGHTS
 from alphatune.layers import ROW_SCALE, BCQLinear
 from alphatune.quantize import quantized_layers
+from alphatune.state import existing_state, model_state
 
 logger = logging.getLogger(__name__)
-
-# Where the model keeps its bank, so that generate() and adapter_rows() find it.
-_BANK = "_alphatune_adapter_bank"
 
 
 class AdapterBank:
@@ -103,19 +103,18 @@ class AdapterBank:
                 device = layer.alpha1_bank.device
                 if device not in per_device:
                     per_device[device] = index.to(device)
-                layer.adapter_rows = per_device[device]
+                layer.set_adapter_rows(per_device[device])
             yield
         finally:
             for layer, value in zip(self._layers, previous, strict=True):
-                layer.adapter_rows = value
+                layer.set_adapter_rows(value)
 
     def remove(self) -> None:
         """Drop the bank from every layer: forwards use the layers' own α₁ again."""
         if not self._loaded:
             return
         for layer in self._layers:
-            layer.alpha1_bank = None
-            layer.adapter_rows = None
+            layer.set_adapter_bank(None)
         self._loaded = False
 
     def _check_loaded(self) -> None:
@@ -175,10 +174,11 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
                 )
             tuned[name].setdefault(layer_name, {})[attribute] = tensor
 
-    previous = adapter_bank(model)
+    state = model_state(model)
+    previous = state.pop_bank()
     if previous is not None:
         previous.remove()
-    base = base_state(model)
+    base = state.base_state(model)
 
     def effective_alpha1(name: str, layer_name: str, own: Tensor) -> Tensor:
         """The α₁ an adapter's rows use: its own α₁ (or the base's) times its row multiplier."""
@@ -194,27 +194,28 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
             entries = [own] + [effective_alpha1(name, layer_name, own) for name in adapters]
             like = layer.effective_alpha1()
             stacked = torch.stack([e.to(like.device, like.dtype) for e in entries])  # (A, out, G)
-            layer.adapter_rows = None
             # A layer every row sees with its current α₁ (say a frozen replaced head) keeps the
             # plain forward: the same result without the mixed kernel.
-            layer.alpha1_bank = None if bool((stacked == like.detach()).all()) else stacked
-            if layer.alpha1_bank is not None:
+            same = bool((stacked == like.detach()).all())
+            layer.set_adapter_bank(None if same else stacked)
+            if not same:
                 banked.append(layer)
     bank = AdapterBank(banked, tuple(adapters), configs)
-    model.__dict__[_BANK] = bank
+    state.set_bank(bank)
     logger.info("loaded %d adapters for mixed batches: %s", len(adapters), ", ".join(adapters))
     return bank
 
 
 def adapter_bank(model: nn.Module) -> AdapterBank | None:
     """The model's loaded bank, or ``None``."""
-    bank = model.__dict__.get(_BANK)
-    return bank if bank is not None and bank.loaded else None
+    state = existing_state(model)
+    return None if state is None else state.bank
 
 
 def unload_adapters(model: nn.Module) -> None:
     """Remove the model's bank, if any (the layers' own α₁ are untouched)."""
-    bank = model.__dict__.pop(_BANK, None)
+    state = existing_state(model)
+    bank = None if state is None else state.pop_bank()
     if bank is not None:
         bank.remove()
 

@@ -1,5 +1,8 @@
 """Model-level quantization: ``quantize_(model, config)`` swaps linear layers for ``BCQLinear``.
 
+How each layer is fitted is decided in ``alphatune.fitting`` (through ``BCQLinear.from_linear``);
+the calibration passes live in ``alphatune.calibration``.
+
 Targets: every ``nn.Linear`` (or GPT-2 ``Conv1D``) inside a transformer block — any module that
 has an element of an ``nn.ModuleList`` among its ancestors — filtered by the config's include and
 exclude glob patterns. Embeddings, norms and biases stay in full precision; so does the LM head
@@ -10,19 +13,16 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-import torch
 from torch import Tensor, nn
 
+from alphatune.calibration import check_calibration, collect_hessians, quantize_sequentially
 from alphatune.config import BCQConfig, LMHeadMode, QuantMethod
 from alphatune.errors import ConfigError, UnsupportedModelError
-from alphatune.gptq import fit_calibrated
-from alphatune.layers import BCQLinear, fit_weight, is_linear, linear_weight
+from alphatune.layers import BCQLinear, is_linear, linear_weight
 from alphatune.lm_head import check_lm_head, find_lm_head, quantize_lm_head, replaced_head_module
-from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
 
@@ -90,144 +90,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
-
-
-@contextmanager
-def _recording_hessians(layers: dict[str, nn.Module]) -> Iterator[dict[str, Tensor]]:
-    """While active, accumulate ``Σ x xᵀ`` of every layer's input into the yielded dict."""
-    hessians: dict[str, Tensor] = {}
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            h = x.T @ x
-            hessians[name] = hessians[name] + h if name in hessians else h
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
-    try:
-        yield hessians
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for calibration (dropout would add noise to the statistics), restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def collect_hessians(
-    model: nn.Module,
-    layers: dict[str, nn.Module],
-    calibration: Tensor,
-    batch_size: int = 4,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> dict[str, Tensor]:
-    """``H = Σ_t x_t x_tᵀ`` of every target layer's input over calibration sequences.
-
-    Args:
-        calibration: ``(n_sequences, seq_len)`` token ids.
-    """
-    total = (calibration.shape[0] + batch_size - 1) // batch_size
-    with _recording_hessians(layers) as hessians, _eval_mode(model), torch.inference_mode():
-        for i, start in enumerate(range(0, calibration.shape[0], batch_size)):
-            model(input_ids=calibration[start : start + batch_size].to(model_device(model)))
-            if on_batch:
-                on_batch(i + 1, total)
-    return hessians
-
-
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the first block's inputs are captured."""
-
-
-def _transformer_blocks(
-    model: nn.Module, layers: dict[str, nn.Module]
-) -> tuple[str, nn.ModuleList] | None:
-    """The ``nn.ModuleList`` holding the most target layers (the transformer blocks)."""
-    best: tuple[int, str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name:
-            count = sum(1 for layer in layers if layer.startswith(name + "."))
-            if count and (best is None or count > best[0]):
-                best = (count, name, module)
-    return None if best is None else (best[1], best[2])
-
-
-def _block_inputs(model: nn.Module, first_block: nn.Module, calibration: Tensor, batch_size: int):
-    """Positional and keyword inputs of the first block, one entry per calibration batch."""
-    captured: list[tuple[tuple, dict]] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, kwargs))
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, calibration.shape[0], batch_size):
-            batch = calibration[start : start + batch_size].to(model_device(model))
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _replace_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _block_output(output: object) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
-
-
-def _quantize_sequentially(
-    model: nn.Module,
-    layers: dict[str, nn.Module],
-    calibration: Tensor,
-    fit_layer: Callable[[str, nn.Module, Tensor | None], None],
-    batch_size: int = 4,
-) -> set[str]:
-    """GPTQ's layer-sequential calibration, one transformer block at a time.
-
-    Each block's Hessians come from inputs that already went through the *quantized* earlier
-    blocks, so later blocks learn to compensate earlier errors. Returns the names it quantized.
-    """
-    found = _transformer_blocks(model, layers)
-    if found is None:
-        return set()
-    prefix, blocks = found
-    done: set[str] = set()
-    # no_grad, not inference_mode: the new layers' tensors must stay usable for training later.
-    with _eval_mode(model), torch.no_grad():
-        inputs = _block_inputs(model, blocks[0], calibration, batch_size)
-        for index, block in enumerate(blocks):
-            block_prefix = f"{prefix}.{index}."
-            targets = {n: m for n, m in layers.items() if n.startswith(block_prefix)}
-            if targets:
-                with _recording_hessians(targets) as hessians:
-                    for args, kwargs in inputs:
-                        block(*args, **kwargs)
-                for name, module in targets.items():
-                    fit_layer(name, module, hessians.pop(name))
-                    done.add(name)
-            inputs = [
-                _replace_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
-                for args, kwargs in inputs
-            ]
-    return done
 
 
 def summarize(model: nn.Module) -> QuantizationSummary:
@@ -335,19 +197,7 @@ def quantize_(
     done: list[str] = []
 
     def fit_layer(name: str, module: nn.Module, hessian: Tensor | None) -> None:
-        weight, bias = linear_weight(module)
-        if hessian is not None:
-            fitted = fit_calibrated(
-                weight.float().cpu(),
-                hessian.cpu(),
-                config.bits,
-                group_sizes[name],
-                config.iterations,
-            )
-        else:
-            fitted = fit_weight(weight.float(), config, group_sizes[name])
-        layer = BCQLinear.from_weight(fitted, bias).to(weight.device)
-        layer.train(module.training)
+        layer = BCQLinear.from_linear(module, config, hessian=hessian, group_size=group_sizes[name])
         _set_submodule(model, name, layer)
         done.append(name)
         if progress:
@@ -359,13 +209,9 @@ def quantize_(
                 "method 'calibrated' needs calibration token ids (n_sequences, seq_len); pass "
                 "calibration=... (the CLI uses --calibration FILE), or choose method='offset'"
             )
-        if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
-            raise ConfigError(
-                "calibration must be integer token ids of shape (n_sequences, seq_len), got "
-                f"{calibration.dtype} {tuple(calibration.shape)}"
-            )
+        check_calibration(calibration)
         if sequential:
-            _quantize_sequentially(model, layers, calibration, fit_layer)
+            quantize_sequentially(model, layers, calibration, fit_layer)
         rest = {n: m for n, m in layers.items() if n not in done}
         if rest:
             on_batch = (lambda d, t: progress("calibrating", d, t)) if progress else None

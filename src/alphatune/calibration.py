@@ -1,0 +1,191 @@
+"""Calibration: forward passes over token ids that record what the calibrated method needs.
+
+The one module with calibration hooks (``quantize_`` and the LM head both use it):
+
+- ``recording_hessians``: while active, ``H = Σ_t x_t x_tᵀ`` of each chosen layer's input;
+- ``run_batches``: the model over calibration batches, in eval mode (dropout would add noise to
+  the statistics); a hook may end a pass early by raising ``StopForward``;
+- ``quantize_sequentially``: GPTQ's layer-sequential mode, one transformer block at a time on the
+  outputs of the already quantized blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from alphatune.errors import ConfigError
+from alphatune.models import model_device
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once what it needed is recorded."""
+
+
+def check_calibration(calibration: Tensor) -> None:
+    """Raise unless ``calibration`` is integer token ids of shape ``(n_sequences, seq_len)``."""
+    if calibration.dim() != 2 or calibration.dtype not in (torch.int64, torch.int32):
+        raise ConfigError(
+            "calibration must be integer token ids of shape (n_sequences, seq_len), got "
+            f"{calibration.dtype} {tuple(calibration.shape)}"
+        )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for calibration (dropout would add noise to the statistics), restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def recording_hessians(
+    layers: dict[str, nn.Module], stop: bool = False
+) -> Iterator[dict[str, Tensor]]:
+    """While active, accumulate ``Σ x xᵀ`` (float32) of every layer's input into the yielded dict.
+
+    ``stop``: end each forward pass at the first recorded layer (``StopForward``; the layer's own
+    product is not needed).
+    """
+    hessians: dict[str, Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, in)
+            h = x.T @ x
+            hessians[name] = hessians[name] + h if name in hessians else h
+            if stop:
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    try:
+        yield hessians
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_batches(
+    model: nn.Module,
+    calibration: Tensor,
+    batch_size: int = 4,
+    on_batch: Callable[[int, int], None] | None = None,
+    **forward_kwargs: Any,
+) -> None:
+    """``model(input_ids=batch, **forward_kwargs)`` for each calibration batch, on the model's
+    device; a pass that a hook ends with ``StopForward`` counts as done."""
+    total = (calibration.shape[0] + batch_size - 1) // batch_size
+    for i, start in enumerate(range(0, calibration.shape[0], batch_size)):
+        batch = calibration[start : start + batch_size].to(model_device(model))
+        try:
+            model(input_ids=batch, **forward_kwargs)
+        except StopForward:
+            pass
+        if on_batch:
+            on_batch(i + 1, total)
+
+
+def collect_hessians(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calibration: Tensor,
+    batch_size: int = 4,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict[str, Tensor]:
+    """``H = Σ_t x_t x_tᵀ`` of every target layer's input over calibration sequences.
+
+    Args:
+        calibration: ``(n_sequences, seq_len)`` token ids.
+    """
+    with recording_hessians(layers) as hessians, eval_mode(model), torch.inference_mode():
+        run_batches(model, calibration, batch_size, on_batch)
+    return hessians
+
+
+def _transformer_blocks(
+    model: nn.Module, layers: dict[str, nn.Module]
+) -> tuple[str, nn.ModuleList] | None:
+    """The ``nn.ModuleList`` holding the most target layers (the transformer blocks)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name:
+            count = sum(1 for layer in layers if layer.startswith(name + "."))
+            if count and (best is None or count > best[0]):
+                best = (count, name, module)
+    return None if best is None else (best[1], best[2])
+
+
+def _block_inputs(
+    model: nn.Module, first_block: nn.Module, calibration: Tensor, batch_size: int
+) -> list[tuple[tuple, dict]]:
+    """Positional and keyword inputs of the first block, one entry per calibration batch."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run_batches(model, calibration, batch_size, use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _replace_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _block_output(output: object) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
+def quantize_sequentially(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calibration: Tensor,
+    fit_layer: Callable[[str, nn.Module, Tensor | None], None],
+    batch_size: int = 4,
+) -> set[str]:
+    """GPTQ's layer-sequential calibration, one transformer block at a time.
+
+    Each block's Hessians come from inputs that already went through the *quantized* earlier
+    blocks, so later blocks learn to compensate earlier errors. ``fit_layer(name, module,
+    hessian)`` replaces a layer. Returns the names it quantized (none without a block list).
+    """
+    found = _transformer_blocks(model, layers)
+    if found is None:
+        return set()
+    prefix, blocks = found
+    done: set[str] = set()
+    # no_grad, not inference_mode: the new layers' tensors must stay usable for training later.
+    with eval_mode(model), torch.no_grad():
+        inputs = _block_inputs(model, blocks[0], calibration, batch_size)
+        for index, block in enumerate(blocks):
+            block_prefix = f"{prefix}.{index}."
+            targets = {n: m for n, m in layers.items() if n.startswith(block_prefix)}
+            if targets:
+                with recording_hessians(targets) as hessians:
+                    for args, kwargs in inputs:
+                        block(*args, **kwargs)
+                for name, module in targets.items():
+                    fit_layer(name, module, hessians.pop(name))
+                    done.add(name)
+            inputs = [
+                _replace_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
+                for args, kwargs in inputs
+            ]
+    return done
