@@ -349,11 +349,16 @@ def test_mixed_kernel_equals_a_per_token_loop(bits, offset, in_features, group_s
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)  # only summation order differs
 
 
-def test_row_granularity_adapters_load_alone_and_in_mixed_batches(tmp_path):
-    """A row adapter (one multiplier per row) loads onto a fresh base, and a mixed batch gives
-    each row what it gets alone with its adapter."""
+@pytest.mark.parametrize(
+    "config",
+    [AlphaTuningConfig(granularity="row"), AlphaTuningConfig(multiplier=True)],
+    ids=["row", "group-multiplier"],
+)
+def test_multiplier_adapters_load_alone_and_in_mixed_batches(tmp_path, config):
+    """An adapter of α₁ multipliers (per row or per group) loads onto a fresh base, and a mixed
+    batch gives each row what it gets alone with its adapter."""
     tuned = quantized_model()
-    paths = save_task_adapters(tuned, tmp_path, config=AlphaTuningConfig(granularity="row"))
+    paths = save_task_adapters(tuned, tmp_path, config=config)
     fresh = quantized_model()  # same seed and config: the same base, no row scales yet
     ids = torch.randint(0, 128, (3, 9), generator=torch.Generator().manual_seed(1))
     rows = ["e2e", None, "dart"]

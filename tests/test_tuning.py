@@ -162,6 +162,15 @@ def test_row_granularity_trains_one_multiplier_per_row(greedy_model: nn.Module) 
     assert all(not layer.alpha1_scale.requires_grad for layer in layers)
 
 
+def test_group_multiplier_trains_one_value_per_alpha1(greedy_model: nn.Module) -> None:
+    report = prepare_for_alphatuning(greedy_model, AlphaTuningConfig(multiplier=True))
+    layers = _layers(greedy_model)
+    assert report.trainable == sum(layer.alpha1.numel() for layer in layers)
+    assert all(layer.alpha1_scale.shape == layer.alpha1.shape for layer in layers)
+    with pytest.raises(ConfigError, match="already carries per-group α₁ multipliers"):
+        prepare_for_alphatuning(greedy_model, AlphaTuningConfig(granularity="row"))
+
+
 def test_row_granularity_needs_alpha1_training() -> None:
     with pytest.raises(ConfigError, match="granularity='row' trains a multiplier of α₁ only"):
         AlphaTuningConfig(granularity="row", train="all_alpha")

@@ -62,7 +62,12 @@ from alphatune.files import (  # noqa: F401  (file names and markers, importable
     write_files,
 )
 from alphatune.state import model_state, tensors_by_name
-from alphatune.tuning import absent_row_scales, add_row_scales, trainable_state
+from alphatune.tuning import (
+    absent_multipliers,
+    add_multipliers,
+    multiplier_granularity,
+    trainable_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +194,16 @@ def read_adapter(
             "(its training diverged), train it again with a lower learning rate"
         )
     targets = tensors_by_name(model)
-    targets |= absent_row_scales(model)  # a row-granularity adapter creates them on load
+    absent = absent_multipliers(model)  # an adapter trained with α₁ multipliers creates them
     for name, tensor in tensors.items():
+        if name in absent:
+            if multiplier_granularity(absent[name], tensor.shape) is None:
+                raise CheckpointError(
+                    f"{weights}: {name!r} has shape {tuple(tensor.shape)}, the model expects "
+                    f"{absent[name].multiplier_shape('row')} or "
+                    f"{absent[name].multiplier_shape('group')}"
+                )
+            continue
         if name not in targets:
             raise CheckpointError(f"{weights}: tensor {name!r} has no place in this model")
         if targets[name].shape != tensor.shape:
@@ -208,6 +221,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[st
     set, so nothing of an earlier adapter lingers. Returns the adapter's config (JSON).
     """
     config, tensors = read_adapter(model, directory)
-    add_row_scales(model, tensors)
+    add_multipliers(model, tensors)
     model_state(model).replace(model, tensors)
     return config

@@ -13,10 +13,10 @@ import math
 import numbers
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from alphatune.errors import ConfigError
-from alphatune.files import BASE_FORMAT
+from alphatune.files import BASE_FORMAT, QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +163,9 @@ class BCQConfig:
         <QuantMethod.OFFSET: 'offset'>
     """
 
+    # transformers reads this (from_pretrained(..., quantization_config=BCQConfig(...))); not a field.
+    quant_method: ClassVar[str] = QUANT_METHOD
+
     bits: int = 3
     group_size: int | str | None = AUTO
     method: QuantMethod = QuantMethod.CALIBRATED
@@ -253,9 +256,13 @@ class AlphaTuningConfig:
         alpha_lr_scale: multiplies the learning rate of the scales. The paper scales α's update down
             because one α multiplies a whole row (or group); with Adam a gradient scale cancels out,
             so the knob is expressed on the learning rate.
-        granularity: ``"group"`` trains α₁ itself, one value per (row, group); ``"row"`` freezes α₁
-            and trains one multiplier per output row on top of it (``alpha1`` training only), the
+        granularity: ``"group"`` trains one value per (row, group); ``"row"`` freezes α₁ and
+            trains one multiplier per output row on top of it (``alpha1`` training only), the
             parameter count the paper's ">1,000x fewer" refers to.
+        multiplier: with ``granularity="group"``, train a multiplier of each α₁ (initialised to 1)
+            instead of α₁ itself: the same function, but Adam's steps become relative to each
+            α₁'s size (on the 3-bit SmolLM2 base α₁ spans ~4x within a layer type: 0.10–0.44 for
+            the attention projections, 5th–95th percentile). ``"row"`` is always a multiplier.
         alpha_grad_scale: ``"none"``, or ``"group_size"`` to divide the scales' gradients by the
             group size as the paper's Eq. 4 does. Adam largely cancels a constant factor; what is
             left acts through gradient clipping and Adam's epsilon (measured in docs/results.md).
@@ -267,6 +274,7 @@ class AlphaTuningConfig:
     alpha_lr_scale: float = 1.0
     granularity: Granularity = Granularity.GROUP
     alpha_grad_scale: AlphaGradScale = AlphaGradScale.NONE
+    multiplier: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -287,7 +295,11 @@ class AlphaTuningConfig:
             raise ConfigError(
                 "granularity='row' trains a multiplier of α₁ only; use train='alpha1' with it"
             )
-        _check_types(self, reals=("alpha_lr_scale",), flags=("train_offset", "train_bias"))
+        if self.multiplier is True and self.train != TrainableScales.ALPHA1:
+            raise ConfigError("multiplier=True multiplies α₁ only; use train='alpha1' with it")
+        _check_types(
+            self, reals=("alpha_lr_scale",), flags=("train_offset", "train_bias", "multiplier")
+        )
         if not self.alpha_lr_scale > 0:
             raise ConfigError(f"alpha_lr_scale must be > 0, got {self.alpha_lr_scale}")
 

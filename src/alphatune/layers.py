@@ -6,9 +6,10 @@ State (all saved in the state dict):
   AlphaTuning trains;
 - ``alpha_rest``: ``(q-1, out, G)`` buffer, the other scales (frozen unless made trainable);
 - ``offset``: ``(out, G)`` buffer or ``None`` (BCQ with offset), frozen unless made trainable;
-- ``alpha1_scale``: ``(out,)`` parameter or ``None``: one multiplier per output row on top of the
-  frozen grouped α₁ (``AlphaTuningConfig(granularity="row")``), so that an adapter holds one value
-  per row instead of one per (row, group);
+- ``alpha1_scale``: ``(out, 1)`` or ``(out, G)`` parameter or ``None``: a multiplier of the frozen
+  α₁, initialised to 1, per output row (``AlphaTuningConfig(granularity="row")``: an adapter holds
+  one value per row instead of one per (row, group)) or per (row, group)
+  (``AlphaTuningConfig(multiplier=True)``: the update is relative to each α₁'s size);
 - ``bias``: kept in full precision.
 
 ``alpha_grad_scale`` (a plain float, 1.0 unless ``AlphaTuningConfig(alpha_grad_scale="group_size")``
@@ -34,8 +35,8 @@ from alphatune.fitting import fit_inputs, fit_weight
 from alphatune.packing import pack_codes, packed_width, unpack_codes
 
 # Names of the per-layer scale tensors (what AlphaTuning may train and adapters store).
-ROW_SCALE = "alpha1_scale"  # the row multiplier of AlphaTuningConfig(granularity="row")
-SCALE_NAMES = ("alpha1", "alpha_rest", "offset", ROW_SCALE)
+ALPHA1_SCALE = "alpha1_scale"  # the multiplier of α₁ (AlphaTuningConfig granularity / multiplier)
+SCALE_NAMES = ("alpha1", "alpha_rest", "offset", ALPHA1_SCALE)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -91,7 +92,7 @@ class BCQLinear(nn.Linear):
             self.bias = nn.Parameter(torch.zeros(out_features, device=device))
         else:
             self.register_parameter("bias", None)
-        # Row-wise adaptation (see the module docstring): created by make_trainable(row_scale=True).
+        # A multiplier of α₁ (see the module docstring): created by make_trainable(alpha1_scale=...).
         self.register_parameter("alpha1_scale", None)
         self.alpha_grad_scale = 1.0  # set by alphatune.tuning; multiplies scale gradients
         # Inference-only prepared forms of the weight (eval mode only; see kernels.WeightCache):
@@ -163,10 +164,10 @@ class BCQLinear(nn.Linear):
         return self.dequantize()
 
     def effective_alpha1(self) -> Tensor:
-        """α₁ as the forward uses it, ``(out, G)``: times the row multiplier when there is one."""
+        """α₁ as the forward uses it, ``(out, G)``: times its multiplier when there is one."""
         if self.alpha1_scale is None:
             return self.alpha1
-        return self.alpha1 * self.alpha1_scale[:, None]
+        return self.alpha1 * self.alpha1_scale  # (out, G) * (out, 1) or (out, G)
 
     @property
     def alpha(self) -> Tensor:
@@ -217,22 +218,31 @@ class BCQLinear(nn.Linear):
         self._weight_cache.clear()
 
     def make_trainable(
-        self, *, alpha_rest: bool = False, offset: bool = False, row_scale: bool = False
+        self, *, alpha_rest: bool = False, offset: bool = False, alpha1_scale: str | None = None
     ) -> None:
         """Turn frozen buffers into trainable parameters (same state-dict names).
 
-        ``row_scale`` adds ``alpha1_scale``, one multiplier per output row initialised to 1 (the
-        layer computes exactly what it did before), if the layer has none yet.
+        ``alpha1_scale`` (``"row"`` or ``"group"``) adds a multiplier of α₁ initialised to 1 (the
+        layer computes exactly what it did before), ``(out, 1)`` or ``(out, G)``, if the layer has
+        none yet.
         """
         for name, wanted in (("alpha_rest", alpha_rest), ("offset", offset)):
             value = getattr(self, name)
             if wanted and value is not None and not isinstance(value, nn.Parameter):
                 del self._buffers[name]
                 setattr(self, name, nn.Parameter(value))
-        if row_scale and self.alpha1_scale is None:
+        if alpha1_scale is not None and self.alpha1_scale is None:
             self.alpha1_scale = nn.Parameter(
-                torch.ones(self.out_features, device=self.alpha1.device)
+                torch.ones(self.multiplier_shape(alpha1_scale), device=self.alpha1.device)
             )
+
+    def multiplier_shape(self, granularity: str) -> tuple[int, int]:
+        """Shape of an α₁ multiplier: ``(out, 1)`` per row, ``(out, G)`` per (row, group)."""
+        if granularity == "row":
+            return (self.out_features, 1)
+        if granularity == "group":
+            return tuple(self.alpha1.shape)  # type: ignore[return-value]
+        raise ConfigError(f"a multiplier of α₁ is per 'row' or per 'group', got {granularity!r}")
 
     def set_adapter_bank(self, bank: Tensor | None) -> None:
         """Hold ``bank``, the α₁ of every adapter of a mixed batch, ``(A, out, G)``, or drop it

@@ -32,7 +32,7 @@ from alphatune.adapters import read_adapter
 from alphatune.bases import base_fingerprint
 from alphatune.errors import CheckpointError, ConfigError
 from alphatune.files import ADAPTER_WEIGHTS
-from alphatune.layers import ROW_SCALE, BCQLinear
+from alphatune.layers import ALPHA1_SCALE, BCQLinear
 from alphatune.quantize import quantized_layers
 from alphatune.state import existing_state, model_state
 
@@ -166,7 +166,7 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
         tuned[name] = {}
         for tensor_name, tensor in tensors.items():
             layer_name, _, attribute = tensor_name.rpartition(".")
-            if attribute not in ("alpha1", ROW_SCALE) or layer_name not in layers:
+            if attribute not in ("alpha1", ALPHA1_SCALE) or layer_name not in layers:
                 raise CheckpointError(
                     f"{Path(directory) / ADAPTER_WEIGHTS}: holds {tensor_name!r}, but a mixed "
                     "batch shares everything except α₁ (the adapter was tuned with more than "
@@ -181,11 +181,11 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
     base = state.base_state(model)
 
     def effective_alpha1(name: str, layer_name: str, own: Tensor) -> Tensor:
-        """The α₁ an adapter's rows use: its own α₁ (or the base's) times its row multiplier."""
+        """The α₁ an adapter's rows use: its own α₁ (or the base's) times its multiplier."""
         entry = tuned[name].get(layer_name, {})
         alpha1 = entry.get("alpha1", own)
-        scale = entry.get(ROW_SCALE)
-        return alpha1 if scale is None else alpha1 * scale[:, None]
+        scale = entry.get(ALPHA1_SCALE)
+        return alpha1 if scale is None else alpha1 * scale  # (out, G) * (out, 1) or (out, G)
 
     banked = []
     with torch.no_grad():

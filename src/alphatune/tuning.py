@@ -8,15 +8,13 @@ into every adapter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from alphatune.config import AlphaGradScale, AlphaTuningConfig, Granularity, TrainableScales
 from alphatune.errors import ConfigError
-from alphatune.layers import ROW_SCALE, BCQLinear
+from alphatune.layers import ALPHA1_SCALE, BCQLinear
 from alphatune.lm_head import replaced_head, replaced_head_module
 
 logger = logging.getLogger(__name__)
@@ -74,14 +72,21 @@ def prepare_for_alphatuning(
         raise ConfigError("train_offset=True but the model was quantized without offsets")
     for p in model.parameters():
         p.requires_grad_(False)
-    by_row = config.granularity == Granularity.ROW
+    multiplier = _multiplier_granularity(config)
     for layer in layers:
         layer.make_trainable(
             alpha_rest=config.train == TrainableScales.ALL_ALPHA,
             offset=config.train_offset,
-            row_scale=by_row,
+            alpha1_scale=multiplier,
         )
-        if by_row:
+        if multiplier is not None and layer.alpha1_scale.shape != layer.multiplier_shape(
+            multiplier
+        ):
+            raise ConfigError(
+                f"the model already carries per-{_other(multiplier)} α₁ multipliers (from an "
+                f"earlier preparation or adapter); load a fresh base to train per-{multiplier} ones"
+            )
+        if multiplier is not None:
             layer.alpha1_scale.requires_grad_(True)
         else:
             layer.alpha1.requires_grad_(True)
@@ -99,31 +104,48 @@ def prepare_for_alphatuning(
     return report
 
 
-def absent_row_scales(model: nn.Module) -> dict[str, Tensor]:
-    """``name.alpha1_scale`` -> a ``(out,)`` placeholder for each layer that has none yet.
+def _multiplier_granularity(config: AlphaTuningConfig) -> str | None:
+    if config.granularity == Granularity.ROW:
+        return "row"
+    return "group" if config.multiplier else None
 
-    What a row-granularity adapter may hold for a model prepared without row scales (shapes for
-    checking a file before the model changes).
+
+def _other(granularity: str) -> str:
+    return "group" if granularity == "row" else "row"
+
+
+def multiplier_granularity(layer: BCQLinear, shape: tuple[int, ...]) -> str | None:
+    """``"row"`` or ``"group"`` when ``shape`` is one of ``layer``'s α₁ multiplier shapes."""
+    for granularity in ("row", "group"):
+        if tuple(shape) == layer.multiplier_shape(granularity):
+            return granularity
+    return None
+
+
+def absent_multipliers(model: nn.Module) -> dict[str, BCQLinear]:
+    """``name.alpha1_scale`` -> its layer, for each layer that has no α₁ multiplier yet.
+
+    What an adapter trained with multipliers may hold for a model without them; checked before
+    the model changes with ``multiplier_granularity``.
     """
     return {
-        f"{name}.{ROW_SCALE}": torch.empty(layer.out_features)
+        f"{name}.{ALPHA1_SCALE}": layer
         for name, layer in model.named_modules()
         if isinstance(layer, BCQLinear) and layer.alpha1_scale is None
     }
 
 
-def add_row_scales(model: nn.Module, names: Iterable[str]) -> None:
-    """Give the layers named by ``name.alpha1_scale`` entries a frozen row multiplier of 1.
+def add_multipliers(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Give the layers named by ``name.alpha1_scale`` entries a frozen multiplier of 1 shaped
+    like the entry.
 
     A multiplier of 1 changes nothing, so unloading the adapter (which restores the value it
     found) leaves the model computing exactly what it did before.
     """
-    modules = dict(model.named_modules())
-    for entry in names:
-        layer_name, _, attribute = entry.rpartition(".")
-        layer = modules.get(layer_name)
-        if attribute == ROW_SCALE and isinstance(layer, BCQLinear) and layer.alpha1_scale is None:
-            layer.make_trainable(row_scale=True)
+    for name, layer in absent_multipliers(model).items():
+        if name in tensors:
+            granularity = multiplier_granularity(layer, tensors[name].shape)
+            layer.make_trainable(alpha1_scale=granularity)
             layer.alpha1_scale.requires_grad_(False)
 
 

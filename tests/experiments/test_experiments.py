@@ -85,6 +85,7 @@ ORDERED = [
     ("adapter", None, {}),
     ("alphatuning", 3, {}),
     ("alphatuning", 2, {"granularity": "row", "grad_scale": "group_size"}),
+    ("alphatuning", 3, {"multiplier": True}),
     ("alphatuning", 3, {"base": "greedy", "train": "all_alpha"}),
     ("alphatuning", 3, {"train": "all_alpha", "offset": True}),
 ]
@@ -133,6 +134,14 @@ def test_a_finished_run_is_not_run_again(env) -> None:
     before = path.read_bytes()
     run(spec, env["results"], env["work"])
     assert path.read_bytes() == before
+
+
+def test_the_test_run_reuses_the_dev_runs_training(env) -> None:
+    dev = RunSpec("e2e", "lora", None, 3, 1e-3, "dev", (), TINY, env["model"])
+    test = RunSpec("e2e", "lora", None, 3, 1e-3, "test", (), TINY, env["model"])
+    assert run(dev, env["results"], env["work"])["training"]["resumed_from"] == 0
+    reused = run(test, env["results"], env["work"])["training"]
+    assert reused["resumed_from"] == reused["steps"] == 2
 
 
 def test_webnlg_scores_seen_and_unseen(env, single_thread) -> None:
@@ -202,8 +211,8 @@ def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> Non
     for spec, bleu in zip(searches, (40.0, 55.0, 50.0), strict=True):
         _fake_dev_result(results, spec, bleu)
     assert grid.best_learning_rate(results, "e2e", "alphatuning") == searches[1].learning_rate
-    tests = [s for s in grid.specs(results, ("e2e",)) if not isinstance(s, str)]
-    ours = [s for s in tests if s.method == "alphatuning"]
+    runs = [s for s in grid.specs(results, ("e2e",)) if not isinstance(s, str)]
+    ours = [s for s in runs if s.method == "alphatuning" and s.split == "test"]
     assert {s.seed for s in ours} == {0, 1}
     assert all(s.learning_rate == searches[1].learning_rate and s.split == "test" for s in ours)
 

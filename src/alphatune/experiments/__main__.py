@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from alphatune.experiments import grid as grid_module
-from alphatune.experiments.spec import Budget, RunSpec, result_path
+from alphatune.experiments.spec import Budget, RunSpec, result_path, work_path
 from alphatune.models import cache_dir
 
 DEFAULT_RESULTS = Path("benchmarks/results/paper")
@@ -34,45 +34,68 @@ def _error_path(results: Path, spec: RunSpec) -> Path:
     return result_path(results, spec).with_suffix(".error.txt")
 
 
+def next_spec(results: Path, work: Path, phases: tuple[str, ...], retry: bool) -> RunSpec | None:
+    """The first run of the grid that is not done, not failed (unless ``retry``) and not running."""
+    from alphatune.experiments.runner import running
+
+    for item in grid_module.specs(results, phases):
+        if isinstance(item, str) or result_path(results, item).exists():
+            continue
+        if _error_path(results, item).exists() and not retry:
+            continue
+        if running(work_path(work, item)):
+            continue
+        return item
+    return None
+
+
+def _next(args: argparse.Namespace) -> int:
+    spec = next_spec(
+        args.results, args.work, tuple(args.phase or grid_module.ORDER), args.retry_failed
+    )
+    print(json.dumps(spec.to_dict()) if spec else "")
+    return 0
+
+
+def _global_options(args: argparse.Namespace) -> list[str]:
+    return ["--results", str(args.results), "--work", str(args.work)]
+
+
 def _run_grid(args: argparse.Namespace) -> int:
-    done_any = True
+    """Run the grid's pending runs one after another, each in a fresh process.
+
+    The next run is chosen by a fresh process too (``next``), so a grid left running picks up
+    new code and new grid entries between runs.
+    """
+    module = [sys.executable, "-m", "alphatune.experiments", *_global_options(args)]
+    phases = [f"--phase={p}" for p in args.phase or ()]
     ran = 0
-    while done_any and (args.max_runs is None or ran < args.max_runs):
-        done_any = False  # another pass picks up runs whose learning rate is now known
-        for item in grid_module.specs(args.results, tuple(args.phase or grid_module.ORDER)):
-            if isinstance(item, str):
-                continue
-            if result_path(args.results, item).exists():
-                continue
-            error = _error_path(args.results, item)
-            if error.exists() and not args.retry_failed:
-                continue
-            print(f"[{time.strftime('%H:%M:%S')}] {item.task}/{item.run_id}", flush=True)
-            command = [
-                sys.executable,
-                "-m",
-                "alphatune.experiments",
-                "--results",
-                str(args.results),
-                "--work",
-                str(args.work),
-                "run-spec",
-                json.dumps(item.to_dict()),
-                "--threads",
-                str(args.threads),
-            ]
-            began = time.time()
-            finished = subprocess.run(command, check=False, capture_output=True, text=True)
-            if finished.returncode != 0:
-                error.parent.mkdir(parents=True, exist_ok=True)
-                error.write_text(finished.stdout[-5000:] + finished.stderr[-20000:])
-                print(f"  failed (exit {finished.returncode}); see {error}", flush=True)
-            else:
-                error.unlink(missing_ok=True)
-                print(f"  done in {time.time() - began:.0f} s", flush=True)
-            done_any = True
-            ran += 1
-            break  # recompute the grid: a finished search may unlock later runs
+    while args.max_runs is None or ran < args.max_runs:
+        retry = ["--retry-failed"] if args.retry_failed else []
+        chosen = subprocess.run(
+            [*module, "next", *phases, *retry], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        if not chosen:
+            print("nothing left to run (see: list)", flush=True)
+            return 0
+        item = RunSpec.from_dict(json.loads(chosen))
+        print(f"[{time.strftime('%H:%M:%S')}] {item.task}/{item.run_id}", flush=True)
+        began = time.time()
+        finished = subprocess.run(
+            [*module, "run-spec", chosen, "--threads", str(args.threads)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        error = _error_path(args.results, item)
+        if finished.returncode != 0:
+            error.parent.mkdir(parents=True, exist_ok=True)
+            error.write_text(finished.stdout[-5000:] + finished.stderr[-20000:])
+            print(f"  failed (exit {finished.returncode}); see {error}", flush=True)
+        else:
+            error.unlink(missing_ok=True)
+            print(f"  done in {time.time() - began:.0f} s", flush=True)
+        ran += 1
     return 0
 
 
@@ -115,8 +138,12 @@ def _list(args: argparse.Namespace) -> int:
         if isinstance(item, str):
             print(f"pending  {item}")
             continue
+        from alphatune.experiments.runner import running
+
         state = "done" if result_path(args.results, item).exists() else "todo"
-        if state == "todo" and _error_path(args.results, item).exists():
+        if state == "todo" and running(work_path(args.work, item)):
+            state = "running"
+        elif state == "todo" and _error_path(args.results, item).exists():
             state = "FAILED"
         print(f"{state:8} {item.task}/{item.run_id}")
     return 0
@@ -142,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-runs", type=int, default=None)
     g.add_argument("--retry-failed", action="store_true")
     g.set_defaults(func=_run_grid)
+    n = sub.add_parser("next", help=argparse.SUPPRESS)
+    n.add_argument("--phase", action="append", choices=list(grid_module.PHASES))
+    n.add_argument("--retry-failed", action="store_true")
+    n.set_defaults(func=_next)
     s = sub.add_parser("run-spec", help=argparse.SUPPRESS)
     s.add_argument("spec")
     s.add_argument("--threads", type=int, default=1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alphatune.errors import ConfigError
-from alphatune.experiments.methods import METHODS
+from alphatune.experiments.methods import METHODS, family_of
 from alphatune.experiments.spec import Budget, RunSpec, read_result, result_path
 
 # Training and decoding budget per task: the same for every method. 100 steps x 8 examples: a
@@ -37,6 +37,8 @@ LEARNING_RATES = {
     "lora": (5e-4, 1e-3, 2e-3),
     "full-ft": (2e-5, 5e-5, 1e-4),
     "prompt-tuning": (3e-2,),  # peft's usual value; no search (not one of the three)
+    # α₁ multipliers start at 1, so their steps are relative: a search of its own.
+    "alphatuning-multiplier": (3e-3, 1e-2, 3e-2),
 }
 # The spec whose dev scores choose the family's learning rate.
 SEARCHED = {
@@ -44,6 +46,7 @@ SEARCHED = {
     "lora": ("lora", None, ()),
     "full-ft": ("full-ft", None, ()),
     "prompt-tuning": ("prompt-tuning", None, ()),
+    "alphatuning-multiplier": ("alphatuning", 3, (("multiplier", True),)),
 }
 MAIN_METRIC = {"e2e": "bleu", "webnlg": "bleu", "sst2": "accuracy"}
 
@@ -104,6 +107,7 @@ REST: list[Entry] = [
 
 
 ABLATIONS: list[Entry] = [
+    ("alphatuning", 3, (("multiplier", True),), (0,)),
     ("alphatuning", 3, (("granularity", "row"),), (0,)),
     ("alphatuning", 3, (("base", "greedy"),), (0,)),
     ("alphatuning", 3, (("train", "all_alpha"),), (0,)),
@@ -121,16 +125,22 @@ PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
         ("e2e", "search", ("full-ft", "prompt-tuning"), []),
         ("e2e", "test", (), REST),
     ],
-    "e2e-ablations": [("e2e", "test", (), ABLATIONS)],
+    "e2e-ablations": [
+        ("e2e", "search", ("alphatuning-multiplier",), []),
+        ("e2e", "test", (), ABLATIONS),
+    ],
     "webnlg": [
-        ("webnlg", "search", tuple(SEARCHED), []),
+        ("webnlg", "search", ("alphatuning", "lora", "full-ft"), []),
         ("webnlg", "test", (), _main() + REST),
     ],
     "sst2": [
-        ("sst2", "search", tuple(SEARCHED), []),
+        ("sst2", "search", ("alphatuning", "lora", "full-ft"), []),
         ("sst2", "test", (), _main((0,)) + REST),
     ],
-    "webnlg-ablations": [("webnlg", "test", (), ABLATIONS)],
+    "webnlg-ablations": [
+        ("webnlg", "search", ("alphatuning-multiplier",), []),
+        ("webnlg", "test", (), ABLATIONS),
+    ],
 }
 ORDER = ("e2e", "e2e-rest", "e2e-ablations", "webnlg", "sst2", "webnlg-ablations")
 
@@ -151,7 +161,7 @@ def specs(results_dir: Path, phases: tuple[str, ...] = ORDER) -> Iterator[RunSpe
                         yield from search_specs(task, family)
                 continue
             for method, bits, options, seeds in sorted(entries, key=lambda e: _parent_first(e[0])):
-                family = METHODS[method].family
+                family = family_of(method, options)
                 lr = best_learning_rate(results_dir, task, family)
                 if lr is None:
                     yield f"{task}/{method}: waiting for the {family} learning-rate search"

@@ -15,7 +15,7 @@ tokenization, data order, budget and decoding are the same for all.
 | ``peqa`` | a q-bit round-to-nearest base, one trainable multiplier per (row, group) of the whole quantized weight (PEQA's trainable scale) |
 | ``prompt-tuning`` | peft prompt tuning, 20 virtual tokens initialised from text |
 | ``adapter`` | bottleneck adapters (Pfeiffer: after each MLP, bottleneck 16), LoRA's learning rate |
-| ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``grad_scale`` (none / group_size) |
+| ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``multiplier`` (train a multiplier of α₁), ``grad_scale`` (none / group_size) |
 
 Bases are quantized once and cached (``cache_dir()/paper/bases``), calibrated on 32 x 512
 tokens of WikiText-2 *valid*, as ``alphatune quantize`` does by default.
@@ -283,7 +283,7 @@ def parent_spec(spec: RunSpec) -> RunSpec:
 
 def parent_work(spec: RunSpec, work: Path) -> Path:
     """The work directory of the run whose weights ``spec`` quantizes (a sibling of ``work``)."""
-    return work.parent / parent_spec(spec).run_id
+    return work.parent / parent_spec(spec).training_id
 
 
 # --- PEQA and prompt tuning --------------------------------------------------------------------
@@ -417,6 +417,7 @@ def _alphatuning(spec: RunSpec, work: Path) -> Prepared:
         train_offset=bool(spec.option("offset", False)),
         granularity=spec.option("granularity", "group"),
         alpha_grad_scale=spec.option("grad_scale", "none"),
+        multiplier=bool(spec.option("multiplier", False)),
     )
     report = prepare_for_alphatuning(model, config)
     stored, bpw = _quantized_sizes(model)
@@ -441,6 +442,15 @@ METHODS: dict[str, Method] = {
         Method("alphatuning", _alphatuning, quantized=True, family="alphatuning"),
     )
 }
+
+
+def family_of(method: str, options: tuple[tuple[str, Any], ...]) -> str:
+    """The learning-rate search a run takes its rate from (α₁ multipliers start at 1, so their
+    steps are relative: they have a search of their own)."""
+    opts = dict(options)
+    if method == "alphatuning" and (opts.get("multiplier") or opts.get("granularity") == "row"):
+        return "alphatuning-multiplier"
+    return get_method(method).family
 
 
 def get_method(name: str) -> Method:

@@ -123,7 +123,7 @@ def task_table(task: str, results: Sequence[dict[str, Any]]) -> str:
         "stored MiB",
         "× smaller than fp32",
         *(title for title, _ in columns),
-        f"{main} 95% CI per seed",
+        f"{ {key: title for title, key in columns}.get(main, main) } 95% CI per seed",
         "commit",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

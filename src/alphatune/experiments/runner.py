@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from alphatune.config import TrainConfig
+from alphatune.errors import ConfigError
 from alphatune.evaluate import generate
-from alphatune.experiments.methods import Prepared, get_method
+from alphatune.experiments.methods import Prepared, family_of, get_method
 from alphatune.experiments.spec import (
     RESULT_FORMAT,
     RunSpec,
@@ -34,6 +38,7 @@ from alphatune.train import CHECKPOINT_DIR, train
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 50
+LOCK = ".lock"
 GENERATION_BATCH = 16
 
 
@@ -75,6 +80,8 @@ def _train(spec: RunSpec, prepared: Prepared, work: Path, progress: bool) -> dic
     return {
         "steps": result.steps,
         "seconds": round(result.seconds, 1),
+        # == steps: the training was done by the dev run of the same rate and seed (its time
+        # is in that run's file).
         "resumed_from": result.resumed_from,
         "first_loss": losses[0] if losses else None,
         "final_loss": sum(tail) / len(tail) if tail else None,
@@ -118,6 +125,46 @@ def run(
     task, method = get_task(spec.task), get_method(spec.method)
     work = work_path(work_dir, spec)
     work.mkdir(parents=True, exist_ok=True)
+    with run_lock(work):
+        return _run(spec, task, method, path, work, progress, handoff)
+
+
+def running(work: Path) -> bool:
+    """Whether a live process holds the run's lock (another grid is running it)."""
+    try:
+        pid = int((work / LOCK).read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+@contextmanager
+def run_lock(work: Path) -> Iterator[None]:
+    """Hold ``work/.lock`` (our pid) for the run; a lock of a dead process is taken over."""
+    if running(work):
+        raise ConfigError(f"{work} is being run by another process; let it finish")
+    (work / LOCK).write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        (work / LOCK).unlink(missing_ok=True)
+
+
+def _run(
+    spec: RunSpec,
+    task: Any,
+    method: Any,
+    path: Path,
+    work: Path,
+    progress: bool,
+    handoff: bool,
+) -> dict[str, Any]:
     began = time.perf_counter()
     torch.manual_seed(spec.seed)
     prepared = method.prepare(spec, work)
@@ -130,15 +177,15 @@ def run(
     predictions = predict(spec, prepared, [item.prompt for item in eval_set.items], progress)
     scores = task.score(predictions, eval_set)
     eval_seconds = time.perf_counter() - scored
-    if handoff and prepared.handoff is not None:
-        prepared.handoff(work)
+    if handoff and spec.split == "test" and prepared.handoff is not None:
+        prepared.handoff(work)  # only test runs have runs derived from them
 
     reference = fp32_bytes(spec.model)
     result = {
         "format": RESULT_FORMAT,
         "spec": spec.to_dict(),
         "variant": spec.variant,
-        "family": method.family,
+        "family": family_of(spec.method, spec.options),
         "environment": environment(),
         "trainable_parameters": trainable,
         "stored_bytes": prepared.stored_bytes,

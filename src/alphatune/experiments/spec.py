@@ -3,8 +3,10 @@
 A run is one (task, method, bits, seed, learning rate, split) with the shared training budget. Its
 result is one JSON file, ``<results>/<task>/<run id>.json``, written atomically at the end: a run
 whose file exists is done and is skipped; a killed run resumes from its training checkpoint in the
-work directory (``<work>/<task>/<run id>/``), which also holds what later runs reuse (the weights a
-fine-tuned model hands to its post-training-quantization runs).
+work directory (``<work>/<task>/<training id>/``: the run id without the split, so the test run of
+the learning rate the dev search chose continues from the dev run's final checkpoint instead of
+training again), which also holds what later runs reuse (the weights a fine-tuned model hands to
+its post-training-quantization runs).
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ class RunSpec:
         return f"{self.method}[{','.join(f'{k}={v}' for k, v in self.options)}]"
 
     @property
+    def training_id(self) -> str:
+        """The run id without the split: a dev run and a test run of the same method, rate and
+        seed train the same model, so the test run reuses the dev run's training."""
+        return self.run_id.rsplit("-", 1)[0]
+
+    @property
     def run_id(self) -> str:
         bits = "fp" if self.bits is None else f"q{self.bits}"
         opts = "".join(f"-{k}={v}" for k, v in self.options)
@@ -136,7 +144,8 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
 
 
 def work_path(work_dir: Path, spec: RunSpec) -> Path:
-    return work_dir / spec.task / spec.run_id
+    """Checkpoints and handed-off weights: one folder per training, shared by dev and test."""
+    return work_dir / spec.task / spec.training_id
 
 
 def commit() -> str:

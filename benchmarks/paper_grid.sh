@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the paper comparison grid (issue 12; python -m alphatune.experiments) for as long as the
+# machine is up: niced, resumable, one run after another, results into benchmarks/results/paper.
+#
+#   nohup benchmarks/paper_grid.sh --threads 2 >> grid.log 2>&1 &
+#   .venv/bin/python -m alphatune.experiments list      # done / running / todo / pending
+#
+# The runs execute from a git worktree of this tree's HEAD (.grid-worktree/), moved to the newest
+# HEAD each time this script starts, so editing the tree never changes a run midway and every
+# result records a clean commit. Arguments go to the `grid` command (--phase, --threads, ...).
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+tree="$repo/.grid-worktree"
+head=$(git -C "$repo" rev-parse HEAD)
+if [ -d "$tree" ]; then
+    git -C "$tree" checkout -q --detach "$head"
+else
+    git -C "$repo" worktree add -q --detach "$tree" "$head"
+fi
+cd "$tree"
+export PYTHONPATH="$tree/src"
+exec nice -n 10 "$repo/.venv/bin/python" -m alphatune.experiments \
+    --results "$repo/benchmarks/results/paper" grid "$@"
