@@ -9,6 +9,11 @@ Public API::
     train(model, tokenizer, examples, TrainConfig(max_steps=100), output_dir="adapter")
     save_adapter(model, "adapter", AlphaTuningConfig())
 
+``import alphatune`` registers the BCQ quantizer with transformers (``alphatune.hf``): then
+``AutoModelForCausalLM.from_pretrained(base_dir)`` loads a base, ``from_pretrained(model_dir,
+quantization_config=BCQConfig(method="offset"))`` quantizes while loading, and
+``model.save_pretrained(dir)`` writes a base.
+
 The package face imports the rooms (``bases``: the quantized base's files, ``adapters``: task
 adapters, ``mixed``: several adapters in one batch, ``train``, ...); none of them imports it.
 """
@@ -32,6 +37,8 @@ from alphatune.errors import (
     KernelUnavailableError,
     UnsupportedModelError,
 )
+from alphatune.hf import BCQHfQuantizer, BCQQuantizationConfig
+from alphatune.hf import register as _register_with_transformers
 from alphatune.layers import BCQLinear
 from alphatune.lm_head import quantize_lm_head
 from alphatune.mixed import AdapterBank, load_adapters, unload_adapters
@@ -40,12 +47,17 @@ from alphatune.train import TrainResult, train
 from alphatune.tuning import TrainableReport, prepare_for_alphatuning
 from alphatune.version import __version__
 
+# After this, transformers' from_pretrained reads BCQ bases and quantizes while loading.
+_register_with_transformers()
+
 __all__ = [
     "AdapterBank",
     "AlphaTuneError",
     "AlphaTuningConfig",
     "BCQConfig",
+    "BCQHfQuantizer",
     "BCQLinear",
+    "BCQQuantizationConfig",
     "CheckpointError",
     "ConfigError",
     "DataError",

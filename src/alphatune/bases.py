@@ -29,6 +29,7 @@ The pieces (``quantization_record``, ``storage_tensors``, ``check_quantization_c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -236,7 +237,15 @@ def not_a_base(directory: Path) -> CheckpointError:
             f"{directory} holds only an alphatune {kind}, not a quantized base; finish the run "
             "with 'alphatune tune --resume' and pass its base as --base"
         )
-    read_json(directory / BASE_CONFIG)  # a missing or unreadable config.json says so itself
+    config = read_json(directory / BASE_CONFIG)  # a missing or unreadable one says so itself
+    quantization = config.get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method is not None:
+        return CheckpointError(
+            f"{directory / BASE_CONFIG}: the model is quantized with {method!r}, not alphatune's "
+            f"BCQ ({QUANT_METHOD!r}); load it with transformers, or quantize the original model "
+            "with 'alphatune quantize'"
+        )
     return CheckpointError(
         f"{directory / BASE_CONFIG} has no alphatune quantization_config; create a base "
         "with 'alphatune quantize' first"
@@ -279,6 +288,12 @@ def _check_layer_spec(name: str, spec: Any, where: Path) -> None:
         )
 
 
+def bcq_config(qconfig: dict[str, Any], where: str = "quantization_config") -> BCQConfig:
+    """The ``BCQConfig`` of a base's ``quantization_config`` (its other keys are the record's)."""
+    known = {field.name for field in dataclasses.fields(BCQConfig)}
+    return BCQConfig.from_dict({k: v for k, v in qconfig.items() if k in known}, where)
+
+
 def check_base_format(qconfig: dict[str, Any], where: Path) -> None:
     """Raise for a base written in a newer format (checked first: it may seal files otherwise)."""
     check_format_version(qconfig, NEWEST_BASE_FORMAT, where, what="base format_version")
@@ -288,9 +303,8 @@ def check_quantization_config(
     qconfig: dict[str, Any], where: Path
 ) -> tuple[dict[str, Any], ReplacedHead | None]:
     """Validate what a base is built from; returns the layer specs and the replaced head."""
-    known = set(BCQConfig.__dataclass_fields__)
     try:
-        BCQConfig.from_dict({k: v for k, v in qconfig.items() if k in known}, str(where))
+        bcq_config(qconfig, str(where))
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"{where}: quantization_config: {err}") from None
     layers = qconfig.get("layers")
@@ -445,29 +459,51 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     _load_into(model, tensors, qconfig.get("tied", {}), directory / BASE_WEIGHTS)
     model.eval()
     check_fingerprints(model, qconfig, directory / BASE_WEIGHTS)
+    # What from_pretrained gives a base: save_pretrained writes it back (imported here, not at
+    # the top: the transformers integration is built on this module).
+    from alphatune.hf import attach_quantizer
+
+    attach_quantizer(model, bcq_config(qconfig))
     return model, _load_tokenizer(directory, record)
+
+
+def check_stored_tensors(
+    expected: dict[str, tuple[int, ...]],
+    stored: dict[str, tuple[int, ...]],
+    tied: dict[str, str],
+    where: Path,
+) -> None:
+    """Raise unless the file's tensors (name -> shape) are exactly the model's, tied names stored
+    once (``tied``: name -> the name it is stored under), each in the model's shape."""
+    missing = [n for n in expected if n not in stored and n not in tied]
+    unexpected = [n for n in stored if n not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: tensors do not match the model; missing {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+        )
+    for name, shape in expected.items():
+        found = stored[tied.get(name, name)]
+        if found != shape:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {found}, the model expects {shape}"
+            )
 
 
 def _load_into(
     model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], where: Path
 ) -> None:
     state = model.state_dict(keep_vars=True)
-    missing = [n for n in state if n not in tensors and n not in tied]
-    unexpected = [n for n in tensors if n not in state]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: tensors do not match the model; missing {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-        )
+    check_stored_tensors(
+        {n: tuple(t.shape) for n, t in state.items()},
+        {n: tuple(t.shape) for n, t in tensors.items()},
+        tied,
+        where,
+    )
     loaded: dict[str, Tensor] = {}
     converted: dict[int, Tensor] = {}  # id of a file tensor -> it in the model's dtype
     for name, target in state.items():
         source = tensors[tied.get(name, name)]
-        if source.shape != target.shape:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} has shape {tuple(source.shape)}, the model expects "
-                f"{tuple(target.shape)}"
-            )
         # Tied names get the very same tensor, so they stay tied after assignment.
         if id(source) not in converted:
             converted[id(source)] = source.to(target.dtype)

@@ -229,11 +229,21 @@ def quantize_(
     )
     if record is not None and progress:
         progress(record.module, total, total)
+    _attach_transformers_quantizer(model, config)
     summary = summarize(model)
     logger.info(
         "quantized %d layers: %.3f bits per weight", summary.layers, summary.bits_per_weight
     )
     return summary
+
+
+def _attach_transformers_quantizer(model: nn.Module, config: BCQConfig) -> None:
+    """A transformers model gets the quantizer ``from_pretrained`` would give it, so that
+    ``save_pretrained`` writes the packed base. Imported here, not at the top: the integration
+    (``alphatune.hf``) is built on this module."""
+    from alphatune.hf import attach_quantizer
+
+    attach_quantizer(model, config)
 
 
 def quantized_layers(model: nn.Module) -> Iterable[tuple[str, BCQLinear]]:
