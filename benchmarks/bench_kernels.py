@@ -2,7 +2,10 @@
 
 For every shape (out x in), bit width, batch and thread count it times the decode path
 
-- ``lut``:  ``avx512_lut.lut_matmul`` on the layout a layer keeps (tables built per call),
+- ``lut``:  the LUT kernel's ``decoder`` on the layout a layer keeps (tables built per call):
+  by default the one decode uses on this CPU (``kernels.lut_kernel()``: AVX-512, else AVX2);
+  ``--kernel`` names others (``avx512``, ``avx2``, ``avx2-int8``), one row each, so the AVX2
+  kernel can be measured on an AVX-512 machine too,
 - ``fp32``: ``F.linear`` with a dense float32 weight,
 - ``bf16``: ``F.linear`` with a dense bfloat16 weight and bfloat16 activations,
 - ``nf4``:  bitsandbytes ``matmul_4bit`` on an NF4 weight (when bitsandbytes runs on this CPU),
@@ -25,6 +28,7 @@ Usage::
     python benchmarks/bench_kernels.py             # full grid, a few minutes
     python benchmarks/bench_kernels.py --quick     # 4096x4096, 3 bits, batch 1: a smoke run
     python benchmarks/bench_kernels.py --shapes 4096x4096 --bits 2,4 --batch 1 --threads 1
+    python benchmarks/bench_kernels.py --kernel avx2,avx2-int8 --shapes 576x576,1536x576,576x1536
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import os
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +48,18 @@ from rich.table import Table
 from torch import Tensor
 
 from alphatune import kernels
-from alphatune.kernels import avx512_lut
+from alphatune.kernels import avx2_lut, avx512_lut
 from alphatune.kernels.reference import bcq_matmul_dequant
 from alphatune.packing import packed_width
 
 DEFAULT_SHAPES = "2048x2048,4096x4096,4096x11008,11008x4096"
 DEFAULT_OUT = Path(__file__).parent / "results" / "kernels.json"
+# LUT kernels by name: the module and the extra arguments of its lut_matmul.
+LUT_KERNELS: dict[str, tuple[ModuleType, tuple[object, ...]]] = {
+    "avx512": (avx512_lut, ()),
+    "avx2": (avx2_lut, (torch.float32,)),
+    "avx2-int8": (avx2_lut, (torch.int8,)),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", default="1,8", help="comma-separated token counts")
     parser.add_argument("--threads", default="1,all", help="comma-separated thread counts or 'all'")
     parser.add_argument("--group-size", type=int, default=128, help="inputs per scale group")
+    parser.add_argument(
+        "--kernel",
+        default="auto",
+        help="comma-separated LUT kernels to time: auto (what decode uses here), "
+        + ", ".join(LUT_KERNELS),
+    )
     parser.add_argument(
         "--prefill", type=int, default=256, help="tokens for the batched path (0: skip it)"
     )
@@ -116,9 +133,29 @@ def nf4_linear(weight: Tensor) -> Callable[[Tensor], Tensor] | str:
     return lambda x: bnb.matmul_4bit(x, packed.t(), quant_state=state)
 
 
+def parse_kernels(text: str) -> list[str]:
+    """Kernel names to time; ``auto`` is the one decode uses on this CPU."""
+    names = []
+    for item in text.split(","):
+        name = item.strip().lower()
+        if name == "auto":
+            name = kernels.lut_kernel() or ""
+            if not name:
+                raise SystemExit(
+                    "no LUT kernel runs here: it needs numba (pip install numba) and an AVX2 or "
+                    "AVX-512 CPU"
+                )
+        if name not in LUT_KERNELS:
+            raise SystemExit(f"unknown kernel {name!r}; choose from auto, {', '.join(LUT_KERNELS)}")
+        if not LUT_KERNELS[name][0].available():
+            raise SystemExit(f"the {name} kernel cannot run on this CPU (or numba is missing)")
+        if name not in names:
+            names.append(name)
+    return names
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    if not avx512_lut.available():
-        raise SystemExit("the LUT kernel needs numba and an AVX-512 CPU (pip install numba)")
+    lut_kernels = parse_kernels(args.kernel)
     console = Console()
     results = []
     generator = torch.Generator().manual_seed(0)
@@ -147,8 +184,12 @@ def run(args: argparse.Namespace) -> list[dict]:
                     generator=generator,
                 )
                 alpha = torch.rand(bits, out, groups, generator=generator)
-                codes = avx512_lut.prepare_codes(packed, in_features)
-                scales = avx512_lut.prepare_scales(alpha[:1], alpha[1:])
+                layouts = {}
+                for name in lut_kernels:
+                    module, extra = LUT_KERNELS[name]
+                    codes = module.prepare_codes(packed, in_features)
+                    scales = module.prepare_scales(alpha[:1], alpha[1:])
+                    layouts[name] = (module, codes, scales, extra)
                 batched_ms = ref_ms = None
                 if args.prefill:
                     operands = (prefill, packed, alpha, None, group_size, in_features)
@@ -172,38 +213,43 @@ def run(args: argparse.Namespace) -> list[dict]:
                         if callable(nf4)
                         else None
                     )
-                    lut = partial(avx512_lut.lut_matmul, x, codes, scales, None, None, group_size)
-                    lut_ms = time_ms(lut, args.repeat, args.budget)
                     nbytes = lut_bytes(bits, out, in_features, groups, batch)
                     bound_ms = nbytes / (bandwidth * 1e9) * 1e3
-                    row = {
-                        "out": out,
-                        "in": in_features,
-                        "bits": bits,
-                        "group_size": group_size,
-                        "batch": batch,
-                        "threads": threads,
-                        "lut_ms": lut_ms,
-                        "fp32_ms": fp32_ms,
-                        "bf16_ms": bf16_ms,
-                        "nf4_ms": nf4_ms,
-                        "nf4_unavailable": None if callable(nf4) else nf4,
-                        "lut_over_fp32": lut_ms / fp32_ms,
-                        "lut_bytes": nbytes,
-                        "bandwidth_gbs": bandwidth,
-                        "bound_ms": bound_ms,
-                        "bound_over_fp32": bound_ms / fp32_ms,
-                        "lut_over_bound": lut_ms / bound_ms,
-                        "prefill_tokens": args.prefill,
-                        "batched_ms": batched_ms,
-                        "ref_dequant_ms": ref_ms,
-                        "fp32_prefill_ms": fp32_prefill_ms,
-                    }
-                    results.append(row)
-                    console.log(
-                        f"{out}x{in_features} q={bits} T={batch} threads={threads}: "
-                        f"lut {lut_ms:.3f} ms, fp32 {fp32_ms:.3f} ms ({lut_ms / fp32_ms:.2f}x)"
-                    )
+                    for name, (module, codes, scales, extra) in layouts.items():
+                        # What a layer keeps and calls: the decoder, its checks done once.
+                        decode = module.decoder(codes, scales, None, group_size, *extra)
+                        lut_ms = time_ms(partial(decode, x, None), args.repeat, args.budget)
+                        row = {
+                            "kernel": name,
+                            "out": out,
+                            "in": in_features,
+                            "bits": bits,
+                            "group_size": group_size,
+                            "batch": batch,
+                            "threads": threads,
+                            "lut_ms": lut_ms,
+                            "fp32_ms": fp32_ms,
+                            "bf16_ms": bf16_ms,
+                            "nf4_ms": nf4_ms,
+                            "nf4_unavailable": None if callable(nf4) else nf4,
+                            "lut_over_fp32": lut_ms / fp32_ms,
+                            "lut_over_bf16": lut_ms / bf16_ms,
+                            "lut_bytes": nbytes,
+                            "bandwidth_gbs": bandwidth,
+                            "bound_ms": bound_ms,
+                            "bound_over_fp32": bound_ms / fp32_ms,
+                            "lut_over_bound": lut_ms / bound_ms,
+                            "prefill_tokens": args.prefill,
+                            "batched_ms": batched_ms,
+                            "ref_dequant_ms": ref_ms,
+                            "fp32_prefill_ms": fp32_prefill_ms,
+                        }
+                        results.append(row)
+                        console.log(
+                            f"{name} {out}x{in_features} q={bits} T={batch} threads={threads}: "
+                            f"lut {lut_ms:.3f} ms, fp32 {fp32_ms:.3f} ms "
+                            f"({lut_ms / fp32_ms:.2f}x), bf16 {bf16_ms:.3f} ms"
+                        )
     return results
 
 
@@ -213,12 +259,14 @@ def _ms(value: float | None, digits: int = 3) -> str:
 
 def print_table(results: list[dict]) -> None:
     table = Table(title="BCQ kernels: median ms (lower is better)")
-    columns = ["out x in", "q", "T", "thr", "lut", "fp32", "bf16", "nf4", "lut/fp32", "bound/fp32"]
+    columns = ["kernel", "out x in", "q", "T", "thr", "lut", "fp32", "bf16", "nf4", "lut/fp32"]
+    columns += ["lut/bf16", "bound/fp32"]
     columns += ["batched", "ref deq", "fp32 pre"]
     for name in columns:
         table.add_column(name, justify="right")
     for r in results:
         table.add_row(
+            r["kernel"],
             f"{r['out']}x{r['in']}",
             str(r["bits"]),
             str(r["batch"]),
@@ -228,6 +276,7 @@ def print_table(results: list[dict]) -> None:
             _ms(r["bf16_ms"]),
             _ms(r["nf4_ms"]),
             f"{r['lut_over_fp32']:.2f}",
+            f"{r['lut_over_bf16']:.2f}",
             f"{r['bound_over_fp32']:.2f}",
             _ms(r["batched_ms"], 1),
             _ms(r["ref_dequant_ms"], 1),
@@ -241,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment(("torch", "numba"))
     results = run(args)
     print_table(results)
-    import numba  # run() has checked that the LUT kernel, hence numba, is available
+    import numba  # run() has checked that a LUT kernel, hence numba, is available
 
     env["numba_threads_max"] = numba.config.NUMBA_NUM_THREADS
     save_results(args.out, args, results, env=env)

@@ -1,15 +1,21 @@
 """Kernel dispatch: the only place that chooses between backends.
 
-On CPU, with numba and AVX-512 (``avx512_lut.available()``):
+On CPU, with numba and a LUT kernel for this CPU (``lut_kernel()``: ``avx512_lut`` on AVX-512F,
+else ``avx2_lut`` on AVX2 + FMA):
 
 - decode (up to ``LUT_MAX_TOKENS`` tokens): LUT-GEMV straight on the codes, in a kernel layout
   that the layer keeps (``WeightCache``; about the size of the codes, ~3 bits per weight);
 - more tokens (prefill, evaluation, training): dequantize (numba, parallel) and one ``F.linear``.
   The dense weight is not kept: decode never needs it, and keeping it would cost 32 bits per weight.
 
-On CPU without AVX-512: the dense weight is dequantized once (numba when present) and kept in the
-layer's cache, then ``F.linear`` — the fastest path there, at the cost of memory. Elsewhere (CUDA,
-no numba): the torch reference dequantization and ``F.linear``.
+Without a LUT kernel (x86 without AVX2, ARM, numba missing, or ``ALPHATUNE_KERNEL=reference``):
+the dense weight is dequantized once (numba when present) and kept in the layer's cache, then
+``F.linear``. On CUDA: the torch reference dequantization and ``F.linear``.
+
+``ALPHATUNE_KERNEL`` (read at every call) forces a decode kernel: ``avx512``, ``avx2`` (float32
+tables, exact up to summation order), ``avx2-int8`` (int8 tables: faster, approximate, see
+``avx2_lut``), ``reference`` (none), or ``auto`` (the default). Forcing a kernel this CPU cannot
+run is an error, not a silent fallback.
 
 Every matmul kernel has the signature of ``reference.bcq_matmul_reference``.
 """
@@ -17,14 +23,18 @@ Every matmul kernel has the signature of ``reference.bcq_matmul_reference``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alphatune.kernels import avx512_lut, numba_dequant
+from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.kernels import avx2_lut, avx512_lut, lut_common, numba_dequant
 from alphatune.kernels.reference import (
     bcq_matmul_dequant,
     bcq_matmul_mixed_reference,
@@ -41,7 +51,10 @@ logger = logging.getLogger(__name__)
 # 4096² (LUT 2.3x faster at T = 32, 1.7x at T = 64).
 LUT_MAX_TOKENS = 64
 
+KERNEL_ENV = "ALPHATUNE_KERNEL"
+
 __all__ = [
+    "KERNEL_ENV",
     "LUT_MAX_TOKENS",
     "WeightCache",
     "bcq_matmul",
@@ -53,13 +66,73 @@ __all__ = [
     "dequantize_packed",
     "dequantize_packed_reference",
     "dequantized_linear",
+    "lut_available",
+    "lut_kernel",
     "unpack_signs",
 ]
 
 
+@dataclass(frozen=True)
+class _LutKernel:
+    """A LUT-GEMV kernel: its module (``prepare_codes``, ``prepare_scales``, ``decoder``) and
+    the table precision it runs with (``avx2_lut`` only)."""
+
+    name: str
+    module: ModuleType
+    table_dtype: torch.dtype | None = None
+
+    def decoder(
+        self, codes: Any, scales: Any, offset: Tensor | None, group_size: int
+    ) -> Callable[[Tensor, Tensor | None], Tensor]:
+        precision = () if self.table_dtype is None else (self.table_dtype,)
+        return self.module.decoder(codes, scales, offset, group_size, *precision)
+
+
+_LUT_KERNELS = {
+    "avx512": _LutKernel("avx512", avx512_lut),
+    "avx2": _LutKernel("avx2", avx2_lut, torch.float32),
+    "avx2-int8": _LutKernel("avx2-int8", avx2_lut, torch.int8),
+}
+_KERNEL_CHOICES = ("auto", *_LUT_KERNELS, "reference")
+
+
+def _chosen_lut_kernel() -> _LutKernel | None:
+    """The LUT kernel for decode here: ``ALPHATUNE_KERNEL``, or the best this CPU runs."""
+    setting = os.environ.get(KERNEL_ENV, "")
+    choice = setting.strip().lower() or "auto"
+    if choice == "auto":
+        if avx512_lut.available():
+            return _LUT_KERNELS["avx512"]
+        return _LUT_KERNELS["avx2"] if avx2_lut.available() else None
+    if choice == "reference":
+        return None
+    kernel = _LUT_KERNELS.get(choice)
+    if kernel is None:
+        raise ConfigError(
+            f"{KERNEL_ENV}={setting!r} is not a kernel; choose one of {', '.join(_KERNEL_CHOICES)}"
+        )
+    if not kernel.module.available():
+        raise KernelUnavailableError(
+            f"{KERNEL_ENV}={setting!r}, but that kernel cannot run here (it needs numba and "
+            f"{'AVX-512F' if kernel.module is avx512_lut else 'AVX2 and FMA'}); unset "
+            f"{KERNEL_ENV} to pick the best kernel for this CPU"
+        )
+    return kernel
+
+
+def lut_kernel() -> str | None:
+    """The LUT kernel decode runs on here: ``"avx512"``, ``"avx2"``, ``"avx2-int8"``, or None.
+
+    The best one this CPU runs (AVX-512F, else AVX2 + FMA, with numba), unless ``ALPHATUNE_KERNEL``
+    forces one; None means decode dequantizes and keeps the dense weight (see the module doc).
+    """
+    kernel = _chosen_lut_kernel()
+    return None if kernel is None else kernel.name
+
+
 def lut_available() -> bool:
-    """Whether decode runs on the LUT kernel here (numba present, AVX-512 CPU)."""
-    return avx512_lut.available()
+    """Whether decode runs on a LUT kernel here (see ``lut_kernel``)."""
+    return _chosen_lut_kernel() is not None
 
 
 def dequantize_packed(
@@ -144,13 +217,38 @@ def _tensor_key(t: Tensor) -> tuple[int, int]:
     return (t.data_ptr(), t._version)
 
 
-def _use_lut(x: Tensor, tokens: int, group_size: int, in_features: int) -> bool:
-    return (
-        x.device.type == "cpu"
-        and tokens <= LUT_MAX_TOKENS
-        and avx512_lut.supports(group_size, in_features)
-        and avx512_lut.available()
-    )
+def _lut_for(x: Tensor, tokens: int, group_size: int, in_features: int) -> _LutKernel | None:
+    """The LUT kernel for this call, or None (not CPU, too many tokens, groups split a byte)."""
+    if not x.is_cpu or tokens > LUT_MAX_TOKENS or not lut_common.supports(group_size, in_features):
+        return None
+    return _chosen_lut_kernel()
+
+
+def _lut_decoder(
+    kernel: _LutKernel,
+    cache: WeightCache | None,
+    name: str,
+    cache_key: tuple[object, ...],
+    packed: Tensor,
+    in_features: int,
+    build_scales: Callable[[], Any],
+    offset: Tensor | None,
+    group_size: int,
+) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """The layer's decode call on ``kernel`` (its checks done once), kept in ``cache`` under
+    ``name`` while ``cache_key`` holds. The prepared codes are kept apart, shared by the single-
+    and mixed-task decoders; both are keyed by the kernel, as each kernel has its own layout."""
+
+    def build() -> Callable[[Tensor, Tensor | None], Tensor]:
+        codes = _cached(
+            cache,
+            "lut_codes",
+            (_tensor_key(packed), kernel.module.__name__),
+            lambda: kernel.module.prepare_codes(packed, in_features),
+        )
+        return kernel.decoder(codes, build_scales(), offset, group_size)
+
+    return _cached(cache, name, (*cache_key, _tensor_key(packed), kernel.name), build)
 
 
 def bcq_matmul(
@@ -165,28 +263,33 @@ def bcq_matmul(
 ) -> Tensor:
     """``y = x Ŵᵀ`` for a BCQ weight, on the fastest available backend (no bias, no autograd).
 
-    ``cache`` (with a key that changes whenever the scales change) keeps the prepared forms of
-    the weight between calls.
+    ``cache`` (with a key that changes whenever the scales or the offset change) keeps the
+    prepared forms of the weight between calls.
     """
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, in_features)
-    if _use_lut(x, flat.shape[0], group_size, in_features):
-        codes = _cached(
+    flat = x if x.dim() == 2 else x.reshape(-1, in_features)
+    kernel = _lut_for(x, flat.shape[0], group_size, in_features)
+    if kernel is not None:
+        decode = _lut_decoder(
+            kernel,
             cache,
-            "lut_codes",
-            _tensor_key(packed),
-            lambda: avx512_lut.prepare_codes(packed, in_features),
+            "lut_decoder",
+            cache_key,
+            packed,
+            in_features,
+            lambda: kernel.module.prepare_scales(alpha[:1], alpha[1:]),
+            offset,
+            group_size,
         )
-        scales = _cached(
-            cache, "lut_scales", cache_key, lambda: avx512_lut.prepare_scales(alpha[:1], alpha[1:])
-        )
-        y = avx512_lut.lut_matmul(flat, codes, scales, offset, None, group_size)
-        return y.reshape(*lead, packed.shape[1]).to(x.dtype)
+        y = decode(flat, None)
+        # Decode makes ~200 of these calls per token: no tensor op that would change nothing.
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], packed.shape[1])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def build() -> Tensor:
         return dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
 
-    if x.device.type == "cpu" and avx512_lut.available() and alpha.dtype == torch.float32:
+    if x.device.type == "cpu" and alpha.dtype == torch.float32 and lut_available():
         # The LUT kernel serves decode, so a kept dense weight would only cost memory.
         return dequantized_linear(x, packed, alpha, offset, group_size, in_features)
     weight = (
@@ -212,9 +315,10 @@ def bcq_matmul_mixed(
     The binary codes are shared by every task; only α₁ differs. x (T, in) -> (T, out), no bias,
     no autograd. Contract: ``reference.bcq_matmul_mixed_reference``. On the LUT kernel the codes
     are read once for all tokens, whatever their adapter; ``cache_key`` must change whenever the
-    bank or the other scales change.
+    bank, the other scales or the offset change.
     """
-    if not _use_lut(x, x.shape[0], group_size, in_features):
+    kernel = _lut_for(x, x.shape[0], group_size, in_features)
+    if kernel is None:
         # Many tokens: each adapter's rows through its own weight, not kept (one GEMM's worth
         # of work in all, plus one dequantization per adapter).
         y = x.new_empty(x.shape[0], packed.shape[1])
@@ -224,15 +328,16 @@ def bcq_matmul_mixed(
             y[rows] = dequantized_linear(x[rows], packed, alpha, offset, group_size, in_features)
         return y
 
-    def build_scales() -> Any:
-        return avx512_lut.prepare_scales(alpha1_bank, alpha_rest)
-
-    codes = _cached(
+    decode = _lut_decoder(
+        kernel,
         cache,
-        "lut_codes",
-        _tensor_key(packed),
-        lambda: avx512_lut.prepare_codes(packed, in_features),
+        "lut_mixed_decoder",
+        cache_key,
+        packed,
+        in_features,
+        lambda: kernel.module.prepare_scales(alpha1_bank, alpha_rest),
+        offset,
+        group_size,
     )
-    scales = _cached(cache, "lut_mixed_scales", cache_key, build_scales)
-    y = avx512_lut.lut_matmul(x, codes, scales, offset, token_adapter, group_size)
-    return y.to(x.dtype)
+    y = decode(x, token_adapter)
+    return y if y.dtype == x.dtype else y.to(x.dtype)

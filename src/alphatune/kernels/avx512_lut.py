@@ -19,8 +19,9 @@ That is 6 vector instructions per 128 weights of a plane, against 128 multiply-a
 (8 zmm FMAs, plus 512 bytes of weights read instead of 16 bytes of codes).
 
 Layout (``prepare_*``, done once per layer and cached by the caller while the scales are
-unchanged): codes ``(q, out/16, ceil(in/8), 16)`` uint8, i.e. each byte column of 16 consecutive rows
-made contiguous; scales float32 with rows contiguous so 16 rows' α load as one vector: α₁ as
+unchanged; shared with the AVX2 kernel through ``lut_common``, in blocks of 16 rows here): codes
+``(q, out/16, ceil(in/8), 16)`` uint8, i.e. each byte column of 16 consecutive rows made
+contiguous; scales float32 with rows contiguous so 16 rows' α load as one vector: α₁ as
 ``(S, G, out)``, the other planes as ``(q-1, G, out)``. ``S`` is the number of α₁ sets: 1 normally,
 one per adapter for a mixed-task batch (the other planes are shared by all tasks).
 Rows are padded to a multiple of 16 with zero codes and zero scales.
@@ -36,16 +37,17 @@ Everything is float32; the result comes back in x's dtype. No autograd.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.errors import KernelUnavailableError
+from alphatune.kernels import lut_common
+from alphatune.kernels.lut_common import PreparedCodes, PreparedScales, supports
 from alphatune.kernels.numba_threads import numba_threads, threads_for
-from alphatune.packing import packed_width
 
 try:
     import llvmlite.binding as llvm_binding
@@ -58,10 +60,21 @@ try:
 except ImportError as exc:  # numba is an optional dependency (extra "fast")
     _IMPORT_ERROR = exc
 
+__all__ = [
+    "PreparedCodes",
+    "PreparedScales",
+    "available",
+    "bcq_matmul_lut",
+    "decoder",
+    "lut_matmul",
+    "prepare_codes",
+    "prepare_scales",
+    "supports",
+]
+
 ROWS = 16  # rows per vector: one float32 lane each in a 512-bit register
 _ROW_BLOCKS_PER_TASK = 8  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
-_NO_OFFSET = np.zeros((1, 1), np.float32)  # one compiled signature with and without an offset
 
 
 def available() -> bool:
@@ -75,14 +88,11 @@ def _host_has_avx512() -> bool:
     return bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
 
 
-def supports(group_size: int, in_features: int) -> bool:
-    """Whether the kernel handles this layer layout (groups must not split a code byte)."""
-    return group_size == in_features or group_size % 8 == 0
-
-
 # ----------------------------------------------------------------------------- the vector loop
 
 if _IMPORT_ERROR is None:
+    from alphatune.kernels.lut_common import add_offset, build_tables
+
     _F32 = ir.FloatType()
     _VEC = ir.VectorType(_F32, ROWS)
     _IVEC = ir.VectorType(ir.IntType(32), ROWS)
@@ -220,46 +230,6 @@ if _IMPORT_ERROR is None:
         return sig, codegen
 
     @njit(cache=True)
-    def _build_tables(x, group_size, tables, group_sums, with_sums):  # pragma: no cover - numba
-        """tables (T, 32·n_bytes) <- the 16 signed sums of every 4 activations; activations past
-        in_features (a partial last byte) count as 0. group_sums (T, G) <- Σ x per group."""
-        n_tokens, in_features = x.shape
-        n_quads = tables.shape[1] // 16
-        for t in range(n_tokens):
-            for j in range(n_quads):
-                base = 16 * j
-                total = np.float32(0.0)
-                for b in range(4):
-                    if 4 * j + b < in_features:
-                        total -= x[t, 4 * j + b]
-                tables[t, base] = total
-                step = 1
-                for b in range(4):
-                    twice = np.float32(0.0)
-                    if 4 * j + b < in_features:
-                        twice = np.float32(2.0) * x[t, 4 * j + b]
-                    for m in range(step):
-                        tables[t, base + step + m] = tables[t, base + m] + twice
-                    step *= 2
-            if with_sums:
-                for g in range(group_sums.shape[1]):
-                    total = np.float32(0.0)
-                    for i in range(g * group_size, (g + 1) * group_size):
-                        total += x[t, i]
-                    group_sums[t, g] = total
-
-    @njit(cache=True)
-    def _add_offset(y, offset, group_sums):  # pragma: no cover - numba
-        """y[t, r] += Σ_g offset[r, g] · group_sums[t, g] (BCQ with offset)."""
-        out, n_groups = offset.shape
-        for t in range(y.shape[0]):
-            for r in range(out):
-                total = np.float32(0.0)
-                for g in range(n_groups):
-                    total += offset[r, g] * group_sums[t, g]
-                y[t, r] += total
-
-    @njit(cache=True)
     def _row_blocks(
         tables,
         codes,
@@ -330,7 +300,7 @@ if _IMPORT_ERROR is None:
         _, n_blocks, n_bytes, _ = codes.shape
         tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
         group_sums = np.empty((n_tokens, n_groups), np.float32)
-        _build_tables(x, group_size, tables, group_sums, with_offset)
+        build_tables(x, group_size, tables, group_sums, with_offset)
         y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
         if parallel:
             _row_blocks_parallel(
@@ -342,20 +312,11 @@ if _IMPORT_ERROR is None:
                 n_blocks, y,
             )  # fmt: skip
         if with_offset:
-            _add_offset(y, offset, group_sums)
+            add_offset(y, offset, group_sums)
         return y
 
 
 # ----------------------------------------------------------------------------- python side
-
-
-@dataclass(frozen=True)
-class PreparedCodes:
-    """A layer's codes in the kernel's layout: ``(q, ceil(out/16), ceil(in/8), 16)`` uint8."""
-
-    codes: np.ndarray
-    out_features: int
-    in_features: int
 
 
 def _require() -> None:
@@ -370,47 +331,42 @@ def _require() -> None:
 
 def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
     """Reorder packed codes ``(q, out, ceil(in/8))`` so 16 rows' bytes are contiguous."""
-    if packed.dtype != torch.uint8 or packed.dim() != 3:
-        raise ConfigError(
-            f"packed codes must be uint8 (q, out, ceil(in/8)), got {packed.dtype} {tuple(packed.shape)}"
-        )
-    bits, out, n_bytes = packed.shape
-    if n_bytes != packed_width(in_features):
-        raise ConfigError(
-            f"packed width {n_bytes} does not match in_features={in_features} "
-            f"(expected {packed_width(in_features)} bytes per row)"
-        )
-    padded = -(-out // ROWS) * ROWS
-    codes = torch.zeros(bits, padded, n_bytes, dtype=torch.uint8)
-    codes[:, :out] = packed.detach().cpu()
-    tiled = codes.reshape(bits, padded // ROWS, ROWS, n_bytes).permute(0, 1, 3, 2).contiguous()
-    return PreparedCodes(tiled.numpy(), out, in_features)
-
-
-@dataclass(frozen=True)
-class PreparedScales:
-    """Scales in the kernel's layout, rows contiguous and padded to a multiple of 16.
-
-    ``first``: ``(S, G, out)``, α₁ of each scale set (one set, or one per adapter); ``rest``:
-    ``(q-1, G, out)``, the other planes' scales, shared by every set.
-    """
-
-    first: np.ndarray
-    rest: np.ndarray
-
-
-def _rows_contiguous(scales: Tensor) -> np.ndarray:
-    """``(..., out, G)`` -> ``(..., G, padded out)`` float32."""
-    *lead, out, groups = scales.shape
-    padded = -(-out // ROWS) * ROWS
-    result = torch.zeros(*lead, groups, padded, dtype=torch.float32)
-    result[..., :out] = scales.detach().cpu().to(torch.float32).transpose(-1, -2)
-    return result.numpy()
+    return lut_common.prepare_codes(packed, in_features, ROWS)
 
 
 def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:
     """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in the kernel's layout."""
-    return PreparedScales(_rows_contiguous(first_sets), _rows_contiguous(rest))
+    return lut_common.prepare_scales(first_sets, rest, ROWS)
+
+
+def decoder(
+    prepared: PreparedCodes,
+    scales: PreparedScales,
+    offset: Tensor | None,
+    group_size: int,
+) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """``decode(x, token_set=None) -> y``: ``lut_matmul`` for one layer, its checks done once.
+
+    Layers keep this between decode steps (~200 calls per token on a small model): a call then
+    only converts x and runs the kernel.
+    """
+    _require()
+    layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS)
+
+    def decode(x: Tensor, token_set: Tensor | None = None) -> Tensor:
+        x_np, sets = lut_common.token_operands(x, token_set, layer)
+        args = (
+            x_np, group_size, layer.codes, layer.first, layer.rest, sets, layer.offset,
+            layer.with_offset, layer.n_groups, layer.bytes_per_group,
+        )  # fmt: skip
+        threads = threads_for(layer.work_per_token * x_np.shape[0], _MIN_PARALLEL_WORK)
+        if threads == 1:
+            return torch.from_numpy(_decode(*args, False)[:, : layer.out_features])
+        with numba_threads(threads):
+            y = _decode(*args, True)
+        return torch.from_numpy(y[:, : layer.out_features])
+
+    return decode
 
 
 def lut_matmul(
@@ -427,68 +383,7 @@ def lut_matmul(
     ``(out, G)`` adds ``offset · Σx`` per group; no bias. Uses ``torch.get_num_threads()`` threads
     (capped by numba's pool) for layers large enough to gain from them.
     """
-    _require()
-    in_features, out = prepared.in_features, prepared.out_features
-    bits, n_blocks, n_bytes, _ = prepared.codes.shape
-    if x.dim() != 2 or x.shape[1] != in_features:
-        raise ConfigError(f"x must be (tokens, {in_features}), got {tuple(x.shape)}")
-    n_groups = in_features // group_size
-    if not supports(group_size, in_features) or in_features % group_size:
-        raise KernelUnavailableError(
-            f"the LUT kernel needs groups that do not split a code byte: group_size must divide "
-            f"in_features={in_features} and be a multiple of 8 (or equal it), got {group_size}"
-        )
-    layout = (n_groups, n_blocks * ROWS)
-    if scales.first.shape[1:] != layout or scales.rest.shape != (bits - 1, *layout):
-        raise ConfigError(
-            f"scales must be (S, {n_groups}, {n_blocks * ROWS}) and ({bits - 1}, {n_groups}, "
-            f"{n_blocks * ROWS}), got {scales.first.shape} and {scales.rest.shape}"
-        )
-    n_tokens = x.shape[0]
-    x_np = x.detach().to(torch.float32).contiguous().numpy()
-    if token_set is None:
-        sets = np.zeros(n_tokens, np.int64)
-    else:
-        sets = token_set.detach().cpu().to(torch.int64).numpy()
-    with_offset = offset is not None
-    offset_np = (
-        offset.detach().to(torch.float32).contiguous().numpy() if with_offset else _NO_OFFSET
-    )
-    bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
-    threads = threads_for(bits * n_blocks * ROWS * 8 * n_bytes * n_tokens, _MIN_PARALLEL_WORK)
-    args = (
-        x_np, group_size, prepared.codes, scales.first, scales.rest, sets, offset_np, with_offset,
-        n_groups, bytes_per_group,
-    )  # fmt: skip
-    if threads == 1:
-        return torch.from_numpy(_decode(*args, False)[:, :out])
-    with numba_threads(threads):
-        y = _decode(*args, True)
-    return torch.from_numpy(y[:, :out])
-
-
-def _check_scales(
-    x: Tensor,
-    packed: Tensor,
-    alpha: Tensor,
-    offset: Tensor | None,
-    group_size: int,
-    in_features: int,
-) -> None:
-    if x.shape[-1] != in_features:
-        raise ConfigError(f"x has {x.shape[-1]} input features, the layer expects {in_features}")
-    if group_size < 1 or in_features % group_size:
-        raise ConfigError(f"group_size {group_size} must divide in_features={in_features}")
-    bits, out = packed.shape[0], packed.shape[1]
-    n_groups = in_features // group_size
-    if tuple(alpha.shape) != (bits, out, n_groups):
-        raise ConfigError(
-            f"alpha must have shape (q, out, in/group_size) = {(bits, out, n_groups)}, got {tuple(alpha.shape)}"
-        )
-    if offset is not None and tuple(offset.shape) != (out, n_groups):
-        raise ConfigError(
-            f"offset must have shape (out, in/group_size) = {(out, n_groups)}, got {tuple(offset.shape)}"
-        )
+    return decoder(prepared, scales, offset, group_size)(x, token_set)
 
 
 def bcq_matmul_lut(
@@ -514,12 +409,7 @@ def bcq_matmul_lut(
         >>> y.shape
         torch.Size([1, 16])
     """
-    tensors = [t for t in (x, packed, alpha, offset) if t is not None]
-    if any(t.device.type != "cpu" for t in tensors):
-        raise KernelUnavailableError(
-            "the LUT kernel runs on CPU tensors only: use the reference kernel"
-        )
-    _check_scales(x, packed, alpha, offset, group_size, in_features)
+    lut_common.check_operands(x, packed, alpha, offset, group_size, in_features)
     lead = x.shape[:-1]
     flat = x.reshape(-1, in_features)
     codes, scales = prepare_codes(packed, in_features), prepare_scales(alpha[:1], alpha[1:])

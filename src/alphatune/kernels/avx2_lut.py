@@ -1,0 +1,645 @@
+"""LUT-GEMV for BCQ decode on AVX2 CPUs (numba + LLVM): exact float32 tables, or int8 tables.
+
+Same contract as ``alphatune.kernels.reference.bcq_matmul_reference`` (see ``bcq_matmul_lut``) and
+the same algorithm, layout and mixed-task form as ``avx512_lut`` (T-MAC's tables: for every 4
+activations of a token the 16 signed partial sums ``Σ ±x``; a code byte's low nibble indexes the
+table of inputs 8k..8k+3, its high nibble that of 8k+4..8k+7), with 256-bit registers:
+
+- **float32 tables** (``table_dtype=torch.float32``, the default; exact up to summation order). A
+  16-entry table does not fit a ymm register, but it is odd under complement
+  (``table[m] = -table[15 - m]``): the kernel's copy of the codes stores each nibble m >= 8 as
+  ``m ^ 7`` (``_MIRRORED``), whose low 3 bits index entries 0-7 (one ``vpermps``, which reads 3
+  index bits) and whose bit 3 negates the value. Code bytes are loaded sign-extended to 32 bits,
+  which puts the high nibble's bit 3 in the sign bit. A byte of 8 rows and one plane: 11 vector
+  instructions (AVX-512: 6 for 16 rows). The int8 tables are stored in the same nibble order.
+- **int8 tables** (``table_dtype=torch.int8``; approximate). Each table is quantized to int8 with
+  one scale per token and chunk of at most 128 code bytes within a group (the group itself for
+  groups of up to 1024 inputs): ``s = max |table| / 127``, ``Q = round(table / s)``. One
+  ``vpshufb`` looks up 32 rows' nibbles in a 16-byte table; the low- and high-nibble results are
+  interleaved and summed into int16 by ``vpmaddubsw``; per chunk and plane the int16 sums become
+  float and take ``α · s``. A byte of 32 rows: 12 vector instructions, 3.7x fewer per weight than
+  the float32 tables. No int16 overflow: ``|Q_lo + Q_hi| <= 254`` per byte, 128 bytes at most.
+
+  **Error bound.** Each looked-up entry is off by at most ``s/2``, so for every token and row
+  ``|y - y_exact| <= Σ_i Σ_chunks |α_i[row, group]| · s_chunk · bytes_chunk`` (two lookups per
+  byte), plus float32 rounding. In practice the errors are independent and much smaller: on
+  SmolLM2's activations and 3-bit weights the output is off by ~1% RMS (the weights' own
+  quantization error is ~20-30%).
+
+Layout (``prepare_*``, shared through ``lut_common``): codes ``(q, ceil(out/32), ceil(in/8), 32)``
+uint8, the byte columns of 32 consecutive rows contiguous (one ``vpshufb`` operand, or four
+8-row float vectors); scales float32 ``(S, G, out)`` for α₁ (``S`` scale sets: one, or one per
+adapter in a mixed-task batch) and ``(q-1, G, out)`` for the other planes, rows padded to a
+multiple of 32 with zero codes and zero scales. Groups must not split a code byte
+(``group_size % 8 == 0``, or one group per row).
+
+The vector code is LLVM IR emitted through a numba intrinsic: it needs AVX2 and FMA
+(``available()``). The result comes back in x's dtype. No autograd.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.kernels import lut_common
+from alphatune.kernels.lut_common import PreparedCodes, PreparedScales, supports
+from alphatune.kernels.numba_threads import numba_threads, threads_for
+
+try:
+    import llvmlite.binding as llvm_binding
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # numba is an optional dependency (extra "fast")
+    _IMPORT_ERROR = exc
+
+__all__ = [
+    "PreparedCodes",
+    "PreparedScales",
+    "available",
+    "bcq_matmul_lut",
+    "decoder",
+    "lut_matmul",
+    "prepare_codes",
+    "prepare_scales",
+    "supports",
+]
+
+ROWS = 32  # rows per block: one byte each in a 256-bit register, or four 8-lane float vectors
+LANES = 8  # float32 lanes in a 256-bit register
+CHUNK_BYTES = 128  # int8 tables: code bytes per table scale at most (int16 sums stay < 2^15)
+TABLE_DTYPES = (torch.float32, torch.int8)
+_ROW_BLOCKS_PER_TASK = 4  # parallel work item: 128 rows
+_MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
+
+
+def _mirror(nibble: int) -> int:
+    return nibble if nibble < 8 else nibble ^ 7
+
+
+# A table is odd under complement: table[m] = -table[15 - m]. Each nibble m >= 8 is stored as
+# m ^ 7 (bit 3 kept): its low 3 bits index table[15 - m] among entries 0-7, bit 3 negates. The
+# map is its own inverse.
+_MIRRORED = np.array([_mirror(b & 15) | _mirror(b >> 4) << 4 for b in range(256)], np.uint8)
+_MIRROR_NIBBLE = np.array([_mirror(m) for m in range(16)], np.int64)
+
+
+def available() -> bool:
+    """True when numba imports and this CPU has AVX2 and FMA (``vpermps``, ``vpshufb``, FMA)."""
+    return _IMPORT_ERROR is None and _host_has_avx2()
+
+
+@functools.cache
+def _host_has_avx2() -> bool:
+    # Asked once: llvmlite's feature query costs ~0.3 ms, and dispatch asks on every call.
+    features = llvm_binding.get_host_cpu_features()
+    return bool(features.get("avx2", False) and features.get("fma", False))
+
+
+# ----------------------------------------------------------------------------- the vector loop
+
+if _IMPORT_ERROR is None:
+    from alphatune.kernels.lut_common import add_offset, build_tables
+
+    _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    _F32 = ir.FloatType()
+    _VEC = ir.VectorType(_F32, LANES)  # 8 rows' float32
+    _IVEC = ir.VectorType(_I32, LANES)  # 8 rows' int32
+    _CODES8 = ir.VectorType(_I8, LANES)  # 8 rows' code bytes
+    _BYTES = ir.VectorType(_I8, ROWS)  # 32 rows' code bytes, or two 16-byte tables
+    _TABLE8 = ir.VectorType(_I8, 16)  # one int8 table
+    _WORDS = ir.VectorType(_I16, 16)  # 16 int16 sums
+
+    def _shuffle_mask(indices: list[int]) -> Any:
+        return ir.Constant(ir.VectorType(_I32, len(indices)), indices)
+
+    # vpunpcklbw / vpunpckhbw: interleave the bytes of two registers within each 128-bit lane.
+    _UNPACK_LOW = _shuffle_mask(
+        [i for lane in (0, 16) for b in range(8) for i in (lane + b, 32 + lane + b)]
+    )
+    _UNPACK_HIGH = _shuffle_mask(
+        [i for lane in (0, 16) for b in range(8, 16) for i in (lane + b, 32 + lane + b)]
+    )
+
+    @intrinsic
+    def _row_block_dot(
+        typingctx: Any,
+        tables: Any,
+        table_base: Any,
+        chunk_scales: Any,
+        chunk_base: Any,
+        codes: Any,
+        code_base: Any,
+        code_plane_stride: Any,
+        first: Any,
+        first_base: Any,
+        alpha: Any,
+        alpha_base: Any,
+        alpha_plane_stride: Any,
+        alpha_group_stride: Any,
+        n_planes: Any,
+        n_groups: Any,
+        bytes_per_group: Any,
+        y: Any,
+        y_base: Any,
+    ) -> Any:
+        """32 rows of one token: ``y[y_base:+32] = Σ_g Σ_i α · (table_lo[lo] + table_hi[hi])``.
+
+        The tables' dtype picks the loop: float32 (``vpermps``) or int8 (``vpshufb``, with
+        ``chunk_scales[chunk_base + chunk]`` the scale of each chunk of a group's bytes). All
+        arrays are flat and C-contiguous; the ``*_base`` / ``*_stride`` arguments are element
+        offsets. Codes of plane i, byte k: ``codes[code_base + i*code_plane_stride + 32k : +32]``;
+        tables of byte k: ``tables[table_base + 32k : +32]`` (low-nibble table, then high);
+        α of plane i, group g: ``first[first_base + g*alpha_group_stride : +32]`` for plane 0
+        (α₁, per scale set) and ``alpha[alpha_base + (i-1)*alpha_plane_stride +
+        g*alpha_group_stride : +32]`` for i >= 1.
+        """
+        sig = types.void(
+            tables, table_base, chunk_scales, chunk_base, codes, code_base, code_plane_stride,
+            first, first_base, alpha, alpha_base, alpha_plane_stride, alpha_group_stride,
+            n_planes, n_groups, bytes_per_group, y, y_base,
+        )  # fmt: skip
+        quantized = tables.dtype == types.int8
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            tables_ptr, chunk_scales_ptr, codes_ptr, first_ptr, alpha_ptr, y_ptr = (
+                context.make_array(signature.args[p])(context, builder, args[p]).data
+                for p in (0, 2, 4, 7, 9, 16)
+            )
+            intp = context.get_value_type(types.intp)
+
+            def as_intp(value: Any) -> Any:
+                return builder.sext(value, intp) if value.type.width < intp.width else value
+
+            (table_base, chunk_base, code_base, code_plane_stride, first_base, alpha_base,
+             alpha_plane_stride, alpha_group_stride, n_planes, n_groups, bytes_per_group,
+             y_base) = (
+                as_intp(args[i]) for i in (1, 3, 5, 6, 8, 10, 11, 12, 13, 14, 15, 17)
+            )  # fmt: skip
+
+            def const(value: int) -> Any:
+                return ir.Constant(intp, value)
+
+            def load(pointer: Any, index: Any, vector_type: Any) -> Any:
+                address = builder.bitcast(builder.gep(pointer, [index]), vector_type.as_pointer())
+                return builder.load(address, align=1)
+
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_VEC, [_VEC, _VEC, _VEC]), "llvm.fma.v8f32"
+            )
+
+            def scale_address(plane: Any, g: Any) -> Any:
+                # Plane 0 (α₁) from its scale set, the other planes from the shared scales:
+                # a mixed-task batch reads every set's α₁ but the rest only once.
+                group_offset = builder.mul(g, alpha_group_stride)
+                rest_index = builder.add(
+                    builder.add(
+                        alpha_base, builder.mul(builder.sub(plane, const(1)), alpha_plane_stride)
+                    ),
+                    group_offset,
+                )
+                first_address = builder.gep(first_ptr, [builder.add(first_base, group_offset)])
+                rest_address = builder.gep(alpha_ptr, [rest_index])
+                is_first = builder.icmp_unsigned("==", plane, const(0))
+                return builder.select(is_first, first_address, rest_address)
+
+            def scale_vector(address: Any, part: int) -> Any:
+                pointer = builder.gep(address, [const(LANES * part)])
+                return builder.load(builder.bitcast(pointer, _VEC.as_pointer()), align=1)
+
+            # One accumulator per 8 rows; allocas in the entry block become registers.
+            sums = [cgutils.alloca_once(builder, _VEC) for _ in range(ROWS // LANES)]
+            for total in sums:
+                builder.store(ir.Constant(_VEC, None), total)
+            loop = _int8_loop if quantized else _float_loop
+            loop(
+                builder, const, load, fma, scale_address, scale_vector, sums,
+                tables_ptr, table_base, chunk_scales_ptr, chunk_base, codes_ptr, code_base,
+                code_plane_stride, n_planes, n_groups, bytes_per_group,
+            )  # fmt: skip
+            for part, total in enumerate(sums):
+                index = builder.add(y_base, const(LANES * part))
+                out = builder.bitcast(builder.gep(y_ptr, [index]), _VEC.as_pointer())
+                builder.store(builder.load(total), out, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    def _float_loop(
+        builder: Any,
+        const: Any,
+        load: Any,
+        fma: Any,
+        scale_address: Any,
+        scale_vector: Any,
+        sums: list[Any],
+        tables_ptr: Any,
+        table_base: Any,
+        chunk_scales_ptr: Any,
+        chunk_base: Any,
+        codes_ptr: Any,
+        code_base: Any,
+        code_plane_stride: Any,
+        n_planes: Any,
+        n_groups: Any,
+        bytes_per_group: Any,
+    ) -> None:
+        """float32 tables: ``sums[part] += α · (table_lo[lo] + table_hi[hi])``, 8 rows a part."""
+        permute = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VEC, [_VEC, _IVEC]), "llvm.x86.avx2.permps"
+        )
+        sign_bit = ir.Constant(_IVEC, [-(2**31)] * LANES)
+        low_sign_shift = ir.Constant(_IVEC, [28] * LANES)  # the low nibble's bit 3 -> bit 31
+        nibble_shift = ir.Constant(_IVEC, [4] * LANES)
+
+        def lookup(table: Any, index: Any, sign_bits: Any) -> Any:
+            # Mirrored nibbles: vpermps reads the low 3 bits, bit 3 (in sign_bits' sign) negates.
+            value = builder.bitcast(builder.call(permute, [table, index]), _IVEC)
+            return builder.bitcast(builder.xor(value, builder.and_(sign_bits, sign_bit)), _VEC)
+
+        with cgutils.for_range(builder, n_groups) as group_loop:
+            g = group_loop.index
+            with cgutils.for_range(builder, bytes_per_group) as byte_loop:
+                k = builder.add(builder.mul(g, bytes_per_group), byte_loop.index)
+                table = builder.add(table_base, builder.mul(k, const(32)))
+                low_table = load(tables_ptr, table, _VEC)  # entries 0-7 of the low table
+                high_table = load(tables_ptr, builder.add(table, const(16)), _VEC)
+                with cgutils.for_range(builder, n_planes) as plane_loop:
+                    plane = plane_loop.index
+                    code_index = builder.add(
+                        builder.add(code_base, builder.mul(plane, code_plane_stride)),
+                        builder.mul(k, const(ROWS)),
+                    )
+                    address = scale_address(plane, g)
+                    for part, total in enumerate(sums):
+                        at = builder.add(code_index, const(LANES * part))
+                        # Sign-extended: bit 7 (the high nibble's bit 3) is the sign bit.
+                        index = builder.sext(load(codes_ptr, at, _CODES8), _IVEC)
+                        low = lookup(low_table, index, builder.shl(index, low_sign_shift))
+                        high = lookup(high_table, builder.lshr(index, nibble_shift), index)
+                        both = builder.fadd(low, high)
+                        scale = scale_vector(address, part)
+                        builder.store(builder.call(fma, [scale, both, builder.load(total)]), total)
+
+    def _int8_loop(
+        builder: Any,
+        const: Any,
+        load: Any,
+        fma: Any,
+        scale_address: Any,
+        scale_vector: Any,
+        sums: list[Any],
+        tables_ptr: Any,
+        table_base: Any,
+        chunk_scales_ptr: Any,
+        chunk_base: Any,
+        codes_ptr: Any,
+        code_base: Any,
+        code_plane_stride: Any,
+        n_planes: Any,
+        n_groups: Any,
+        bytes_per_group: Any,
+    ) -> None:
+        """int8 tables: per chunk and plane, int16 sums of 32 rows' lookups, then ``α · s ·``."""
+        module = builder.module
+        shuffle_bytes = cgutils.get_or_insert_function(
+            module, ir.FunctionType(_BYTES, [_BYTES, _BYTES]), "llvm.x86.avx2.pshuf.b"
+        )
+        pair_sums = cgutils.get_or_insert_function(
+            module, ir.FunctionType(_WORDS, [_BYTES, _BYTES]), "llvm.x86.avx2.pmadd.ub.sw"
+        )
+        low_nibble = ir.Constant(_BYTES, [15] * ROWS)
+        ones = ir.Constant(_BYTES, [1] * ROWS)
+        nibble_shift = ir.Constant(_WORDS, [4] * 16)
+        both_lanes = _shuffle_mask(list(range(16)) * 2)
+        # int16 sums: words[0] holds rows 0-7 | 16-23, words[1] rows 8-15 | 24-31.
+        words = [cgutils.alloca_once(builder, _WORDS) for _ in range(2)]
+        chunk = const(CHUNK_BYTES)
+        chunks_per_group = builder.udiv(builder.add(bytes_per_group, const(CHUNK_BYTES - 1)), chunk)
+
+        with cgutils.for_range(builder, n_groups) as group_loop:
+            g = group_loop.index
+            with cgutils.for_range(builder, chunks_per_group) as chunk_loop:
+                c = chunk_loop.index
+                done = builder.mul(c, chunk)
+                left = builder.sub(bytes_per_group, done)
+                count = builder.select(builder.icmp_unsigned("<", left, chunk), left, chunk)
+                begin = builder.add(builder.mul(g, bytes_per_group), done)
+                scale_index = builder.add(
+                    chunk_base, builder.add(builder.mul(g, chunks_per_group), c)
+                )
+                table_scale = builder.load(builder.gep(chunk_scales_ptr, [scale_index]))
+                table_scales = builder.insert_element(
+                    ir.Constant(_VEC, None), table_scale, ir.Constant(_I32, 0)
+                )
+                table_scales = builder.shuffle_vector(
+                    table_scales, table_scales, _shuffle_mask([0] * LANES)
+                )
+                with cgutils.for_range(builder, n_planes) as plane_loop:
+                    plane = plane_loop.index
+                    for word in words:
+                        builder.store(ir.Constant(_WORDS, None), word)
+                    with cgutils.for_range(builder, count) as byte_loop:
+                        k = builder.add(begin, byte_loop.index)
+                        code_index = builder.add(
+                            builder.add(code_base, builder.mul(plane, code_plane_stride)),
+                            builder.mul(k, const(ROWS)),
+                        )
+                        code = load(codes_ptr, code_index, _BYTES)
+                        low = builder.and_(code, low_nibble)
+                        shifted = builder.lshr(builder.bitcast(code, _WORDS), nibble_shift)
+                        high = builder.and_(builder.bitcast(shifted, _BYTES), low_nibble)
+                        table = builder.add(table_base, builder.mul(k, const(32)))
+                        low_table, high_table = (
+                            builder.shuffle_vector(t, t, both_lanes)
+                            for t in (
+                                load(tables_ptr, table, _TABLE8),
+                                load(tables_ptr, builder.add(table, const(16)), _TABLE8),
+                            )
+                        )
+                        low_values = builder.call(shuffle_bytes, [low_table, low])
+                        high_values = builder.call(shuffle_bytes, [high_table, high])
+                        for word, mask in zip(words, (_UNPACK_LOW, _UNPACK_HIGH), strict=True):
+                            pairs = builder.shuffle_vector(low_values, high_values, mask)
+                            summed = builder.call(pair_sums, [ones, pairs])
+                            builder.store(builder.add(builder.load(word), summed), word)
+                    address = scale_address(plane, g)
+                    # part p holds rows 8p..8p+7: words[p % 2], 128-bit lane p // 2.
+                    for part, total in enumerate(sums):
+                        half = builder.shuffle_vector(
+                            builder.load(words[part % 2]),
+                            ir.Constant(_WORDS, None),
+                            _shuffle_mask(list(range(8 * (part // 2), 8 * (part // 2) + 8))),
+                        )
+                        values = builder.sitofp(builder.sext(half, _IVEC), _VEC)
+                        scale = builder.fmul(scale_vector(address, part), table_scales)
+                        builder.store(
+                            builder.call(fma, [scale, values, builder.load(total)]), total
+                        )
+
+    @njit(cache=True)
+    def _quantize_tables(tables, bytes_per_group, quantized, chunk_scales):  # pragma: no cover
+        """int8 tables: one scale per token and chunk (``CHUNK_BYTES`` bytes of a group at most)."""
+        n_tokens = tables.shape[0]
+        n_bytes = tables.shape[1] // 32
+        chunks_per_group = (bytes_per_group + CHUNK_BYTES - 1) // CHUNK_BYTES
+        for t in range(n_tokens):
+            for g in range(n_bytes // bytes_per_group):
+                for c in range(chunks_per_group):
+                    begin = 32 * (g * bytes_per_group + c * CHUNK_BYTES)
+                    end = 32 * min(
+                        (g + 1) * bytes_per_group, g * bytes_per_group + (c + 1) * CHUNK_BYTES
+                    )
+                    largest = np.float32(0.0)
+                    for i in range(begin, end):
+                        largest = max(largest, abs(tables[t, i]))
+                    if largest == 0 or not np.isfinite(largest):
+                        # All zero: exact. NaN or inf in x: the chunk's sums become NaN, as in
+                        # float32 (levels cannot hold them).
+                        scale = np.float32(0.0) if largest == 0 else np.float32(np.nan)
+                        chunk_scales[t, g * chunks_per_group + c] = scale
+                        quantized[t, begin:end] = 0
+                        continue
+                    chunk_scales[t, g * chunks_per_group + c] = largest / np.float32(127.0)
+                    inverse = np.float32(127.0) / largest
+                    for i in range(begin, end):
+                        # Entry m of a table is read by the mirrored nibble: store table[mirror(m)].
+                        source = i - i % 16 + _MIRROR_NIBBLE[i % 16]
+                        level = min(max(np.rint(tables[t, source] * inverse), -127.0), 127.0)
+                        quantized[t, i] = np.int8(level)
+
+    @njit(cache=True)
+    def _row_blocks(
+        tables,
+        chunk_scales,
+        codes,
+        first_scales,
+        rest_scales,
+        token_set,
+        n_groups,
+        bytes_per_group,
+        first,
+        last,
+        y,
+    ):  # pragma: no cover - numba
+        """Row blocks first..last-1 of every token; codes stay in L1 while the tokens pass."""
+        n_tokens, table_width = tables.shape
+        scales_width = chunk_scales.shape[1]
+        bits, n_blocks, n_bytes, _ = codes.shape
+        out = n_blocks * ROWS
+        plane_width = n_groups * out
+        flat_tables, flat_chunk_scales, flat_codes, flat_first, flat_rest, flat_y = (
+            tables.reshape(-1),
+            chunk_scales.reshape(-1),
+            codes.reshape(-1),
+            first_scales.reshape(-1),
+            rest_scales.reshape(-1),
+            y.reshape(-1),
+        )
+        for block in range(first, last):
+            for t in range(n_tokens):
+                _row_block_dot(
+                    flat_tables, t * table_width, flat_chunk_scales, t * scales_width,
+                    flat_codes, block * n_bytes * ROWS, n_blocks * n_bytes * ROWS,
+                    flat_first, token_set[t] * plane_width + block * ROWS,
+                    flat_rest, block * ROWS, plane_width, out,
+                    bits, n_groups, bytes_per_group,
+                    flat_y, t * out + block * ROWS,
+                )  # fmt: skip
+
+    @njit(parallel=True, cache=True)
+    def _row_blocks_parallel(
+        tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
+        bytes_per_group, y,
+    ):  # pragma: no cover - numba  # fmt: skip
+        n_blocks = codes.shape[1]
+        n_tasks = (n_blocks + _ROW_BLOCKS_PER_TASK - 1) // _ROW_BLOCKS_PER_TASK
+        for task in prange(n_tasks):
+            first = task * _ROW_BLOCKS_PER_TASK
+            last = min(n_blocks, first + _ROW_BLOCKS_PER_TASK)
+            _row_blocks(
+                tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
+                bytes_per_group, first, last, y,
+            )  # fmt: skip
+
+    @njit(inline="always")
+    def _run_blocks(
+        tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
+        bytes_per_group, parallel, y,
+    ):  # pragma: no cover - numba  # fmt: skip
+        if parallel:
+            _row_blocks_parallel(
+                tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
+                bytes_per_group, y,
+            )  # fmt: skip
+        else:
+            _row_blocks(
+                tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
+                bytes_per_group, 0, codes.shape[1], y,
+            )  # fmt: skip
+
+    @njit(cache=True)
+    def _decode(
+        x,
+        group_size,
+        codes,
+        first_scales,
+        rest_scales,
+        token_set,
+        offset,
+        with_offset,
+        n_groups,
+        bytes_per_group,
+        quantized,
+        parallel,
+    ):  # pragma: no cover - numba
+        """The whole matmul in one call (a decode step calls this ~200 times per token on a small
+        model). ``quantized`` picks int8 tables; ``parallel`` splits the row blocks over numba's
+        threads (the caller sets their number)."""
+        n_tokens = x.shape[0]
+        _, n_blocks, n_bytes, _ = codes.shape
+        tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
+        group_sums = np.empty((n_tokens, n_groups), np.float32)
+        build_tables(x, group_size, tables, group_sums, with_offset)
+        y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
+        if quantized:
+            chunks = n_groups * ((bytes_per_group + CHUNK_BYTES - 1) // CHUNK_BYTES)
+            levels = np.empty((n_tokens, 32 * n_bytes), np.int8)
+            chunk_scales = np.empty((n_tokens, chunks), np.float32)
+            _quantize_tables(tables, bytes_per_group, levels, chunk_scales)
+            _run_blocks(
+                levels, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
+                bytes_per_group, parallel, y,
+            )  # fmt: skip
+        else:
+            no_scales = np.zeros((1, 1), np.float32)  # float32 tables have no chunk scales
+            _run_blocks(
+                tables, no_scales, codes, first_scales, rest_scales, token_set, n_groups,
+                bytes_per_group, parallel, y,
+            )  # fmt: skip
+        if with_offset:
+            add_offset(y, offset, group_sums)
+        return y
+
+
+# ----------------------------------------------------------------------------- python side
+
+
+def _require() -> None:
+    if _IMPORT_ERROR is not None:
+        raise KernelUnavailableError(
+            "the AVX2 LUT kernel needs numba, which failed to import; "
+            "install it with `pip install numba` (or `pip install alphatune[fast]`)"
+        ) from _IMPORT_ERROR
+    if not available():
+        raise KernelUnavailableError("the AVX2 LUT kernel needs a CPU with AVX2 and FMA")
+
+
+def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
+    """Reorder packed codes ``(q, out, ceil(in/8))`` so 32 rows' bytes are contiguous; mirror
+    the nibbles (see ``_MIRRORED``)."""
+    prepared = lut_common.prepare_codes(packed, in_features, ROWS)
+    return PreparedCodes(_MIRRORED[prepared.codes], prepared.out_features, prepared.in_features)
+
+
+def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:
+    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in the kernel's layout."""
+    return lut_common.prepare_scales(first_sets, rest, ROWS)
+
+
+def decoder(
+    prepared: PreparedCodes,
+    scales: PreparedScales,
+    offset: Tensor | None,
+    group_size: int,
+    table_dtype: torch.dtype = torch.float32,
+) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """``decode(x, token_set=None) -> y``: ``lut_matmul`` for one layer, its checks done once.
+
+    Layers keep this between decode steps (~200 calls per token on a small model): a call then
+    only converts x and runs the kernel.
+    """
+    _require()
+    if table_dtype not in TABLE_DTYPES:
+        raise ConfigError(f"table_dtype must be torch.float32 or torch.int8, got {table_dtype}")
+    layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS)
+    quantized = table_dtype == torch.int8
+
+    def decode(x: Tensor, token_set: Tensor | None = None) -> Tensor:
+        x_np, sets = lut_common.token_operands(x, token_set, layer)
+        args = (
+            x_np, group_size, layer.codes, layer.first, layer.rest, sets, layer.offset,
+            layer.with_offset, layer.n_groups, layer.bytes_per_group, quantized,
+        )  # fmt: skip
+        threads = threads_for(layer.work_per_token * x_np.shape[0], _MIN_PARALLEL_WORK)
+        if threads == 1:
+            y = _decode(*args, False)
+        else:
+            with numba_threads(threads):
+                y = _decode(*args, True)
+        return torch.from_numpy(y[:, : layer.out_features])
+
+    return decode
+
+
+def lut_matmul(
+    x: Tensor,
+    prepared: PreparedCodes,
+    scales: PreparedScales,
+    offset: Tensor | None,
+    token_set: Tensor | None,
+    group_size: int,
+    table_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``y (T, out)`` float32 for ``x (T, in)``: token t uses scale set ``token_set[t]`` (default 0).
+
+    ``prepared`` and ``scales`` come from ``prepare_codes`` and ``prepare_scales``; ``offset``
+    ``(out, G)`` adds ``offset · Σx`` per group; no bias. ``table_dtype``: ``torch.float32`` (exact
+    up to summation order) or ``torch.int8`` (faster, within the bound of the module docstring).
+    Uses ``torch.get_num_threads()`` threads (capped by numba's pool) for layers large enough to
+    gain from them.
+    """
+    return decoder(prepared, scales, offset, group_size, table_dtype)(x, token_set)
+
+
+def bcq_matmul_lut(
+    x: Tensor,
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+    table_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """BCQ matmul by table lookup, with the contract of ``bcq_matmul_reference``.
+
+    Prepares the layout on every call; layers keep the prepared form instead (see
+    ``alphatune.kernels.bcq_matmul``). CPU tensors only; float32 arithmetic (``table_dtype``:
+    see ``lut_matmul``).
+
+    Example::
+
+        >>> import torch
+        >>> from alphatune.bcq import fit_greedy
+        >>> from alphatune.packing import pack_codes
+        >>> fit = fit_greedy(torch.randn(16, 64), bits=3)
+        >>> y = bcq_matmul_lut(torch.randn(1, 64), pack_codes(fit.codes), fit.alpha, None, 64, 64)
+        >>> y.shape
+        torch.Size([1, 16])
+    """
+    lut_common.check_operands(x, packed, alpha, offset, group_size, in_features)
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, in_features)
+    codes, scales = prepare_codes(packed, in_features), prepare_scales(alpha[:1], alpha[1:])
+    y = lut_matmul(flat, codes, scales, offset, None, group_size, table_dtype)
+    return y.reshape(*lead, packed.shape[1]).to(x.dtype)

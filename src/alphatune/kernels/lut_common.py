@@ -1,0 +1,262 @@
+"""What the LUT-GEMV kernels share: the layout a layer keeps, the activation tables, the checks.
+
+Every ISA module (``avx512_lut``, ``avx2_lut``) owns its vector loop and its numba drivers; this
+module owns everything around them, so the kernels agree on layout and contract:
+
+- ``prepare_codes`` / ``prepare_scales``: the codes and scales of a layer reordered so that the code
+  bytes (and the scales) of ``rows`` consecutive rows are contiguous, rows padded with zero codes
+  and zero scales to a multiple of ``rows`` (16 for AVX-512, 32 for AVX2);
+- ``build_tables``: for every 4 activations of a token, the 16 signed partial sums
+  ``table[j, m] = Σ_b (bit b of m ? +x[4j+b] : -x[4j+b])`` (T-MAC's tables); activations past
+  ``in_features`` count as 0, so the padding bits of a partial last code byte add nothing;
+- ``add_offset``: the offset term ``offset · Σ x`` per group;
+- ``layer_operands`` / ``token_operands`` / ``check_operands``: the argument checks and
+  conversions every kernel makes, with the same errors: a layer's once (``decoder``), a call's
+  tokens at every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.packing import packed_width
+
+try:
+    from numba import njit
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # numba is an optional dependency (extra "fast")
+    _IMPORT_ERROR = exc
+
+NO_OFFSET = np.zeros((1, 1), np.float32)  # one compiled signature with and without an offset
+
+
+def supports(group_size: int, in_features: int) -> bool:
+    """Whether the LUT kernels handle this layer layout (groups must not split a code byte)."""
+    return group_size == in_features or group_size % 8 == 0
+
+
+@dataclass(frozen=True)
+class PreparedCodes:
+    """A layer's codes in a kernel's layout: ``(q, ceil(out/rows), ceil(in/8), rows)`` uint8."""
+
+    codes: np.ndarray
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class PreparedScales:
+    """Scales in a kernel's layout, rows contiguous and padded to a multiple of the row block.
+
+    ``first``: ``(S, G, out)``, α₁ of each scale set (one set, or one per adapter); ``rest``:
+    ``(q-1, G, out)``, the other planes' scales, shared by every set.
+    """
+
+    first: np.ndarray
+    rest: np.ndarray
+
+
+def prepare_codes(packed: Tensor, in_features: int, rows: int) -> PreparedCodes:
+    """Reorder packed codes ``(q, out, ceil(in/8))`` so ``rows`` rows' bytes are contiguous."""
+    if packed.dtype != torch.uint8 or packed.dim() != 3:
+        raise ConfigError(
+            f"packed codes must be uint8 (q, out, ceil(in/8)), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    bits, out, n_bytes = packed.shape
+    if n_bytes != packed_width(in_features):
+        raise ConfigError(
+            f"packed width {n_bytes} does not match in_features={in_features} "
+            f"(expected {packed_width(in_features)} bytes per row)"
+        )
+    padded = -(-out // rows) * rows
+    codes = torch.zeros(bits, padded, n_bytes, dtype=torch.uint8)
+    codes[:, :out] = packed.detach().cpu()
+    tiled = codes.reshape(bits, padded // rows, rows, n_bytes).permute(0, 1, 3, 2).contiguous()
+    return PreparedCodes(tiled.numpy(), out, in_features)
+
+
+def _rows_contiguous(scales: Tensor, rows: int) -> np.ndarray:
+    """``(..., out, G)`` -> ``(..., G, padded out)`` float32."""
+    *lead, out, groups = scales.shape
+    padded = -(-out // rows) * rows
+    result = torch.zeros(*lead, groups, padded, dtype=torch.float32)
+    result[..., :out] = scales.detach().cpu().to(torch.float32).transpose(-1, -2)
+    return result.numpy()
+
+
+def prepare_scales(first_sets: Tensor, rest: Tensor, rows: int) -> PreparedScales:
+    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in a kernel's layout."""
+    return PreparedScales(_rows_contiguous(first_sets, rows), _rows_contiguous(rest, rows))
+
+
+@dataclass(frozen=True)
+class LayerOperands:
+    """What a kernel's numba entry takes of a layer, checked once (``layer_operands``)."""
+
+    codes: np.ndarray  # (q, blocks, ceil(in/8), rows) uint8
+    first: np.ndarray  # (S, G, padded out) float32
+    rest: np.ndarray  # (q-1, G, padded out) float32
+    offset: np.ndarray  # (out, G) float32, or NO_OFFSET
+    with_offset: bool
+    group_size: int
+    n_groups: int
+    bytes_per_group: int
+    in_features: int
+    out_features: int
+    work_per_token: int  # code bits read per token: what decides the thread count
+
+
+def layer_operands(
+    prepared: PreparedCodes,
+    scales: PreparedScales,
+    offset: Tensor | None,
+    group_size: int,
+    rows: int,
+) -> LayerOperands:
+    """Check a layer's prepared codes, scales and offset against a kernel with ``rows``-row
+    blocks, and convert them for its numba entry."""
+    in_features = prepared.in_features
+    bits, n_blocks, n_bytes, block_rows = prepared.codes.shape
+    if block_rows != rows:
+        raise ConfigError(
+            f"codes were prepared in blocks of {block_rows} rows, this kernel takes {rows}: "
+            "prepare them with this kernel's prepare_codes"
+        )
+    if not supports(group_size, in_features) or in_features % group_size:
+        raise KernelUnavailableError(
+            f"the LUT kernel needs groups that do not split a code byte: group_size must divide "
+            f"in_features={in_features} and be a multiple of 8 (or equal it), got {group_size}"
+        )
+    n_groups = in_features // group_size
+    layout = (n_groups, n_blocks * rows)
+    if scales.first.shape[1:] != layout or scales.rest.shape != (bits - 1, *layout):
+        raise ConfigError(
+            f"scales must be (S, {n_groups}, {n_blocks * rows}) and ({bits - 1}, {n_groups}, "
+            f"{n_blocks * rows}), got {scales.first.shape} and {scales.rest.shape}"
+        )
+    out = prepared.out_features
+    if offset is not None and tuple(offset.shape) != (out, n_groups):
+        raise ConfigError(
+            f"offset must have shape (out, in/group_size) = {(out, n_groups)}, got {tuple(offset.shape)}"
+        )
+    return LayerOperands(
+        codes=prepared.codes,
+        first=scales.first,
+        rest=scales.rest,
+        offset=NO_OFFSET if offset is None else _float32_numpy(offset),
+        with_offset=offset is not None,
+        group_size=group_size,
+        n_groups=n_groups,
+        bytes_per_group=n_bytes if n_groups == 1 else group_size // 8,
+        in_features=in_features,
+        out_features=out,
+        work_per_token=bits * n_blocks * rows * 8 * n_bytes,
+    )
+
+
+def token_operands(
+    x: Tensor, token_set: Tensor | None, layer: LayerOperands
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check and convert a call's tokens: ``x (T, in)`` float32, ``token_set (T,)`` int64."""
+    if x.dim() != 2 or x.shape[1] != layer.in_features:
+        raise ConfigError(f"x must be (tokens, {layer.in_features}), got {tuple(x.shape)}")
+    if token_set is None:
+        return _float32_numpy(x), np.zeros(x.shape[0], np.int64)
+    sets = token_set.detach().cpu().to(torch.int64).numpy()
+    if sets.shape != (x.shape[0],) or (
+        sets.size and not 0 <= sets.min() <= sets.max() < len(layer.first)
+    ):
+        raise ConfigError(
+            f"token_set must hold one scale set in [0, {len(layer.first)}) per token, "
+            f"got shape {tuple(sets.shape)} for {x.shape[0]} tokens"
+        )
+    return _float32_numpy(x), sets
+
+
+def _float32_numpy(t: Tensor) -> np.ndarray:
+    """A float32 C-contiguous numpy view of ``t`` (a copy only when the dtype or strides differ).
+
+    Decode calls this ~400 times per token, so the usual case costs no tensor op but ``numpy()``.
+    """
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.to(torch.float32).contiguous()
+    return (t.detach() if t.requires_grad else t).numpy()
+
+
+def check_operands(
+    x: Tensor,
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+) -> None:
+    """``bcq_matmul_lut``'s checks: CPU tensors, shapes of the reference kernel's contract."""
+    tensors = [t for t in (x, packed, alpha, offset) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors):
+        raise KernelUnavailableError(
+            "the LUT kernel runs on CPU tensors only: use the reference kernel"
+        )
+    if x.shape[-1] != in_features:
+        raise ConfigError(f"x has {x.shape[-1]} input features, the layer expects {in_features}")
+    if group_size < 1 or in_features % group_size:
+        raise ConfigError(f"group_size {group_size} must divide in_features={in_features}")
+    bits, out = packed.shape[0], packed.shape[1]
+    n_groups = in_features // group_size
+    if tuple(alpha.shape) != (bits, out, n_groups):
+        raise ConfigError(
+            f"alpha must have shape (q, out, in/group_size) = {(bits, out, n_groups)}, got {tuple(alpha.shape)}"
+        )
+    if offset is not None and tuple(offset.shape) != (out, n_groups):
+        raise ConfigError(
+            f"offset must have shape (out, in/group_size) = {(out, n_groups)}, got {tuple(offset.shape)}"
+        )
+
+
+if _IMPORT_ERROR is None:
+
+    @njit(cache=True)
+    def build_tables(x, group_size, tables, group_sums, with_sums):  # pragma: no cover - numba
+        """tables (T, 32·n_bytes) <- the 16 signed sums of every 4 activations; activations past
+        in_features (a partial last byte) count as 0. group_sums (T, G) <- Σ x per group."""
+        n_tokens, in_features = x.shape
+        n_quads = tables.shape[1] // 16
+        for t in range(n_tokens):
+            for j in range(n_quads):
+                base = 16 * j
+                total = np.float32(0.0)
+                for b in range(4):
+                    if 4 * j + b < in_features:
+                        total -= x[t, 4 * j + b]
+                tables[t, base] = total
+                step = 1
+                for b in range(4):
+                    twice = np.float32(0.0)
+                    if 4 * j + b < in_features:
+                        twice = np.float32(2.0) * x[t, 4 * j + b]
+                    for m in range(step):
+                        tables[t, base + step + m] = tables[t, base + m] + twice
+                    step *= 2
+            if with_sums:
+                for g in range(group_sums.shape[1]):
+                    total = np.float32(0.0)
+                    for i in range(g * group_size, (g + 1) * group_size):
+                        total += x[t, i]
+                    group_sums[t, g] = total
+
+    @njit(cache=True)
+    def add_offset(y, offset, group_sums):  # pragma: no cover - numba
+        """y[t, r] += Σ_g offset[r, g] · group_sums[t, g] (BCQ with offset)."""
+        out, n_groups = offset.shape
+        for t in range(y.shape[0]):
+            for r in range(out):
+                total = np.float32(0.0)
+                for g in range(n_groups):
+                    total += offset[r, g] * group_sums[t, g]
+                y[t, r] += total

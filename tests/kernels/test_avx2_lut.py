@@ -1,0 +1,272 @@
+"""The AVX2 LUT-GEMV (float32 and int8 tables) against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from alphatune.bcq import fit_greedy, fit_offset
+from alphatune.errors import ConfigError, KernelUnavailableError
+from alphatune.kernels import avx2_lut, avx512_lut
+from alphatune.kernels.avx2_lut import bcq_matmul_lut
+from alphatune.kernels.reference import bcq_matmul_mixed_reference, bcq_matmul_reference
+from alphatune.packing import pack_codes, packed_width
+
+pytestmark = pytest.mark.numba
+needs_avx2 = pytest.mark.skipif(
+    not avx2_lut.available(), reason="this CPU has no AVX2 + FMA; the AVX2 LUT kernel cannot run"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(single_thread):
+    """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
+
+
+# (out, in_features, group_size or None for one group per row): odd sizes, partial bytes, partial
+# 32-row blocks, groups of one byte up to many, SmolLM2's 576 / 144 and 1536 / 128, and rows of
+# more than 128 code bytes (several int8 table scales per group, the last one ragged).
+LAYOUTS = [
+    (1, 13, None),
+    (7, 100, None),
+    (17, 60, None),
+    (64, 576, 144),
+    (64, 576, None),
+    (33, 512, 128),
+    (7, 1024, 512),
+    (7, 256, 32),
+    (23, 120, 8),
+    (300, 128, 64),
+    (40, 1536, 128),
+    (9, 2200, None),
+]
+
+
+def _layout_id(layout: tuple[int, int, int | None]) -> str:
+    out, in_features, group_size = layout
+    return f"{out}x{in_features}-g{group_size or 'row'}"
+
+
+def _quantized(out: int, in_features: int, group_size: int | None, bits: int, with_offset: bool):
+    generator = torch.Generator().manual_seed(1000 * out + in_features + bits)
+    weight = torch.randn(out, in_features, generator=generator) / in_features**0.5
+    if with_offset:
+        fit = fit_offset(weight, bits, group_size, iterations=1)  # one refinement: fast enough
+    else:
+        fit = fit_greedy(weight, bits, group_size)
+    return pack_codes(fit.codes), fit.alpha, fit.offset, fit.group_size
+
+
+def _int8_bound(x: torch.Tensor, alpha: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The int8 tables' worst case (``avx2_lut`` docstring): ``Σ_i Σ_chunks |α_i| · s · bytes``
+    with ``s = max |table| / 127`` per token and chunk; x (T, in), alpha (q, out, G) -> (T, out)."""
+    tokens, in_features = x.shape
+    n_bytes = packed_width(in_features)
+    padded = torch.zeros(tokens, 8 * n_bytes, dtype=torch.float64)
+    padded[:, :in_features] = x.double().abs()
+    largest = padded.view(tokens, n_bytes, 2, 4).sum(-1).amax(-1)  # (T, bytes): max |entry|
+    bytes_per_group = n_bytes if group_size == in_features else group_size // 8
+    bound = torch.zeros(tokens, alpha.shape[1], dtype=torch.float64)
+    for g in range(alpha.shape[2]):
+        weight = alpha[:, :, g].double().abs().sum(0)  # (out,): Σ_i |α_i[row, g]|
+        for begin in range(0, bytes_per_group, avx2_lut.CHUNK_BYTES):
+            first = g * bytes_per_group + begin
+            last = g * bytes_per_group + min(bytes_per_group, begin + avx2_lut.CHUNK_BYTES)
+            scale = largest[:, first:last].amax(-1) / 127  # (T,)
+            bound += (scale * (last - first))[:, None] * weight[None]
+    return bound.float()
+
+
+@needs_avx2
+@pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+@pytest.mark.parametrize("bits", [1, 2, 3, 4], ids=lambda b: f"bits={b}")
+def test_float_tables_match_reference(
+    bits: int, layout: tuple[int, int, int | None], with_offset: bool
+) -> None:
+    out, in_features, group_size = layout
+    packed, alpha, offset, g = _quantized(out, in_features, group_size, bits, with_offset)
+    generator = torch.Generator().manual_seed(7)
+    for shape in [(1, in_features), (3, in_features), (8, in_features), (1, 1, in_features)]:
+        x = torch.randn(*shape, generator=generator)
+        ref = bcq_matmul_reference(x, packed, alpha, offset, g, in_features)
+        got = bcq_matmul_lut(x, packed, alpha, offset, g, in_features)
+        assert got.shape == ref.shape == (*shape[:-1], out)
+        assert got.dtype == x.dtype
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # summation order differs
+
+
+@needs_avx2
+@pytest.mark.parametrize("with_offset", [False, True], ids=["no-offset", "offset"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+@pytest.mark.parametrize("bits", [1, 3, 4], ids=lambda b: f"bits={b}")
+def test_int8_tables_stay_within_the_bound(
+    bits: int, layout: tuple[int, int, int | None], with_offset: bool
+) -> None:
+    """Lossy: never past the worst case of the table rounding, typically far inside it."""
+    out, in_features, group_size = layout
+    packed, alpha, offset, g = _quantized(out, in_features, group_size, bits, with_offset)
+    x = torch.randn(8, in_features, generator=torch.Generator().manual_seed(8))
+    ref = bcq_matmul_reference(x, packed, alpha, offset, g, in_features)
+    got = bcq_matmul_lut(x, packed, alpha, offset, g, in_features, torch.int8)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    error = (got - ref).abs()
+    assert bool((error <= _int8_bound(x, alpha, g) + 1e-4 * (1 + ref.abs())).all())
+    sqnr_db = 10 * torch.log10(ref.square().sum() / (got - ref).square().sum())
+    assert sqnr_db > 30.0  # ~40 dB measured: ~1% RMS error
+
+
+@needs_avx2
+def test_up_to_64_tokens() -> None:
+    packed, alpha, offset, g = _quantized(40, 576, 144, 3, with_offset=True)
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(9))
+    ref = bcq_matmul_reference(x, packed, alpha, offset, g, 576)
+    torch.testing.assert_close(bcq_matmul_lut(x, packed, alpha, offset, g, 576), ref)
+    # int8 tables are built per token: a token gets the same result alone or in a batch.
+    batch = bcq_matmul_lut(x, packed, alpha, offset, g, 576, torch.int8)
+    alone = bcq_matmul_lut(x[5:6], packed, alpha, offset, g, 576, torch.int8)
+    assert torch.equal(batch[5:6], alone)
+
+
+@needs_avx2
+@pytest.mark.parametrize("layout", [(7, 100, None), (64, 576, 144)], ids=_layout_id)
+def test_bf16_input_returns_bf16(layout: tuple[int, int, int | None]) -> None:
+    out, in_features, group_size = layout
+    packed, alpha, offset, g = _quantized(out, in_features, group_size, 3, with_offset=True)
+    x = torch.randn(3, in_features).to(torch.bfloat16)
+    ref = bcq_matmul_reference(x, packed, alpha, offset, g, in_features)
+    got = bcq_matmul_lut(x, packed, alpha, offset, g, in_features)
+    assert got.dtype == torch.bfloat16
+    # Both compute in float32 and round once to bf16: at most one bf16 step apart.
+    torch.testing.assert_close(got.float(), ref.float(), rtol=1.6e-2, atol=1e-3)
+
+
+@needs_avx2
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.int8], ids=["float32", "int8"])
+@pytest.mark.parametrize("layout", [(300, 576, 64), (300, 100, None)], ids=_layout_id)
+def test_threads_agree(
+    layout: tuple[int, int, int | None], table_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Row blocks split over threads give the one-thread result exactly; torch keeps its threads."""
+    monkeypatch.setattr(avx2_lut, "_MIN_PARALLEL_WORK", 0)  # small layers run serially otherwise
+    out, in_features, group_size = layout
+    packed, alpha, offset, g = _quantized(out, in_features, group_size, 3, with_offset=True)
+    x = torch.randn(3, in_features)
+    one = bcq_matmul_lut(x, packed, alpha, offset, g, in_features, table_dtype)
+    torch.set_num_threads(2)
+    try:
+        two = bcq_matmul_lut(x, packed, alpha, offset, g, in_features, table_dtype)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one, two)
+
+
+@needs_avx2
+@pytest.mark.parametrize("layout", [(23, 120, 8), (64, 576, 144), (7, 100, None)], ids=_layout_id)
+@pytest.mark.parametrize("bits", [1, 3, 4], ids=lambda b: f"bits={b}")
+def test_mixed_task_scales_per_token(bits: int, layout: tuple[int, int, int | None]) -> None:
+    """Token t uses scale set token_set[t]: the reference with that adapter's α₁."""
+    out, in_features, group_size = layout
+    packed, alpha, offset, g = _quantized(out, in_features, group_size, bits, with_offset=True)
+    generator = torch.Generator().manual_seed(3)
+    bank = alpha[0] * (1 + 0.5 * torch.rand(4, *alpha.shape[1:], generator=generator))
+    token_adapter = torch.tensor([2, 0, 3, 3, 1])
+    x = torch.randn(5, in_features, generator=generator)
+    codes = avx2_lut.prepare_codes(packed, in_features)
+    scales = avx2_lut.prepare_scales(bank, alpha[1:])
+    y = avx2_lut.lut_matmul(x, codes, scales, offset, token_adapter, g)
+    ref = bcq_matmul_mixed_reference(
+        x, packed, bank, token_adapter, alpha[1:], offset, g, in_features
+    )
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    # int8 tables: each token exactly as if alone with its adapter's scales.
+    mixed = avx2_lut.lut_matmul(x, codes, scales, offset, token_adapter, g, torch.int8)
+    for t, adapter in enumerate(token_adapter.tolist()):
+        own = avx2_lut.prepare_scales(bank[adapter : adapter + 1], alpha[1:])
+        alone = avx2_lut.lut_matmul(x[t : t + 1], codes, own, offset, None, g, torch.int8)
+        assert torch.equal(mixed[t : t + 1], alone)
+
+
+@needs_avx2
+def test_no_tokens() -> None:
+    packed, alpha, offset, g = _quantized(7, 64, None, 2, with_offset=False)
+    for table_dtype in (torch.float32, torch.int8):
+        y = bcq_matmul_lut(torch.empty(0, 64), packed, alpha, offset, g, 64, table_dtype)
+        assert y.shape == (0, 7)
+
+
+@needs_avx2
+def test_int8_tables_of_zeros_and_of_non_finite_inputs() -> None:
+    """Zero activations are exact (the offset term alone); NaN or inf still give NaN."""
+    packed, alpha, offset, g = _quantized(40, 576, 144, 3, with_offset=True)
+    zeros = torch.zeros(1, 576)
+    got = bcq_matmul_lut(zeros, packed, alpha, offset, g, 576, torch.int8)
+    torch.testing.assert_close(got, bcq_matmul_reference(zeros, packed, alpha, offset, g, 576))
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 576)
+        x[1, 300] = bad
+        got = bcq_matmul_lut(x, packed, alpha, offset, g, 576, torch.int8)
+        assert bool(got[0].isfinite().all()) and bool(got[1].isnan().all())
+
+
+@needs_avx2
+def test_alpha_requiring_grad_is_read_not_tracked() -> None:
+    packed, alpha, offset, g = _quantized(7, 64, None, 2, with_offset=False)
+    alpha = alpha.clone().requires_grad_(True)
+    x = torch.randn(1, 64)
+    y = bcq_matmul_lut(x, packed, alpha, offset, g, 64)
+    assert not y.requires_grad
+    ref = bcq_matmul_reference(x, packed, alpha, offset, g, 64).detach()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mirrored_nibbles_are_their_own_inverse() -> None:
+    """Each nibble m >= 8 is stored as m ^ 7; applying the map twice gives the byte back."""
+    table = torch.from_numpy(avx2_lut._MIRRORED).long()
+    assert torch.equal(table[table], torch.arange(256))
+    assert torch.equal(table[:8], torch.arange(8))  # low nibbles < 8, high nibble 0: unchanged
+    assert int(table[0x8F]) == 0xF8  # low nibble 15 -> 8, high nibble 8 -> 15
+
+
+@needs_avx2
+@pytest.mark.parametrize("in_features,group_size", [(16, 4), (24, 12)], ids=["g=4", "g=12"])
+def test_groups_splitting_a_byte_are_refused(in_features: int, group_size: int) -> None:
+    assert not avx2_lut.supports(group_size, in_features)
+    packed = pack_codes(torch.ones(2, 3, in_features, dtype=torch.int8))
+    alpha = torch.ones(2, 3, in_features // group_size)
+    with pytest.raises(KernelUnavailableError, match="multiple of 8"):
+        bcq_matmul_lut(torch.randn(1, in_features), packed, alpha, None, group_size, in_features)
+
+
+@needs_avx2
+def test_inconsistent_arguments_are_config_errors() -> None:
+    packed, alpha, offset, g = _quantized(7, 64, None, 2, with_offset=True)
+    x = torch.randn(1, 64)
+    with pytest.raises(ConfigError, match="alpha must have shape"):
+        bcq_matmul_lut(x, packed, alpha[:1], offset, g, 64)
+    with pytest.raises(ConfigError, match="offset must have shape"):
+        bcq_matmul_lut(x, packed, alpha, offset[:3], g, 64)
+    with pytest.raises(ConfigError, match="input features"):
+        bcq_matmul_lut(torch.randn(1, 65), packed, alpha, offset, g, 64)
+    with pytest.raises(ConfigError, match="packed width"):
+        bcq_matmul_lut(x, packed[..., :-1], alpha, offset, g, 64)
+    with pytest.raises(ConfigError, match="table_dtype"):
+        bcq_matmul_lut(x, packed, alpha, offset, g, 64, torch.float16)
+    # The AVX-512 kernel's layout (16-row blocks) is not this kernel's (32).
+    other = avx512_lut.prepare_codes(packed, 64)
+    scales = avx2_lut.prepare_scales(alpha[:1], alpha[1:])
+    with pytest.raises(ConfigError, match="blocks of 16 rows"):
+        avx2_lut.lut_matmul(x, other, scales, offset, None, g)
+
+
+def test_missing_numba_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    cause = ImportError("No module named 'numba'")
+    monkeypatch.setattr(avx2_lut, "_IMPORT_ERROR", cause)
+    assert not avx2_lut.available()
+    packed, alpha, offset, g = _quantized(7, 64, None, 2, with_offset=False)
+    with pytest.raises(KernelUnavailableError, match="pip install numba") as info:
+        bcq_matmul_lut(torch.randn(1, 64), packed, alpha, offset, g, 64)
+    assert info.value.__cause__ is cause
