@@ -19,5 +19,7 @@ else
 fi
 cd "$tree"
 export PYTHONPATH="$tree/src"
+# The worktree sits inside the repository: point at the shared data beside the repository.
+export ALPHATUNE_DATA_DIR="${ALPHATUNE_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/data}"
 exec nice -n 10 "$repo/.venv/bin/python" -m alphatune.experiments \
     --results "$repo/benchmarks/results/paper" grid "$@"
