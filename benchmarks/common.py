@@ -26,16 +26,7 @@ from typing import Any
 
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from alphatune.experiments.spec import cpu_model
 
 
 def environment(packages: Iterable[str] = ("torch",)) -> dict[str, Any]:
