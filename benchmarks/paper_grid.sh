@@ -10,6 +10,10 @@
 # result records a clean commit. Arguments go to the `grid` command (--phase, --threads, ...).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
+make -C "$repo" setup
+# The baselines' extras (bitsandbytes for QLoRA); quiet when already installed.
+"$repo/.venv/bin/python" -c "import bitsandbytes, pycocoevalcap, peft" 2>/dev/null ||
+    "$repo/.venv/bin/pip" install -q -e "$repo[paper]"
 tree="$repo/.grid-worktree"
 head=$(git -C "$repo" rev-parse HEAD)
 if [ -d "$tree" ]; then
