@@ -134,12 +134,12 @@ def _run_one(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    from alphatune.experiments.runner import running
+
     for item in grid_module.specs(args.results, tuple(args.phase or grid_module.ORDER)):
         if isinstance(item, str):
             print(f"pending  {item}")
             continue
-        from alphatune.experiments.runner import running
-
         state = "done" if result_path(args.results, item).exists() else "todo"
         if state == "todo" and running(work_path(args.work, item)):
             state = "running"

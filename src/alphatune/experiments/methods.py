@@ -68,7 +68,6 @@ class Prepared:
 class Method:
     name: str
     prepare: Callable[[RunSpec, Path], Prepared]
-    quantized: bool
     trains: bool = True
     parent: str | None = None  # the method whose trained weights this one quantizes
     family: str = ""  # the learning-rate search whose choice this method reuses
@@ -430,16 +429,16 @@ def _alphatuning(spec: RunSpec, work: Path) -> Prepared:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("full-ft", _full_ft, quantized=False, family="full-ft"),
-        Method("lora", _lora, quantized=False, family="lora"),
-        Method("ft-ptq", _after_training("full-ft"), True, False, "full-ft", "full-ft"),
-        Method("lora-ptq", _after_training("lora"), True, False, "lora", "lora"),
-        Method("ptq-lora", _ptq_lora, quantized=True, family="lora"),
-        Method("qlora", _qlora, quantized=True, family="lora"),
-        Method("peqa", _peqa, quantized=True, family="alphatuning"),
-        Method("prompt-tuning", _prompt_tuning, quantized=False, family="prompt-tuning"),
-        Method("adapter", _bottleneck_adapter, quantized=False, family="lora"),
-        Method("alphatuning", _alphatuning, quantized=True, family="alphatuning"),
+        Method("full-ft", _full_ft, family="full-ft"),
+        Method("lora", _lora, family="lora"),
+        Method("ft-ptq", _after_training("full-ft"), False, "full-ft", "full-ft"),
+        Method("lora-ptq", _after_training("lora"), False, "lora", "lora"),
+        Method("ptq-lora", _ptq_lora, family="lora"),
+        Method("qlora", _qlora, family="lora"),
+        Method("peqa", _peqa, family="alphatuning"),
+        Method("prompt-tuning", _prompt_tuning, family="prompt-tuning"),
+        Method("adapter", _bottleneck_adapter, family="lora"),
+        Method("alphatuning", _alphatuning, family="alphatuning"),
     )
 }
 

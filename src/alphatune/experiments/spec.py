@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from alphatune.errors import ConfigError
+from alphatune.files import write_file
 from alphatune.models import DEFAULT_MODEL
 
 RESULT_FORMAT = 1
@@ -197,14 +198,9 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` atomically (a temporary name, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write ``data`` to ``path`` atomically (``files.write_file``: temporary name, then rename)."""
+    text = json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+    write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def read_result(path: Path, task: str | None = None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import csv
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +44,6 @@ from alphatune.models import model_device
 from alphatune.workflow import find_data_dir
 
 logger = logging.getLogger(__name__)
-
-Metric = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
 
 SAMPLE_SEED = 20221007  # the evaluation sample: one fixed draw for every run
 BOOTSTRAP_SAMPLES = 1000
@@ -88,15 +86,11 @@ class Task:
         raise NotImplementedError
 
 
-def _bleu_with_interval(
-    predictions: Sequence[str], items: Sequence[EvalItem], bleu: Metric = corpus_bleu
-) -> dict[str, Any]:
-    """BLEU and its bootstrap 95% interval over items (1,000 resamples, seed 0)."""
+def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
+    """BLEU (sacrebleu, cased) and its bootstrap 95% interval over items (1,000 resamples)."""
     references = [item.references for item in items]
-    low, high = bootstrap_interval(
-        list(predictions), references, metric=bleu, samples=BOOTSTRAP_SAMPLES, seed=0
-    )
-    return {"bleu": bleu(predictions, references), "bleu_ci": [low, high], "n": len(items)}
+    low, high = bootstrap_interval(list(predictions), references, samples=BOOTSTRAP_SAMPLES, seed=0)
+    return {"bleu": corpus_bleu(predictions, references), "bleu_ci": [low, high], "n": len(items)}
 
 
 class E2E(Task):
@@ -113,8 +107,13 @@ class E2E(Task):
         """The official E2E metrics (``e2e_metrics``: lowercased BLEU, NIST, METEOR, ROUGE-L,
         CIDEr-D) and the interval of that BLEU."""
         references = [item.references for item in eval_set.items]
-        scores = {k.lower(): v for k, v in e2e_metrics(predictions, references).items()}
-        scores.update(_bleu_with_interval(predictions, eval_set.items, e2e_bleu))
+        scores: dict[str, Any] = {
+            k.lower(): v for k, v in e2e_metrics(predictions, references).items()
+        }
+        low, high = bootstrap_interval(
+            list(predictions), references, metric=e2e_bleu, samples=BOOTSTRAP_SAMPLES, seed=0
+        )
+        scores.update(bleu_ci=[low, high], n=len(eval_set.items))
         return scores
 
 
