@@ -1,7 +1,8 @@
 """The embedded SmolLM2-135M-Instruct, quantized with the default method: quality floors and tuning.
 
 One fp model is loaded per run; calibration and evaluation use small WikiText-2 / E2E slices so the
-module stays within a few minutes on 2 CPU cores. Bounds are stated next to what was measured.
+module stays within a few minutes on 2 CPU cores; the 2- and 4-bit quantizations run only with
+``-m slow``. Bounds are stated next to what was measured.
 """
 
 from __future__ import annotations
@@ -56,41 +57,55 @@ def fp_perplexity(fp_model, eval_tokens):
     return perplexity(fp_model, eval_tokens, progress=False)
 
 
+def _quantize(fp_model, calibration, eval_tokens, bits):
+    """(model, perplexity, summary) of the fp model quantized at ``bits``, default method."""
+    model = copy.deepcopy(fp_model)
+    summary = quantize_(model, BCQConfig(bits=bits), calibration=calibration)
+    assert summary.layers == 210
+    return model, perplexity(model, eval_tokens, progress=False), summary
+
+
 @pytest.fixture(scope="module")
-def quantized(fp_model, calibration, eval_tokens):
-    """bits -> (model, perplexity), default method and group size."""
-    results = {}
-    for bits in (2, 3, 4):
-        model = copy.deepcopy(fp_model)
-        summary = quantize_(model, BCQConfig(bits=bits), calibration=calibration)
-        assert summary.layers == 210
-        results[bits] = (model, perplexity(model, eval_tokens, progress=False), summary)
-    return results
+def three_bits(fp_model, calibration, eval_tokens):
+    return _quantize(fp_model, calibration, eval_tokens, 3)
 
 
-def test_four_bits_stays_close_to_full_precision(quantized, fp_perplexity):
-    _, ppl, _ = quantized[4]
-    assert ppl <= BOUND_4BIT * fp_perplexity, (ppl, fp_perplexity)
+@pytest.fixture(scope="module")
+def sweep(three_bits, fp_model, calibration, eval_tokens):
+    """bits -> (model, perplexity, summary) for 2, 3 and 4 bits (each quantization takes minutes,
+    so the 2- and 4-bit ones run only with ``-m slow``)."""
+    return {
+        2: _quantize(fp_model, calibration, eval_tokens, 2),
+        3: three_bits,
+        4: _quantize(fp_model, calibration, eval_tokens, 4),
+    }
 
 
-def test_three_bits_stays_within_its_floor(quantized, fp_perplexity):
-    _, ppl, _ = quantized[3]
+def test_three_bits_stays_within_its_floor(three_bits, fp_perplexity):
+    _, ppl, _ = three_bits
     assert ppl <= BOUND_3BIT * fp_perplexity, (ppl, fp_perplexity, ppl / fp_perplexity)
 
 
-def test_fewer_bits_are_worse(quantized, fp_perplexity):
-    ppl = {bits: value for bits, (_, value, _) in quantized.items()}
-    assert ppl[2] > ppl[3] > ppl[4] > fp_perplexity * 0.99, ppl
-
-
-def test_three_bits_stores_at_most_three_and_a_half_bits(quantized):
-    _, _, summary = quantized[3]
+def test_three_bits_stores_at_most_three_and_a_half_bits(three_bits):
+    _, _, summary = three_bits
     assert summary.bits_per_weight <= 3.5
     assert summary.compression_vs_fp32 > 9
 
 
-def test_twenty_steps_lower_the_e2e_loss(quantized, tokenizer, shared_data_dir):
-    model = copy.deepcopy(quantized[3][0])
+@pytest.mark.slow
+def test_four_bits_stays_close_to_full_precision(sweep, fp_perplexity):
+    _, ppl, _ = sweep[4]
+    assert ppl <= BOUND_4BIT * fp_perplexity, (ppl, fp_perplexity)
+
+
+@pytest.mark.slow
+def test_fewer_bits_are_worse(sweep, fp_perplexity):
+    ppl = {bits: value for bits, (_, value, _) in sweep.items()}
+    assert ppl[2] > ppl[3] > ppl[4] > fp_perplexity * 0.99, ppl
+
+
+def test_twenty_steps_lower_the_e2e_loss(three_bits, tokenizer, shared_data_dir):
+    model = copy.deepcopy(three_bits[0])
     prepare_for_alphatuning(model, AlphaTuningConfig())
     examples = load_e2e_train(shared_data_dir / "e2e" / "train.csv", limit=160)
     held_out = load_e2e_train(shared_data_dir / "e2e" / "dev.csv", limit=24)
