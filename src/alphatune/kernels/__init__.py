@@ -63,6 +63,7 @@ __all__ = [
     "bcq_matmul_mixed_reference",
     "bcq_matmul_reference",
     "binary_products",
+    "decode_kernel",
     "dequantize_packed",
     "dequantize_packed_reference",
     "dequantized_linear",
@@ -128,6 +129,13 @@ def lut_kernel() -> str | None:
     """
     kernel = _chosen_lut_kernel()
     return None if kernel is None else kernel.name
+
+
+def decode_kernel() -> _LutKernel | None:
+    """The LUT kernel decode runs on here, as an object: ``name``, ``module`` (``avx512_lut`` or
+    ``avx2_lut``, whose ``decode_native`` a numba caller can call) and ``table_dtype``; None
+    where ``lut_kernel()`` is None. For native callers (``alphatune.engine``)."""
+    return _chosen_lut_kernel()
 
 
 def lut_available() -> bool:

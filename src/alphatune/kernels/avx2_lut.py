@@ -64,6 +64,8 @@ except ImportError as exc:  # numba is an optional dependency (extra "fast")
     _IMPORT_ERROR = exc
 
 __all__ = [
+    "MIN_PARALLEL_WORK",
+    "ROWS",
     "PreparedCodes",
     "PreparedScales",
     "available",
@@ -81,6 +83,7 @@ CHUNK_BYTES = 128  # int8 tables: code bytes per table scale at most (int16 sums
 TABLE_DTYPES = (torch.float32, torch.int8)
 _ROW_BLOCKS_PER_TASK = 4  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
+MIN_PARALLEL_WORK = _MIN_PARALLEL_WORK  # public: native callers (alphatune.engine) pick threads
 
 
 def _mirror(nibble: int) -> int:
@@ -530,6 +533,14 @@ if _IMPORT_ERROR is None:
         if with_offset:
             add_offset(y, offset, group_sums)
         return y
+
+
+    # The njit core, public for native callers (``alphatune.engine`` calls it from its own numba
+    # step, with no Python between layers): ``decode_native(x (T, in) float32 C, group_size,
+    # codes, first, rest, token_set (T,) int64, offset, with_offset, n_groups, bytes_per_group,
+    # quantized, parallel) -> y (T, padded out)``, the operands as ``lut_common.layer_operands``
+    # gives them. Same function as ``decoder`` calls, so the same results.
+    decode_native = _decode
 
 
 # ----------------------------------------------------------------------------- python side

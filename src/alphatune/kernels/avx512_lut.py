@@ -75,6 +75,7 @@ __all__ = [
 ROWS = 16  # rows per vector: one float32 lane each in a 512-bit register
 _ROW_BLOCKS_PER_TASK = 8  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
+MIN_PARALLEL_WORK = _MIN_PARALLEL_WORK  # public: native callers (alphatune.engine) pick threads
 
 
 def available() -> bool:
@@ -314,6 +315,12 @@ if _IMPORT_ERROR is None:
         if with_offset:
             add_offset(y, offset, group_sums)
         return y
+
+
+    # The njit core, public for native callers (``alphatune.engine``): ``decode_native(x (T, in)
+    # float32 C, group_size, codes, first, rest, token_set (T,) int64, offset, with_offset,
+    # n_groups, bytes_per_group, parallel) -> y (T, padded out)``; same function as ``decoder``.
+    decode_native = _decode
 
 
 # ----------------------------------------------------------------------------- python side

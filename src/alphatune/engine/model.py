@@ -1,0 +1,123 @@
+"""``Engine``: a quantized Llama ready for native decode (weights converted once per request set).
+
+``Engine.build(model)`` checks the model (``spec.describe``), maps its embedding and head
+(``spec.token_io``) and converts the blocks (``weights.build_weights``); ``forward`` runs a flat
+list of tokens through every block in one numba call (``native.forward_tokens``) and ``logits``
+applies the model's own head module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from alphatune.engine import native
+from alphatune.engine.cache import KVCache
+from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
+from alphatune.engine.weights import NativeWeights, build_weights
+from alphatune.errors import UnsupportedModelError
+from alphatune.kernels import decode_kernel
+from alphatune.kernels.numba_threads import numba_threads
+
+logger = logging.getLogger(__name__)
+
+# Attention work (cached positions × heads, summed over a call's tokens) from which two threads
+# pay for their start: below, the per-token cost of attention is a few microseconds.
+MIN_PARALLEL_ATTENTION = 1 << 14
+
+
+@dataclass
+class Engine:
+    """A model converted for ``native.forward_tokens``; build with ``Engine.build``."""
+
+    spec: LlamaSpec
+    io: TokenIO
+    weights: NativeWeights
+    kernel_name: str
+    kernel_tag: np.ndarray  # empty array whose dtype selects the kernel (native.KERNEL_TAGS)
+    quantized_tables: bool  # avx2-int8
+    min_parallel_work: int
+
+    @classmethod
+    def build(cls, model: nn.Module, *, use_bank: bool = False) -> Engine:
+        """Convert ``model``; ``UnsupportedModelError`` says why it cannot (the caller falls back).
+
+        ``use_bank``: projections holding a mixed-batch adapter bank serve one scale set per
+        adapter (``forward``'s ``sets``); otherwise the layers' own scales.
+        """
+        if not native.available():
+            raise UnsupportedModelError(
+                "the decode engine needs numba (pip install alphatune[fast])"
+            )
+        kernel = decode_kernel()
+        if kernel is None:
+            raise UnsupportedModelError(
+                "no LUT kernel runs here (no AVX2 + FMA, or ALPHATUNE_KERNEL=reference)"
+            )
+        if model.training:
+            raise UnsupportedModelError("the model is in training mode; call model.eval()")
+        spec = describe(model)
+        io = token_io(model, spec.hidden)
+        weights = build_weights(spec, kernel, use_bank)
+        return cls(
+            spec=spec,
+            io=io,
+            weights=weights,
+            kernel_name=kernel.name,
+            kernel_tag=np.zeros(0, native.KERNEL_TAGS[kernel.name]),
+            quantized_tables=kernel.table_dtype == torch.int8,
+            min_parallel_work=kernel.module.MIN_PARALLEL_WORK,
+        )
+
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        if self.spec.max_positions and max_len > self.spec.max_positions:
+            raise UnsupportedModelError(
+                f"{max_len} positions exceed the model's {self.spec.max_positions}"
+            )
+        return KVCache.allocate(self.spec, rows, max_len)
+
+    def forward(
+        self,
+        ids: Tensor,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        sets: np.ndarray,
+        cache: KVCache,
+        rotary: tuple[np.ndarray, np.ndarray],
+    ) -> Tensor:
+        """Final-normed hidden states ``(N, H)`` float32 of tokens ``ids (N,)``.
+
+        Token n goes to cache row ``rows[n]`` at ``positions[n]`` (int64 arrays) with adapter
+        scale set ``sets[n]``; it attends to its row's positions up to its own, so a row's tokens
+        must come in order, after every earlier position of that row.
+        """
+        hidden = self.io.embed(ids).numpy()
+        if not hidden.flags.writeable or not hidden.flags.c_contiguous:
+            hidden = np.ascontiguousarray(hidden).copy()
+        threads = torch.get_num_threads()
+        w = self.weights
+        cos, sin = rotary
+        args = (
+            self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
+            w.norms, w.final_norm, w.codes, w.first, w.rest, w.offsets, w.biases, w.ints,
+            np.float32(self.spec.eps), self.spec.n_heads, self.quantized_tables, threads,
+            self.min_parallel_work, MIN_PARALLEL_ATTENTION,
+        )  # fmt: skip
+        if threads > 1:
+            with numba_threads(threads):
+                normed = native.forward_tokens(*args)
+        else:
+            normed = native.forward_tokens(*args)
+        return torch.from_numpy(normed)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``(N, V)`` float32 logits through the model's own head module."""
+        return self.io.head(hidden)
+
+    def rotary(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin = self.spec.rotary_tables(max_len)
+        return cos.contiguous().numpy(), sin.contiguous().numpy()

@@ -1,0 +1,146 @@
+"""What the engine reads from a Hugging Face model: the Llama shape, and why a model is not served.
+
+``describe(model)`` returns a ``LlamaSpec`` (sizes, norm epsilon, rotary frequencies, the blocks'
+modules) or raises ``UnsupportedModelError`` saying what does not fit; the caller falls back to
+transformers ``generate`` and logs that reason. ``token_io(model)`` maps the embedding and the
+LM head, whatever their type, to two plain callables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from alphatune.engine.native import PROJECTIONS
+from alphatune.errors import UnsupportedModelError
+from alphatune.layers import BCQLinear
+
+# Model types with Llama's block: pre-norm RMSNorm, rotary attention with grouped KV heads,
+# SiLU-gated MLP, no logit scaling. (Mistral adds a sliding window, Gemma scales the embedding
+# and soft-caps: not served here.)
+LLAMA_TYPES = ("llama",)
+# Rotary variants whose frequencies do not depend on the sequence length (``dynamic`` does).
+STATIC_ROPE = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class LlamaSpec:
+    """A Llama-family model as the engine sees it."""
+
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    inv_freq: Tensor  # (head_dim / 2,) float32, the rotary frequencies
+    rope_scaling: float  # transformers' attention_scaling: multiplies cos and sin
+    max_positions: int
+    blocks: tuple[nn.Module, ...]
+    final_norm: nn.Module
+
+    def rotary_tables(self, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin ``(length, head_dim)`` float32, computed as ``LlamaRotaryEmbedding`` does."""
+        positions = torch.arange(length, dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq.float()[None, :]  # (length, d/2)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
+
+
+def describe(model: nn.Module) -> LlamaSpec:
+    """The engine's view of ``model``; ``UnsupportedModelError`` says why it cannot serve it."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_TYPES:
+        raise UnsupportedModelError(
+            f"the decode engine serves the Llama family ({', '.join(LLAMA_TYPES)}), "
+            f"this model is {model_type!r}"
+        )
+    inner = getattr(model, "model", None)
+    blocks = tuple(getattr(inner, "layers", ()))
+    rotary = getattr(inner, "rotary_emb", None)
+    if not blocks or rotary is None or not hasattr(inner, "norm"):
+        raise UnsupportedModelError("the model has no model.layers / rotary_emb / norm")
+    if getattr(config, "hidden_act", None) != "silu":
+        raise UnsupportedModelError(f"MLP activation {config.hidden_act!r}, the engine has silu")
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        raise UnsupportedModelError(
+            f"rotary type {rope_type!r} (the engine has {', '.join(STATIC_ROPE)})"
+        )
+    hidden, n_heads = config.hidden_size, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+    if n_heads % n_kv or head_dim % 2:
+        raise UnsupportedModelError(f"{n_heads} heads over {n_kv} KV heads of size {head_dim}")
+    for index, block in enumerate(blocks):
+        _check_block(index, block, head_dim)
+    return LlamaSpec(
+        n_layers=len(blocks),
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        eps=float(config.rms_norm_eps),
+        inv_freq=rotary.inv_freq.detach().float().cpu(),
+        rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+        blocks=blocks,
+        final_norm=inner.norm,
+    )
+
+
+def _check_block(index: int, block: nn.Module, head_dim: int) -> None:
+    for name in PROJECTIONS:
+        module = block.get_submodule(name)
+        if not isinstance(module, BCQLinear):
+            raise UnsupportedModelError(
+                f"model.layers.{index}.{name} is {type(module).__name__}, not BCQLinear: the "
+                "engine decodes quantized blocks only (quantize the model or load a base)"
+            )
+        if module.packed_codes.device.type != "cpu":
+            raise UnsupportedModelError("the engine runs on CPU; the model is on another device")
+    scaling = getattr(block.self_attn, "scaling", head_dim**-0.5)
+    if abs(scaling - head_dim**-0.5) > 1e-6 * head_dim**-0.5:
+        raise UnsupportedModelError(f"attention scaling {scaling} is not 1/sqrt(head_dim)")
+
+
+@dataclass(frozen=True)
+class TokenIO:
+    """The embedding and the LM head as callables: ids (N,) -> (N, H), hidden (N, H) -> (N, V)."""
+
+    embed: Callable[[Tensor], Tensor]
+    head: Callable[[Tensor], Tensor]
+
+
+def token_io(model: nn.Module, hidden: int) -> TokenIO:
+    """Map the model's embedding and LM head modules, whatever their type (``nn.Embedding`` or a
+    compact embedding, ``nn.Linear`` fp32 / bf16, a ``BCQLinear`` head, ...), to float32 callables.
+
+    Both run through the modules' own forwards, so a compact form keeps its fast path and this
+    engine needs no knowledge of it. A module that is missing, or whose output has the wrong width
+    on a one-token probe, raises ``UnsupportedModelError`` (the caller falls back).
+    """
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embedding is None or head is None:
+        raise UnsupportedModelError("the model has no input embedding or no LM head module")
+
+    def embed(ids: Tensor) -> Tensor:
+        return embedding(ids).float()
+
+    def project(states: Tensor) -> Tensor:
+        return head(states).float()
+
+    with torch.inference_mode():
+        probe = embed(torch.zeros(1, dtype=torch.long))
+        logits = project(probe)
+    if probe.shape != (1, hidden) or logits.dim() != 2 or logits.shape[0] != 1:
+        raise UnsupportedModelError(
+            f"embedding gives {tuple(probe.shape)} and head {tuple(logits.shape)} for one token; "
+            f"the engine expects (1, {hidden}) and (1, vocab)"
+        )
+    return TokenIO(embed=embed, head=project)
