@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -35,6 +35,9 @@ from alphatune.config import (
 )
 from alphatune.errors import AlphaTuneError, CheckpointError, ConfigError
 from alphatune.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from alphatune.distributed import DataParallel
 
 console = Console(stderr=False)
 # Errors go to stderr unwrapped, so that paths and names in them stay greppable.
@@ -238,6 +241,14 @@ def _load_base(base: Path, adapter: Path | None) -> tuple[Any, Any]:
 
 
 def _tune(args: argparse.Namespace) -> dict[str, Any]:
+    """α-tune; under ``torchrun`` / ``accelerate launch`` every process runs this, data-parallel."""
+    from alphatune.distributed import data_parallel
+
+    with data_parallel() as parallel:
+        return _tune_in(args, parallel)
+
+
+def _tune_in(args: argparse.Namespace, parallel: DataParallel) -> dict[str, Any]:
     from alphatune.adapters import save_adapter
     from alphatune.bases import base_fingerprint
     from alphatune.data import load_task
@@ -279,14 +290,17 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
     elif args.eval_every:
         raise ConfigError("--eval-every needs --eval-limit N (how many examples to score)")
     model, tokenizer = _load_base(args.base, None)
+    model.to(parallel.device)
     report = prepare_for_alphatuning(model, tuning)
-    console.print(
-        Text(
-            f"trainable parameters: {report.trainable:,} of {report.total:,} "
-            f"({report.percent:.3f}%, {report.ratio:,.0f}× fewer); "
-            f"{len(train_examples)} training examples from {train_path}"
+    processes = f"; {parallel.world_size} processes" if parallel.enabled else ""
+    if parallel.is_main:
+        console.print(
+            Text(
+                f"trainable parameters: {report.trainable:,} of {report.total:,} "
+                f"({report.percent:.3f}%, {report.ratio:,.0f}× fewer); "
+                f"{len(train_examples)} training examples from {train_path}{processes}"
+            )
         )
-    )
     result = train(
         model,
         tokenizer,
@@ -305,7 +319,19 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
         "base": str(args.base),
         "steps": result.steps,
         "train": config.to_dict(),
+        "processes": parallel.world_size,
     }
+    summary = {
+        "trainable": report.trainable,
+        "total": report.total,
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "train_losses": result.train_losses,
+        "eval_losses": result.eval_losses,
+        "output": str(output),
+    }
+    if not parallel.is_main:
+        return summary  # rank 0 writes the adapter; every process holds the same α
     save_adapter(model, output, tuning, metadata=metadata, overwrite=True)
     first = result.train_losses[:5]
     last = result.train_losses[-5:]
@@ -317,15 +343,7 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
             + f"; adapter saved to {output}"
         )
     )
-    return {
-        "trainable": report.trainable,
-        "total": report.total,
-        "steps": result.steps,
-        "seconds": result.seconds,
-        "train_losses": result.train_losses,
-        "eval_losses": result.eval_losses,
-        "output": str(output),
-    }
+    return summary
 
 
 def _mixed_adapters(args: argparse.Namespace) -> dict[str, Path] | None:
@@ -605,7 +623,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _add_common(q)
 
-    t = sub.add_parser("tune", help="α-tune a quantized base on a task; saves a small adapter")
+    t = sub.add_parser(
+        "tune",
+        help="α-tune a quantized base on a task; saves a small adapter",
+        description="α-tune a quantized base on a task; saves a small adapter. Data-parallel: "
+        "start it with 'torchrun --nproc-per-node N -m alphatune.cli tune ...' (or accelerate "
+        "launch); --batch-size stays the global micro-batch, split across the N processes.",
+    )
     t.add_argument("--base", required=True, type=_existing_dir, help="quantized base directory")
     t.add_argument("--task", choices=["e2e", "triples"], default="e2e")
     t.add_argument(

@@ -6,10 +6,18 @@ as safetensors + JSON, so a killed run continues with ``resume=True`` where it s
 
 A loss, gradient or trained value that becomes NaN or infinite stops training with a
 ``TrainingError`` before anything is written, so the last checkpoint on disk is the last good one.
+
+Data-parallel: started by ``torchrun`` or ``accelerate launch`` inside
+``alphatune.distributed.data_parallel()`` (``alphatune tune`` does this), the same call trains with
+``DistributedDataParallel``. ``batch_size`` stays the global micro-batch: each process takes every
+``world_size``-th example of it and scales its loss so that the all-reduced gradient is the one a
+single process computes for the whole micro-batch. The same settings therefore give the same α on
+1 or N processes (to float rounding). Only rank 0 writes checkpoints and shows progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -29,7 +37,8 @@ from torch import Tensor, nn
 
 from alphatune.config import AlphaTuningConfig, TrainConfig
 from alphatune.data import IGNORE_INDEX, Example, collate, encode_example
-from alphatune.errors import CheckpointError, ConfigError, TrainingError
+from alphatune.distributed import DataParallel, current
+from alphatune.errors import AlphaTuneError, CheckpointError, ConfigError, TrainingError
 from alphatune.files import (
     CHECKPOINT_DIR,
     CHECKPOINT_FORMAT,
@@ -141,9 +150,19 @@ def total_steps(n_examples: int, config: TrainConfig) -> int:
 
 
 def evaluate_loss(
-    model: nn.Module, encoded: Sequence[dict[str, list[int]]], pad_id: int, batch_size: int = 8
+    model: nn.Module,
+    encoded: Sequence[dict[str, list[int]]],
+    pad_id: int,
+    batch_size: int = 8,
+    parallel: DataParallel | None = None,
 ) -> float:
-    """Mean target-token cross-entropy (no label smoothing) over encoded examples."""
+    """Mean target-token cross-entropy (no label smoothing) over encoded examples.
+
+    With ``parallel`` enabled each process scores its share and the sums are combined, so every
+    process returns the same mean.
+    """
+    parallel = parallel or DataParallel()
+    encoded = parallel.shard(list(encoded))
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -156,7 +175,14 @@ def evaluate_loss(
             total += float(causal_lm_loss(logits, batch["labels"])) * n
             count += n
     model.train(was_training)
+    if parallel.enabled:
+        total, count = parallel.sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / max(count, 1)
+
+
+def _target_count(item: dict[str, list[int]]) -> int:
+    """Positions of an encoded example that ``causal_lm_loss`` scores (labels after the shift)."""
+    return sum(label != IGNORE_INDEX for label in item["labels"][1:])
 
 
 def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -330,6 +356,19 @@ def train(
     if not train_examples:
         raise ConfigError("no training examples")
     tuning = tuning or AlphaTuningConfig()
+    parallel = current()
+    if config.batch_size < parallel.world_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is smaller than the {parallel.world_size} training "
+            "processes: each process takes a share of every micro-batch; raise batch_size to at "
+            f"least {parallel.world_size} (lower grad_accum to keep the examples per step)"
+        )
+    if parallel.device.type == "cuda" and model_device(model) != parallel.device:
+        raise ConfigError(
+            f"this process trains on {parallel.device} but the model is on "
+            f"{model_device(model)}; call model.to(parallel.device) first"
+        )
+    progress = progress and parallel.is_main
     torch.manual_seed(config.seed)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -339,6 +378,7 @@ def train(
             "the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token"
         )
     encoded = [encode_example(tokenizer, ex, config.max_length) for ex in train_examples]
+    targets = [_target_count(item) for item in encoded]
     eval_encoded = [encode_example(tokenizer, ex, config.max_length) for ex in eval_examples or []]
     steps = total_steps(len(encoded), config)
     warmup = int(config.warmup_ratio * steps)
@@ -351,23 +391,22 @@ def train(
     result = TrainResult(steps=steps)
     checkpoint = Path(output_dir) / CHECKPOINT_DIR if output_dir is not None else None
     start_step = 0
-    if resume:
-        found = existing_directory(checkpoint) if checkpoint is not None else None
-        if found is None or not (found / CHECKPOINT_STATE).exists():
-            raise CheckpointError(
-                f"nothing to resume: no checkpoint in {output_dir}; run without --resume"
-            )
-        state = _load_checkpoint(found, model, optimizer, fingerprint, config)
-        start_step = state["step"]
-        if start_step > steps:
-            raise CheckpointError(
-                f"{found}: the checkpoint is at step {start_step}, past this run's {steps} steps "
-                "(different training data?); resume with the same data or start a new run"
-            )
-        result.train_losses = list(state["train_losses"])
-        result.eval_losses = [tuple(e) for e in state["eval_losses"]]  # type: ignore[misc]
-        result.resumed_from = start_step
-        logger.info("resumed from step %d", start_step)
+    # Every process reads the checkpoint (a shared file system when they run on several
+    # machines); a process that fails here makes all of them stop, not wait for it.
+    failure: AlphaTuneError | None = None
+    try:
+        if parallel.enabled:
+            _check_same_base(parallel, fingerprint)
+        if resume:
+            state = _resume(checkpoint, output_dir, model, optimizer, fingerprint, config, steps)
+            start_step = state["step"]
+            result.train_losses = list(state["train_losses"])
+            result.eval_losses = [tuple(e) for e in state["eval_losses"]]  # type: ignore[misc]
+            result.resumed_from = start_step
+            logger.info("resumed from step %d", start_step)
+    except AlphaTuneError as err:
+        failure = err
+    parallel.raise_together(failure)
 
     trainable_named = trainable_state(model)
     trainable = list(trainable_named.values())
@@ -389,6 +428,8 @@ def train(
     # The paper's recipe trains without dropout: eval mode switches it off in any architecture.
     model.train(config.dropout)
     device = model_device(model)
+    # DDP (several processes) all-reduces the gradients of what trains: the scales only.
+    network = parallel.wrap(model)
     began = time.perf_counter()
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -404,15 +445,23 @@ def train(
         for step in range(start_step, steps):
             step_loss = 0.0
             micro_batches = _batches_for_step(step, len(encoded), config)
-            for indices in micro_batches:
-                batch = _to(collate([encoded[i] for i in indices], pad_id), device)
-                logits = _forward(model, batch)
-                loss = causal_lm_loss(logits, batch["labels"], config.label_smoothing)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise diverged(step, f"the loss is {value}")
-                (loss / len(micro_batches)).backward()
-                step_loss += value / len(micro_batches)
+            for position, indices in enumerate(micro_batches):
+                last = position == len(micro_batches) - 1
+                # DDP all-reduces once per optimizer step, in the last micro-batch's backward.
+                sync = (
+                    contextlib.nullcontext() if last or not parallel.enabled else network.no_sync()
+                )
+                with sync:
+                    loss = _micro_batch_loss(
+                        network, encoded, targets, indices, parallel, pad_id, device, config
+                    )
+                    (loss / len(micro_batches)).backward()
+                step_loss += loss.item() / len(micro_batches)
+            if parallel.enabled:
+                step_loss = float(parallel.sum(torch.tensor(step_loss, dtype=torch.float64)))
+                step_loss /= parallel.world_size
+            if not math.isfinite(step_loss):
+                raise diverged(step, f"the loss is {step_loss}")
             # What clip_grad_norm_ does, in its two halves, so the norm can be checked between.
             norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
             if not bool(torch.isfinite(norm)):
@@ -436,19 +485,88 @@ def train(
                 and done % config.eval_every == 0
                 and done < steps
             ):
-                result.eval_losses.append((done, evaluate_loss(model, eval_encoded, pad_id)))
+                loss = evaluate_loss(model, eval_encoded, pad_id, parallel=parallel)
+                result.eval_losses.append((done, loss))
                 model.train(config.dropout)
             if (
                 checkpoint is not None
                 and config.checkpoint_every
                 and done % config.checkpoint_every == 0
             ):
-                _save_checkpoint(checkpoint, model, optimizer, done, result, fingerprint, config)
+                if parallel.is_main:
+                    _save_checkpoint(
+                        checkpoint, model, optimizer, done, result, fingerprint, config
+                    )
                 last_saved = done
     if eval_encoded:
-        result.eval_losses.append((steps, evaluate_loss(model, eval_encoded, pad_id)))
+        loss = evaluate_loss(model, eval_encoded, pad_id, parallel=parallel)
+        result.eval_losses.append((steps, loss))
     model.eval()
     result.seconds = time.perf_counter() - began
-    if checkpoint is not None:
+    if checkpoint is not None and parallel.is_main:
         _save_checkpoint(checkpoint, model, optimizer, steps, result, fingerprint, config)
     return result
+
+
+def _micro_batch_loss(
+    network: nn.Module,
+    encoded: Sequence[dict[str, list[int]]],
+    targets: Sequence[int],
+    indices: list[int],
+    parallel: DataParallel,
+    pad_id: int,
+    device: torch.device,
+    config: TrainConfig,
+) -> Tensor:
+    """This process's part of the loss of the micro-batch ``indices``.
+
+    One process: the mean over the micro-batch's target tokens. Several: the mean over this
+    process's share times ``share tokens / micro-batch tokens * world_size``, so that DDP's
+    average of the gradients is the gradient of the whole micro-batch's mean.
+    """
+    share = parallel.shard(indices)
+    total, mine = sum(targets[i] for i in indices), sum(targets[i] for i in share)
+    batch = _to(collate([encoded[i] for i in share], pad_id), device)
+    logits = _forward(network, batch)
+    if total and not mine:
+        return logits.float().sum() * 0.0  # no target here; still joins DDP's all-reduce
+    loss = causal_lm_loss(logits, batch["labels"], config.label_smoothing)
+    factor = mine * parallel.world_size / total if total else 1.0
+    return loss if factor == 1.0 else loss * factor
+
+
+def _resume(
+    checkpoint: Path | None,
+    output_dir: str | os.PathLike[str] | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    fingerprint: str,
+    config: TrainConfig,
+    steps: int,
+) -> dict[str, Any]:
+    """Load the checkpoint in ``output_dir`` into ``model`` and ``optimizer``; its state."""
+    found = existing_directory(checkpoint) if checkpoint is not None else None
+    if found is None or not (found / CHECKPOINT_STATE).exists():
+        raise CheckpointError(
+            f"nothing to resume: no checkpoint in {output_dir}; run without --resume"
+        )
+    state = _load_checkpoint(found, model, optimizer, fingerprint, config)
+    if state["step"] > steps:
+        raise CheckpointError(
+            f"{found}: the checkpoint is at step {state['step']}, past this run's {steps} steps "
+            "(different training data?); resume with the same data or start a new run"
+        )
+    return state
+
+
+def _check_same_base(parallel: DataParallel, fingerprint: str) -> None:
+    """Refuse processes that loaded different bases (their codes are never compared or sent)."""
+    prints = parallel.gather(fingerprint)
+    if len(set(prints)) > 1:
+        listed = ", ".join(
+            f"process {rank}: {value or '(none given)'}" for rank, value in enumerate(prints)
+        )
+        raise ConfigError(
+            f"the training processes hold different bases ({listed}); every process must load "
+            "the same base (pass the same --base to all of them, on a shared file system)"
+        )
