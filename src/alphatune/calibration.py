@@ -56,11 +56,23 @@ def recording_hessians(
     product is not needed).
     """
     hessians: dict[str, Tensor] = {}
+    # Layers fed the same tensor (q/k/v, gate/up in a Llama block) share one product: the last
+    # input is held (so its memory cannot be reused by another tensor) and matched by identity.
+    last: dict[str, Any] = {"input": None, "version": -1, "product": None}
+
+    def product(x: Tensor) -> Tensor:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if x.is_inference():  # no version counter: an in-place change could not be seen
+            return flat.T @ flat
+        if x is last["input"] and x._version == last["version"]:
+            # A copy (small: in × in), so that no two layers' sums are one tensor.
+            return last["product"].clone()
+        last.update(input=x, version=x._version, product=flat.T @ flat)
+        return last["product"]
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, in)
-            h = x.T @ x
+            h = product(inputs[0])
             hessians[name] = hessians[name] + h if name in hessians else h
             if stop:
                 raise StopForward
@@ -73,6 +85,7 @@ def recording_hessians(
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
 
 
 def run_batches(
@@ -107,7 +120,9 @@ def collect_hessians(
     Args:
         calibration: ``(n_sequences, seq_len)`` token ids.
     """
-    with recording_hessians(layers) as hessians, eval_mode(model), torch.inference_mode():
+    # no_grad, not inference_mode: inference tensors have no version counter, which the sharing
+    # of one input's product between layers relies on.
+    with recording_hessians(layers) as hessians, eval_mode(model), torch.no_grad():
         run_batches(model, calibration, batch_size, on_batch)
     return hessians
 

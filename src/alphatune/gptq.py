@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from alphatune import bcq
+from alphatune.kernels import numba_gptq
 
 
 def _grid_values(alpha: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,7 +69,25 @@ def round_with_error_feedback(
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(in_features)
     w = w[:, order]
     factor = _inverse_hessian_factor(h[order][:, order], damp).float()
+    group_of = order // group_size  # (in,) the group of each swept column
+    if w.device.type == "cpu" and numba_gptq.available():
+        index = numba_gptq.round_columns(w, factor, group_of, values, midpoints)
+    else:
+        index = _round_columns_reference(w, factor, group_of, values, midpoints, block_size)
+    chosen = signs[torch.arange(out)[:, None], group_of[None, :], index]  # (out, in, q), swept
     codes = torch.empty(alpha.shape[0], out, in_features)
+    codes[:, :, order] = chosen.permute(2, 0, 1)
+    return codes
+
+
+def _round_columns_reference(
+    w: Tensor, factor: Tensor, group_of: Tensor, values: Tensor, midpoints: Tensor, block_size: int
+) -> Tensor:
+    """The grid entry chosen for each weight, columns in sweep order (``(out, in)`` int64): the
+    torch form of ``kernels.numba_gptq.round_columns``, with GPTQ's lazy block updates."""
+    w = w.clone()
+    out, in_features = w.shape
+    index = torch.empty(out, in_features, dtype=torch.long)
     rows = torch.arange(out)
     for begin in range(0, in_features, block_size):
         end = min(begin + block_size, in_features)
@@ -76,18 +95,17 @@ def round_with_error_feedback(
         errors = torch.empty_like(block)
         for i in range(end - begin):
             col = begin + i
-            original = int(order[col])
-            group = original // group_size
+            group = int(group_of[col])
             column = block[:, i]
-            index = torch.searchsorted(
+            chosen = torch.searchsorted(
                 midpoints[:, group].contiguous(), column[:, None].contiguous()
             )[:, 0]
-            codes[:, :, original] = signs[rows, group, index].T
-            error = (column - values[rows, group, index]) / factor[col, col]
+            index[:, col] = chosen
+            error = (column - values[rows, group, chosen]) / factor[col, col]
             block[:, i:] -= error[:, None] * factor[col, col:end][None, :]
             errors[:, i] = error
         w[:, end:] -= errors @ factor[begin:end, end:]
-    return codes
+    return index
 
 
 def refit_scales(

@@ -1,0 +1,68 @@
+"""Calibration passes (``alphatune.calibration``): the Hessians they record are the plain ``XᵀX``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphatune.calibration import collect_hessians, recording_hessians
+from alphatune.config import BCQConfig
+from alphatune.quantize import find_target_layers
+from tests.tiny_models import make_tiny_llama
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(single_thread):
+    """Tiny tensors: one thread avoids thread start-up on a busy machine."""
+
+
+def _inputs_by_hand(model, layers, calibration):
+    """Each layer's ``XᵀX`` from its own copy of the input: nothing shared between layers."""
+    expected: dict[str, torch.Tensor] = {}
+
+    def make_hook(name):
+        def hook(_module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            expected[name] = expected.get(name, 0) + x.T @ x
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in layers.items()]
+    with torch.no_grad():
+        for batch in calibration.split(2):
+            model(input_ids=batch)
+    for handle in handles:
+        handle.remove()
+    return expected
+
+
+def test_layers_fed_one_input_get_its_hessian_each() -> None:
+    """q/k/v (and gate/up) read one tensor: their shared product equals each one's own, and the
+    sums stay separate objects (accumulating one must not change another)."""
+    model = make_tiny_llama(vocab_size=50).eval()
+    layers = find_target_layers(model, BCQConfig())
+    calibration = torch.randint(0, 50, (4, 16))
+    expected = _inputs_by_hand(model, layers, calibration)
+    for batch_size in (2, 4):  # two batches summed, or one product kept as it is
+        hessians = collect_hessians(model, layers, calibration, batch_size=batch_size)
+        assert hessians.keys() == expected.keys()
+        for name, h in hessians.items():
+            torch.testing.assert_close(h.double(), expected[name], rtol=1e-5, atol=1e-4)
+        q, k, v = (
+            hessians[n]
+            for n in hessians
+            if n.startswith("model.layers.0.self_attn.") and not n.endswith("o_proj")
+        )
+        assert q is not k and k is not v
+
+
+def test_in_place_change_of_an_input_is_not_shared() -> None:
+    """A layer whose input was changed in place since the last product gets a fresh one."""
+    first, second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    x = torch.ones(2, 3)
+    with torch.no_grad(), recording_hessians({"first": first, "second": second}) as hessians:
+        first(x)
+        x.mul_(2)
+        second(x)
+    torch.testing.assert_close(hessians["first"], torch.full((3, 3), 2.0))
+    torch.testing.assert_close(hessians["second"], torch.full((3, 3), 8.0))
