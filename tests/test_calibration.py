@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alphatune.calibration import collect_hessians, recording_hessians
+from alphatune.calibration import collect_hessians, recording_hessians, run_batches
 from alphatune.config import BCQConfig
 from alphatune.quantize import find_target_layers
 from tests.tiny_models import make_tiny_llama
@@ -66,3 +66,20 @@ def test_in_place_change_of_an_input_is_not_shared() -> None:
         second(x)
     torch.testing.assert_close(hessians["first"], torch.full((3, 3), 2.0))
     torch.testing.assert_close(hessians["second"], torch.full((3, 3), 8.0))
+
+
+def test_stop_ends_each_pass_once_every_layer_has_its_input() -> None:
+    """With ``stop``, nothing after the last recorded layer runs, and the products are the same."""
+    model = make_tiny_llama(vocab_size=50).eval()
+    block = {n: m for n, m in find_target_layers(model, BCQConfig()).items() if ".layers.0." in n}
+    calibration = torch.randint(0, 50, (4, 16))
+    later = []
+    model.model.layers[1].register_forward_pre_hook(lambda *_: later.append(1))
+    with torch.no_grad(), recording_hessians(block, stop=True) as stopped:
+        run_batches(model, calibration, batch_size=2)
+    assert not later  # block 1 never ran
+    full = collect_hessians(model, block, calibration, batch_size=2)
+    assert later  # ... but it does without stop
+    assert stopped.keys() == full.keys()
+    for name, h in stopped.items():
+        torch.testing.assert_close(h, full[name])

@@ -52,13 +52,14 @@ def recording_hessians(
 ) -> Iterator[dict[str, Tensor]]:
     """While active, accumulate ``Σ x xᵀ`` (float32) of every layer's input into the yielded dict.
 
-    ``stop``: end each forward pass at the first recorded layer (``StopForward``; the layer's own
-    product is not needed).
+    ``stop``: end each forward pass (``StopForward``) once every recorded layer has its input:
+    what runs after the last of them (its own product, the rest of the model) is not needed.
     """
     hessians: dict[str, Tensor] = {}
     # Layers fed the same tensor (q/k/v, gate/up in a Llama block) share one product: the last
     # input is held (so its memory cannot be reused by another tensor) and matched by identity.
     last: dict[str, Any] = {"input": None, "version": -1, "product": None}
+    seen: set[str] = set()  # layers recorded in this pass; a layer seen again starts a new pass
 
     def product(x: Tensor) -> Tensor:
         flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
@@ -74,7 +75,11 @@ def recording_hessians(
         def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             h = product(inputs[0])
             hessians[name] = hessians[name] + h if name in hessians else h
-            if stop:
+            if name in seen:
+                seen.clear()
+            seen.add(name)
+            if stop and len(seen) == len(layers):
+                seen.clear()
                 raise StopForward
 
         return hook
@@ -193,9 +198,12 @@ def quantize_sequentially(
             block_prefix = f"{prefix}.{index}."
             targets = {n: m for n, m in layers.items() if n.startswith(block_prefix)}
             if targets:
-                with recording_hessians(targets) as hessians:
+                with recording_hessians(targets, stop=True) as hessians:
                     for args, kwargs in inputs:
-                        block(*args, **kwargs)
+                        try:
+                            block(*args, **kwargs)  # ends at the last layer's input
+                        except StopForward:
+                            pass
                 for name, module in targets.items():
                     fit_layer(name, module, hessians.pop(name))
                     done.add(name)
