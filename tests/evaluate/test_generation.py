@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -84,3 +85,102 @@ def test_edge_cases(model: LlamaForCausalLM, tokenizer: Any) -> None:
     generate(model, tokenizer, ["a"], max_new_tokens=1, progress=False)
     assert model.training
     model.eval()
+
+
+# ---------------------------------------------------------------- the decode engine
+@pytest.fixture(scope="module")
+def quantized_model(tokenizer: Any) -> LlamaForCausalLM:
+    from alphatune import BCQConfig, quantize_
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    quantize_(model, BCQConfig(bits=3, group_size=16, method="offset"))
+    return model.eval()
+
+
+needs_engine = pytest.mark.skipif(
+    __import__("alphatune.kernels", fromlist=["lut_kernel"]).lut_kernel() is None,
+    reason="no LUT kernel on this CPU: the engine does not run here",
+)
+
+
+@needs_engine
+def test_engine_answers_equal_the_transformers_path(quantized_model, tokenizer, monkeypatch):
+    from alphatune.engine import Engine
+
+    built = []
+    original = Engine.build
+    monkeypatch.setattr(Engine, "build", lambda *a, **k: built.append(1) or original(*a, **k))
+    options = {"max_new_tokens": 10, "batch_size": 3, "progress": False}
+    engine = generate(quantized_model, tokenizer, PROMPTS, engine=True, **options)
+    assert built  # the engine ran
+    transformers = generate(quantized_model, tokenizer, PROMPTS, engine=False, **options)
+    assert engine == transformers
+    assert len(set(engine)) > 1
+    # The default (engine=None, ALPHATUNE_ENGINE unset) is the engine where it serves.
+    built.clear()
+    assert generate(quantized_model, tokenizer, PROMPTS, **options) == engine and built
+    built.clear()
+    monkeypatch.setenv("ALPHATUNE_ENGINE", "off")
+    assert generate(quantized_model, tokenizer, PROMPTS, **options) == engine and not built
+
+
+@needs_engine
+def test_stop_strings_cut_answers_on_both_paths(quantized_model, tokenizer):
+    options = {"max_new_tokens": 10, "progress": False}
+    full = generate(quantized_model, tokenizer, PROMPTS[:3], **options)
+    words = [answer.split()[1] for answer in full if len(answer.split()) > 2]
+    assert words, full
+    stop = [" " + words[0]]
+    expected = [answer.split(stop[0])[0].strip() for answer in full]
+    for engine in (True, False):
+        got = generate(quantized_model, tokenizer, PROMPTS[:3], stop=stop, engine=engine, **options)
+        assert got == expected, engine
+    assert expected != full
+
+
+@needs_engine
+def test_sampling_is_seeded(quantized_model, tokenizer):
+    options = {"max_new_tokens": 8, "progress": False, "do_sample": True, "temperature": 2.0}
+    first = generate(quantized_model, tokenizer, PROMPTS, seed=1, batch_size=2, **options)
+    # Per-prompt generators: the batch size does not change a prompt's sample.
+    assert generate(quantized_model, tokenizer, PROMPTS, seed=1, batch_size=5, **options) == first
+    assert generate(quantized_model, tokenizer, PROMPTS, seed=2, **options) != first
+    greedy = generate(quantized_model, tokenizer, PROMPTS, max_new_tokens=8, progress=False)
+    assert first != greedy
+    top1 = generate(quantized_model, tokenizer, PROMPTS, seed=1, top_k=1, **options)
+    assert top1 == greedy
+    with pytest.raises(ValueError, match="beam"):
+        generate(quantized_model, tokenizer, PROMPTS, num_beams=2, **options)
+
+
+def test_fallback_is_logged_and_required_engine_says_why(model, quantized_model, tokenizer, caplog):
+    from alphatune.errors import UnsupportedModelError
+
+    with caplog.at_level(logging.INFO, logger="alphatune.evaluate.generation"):
+        plain = generate(model, tokenizer, PROMPTS[:2], max_new_tokens=4, progress=False)
+    assert "not the decode engine" in caplog.text and "BCQLinear" in caplog.text
+    assert plain == generate(model, tokenizer, PROMPTS[:2], max_new_tokens=4, progress=False,
+                             engine=False)  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="BCQLinear"):
+        generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, progress=False, engine=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="alphatune.evaluate.generation"):
+        beams = generate(quantized_model, tokenizer, PROMPTS[:2], max_new_tokens=4, num_beams=2,
+                         progress=False)  # fmt: skip
+    assert "beam search" in caplog.text and len(beams) == 2
+
+
+def test_engine_setting_is_checked(model, tokenizer, monkeypatch):
+    monkeypatch.setenv("ALPHATUNE_ENGINE", "maybe")
+    with pytest.raises(ValueError, match="ALPHATUNE_ENGINE"):
+        generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, progress=False)

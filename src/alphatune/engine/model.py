@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 MIN_PARALLEL_ATTENTION = 1 << 14
 
 
+def _numba_pool_size() -> int:
+    from numba import config
+
+    return int(config.NUMBA_NUM_THREADS)
+
+
 @dataclass
 class Engine:
     """A model converted for ``native.forward_tokens``; build with ``Engine.build``."""
@@ -40,7 +46,8 @@ class Engine:
     kernel_name: str
     kernel_tag: np.ndarray  # empty array whose dtype selects the kernel (native.KERNEL_TAGS)
     quantized_tables: bool  # avx2-int8
-    min_parallel_work: int
+    min_parallel_work: int  # a layer's code bits × tokens from which it runs on the threads
+    min_parallel_attention: int = MIN_PARALLEL_ATTENTION
 
     @classmethod
     def build(cls, model: nn.Module, *, use_bank: bool = False) -> Engine:
@@ -98,14 +105,14 @@ class Engine:
         hidden = self.io.embed(ids).numpy()
         if not hidden.flags.writeable or not hidden.flags.c_contiguous:
             hidden = np.ascontiguousarray(hidden).copy()
-        threads = torch.get_num_threads()
+        threads = min(torch.get_num_threads(), _numba_pool_size())
         w = self.weights
         cos, sin = rotary
         args = (
             self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
             w.norms, w.final_norm, w.codes, w.first, w.rest, w.offsets, w.biases, w.ints,
             np.float32(self.spec.eps), self.spec.n_heads, self.quantized_tables, threads,
-            self.min_parallel_work, MIN_PARALLEL_ATTENTION,
+            self.min_parallel_work, self.min_parallel_attention,
         )  # fmt: skip
         if threads > 1:
             with numba_threads(threads):

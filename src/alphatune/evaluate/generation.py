@@ -1,9 +1,17 @@
-"""Batched text generation from prompts, for scoring a tuned model on a task."""
+"""Batched text generation from prompts, for scoring a tuned model on a task.
+
+Two paths give the same answers: the decode engine (``alphatune.engine``: one native call per
+token for all blocks, a static KV cache), used by default where it serves the model (quantized
+Llama-family models on a CPU with a LUT kernel, greedy or sampling), and transformers
+``generate`` for everything else (beam search, other architectures, unquantized models), chosen
+with a logged reason. ``engine=False`` or ``ALPHATUNE_ENGINE=off`` forces transformers.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -12,11 +20,14 @@ from rich.progress import Progress
 from torch import nn
 
 from alphatune.data.tokenize import encode_prompt
-from alphatune.errors import ConfigError, DataError
+from alphatune.engine import Engine, Sampling, generate_ids
+from alphatune.errors import ConfigError, DataError, UnsupportedModelError
 from alphatune.mixed import adapter_bank
 from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
+
+ENGINE_ENV = "ALPHATUNE_ENGINE"  # "auto" (default), "on" (required) or "off" (transformers)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,6 +46,36 @@ def _first_line(text: str) -> str:
     return text.strip().split("\n", 1)[0].strip()
 
 
+def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string (all of it when none occurs)."""
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def _answer_complete(stop: Sequence[str]) -> Callable[[str], bool]:
+    """Whether a row's new text already fixes its answer: the first line has ended, or a stop
+    string occurred. The engine stops such a row; more tokens could not change the answer."""
+
+    def complete(text: str) -> bool:
+        return "\n" in text.lstrip() or any(s in text for s in stop)
+
+    return complete
+
+
+def _engine_choice(engine: bool | None) -> bool | None:
+    """True: the engine is required; None: used where it serves the model; False: never."""
+    if engine is not None:
+        return engine
+    setting = os.environ.get(ENGINE_ENV, "").strip().lower() or "auto"
+    if setting in ("auto",):
+        return None
+    if setting in ("on", "1", "true", "yes"):
+        return True
+    if setting in ("off", "0", "false", "no"):
+        return False
+    raise ConfigError(f"{ENGINE_ENV}={setting!r}; use auto, on or off")
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -45,13 +86,22 @@ def generate(
     batch_size: int = 8,
     adapters: Sequence[str | None] | None = None,
     progress: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    engine: bool | None = None,
 ) -> list[str]:
-    """Generate one answer per prompt: greedy (``num_beams == 1``) or beam search.
+    """Generate one answer per prompt: greedy (``num_beams == 1``), sampling, or beam search.
 
-    Prompts are tokenized with :func:`alphatune.data.encode_prompt` (the ids training used),
-    sorted by length so each batch wastes little padding, left-padded, and run through
-    ``model.generate``. Only the new tokens are decoded; the answer is cut at the first line
-    break. The model is put in eval mode for the call and restored afterwards.
+    Prompts are tokenized with :func:`alphatune.data.encode_prompt` (the ids training used) and
+    sorted by length so each batch wastes little padding. Where the decode engine serves the
+    model (see the module docstring) each batch runs there, every prompt at its own length;
+    otherwise batches are left-padded and run through ``model.generate``. Only the new tokens
+    are decoded; the answer is cut at the first stop string and at the first line break. The
+    model is put in eval mode for the call and restored afterwards.
 
     With ``adapters``, each prompt runs with its own task adapter from the bank loaded by
     :func:`alphatune.mixed.load_adapters`, in mixed batches; every answer is the one that prompt
@@ -67,6 +117,14 @@ def generate(
         adapters: one loaded adapter name per prompt (``None``: the base), or ``None`` to use
             the model as it is.
         progress: show a transient rich progress bar.
+        do_sample: sample instead of greedy decoding (``num_beams`` must be 1), with
+            ``temperature``, ``top_k`` (None: all tokens) and ``top_p`` (None: no nucleus cut).
+        seed: seeds the sampling; on the engine each prompt has its own generator
+            (``seed + prompt index``), so its answer does not depend on the batch it ran in.
+        stop: strings that end an answer (the answer is cut before the first one).
+        engine: True requires the decode engine (``UnsupportedModelError`` says why it cannot
+            serve), False uses transformers, None (default) reads ``ALPHATUNE_ENGINE``
+            (``auto``: the engine where it serves the model, with a logged reason otherwise).
 
     Returns:
         One stripped string per prompt, in the order of ``prompts``.
@@ -76,6 +134,10 @@ def generate(
             "batch_size, num_beams and max_new_tokens must be >= 1, got "
             f"{batch_size}, {num_beams}, {max_new_tokens}"
         )
+    if do_sample and num_beams > 1:
+        raise ConfigError("sampling with beam search is not supported; use num_beams=1")
+    if isinstance(stop, str):
+        raise ConfigError(f"stop must be a list of strings, got the string {stop!r}")
     if adapters is not None and len(adapters) != len(prompts):
         raise ConfigError(
             f"adapters must name one adapter per prompt: {len(prompts)} prompts, "
@@ -104,11 +166,15 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]), reverse=True)
     options: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
-        "do_sample": False,
+        "do_sample": do_sample,
         "num_beams": num_beams,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
     }
+    if do_sample:
+        options.update(temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0)
+    if stop:
+        options.update(stop_strings=list(stop), tokenizer=tokenizer)
     if num_beams > 1:
         options.update(early_stopping=True, no_repeat_ngram_size=0)
     device = model_device(model)
@@ -121,6 +187,31 @@ def generate(
             Progress(transient=True, disable=not progress) as bar,
         ):
             task = bar.add_task("generating", total=len(prompts))
+            native = _build_engine(model, _engine_choice(engine), num_beams, bank is not None)
+            if native is not None:
+                sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+                complete = _answer_complete(stop)
+                for start in range(0, len(order), batch_size):
+                    indices = order[start : start + batch_size]
+                    sets = None if bank is None else bank.indices([adapters[i] for i in indices])  # type: ignore[index]
+                    finished = generate_ids(
+                        native,
+                        [encoded[i] for i in indices],
+                        max_new_tokens=max_new_tokens,
+                        eos_ids=[eos_id],
+                        sampling=sampling,
+                        prompt_indices=indices,
+                        adapter_sets=None if sets is None else sets.tolist(),
+                        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                        stop=complete,
+                    )
+                    for index, done in zip(indices, finished, strict=True):
+                        text = tokenizer.decode(done.tokens, skip_special_tokens=True)
+                        answers[index] = _first_line(_cut_at_stop(text, stop))
+                    bar.advance(task, len(indices))
+                return answers
+            if do_sample:
+                torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 input_ids, attention_mask = _left_pad([encoded[i] for i in indices], pad_id)
@@ -139,9 +230,28 @@ def generate(
                 new_tokens = output[:, input_ids.shape[1] :]  # (batch, <= max_new_tokens)
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for index, text in zip(indices, texts, strict=True):
-                    answers[index] = _first_line(text)
+                    answers[index] = _first_line(_cut_at_stop(text, stop))
                 bar.advance(task, len(indices))
     finally:
         model.train(was_training)
     logger.debug("generated %d answers", len(answers))
     return answers
+
+
+def _build_engine(model: nn.Module, choice: bool | None, num_beams: int, mixed: bool) -> Any:
+    """The decode engine for this call, or None (transformers generate) with the reason logged;
+    with ``choice`` True a reason is an error instead."""
+    if choice is False:
+        return None
+    try:
+        if num_beams > 1:
+            raise UnsupportedModelError(f"beam search (num_beams={num_beams})")
+        return Engine.build(model, use_bank=mixed)
+    except UnsupportedModelError as reason:
+        if choice:
+            raise UnsupportedModelError(
+                f"the decode engine cannot serve this call: {reason}; use engine=None "
+                f"(or {ENGINE_ENV}=auto) to fall back to transformers generate"
+            ) from reason
+        logger.info("generating with transformers generate, not the decode engine: %s", reason)
+        return None
