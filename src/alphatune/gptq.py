@@ -37,7 +37,10 @@ def _inverse_hessian_factor(hessian: Tensor, damp: float) -> Tensor:
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0  # inputs that never fire carry no information; keep H invertible
     h.diagonal().add_(damp * h.diagonal().mean())
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    # cholesky_solve against I, not cholesky_inverse: the same inverse, but torch's CPU
+    # cholesky_inverse took 15 s on a 1536² Hessian where this takes under 1 s.
+    lower = torch.linalg.cholesky(h)
+    inverse = torch.cholesky_solve(torch.eye(h.shape[0], dtype=h.dtype, device=h.device), lower)
     return torch.linalg.cholesky(inverse, upper=True)
 
 
