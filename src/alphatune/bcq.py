@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from alphatune.errors import ConfigError
+from alphatune.kernels import numba_bcq
 
 
 @dataclass
@@ -160,6 +161,21 @@ def _alternate(
     the current scales (nearest value: the same under any positive element weights), then
     re-fits the scales. ``weights`` (N, g) make the error an importance-weighted one.
     """
+    if rows.device.type == "cpu" and numba_bcq.available():
+        table = _combination_signs(alpha.shape[0], torch.float64, rows.device)
+        return numba_bcq.alternate(rows, codes, alpha, offset, iterations, weights, table)
+    return _alternate_reference(rows, codes, alpha, offset, iterations, weights)
+
+
+def _alternate_reference(
+    rows: Tensor,
+    codes: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    iterations: int,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``_alternate`` in torch, all groups at once (any device; ``kernels.numba_bcq`` on CPU)."""
     with_offset = offset is not None
     best_err = _row_errors(rows, codes, alpha, offset, weights)
     best_codes, best_alpha, best_offset = codes, alpha, offset
