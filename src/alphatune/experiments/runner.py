@@ -101,6 +101,9 @@ def predict(spec: RunSpec, prepared: Prepared, prompts: list[str], progress: boo
         num_beams=spec.budget.num_beams,
         batch_size=GENERATION_BATCH,
         progress=progress,
+        # One generation path for every method: the decode engine serves only BCQ Llama models,
+        # so the baselines (fp, peft-wrapped) would otherwise decode through another path.
+        engine=False,
     )
 
 
