@@ -122,21 +122,30 @@ def refit_scales(
     """
     bits, out, in_features = codes.shape
     groups = in_features // group_size
+    planes_count = bits + 1
     h = hessian.double()
     h = h + ridge * h.diagonal().mean() * torch.eye(in_features, dtype=h.dtype)
-    h_grouped = h.reshape(groups, group_size, in_features)  # (G, g, in)
-    planes = torch.cat([codes.double(), torch.ones(1, out, in_features, dtype=torch.float64)])
-    planes_grouped = planes.reshape(bits + 1, out, groups, group_size)  # (Q, out, G, g)
-    blocks = []
-    for p in range(bits + 1):
-        # Row r, group k of plane p times H: (out, G, in), viewed per target group (out, G, G, g).
-        plane_h = torch.einsum("okj,kjn->okn", planes_grouped[p], h_grouped)
-        plane_h = plane_h.reshape(out, groups, groups, group_size)
-        blocks.append(torch.einsum("okKj,PoKj->okPK", plane_h, planes_grouped))  # (out, G, Q, G)
+    # The Gram products in float32 (codes are exactly ±1; H came as float32): one batched GEMM
+    # over the source groups instead of a float64 einsum per plane, 4-5x faster; the solve below
+    # is float64.
+    planes = torch.cat([codes.float(), torch.ones(1, out, in_features)])  # (Q, out, in)
+    planes_grouped = planes.reshape(planes_count, out, groups, group_size)  # (Q, out, G, g)
+    by_group = planes_grouped.permute(2, 0, 1, 3).reshape(groups, planes_count * out, group_size)
+    # Plane p, row o, source group k times H: (G, Q*out, in), viewed per target group K.
+    plane_h = torch.bmm(by_group, h.float().reshape(groups, group_size, in_features))
+    # ... times plane P on target group K, one small GEMM per (row, K) (einsum took 5x longer).
+    left = plane_h.reshape(groups, planes_count, out, groups, group_size).permute(2, 3, 0, 1, 4)
+    right = planes_grouped.permute(1, 2, 3, 0)  # (out, K, g, Q)
+    products = torch.bmm(
+        left.reshape(out * groups, groups * planes_count, group_size),
+        right.reshape(out * groups, group_size, planes_count),
+    )  # (out*K, k*p, P)
+    gram_blocks = products.reshape(out, groups, groups, planes_count, planes_count)
+    gram_blocks = gram_blocks.permute(0, 3, 2, 4, 1)  # (out, p, k, P, K)
     size = (bits + 1) * groups
-    gram = torch.stack(blocks, dim=1).reshape(out, size, size)
+    gram = gram_blocks.reshape(out, size, size).double()
     wh = (weight.double() @ h).reshape(out, groups, group_size)
-    rhs = torch.einsum("pokj,okj->opk", planes_grouped, wh).reshape(out, size, 1)
+    rhs = torch.einsum("pokj,okj->opk", planes_grouped.double(), wh).reshape(out, size, 1)
     # A plane that is constant over a group duplicates the offset's column; a relative ridge keeps
     # the system solvable without moving well-determined solutions.
     scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
