@@ -14,6 +14,10 @@ Public API::
 quantization_config=BCQConfig(method="offset"))`` quantizes while loading, and
 ``model.save_pretrained(dir)`` writes a base.
 
+Training also runs under transformers' ``Trainer`` or TRL's ``SFTTrainer`` (``AdapterCallback``
+writes adapters at their checkpoints), and data-parallel under ``torchrun`` / ``accelerate
+launch`` (``data_parallel``; ``alphatune tune`` joins the process group itself): docs/training.md.
+
 The package face imports the rooms (``bases``: the quantized base's files, ``adapters``: task
 adapters, ``mixed``: several adapters in one batch, ``train``, ...); none of them imports it.
 """
@@ -29,6 +33,7 @@ from alphatune.config import (
     TrainableScales,
     TrainConfig,
 )
+from alphatune.distributed import DataParallel, data_parallel
 from alphatune.errors import (
     AlphaTuneError,
     CheckpointError,
@@ -52,6 +57,7 @@ _register_with_transformers()
 
 __all__ = [
     "AdapterBank",
+    "AdapterCallback",
     "AlphaTuneError",
     "AlphaTuningConfig",
     "BCQConfig",
@@ -61,6 +67,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "DataParallel",
     "KernelUnavailableError",
     "LMHeadMode",
     "PackingFormat",
@@ -73,6 +80,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "base_fingerprint",
+    "data_parallel",
     "load_adapter",
     "load_adapters",
     "load_quantized",
@@ -86,3 +94,12 @@ __all__ = [
     "unload_adapter",
     "unload_adapters",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # transformers' Trainer machinery takes seconds to import: loaded when first asked for.
+    if name == "AdapterCallback":
+        from alphatune.hf_trainer import AdapterCallback
+
+        return AdapterCallback
+    raise AttributeError(f"module 'alphatune' has no attribute {name!r}")

@@ -9,9 +9,10 @@ nothing here knows about data or files.
 Why only the scales travel: ``DistributedDataParallel`` all-reduces the gradients of parameters
 that require grad. After ``prepare_for_alphatuning`` those are the trained scales (α₁ by default);
 the binary codes (``packed_codes``), the frozen scales and offsets are buffers, and the embeddings
-and norms are parameters with ``requires_grad=False``. Buffers are not broadcast per step
-(``broadcast_buffers=False``): every process loads the same base, which ``train`` checks by
-comparing the base fingerprints. DDP broadcasts the parameters once, at start.
+and norms are parameters with ``requires_grad=False``. DDP copies rank 0's parameters (and, from
+torch 2.13, its buffers) to every process once, at start; buffers are not synced before each
+forward, as they never change. Every process loads the same base, which ``train`` checks first
+by comparing the base fingerprints.
 
 Example (library; ``torchrun --nproc-per-node 2 script.py``)::
 
@@ -24,6 +25,7 @@ Example (library; ``torchrun --nproc-per-node 2 script.py``)::
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -107,14 +109,21 @@ class DataParallel:
     def wrap(self, model: nn.Module) -> nn.Module:
         """``model`` in ``DistributedDataParallel`` (``model`` itself with one process).
 
-        Only parameters that require grad are all-reduced; buffers (the codes) are never sent.
+        Only gradients of parameters that require grad are all-reduced, once per optimizer step;
+        buffers (the codes) are at most copied once, when the model is wrapped.
         """
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        # Buffers (codes, frozen scales) never change: no sync before each forward. torch >= 2.13
+        # names this forward_sync_buffers (buffers then sync once, at start, with the parameters).
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+            options = {"forward_sync_buffers": False}
+        else:
+            options = {"broadcast_buffers": False}
+        return DistributedDataParallel(model, device_ids=device_ids, **options)
 
 
 def launched_world_size() -> int:
