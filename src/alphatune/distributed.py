@@ -170,7 +170,8 @@ def default_backend() -> str:
 def data_parallel(backend: str | None = None) -> Iterator[DataParallel]:
     """Join the process group the launcher describes, for the duration of the block.
 
-    Without a launcher (``WORLD_SIZE`` unset or 1) this yields a single process and starts nothing.
+    Without a launcher (``WORLD_SIZE`` unset or 1) this yields a single process on the CPU and
+    starts nothing; one process from a launcher on a CUDA machine gets ``cuda:LOCAL_RANK``.
     A process group that is already initialised is used as it is and left open.
 
     Args:
@@ -185,7 +186,14 @@ def data_parallel(backend: str | None = None) -> Iterator[DataParallel]:
         return
     world_size = launched_world_size()
     if world_size <= 1:
-        yield DataParallel()
+        # One process from a launcher (torchrun --nproc-per-node 1) trains on its GPU, as N would.
+        launched_on_gpu = "LOCAL_RANK" in os.environ and torch.cuda.is_available()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        yield (
+            DataParallel(device=torch.device("cuda", local_rank))
+            if launched_on_gpu
+            else DataParallel()
+        )
         return
     if not dist.is_available():
         raise ConfigError("this torch build has no torch.distributed; train with a single process")
