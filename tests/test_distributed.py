@@ -257,6 +257,17 @@ def test_a_launch_without_its_rendezvous_is_refused(monkeypatch):
         pass
 
 
+def test_an_mpi_launch_is_refused(monkeypatch):
+    # accelerate launch without --multi_gpu on a CPU machine starts its processes with mpirun.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with (
+        pytest.raises(ConfigError, match="MPI launcher .*accelerate launch --multi_gpu"),
+        data_parallel(),
+    ):
+        pass
+
+
 def test_single_process_needs_no_launcher(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with data_parallel() as parallel:

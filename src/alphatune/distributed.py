@@ -126,8 +126,24 @@ class DataParallel:
         return DistributedDataParallel(model, device_ids=device_ids, **options)
 
 
+# What MPI launchers (mpirun, accelerate's multi-CPU launcher) set instead of WORLD_SIZE.
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
 def launched_world_size() -> int:
-    """How many processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    """How many processes the launcher started (``WORLD_SIZE``; 1 without a launcher).
+
+    An MPI launch of several processes (no ``WORLD_SIZE``) is refused: each process would train
+    alone on all the data and write the same files.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        for name in MPI_SIZE_VARIABLES:
+            if os.environ.get(name, "1").strip() not in ("", "0", "1"):
+                raise ConfigError(
+                    f"started by an MPI launcher ({name}={os.environ[name]}), which alphatune "
+                    "does not join; launch with torchrun --nproc-per-node N, or accelerate "
+                    "launch --multi_gpu --num_processes N (also on CPU machines)"
+                )
     text = os.environ.get("WORLD_SIZE", "1")
     try:
         return int(text)
