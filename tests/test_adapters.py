@@ -69,8 +69,15 @@ def test_base_stores_packed_codes_and_tied_weights_once(saved_base):
         alpha = f.get_tensor("model.layers.0.self_attn.q_proj.alpha_rest")
     assert codes.dtype == torch.uint8 and codes.shape == (3, 64, 8)
     assert alpha.dtype == torch.float16  # lossless: scales were rounded to fp16 when quantized
-    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
     assert not any(k.endswith(".weight") and "proj" in k for k in keys)
+    # The tied embedding and head: one compact 8-bit table under the embedding's name only.
+    assert not any(k.startswith("lm_head") for k in keys)
+    assert "model.embed_tokens.weight" not in keys
+    with safe_open(path / BASE_WEIGHTS, "pt") as f:
+        table = f.get_tensor("model.embed_tokens.packed_codes")
+        scales = f.get_tensor("model.embed_tokens.alpha")
+    assert table.dtype == torch.uint8 and table.shape == (8, 128, 8)
+    assert scales.dtype == torch.float16
 
 
 def test_adapter_round_trip_restores_tuned_logits(saved_base, tmp_path):

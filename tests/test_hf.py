@@ -28,6 +28,7 @@ from alphatune import (
     save_quantized,
 )
 from alphatune.bases import base_fingerprint
+from alphatune.embedding import BCQEmbedding
 from alphatune.files import BASE_CONFIG, BASE_WEIGHTS, INTEGRITY
 from alphatune.layers import BCQLinear
 from alphatune.lm_head import replaced_head
@@ -104,6 +105,13 @@ def assert_loaded_packed(model: nn.Module, arch: str) -> None:
     )
     assert not any(t.is_meta for t in model.state_dict().values())
     assert isinstance(model.hf_quantizer, BCQHfQuantizer) and not model.training
+    # The default: the tied embedding and head are one compact table, no fp32 copy of it.
+    embedding = model.get_input_embeddings()
+    assert isinstance(embedding, BCQEmbedding) and model.get_output_embeddings().table is embedding
+    size = embedding.num_embeddings * embedding.embedding_dim
+    assert not any(
+        t.is_floating_point() and t.numel() >= size for t in model.state_dict().values()
+    )
 
 
 # ---------------------------------------------------------------- loading a base
@@ -168,6 +176,37 @@ def test_replaced_heads_go_through_transformers(head, tmp_path) -> None:
     ):
         assert replaced_head(loaded) == replaced_head(expected)
         assert torch.equal(logits(loaded), logits(expected))
+
+
+def test_kept_embedding_and_head_go_through_transformers(tmp_path) -> None:
+    config = BCQConfig(bits=3, group_size=32, method="offset", lm_head="keep", embedding="keep")
+    make("llama").save_pretrained(tmp_path / "fp")  # tied embeddings
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    expected = quantized("llama", config)
+    assert torch.equal(logits(model), logits(expected))
+    model.save_pretrained(tmp_path / "base")
+    qconfig = json.loads((tmp_path / "base" / BASE_CONFIG).read_text())["quantization_config"]
+    assert qconfig["format_version"] == 1 and qconfig["embedding"] == "keep"
+    for loaded in (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        load_quantized(tmp_path / "base")[0],
+    ):
+        assert loaded.lm_head.weight is loaded.get_input_embeddings().weight  # still tied
+        assert torch.equal(logits(loaded), logits(expected))
+
+
+def test_an_untied_model_gets_two_tables_through_transformers(tmp_path) -> None:
+    model = make("llama")
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config).eval()
+    untied.save_pretrained(tmp_path / "fp")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=CONFIG)
+    assert not loaded.lm_head.shared and loaded.lm_head.table is not loaded.model.embed_tokens
+    loaded.save_pretrained(tmp_path / "base")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert not again.lm_head.shared
+    assert torch.equal(logits(again), logits(loaded))
 
 
 def test_calibrated_needs_the_two_step_path(tmp_path) -> None:

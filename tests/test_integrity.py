@@ -119,11 +119,11 @@ def test_every_tensor_of_a_base_is_hashed(saved_base):
     stored = load_file(path / BASE_WEIGHTS)
     assert record["tensors"] == {name: tensor_digest(t) for name, t in stored.items()}
     assert any(name.endswith("alpha_rest") for name in record["tensors"])  # fp16 scales
-    assert "model.embed_tokens.weight" in record["tensors"]
+    assert "model.embed_tokens.alpha" in record["tensors"]  # the compact embedding's scales
 
 
 @pytest.mark.parametrize(
-    "tensor", ["model.layers.0.self_attn.q_proj.alpha_rest", "model.embed_tokens.weight"]
+    "tensor", ["model.layers.0.self_attn.q_proj.alpha_rest", "model.embed_tokens.alpha"]
 )
 def test_a_flipped_scale_or_embedding_byte_is_named(saved_base, tensor):
     from safetensors import safe_open

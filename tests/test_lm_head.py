@@ -1,4 +1,8 @@
-"""The LM head options (keep / bf16 / bcq): logits, untying, save/load, tuning, errors, CLI."""
+"""The LM head options (keep / bf16 / bcq): logits, untying, save/load, tuning, errors, CLI.
+
+These run with ``embedding="keep"`` (the fp32 embedding of the head options before the compact
+default); the compact embedding and head are tested in ``test_embedding.py``.
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from alphatune.adapters import (
     save_adapter,
     save_quantized,
 )
+from alphatune.files import NEWEST_BASE_FORMAT
 from alphatune.layers import BCQLinear
 from alphatune.lm_head import BF16Linear, collect_head_hessian, replaced_head
 from alphatune.quantize import summarize
@@ -67,6 +72,7 @@ def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
 
 def quantized(head: str, method: str = "offset", **kwargs) -> nn.Module:
     model = make_tiny_llama(VOCAB)
+    kwargs.setdefault("embedding", "keep")
     config = BCQConfig(bits=3, group_size=32, method=method, lm_head=head, **kwargs)
     quantize_(model, config, calibration=CALIBRATION if method == "calibrated" else None)
     return model
@@ -78,7 +84,7 @@ def test_bf16_head_is_close_to_the_fp32_head_and_unties_the_embedding(tied: nn.M
     assert tied.lm_head.weight is embedding
     reference = logits(tied)
 
-    record = quantize_lm_head(tied, BCQConfig(lm_head="bf16"))
+    record = quantize_lm_head(tied, BCQConfig(lm_head="bf16", embedding="keep"))
 
     assert record is not None and record.mode == "bf16" and record.untied
     assert isinstance(tied.lm_head, BF16Linear) and tied.lm_head.weight.dtype == torch.bfloat16
@@ -97,7 +103,7 @@ def test_bf16_head_is_close_to_the_fp32_head_and_unties_the_embedding(tied: nn.M
 def test_untied_model_keeps_its_embedding(llama_base: nn.Module) -> None:
     model = copy.deepcopy(llama_base)
     embedding = model.get_input_embeddings().weight.detach().clone()
-    record = quantize_lm_head(model, BCQConfig(lm_head="bf16"))
+    record = quantize_lm_head(model, BCQConfig(lm_head="bf16", embedding="keep"))
     assert record is not None and not record.untied
     assert torch.equal(model.get_input_embeddings().weight, embedding)
 
@@ -108,7 +114,9 @@ def test_bcq_head_more_bits_are_closer(tied_base: nn.Module, method: str) -> Non
     errors = {}
     for bits in (2, 4, 8):
         model = copy.deepcopy(tied_base)
-        config = BCQConfig(group_size=32, method=method, lm_head="bcq", lm_head_bits=bits)
+        config = BCQConfig(
+            group_size=32, method=method, lm_head="bcq", lm_head_bits=bits, embedding="keep"
+        )
         quantize_lm_head(model, config, calibration=CALIBRATION)
         assert isinstance(model.lm_head, BCQLinear) and model.lm_head.bits == bits
         assert torch.equal(model.get_input_embeddings().weight, tied_base.lm_head.weight)
@@ -118,7 +126,7 @@ def test_bcq_head_more_bits_are_closer(tied_base: nn.Module, method: str) -> Non
 
 
 def test_hessian_reuse_gives_the_same_head(tied_base: nn.Module) -> None:
-    config = BCQConfig(group_size=32, lm_head="bcq")
+    config = BCQConfig(group_size=32, lm_head="bcq", embedding="keep")
     a, b = copy.deepcopy(tied_base), copy.deepcopy(tied_base)
     quantize_lm_head(a, config, calibration=CALIBRATION)
     quantize_lm_head(b, config, hessian=collect_head_hessian(tied_base, CALIBRATION))
@@ -126,8 +134,10 @@ def test_hessian_reuse_gives_the_same_head(tied_base: nn.Module) -> None:
 
 
 def test_keep_changes_nothing(tied: nn.Module) -> None:
-    assert quantize_lm_head(tied, BCQConfig()) is None
+    assert quantize_lm_head(tied, BCQConfig(lm_head="keep", embedding="keep")) is None
     assert type(tied.lm_head) is nn.Linear and replaced_head(tied) is None
+    assert type(tied.get_input_embeddings()) is nn.Embedding
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
 
 
 @pytest.mark.parametrize("head", ["bf16", "bcq"])
@@ -212,7 +222,7 @@ def test_newer_base_format_is_refused(tmp_path) -> None:
     save_quantized(quantized("bf16"), tmp_path / "base", BCQConfig(bits=3, group_size=32))
     config_path = tmp_path / "base" / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"]["format_version"] = 3
+    config["quantization_config"]["format_version"] = NEWEST_BASE_FORMAT + 1
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="newer than this alphatune"):
         load_quantized(tmp_path / "base")
@@ -236,10 +246,11 @@ def test_summary_reports_the_head_apart() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"lm_head": "fp8"}, "lm_head must be one of keep, bf16, bcq"),
+        ({"lm_head": "fp8"}, "lm_head must be one of keep, bf16, bcq, compact"),
         ({"lm_head_bits": 0}, "lm_head_bits must be an integer in 1..8"),
+        ({"embedding": "int4"}, "embedding must be one of keep, compact"),
     ],
-    ids=["mode", "bits"],
+    ids=["mode", "bits", "embedding"],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -247,9 +258,12 @@ def test_config_errors(kwargs: dict, message: str) -> None:
 
 
 def test_config_round_trips_the_head_options() -> None:
-    config = BCQConfig(lm_head="bcq", lm_head_bits=6)
+    config = BCQConfig(lm_head="bcq", lm_head_bits=6, embedding="keep")
     data = json.loads(json.dumps(config.to_dict()))
     assert data["lm_head"] == "bcq" and BCQConfig.from_dict(data) == config
+    assert data["embedding"] == "keep"
+    default = BCQConfig()
+    assert default.lm_head == "compact" and default.embedding == "compact"
 
 
 def test_calibrated_bcq_head_without_data_fails_before_quantizing(tied: nn.Module) -> None:

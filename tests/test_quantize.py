@@ -14,6 +14,7 @@ from torch import nn
 
 from alphatune import bcq
 from alphatune.config import AlphaTuningConfig, BCQConfig, QuantMethod, TrainConfig
+from alphatune.embedding import BCQEmbedding, BCQHead
 from alphatune.errors import ConfigError, UnsupportedModelError
 from alphatune.layers import BCQLinear
 from alphatune.quantize import find_target_layers, quantize_
@@ -99,19 +100,27 @@ def test_find_target_layers_in_model_order(arch) -> None:
 
 
 @pytest.mark.parametrize("method", ["greedy", "offset"])
-def test_quantize_replaces_exactly_the_block_linears(arch, method: str) -> None:
+@pytest.mark.parametrize("ends", ["keep", "compact"])
+def test_quantize_replaces_exactly_the_block_linears(arch, method: str, ends: str) -> None:
     model, expected = arch
+    embedding_name = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    ends_names = (embedding_name, "lm_head") if ends == "compact" else ()
     untouched = {
         n: p.detach().clone()
         for n, p in model.named_parameters()
-        if not n.startswith(tuple(expected))
+        if not n.startswith(tuple(expected) + ends_names)
     }
-    summary = quantize_(model, BCQConfig(bits=3, group_size=32, method=method))
+    config = BCQConfig(bits=3, group_size=32, method=method, lm_head=ends, embedding=ends)
+    summary = quantize_(model, config)
     assert _quantized_names(model) == expected
     assert summary.layers == len(expected)
-    assert type(model.lm_head) is nn.Linear
-    assert isinstance(model.get_input_embeddings(), nn.Embedding)
-    for name, value in untouched.items():  # embeddings, norms, lm_head: the same tensors
+    if ends == "keep":
+        assert type(model.lm_head) is nn.Linear
+        assert isinstance(model.get_input_embeddings(), nn.Embedding)
+    else:
+        assert isinstance(model.lm_head, BCQHead)
+        assert isinstance(model.get_input_embeddings(), BCQEmbedding)
+    for name, value in untouched.items():  # norms (and the kept embeddings, lm_head): the same
         assert torch.equal(model.get_parameter(name), value), name
 
 
@@ -125,7 +134,10 @@ def test_summary_sizes(arch, bits: int, method: str) -> None:
         for m in find_target_layers(model, BCQConfig(method=method)).values()
     ]
     group_size, offsets = 32, int(method == "offset")
-    summary = quantize_(model, BCQConfig(bits=bits, group_size=group_size, method=method))
+    config = BCQConfig(
+        bits=bits, group_size=group_size, method=method, lm_head="keep", embedding="keep"
+    )
+    summary = quantize_(model, config)
 
     weights = sum(out * in_features for (out, in_features), _ in shapes)
     assert summary.quantized_params == weights
@@ -143,6 +155,42 @@ def test_summary_sizes(arch, bits: int, method: str) -> None:
     assert data["layers"] == len(shapes)
     assert {"compression_vs_fp32", "compression_vs_fp16", "bits_per_weight"} <= set(data)
     json.dumps(data)
+
+
+def test_summary_counts_the_compact_tables(arch) -> None:
+    """The default: a compact embedding table, and a head that shares it (tied GPT-2) or has its
+    own (untied Llama); every original weight is counted once."""
+    model, expected = arch
+    total_before = _param_count(model)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    stages: list[str] = []
+    summary = quantize_(
+        model,
+        BCQConfig(bits=3, group_size=32, method="offset"),
+        progress=lambda stage, done, total: stages.append(stage),
+    )
+    embedding, head = model.get_input_embeddings(), model.lm_head
+    assert summary.embedding == "compact" and summary.lm_head == "compact"
+    assert head.shared is tied and (head.table is embedding) is tied
+    assert summary.embedding_bytes == embedding.storage_bytes()
+    assert summary.embedding_params == embedding.num_embeddings * embedding.embedding_dim
+    head_params = 0 if tied else head.out_features * head.in_features
+    assert summary.lm_head_bytes == head.storage_bytes()
+    assert summary.lm_head_bytes == (0 if tied else head.table.storage_bytes())
+    assert (
+        summary.quantized_params + summary.other_params + summary.embedding_params + head_params
+        == total_before
+    )
+    assert summary.model_bytes == (
+        summary.quantized_bytes
+        + 4 * summary.other_params
+        + summary.embedding_bytes
+        + summary.lm_head_bytes
+    )
+    # 8 code bits per entry + fp16 scales and offset per group (of 64 here).
+    entries = embedding.num_embeddings * embedding.embedding_dim
+    assert summary.embedding_bytes == entries + 2 * 9 * entries // 64
+    assert stages[: len(expected)] == expected and "compacting the embedding and LM head" in stages
 
 
 @pytest.mark.parametrize(
@@ -216,7 +264,7 @@ def test_calibrated_keeps_the_logits_close(arch, tokens: torch.Tensor, sequentia
     stages: list[tuple[str, int, int]] = []
     summary = quantize_(
         model,
-        BCQConfig(bits=4, group_size=32, method="calibrated"),
+        BCQConfig(bits=4, group_size=32, method="calibrated", lm_head="keep", embedding="keep"),
         calibration=tokens,
         sequential=sequential,
         progress=lambda stage, done, total: stages.append((stage, done, total)),

@@ -3,22 +3,28 @@
 Base directory::
 
     config.json          Hugging Face config + "quantization_config" (BCQConfig, per-layer specs,
-                         base fingerprint, alphatune version, and "head" when the LM head was
-                         replaced: module, mode, untied, fingerprint of its codes; "integrity":
-                         a hash of every tensor and tokenizer file and of config.json itself)
+                         base fingerprint, alphatune version, "head" when the LM head was
+                         replaced: module, mode, untied, fingerprint of its codes, and for a
+                         compact head the embedding it shares or its own table's shape;
+                         "input_embedding" for a compact embedding: module, table shape, scale;
+                         "integrity": a hash of every tensor and tokenizer file and of
+                         config.json itself)
     model.safetensors    packed codes (uint8), scales and offsets (fp16 when lossless), every
-                         unquantized tensor; tied tensors are stored once
+                         unquantized tensor; tied tensors are stored once, and a compact head
+                         that shares the embedding's table has no tensors of its own
     tokenizer files
 
-The base fingerprint hashes every layer's packed codes and shape, so an adapter loaded onto a base
-with different codes is refused instead of silently producing garbage. A head replaced through
-``BCQConfig.lm_head`` is left out of it (the head is frozen and never in an adapter, so an
-adapter tuned on a base works with any head); a BCQ head's codes have their own fingerprint,
-checked on load.
+The base fingerprint hashes every layer's packed codes and shape, and a compact embedding's table
+(codes, scales and offsets: it is what the blocks read), so an adapter loaded onto a base with
+different codes or embedding is refused instead of silently producing garbage. A head replaced
+through ``BCQConfig.lm_head`` is left out of it (the head is frozen and never in an adapter, so an
+adapter tuned on a base works with any head); a BCQ or compact head's codes have their own
+fingerprint, checked on load. Bases without a compact embedding keep the fingerprint they had.
 
 The integrity hashes (``alphatune.files.seal``) catch what the fingerprint cannot: a flipped
 byte in a scale, an embedding, a norm or a JSON value. Files written before they were recorded
-load with a warning. Names, format versions (1; 2 with a replaced head) and the marker
+load with a warning. Names, format versions (1; 2 with a replaced head; 3 with a compact
+embedding or head) and the marker
 (``"quant_method": "alphatune_bcq"``) are defined in ``alphatune.files``.
 
 The pieces (``quantization_record``, ``storage_tensors``, ``check_quantization_config``,
@@ -44,13 +50,22 @@ from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from alphatune.config import BCQConfig, LMHeadMode
+from alphatune.config import BCQConfig, EmbeddingMode, LMHeadMode
+from alphatune.embedding import (
+    TABLE_SCALE_NAMES,
+    BCQEmbedding,
+    BCQHead,
+    BCQTable,
+    EmbeddingRecord,
+    compact_embedding,
+)
 from alphatune.errors import CheckpointError, ConfigError
 from alphatune.files import (
     ADAPTER_MARKER,
     BASE_CONFIG,
     BASE_FORMAT,
     BASE_FORMAT_WITH_HEAD,
+    BASE_FORMAT_WITH_TABLES,
     BASE_MARKER,
     BASE_MARKERS,
     BASE_RECORD,
@@ -85,29 +100,45 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- identity
-def _fingerprint(layers: list[tuple[str, BCQLinear]]) -> str:
+def _fingerprint(
+    layers: list[tuple[str, BCQLinear]], tables: list[tuple[str, BCQTable]] = ()
+) -> str:
     digest = hashlib.sha256()
     for name, layer in layers:
         digest.update(
             f"{name}:{layer.out_features}x{layer.in_features}:{layer.group_size};".encode()
         )
         digest.update(layer.packed_codes.detach().cpu().contiguous().numpy().tobytes())
+    for name, table in tables:  # none for bases without compact tables: their hash is unchanged
+        digest.update(f"table {name}:{table.extra_repr()};".encode())
+        for tensor in (table.packed_codes, table.alpha, table.offset):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """Short hash of every quantized layer's name, shape and packed codes.
+    """Short hash of every quantized layer's name, shape and packed codes, and of a compact
+    embedding's table (codes and scales).
 
     A head replaced through ``BCQConfig.lm_head`` is left out (see ``head_fingerprint``).
     """
     head = replaced_head_module(model)
-    return _fingerprint([(n, m) for n, m in quantized_layers(model) if m is not head])
+    embedding = compact_embedding(model)
+    return _fingerprint(
+        [(n, m) for n, m in quantized_layers(model) if m is not head],
+        [] if embedding is None else [embedding],
+    )
 
 
 def head_fingerprint(model: nn.Module) -> str | None:
-    """Short hash of a replaced BCQ head's name, shape and codes; ``None`` for any other head."""
+    """Short hash of a replaced BCQ or compact head's name, shape and codes (a compact head's
+    table: its own or the embedding's it shares); ``None`` for any other head."""
     record, head = replaced_head(model), replaced_head_module(model)
-    if record is None or not isinstance(head, BCQLinear):
+    if record is None:
+        return None
+    if isinstance(head, BCQHead):
+        return _fingerprint([], [(record.module, head.table)])
+    if not isinstance(head, BCQLinear):
         return None
     return _fingerprint([(record.module, head)])
 
@@ -127,6 +158,9 @@ def _layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
+_SCALES = (*SCALE_NAMES, *TABLE_SCALE_NAMES)  # stored fp16 when that loses nothing
+
+
 def storage_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
     """State dict for saving: tied tensors once (aliases returned), scales fp16 when lossless."""
     tensors: dict[str, Tensor] = {}
@@ -139,7 +173,7 @@ def storage_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]
             continue
         first_name[key] = name
         t = tensor.detach().cpu()
-        if name.rsplit(".", 1)[-1] in SCALE_NAMES and t.dtype == torch.float32:
+        if name.rsplit(".", 1)[-1] in _SCALES and t.dtype == torch.float32:
             half = t.to(torch.float16)
             if torch.equal(half.float(), t):  # store compactly only when nothing is lost
                 t = half
@@ -170,12 +204,19 @@ def quantization_record(
         "alphatune_version": LIBRARY_VERSION,
         "format_version": BASE_FORMAT,
         "lm_head": LMHeadMode.KEEP.value,
+        "embedding": EmbeddingMode.KEEP.value,
     }
     head = replaced_head(model)
     if head is not None:
         record["lm_head"] = head.mode.value
         record["head"] = {**head.to_dict(), "fingerprint": head_fingerprint(model)}
         record["format_version"] = BASE_FORMAT_WITH_HEAD
+    embedding = compact_embedding(model)
+    if embedding is not None:
+        record["embedding"] = EmbeddingMode.COMPACT.value
+        record["input_embedding"] = EmbeddingRecord.of(*embedding).to_dict()
+    if embedding is not None or (head is not None and head.mode == LMHeadMode.COMPACT):
+        record["format_version"] = BASE_FORMAT_WITH_TABLES
     return record
 
 
@@ -301,8 +342,9 @@ def check_base_format(qconfig: dict[str, Any], where: Path) -> None:
 
 def check_quantization_config(
     qconfig: dict[str, Any], where: Path
-) -> tuple[dict[str, Any], ReplacedHead | None]:
-    """Validate what a base is built from; returns the layer specs and the replaced head."""
+) -> tuple[dict[str, Any], ReplacedHead | None, EmbeddingRecord | None]:
+    """Validate what a base is built from; returns the layer specs, the replaced head and the
+    compact embedding."""
     try:
         bcq_config(qconfig, str(where))
     except (ConfigError, TypeError) as err:
@@ -323,17 +365,36 @@ def check_quantization_config(
             head = ReplacedHead.from_dict(qconfig["head"], f"{where}: head")
         except ConfigError as err:
             raise CheckpointError(str(err)) from None
-    return layers, head
+    embedding = None
+    if qconfig.get("input_embedding") is not None:
+        embedding = EmbeddingRecord.from_dict(
+            qconfig["input_embedding"], f"{where}: input_embedding"
+        )
+    if (
+        head is not None
+        and head.shares is not None
+        and (embedding is None or embedding.module != head.shares)
+    ):
+        raise CheckpointError(
+            f"{where}: the compact head {head.module!r} shares the table of {head.shares!r}, "
+            "which is not the base's compact embedding; the base is corrupted"
+        )
+    return layers, head, embedding
 
 
 # ---------------------------------------------------------------- building and loading
 def install_layers(
-    model: nn.Module, layers: dict[str, Any], head: ReplacedHead | None, where: Path
+    model: nn.Module,
+    layers: dict[str, Any],
+    head: ReplacedHead | None,
+    where: Path,
+    embedding: EmbeddingRecord | None = None,
 ) -> None:
-    """Put an empty ``BCQLinear`` (and the replaced head's module) where the specs say.
+    """Put an empty ``BCQLinear`` (and the replaced head's module, and the compact embedding)
+    where the specs say.
 
     Under ``init_empty_weights`` or a meta device, nothing is allocated: the file's tensors are
-    assigned afterwards.
+    assigned afterwards (compact tables are made on the meta device in any case).
     """
     for name, spec in layers.items():
         layer = BCQLinear(
@@ -350,12 +411,41 @@ def install_layers(
             raise CheckpointError(
                 f"{where}: quantized layer {name!r} does not exist in {type(model).__name__}"
             ) from err
+    compact = None if embedding is None else _install_embedding(model, embedding, where)
     if head is not None:
-        _install_head(model, head, layers, where)
+        _install_head(model, head, layers, where, compact)
+
+
+def _install_embedding(model: nn.Module, record: EmbeddingRecord, where: Path) -> BCQEmbedding:
+    """Put an empty ``BCQEmbedding`` (on the meta device) where the record says."""
+    try:
+        current = model.get_submodule(record.module)
+    except AttributeError:
+        raise CheckpointError(
+            f"{where}: the input embedding {record.module!r} does not exist in "
+            f"{type(model).__name__}"
+        ) from None
+    if not isinstance(current, nn.Embedding) or (
+        current.num_embeddings,
+        current.embedding_dim,
+    ) != (record.table.rows, record.table.dim):
+        found = tuple(getattr(current, "weight", torch.empty(0)).shape)
+        raise CheckpointError(
+            f"{where}: input_embedding {record.module!r} is a {record.table.rows}x"
+            f"{record.table.dim} table, but the model's {type(current).__name__} has shape "
+            f"{found}; the base is corrupted or its config does not match"
+        )
+    compact = BCQEmbedding(record.table, scale=record.scale, device="meta")
+    model.set_submodule(record.module, compact)
+    return compact
 
 
 def _install_head(
-    model: nn.Module, head: ReplacedHead, layers: dict[str, Any], where: Path
+    model: nn.Module,
+    head: ReplacedHead,
+    layers: dict[str, Any],
+    where: Path,
+    embedding: BCQEmbedding | None = None,
 ) -> None:
     """Put the replaced head's module in place (a BCQ head is already a layer spec) and mark it."""
     try:
@@ -376,6 +466,25 @@ def _install_head(
             head.module,
             BF16Linear(current.in_features, current.out_features, bias=current.bias is not None),
         )
+    if head.mode == LMHeadMode.COMPACT:
+        if head.shares is not None:
+            assert embedding is not None  # check_quantization_config
+            new = BCQHead.sharing(embedding, bias=head.bias)
+        else:
+            assert head.table is not None  # ReplacedHead.from_dict
+            new = BCQHead.owning(BCQTable(head.table, device="meta"), bias=head.bias)
+        shape = (getattr(current, "out_features", None), getattr(current, "in_features", None))
+        if type(current) is not nn.Linear or shape != (new.out_features, new.in_features):
+            raise CheckpointError(
+                f"{where}: the compact head {head.module!r} is a {new.out_features}x"
+                f"{new.in_features} table, but the model's {type(current).__name__} there has "
+                f"(out, in) = {shape}; the base is corrupted or its config does not match"
+            )
+        if head.bias:
+            new.bias = nn.Parameter(
+                torch.empty(new.out_features, device="meta"), requires_grad=False
+            )
+        model.set_submodule(head.module, new)
     set_replaced_head(model, head)
 
 
@@ -383,7 +492,7 @@ def check_fingerprints(model: nn.Module, qconfig: dict[str, Any], weights: Path)
     """Raise unless the loaded codes match the fingerprints ``config.json`` recorded."""
     checks = [("fingerprint", base_fingerprint(model), qconfig.get("fingerprint"))]
     head = replaced_head(model)
-    if head is not None and head.mode == LMHeadMode.BCQ:
+    if head is not None and head.mode in (LMHeadMode.BCQ, LMHeadMode.COMPACT):
         expected = qconfig["head"].get("fingerprint")
         checks.append(("head fingerprint", head_fingerprint(model), expected))
     for what, found, expected in checks:
@@ -435,7 +544,7 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     qconfig = raw["quantization_config"]
     check_base_format(qconfig, config_path)  # first: a newer format may seal files differently
     record = verify_document(config_path, raw, BASE_RECORD)
-    layers, head = check_quantization_config(qconfig, config_path)
+    layers, head, embedding = check_quantization_config(qconfig, config_path)
     tensors = read_safetensors(directory / BASE_WEIGHTS)
     verify_tensors(directory / BASE_WEIGHTS, tensors, record)
     verify_files(directory, record)
@@ -447,15 +556,16 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
         ) from err
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
-    if head is not None:
-        untie_word_embeddings(hf_config)  # written untied; never let tie_weights() re-tie the head
+    if head is not None or embedding is not None:
+        # Written untied (a shared table is tied by construction); never let tie_weights() re-tie.
+        untie_word_embeddings(hf_config)
     # Parameters on the meta device: nothing is allocated or initialised for the weights the
     # file replaces (an fp32 skeleton would cost the whole fp32 model's memory, and its RSS stays
     # after the quantized layers replace it). Buffers stay real: the non-persistent ones (rotary
     # frequencies) are computed here and are not in the file.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    install_layers(model, layers, head, config_path)
+    install_layers(model, layers, head, config_path, embedding)
     _load_into(model, tensors, qconfig.get("tied", {}), directory / BASE_WEIGHTS)
     model.eval()
     check_fingerprints(model, qconfig, directory / BASE_WEIGHTS)

@@ -54,6 +54,16 @@ class LMHeadMode(str, Enum):
     KEEP = "keep"  # unchanged (tied to the input embedding if the model ties them)
     BF16 = "bf16"  # a bfloat16 copy, untied from the embedding (which stays for lookup)
     BCQ = "bcq"  # a frozen BCQLinear of ``lm_head_bits`` bits, untied from the embedding
+    # An 8-bit BCQ table (alphatune.embedding), the default; a head tied to the input embedding
+    # stays tied to it (one table) when the embedding is compact too.
+    COMPACT = "compact"
+
+
+class EmbeddingMode(str, Enum):
+    """What happens to the input (token) embedding; see ``alphatune.embedding``."""
+
+    KEEP = "keep"  # unchanged (full precision)
+    COMPACT = "compact"  # an 8-bit BCQ table, the default; rows are dequantized when looked up
 
 
 class TrainableScales(str, Enum):
@@ -152,10 +162,14 @@ class BCQConfig:
         format_version: the layout version of a saved base (``alphatune.files``): what a
             loaded base's ``quantization_config`` says; ``save_quantized`` writes the version
             of the layout it writes, whatever this field holds.
-        lm_head: the LM head for inference: ``"keep"`` (default), ``"bf16"`` or ``"bcq"`` (see
-            ``alphatune.lm_head``). The head is never α-tuned.
+        lm_head: the LM head for inference: ``"compact"`` (default: an 8-bit BCQ table, the
+            embedding's own table when the model ties them and ``embedding`` is compact too),
+            ``"keep"``, ``"bf16"`` or ``"bcq"`` (see ``alphatune.lm_head``). The head is never
+            α-tuned.
         lm_head_bits: code planes of a ``"bcq"`` head (1..8); it uses this config's method, group
             size and iterations.
+        embedding: the input embedding: ``"compact"`` (default: an 8-bit BCQ table whose rows are
+            dequantized when looked up) or ``"keep"`` (see ``alphatune.embedding``). Never α-tuned.
 
     Example:
         >>> cfg = BCQConfig(bits=3, group_size=64, method="offset")
@@ -174,8 +188,9 @@ class BCQConfig:
     exclude: tuple[str, ...] = ("*lm_head*",)
     packing: PackingFormat = PackingFormat.BITPLANE_U8
     format_version: int = BASE_FORMAT
-    lm_head: LMHeadMode = LMHeadMode.KEEP
+    lm_head: LMHeadMode = LMHeadMode.COMPACT
     lm_head_bits: int = 4
+    embedding: EmbeddingMode = EmbeddingMode.COMPACT
 
     def __post_init__(self) -> None:
         for name in ("bits", "lm_head_bits"):
@@ -187,6 +202,11 @@ class BCQConfig:
         except ValueError:
             known = ", ".join(m.value for m in LMHeadMode)
             raise ConfigError(f"lm_head must be one of {known}; got {self.lm_head!r}") from None
+        try:
+            object.__setattr__(self, "embedding", EmbeddingMode(self.embedding))
+        except ValueError:
+            known = ", ".join(m.value for m in EmbeddingMode)
+            raise ConfigError(f"embedding must be one of {known}; got {self.embedding!r}") from None
         gs = self.group_size
         if isinstance(gs, str) and gs != AUTO:
             raise ConfigError(f"group_size must be a positive integer, None or 'auto', got {gs!r}")
@@ -236,6 +256,7 @@ class BCQConfig:
         data["method"] = self.method.value
         data["packing"] = self.packing.value
         data["lm_head"] = self.lm_head.value
+        data["embedding"] = self.embedding.value
         data["include"] = list(self.include) if self.include is not None else None
         data["exclude"] = list(self.exclude)
         return data

@@ -76,11 +76,13 @@ LIBRARY_VERSION = __version__
 
 # ---------------------------------------------------------------- format versions
 # A base: 1, the original layout; 2, a base whose LM head was replaced ("head" in its
-# quantization_config). A base without a replaced head is still written as version 1, so older
-# alphatune versions read it.
+# quantization_config); 3, a base with a compact (8-bit BCQ table) embedding or head
+# ("input_embedding" and/or a "compact" head; alphatune.embedding). Each base is written with the
+# lowest version that describes it, so older alphatune versions read what they can.
 BASE_FORMAT = 1
 BASE_FORMAT_WITH_HEAD = 2
-NEWEST_BASE_FORMAT = BASE_FORMAT_WITH_HEAD  # the newest base layout this version reads
+BASE_FORMAT_WITH_TABLES = 3
+NEWEST_BASE_FORMAT = BASE_FORMAT_WITH_TABLES  # the newest base layout this version reads
 ADAPTER_FORMAT_VERSION = 1  # an adapter's "format_version" (the newest this version reads)
 # Where each JSON file keeps its integrity record (see ``seal``).
 BASE_RECORD = ("quantization_config", INTEGRITY)

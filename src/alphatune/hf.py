@@ -5,16 +5,19 @@ Registered with transformers' public API (``register_quantization_config``,
 ``config.json`` says) and ``"bcq"`` (read as the same; skipped if another package took the name):
 
 - ``AutoModelForCausalLM.from_pretrained(base_dir)`` builds the model on the meta device, puts
-  empty ``BCQLinear`` layers (and a replaced LM head) where the base's layer specs say, and
+  empty ``BCQLinear`` layers (and a replaced LM head, and a compact embedding table) where the
+  base's specs say, and
   transformers fills them from ``model.safetensors``: packed codes, never an fp32 copy of a
   quantized layer. Before that, everything ``load_quantized`` checks is checked (format version,
   the hash of ``config.json``, of every tensor and tokenizer file, layer specs, tensor names and
   shapes), and the codes' fingerprints after; the logits are ``load_quantized``'s.
 - ``from_pretrained(fp_dir, quantization_config=BCQConfig(method="offset", ...))`` quantizes while
   loading: each target layer is fitted as its weight arrives and replaced, so peak memory stays
-  near the quantized model plus one full-precision layer. Data-free methods only: ``calibrated``
-  needs calibration text, so load in full precision, then ``quantize_(model, config,
-  calibration=tokens)``; ``save_pretrained`` (or ``save_quantized``) writes the base.
+  near the quantized model plus one full-precision layer; the embedding and head (which arrive
+  in full precision) are made compact after loading, as ``quantize_`` does. Data-free methods
+  only: ``calibrated`` needs calibration text, so load in full precision, then
+  ``quantize_(model, config, calibration=tokens)``; ``save_pretrained`` (or ``save_quantized``)
+  writes the base.
 - ``model.save_pretrained(dir)`` of such a model writes the packed format with its integrity
   record; ``load_quantized`` and ``from_pretrained`` both read it. (It writes no tokenizer; save
   one with ``tokenizer.save_pretrained(dir)``, or use ``save_quantized(model, dir, config,
@@ -52,7 +55,8 @@ from alphatune.bases import (
     quantization_record,
     storage_tensors,
 )
-from alphatune.config import BCQConfig, LMHeadMode, QuantMethod
+from alphatune.config import BCQConfig, EmbeddingMode, LMHeadMode, QuantMethod
+from alphatune.embedding import BCQHead, BCQTable
 from alphatune.errors import CheckpointError, ConfigError, UnsupportedModelError
 from alphatune.files import (
     BASE_CONFIG,
@@ -203,12 +207,12 @@ class BCQHfQuantizer(HfQuantizer):
             raise CheckpointError(f"{self.config_path} has no quantization_config")
         check_base_format(qconfig, self.config_path)
         record = verify_document(self.config_path, raw, BASE_RECORD)
-        layers, head = check_quantization_config(qconfig, self.config_path)
+        layers, head, embedding = check_quantization_config(qconfig, self.config_path)
         verify_files(directory, record)
         self.quantization_config = BCQQuantizationConfig(record=qconfig)
-        if head is not None:
+        if head is not None or embedding is not None:
             untie_word_embeddings(model)  # written untied; never let tie_weights() re-tie it
-        install_layers(model, layers, head, self.config_path)
+        install_layers(model, layers, head, self.config_path, embedding)
         tied = qconfig.get("tied", {})
         # On the CPU: transformers builds the model under a meta-device context.
         with torch.device("cpu"), _open(weights) as tensors:
@@ -220,7 +224,7 @@ class BCQHfQuantizer(HfQuantizer):
             )
             verify_tensors(weights, tensors, record)
         for module in model.modules():
-            if isinstance(module, BCQLinear):
+            if isinstance(module, (BCQLinear, BCQTable, BCQHead)):
                 module._is_hf_initialized = True  # every tensor comes from the file (checked)
 
     def _prepare_targets(self, model: nn.Module) -> None:
@@ -269,8 +273,9 @@ class BCQHfQuantizer(HfQuantizer):
                 raise ConfigError(
                     f"{len(left)} layers were not quantized while loading ({left[:3]}): {first}"
                 ) from first
-            if self.quantization_config.bcq.lm_head != LMHeadMode.KEEP:
-                quantize_lm_head(model, self.quantization_config.bcq)
+            config = self.quantization_config.bcq
+            if config.lm_head != LMHeadMode.KEEP or config.embedding != EmbeddingMode.KEEP:
+                quantize_lm_head(model, config)
             summary = summarize(model)
             logger.info(
                 "quantized %d layers while loading: %.3f bits per weight",

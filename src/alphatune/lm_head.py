@@ -1,24 +1,35 @@
-"""The LM head (output projection) for inference: keep it, store it in bf16, or quantize it with BCQ.
+"""The LM head (output projection) and input embedding for inference: compact, kept, bf16 or BCQ.
 
 On small models the head is a large share of the bytes read per generated token: SmolLM2-135M's
 head (tied to the input embedding) is 28.3M of its 134.5M parameters, 113 MB in fp32. Modes
 (``BCQConfig.lm_head``):
 
-- ``keep`` (default): the head is untouched.
+- ``compact`` (default): the head becomes a ``BCQHead`` over an 8-bit BCQ table
+  (``alphatune.embedding``). A head tied to the input embedding uses the embedding's table when
+  the embedding is compact too (``BCQConfig.embedding``, default ``compact``): one table serves
+  the lookup and the logits, and the model stays tied. Otherwise the head gets its own table.
+- ``keep``: the head is untouched.
 - ``bf16``: the head becomes a ``BF16Linear``, a bfloat16 copy multiplied in bfloat16 that returns
   logits in the input's dtype.
 - ``bcq``: the head becomes a ``BCQLinear`` of ``lm_head_bits`` planes, fitted with the config's
   method, group size and iterations; ``calibrated`` uses the statistics of the head's inputs in
   the model as it is when called (after ``quantize_`` has quantized the blocks).
 
-A head tied to the input embedding is untied (``tie_word_embeddings=False``): the embedding stays
-as it was, in full precision, for the lookup, which reads one row per token. So a replaced head
-*adds* its own bytes to the model's memory while it cuts the bytes read per token.
+A head tied to the input embedding and replaced by a ``bf16``, ``bcq`` or own-table head is
+untied (``tie_word_embeddings=False``): the embedding stays for the lookup (compact or fp32), so
+such a head *adds* its own bytes to the model's memory while it cuts the bytes read per token.
+The config flag is false for every replaced head (transformers must never re-tie it); a shared
+table is tied by construction.
+
+``compact`` is a default, so it never fails a model: a head or embedding it cannot handle (no
+output embeddings, not an ``nn.Linear`` / ``nn.Embedding``, already quantized through include
+patterns) is kept, with the reason logged. ``bf16`` and ``bcq`` are explicit and raise.
 
 A replaced head is frozen for AlphaTuning: the paper tunes the scales of the block linears only,
 and a head's α would add ``vocab × groups`` parameters to every adapter. It is therefore not part
 of the base fingerprint that adapters check (an adapter tuned on a base loads on the same base with
 any head); ``save_quantized`` records its own fingerprint of the head's codes, checked on load.
+A compact embedding changes what the blocks see, so it is part of the base fingerprint.
 """
 
 from __future__ import annotations
@@ -38,7 +49,14 @@ from alphatune.calibration import (
     recording_hessians,
     run_batches,
 )
-from alphatune.config import BCQConfig, LMHeadMode, QuantMethod
+from alphatune.config import BCQConfig, EmbeddingMode, LMHeadMode, QuantMethod
+from alphatune.embedding import (
+    BCQEmbedding,
+    BCQHead,
+    BCQTable,
+    TableSpec,
+    supported_embedding,
+)
 from alphatune.errors import ConfigError, UnsupportedModelError
 from alphatune.fitting import FIT_ROWS  # noqa: F401  (kept importable from here)
 from alphatune.layers import BCQLinear
@@ -53,10 +71,23 @@ class ReplacedHead:
 
     module: str  # qualified name of the head, e.g. "lm_head"
     mode: LMHeadMode
-    untied: bool  # the head was the input embedding's tensor before
+    untied: bool  # the head was the input embedding's tensor before, and is no more
+    # A compact head: the embedding module whose table it uses (tied), or its own table's shape.
+    shares: str | None = None
+    table: TableSpec | None = None
+    bias: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"module": self.module, "mode": self.mode.value, "untied": self.untied}
+        data: dict[str, Any] = {
+            "module": self.module,
+            "mode": self.mode.value,
+            "untied": self.untied,
+        }
+        if self.mode == LMHeadMode.COMPACT:
+            data["shares"] = self.shares
+            data["table"] = None if self.table is None else self.table.to_dict()
+            data["bias"] = self.bias
+        return data
 
     @classmethod
     def from_dict(cls, data: object, where: str = "lm_head") -> ReplacedHead:
@@ -68,7 +99,26 @@ class ReplacedHead:
             raise ConfigError(f"{where}: unknown LM head mode {data.get('mode')!r}") from None
         if mode == LMHeadMode.KEEP:
             raise ConfigError(f"{where}: a replaced head cannot have mode 'keep'")
-        return cls(module=data["module"], mode=mode, untied=bool(data.get("untied", False)))
+        untied = bool(data.get("untied", False))
+        if mode != LMHeadMode.COMPACT:
+            return cls(module=data["module"], mode=mode, untied=untied)
+        shares, table = data.get("shares"), data.get("table")
+        if (shares is None) == (table is None) or not isinstance(shares, (str, type(None))):
+            raise ConfigError(
+                f"{where}: a compact head names either the embedding it shares ('shares') or "
+                "its own table ('table'), exactly one"
+            )
+        spec = None if table is None else TableSpec.from_dict(table, f"{where}: table")
+        if not isinstance(data.get("bias", False), bool):
+            raise ConfigError(f"{where}: 'bias' must be true or false")
+        return cls(
+            module=data["module"],
+            mode=mode,
+            untied=untied,
+            shares=shares,
+            table=spec,
+            bias=bool(data.get("bias", False)),
+        )
 
 
 class BF16Linear(nn.Linear):
@@ -196,12 +246,28 @@ def collect_head_hessian(model: nn.Module, calibration: Tensor, batch_size: int 
     return hessians["head"]
 
 
+def _compact_head_problem(model: nn.Module) -> str | None:
+    """Why a compact head cannot replace the model's head (``None``: it can)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return "the model has no output embeddings"
+    if replaced_head(model) is not None:
+        return "the head was already replaced"
+    if type(head) is not nn.Linear:
+        return f"the head is a {type(head).__name__}, not an nn.Linear"
+    if head.weight.is_meta:
+        return "the head's weight is not loaded (meta device)"
+    return None
+
+
 def check_lm_head(model: nn.Module, config: BCQConfig, has_calibration: bool = False) -> None:
     """Raise now, before minutes of work, if ``quantize_lm_head(model, config)`` would fail.
 
-    ``has_calibration``: calibration data (or the head's Hessian) will be passed.
+    ``has_calibration``: calibration data (or the head's Hessian) will be passed. The compact
+    modes never fail (what they cannot handle is kept); ``bf16`` and ``bcq`` heads raise.
     """
-    if config.lm_head == LMHeadMode.KEEP:
+    if config.lm_head in (LMHeadMode.KEEP, LMHeadMode.COMPACT):
         return
     name, head = find_lm_head(model)
     done = replaced_head(model)
@@ -224,6 +290,41 @@ def check_lm_head(model: nn.Module, config: BCQConfig, has_calibration: bool = F
             )
 
 
+def _input_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        module = get() if callable(get) else None
+    except NotImplementedError:  # transformers' base implementation for models without one
+        module = None
+    if module is None:
+        return None
+    name = next((n for n, m in model.named_modules() if m is module), None)
+    return None if not name else (name, module)
+
+
+def _compact_embedding_(model: nn.Module, config: BCQConfig) -> tuple[str, BCQEmbedding] | None:
+    """Replace the input embedding by a ``BCQEmbedding`` if ``config`` asks and it qualifies;
+    returns the compact embedding (also one that already was), else ``None``."""
+    found = _input_embedding(model)
+    if found is None:
+        if config.embedding == EmbeddingMode.COMPACT:
+            logger.info("input embedding kept: the model has none (get_input_embeddings)")
+        return None
+    name, module = found
+    if isinstance(module, BCQEmbedding):
+        return name, module
+    if config.embedding != EmbeddingMode.COMPACT:
+        return None
+    reason = supported_embedding(module)
+    if reason is not None:
+        logger.info("input embedding %s kept in full precision: %s", name, reason)
+        return None
+    compact = BCQEmbedding.from_embedding(module)
+    model.set_submodule(name, compact)
+    logger.info("input embedding %s compacted: %s", name, compact.extra_repr())
+    return name, compact
+
+
 def quantize_lm_head(
     model: nn.Module,
     config: BCQConfig,
@@ -232,15 +333,16 @@ def quantize_lm_head(
     hessian: Tensor | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ReplacedHead | None:
-    """Replace the model's LM head as ``config.lm_head`` says, in place; ``None`` for ``"keep"``.
+    """Replace the model's LM head and input embedding as ``config.lm_head`` and
+    ``config.embedding`` say, in place; returns the head's record, ``None`` if it is kept.
 
     ``quantize_(model, config)`` calls this after the blocks; call it directly to change the head
-    of a model that is already quantized (or not quantized at all).
+    and embedding of a model that is already quantized (or not quantized at all).
 
     Args:
         model: a causal LM with ``get_output_embeddings()``.
-        config: ``lm_head`` (mode), and for ``"bcq"``: ``lm_head_bits``, ``method``,
-            ``group_size``, ``iterations``.
+        config: ``lm_head`` and ``embedding`` (modes), and for a ``"bcq"`` head:
+            ``lm_head_bits``, ``method``, ``group_size``, ``iterations``.
         calibration: ``(n_sequences, seq_len)`` token ids, for a ``"bcq"`` head with method
             ``"calibrated"`` (ignored otherwise).
         hessian: ``(hidden, hidden)`` statistics of the head's input from
@@ -250,18 +352,56 @@ def quantize_lm_head(
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64,
-        ...     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4))
-        >>> quantize_lm_head(model, BCQConfig(lm_head="bf16")).mode
-        <LMHeadMode.BF16: 'bf16'>
+        ...     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        ...     tie_word_embeddings=True))
+        >>> record = quantize_lm_head(model, BCQConfig())
+        >>> record.mode, record.shares
+        (<LMHeadMode.COMPACT: 'compact'>, 'model.embed_tokens')
     """
     check_lm_head(model, config, has_calibration=calibration is not None or hessian is not None)
-    if config.lm_head == LMHeadMode.KEEP:
+    mode = config.lm_head
+    if mode == LMHeadMode.COMPACT:
+        problem = _compact_head_problem(model)
+        if problem is not None:
+            logger.info("LM head kept: %s", problem)
+            mode = LMHeadMode.KEEP
+    get = getattr(model, "get_output_embeddings", None)
+    head_found = find_lm_head(model) if callable(get) and get() is not None else None
+    found = _input_embedding(model)
+    # Parameters only: a compact module's ``weight`` is a property that dequantizes.
+    head_weight = None if head_found is None else head_found[1]._parameters.get("weight")
+    tied = head_weight is not None and found is not None
+    tied = tied and head_weight is found[1]._parameters.get("weight")
+    if progress and (config.embedding == EmbeddingMode.COMPACT or mode != LMHeadMode.KEEP):
+        progress("compacting the embedding and LM head")
+    embedding = _compact_embedding_(model, config)
+    if mode == LMHeadMode.KEEP:
+        if tied and embedding is not None:
+            # The fp32 head keeps the weight as its own; transformers must not re-tie it.
+            untie_word_embeddings(model)
+            logger.info("LM head kept in full precision, untied from the compact embedding")
         return None
-    name, head = find_lm_head(model)
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    untied = embedding is not None and head.weight is getattr(embedding, "weight", None)
-    if config.lm_head == LMHeadMode.BF16:
-        new: nn.Module = BF16Linear.from_linear(head)
+    assert head_found is not None  # check_lm_head / _compact_head_problem
+    name, head = head_found
+    bias = head.bias is not None
+    record = ReplacedHead(module=name, mode=mode, untied=tied)
+    if mode == LMHeadMode.COMPACT:
+        if tied and embedding is not None:
+            new: nn.Module = BCQHead.sharing(embedding[1], bias=bias)
+            record = ReplacedHead(
+                module=name, mode=mode, untied=False, shares=embedding[0], bias=bias
+            )
+        else:
+            if progress:
+                progress(f"fitting {name}")
+            table = BCQTable.from_weight(head.weight)
+            new = BCQHead.owning(table, bias=bias)
+            record = ReplacedHead(module=name, mode=mode, untied=tied, table=table.spec, bias=bias)
+        if bias:
+            with torch.no_grad():
+                new.bias.copy_(head.bias.detach().float())
+    elif mode == LMHeadMode.BF16:
+        new = BF16Linear.from_linear(head)
     else:
         weight = head.weight.detach()  # (vocab, hidden)
         if config.method != QuantMethod.CALIBRATED:
@@ -281,9 +421,15 @@ def quantize_lm_head(
         new = BCQLinear.from_linear(head, config, bits=config.lm_head_bits, hessian=hessian)
     model.set_submodule(name, new)
     untie_word_embeddings(model)
-    record = ReplacedHead(module=name, mode=config.lm_head, untied=untied)
     set_replaced_head(model, record)
     logger.info(
-        "LM head %s replaced: %s%s", name, config.lm_head.value, " (untied)" if untied else ""
+        "LM head %s replaced: %s%s",
+        name,
+        mode.value,
+        " (untied)"
+        if record.untied
+        else " (shares the embedding's table)"
+        if record.shares
+        else "",
     )
     return record

@@ -5,8 +5,9 @@ the calibration passes live in ``alphatune.calibration``.
 
 Targets: every ``nn.Linear`` (or GPT-2 ``Conv1D``) inside a transformer block — any module that
 has an element of an ``nn.ModuleList`` among its ancestors — filtered by the config's include and
-exclude glob patterns. Embeddings, norms and biases stay in full precision; so does the LM head
-unless ``config.lm_head`` asks for a bf16 or BCQ head (``alphatune.lm_head``).
+exclude glob patterns. Norms and biases stay in full precision. The input embedding and the LM
+head become one compact 8-bit table by default (``config.embedding``, ``config.lm_head``; see
+``alphatune.lm_head`` and ``alphatune.embedding``), or stay as they are with ``"keep"``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import asdict, dataclass
 from torch import Tensor, nn
 
 from alphatune.calibration import check_calibration, collect_hessians, quantize_sequentially
-from alphatune.config import BCQConfig, LMHeadMode, QuantMethod
+from alphatune.config import BCQConfig, EmbeddingMode, LMHeadMode, QuantMethod
+from alphatune.embedding import BCQHead, compact_embedding
 from alphatune.errors import ConfigError, UnsupportedModelError
 from alphatune.layers import BCQLinear, is_linear, linear_weight
 from alphatune.lm_head import check_lm_head, find_lm_head, quantize_lm_head, replaced_head_module
@@ -42,7 +44,11 @@ class QuantizationSummary:
     fp16_bytes: int
     model_bytes: int  # whole model as stored: quantized layers + head + other params as stored
     lm_head: str = LMHeadMode.KEEP.value  # a replaced head is not among the layers counted above
-    lm_head_bytes: int = 0  # a replaced head as stored (a kept head counts with other_params)
+    lm_head_bytes: int = 0  # a replaced head as stored (a kept head counts with other_params;
+    # a compact head sharing the embedding's table adds nothing: the table counts once, below)
+    embedding: str = EmbeddingMode.KEEP.value
+    embedding_bytes: int = 0  # a compact embedding's table (a kept one counts with other_params)
+    embedding_params: int = 0  # its rows x dim (the weights it stands for)
 
     @property
     def compression_vs_fp32(self) -> float:
@@ -95,10 +101,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def summarize(model: nn.Module) -> QuantizationSummary:
     """Sizes and bits per weight of a (quantized) model.
 
-    A head replaced by ``config.lm_head`` is reported on its own (``lm_head_bytes``), not among
-    the quantized layers or the other parameters.
+    A head replaced by ``config.lm_head`` is reported on its own (``lm_head_bytes``), and so is a
+    compact embedding (``embedding_bytes``), not among the quantized layers or the other
+    parameters.
     """
     head = replaced_head_module(model)
+    found = compact_embedding(model)
+    table = None if found is None else found[1]
     layers = [m for m in model.modules() if isinstance(m, BCQLinear) and m is not head]
     quantized = sum(m.in_features * m.out_features for m in layers)
     stored = 0
@@ -118,11 +127,12 @@ def summarize(model: nn.Module) -> QuantizationSummary:
                 seen.add(id(p))
                 other += p.numel()
                 other_bytes += p.numel() * p.element_size()
+    embedding_bytes = 0 if table is None else table.storage_bytes()
     head_bytes = 0
     if head is not None:
         bias = head.bias
         head_bytes = 0 if bias is None else bias.numel() * bias.element_size()
-        if isinstance(head, BCQLinear):
+        if isinstance(head, (BCQLinear, BCQHead)):
             head_bytes += head.storage_bytes()
         else:
             head_bytes += head.weight.numel() * head.weight.element_size()
@@ -135,13 +145,18 @@ def summarize(model: nn.Module) -> QuantizationSummary:
         quantized_bytes=stored,
         fp32_bytes=4 * quantized,
         fp16_bytes=2 * quantized,
-        model_bytes=stored + other_bytes + head_bytes,
+        model_bytes=stored + other_bytes + head_bytes + embedding_bytes,
         lm_head=LMHeadMode.KEEP.value if head is None else _head_mode(head),
         lm_head_bytes=head_bytes,
+        embedding=(EmbeddingMode.KEEP if table is None else EmbeddingMode.COMPACT).value,
+        embedding_bytes=embedding_bytes,
+        embedding_params=0 if table is None else table.spec.rows * table.spec.dim,
     )
 
 
 def _head_mode(head: nn.Module) -> str:
+    if isinstance(head, BCQHead):
+        return LMHeadMode.COMPACT.value
     return (LMHeadMode.BCQ if isinstance(head, BCQLinear) else LMHeadMode.BF16).value
 
 
@@ -185,7 +200,7 @@ def quantize_(
     group_sizes = {
         name: config.group_size_for(linear_weight(m)[0].shape[1]) for name, m in layers.items()
     }
-    if config.lm_head != LMHeadMode.KEEP:
+    if config.lm_head in (LMHeadMode.BF16, LMHeadMode.BCQ):
         check_lm_head(model, config, has_calibration=calibration is not None)
         head_name, _ = find_lm_head(model)
         if head_name in layers:
@@ -193,7 +208,7 @@ def quantize_(
                 f"lm_head={config.lm_head.value!r} and the include patterns both quantize "
                 f"{head_name!r}; drop it from include (or use lm_head='keep')"
             )
-    total = len(layers) + (config.lm_head != LMHeadMode.KEEP)
+    total = len(layers) + (config.lm_head in (LMHeadMode.BF16, LMHeadMode.BCQ))
     done: list[str] = []
 
     def fit_layer(name: str, module: nn.Module, hessian: Tensor | None) -> None:

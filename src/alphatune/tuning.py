@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from alphatune.config import AlphaGradScale, AlphaTuningConfig, Granularity, TrainableScales
+from alphatune.embedding import BCQTable
 from alphatune.errors import ConfigError
 from alphatune.layers import ALPHA1_SCALE, BCQLinear
 from alphatune.lm_head import replaced_head, replaced_head_module
@@ -42,9 +43,15 @@ def _count_total(model: nn.Module) -> int:
     total = 0
     seen: set[int] = set()
     record, head = replaced_head(model), replaced_head_module(model)
+    copies = set()  # an untied head is a copy of the input embedding, which counts already
+    if head is not None and record is not None and record.untied:
+        copies = {id(m) for m in head.modules()}
     for module in model.modules():
-        if module is head and record is not None and record.untied:
-            continue  # a copy of the input embedding, which counts already
+        if id(module) in copies:
+            continue
+        if isinstance(module, BCQTable):  # a compact embedding (or head) table: rows x dim
+            total += module.spec.rows * module.spec.dim
+            continue
         if isinstance(module, BCQLinear):
             total += module.in_features * module.out_features
             total += 0 if module.bias is None else module.bias.numel()
