@@ -81,7 +81,12 @@ def test_logits_match_the_transformers_forward(config, llama):
     # 70 tokens: prefill runs in two chunks (engine.generate.PREFILL_CHUNK = 64).
     for ids in ([5], random_prompts(1)[0], random_prompts(1, seed=3)[0] * 4):
         expected = reference_logits(model, ids[:70])
-        torch.testing.assert_close(prompt_logits(engine, ids[:70]), expected, rtol=1e-4, atol=1e-4)
+        # A bf16 head rounds its input to 8 bits of mantissa: a 1e-6 difference in the hidden
+        # state can move a rounding, so its logits agree to bf16's resolution only.
+        tolerance = 1e-2 if config.lm_head == "bf16" else 1e-4
+        torch.testing.assert_close(
+            prompt_logits(engine, ids[:70]), expected, rtol=tolerance, atol=tolerance
+        )
 
 
 def reference_greedy(model, ids: list[int], steps: int) -> tuple[list[int], list[float]]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alphatune.engine.cache import KVCache
 from alphatune.engine.model import Engine
 from alphatune.engine.sampling import Sampling, choose_tokens
 from alphatune.errors import ConfigError
@@ -80,8 +81,9 @@ def generate_ids(
     cache = engine.new_cache(n_rows, max_len)
     rotary = engine.rotary(max_len)
     eos = set(eos_ids)
+    threads = engine.threads()
 
-    last_hidden = _prefill(engine, prompts, sets, cache, rotary)  # (rows, H)
+    last_hidden = _prefill(engine, prompts, sets, cache, rotary, threads)  # (rows, H)
     results: list[list[int]] = [[] for _ in range(n_rows)]
     reasons = ["length"] * n_rows
     active = list(range(n_rows))
@@ -108,7 +110,7 @@ def generate_ids(
                 break
             rows = np.array(still, np.int64)
             ids = torch.tensor([results[row][-1] for row in still])
-            hidden = engine.forward(ids, rows, positions[rows], sets[rows], cache, rotary)
+            hidden = engine.forward(ids, rows, positions[rows], sets[rows], cache, rotary, threads)
             positions[rows] += 1
             active = still
     return [Finished(tokens, reason) for tokens, reason in zip(results, reasons, strict=True)]
@@ -118,8 +120,9 @@ def _prefill(
     engine: Engine,
     prompts: Sequence[Sequence[int]],
     sets: np.ndarray,
-    cache,
+    cache: KVCache,
     rotary: tuple[np.ndarray, np.ndarray],
+    threads: int,
 ) -> Tensor:
     """Run every prompt token through the blocks; the last hidden state of each row, (rows, H)."""
     flat_ids = np.concatenate([np.asarray(p, np.int64) for p in prompts])

@@ -67,6 +67,11 @@ class Engine:
             )
         if model.training:
             raise UnsupportedModelError("the model is in training mode; call model.eval()")
+        # Start numba's thread pool now, under numba_threads (which gives torch its count back):
+        # the first start resets the process-wide OpenMP count that torch reads, and would
+        # otherwise do so inside the first module call of a request.
+        with numba_threads(1):
+            pass
         spec = describe(model)
         io = token_io(model, spec.hidden)
         weights = build_weights(spec, kernel, use_bank)
@@ -95,17 +100,46 @@ class Engine:
         sets: np.ndarray,
         cache: KVCache,
         rotary: tuple[np.ndarray, np.ndarray],
+        threads: int | None = None,
     ) -> Tensor:
         """Final-normed hidden states ``(N, H)`` float32 of tokens ``ids (N,)``.
 
         Token n goes to cache row ``rows[n]`` at ``positions[n]`` (int64 arrays) with adapter
         scale set ``sets[n]``; it attends to its row's positions up to its own, so a row's tokens
-        must come in order, after every earlier position of that row.
+        must come in order, after every earlier position of that row. ``threads``: see
+        ``threads``; None reads it now.
         """
+        if threads is None:
+            threads = self.threads()
+        return self.run_blocks(self.embed(ids), rows, positions, sets, cache, rotary, threads)
+
+    @staticmethod
+    def threads() -> int:
+        """Threads a native call may use: torch's count, capped by numba's pool.
+
+        Read it once per request, before any module runs: a numba parallel call elsewhere (say
+        in an embedding module) can reset the process-wide OpenMP count that torch reports.
+        """
+        return max(1, min(torch.get_num_threads(), _numba_pool_size()))
+
+    def embed(self, ids: Tensor) -> np.ndarray:
+        """``(N, H)`` float32 embeddings of ``ids``, a writable C array (the residual stream)."""
         hidden = self.io.embed(ids).numpy()
         if not hidden.flags.writeable or not hidden.flags.c_contiguous:
             hidden = np.ascontiguousarray(hidden).copy()
-        threads = min(torch.get_num_threads(), _numba_pool_size())
+        return hidden
+
+    def run_blocks(
+        self,
+        hidden: np.ndarray,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        sets: np.ndarray,
+        cache: KVCache,
+        rotary: tuple[np.ndarray, np.ndarray],
+        threads: int,
+    ) -> Tensor:
+        """``forward`` after the embedding: ``hidden (N, H)`` is overwritten."""
         w = self.weights
         cos, sin = rotary
         args = (

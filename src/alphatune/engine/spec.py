@@ -130,10 +130,10 @@ def token_io(model: nn.Module, hidden: int) -> TokenIO:
         raise UnsupportedModelError("the model has no input embedding or no LM head module")
 
     def embed(ids: Tensor) -> Tensor:
-        return embedding(ids).float()
+        return embedding(ids).detach().float()
 
     def project(states: Tensor) -> Tensor:
-        return head(states).float()
+        return head(states).detach().float()
 
     with torch.inference_mode():
         probe = embed(torch.zeros(1, dtype=torch.long))
