@@ -93,11 +93,17 @@ def _model_name(spec: RunSpec) -> str:
 # --- bases -----------------------------------------------------------------------------------
 
 
+# The grid began with the embedding and LM head kept in fp32 (the default until the compact
+# 8-bit table, which costs < 0.1% perplexity: docs/lm_head.md); every run keeps them so that all
+# results share one base. Stored sizes therefore count a 113 MB fp32 embedding/head.
+HEAD_AND_EMBEDDING = {"lm_head": "keep", "embedding": "keep"}
+
+
 def base_config(bits: int, method: str) -> BCQConfig:
     """The q-bit base of a quantizer name: ``calibrated`` (default), ``greedy`` or ``rtn``."""
     if method == "rtn":  # the offset grid initialised by round-to-nearest, never refined
-        return BCQConfig(bits=bits, method=QuantMethod.OFFSET, iterations=0)
-    return BCQConfig(bits=bits, method=method)
+        return BCQConfig(bits=bits, method=QuantMethod.OFFSET, iterations=0, **HEAD_AND_EMBEDDING)
+    return BCQConfig(bits=bits, method=method, **HEAD_AND_EMBEDDING)
 
 
 def _calibration(tokenizer: Any) -> Tensor:
