@@ -1,0 +1,93 @@
+"""Time to quantize SmolLM2-135M at 3 bits with the default (calibrated) method, and its quality.
+
+Issue 15's target: under 60 s, perplexity within 1% of before. One run quantizes the embedded
+model with ``BCQConfig(bits=3)`` (every other setting at its default) on ``--calibration-sequences``
+× 512 tokens of WikiText-2 *valid*, then measures WikiText-2 test perplexity (first 8,192 tokens,
+context 512). The entry is stored under ``--label`` in one JSON file, with the commit of the
+alphatune that was imported, so an older tree can be measured by the same script:
+
+    .venv/bin/python benchmarks/bench_quantize_speed.py --label now
+    git worktree add /tmp/old <commit>
+    PYTHONPATH=/tmp/old/src .venv/bin/python benchmarks/bench_quantize_speed.py --label before
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from common import environment
+
+import alphatune
+from alphatune import BCQConfig, quantize_
+from alphatune.data import load_text_tokens
+from alphatune.evaluate import perplexity
+from alphatune.models import load_model, load_tokenizer
+from alphatune.workflow import calibration_batch, find_data_dir
+
+RESULTS = Path(__file__).parent / "results" / "quantize_speed.json"
+EVAL_TOKENS = 8192
+
+
+def imported_commit() -> str | None:
+    """The commit of the alphatune source this process imported (``-dirty`` if changed)."""
+    source = Path(alphatune.__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=source, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--", ".") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", required=True, help="name of this entry in the results file")
+    parser.add_argument("--calibration-sequences", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = find_data_dir()
+    tokenizer = load_tokenizer()
+    calibration = calibration_batch(
+        tokenizer, data / "wikitext-2" / "valid.txt", args.calibration_sequences, 512
+    )
+    eval_tokens = load_text_tokens(
+        tokenizer, data / "wikitext-2" / "test.txt", max_tokens=EVAL_TOKENS
+    )
+    model = load_model()
+    env = environment(("torch", "transformers", "numba"))
+    config = BCQConfig(bits=3)
+    began = time.perf_counter()
+    summary = quantize_(model, config, calibration=calibration)
+    seconds = time.perf_counter() - began
+    entry = {
+        "commit": imported_commit(),
+        "environment": env,
+        "config": config.to_dict(),
+        "calibration": [args.calibration_sequences, 512],
+        "seconds": round(seconds, 1),
+        "perplexity": perplexity(model, eval_tokens, progress=False),
+        "eval_tokens": EVAL_TOKENS,
+        "bits_per_weight": summary.bits_per_weight,
+        "model_bytes": summary.model_bytes,
+    }
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results[args.label] = entry
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{args.label}: {seconds:.1f} s, perplexity {entry['perplexity']:.3f} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
