@@ -41,22 +41,38 @@ class NativeWeights:
 
 
 class _FlatBuffer:
-    """Arrays appended end to end; ``append`` returns where each starts."""
+    """A buffer of known size that arrays are copied into end to end; ``put`` says where.
 
-    def __init__(self, dtype: type) -> None:
-        self.parts: list[np.ndarray] = []
-        self.size = 0
-        self.dtype = dtype
+    Sized before any layer is prepared (``_sizes``), so building never holds two copies of the
+    codes: each layer's prepared form is copied in and dropped.
+    """
 
-    def append(self, array: np.ndarray) -> int:
-        at = self.size
-        self.parts.append(np.ascontiguousarray(array, self.dtype).reshape(-1))
-        self.size += self.parts[-1].size
+    def __init__(self, size: int, dtype: type) -> None:
+        # One spare element: an empty buffer still has a valid data pointer for numba.
+        self.array = np.zeros(size + 1, dtype)
+        self.used = 0
+
+    def put(self, array: np.ndarray) -> int:
+        at, flat = self.used, array.reshape(-1)
+        self.array[at : at + flat.size] = flat
+        self.used += flat.size
         return at
 
-    def join(self) -> np.ndarray:
-        # One trailing element: an empty buffer still has a valid data pointer for numba.
-        return np.concatenate([*self.parts, np.zeros(1, self.dtype)])
+
+def _sizes(layers: list[tuple[BCQLinear, bool]], rows: int) -> tuple[int, ...]:
+    """Elements of codes, α₁ sets, other scales, offsets and biases over ``(layer, banked)``."""
+    totals = [0] * 5
+    for layer, banked in layers:
+        bits, out, n_bytes = layer.packed_codes.shape
+        padded = -(-out // rows) * rows
+        groups = layer.in_features // layer.group_size
+        sets = layer.alpha1_bank.shape[0] if banked else 1  # type: ignore[union-attr]
+        totals[0] += bits * padded * n_bytes
+        totals[1] += sets * groups * padded
+        totals[2] += (bits - 1) * groups * padded
+        totals[3] += 1 if layer.offset is None else out * groups
+        totals[4] += 0 if layer.bias is None else out
+    return tuple(totals)
 
 
 def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights:
@@ -65,38 +81,41 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
     ``use_bank``: projections that hold an adapter bank use it (one scale set per adapter);
     otherwise every projection uses its own α (an adapter loaded with ``load_adapter`` included).
     """
-    codes, first, rest = _FlatBuffer(np.uint8), _FlatBuffer(np.float32), _FlatBuffer(np.float32)
-    offsets, biases = _FlatBuffer(np.float32), _FlatBuffer(np.float32)
-    ints = np.zeros((7 * spec.n_layers, native.INT_COLUMNS), np.int64)
-    banked_any = False
     rows = kernel.module.ROWS
+    layers = []
+    for block in spec.blocks:
+        for name in native.PROJECTIONS:
+            layer = block.get_submodule(name)
+            assert isinstance(layer, BCQLinear)  # checked by spec.describe
+            layers.append((layer, use_bank and layer.alpha1_bank is not None))
+    sizes = _sizes(layers, rows)
+    codes = _FlatBuffer(sizes[0], np.uint8)
+    first, rest, offsets, biases = (_FlatBuffer(n, np.float32) for n in sizes[1:])
+    ints = np.zeros((len(layers), native.INT_COLUMNS), np.int64)
+    banked_any = False
     with torch.no_grad():
-        for block_index, block in enumerate(spec.blocks):
-            for position, name in enumerate(native.PROJECTIONS):
-                layer = block.get_submodule(name)
-                assert isinstance(layer, BCQLinear)  # checked by spec.describe
-                banked = use_bank and layer.alpha1_bank is not None
-                operands = _layer_operands(layer, kernel, rows, banked)
-                row = ints[7 * block_index + position]
-                row[native.GROUP_SIZE] = operands.group_size
-                row[native.N_GROUPS] = operands.n_groups
-                row[native.BYTES_PER_GROUP] = operands.bytes_per_group
-                row[native.WITH_OFFSET] = int(operands.with_offset)
-                row[native.OUT_FEATURES] = operands.out_features
-                row[native.BANKED] = int(banked)
-                row[native.HAS_BIAS] = int(layer.bias is not None)
-                row[native.WORK] = operands.work_per_token
-                row[native.BITS], row[native.BLOCKS], row[native.N_BYTES], row[native.ROWS] = (
-                    operands.codes.shape
-                )
-                row[native.N_SETS] = operands.first.shape[0]
-                row[native.CODES_AT] = codes.append(operands.codes)
-                row[native.FIRST_AT] = first.append(operands.first)
-                row[native.REST_AT] = rest.append(operands.rest)
-                row[native.OFFSET_AT] = offsets.append(operands.offset)
-                if layer.bias is not None:
-                    row[native.BIAS_AT] = biases.append(layer.bias.detach().float().numpy())
-                banked_any |= banked
+        for index, (layer, banked) in enumerate(layers):
+            operands = _layer_operands(layer, kernel, rows, banked)
+            row = ints[index]
+            row[native.GROUP_SIZE] = operands.group_size
+            row[native.N_GROUPS] = operands.n_groups
+            row[native.BYTES_PER_GROUP] = operands.bytes_per_group
+            row[native.WITH_OFFSET] = int(operands.with_offset)
+            row[native.OUT_FEATURES] = operands.out_features
+            row[native.BANKED] = int(banked)
+            row[native.HAS_BIAS] = int(layer.bias is not None)
+            row[native.WORK] = operands.work_per_token
+            row[native.BITS], row[native.BLOCKS], row[native.N_BYTES], row[native.ROWS] = (
+                operands.codes.shape
+            )
+            row[native.N_SETS] = operands.first.shape[0]
+            row[native.CODES_AT] = codes.put(operands.codes)
+            row[native.FIRST_AT] = first.put(operands.first)
+            row[native.REST_AT] = rest.put(operands.rest)
+            row[native.OFFSET_AT] = offsets.put(operands.offset)
+            if layer.bias is not None:
+                row[native.BIAS_AT] = biases.put(layer.bias.detach().float().numpy())
+            banked_any |= banked
         norms = np.stack(
             [
                 np.stack(
@@ -110,8 +129,9 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
         raise UnsupportedModelError(
             f"norm weights of width {norms.shape[-1]}, hidden {spec.hidden}"
         )
+    assert all(b.used == n for b, n in zip((codes, first, rest, offsets, biases), sizes))
     return NativeWeights(
-        codes.join(), first.join(), rest.join(), offsets.join(), biases.join(), ints, norms,
+        codes.array, first.array, rest.array, offsets.array, biases.array, ints, norms,
         final_norm, banked_any,
     )  # fmt: skip
 
