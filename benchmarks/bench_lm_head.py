@@ -1,31 +1,44 @@
-"""LM head options on SmolLM2: WikiText-2 perplexity with the head kept, in bf16, or as BCQ.
+"""LM head and embedding options on SmolLM2: perplexity, sizes and (indicative) speed of each form.
 
-For the unquantized fp32 model and for cached calibrated bases (``bases.py``), it replaces the head
-as each ``--heads`` entry says (``keep``, ``bf16``, ``bcqN``: N-bit calibrated BCQ, group "auto")
-and measures WikiText-2 *test* perplexity with the protocol of ``bench_quantization.py`` (first
-8,192 tokens, context 512). BCQ heads are calibrated on the head inputs of 32×512 tokens of
-WikiText-2 *valid*, collected once per base. Results are appended to a JSONL file as they come (a
-killed run resumes where it stopped) and rendered as a markdown table.
+For the unquantized fp32 model and for cached calibrated bases (``bases.py``), it changes the
+head and embedding as each ``--heads`` entry says and measures WikiText-2 *test* perplexity with
+the protocol of ``bench_quantization.py`` (first 8,192 tokens, context 512):
+
+- ``keep``: the fp32 embedding and the head tied to it, as loaded;
+- ``bf16``, ``bcqN``: the head replaced (a bf16 copy; N-bit calibrated BCQ, group "auto",
+  calibrated on the head inputs of 32×512 tokens of WikiText-2 *valid*), the fp32 embedding kept;
+- ``compact`` (the library default): the embedding and the tied head as one 8-bit BCQ table
+  (``alphatune.embedding``).
+
+Each record also holds the bytes of the head and of the embedding as stored, the whole model's,
+the saved base's ``model.safetensors`` (quantized bases), the time of the head's product for one
+token and of one embedding lookup (one thread; indicative on a busy machine), and what was
+measured: commit, versions, machine, date. Results are appended to a JSONL file as they come (a
+killed run resumes where it stopped) and rendered into docs/lm_head.md.
 
     .venv/bin/python benchmarks/bench_lm_head.py                       # fp32 and 3-bit bases
-    .venv/bin/python benchmarks/bench_lm_head.py --bases 4 --heads keep bf16 bcq4
+    .venv/bin/python benchmarks/bench_lm_head.py --bases 3 --heads keep compact
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-from bases import DEFAULT_CACHE, base_config, cached_base, calibration_tokens
-from common import append_record, describe_machine, load_records
+from bases import DEFAULT_CACHE, cached_base, calibration_tokens, parse_head
+from common import append_record, describe_machine, environment, load_records, time_ms
 
-from alphatune import quantize_lm_head
-from alphatune.adapters import load_quantized
+from alphatune import BCQConfig, quantize_lm_head
+from alphatune.adapters import load_quantized, save_quantized
 from alphatune.data import load_text_tokens
+from alphatune.embedding import BCQEmbedding
 from alphatune.evaluate import perplexity
+from alphatune.files import BASE_WEIGHTS
 from alphatune.lm_head import collect_head_hessian
 from alphatune.models import load_model, load_tokenizer
 from alphatune.quantize import summarize
@@ -34,56 +47,129 @@ from alphatune.workflow import find_data_dir
 RESULTS = Path(__file__).parent / "results" / "lm_head.jsonl"
 DOCS = Path(__file__).parents[1] / "docs" / "lm_head.md"
 COMMAND = ".venv/bin/python benchmarks/bench_lm_head.py"
+GGUF_BYTES = 98_362_432  # the packaged SmolLM2-135M-Instruct.Q4_1.gguf the model comes from
+PACKAGES = ("torch", "transformers", "numba", "safetensors")
+
+
+def head_config(head: str) -> BCQConfig:
+    """The config that turns a ``keep`` model into ``head`` (blocks are not touched)."""
+    if head == "compact":
+        return BCQConfig(method="calibrated", lm_head="compact", embedding="compact")
+    mode, bits = parse_head(head)
+    return BCQConfig(method="calibrated", lm_head=mode, lm_head_bits=bits, embedding="keep")
+
+
+def git_commit() -> str:
+    """HEAD, with ``+dirty`` when tracked files of the library or this script differ from it."""
+
+    def run(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout
+
+    dirty = run("status", "--porcelain", "--untracked-files=no", "--", "src", __file__).strip()
+    return run("rev-parse", "HEAD").strip() + ("+dirty" if dirty else "")
 
 
 def render(records: list[dict], settings: dict) -> str:
+    keep = {r["base"]: r["perplexity"] for r in records if r["head"] == "keep"}
     lines = [
-        "# LM head options on SmolLM2-135M-Instruct",
+        "# LM head and embedding options on SmolLM2-135M-Instruct",
         "",
         (
             "WikiText-2 test perplexity (first "
-            f"{settings['eval_tokens']:,} tokens, context 512) with the LM head kept (fp32, tied "
-            "to the embedding), as a bf16 copy, or as N-bit BCQ (calibrated, group 144, "
-            f"{settings['calibration_sequences']}×512 tokens of WikiText-2 *valid*). `q3` is the "
-            "3-bit calibrated base of `bench_quantization.py` (blocks only). The head is 28.3M "
-            "of the model's 134.5M parameters; a replaced head is untied, so the fp32 embedding "
-            "stays for the lookup (it is read one row per token). *head MB* is the head as "
-            "stored."
+            f"{settings['eval_tokens']:,} tokens, context 512) with the LM head and the input "
+            "embedding as loaded (`keep`: fp32, tied), the head replaced by a bf16 copy or N-bit "
+            "BCQ (calibrated, group 144, "
+            f"{settings['calibration_sequences']}×512 tokens of WikiText-2 *valid*; the fp32 "
+            "embedding stays for the lookup), or both as one 8-bit BCQ table (`compact`, the "
+            'default since format 3: `BCQConfig(embedding="compact", lm_head="compact")`). '
+            "`q3` is the 3-bit calibrated base of `bench_quantization.py` (blocks only). The "
+            "head and embedding are one 49,152×576 matrix (28.3M of the model's 134.5M "
+            "parameters)."
+        ),
+        "",
+        (
+            "*head MB* and *embedding MB* are as stored (a head that shares the embedding's table "
+            "adds nothing); *base MB* is the saved `model.safetensors` (the packaged Q4_1 GGUF "
+            f"is {GGUF_BYTES / 1e6:.1f} MB); *head ms* is one token's logits, *lookup µs* one "
+            "token's embedding row, both on one thread (indicative: measured while other work "
+            "ran; see the load average in the results file)."
         ),
         "",
         f"Reproduce: `{settings['command']}` (results in `benchmarks/results/lm_head.jsonl`).",
         "",
-        "| base | head | head MB | perplexity | × keep |",
-        "|---|---|---|---|---|",
+        (
+            "| base | head | embedding | head MB | embedding MB | base MB | perplexity | × keep "
+            "| head ms | lookup µs |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    keep = {r["base"]: r["perplexity"] for r in records if r["head"] == "keep"}
     for r in records:
         ratio = r["perplexity"] / keep[r["base"]] if r["base"] in keep else float("nan")
+        base_mb = f"{r['saved_bytes'] / 1e6:.1f}" if r.get("saved_bytes") else "–"
         lines.append(
-            f"| {r['base']} | {r['head']} | {r['head_bytes'] / 1e6:.1f} | "
-            f"{r['perplexity']:.3f} | {ratio:.4f}× |"
+            f"| {r['base']} | {r['head']} | {r['embedding']} | {r['head_bytes'] / 1e6:.1f} | "
+            f"{r['embedding_bytes'] / 1e6:.1f} | {base_mb} | {r['perplexity']:.3f} | "
+            f"{ratio:.4f}× | {r['head_ms']:.2f} | {r['lookup_us']:.0f} |"
         )
-    lines += [
-        "",
-        f"Machine: {describe_machine()}.",
-        "",
-    ]
+    envs = [r["environment"] for r in records if "environment" in r]
+    if envs:
+        first, last = envs[0], envs[-1]
+        lines += [
+            "",
+            (
+                f"Measured {first['date']} to {last['date']} at commit `{last['commit']}` on "
+                f"{last['processor']} ({last['cpu_count']} CPUs), torch {last.get('torch')}, "
+                f"transformers {last.get('transformers')}, numba {last.get('numba')}."
+            ),
+        ]
+    lines += ["", f"Machine: {describe_machine()}.", ""]
     return "\n".join(lines)
 
 
 def head_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the head as stored: a replaced head's own, else the (tied) fp32 weight."""
+    """Bytes of the head as stored: a replaced head's own (0 when it shares the embedding's
+    table), else the fp32 weight (tied to the embedding or not)."""
     summary = summarize(model)
-    if summary.lm_head_bytes:
+    if summary.lm_head != "keep":
         return summary.lm_head_bytes
     weight = model.get_output_embeddings().weight
     return weight.numel() * weight.element_size()
 
 
+def embedding_bytes(model: torch.nn.Module) -> int:
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, BCQEmbedding):
+        return embedding.storage_bytes()
+    return embedding.weight.numel() * embedding.weight.element_size()
+
+
+def saved_bytes(model: torch.nn.Module, config: BCQConfig) -> int:
+    """Size of ``model.safetensors`` when the model is saved as a base."""
+    with tempfile.TemporaryDirectory(prefix="alphatune-bench-") as directory:
+        save_quantized(model, Path(directory) / "base", config)
+        return (Path(directory) / "base" / BASE_WEIGHTS).stat().st_size
+
+
+def speeds(model: torch.nn.Module) -> tuple[float, float]:
+    """(head ms for one token, embedding lookup µs for one token), one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+        hidden = torch.randn(1, 1, head.in_features)
+        ids = torch.tensor([[1234]])
+        with torch.inference_mode():
+            head_ms = time_ms(lambda: head(hidden), repeat=50, budget_s=5)
+            lookup_ms = time_ms(lambda: embedding(ids), repeat=200, budget_s=2)
+    finally:
+        torch.set_num_threads(threads)
+    return head_ms, lookup_ms * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bases", nargs="+", default=["fp32", "3"], help="fp32 and/or bit widths")
-    parser.add_argument("--heads", nargs="+", default=["keep", "bf16", "bcq4", "bcq8"])
+    parser.add_argument("--heads", nargs="+", default=["keep", "bf16", "bcq4", "bcq8", "compact"])
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
@@ -124,27 +210,43 @@ def main() -> None:
             )
 
             def load(path: Path = path) -> torch.nn.Module:
-                return load_quantized(path)[0]
+                model = load_quantized(path)[0]
+                if isinstance(model.get_input_embeddings(), BCQEmbedding):
+                    raise SystemExit(
+                        f"{path} has a compact embedding; this benchmark starts from a base whose "
+                        "embedding and head are kept (fp32): rebuild it with lm_head and "
+                        "embedding 'keep'"
+                    )
+                return model
 
         hessian = None
         if any(h.startswith("bcq") for h in todo):
             hessian = collect_head_hessian(load(), calibration)  # once per base, for every head
-        bits = 3 if base == "fp32" else int(base)  # block bits; only the head settings matter here
         for head in todo:
             model = load()
+            config = head_config(head)
             began = time.perf_counter()
-            quantize_lm_head(model, base_config(bits, head), hessian=hessian)
+            quantize_lm_head(model, config, hessian=hessian)
             seconds = time.perf_counter() - began
+            env = environment(PACKAGES)  # after the fit, before the timed work
+            env["commit"] = git_commit()
             value = perplexity(model, eval_tokens, progress=False)
+            head_ms, lookup_us = speeds(model)
             record(
                 {
                     "base": name,
                     "head": head,
+                    "embedding": config.embedding.value,
                     "perplexity": value,
                     "head_bytes": head_bytes(model),
+                    "embedding_bytes": embedding_bytes(model),
                     "model_bytes": summarize(model).model_bytes,
+                    "saved_bytes": None if base == "fp32" else saved_bytes(model, config),
                     "head_seconds": seconds,
+                    "head_ms": head_ms,
+                    "lookup_us": lookup_us,
                     "eval_tokens": args.eval_tokens,
+                    "environment": env,
                 }
             )
 

@@ -18,6 +18,7 @@ from alphatune import (
     AlphaTuningConfig,
     BCQConfig,
     CheckpointError,
+    bcq,
     prepare_for_alphatuning,
     quantize_,
     quantize_lm_head,
@@ -35,6 +36,7 @@ from alphatune.bases import _fingerprint
 from alphatune.embedding import BCQEmbedding, BCQHead, BCQTable, linear_reference
 from alphatune.files import BASE_CONFIG, BASE_WEIGHTS
 from alphatune.lm_head import replaced_head
+from alphatune.packing import pack_codes
 from alphatune.quantize import quantized_layers
 from alphatune.tuning import trainable_state
 
@@ -82,6 +84,18 @@ def test_table_is_a_close_8_bit_fit(table: BCQTable) -> None:
     # Scales are fp16 values (saved losslessly in fp16).
     for tensor in (table.alpha, table.offset):
         assert torch.equal(tensor.half().float(), tensor)
+
+
+def test_fit_is_the_offset_fit_without_refinement() -> None:
+    """``fit_table`` is ``bcq.fit_offset(..., iterations=0)`` (round to nearest on each group's
+    range, largest scale first), computed on integer levels: the same codes and scales."""
+    weight = torch.randn(70, 96, generator=torch.Generator().manual_seed(7))
+    weight[3, 5] = 9.0
+    weight[4] = 0.5  # a constant row: every level 0
+    packed, alpha, offset = compact.fit_table(weight, 8, 32)
+    reference = bcq.fit_offset(weight, 8, 32, iterations=0)
+    assert torch.equal(packed, pack_codes(reference.codes))
+    assert torch.equal(alpha, reference.alpha) and torch.equal(offset, reference.offset)
 
 
 def test_rows_are_the_dequantized_rows(table: BCQTable) -> None:

@@ -3,9 +3,11 @@
 On small models the token embedding is a large share of the model: SmolLM2-135M's (tied to the
 LM head) is 28.3M of its 134.5M parameters, 113 MB in fp32, more than its 3-bit blocks (46 MB).
 ``BCQConfig(embedding="compact", lm_head="compact")`` (the default) stores that matrix once as an
-8-bit BCQ table (``BCQTable``: codes, scales and an offset per group; ~8.25 bits per weight with
-groups of ~128), fitted data-free (``offset``, uniform 8-bit initialisation refined by alternating
-least squares). Measured in docs/lm_head.md: < 0.1% WikiText-2 perplexity on SmolLM2.
+8-bit BCQ table (``BCQTable``: codes, scales and an offset per group; ~9 bits per weight with
+groups of ~128), fitted data-free: round-to-nearest uniform 8-bit on each group's range, written as
+BCQ with offset (``fit_table``: exactly ``bcq.fit_offset(..., iterations=0)``, computed on uint8
+levels in chunks: seconds instead of a minute for SmolLM2's table). Measured in docs/lm_head.md:
+within 0.1% WikiText-2 perplexity on SmolLM2; alternating refinement did not help at 8 bits.
 
 - ``BCQEmbedding`` (at the embedding's place) looks up token ids: only the rows asked for are
   dequantized (``rows``); there is no dense copy of the table, ever.
@@ -35,18 +37,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alphatune import kernels
-from alphatune.config import BCQConfig, QuantMethod
+from alphatune.config import BCQConfig
 from alphatune.errors import CheckpointError, ConfigError
-from alphatune.fitting import fit_weight
 from alphatune.kernels import lut_common
 from alphatune.packing import pack_codes, packed_width
 
 logger = logging.getLogger(__name__)
 
 # The compact form, chosen by measurement (docs/lm_head.md): 8 bits keep SmolLM2's perplexity
-# within 0.1% (6 and 7 bits do not); groups of ~128 (config "auto"); data-free fitting.
+# within 0.1% (6 and 7 bits, and 8 bits with one group per row, do not); groups of ~128
+# (config "auto"); round to nearest (2 rounds of alternating least squares did not help).
 COMPACT_BITS = 8
-COMPACT_ITERATIONS = 0
 # Vocabulary rows dequantized at a time by the batched head (9.4 MB of fp32 at hidden 576).
 CHUNK_ROWS = 4096
 # Names of a table's scale tensors (stored fp16 when lossless, like BCQLinear's).
@@ -93,6 +94,43 @@ class TableSpec:
                 "it again with 'alphatune quantize'"
             )
         return cls(**values)
+
+
+def fit_table(weight: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Round-to-nearest uniform quantization of each group's range, as BCQ with offset.
+
+    The grid of ``bcq.uniform_init`` (level ``k`` in ``0..2^q-1`` on ``min..max``; plane ``i``
+    holds bit ``q-1-i`` of ``k`` with scale ``step·2^(q-2-i)``, largest first), so the result is
+    ``bcq.fit_offset(weight, bits, group_size, iterations=0)``, packed; computed on integer
+    levels, ``CHUNK_ROWS`` rows at a time, without the float ±1 codes of the general fit.
+
+    Args:
+        weight: ``(rows, dim)`` float, ``dim % group_size == 0``.
+
+    Returns:
+        packed codes ``(q, rows, ceil(dim/8))`` uint8, alpha ``(q, rows, G)`` and offset
+        ``(rows, G)`` float32, on the weight's device.
+    """
+    rows, dim = weight.shape
+    groups, levels = dim // group_size, 2**bits - 1
+    device = weight.device
+    packed = torch.empty(bits, rows, packed_width(dim), dtype=torch.uint8, device=device)
+    alpha = torch.empty(bits, rows, groups, device=device)
+    offset = torch.empty(rows, groups, device=device)
+    for start in range(0, rows, CHUNK_ROWS):
+        end = min(start + CHUNK_ROWS, rows)
+        part = weight[start:end].detach().float().reshape(end - start, groups, group_size)
+        low, high = part.amin(dim=-1), part.amax(dim=-1)  # (n, G)
+        step = ((high - low) / levels).clamp_min(1e-12)
+        level = ((part - low[..., None]) / step[..., None]).round_().clamp_(0, levels)
+        level = level.to(torch.int32).reshape(end - start, dim)  # (n, dim)
+        for plane in range(bits):
+            bit = bits - 1 - plane  # the most significant bit first: the largest scale
+            codes = ((level >> bit) & 1).to(torch.int8) * 2 - 1
+            packed[plane, start:end] = pack_codes(codes)
+            alpha[plane, start:end] = step * 2.0 ** (bit - 1)
+        offset[start:end] = low + step * levels / 2
+    return packed, alpha, offset
 
 
 @dataclass(frozen=True)
@@ -158,22 +196,15 @@ class BCQTable(nn.Module):
         self._cache = kernels.WeightCache()
 
     @classmethod
-    def from_weight(
-        cls, weight: Tensor, bits: int = COMPACT_BITS, iterations: int = COMPACT_ITERATIONS
-    ) -> BCQTable:
-        """Fit ``weight`` ``(rows, dim)`` data-free (BCQ with offset), scales rounded to fp16."""
+    def from_weight(cls, weight: Tensor, bits: int = COMPACT_BITS) -> BCQTable:
+        """Fit ``weight`` ``(rows, dim)`` with ``fit_table``; scales rounded to fp16 (as stored)."""
         rows, dim = weight.shape
         group_size = compact_group_size(dim)
-        config = BCQConfig(
-            bits=bits, group_size=group_size, method=QuantMethod.OFFSET, iterations=iterations
-        )
-        fitted = fit_weight(weight.detach().float(), config, group_size)
-        table = cls(TableSpec(rows, dim, bits, group_size), device=weight.device)
-        with torch.no_grad():
-            table.packed_codes.copy_(pack_codes(fitted.codes))
-            table.alpha.copy_(fitted.alpha.to(torch.float16).float())
-            assert fitted.offset is not None  # the offset method
-            table.offset.copy_(fitted.offset.to(torch.float16).float())
+        packed, alpha, offset = fit_table(weight, bits, group_size)
+        table = cls(TableSpec(rows, dim, bits, group_size), device="meta")
+        table.packed_codes = packed
+        table.alpha = alpha.to(torch.float16).float()
+        table.offset = offset.to(torch.float16).float()
         return table
 
     # ------------------------------------------------------------ reading
