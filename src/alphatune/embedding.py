@@ -214,12 +214,12 @@ class BCQTable(nn.Module):
         Only those rows are dequantized. An id outside ``0..rows-1`` raises ``IndexError``.
         """
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.spec.rows):
+        try:  # index_select checks the range (negative ids too): no separate pass over the ids
+            packed = self.packed_codes.index_select(1, flat)  # (q, n, ceil(dim/8))
+        except (RuntimeError, IndexError) as err:
             raise IndexError(
-                f"token ids out of range: expected 0..{self.spec.rows - 1}, got "
-                f"{int(flat.min())}..{int(flat.max())}"
-            )
-        packed = self.packed_codes.index_select(1, flat)  # (q, n, ceil(dim/8))
+                f"token ids out of range: expected 0..{self.spec.rows - 1} ({err})"
+            ) from None
         alpha = self.alpha.index_select(1, flat)  # (q, n, G)
         offset = self.offset.index_select(0, flat)  # (n, G)
         out = kernels.dequantize_packed(packed, alpha, offset, self.spec.group_size, self.spec.dim)
