@@ -190,24 +190,14 @@ def generate(
             native = _build_engine(model, _engine_choice(engine), num_beams, bank is not None)
             if native is not None:
                 sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
-                complete = _answer_complete(stop)
                 for start in range(0, len(order), batch_size):
                     indices = order[start : start + batch_size]
-                    sets = None if bank is None else bank.indices([adapters[i] for i in indices])  # type: ignore[index]
-                    finished = generate_ids(
-                        native,
-                        [encoded[i] for i in indices],
-                        max_new_tokens=max_new_tokens,
-                        eos_ids=[eos_id],
-                        sampling=sampling,
-                        prompt_indices=indices,
-                        adapter_sets=None if sets is None else sets.tolist(),
-                        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                        stop=complete,
-                    )
-                    for index, done in zip(indices, finished, strict=True):
-                        text = tokenizer.decode(done.tokens, skip_special_tokens=True)
-                        answers[index] = _first_line(_cut_at_stop(text, stop))
+                    rows = None if adapters is None else [adapters[i] for i in indices]
+                    texts = _engine_batch(native, tokenizer, encoded, indices, max_new_tokens,
+                                          sampling, None if bank is None else bank.indices(rows),
+                                          stop)  # fmt: skip
+                    for index, text in zip(indices, texts, strict=True):
+                        answers[index] = text
                     bar.advance(task, len(indices))
                 return answers
             if do_sample:
@@ -238,6 +228,33 @@ def generate(
     return answers
 
 
+def _engine_batch(
+    engine: Engine,
+    tokenizer: Any,
+    encoded: list[list[int]],
+    indices: list[int],
+    max_new_tokens: int,
+    sampling: Sampling,
+    sets: torch.Tensor | None,
+    stop: Sequence[str],
+) -> list[str]:
+    """The answers of prompts ``indices`` through the engine, in that order; a row stops once
+    its answer is fixed (``_answer_complete``)."""
+    finished = generate_ids(
+        engine,
+        [encoded[i] for i in indices],
+        max_new_tokens=max_new_tokens,
+        eos_ids=[tokenizer.eos_token_id],
+        sampling=sampling,
+        prompt_indices=indices,
+        adapter_sets=None if sets is None else sets.tolist(),
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        stop=_answer_complete(stop),
+    )
+    texts = (tokenizer.decode(done.tokens, skip_special_tokens=True) for done in finished)
+    return [_first_line(_cut_at_stop(text, stop)) for text in texts]
+
+
 def _build_engine(model: nn.Module, choice: bool | None, num_beams: int, mixed: bool) -> Any:
     """The decode engine for this call, or None (transformers generate) with the reason logged;
     with ``choice`` True a reason is an error instead."""
@@ -246,7 +263,7 @@ def _build_engine(model: nn.Module, choice: bool | None, num_beams: int, mixed: 
     try:
         if num_beams > 1:
             raise UnsupportedModelError(f"beam search (num_beams={num_beams})")
-        return Engine.build(model, use_bank=mixed)
+        engine = Engine.build(model, use_bank=mixed)
     except UnsupportedModelError as reason:
         if choice:
             raise UnsupportedModelError(
@@ -255,3 +272,10 @@ def _build_engine(model: nn.Module, choice: bool | None, num_beams: int, mixed: 
             ) from reason
         logger.info("generating with transformers generate, not the decode engine: %s", reason)
         return None
+    logger.debug(
+        "decode engine: %s kernel, %d blocks, %.1f MB of kernel operands",
+        engine.kernel_name,
+        engine.spec.n_layers,
+        engine.weights.nbytes() / 1e6,
+    )
+    return engine
