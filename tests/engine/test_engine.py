@@ -303,3 +303,27 @@ def test_threads_give_the_same_tokens(model, engine):
         torch.set_num_threads(threads)
     assert [d.tokens for d in two] == [d.tokens for d in one]
     assert np.isfinite(lowered.weights.first).all()
+
+
+def test_int8_tables_kernel_runs_in_the_engine(monkeypatch):
+    """``ALPHATUNE_KERNEL=avx2-int8``: the engine runs the int8-table loop, and is as close to the
+    exact logits as the layers' own int8 path is (the loop is lossy: see avx2_lut)."""
+    from alphatune.kernels import avx2_lut
+
+    if not avx2_lut.available():
+        pytest.skip("no AVX2 here")
+    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"))
+    ids = random_prompts(1, seed=21)[0]
+    exact = reference_logits(model, ids)
+    monkeypatch.setenv("ALPHATUNE_KERNEL", "avx2-int8")
+    engine = Engine.build(model)
+    assert engine.kernel_name == "avx2-int8" and engine.quantized_tables
+    model.apply(lambda m: getattr(m, "release_weight_cache", lambda: None)())
+    layers = reference_logits(model, ids)
+
+    def rms(t: torch.Tensor) -> float:
+        return float(t.pow(2).mean().sqrt())
+
+    ours = prompt_logits(engine, ids)
+    assert 0 < rms(ours - exact) < 2 * rms(layers - exact) + 1e-6
+    assert rms(ours - exact) < 0.05 * rms(exact)
