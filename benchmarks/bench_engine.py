@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
                     min(len(ours), len(reference)),
                 ),
                 "load_average": env["load_average"],
-                "engine_step_us": {k: round(v, 1) for k, v in step_breakdown(engine, ids, threads).items()},
+                "engine_step_us": {
+                    k: round(v, 1) for k, v in step_breakdown(engine, ids, threads).items()
+                },
             }
             if fp32 is not None:
                 fp32_tps, _ = tokens_per_second(

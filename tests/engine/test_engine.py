@@ -133,6 +133,14 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(engine):
     assert len({tuple(d.tokens) for d in batched}) > 1  # not vacuous
 
 
+def test_request_checks(engine):
+    assert generate_ids(engine, [], max_new_tokens=4) == []
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate_ids(engine, [[1, 2]], max_new_tokens=0)
+    with pytest.raises(ConfigError, match="at least one token"):
+        generate_ids(engine, [[1], []], max_new_tokens=2)
+
+
 def test_eos_ends_a_row(engine):
     prompts = random_prompts(3, seed=7)
     free = generate_ids(engine, prompts, max_new_tokens=10)

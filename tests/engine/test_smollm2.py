@@ -50,7 +50,7 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(model, tokenizer, r
     for ids, done in zip(encoded, ours, strict=True):
         with torch.inference_mode():
             out = model.generate(
-                input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                input_ids=torch.tensor([ids]), attention_mask=torch.ones_like(torch.tensor([ids])),
                 max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_scores=True,
                 return_dict_in_generate=True,
             )  # fmt: skip

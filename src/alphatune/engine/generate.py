@@ -66,6 +66,10 @@ def generate_ids(
     Returns:
         One ``Finished`` per prompt, in order.
     """
+    if not prompts:
+        return []
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     if stop is not None and decode is None:
