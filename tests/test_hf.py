@@ -109,9 +109,7 @@ def assert_loaded_packed(model: nn.Module, arch: str) -> None:
     embedding = model.get_input_embeddings()
     assert isinstance(embedding, BCQEmbedding) and model.get_output_embeddings().table is embedding
     size = embedding.num_embeddings * embedding.embedding_dim
-    assert not any(
-        t.is_floating_point() and t.numel() >= size for t in model.state_dict().values()
-    )
+    assert not any(t.is_floating_point() and t.numel() >= size for t in model.state_dict().values())
 
 
 # ---------------------------------------------------------------- loading a base
