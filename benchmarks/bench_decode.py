@@ -286,11 +286,12 @@ class Runner:
             return
         import torch
 
-        if kind == "transformers":
-            from alphatune.models import load_model, load_tokenizer
+        if kind == "transformers":  # transformers alone: no alphatune (nor numba) imported
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            self.model = load_model(dtype=getattr(torch, self.config["dtype"]))
-            self.tokenizer = load_tokenizer()
+            directory, dtype = self.spec["model_dir"], getattr(torch, self.config["dtype"])
+            self.model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(directory)
             return
         from alphatune import load_quantized
 
@@ -349,7 +350,7 @@ class Runner:
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
                 do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             )
         return out[0, len(ids) :].tolist()
 
@@ -567,7 +568,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(HERE))
     from revision import source_revision
 
-    from alphatune.models import cache_dir, embedded_gguf_path
+    from alphatune.models import cache_dir, embedded_gguf_path, resolve_model_path
 
     load_before = os.getloadavg()
     skipped: dict[str, str] = {}
@@ -593,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     short, long = prompt_ids(args.prefill_tokens)
     spec = {
         "gguf": str(embedded_gguf_path()),
+        "model_dir": resolve_model_path(),  # the embedded model as safetensors (converted once)
         "prompt_ids": short,
         "prefill_ids": long,
         "new_tokens": args.new_tokens,

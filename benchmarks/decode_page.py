@@ -18,9 +18,9 @@ TARGET_ROW = "alphatune-q3-compact-engine"
 TITLE = "# Decode benchmark: alphatune vs llama.cpp vs transformers"
 TARGETS = (
     "Issue 15's targets for the default 3-bit base decoded by the engine "
-    "(`alphatune-q3-compact-engine`): tokens/s ≥ 1.0× llama.cpp's at 1 and 2 threads (stretch "
-    "1.4×, T-MAC's ratio); peak RSS above the imports ≤ 1.25× llama.cpp's; prefill of a 512-token "
-    "prompt at least as fast as transformers bf16."
+    "(`alphatune-q3-compact-engine`): tokens/s ≥ 1.0× llama.cpp's at 1 and 2 threads "
+    "(stretch 1.4×, T-MAC's ratio); peak RSS above the imports ≤ 1.25× llama.cpp's; "
+    "prefill of a 512-token prompt at least as fast as transformers bf16."
 )
 
 
@@ -36,6 +36,15 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 def _check(ok: bool | None) -> str:
     return "–" if ok is None else ("met" if ok else "**missed**")
+
+
+def _leading_equal(tokens: list[int] | None, reference: list[int] | None) -> str:
+    """How many greedy tokens agree with the reference before the first difference."""
+    if not tokens or not reference:
+        return "–"
+    n = min(len(tokens), len(reference))
+    same = next((i for i in range(n) if tokens[i] != reference[i]), n)
+    return f"{same}/{n}"
 
 
 def render(payload: dict[str, Any], out: Path, docs: Path) -> str:
@@ -92,17 +101,19 @@ def render(payload: dict[str, Any], out: Path, docs: Path) -> str:
         + "; "
         + ", ".join(f"{k} not installed" for k, val in v.items() if not val),
         (
-            f"- **Protocol**: {protocol['new_tokens']} new tokens after a {protocol['prompt_tokens']}"
-            f"-token prompt, eos ignored, median of {protocol['repeats']} after a "
-            f"{protocol['warmup_tokens']}-token warm-up (wall time, the short prefill included); time "
-            f"to first token = prefill of a {protocol['prefill_tokens']}-token WikiText-2 prompt + one "
-            f"token (median of {protocol['ttft_repeats']}); threads {', '.join(threads)}."
+            f"- **Protocol**: {protocol['new_tokens']} new tokens after a "
+            f"{protocol['prompt_tokens']}-token prompt, eos ignored, median of "
+            f"{protocol['repeats']} after a {protocol['warmup_tokens']}-token warm-up (wall time, "
+            "the short prefill included); time to first token = prefill of a "
+            f"{protocol['prefill_tokens']}-token WikiText-2 prompt + one token (median of "
+            f"{protocol['ttft_repeats']}); threads {', '.join(threads)}."
         ),
         (
-            "- **Memory** (`/proc/self/status`): *imports* = VmRSS after the imports only (torch, "
-            "transformers, numba, alphatune; or llama_cpp), *loaded* = after loading the model (and "
-            "building the engine), *steady* = VmRSS and *peak* = VmHWM after the decode runs, *above "
-            "imports* = peak − imports; the long prompt's prefill runs after them, with its own peak."
+            "- **Memory** (`/proc/self/status`): *imports* = VmRSS after the imports only "
+            "(llama_cpp; torch and transformers; alphatune rows also alphatune and numba), "
+            "*loaded* = after loading the model (and building the engine), *steady* = VmRSS and "
+            "*peak* = VmHWM after the decode runs, *above imports* = peak − imports; the long "
+            "prompt's prefill runs after them, with its own peak."
         ),
         "",
     ]
@@ -122,7 +133,9 @@ def render(payload: dict[str, Any], out: Path, docs: Path) -> str:
         head += [f"tok/s {t}T", "× llama.cpp"]
     for t in threads:
         head += [f"first token ({n_prefill}) {t}T, s", "prefill × bf16"]
+    head += ["leading tokens = fp32"]
     lines += ["## Speed", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    reference = run("transformers-fp32", threads[0], "first_tokens")
     for name, _ in measured:
         cells = [f"`{name}`"]
         for t in threads:
@@ -135,6 +148,7 @@ def render(payload: dict[str, Any], out: Path, docs: Path) -> str:
                 _number(run(name, t, "ttft_s"), 2),
                 _ratio(run(name, t, "prefill_tok_s"), run(bf16, t, "prefill_tok_s")),
             ]
+        cells += [_leading_equal(run(name, threads[0], "first_tokens"), reference)]
         lines += ["| " + " | ".join(cells) + " |"]
     lines += [""]
 
@@ -210,43 +224,35 @@ def pending() -> str:
     return "\n".join(lines + about())
 
 
+ABOUT = """\
+## Configurations
+
+- `llama.cpp`: the packaged `SmolLM2-135M-Instruct.Q4_1.gguf` (4.5 bits/weight) through
+  llama-cpp-python's `Llama.generate` (greedy); its own tokenizer is unused: every row gets the
+  same token ids.
+- `transformers-fp32` / `-bf16`: the embedded SmolLM2 (dequantized from that Q4_1 file),
+  transformers `generate`, no alphatune imported.
+- `alphatune-qB-HEAD-engine`: B-bit blocks, default calibrated method (32 × 512 tokens of
+  WikiText-2 valid), the same blocks for every HEAD, decoded by `alphatune.engine`. HEAD
+  `compact` = the default `BCQConfig(bits=B)` (one 8-bit table for the embedding and the tied
+  head); `keep` = `lm_head='keep', embedding='keep'` (the fp32 tied matrix, the layout before the
+  compact default); `bf16` = `lm_head='bf16'` (a bf16 head, the compact embedding).
+- `alphatune-q3-compact-transformers`: the default 3-bit base through transformers `generate`
+  (the engine's reference path).
+
+## Reproduce
+
+```bash
+CMAKE_ARGS='-DGGML_NATIVE=ON' pip install -e '.[bench]'  # llama-cpp-python: builds, ~5-10 min
+python benchmarks/bench_decode.py           # ~20 min, ~30-35 the first time (quantizes bases)
+python benchmarks/bench_decode.py --render  # re-render this page from the JSON
+```
+
+Run it on a quiet machine: every timing is wall time, and the results file records the load
+average so that a busy run can be recognised.
+"""
+
+
 def about() -> list[str]:
     """What each configuration is, and how to reproduce the page."""
-    return [
-        "## Configurations",
-        "",
-        (
-            "- `llama.cpp`: the packaged `SmolLM2-135M-Instruct.Q4_1.gguf` (4.5 bits/weight) through "
-            "llama-cpp-python's `Llama.generate` (top_k=1), its own tokenizer unused: the same token "
-            "ids as every other row."
-        ),
-        (
-            "- `transformers-fp32` / `-bf16`: the embedded SmolLM2 (dequantized from that Q4_1 file), "
-            "`model.generate`."
-        ),
-        (
-            "- `alphatune-qB-HEAD-engine`: B-bit blocks, default calibrated method (32 × 512 tokens of "
-            "WikiText-2 valid), the same blocks for every HEAD; decoded by `alphatune.engine`. HEAD "
-            "`compact` = the default `BCQConfig(bits=B)` (one 8-bit table for the embedding and the "
-            "tied head); `keep` = `lm_head='keep', embedding='keep'` (the fp32 tied matrix, the layout "
-            "before the compact default); `bf16` = `lm_head='bf16'` (bf16 head, compact embedding)."
-        ),
-        (
-            "- `alphatune-q3-compact-transformers`: the default 3-bit base through transformers "
-            "`generate` (the engine's reference path)."
-        ),
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        "CMAKE_ARGS='-DGGML_NATIVE=ON' pip install -e '.[bench]'   # llama-cpp-python, builds ~5-10 min",
-        f"{REPRODUCE}            # quantizes the bases once (cached), then ~15-25 min",
-        f"{REPRODUCE} --render   # re-render this page from the JSON",
-        "```",
-        "",
-        (
-            "Run it on a quiet machine: every timing is wall time, and the results file records the "
-            "load average so a busy run can be recognised."
-        ),
-        "",
-    ]
+    return ABOUT.splitlines()
