@@ -133,6 +133,33 @@ def render_forms(records: list[dict]) -> list[str]:
     return lines
 
 
+USAGE = """
+## How it is stored and used
+
+- Config: `BCQConfig(embedding="compact" | "keep", lm_head="compact" | "keep" | "bf16" | \
+"bcq")`, both `compact` by default; `quantize_lm_head(model, config)` applies them to any model \
+(`quantize_` calls it after the blocks). A tied head with a compact embedding becomes a \
+`BCQHead` that uses the embedding's table (`alphatune.embedding`); an untied head, or one next \
+to a kept embedding, gets its own table. What `compact` cannot handle (an embedding subclass \
+with its own forward, a head that is not an `nn.Linear`) is kept, with the reason logged.
+- Modules: `model.get_input_embeddings()` is a `BCQEmbedding` (`rows(ids)`: the float32 rows \
+of any id tensor, only those dequantized; `forward` = `rows` times the model's embedding \
+scale), `model.get_output_embeddings()` a `BCQHead` (`forward(hidden)`: logits; `.table` its \
+`BCQTable`). Neither is a `BCQLinear`: never α-tuned, never in an adapter.
+- Files (base format 3): `model.safetensors` holds `<embedding>.packed_codes` (uint8, \
+8 × rows × dim/8), `.alpha` (fp16, 8 × rows × groups) and `.offset` (fp16); a head that shares \
+the table has no tensors; an own table is `lm_head.own_table.*`. `config.json` records \
+`input_embedding` (module, table shape, scale) and the head (`shares` or `table`). Bases of \
+formats 1 and 2 (fp32 embedding, bf16/BCQ heads) load as before, with the fingerprints they \
+had; the base fingerprint of a format-3 base also covers the embedding's table. A missing, \
+corrupted or misshapen table tensor or record is an error naming the file and the tensor or \
+record.
+- Memory: the table is 35 MB resident (codes, and fp32 scales and offsets). Decoding through \
+the LUT kernel adds the kernel's own layout of the codes (28 MB), as it does for every BCQ \
+layer; reading the stored layout directly would remove that copy.
+""".splitlines()
+
+
 def _find(records: list[dict], base: str, head: str) -> dict | None:
     return next((r for r in records if r["base"] == base and r["head"] == head), None)
 
@@ -150,14 +177,20 @@ def render_choice(records: list[dict], forms: list[dict]) -> list[str]:
     if not costs or q3 is None:
         return []
     table = q3["embedding_bytes"] / 1e6
+    q3_keep = _find(records, "q3", "keep")
+    if q3_keep is None:
+        return []
+    keep_saved = q3_keep["saved_bytes"]
+    # The same base with the table in bf16 instead: half the fp32 embedding's bytes.
+    bf16_saved = q3["saved_bytes"] - q3["embedding_bytes"] + q3_keep["embedding_bytes"] // 2
     lines.append(
         f"Perplexity: {' and '.join(costs)} (the budget is +0.1%). Memory: the 28.3M-entry matrix "
         f"is stored once, in {table:.1f} MB (8 bits per entry + fp16 scales and offsets per "
         "group of 144), instead of 113.2 MB in fp32; a `bf16` or `bcq` head is an untied copy "
         "next to the fp32 embedding (more memory, not less). The saved 3-bit base is "
         f"{q3['saved_bytes'] / 1e6:.1f} MB, under the {GGUF_BYTES / 1e6:.1f} MB Q4_1 GGUF it came "
-        "from (with an fp32 embedding it was 159 MB; with a bf16 table it would be ~103 MB, "
-        "still above it). No dense copy exists at load or run time: the lookup dequantizes the "
+        f"from (with the fp32 embedding: {keep_saved / 1e6:.0f} MB; with a bf16 table it would be "
+        f"~{bf16_saved / 1e6:.0f} MB, still above it). No dense copy exists at load or run time: the lookup dequantizes the "
         "rows it reads; the head multiplies on the LUT kernel up to 64 tokens and dequantizes "
         "4,096 vocabulary rows at a time beyond (prefill, evaluation, training)."
     )
@@ -252,6 +285,7 @@ def render(records: list[dict], settings: dict) -> str:
         ]
     forms = load_records(settings.get("forms_out", FORMS_RESULTS))
     lines += render_choice(records, forms)
+    lines += USAGE
     lines += render_forms(forms)
     lines += ["", f"Machine: {describe_machine()}.", ""]
     return "\n".join(lines)
