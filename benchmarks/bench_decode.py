@@ -513,11 +513,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 2")
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 128")
     parser.add_argument("--repeats", type=int, default=None, help="default: 3")
-    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--prefill-tokens", type=int, default=None, help="default: 512")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 16 tokens, 1 thread, 4 configs, results to /tmp",
+        help="smoke run: 16 tokens, 1 thread, a 128-token prefill, 4 configs, results to /tmp",
     )
     parser.add_argument(
         "--cache",
@@ -538,6 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.threads = args.threads or ([1] if quick else [1, 2])
     args.new_tokens = args.new_tokens or (16 if quick else 128)
     args.repeats = args.repeats or (1 if quick else 3)
+    args.prefill_tokens = args.prefill_tokens or (128 if quick else 512)
     args.out = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
     args.docs = args.docs or (QUICK_DOCS if quick else DEFAULT_DOCS)
     return args
