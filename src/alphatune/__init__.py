@@ -27,6 +27,7 @@ from alphatune.bases import base_fingerprint, load_quantized, save_quantized
 from alphatune.config import (
     AlphaTuningConfig,
     BCQConfig,
+    EmbeddingMode,
     LMHeadMode,
     PackingFormat,
     QuantMethod,
@@ -34,6 +35,7 @@ from alphatune.config import (
     TrainConfig,
 )
 from alphatune.distributed import DataParallel, data_parallel
+from alphatune.embedding import BCQEmbedding, BCQHead
 from alphatune.errors import (
     AlphaTuneError,
     CheckpointError,
@@ -61,6 +63,8 @@ __all__ = [
     "AlphaTuneError",
     "AlphaTuningConfig",
     "BCQConfig",
+    "BCQEmbedding",
+    "BCQHead",
     "BCQHfQuantizer",
     "BCQLinear",
     "BCQQuantizationConfig",
@@ -68,6 +72,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DataParallel",
+    "EmbeddingMode",
     "KernelUnavailableError",
     "LMHeadMode",
     "PackingFormat",

@@ -29,6 +29,7 @@ from alphatune.config import (
     AUTO,
     AlphaTuningConfig,
     BCQConfig,
+    EmbeddingMode,
     LMHeadMode,
     QuantMethod,
     TrainConfig,
@@ -80,6 +81,13 @@ def _positive_float(text: str) -> float:
     value = _finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
     return value
 
 
@@ -177,6 +185,7 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         iterations=args.iterations,
         lm_head=args.lm_head,
         lm_head_bits=args.lm_head_bits,
+        embedding=args.embedding,
     )
     # Before minutes of work; never into (or around) the model being read.
     inputs = _inputs(local_model_dir(args.model), args.calibration)
@@ -216,9 +225,17 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
         "compression vs fp32 / fp16",
         f"{summary.compression_vs_fp32:.2f}× / {summary.compression_vs_fp16:.2f}×",
     )
-    if summary.lm_head != LMHeadMode.KEEP.value:
+    if summary.embedding_bytes:
         table.add_row(
-            "LM head (frozen, untied)", f"{summary.lm_head} {summary.lm_head_bytes / 2**20:.1f} MiB"
+            "embedding (8-bit table, frozen)", f"{summary.embedding_bytes / 2**20:.1f} MiB"
+        )
+    if summary.lm_head != LMHeadMode.KEEP.value:
+        shares = summary.lm_head == LMHeadMode.COMPACT.value and not summary.lm_head_bytes
+        table.add_row(
+            "LM head (frozen)",
+            f"{summary.lm_head}: shares the embedding's table"
+            if shares
+            else f"{summary.lm_head} {summary.lm_head_bytes / 2**20:.1f} MiB",
         )
     table.add_row("whole model as stored", f"{summary.model_bytes / 2**20:.1f} MiB")
     table.add_row("quantization time", f"{seconds:.1f} s")
@@ -392,6 +409,13 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
         num_beams=args.beams,
         adapters=args.prompt_adapter if mixed else None,
         progress=not args.no_progress,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        engine={"auto": None, "on": True, "off": False}[args.engine],
     )
     names = args.prompt_adapter if mixed else [None] * len(prompts)
     for prompt, name, text in zip(args.prompt, names, outputs, strict=True):
@@ -589,8 +613,16 @@ def _add_quant_options(parser: argparse.ArgumentParser) -> None:
         "--lm-head",
         choices=[m.value for m in LMHeadMode],
         default=defaults.lm_head.value,
-        help="LM head for inference: keep it as is, a bf16 copy, or BCQ with "
-        "--lm-head-bits (frozen, untied from the embedding; default: %(default)s)",
+        help="LM head for inference, never tuned: compact (an 8-bit table, the embedding's own "
+        "when the model ties them), keep it as is, a bf16 copy, or BCQ with --lm-head-bits "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--embedding",
+        choices=[m.value for m in EmbeddingMode],
+        default=defaults.embedding.value,
+        help="input embedding: compact (an 8-bit table whose rows are dequantized when looked "
+        "up) or keep it as is (default: %(default)s)",
     )
     parser.add_argument(
         "--lm-head-bits",
@@ -701,6 +733,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--beams", type=_positive_int, default=1)
+    g.add_argument(
+        "--sample", action="store_true", help="sample instead of greedy decoding (seeded)"
+    )
+    g.add_argument("--temperature", type=_positive_float, default=1.0)
+    g.add_argument("--top-k", type=_positive_int, default=None)
+    g.add_argument("--top-p", type=_fraction, default=None)
+    g.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
+    g.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT", help="end an answer at TEXT"
+    )
+    g.add_argument(
+        "--engine",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="the native decode engine: where it serves the model (auto), required (on), or "
+        "transformers generate (off); default: %(default)s",
+    )
     _add_common(g)
 
     e = sub.add_parser("evaluate", help="BLEU on a task (or perplexity on a text file)")
