@@ -422,6 +422,18 @@ def run_worker(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the driver
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds every process on the machine used, CPU seconds this process and its finished
+    children used), since boot / start: their difference over a run is what *others* used."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:9]]
+    machine_busy = (sum(values) - values[3] - values[4]) / os.sysconf(
+        "SC_CLK_TCK"
+    )  # - idle, iowait
+    own = os.times()
+    return machine_busy, own.user + own.system + own.children_user + own.children_system
+
+
 def machine() -> dict[str, Any]:
     import platform
 
@@ -572,6 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     from alphatune.models import cache_dir, embedded_gguf_path, resolve_model_path
 
     load_before = os.getloadavg()
+    cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
     skipped: dict[str, str] = {}
     problem = llama_cpp_problem()
     if problem and any(c["kind"] == "llama.cpp" for c in configs):
@@ -618,7 +631,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
     load_after = os.getloadavg()
     cpus = os.cpu_count() or 1
-    busy = max(load_before[0], load_after[0]) > 0.5 * cpus
+    # What other processes used during the run, as a share of the machine: the load average lags
+    # by minutes (jobs that just ended count) and counts this run's own threads.
+    cpu_after, wall = _cpu_seconds(), time.perf_counter() - wall_before
+    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
+    others_share = max(0.0, others) / (wall * cpus)
+    busy = others_share > 0.1
     environment = {
         **source_revision(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -627,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "load_average_before": load_before,
         "load_average_after": load_after,
+        "others_cpu_share": round(others_share, 3),
         "busy": busy,
         "quick": args.quick,
         "note": args.note,
@@ -652,8 +671,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if busy:
         print(
-            f"WARNING: the machine was busy (load {load_before[0]:.1f} / {load_after[0]:.1f} on "
-            f"{cpus} CPUs): the timings are not representative",
+            f"WARNING: the machine was busy (other processes used {others_share:.0%} of its "
+            f"{cpus} CPUs during the run): the timings are not representative",
             flush=True,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

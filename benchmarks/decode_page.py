@@ -80,8 +80,8 @@ def render(payload: dict[str, Any], out: Path, docs: Path) -> str:
         )
         lines += [
             (
-                f"> **Not a measurement: {why}** (load average {env['load_average_before'][0]:.1f}"
-                f" before, {env['load_average_after'][0]:.1f} after, on {env['cpu_count']} CPUs)."
+                f"> **Not a measurement: {why}** (other processes used "
+                f"{_others(env)} of the {env['cpu_count']} CPUs during the run)."
                 " The numbers only show that the script runs."
             ),
             "",
@@ -93,8 +93,9 @@ def render(payload: dict[str, Any], out: Path, docs: Path) -> str:
         + (" (uncommitted changes)" if env.get("dirty") else "")
         + f", {env['date']}",
         (
-            f"- **Machine**: {env['processor']}, {env['cpu_count']} CPUs ({flags}); load average "
-            f"{env['load_average_before'][0]:.2f} before, {env['load_average_after'][0]:.2f} after"
+            f"- **Machine**: {env['processor']}, {env['cpu_count']} CPUs ({flags}); other "
+            f"processes used {_others(env)} of the CPUs during the run (load average "
+            f"{env['load_average_before'][0]:.2f} before, {env['load_average_after'][0]:.2f} after)"
         ),
         "- **Versions**: "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val)
@@ -256,3 +257,9 @@ average so that a busy run can be recognised.
 def about() -> list[str]:
     """What each configuration is, and how to reproduce the page."""
     return ABOUT.splitlines()
+
+
+def _others(env: dict[str, Any]) -> str:
+    """The CPU share other processes used during the run (older results did not record it)."""
+    share = env.get("others_cpu_share")
+    return "an unrecorded share" if share is None else f"{share:.0%}"
