@@ -20,8 +20,8 @@ from pathlib import Path
 
 from alphatune import BCQConfig, quantize_, quantize_lm_head
 from alphatune.adapters import load_quantized, save_quantized
+from alphatune.data import calibration_batch, find_data_dir
 from alphatune.models import cache_dir, load_model, load_tokenizer
-from alphatune.workflow import calibration_batch, find_data_dir
 
 DEFAULT_CACHE = cache_dir() / "bench"
 CALIBRATION_LENGTH = 512

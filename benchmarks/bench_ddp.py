@@ -69,9 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def training_examples(count: int) -> tuple[list[Any], str]:
-    from alphatune.data import Example, load_task
+    from alphatune.data import Example, default_file, load_task
     from alphatune.errors import DataError
-    from alphatune.workflow import default_file
 
     try:
         path = default_file("e2e", "train")

@@ -152,7 +152,7 @@ SETTINGS = "bench_decode_base.json"
 
 
 def calibration_settings(sequences: int) -> dict[str, Any]:
-    from alphatune.workflow import default_file
+    from alphatune.data import default_file
 
     return {"file": default_file("calibration", "text").name, "sequences": sequences, "length": 512}
 
@@ -196,7 +196,7 @@ def cached_base(bits: int, head: str, cache: Path, sequences: int) -> Path:
     config = head_config(bits, head)
     began = time.perf_counter()
     if source is None:
-        from alphatune.workflow import calibration_batch, default_file
+        from alphatune.data import calibration_batch, default_file
 
         print(f"quantizing SmolLM2 to {bits} bits (calibrated, minutes) -> {directory}", flush=True)
         tokenizer = load_tokenizer()
@@ -482,8 +482,8 @@ def llama_cpp_problem() -> str | None:
 
 def prompt_ids(tokens: int) -> tuple[list[int], list[int]]:
     """(short prompt ids, ``tokens`` ids of WikiText-2 test text) with the model's tokenizer."""
+    from alphatune.data import find_data_dir
     from alphatune.models import load_tokenizer
-    from alphatune.workflow import find_data_dir
 
     tokenizer = load_tokenizer()
     text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[: 40 * tokens]

@@ -279,9 +279,8 @@ def real_models(args: argparse.Namespace) -> tuple[dict, dict]:
     """SmolLM2: the cached HF directory and our cached bases (built on first use: minutes)."""
     from bases import DEFAULT_CACHE, cached_base
 
-    from alphatune.data import load_text_tokens
+    from alphatune.data import find_data_dir, load_text_tokens
     from alphatune.models import load_tokenizer, resolve_model_path
-    from alphatune.workflow import find_data_dir
 
     paths = {"hf": resolve_model_path()}
     for name in args.configs:

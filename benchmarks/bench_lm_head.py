@@ -43,7 +43,7 @@ from common import append_record, describe_machine, environment, load_records, t
 
 from alphatune import BCQConfig, bcq, kernels, quantize_lm_head
 from alphatune.adapters import load_quantized, save_quantized
-from alphatune.data import load_text_tokens
+from alphatune.data import find_data_dir, load_text_tokens
 from alphatune.embedding import BCQEmbedding, fit_table
 from alphatune.evaluate import perplexity
 from alphatune.files import BASE_WEIGHTS
@@ -51,7 +51,6 @@ from alphatune.fitting import fit_weight
 from alphatune.lm_head import collect_head_hessian
 from alphatune.models import load_model, load_tokenizer
 from alphatune.quantize import summarize
-from alphatune.workflow import find_data_dir
 
 RESULTS = Path(__file__).parent / "results" / "lm_head.jsonl"
 FORMS_RESULTS = Path(__file__).parent / "results" / "lm_head_forms.jsonl"

@@ -19,10 +19,9 @@ from pathlib import Path
 from common import append_record, describe_machine, load_records
 
 from alphatune import BCQConfig, quantize_
-from alphatune.data import load_text_tokens
+from alphatune.data import calibration_batch, find_data_dir, load_text_tokens
 from alphatune.evaluate import perplexity
 from alphatune.models import load_model, load_tokenizer
-from alphatune.workflow import calibration_batch, find_data_dir
 
 RESULTS = Path(__file__).parent / "results" / "quantization.jsonl"
 DOCS = Path(__file__).parents[1] / "docs" / "quantization.md"

@@ -24,10 +24,9 @@ from common import environment
 
 import alphatune
 from alphatune import BCQConfig, quantize_
-from alphatune.data import load_text_tokens
+from alphatune.data import calibration_batch, find_data_dir, load_text_tokens
 from alphatune.evaluate import perplexity
 from alphatune.models import load_model, load_tokenizer
-from alphatune.workflow import calibration_batch, find_data_dir
 
 RESULTS = Path(__file__).parent / "results" / "quantize_speed.json"
 EVAL_TOKENS = 8192

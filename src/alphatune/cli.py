@@ -173,10 +173,10 @@ def _inputs(*paths: Any) -> list[Path]:
 # ---------------------------------------------------------------- commands
 def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.bases import save_quantized
+    from alphatune.data import calibration_batch, default_file
     from alphatune.files import BASE_MARKERS, check_output_dir
     from alphatune.models import load_model, load_tokenizer, local_model_dir
     from alphatune.quantize import quantize_
-    from alphatune.workflow import calibration_batch, default_file
 
     config = BCQConfig(
         bits=args.bits,
@@ -268,11 +268,10 @@ def _tune(args: argparse.Namespace) -> dict[str, Any]:
 def _tune_in(args: argparse.Namespace, parallel: DataParallel) -> dict[str, Any]:
     from alphatune.adapters import save_adapter
     from alphatune.bases import base_fingerprint
-    from alphatune.data import load_task
+    from alphatune.data import default_file, load_task
     from alphatune.files import ADAPTER_MARKERS, check_output_dir
     from alphatune.train import train
     from alphatune.tuning import prepare_for_alphatuning
-    from alphatune.workflow import default_file
 
     tuning = AlphaTuningConfig(
         train=args.train, train_offset=args.train_offset, alpha_lr_scale=args.alpha_lr_scale
@@ -389,9 +388,8 @@ def _mixed_adapters(args: argparse.Namespace) -> dict[str, Path] | None:
 
 def _generate(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.data import e2e_prompt
-    from alphatune.evaluate import generate
+    from alphatune.evaluate import check_prompt_lengths, generate
     from alphatune.mixed import load_adapters
-    from alphatune.workflow import check_prompt_lengths
 
     mixed = _mixed_adapters(args)
     single = None if mixed is not None or not args.adapter else args.adapter[0][1]
@@ -425,10 +423,9 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.data import load_task, load_text_tokens
-    from alphatune.evaluate import perplexity
+    from alphatune.data import default_file, load_task, load_text_tokens
+    from alphatune.evaluate import context_length, perplexity, score_generation
     from alphatune.files import check_output_file, write_file
-    from alphatune.workflow import context_length, default_file, score_generation
 
     path = None if args.perplexity else args.data or default_file(args.task, "test")
     if args.predictions:
@@ -492,10 +489,10 @@ def _quant_option_names() -> list[str]:
 def _demo(args: argparse.Namespace) -> dict[str, Any]:
     from alphatune.adapters import load_adapter
     from alphatune.bases import load_quantized
-    from alphatune.data import load_task, seeded_sample
+    from alphatune.data import default_file, load_task, seeded_sample
+    from alphatune.evaluate import score_generation
     from alphatune.files import ADAPTER_MARKERS, BASE_MARKERS, check_output_dir, write_file
     from alphatune.models import local_model_dir
-    from alphatune.workflow import default_file, score_generation
 
     work = Path(args.work_dir)
     base, adapter = work / "base", work / "adapter-e2e"

@@ -1,4 +1,5 @@
-"""Evaluation: generation, BLEU and the E2E NLG metrics, bootstrap intervals, perplexity."""
+"""Evaluation: generation, BLEU and the E2E NLG metrics, bootstrap intervals, task scoring,
+perplexity."""
 
 from alphatune.evaluate.generation import generate
 from alphatune.evaluate.metrics import (
@@ -10,14 +11,24 @@ from alphatune.evaluate.metrics import (
     e2e_nist,
 )
 from alphatune.evaluate.perplexity import perplexity
+from alphatune.evaluate.scoring import (
+    TaskScore,
+    check_prompt_lengths,
+    context_length,
+    score_generation,
+)
 
 __all__ = [
     "MetricUnavailableError",
+    "TaskScore",
     "bootstrap_interval",
+    "check_prompt_lengths",
+    "context_length",
     "corpus_bleu",
     "e2e_bleu",
     "e2e_metrics",
     "e2e_nist",
     "generate",
     "perplexity",
+    "score_generation",
 ]

@@ -107,7 +107,7 @@ def base_config(bits: int, method: str) -> BCQConfig:
 
 
 def _calibration(tokenizer: Any) -> Tensor:
-    from alphatune.workflow import calibration_batch, default_file
+    from alphatune.data import calibration_batch, default_file
 
     path = default_file("calibration", "text")
     return calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)

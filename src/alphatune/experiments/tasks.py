@@ -32,6 +32,7 @@ from alphatune.data import (
     Example,
     collate,
     encode_example,
+    find_data_dir,
     load_e2e_eval,
     load_e2e_train,
     load_triples_eval,
@@ -41,7 +42,6 @@ from alphatune.data import (
 from alphatune.errors import ConfigError, DataError
 from alphatune.evaluate.metrics import bootstrap_interval, corpus_bleu, e2e_bleu, e2e_metrics
 from alphatune.models import model_device
-from alphatune.workflow import find_data_dir
 
 logger = logging.getLogger(__name__)
 
