@@ -137,15 +137,14 @@ def _worker(rank: int, world_size: int, port: int, out: Path) -> None:
 
 
 def start_processes(out: Path) -> mp.ProcessContext:
-    # fork: the children inherit the imports (seconds each); they run one torch thread, as
-    # DataLoader workers do. Elsewhere (macOS, Windows) fork is unsafe or absent.
-    method = "fork" if sys.platform == "linux" else "spawn"
+    # spawn, not fork: once numba's OpenMP threading layer has started in this process (any
+    # earlier test of a parallel kernel), GNU OpenMP terminates a forked child.
     return mp.start_processes(
         _worker,
         args=(WORLD_SIZE, free_port(), out),
         nprocs=WORLD_SIZE,
         join=False,
-        start_method=method,
+        start_method="spawn",
     )
 
 
