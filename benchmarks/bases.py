@@ -10,6 +10,9 @@ loads it from there afterwards. One directory per setting:
 
 A cached base is reused only if its ``quantization_config`` matches the request; pass
 ``rebuild=True`` (``--rebuild`` in the scripts) after changing the quantizer.
+
+``tiny_quick_base`` is the base of the scripts' ``--quick`` smoke runs: a tiny random Llama,
+quantized in seconds and never cached.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from alphatune import BCQConfig, quantize_, quantize_lm_head
 from alphatune.adapters import load_quantized, save_quantized
@@ -26,6 +32,8 @@ from alphatune.models import cache_dir, load_model, load_tokenizer
 DEFAULT_CACHE = cache_dir() / "bench"
 CALIBRATION_LENGTH = 512
 SETTINGS = "bench_settings.json"
+QUICK_CONFIG = BCQConfig(bits=3, group_size=32, method="offset")
+QUICK_DESCRIPTION = "tiny random Llama, 3 bits (quick)"
 
 
 def parse_head(text: str) -> tuple[str, int]:
@@ -106,3 +114,26 @@ def cached_base(
     # What the base's own config does not record, for _matches.
     (directory / SETTINGS).write_text(json.dumps({"calibration_sequences": calibration_sequences}))
     return directory
+
+
+def tiny_quick_base() -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the ``--quick`` base, quantized with ``QUICK_CONFIG``.
+
+    A seeded random Llama (2 blocks, hidden 64) with SmolLM2's tokenizer and vocabulary, in eval
+    mode: speed and sizes of a smoke run mean nothing, it only shows that a script runs.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    quantize_(model, QUICK_CONFIG)
+    return model, tokenizer

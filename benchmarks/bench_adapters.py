@@ -41,12 +41,10 @@ from torch import nn
 
 from alphatune import (
     AlphaTuningConfig,
-    BCQConfig,
     base_fingerprint,
     load_adapter,
     load_quantized,
     prepare_for_alphatuning,
-    quantize_,
     read_adapter,
     save_adapter,
     save_quantized,
@@ -85,25 +83,11 @@ def base_directory(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
     if args.base is not None:
         return args.base, f"base {args.base}"
     if args.quick:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from bases import QUICK_CONFIG, QUICK_DESCRIPTION, tiny_quick_base
 
-        from alphatune.models import load_tokenizer
-
-        tokenizer = load_tokenizer()
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        model = LlamaForCausalLM(config).eval()
-        bcq = BCQConfig(bits=3, group_size=32, method="offset")
-        quantize_(model, bcq)
-        save_quantized(model, work / "base", bcq, tokenizer)
-        return work / "base", "tiny random Llama, 3 bits (quick)"
+        model, tokenizer = tiny_quick_base()
+        save_quantized(model, work / "base", QUICK_CONFIG, tokenizer)
+        return work / "base", QUICK_DESCRIPTION
     from bases import cached_base
 
     return cached_base(3), "SmolLM2-135M-Instruct, 3 bits calibrated (benchmarks/bases.py)"

@@ -89,24 +89,9 @@ def training_examples(count: int) -> tuple[list[Any], str]:
 
 def load_model(base: Path | None, quick: bool) -> Any:
     if quick:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from bases import tiny_quick_base
 
-        from alphatune import BCQConfig, quantize_
-        from alphatune.models import load_tokenizer
-
-        tokenizer = load_tokenizer()
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        model = LlamaForCausalLM(config).eval()
-        quantize_(model, BCQConfig(bits=3, group_size=32, method="offset"))
-        return model, tokenizer
+        return tiny_quick_base()
     from alphatune import load_quantized
 
     return load_quantized(base)
@@ -187,11 +172,11 @@ def run(world_size: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.base is None and not args.quick:
-        from bases import cached_base
+    from bases import QUICK_DESCRIPTION, cached_base
 
+    if args.base is None and not args.quick:
         args.base = cached_base(3)
-    description = "tiny random Llama, 3 bits (quick)" if args.quick else f"base {args.base}"
+    description = QUICK_DESCRIPTION if args.quick else f"base {args.base}"
     console = Console()
     env = environment(PACKAGES) | source_revision()
     env["threads"] = args.threads  # split between the processes; the parent does not compute
