@@ -26,7 +26,8 @@ calibration: 32 x 512 tokens of WikiText-2 valid; every head variant derived fro
 and cached under ``--cache`` (default ``~/.cache/alphatune/bench/decode``); ``--rebuild``
 forces it. Results: ``benchmarks/results/decode.json`` (commit, versions, CPU and its flags,
 threads, date, load average) rendered into ``docs/decode_benchmark.md`` (ratios vs llama.cpp and
-the issue's targets). Timings on a busy machine are meaningless: check the recorded load average.
+the issue's targets). Timings on a busy machine are meaningless: check the recorded ``busy`` flag
+(the CPU share other processes used during the run, ``common.CpuWatch``).
 
 Usage::
 
@@ -422,18 +423,6 @@ def run_worker(config: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the driver
-def _cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds every process on the machine used, CPU seconds this process and its finished
-    children used), since boot / start: their difference over a run is what *others* used."""
-    with open("/proc/stat") as stat:
-        values = [int(v) for v in stat.readline().split()[1:9]]
-    machine_busy = (sum(values) - values[3] - values[4]) / os.sysconf(
-        "SC_CLK_TCK"
-    )  # - idle, iowait
-    own = os.times()
-    return machine_busy, own.user + own.system + own.children_user + own.children_system
-
-
 def machine() -> dict[str, Any]:
     import platform
 
@@ -579,12 +568,13 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(c["name"] for c in configs))
         return
     sys.path.insert(0, str(HERE))
+    # Here, not at the top: common imports torch and alphatune, and a worker measures its imports.
+    from common import CpuWatch
     from revision import source_revision
 
     from alphatune.models import cache_dir, embedded_gguf_path, resolve_model_path
 
-    load_before = os.getloadavg()
-    cpu_before, wall_before = _cpu_seconds(), time.perf_counter()
+    watch = CpuWatch()
     skipped: dict[str, str] = {}
     problem = llama_cpp_problem()
     if problem and any(c["kind"] == "llama.cpp" for c in configs):
@@ -629,24 +619,14 @@ def main(argv: list[str] | None = None) -> None:
             row["base"] = job["base"]
         print("  " + json.dumps({k: row.get(k) for k in ("runs", "rss_mib", "error")}), flush=True)
         rows.append(row)
-    load_after = os.getloadavg()
-    cpus = os.cpu_count() or 1
-    # What other processes used during the run, as a share of the machine: the load average lags
-    # by minutes (jobs that just ended count) and counts this run's own threads.
-    cpu_after, wall = _cpu_seconds(), time.perf_counter() - wall_before
-    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1])
-    others_share = max(0.0, others) / (wall * cpus)
-    busy = others_share > 0.1
+    others = watch.stop()
     environment = {
         **source_revision(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **machine(),
         "versions": versions(),
         "threads": args.threads,
-        "load_average_before": load_before,
-        "load_average_after": load_after,
-        "others_cpu_share": round(others_share, 3),
-        "busy": busy,
+        **others.record(),
         "quick": args.quick,
         "note": args.note,
     }
@@ -669,12 +649,8 @@ def main(argv: list[str] | None = None) -> None:
         "skipped": skipped,
         "results": rows,
     }
-    if busy:
-        print(
-            f"WARNING: the machine was busy (other processes used {others_share:.0%} of its "
-            f"{cpus} CPUs during the run): the timings are not representative",
-            flush=True,
-        )
+    if others.busy:
+        print(others.warning(), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
     args.docs.parent.mkdir(parents=True, exist_ok=True)

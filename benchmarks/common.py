@@ -3,6 +3,7 @@
 The scripts run as ``python benchmarks/<name>.py``, so this module is imported as ``common``.
 
 - ``environment``: what to record next to the numbers (date, CPU, threads, load, versions);
+- ``CpuWatch``: whether other processes used the machine during a run (the ``busy`` flag);
 - ``time_ms``: median wall time of a call, after a warm-up, within a time budget;
 - ``save_results``: one JSON file ``{"environment", "args", "results", ...}`` per run, the shape
   ``render_performance.py`` reads;
@@ -21,6 +22,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +30,15 @@ import torch
 
 from alphatune.experiments.spec import cpu_model
 
+BUSY_SHARE = 0.1  # other processes used more than a tenth of the CPUs: timings not representative
+
 
 def environment(packages: Iterable[str] = ("torch",)) -> dict[str, Any]:
     """The machine and software a run measured, to save beside its results.
 
     Call it after ``torch.set_num_threads`` (``threads`` is torch's count at the call) and before
-    the timed work: the load average then says what else was running, not what the run itself did.
+    the timed work. ``load_average`` is only a hint: it lags by minutes and counts the run's own
+    threads once it has started; ``CpuWatch`` says whether others used the machine during the run.
 
     Args:
         packages: distributions whose versions to record, each under its own name; one that is not
@@ -54,6 +59,76 @@ def environment(packages: Iterable[str] = ("torch",)) -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return env
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds every process on the machine used since boot, CPU seconds this process and its
+    finished children used since they started): their differences over a run give what *others*
+    used."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:9]]
+    # Every column of the "cpu" line but idle and iowait is time some process used.
+    machine_busy = (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return machine_busy, own.user + own.system + own.children_user + own.children_system
+
+
+@dataclass(frozen=True)
+class OthersCpu:
+    """What other processes used of the machine during a run, as ``CpuWatch.stop`` found it."""
+
+    cpu_share: float  # of all CPUs over the run's wall time, 0..1
+    cpus: int
+    load_average_before: tuple[float, float, float]
+    load_average_after: tuple[float, float, float]
+
+    @property
+    def busy(self) -> bool:
+        return self.cpu_share > BUSY_SHARE
+
+    def record(self) -> dict[str, Any]:
+        """The fields a results file's environment carries (``decode_page.py`` reads them)."""
+        return {
+            "load_average_before": self.load_average_before,
+            "load_average_after": self.load_average_after,
+            "others_cpu_share": round(self.cpu_share, 3),
+            "busy": self.busy,
+        }
+
+    def warning(self) -> str:
+        return (
+            f"WARNING: the machine was busy (other processes used {self.cpu_share:.0%} of its "
+            f"{self.cpus} CPUs during the run): the timings are not representative"
+        )
+
+
+class CpuWatch:
+    """Measures what other processes use of the machine from now until ``stop()``.
+
+    The one way the benchmarks tell a busy machine: the CPU time every process used
+    (``/proc/stat``) minus this process's and its finished children's own. The load average lags
+    by minutes (jobs that just ended still count) and counts the run's own threads, so a quiet
+    2-thread run on 2 CPUs looked busy by it; it is recorded beside the share, before and after.
+    Start it before the timed work (child processes count as the run's own once they have been
+    waited for, as ``subprocess.run`` does).
+    """
+
+    def __init__(self) -> None:
+        self._load_before = os.getloadavg()
+        self._cpu_before = cpu_seconds()
+        self._wall_before = time.perf_counter()
+
+    def stop(self) -> OthersCpu:
+        load_after = os.getloadavg()
+        cpus = os.cpu_count() or 1
+        cpu_after, wall = cpu_seconds(), time.perf_counter() - self._wall_before
+        others = (cpu_after[0] - self._cpu_before[0]) - (cpu_after[1] - self._cpu_before[1])
+        return OthersCpu(
+            cpu_share=max(0.0, others) / (wall * cpus),
+            cpus=cpus,
+            load_average_before=self._load_before,
+            load_average_after=load_after,
+        )
 
 
 def describe_machine() -> str:
