@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from sealing import reseal_base
-from tiny_models import make_tiny_llama
+from tiny_models import INPUT, VOCAB, logits, make_tiny_llama, quantized_tiny_llama, sqnr_db
 from torch import nn
 
 from alphatune import (
@@ -40,30 +40,12 @@ from alphatune.packing import pack_codes
 from alphatune.quantize import quantized_layers
 from alphatune.tuning import trainable_state
 
-VOCAB = 128
 CONFIG = BCQConfig(bits=3, group_size=32, method="offset")  # compact embedding and head: defaults
-INPUT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(single_thread):
     """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
-
-
-def logits(model: nn.Module, ids: torch.Tensor = INPUT) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = (signal - approx).double().pow(2).sum()
-    return float(10 * torch.log10(signal.double().pow(2).sum() / noise))
-
-
-def tied_quantized(**kwargs) -> nn.Module:
-    model = make_tiny_llama(VOCAB)
-    quantize_(model, BCQConfig(bits=3, group_size=32, method="offset", **kwargs))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +163,7 @@ def test_default_makes_one_shared_table_for_a_tied_model() -> None:
     # The table is close to the fp32 embedding; the logits are as close to the same blocks with
     # the fp32 embedding and head as 8 bits allow (the 3-bit blocks are far from fp32 anyway).
     assert sqnr_db(original, dense) > 35
-    kept = tied_quantized(lm_head="keep", embedding="keep")
+    kept = quantized_tiny_llama(lm_head="keep", embedding="keep")
     assert sqnr_db(logits(kept), logits(model)) > 30
     assert sqnr_db(fp32, logits(model)) == pytest.approx(sqnr_db(fp32, logits(kept)), abs=0.5)
 
@@ -189,7 +171,7 @@ def test_default_makes_one_shared_table_for_a_tied_model() -> None:
 def test_compact_logits_equal_the_model_with_the_dense_table() -> None:
     """Everything else equal, the compact model computes what the model would with the table's
     dense values as its (tied) fp32 embedding: the torch reference of the whole path."""
-    model = tied_quantized(lm_head="keep", embedding="keep")
+    model = quantized_tiny_llama(lm_head="keep", embedding="keep")
     reference = copy.deepcopy(model)
     quantize_lm_head(model, BCQConfig())
     with torch.no_grad():
@@ -223,7 +205,7 @@ def test_untied_model_gets_two_tables(llama_base: nn.Module, tmp_path) -> None:
     ("lm_head", "embedding"), [("keep", "compact"), ("compact", "keep"), ("bf16", "compact")]
 )
 def test_mixed_modes_untie(lm_head: str, embedding: str, tmp_path) -> None:
-    model = tied_quantized(lm_head=lm_head, embedding=embedding)
+    model = quantized_tiny_llama(lm_head=lm_head, embedding=embedding)
     assert model.config.tie_word_embeddings is False
     assert isinstance(model.get_input_embeddings(), BCQEmbedding) == (embedding == "compact")
     head = model.lm_head
@@ -240,7 +222,7 @@ def test_mixed_modes_untie(lm_head: str, embedding: str, tmp_path) -> None:
 
 # ---------------------------------------------------------------- files
 def test_round_trip_is_bit_exact_and_stays_tied(tmp_path) -> None:
-    model = tied_quantized()
+    model = quantized_tiny_llama()
     save_quantized(model, tmp_path / "base", CONFIG)
     loaded, _ = load_quantized(tmp_path / "base")
     assert torch.equal(logits(model), logits(loaded))
@@ -264,8 +246,8 @@ def test_round_trip_is_bit_exact_and_stays_tied(tmp_path) -> None:
 
 def test_saved_base_is_smaller_than_with_the_fp32_embedding(tmp_path) -> None:
     compact_dir, keep_dir = tmp_path / "compact", tmp_path / "keep"
-    save_quantized(tied_quantized(), compact_dir, CONFIG)
-    save_quantized(tied_quantized(lm_head="keep", embedding="keep"), keep_dir, CONFIG)
+    save_quantized(quantized_tiny_llama(), compact_dir, CONFIG)
+    save_quantized(quantized_tiny_llama(lm_head="keep", embedding="keep"), keep_dir, CONFIG)
     compact_tensors, keep_tensors = (
         load_file(compact_dir / BASE_WEIGHTS),
         load_file(keep_dir / BASE_WEIGHTS),
@@ -289,7 +271,7 @@ def test_saved_base_is_smaller_than_with_the_fp32_embedding(tmp_path) -> None:
 def test_old_tied_base_still_loads_and_keeps_its_fingerprint(tmp_path) -> None:
     """A base written before compact tables (version 1, fp32 tied embedding) loads as it was, and
     its fingerprint is the blocks-only hash adapters recorded then."""
-    model = tied_quantized(lm_head="keep", embedding="keep")
+    model = quantized_tiny_llama(lm_head="keep", embedding="keep")
     save_quantized(model, tmp_path / "base", CONFIG)
     qconfig = json.loads((tmp_path / "base" / BASE_CONFIG).read_text())["quantization_config"]
     assert qconfig["format_version"] == 1 and "input_embedding" not in qconfig
@@ -301,7 +283,7 @@ def test_old_tied_base_still_loads_and_keeps_its_fingerprint(tmp_path) -> None:
 
 # ---------------------------------------------------------------- adapters
 def test_tables_are_never_tuned_and_adapters_round_trip(tmp_path) -> None:
-    model = tied_quantized()
+    model = quantized_tiny_llama()
     report = prepare_for_alphatuning(model, AlphaTuningConfig(train="all_alpha"))
     names = list(trainable_state(model))
     assert names and not any(n.startswith(("model.embed_tokens", "lm_head")) for n in names)
@@ -315,7 +297,7 @@ def test_tables_are_never_tuned_and_adapters_round_trip(tmp_path) -> None:
         for name in names:
             model.get_parameter(name).mul_(1.05)
     tuned = logits(model)
-    save_quantized(tied_quantized(), tmp_path / "base", CONFIG)
+    save_quantized(quantized_tiny_llama(), tmp_path / "base", CONFIG)
     save_adapter(model, tmp_path / "adapter", AlphaTuningConfig(train="all_alpha"))
     base, _ = load_quantized(tmp_path / "base")
     load_adapter(base, tmp_path / "adapter")
@@ -323,8 +305,8 @@ def test_tables_are_never_tuned_and_adapters_round_trip(tmp_path) -> None:
 
 
 def test_fingerprint_covers_the_compact_embedding(tmp_path) -> None:
-    compact_model = tied_quantized()
-    kept = tied_quantized(lm_head="keep", embedding="keep")
+    compact_model = quantized_tiny_llama()
+    kept = quantized_tiny_llama(lm_head="keep", embedding="keep")
     # Same blocks, different embedding: different bases for an adapter.
     assert base_fingerprint(compact_model) != base_fingerprint(kept)
     other = copy.deepcopy(compact_model)
@@ -340,7 +322,7 @@ def test_fingerprint_covers_the_compact_embedding(tmp_path) -> None:
 # ---------------------------------------------------------------- bad input
 def _base(tmp_path) -> tuple:
     directory = tmp_path / "base"
-    save_quantized(tied_quantized(), directory, CONFIG)
+    save_quantized(quantized_tiny_llama(), directory, CONFIG)
     return directory, directory / BASE_CONFIG, directory / BASE_WEIGHTS
 
 

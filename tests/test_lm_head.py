@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from sealing import reseal_base
-from tiny_models import make_tiny_llama
+from tiny_models import VOCAB, logits, make_tiny_llama, quantized_tiny_llama, sqnr_db
 from torch import nn
 
 from alphatune import (
@@ -40,8 +40,6 @@ from alphatune.lm_head import BF16Linear, collect_head_hessian, replaced_head
 from alphatune.quantize import summarize
 from alphatune.tuning import trainable_state
 
-VOCAB = 128
-INPUT = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIBRATION = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
 
 
@@ -60,22 +58,10 @@ def tied(tied_base: nn.Module) -> nn.Module:
     return copy.deepcopy(tied_base)
 
 
-def logits(model: nn.Module, ids: torch.Tensor = INPUT) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
-    noise = (signal - approx).double().pow(2).sum()
-    return float(10 * torch.log10(signal.double().pow(2).sum() / noise))
-
-
 def quantized(head: str, method: str = "offset", **kwargs) -> nn.Module:
-    model = make_tiny_llama(VOCAB)
     kwargs.setdefault("embedding", "keep")
-    config = BCQConfig(bits=3, group_size=32, method=method, lm_head=head, **kwargs)
-    quantize_(model, config, calibration=CALIBRATION if method == "calibrated" else None)
-    return model
+    calibration = CALIBRATION if method == "calibrated" else None
+    return quantized_tiny_llama(calibration, method=method, lm_head=head, **kwargs)
 
 
 def test_bf16_head_is_close_to_the_fp32_head_and_unties_the_embedding(tied: nn.Module) -> None:
