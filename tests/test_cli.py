@@ -86,6 +86,13 @@ def test_tune_evaluate_generate(base_dir, e2e_files, tmp_path, capsys):
     )
     assert (adapter / "adapter.safetensors").exists()
     assert "trainable parameters" in capsys.readouterr().out
+    # The adapter records its task, the base's bits and fingerprint, the training and its metrics.
+    recorded = json.loads((adapter / "adapter_config.json").read_text())
+    assert recorded["bits"] == [3] and len(recorded["base_fingerprint"]) > 8
+    assert recorded["metadata"]["task"] == "e2e"
+    assert recorded["metadata"]["train"]["max_steps"] == 2
+    metrics = recorded["metadata"]["metrics"]
+    assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["seconds"] >= 0
     assert (
         main(
             [

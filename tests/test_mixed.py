@@ -296,14 +296,16 @@ def test_generate_with_an_adapter_per_prompt(served_text, tokenizer, num_beams):
 
 def test_generate_adapter_errors(served_text, tokenizer):
     model, paths = served_text
-    with pytest.raises(ConfigError, match="load_adapters"):
+    with pytest.raises(ConfigError, match="no adapter named 'e2e' is loaded"):
         generate(model, tokenizer, PROMPTS[:1], adapters=["e2e"], progress=False)
     load_adapters(model, paths)
     try:
         with pytest.raises(ConfigError, match="2 prompts, 1 adapters"):
             generate(model, tokenizer, PROMPTS[:2], adapters=["e2e"], progress=False)
-        with pytest.raises(ConfigError, match="unknown adapter"):
+        with pytest.raises(ConfigError, match="no adapter named 'nope'.*'e2e', 'webnlg', 'dart'"):
             generate(model, tokenizer, PROMPTS[:2], adapters=["e2e", "nope"], progress=False)
+        with pytest.raises(ConfigError, match="got the string"):
+            generate(model, tokenizer, PROMPTS[:1], adapters="e", progress=False)
     finally:
         unload_adapters(model)
 

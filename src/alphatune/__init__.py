@@ -8,6 +8,7 @@ Public API::
     report = prepare_for_alphatuning(model, AlphaTuningConfig())
     train(model, tokenizer, examples, TrainConfig(max_steps=100), output_dir="adapter")
     save_adapter(model, "adapter", AlphaTuningConfig())
+    load_adapter(model, "adapter", adapter_name="e2e"); set_adapter(model, "e2e")
 
 ``import alphatune`` registers the BCQ quantizer with transformers (``alphatune.hf``): then
 ``AutoModelForCausalLM.from_pretrained(base_dir)`` loads a base, ``from_pretrained(model_dir,
@@ -22,7 +23,16 @@ The package face imports the rooms (``bases``: the quantized base's files, ``ada
 adapters, ``mixed``: several adapters in one batch, ``train``, ...); none of them imports it.
 """
 
-from alphatune.adapters import load_adapter, read_adapter, save_adapter, unload_adapter
+from alphatune.adapters import (
+    active_adapter,
+    adapter_names,
+    delete_adapter,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    set_adapter,
+    unload_adapter,
+)
 from alphatune.bases import base_fingerprint, load_quantized, save_quantized
 from alphatune.config import (
     AlphaTuningConfig,
@@ -84,8 +94,11 @@ __all__ = [
     "TrainableScales",
     "UnsupportedModelError",
     "__version__",
+    "active_adapter",
+    "adapter_names",
     "base_fingerprint",
     "data_parallel",
+    "delete_adapter",
     "load_adapter",
     "load_adapters",
     "load_quantized",
@@ -95,6 +108,7 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "save_quantized",
+    "set_adapter",
     "train",
     "unload_adapter",
     "unload_adapters",

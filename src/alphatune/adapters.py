@@ -1,16 +1,24 @@
-"""Files of task adapters (the trained scales only): save, read, load and unload one adapter.
+"""Task adapters (the trained scales only): their files, and the verbs that put them on a model.
+
+Verbs (peft's, as functions of the model; docs/peft.md says why not a peft tuner)::
+
+    load_adapter(model, "runs/e2e", adapter_name="e2e")     # read, check, keep, activate
+    load_adapter(model, "runs/webnlg", adapter_name="webnlg", activate=False)
+    set_adapter(model, "webnlg")                             # switch: no file read
+    active_adapter(model), adapter_names(model)              # "webnlg", ("e2e", "webnlg")
+    delete_adapter(model, "e2e"); unload_adapter(model)      # forget one; back to the base
 
 Adapter directory::
 
-    adapter_config.json  "format": "alphatune_adapter", base fingerprint, tuning config, tensor
-                         names and shapes, version, "integrity" (hash of every tensor and of
-                         the file itself)
+    adapter_config.json  "format": "alphatune_adapter", base fingerprint, the base's bit widths,
+                         tuning config, tensor names and shapes, version, "metadata" (the
+                         caller's: task, training arguments, metrics), "integrity" (hash of
+                         every tensor and of the file itself)
     adapter.safetensors  the trained tensors (alpha1, ...), fp32
 
 An adapter records the fingerprint of the base it was tuned on (``alphatune.bases``); loading it
-onto another base is refused. Loading replaces tensors in place; their base values are kept by
-the model's adapter registry (``alphatune.state``), so unloading or loading another adapter
-restores them. Names, the format version and the marker are defined in ``alphatune.files``.
+onto another base is refused. Activating replaces tensors in place; their base values are kept
+by the model's adapter registry (``alphatune.state``), so switching or unloading restores them. Names, the format version and the marker are defined in ``alphatune.files``.
 
 The quantized base's files moved to ``alphatune.bases``; their names stay importable from here.
 """
@@ -33,7 +41,7 @@ from alphatune.bases import (  # noqa: F401  (the base's names, importable from 
     save_quantized,
 )
 from alphatune.config import AlphaTuningConfig
-from alphatune.errors import CheckpointError
+from alphatune.errors import CheckpointError, ConfigError
 from alphatune.files import (  # noqa: F401  (file names and markers, importable from here)
     ADAPTER_CONFIG,
     ADAPTER_FORMAT,
@@ -61,7 +69,9 @@ from alphatune.files import (  # noqa: F401  (file names and markers, importable
     verify_tensors,
     write_files,
 )
-from alphatune.state import model_state, tensors_by_name
+from alphatune.lm_head import replaced_head_module
+from alphatune.quantize import quantized_layers
+from alphatune.state import ResidentAdapter, existing_state, model_state, tensors_by_name
 from alphatune.tuning import (
     absent_multipliers,
     add_multipliers,
@@ -70,6 +80,9 @@ from alphatune.tuning import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The name an adapter is resident under when ``load_adapter`` is given none (peft's, too).
+DEFAULT_ADAPTER = "default"
 
 # Older names of what alphatune.files defines.
 QUANT_METHOD_NAME = QUANT_METHOD
@@ -105,6 +118,7 @@ def save_adapter(
         "format_version": ADAPTER_FORMAT_VERSION,
         "alphatune_version": LIBRARY_VERSION,
         "base_fingerprint": base_fingerprint(model),
+        "bits": base_bits(model),
         "tuning": tuning.to_dict(),
         "tensors": {n: list(t.shape) for n, t in tensors.items()},
         "metadata": metadata or {},
@@ -124,11 +138,6 @@ def save_adapter(
         },
     )
     return directory
-
-
-def unload_adapter(model: nn.Module) -> None:
-    """Put back the base values of every tensor an adapter replaced."""
-    model_state(model).restore(model)
 
 
 def base_state(model: nn.Module) -> dict[str, Tensor]:
@@ -214,13 +223,114 @@ def read_adapter(
     return config, tensors
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load an adapter's tensors into a quantized model; refuses a different base.
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    activate: bool = True,
+) -> dict[str, Any]:
+    """Read an adapter, keep it resident under ``adapter_name`` and (by default) make it active.
 
-    Loading another adapter later first restores the base values of everything the previous one
-    set, so nothing of an earlier adapter lingers. Returns the adapter's config (JSON).
+    The adapter is checked against the model (base fingerprint, every tensor's hash, names and
+    shapes) before anything changes; a wrong-base adapter is refused naming both fingerprints.
+    Several adapters stay resident at once, each only its trained tensors (α₁: a few MB);
+    ``set_adapter`` switches between them without reading a file, ``delete_adapter`` forgets
+    one, and ``alphatune.evaluate.generate(..., adapters=[...])`` serves a batch whose rows use
+    different resident adapters. Loading under a name already resident replaces that adapter.
+
+    Unlike peft's ``load_adapter``, the adapter becomes active unless ``activate=False``: one
+    call loads an adapter and serves it, as it always has in alphatune.
+
+    Returns:
+        The adapter's config (JSON): format, base fingerprint, tuning, metadata.
+
+    Raises:
+        CheckpointError: an adapter for another base, a damaged file, a tensor with no place in
+            the model (the file is named).
+        ConfigError: an empty or non-string ``adapter_name``.
     """
+    _check_name(adapter_name)
+    directory = Path(directory)
     config, tensors = read_adapter(model, directory)
-    add_multipliers(model, tensors)
-    model_state(model).replace(model, tensors)
+    state = model_state(model)
+    state.add_adapter(adapter_name, ResidentAdapter(directory, config, tensors))
+    if activate or state.active == adapter_name:
+        set_adapter(model, adapter_name)
+    logger.info("adapter %r loaded from %s", adapter_name, directory)
     return config
+
+
+def set_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Make the resident adapter ``adapter_name`` the active one (its tensors in the model).
+
+    Whatever the previous adapter replaced is restored first, so nothing of it lingers.
+
+    Raises:
+        ConfigError: no adapter of that name is resident (the resident ones are named).
+    """
+    adapter = _resident(model, adapter_name)
+    add_multipliers(model, adapter.tensors)
+    model_state(model).activate(model, adapter_name)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Forget the resident adapter ``adapter_name``; if it was active, the base comes back.
+
+    Raises:
+        ConfigError: no adapter of that name is resident.
+    """
+    _resident(model, adapter_name)
+    model_state(model).remove_adapter(model, adapter_name)
+
+
+def base_bits(model: nn.Module) -> list[int]:
+    """The bit widths of the base's quantized layers (a replaced head left out), ascending."""
+    head = replaced_head_module(model)
+    return sorted({layer.bits for _, layer in quantized_layers(model) if layer is not head})
+
+
+def unload_adapter(model: nn.Module) -> None:
+    """Put back the base values of every tensor the active adapter replaced; the resident
+    adapters stay (``set_adapter`` brings one back without reading its files)."""
+    state = existing_state(model)
+    if state is not None:
+        state.deactivate(model)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The name of the active adapter, or ``None`` when the model computes with its base."""
+    state = existing_state(model)
+    return None if state is None else state.active
+
+
+def adapter_names(model: nn.Module) -> tuple[str, ...]:
+    """The names of the resident adapters, in loading order."""
+    state = existing_state(model)
+    return () if state is None else tuple(state.adapters)
+
+
+def resident_adapter(model: nn.Module, adapter_name: str) -> ResidentAdapter:
+    """The resident adapter ``adapter_name`` (its directory, config and tensors).
+
+    Raises:
+        ConfigError: no adapter of that name is resident (the resident ones are named).
+    """
+    return _resident(model, adapter_name)
+
+
+def _resident(model: nn.Module, adapter_name: str) -> ResidentAdapter:
+    state = existing_state(model)
+    adapters = {} if state is None else state.adapters
+    if adapter_name not in adapters:
+        loaded = ", ".join(map(repr, adapters)) or "none"
+        raise ConfigError(
+            f"no adapter named {adapter_name!r} is loaded on this model (loaded: {loaded}); "
+            "load it with alphatune.load_adapter(model, directory, adapter_name=...)"
+        )
+    return adapters[adapter_name]
+
+
+def _check_name(adapter_name: object) -> None:
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ConfigError(f"adapter names must be non-empty strings, got {adapter_name!r}")

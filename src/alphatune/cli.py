@@ -39,6 +39,7 @@ from alphatune.models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from alphatune.distributed import DataParallel
+    from alphatune.train import TrainResult
 
 console = Console(stderr=False)
 # Errors go to stderr unwrapped, so that paths and names in them stay greppable.
@@ -244,6 +245,18 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     return {**summary.to_dict(), "seconds": seconds, "output": str(args.output)}
 
 
+def _training_metrics(result: TrainResult) -> dict[str, float | None]:
+    """What an adapter records of its training: the mean loss of the first and of the last 5
+    steps, the last evaluation loss, and the seconds it took."""
+    first, last = result.train_losses[:5], result.train_losses[-5:]
+    return {
+        "first_train_loss": sum(first) / len(first) if first else None,
+        "train_loss": sum(last) / len(last) if last else None,
+        "eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
+        "seconds": round(result.seconds, 1),
+    }
+
+
 def _load_base(base: Path, adapter: Path | None) -> tuple[Any, Any]:
     from alphatune.adapters import load_adapter
     from alphatune.bases import load_quantized
@@ -336,6 +349,7 @@ def _tune_in(args: argparse.Namespace, parallel: DataParallel) -> dict[str, Any]
         "steps": result.steps,
         "train": config.to_dict(),
         "processes": parallel.world_size,
+        "metrics": _training_metrics(result),
     }
     summary = {
         "trainable": report.trainable,
@@ -349,13 +363,12 @@ def _tune_in(args: argparse.Namespace, parallel: DataParallel) -> dict[str, Any]
     if not parallel.is_main:
         return summary  # rank 0 writes the adapter; every process holds the same α
     save_adapter(model, output, tuning, metadata=metadata, overwrite=True)
-    first = result.train_losses[:5]
-    last = result.train_losses[-5:]
+    metrics = metadata["metrics"]
     console.print(
         Text(
             f"trained {result.steps} steps in {result.seconds:.0f} s: loss "
-            f"{sum(first) / len(first):.3f} → {sum(last) / len(last):.3f}"
-            + (f", eval loss {result.eval_losses[-1][1]:.3f}" if result.eval_losses else "")
+            f"{metrics['first_train_loss']:.3f} → {metrics['train_loss']:.3f}"
+            + (f", eval loss {metrics['eval_loss']:.3f}" if result.eval_losses else "")
             + f"; adapter saved to {output}"
         )
     )

@@ -6,6 +6,9 @@ every unquantized weight are shared by all tasks. So several adapters can serve 
 entry (``kernels.bcq_matmul_mixed``). The result for a row is what that row gives alone with its
 adapter loaded by ``load_adapter``.
 
+Adapters resident on the model (``alphatune.load_adapter(model, dir, adapter_name=...)``) serve
+mixed batches too: ``generate(..., adapters=[...])`` builds the bank it needs (``bank_for``).
+
 Example:
     >>> bank = load_adapters(model, {"e2e": "adapter-e2e", "webnlg": "adapter-webnlg"})
     >>> with torch.inference_mode(), bank.rows(["e2e", "webnlg", None]):  # None: the base
@@ -28,13 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alphatune.adapters import read_adapter
+from alphatune.adapters import read_adapter, resident_adapter
 from alphatune.bases import base_fingerprint
 from alphatune.errors import CheckpointError, ConfigError
 from alphatune.files import ADAPTER_WEIGHTS
 from alphatune.layers import ALPHA1_SCALE, BCQLinear
 from alphatune.quantize import quantized_layers
-from alphatune.state import existing_state, model_state
+from alphatune.state import ResidentAdapter, existing_state, model_state
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +137,9 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
 
     Each adapter is checked like ``load_adapter`` does (format, base fingerprint, tensor names and
     shapes) before the model changes; it must hold only α₁ tensors, the one scale a mixed batch
-    can vary per row. Layers an adapter leaves out keep the base α₁. The layers' own scales (and
-    an adapter loaded with ``load_adapter``) are untouched: they serve forwards outside
+    can vary per row. Each becomes resident under its name (``alphatune.adapters``: ``set_adapter``
+    can serve it alone); none becomes active. Layers an adapter leaves out keep the base α₁. The
+    layers' own scales (and the active adapter) are untouched: they serve forwards outside
     ``bank.rows``. The bank is a non-persistent buffer (not saved, moved by ``model.to``).
 
     Args:
@@ -150,48 +154,91 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
             than α₁ (the file is named).
         ConfigError: no adapters, an empty name, or a model without ``BCQLinear`` layers.
     """
-    layers = dict(quantized_layers(model))
-    if not layers:
-        raise ConfigError("the model has no BCQLinear layers: quantize it or load a base first")
+    layers = _layers(model)
     if not adapters:
         raise ConfigError("no adapters given; pass {name: adapter directory, ...}")
     for name in adapters:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"adapter names must be non-empty strings, got {name!r}")
     fingerprint = base_fingerprint(model)
-    configs: dict[str, dict[str, Any]] = {}
-    tuned: dict[str, dict[str, dict[str, Tensor]]] = {}  # adapter -> layer -> attribute -> tensor
+    read = {}
     for name, directory in adapters.items():
-        configs[name], tensors = read_adapter(model, directory, fingerprint)
-        tuned[name] = {}
-        for tensor_name, tensor in tensors.items():
-            layer_name, _, attribute = tensor_name.rpartition(".")
-            if attribute not in ("alpha1", ALPHA1_SCALE) or layer_name not in layers:
-                raise CheckpointError(
-                    f"{Path(directory) / ADAPTER_WEIGHTS}: holds {tensor_name!r}, but a mixed "
-                    "batch shares everything except α₁ (the adapter was tuned with more than "
-                    "alpha1); use it alone with load_adapter"
-                )
-            tuned[name].setdefault(layer_name, {})[attribute] = tensor
+        config, tensors = read_adapter(model, directory, fingerprint)
+        read[name] = ResidentAdapter(Path(directory), config, tensors)
+        _check_only_alpha1(read[name], layers)
+    state = model_state(model)
+    for name, adapter in read.items():
+        state.add_adapter(name, adapter)
+    bank = _build_bank(model, layers, read)
+    logger.info("loaded %d adapters for mixed batches: %s", len(adapters), ", ".join(adapters))
+    return bank
 
+
+def bank_for(model: nn.Module, rows: Sequence[str | None]) -> AdapterBank:
+    """A bank serving every row's adapter (``None``: the base): the model's bank if it holds
+    them all, else a new one (replacing it) built from the resident adapters of those names
+    (``alphatune.load_adapter``).
+
+    Raises:
+        ConfigError: a name that is not resident (the resident ones are named), or a bare string.
+        CheckpointError: a resident adapter that tuned more than α₁.
+    """
+    if isinstance(rows, str):
+        raise ConfigError(
+            f"adapter rows must be a list with one name per batch row, got the string {rows!r}"
+        )
+    names = [name for name in dict.fromkeys(rows) if name is not None]
+    bank = adapter_bank(model)
+    if bank is not None and set(names) <= set(bank.names):
+        return bank
+    layers = _layers(model)
+    residents = {name: resident_adapter(model, name) for name in names}
+    for adapter in residents.values():
+        _check_only_alpha1(adapter, layers)
+    return _build_bank(model, layers, residents)
+
+
+def _layers(model: nn.Module) -> dict[str, BCQLinear]:
+    layers = dict(quantized_layers(model))
+    if not layers:
+        raise ConfigError("the model has no BCQLinear layers: quantize it or load a base first")
+    return layers
+
+
+def _check_only_alpha1(adapter: ResidentAdapter, layers: Mapping[str, BCQLinear]) -> None:
+    """A mixed batch shares everything except α₁ (and its multiplier): refuse other tensors."""
+    for tensor_name in adapter.tensors:
+        layer_name, _, attribute = tensor_name.rpartition(".")
+        if attribute not in ("alpha1", ALPHA1_SCALE) or layer_name not in layers:
+            raise CheckpointError(
+                f"{adapter.directory / ADAPTER_WEIGHTS}: holds {tensor_name!r}, but a mixed "
+                "batch shares everything except α₁ (the adapter was tuned with more than "
+                "alpha1); use it alone with load_adapter"
+            )
+
+
+def _build_bank(
+    model: nn.Module, layers: Mapping[str, BCQLinear], adapters: Mapping[str, ResidentAdapter]
+) -> AdapterBank:
+    """Stack each layer's α₁ for the base and every adapter, set it on the layers, and make it
+    the model's bank (an earlier bank is removed)."""
     state = model_state(model)
     previous = state.pop_bank()
     if previous is not None:
         previous.remove()
     base = state.base_state(model)
 
-    def effective_alpha1(name: str, layer_name: str, own: Tensor) -> Tensor:
+    def effective_alpha1(adapter: ResidentAdapter, layer_name: str, own: Tensor) -> Tensor:
         """The α₁ an adapter's rows use: its own α₁ (or the base's) times its multiplier."""
-        entry = tuned[name].get(layer_name, {})
-        alpha1 = entry.get("alpha1", own)
-        scale = entry.get(ALPHA1_SCALE)
+        alpha1 = adapter.tensors.get(f"{layer_name}.alpha1", own)
+        scale = adapter.tensors.get(f"{layer_name}.{ALPHA1_SCALE}")
         return alpha1 if scale is None else alpha1 * scale  # (out, G) * (out, 1) or (out, G)
 
     banked = []
     with torch.no_grad():
         for layer_name, layer in layers.items():
             own = base[f"{layer_name}.alpha1"]  # (out, G)
-            entries = [own] + [effective_alpha1(name, layer_name, own) for name in adapters]
+            entries = [own] + [effective_alpha1(a, layer_name, own) for a in adapters.values()]
             like = layer.effective_alpha1()
             stacked = torch.stack([e.to(like.device, like.dtype) for e in entries])  # (A, out, G)
             # A layer every row sees with its current α₁ (say a frozen replaced head) keeps the
@@ -200,9 +247,8 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
             layer.set_adapter_bank(None if same else stacked)
             if not same:
                 banked.append(layer)
-    bank = AdapterBank(banked, tuple(adapters), configs)
+    bank = AdapterBank(banked, tuple(adapters), {n: a.config for n, a in adapters.items()})
     state.set_bank(bank)
-    logger.info("loaded %d adapters for mixed batches: %s", len(adapters), ", ".join(adapters))
     return bank
 
 
@@ -213,11 +259,16 @@ def adapter_bank(model: nn.Module) -> AdapterBank | None:
 
 
 def unload_adapters(model: nn.Module) -> None:
-    """Remove the model's bank, if any (the layers' own α₁ are untouched)."""
+    """Undo ``load_adapters``: remove the model's bank, if any, and forget the adapters in it
+    (if one of them was active, the base comes back; other resident adapters stay)."""
     state = existing_state(model)
     bank = None if state is None else state.pop_bank()
-    if bank is not None:
-        bank.remove()
+    if bank is None:
+        return
+    bank.remove()
+    for name in bank.names:
+        if name in state.adapters:
+            state.remove_adapter(model, name)
 
 
 @contextmanager

@@ -4,17 +4,26 @@ One ``ModelState`` per model (``model_state``), under one attribute, holding:
 
 - ``head``: the record of an LM head replaced by ``quantize_lm_head`` or loaded so (what a saved
   base writes as "head"); changed only through ``alphatune.lm_head.set_replaced_head``;
-- the adapter registry: the base value of every tensor that ``load_adapter`` replaced (so that
-  unloading or loading another adapter restores it; ``replace``, ``restore``, ``base_state``) and
-  the bank of adapters loaded side by side for mixed batches (``alphatune.mixed``; ``bank``,
-  ``set_bank``, ``pop_bank``).
+- the adapter registry:
+  - the adapters resident on the model by name (read and checked once; ``adapters``,
+    ``add_adapter``, ``remove_adapter``) and which one is active (``active``, ``activate``,
+    ``deactivate``), which ``alphatune.adapters``' verbs (``load_adapter``, ``set_adapter``,
+    ``delete_adapter``, ``unload_adapter``) change;
+  - the base value of every tensor the active adapter replaced (so that switching or unloading
+    restores it; ``base_state``);
+  - the bank of adapters side by side for mixed batches (``alphatune.mixed``; ``bank``,
+    ``set_bank``, ``pop_bank``), dropped when an adapter in it is replaced or deleted.
 
 Nothing else sets attributes on a model; ``copy.deepcopy(model)`` copies the state with it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -32,12 +41,24 @@ def tensors_by_name(model: nn.Module) -> dict[str, Tensor]:
     return dict(model.named_parameters()) | dict(model.named_buffers())
 
 
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """An adapter read from ``directory`` and checked against the model, kept in memory (only
+    its trained tensors: α₁ and the like, a few MB) so that switching to it reads no file."""
+
+    directory: Path
+    config: dict[str, Any]  # its adapter_config.json
+    tensors: dict[str, Tensor]  # state-dict name -> trained value
+
+
 class ModelState:
     """alphatune's state on one model (see the module docstring); change it through its methods."""
 
     def __init__(self) -> None:
         self._head: ReplacedHead | None = None
         self._base_values: dict[str, Tensor] = {}  # tensor name -> its value without an adapter
+        self._adapters: dict[str, ResidentAdapter] = {}
+        self._active: str | None = None
         self._bank: AdapterBank | None = None
 
     # ------------------------------------------------------------ the LM head
@@ -48,24 +69,61 @@ class ModelState:
     def set_head(self, record: ReplacedHead | None) -> None:
         self._head = record
 
-    # ------------------------------------------------------------ a loaded adapter
-    def restore(self, model: nn.Module) -> None:
+    # ------------------------------------------------------------ resident adapters
+    @property
+    def adapters(self) -> Mapping[str, ResidentAdapter]:
+        """The resident adapters by name, in loading order (read-only)."""
+        return MappingProxyType(self._adapters)
+
+    @property
+    def active(self) -> str | None:
+        """The name of the adapter whose tensors the model holds now, or ``None`` (the base)."""
+        return self._active
+
+    def add_adapter(self, name: str, adapter: ResidentAdapter) -> None:
+        """Keep ``adapter`` under ``name``, replacing one of that name (a bank holding the old
+        one is dropped: its values would be stale). Does not activate it."""
+        if name in self._adapters:
+            self._drop_bank_with(name)
+        self._adapters[name] = adapter
+
+    def remove_adapter(self, model: nn.Module, name: str) -> None:
+        """Forget the adapter ``name``; the base comes back if it was active, and a bank
+        holding it is dropped."""
+        if self._active == name:
+            self.deactivate(model)
+        self._drop_bank_with(name)
+        del self._adapters[name]
+
+    def activate(self, model: nn.Module, name: str) -> None:
+        """Restore the base values, then copy the resident adapter ``name``'s tensors into the
+        model's tensors of the same names, keeping each base value the first time it is
+        replaced."""
+        targets = tensors_by_name(model)
+        self._restore(model)
+        with torch.no_grad():
+            for tensor_name, tensor in self._adapters[name].tensors.items():
+                if tensor_name not in self._base_values:
+                    self._base_values[tensor_name] = targets[tensor_name].detach().clone()
+                targets[tensor_name].copy_(tensor.to(targets[tensor_name].dtype))
+        self._active = name
+
+    def deactivate(self, model: nn.Module) -> None:
         """Put back the base value of every tensor an adapter replaced."""
+        self._restore(model)
+        self._active = None
+
+    def _restore(self, model: nn.Module) -> None:
         targets = tensors_by_name(model)
         with torch.no_grad():
             for name, value in self._base_values.items():
                 targets[name].copy_(value)
 
-    def replace(self, model: nn.Module, tensors: dict[str, Tensor]) -> None:
-        """Restore the base values, then copy ``tensors`` into the model's tensors of the same
-        names, keeping the base value of each the first time it is replaced."""
-        targets = tensors_by_name(model)
-        self.restore(model)
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                if name not in self._base_values:
-                    self._base_values[name] = targets[name].detach().clone()
-                targets[name].copy_(tensor.to(targets[name].dtype))
+    def _drop_bank_with(self, name: str) -> None:
+        if self._bank is not None and name in self._bank.names:
+            bank = self.pop_bank()
+            assert bank is not None
+            bank.remove()
 
     def base_state(self, model: nn.Module) -> dict[str, Tensor]:
         """Every parameter and buffer by name as it is with no adapter loaded."""

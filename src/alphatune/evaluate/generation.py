@@ -22,7 +22,7 @@ from torch import nn
 from alphatune.data.tokenize import encode_prompt
 from alphatune.engine import Engine, Sampling, generate_ids
 from alphatune.errors import ConfigError, DataError, UnsupportedModelError
-from alphatune.mixed import adapter_bank
+from alphatune.mixed import bank_for
 from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
@@ -103,9 +103,10 @@ def generate(
     are decoded; the answer is cut at the first stop string and at the first line break. The
     model is put in eval mode for the call and restored afterwards.
 
-    With ``adapters``, each prompt runs with its own task adapter from the bank loaded by
-    :func:`alphatune.mixed.load_adapters`, in mixed batches; every answer is the one that prompt
-    gets alone with that adapter loaded.
+    With ``adapters``, each prompt runs with its own task adapter, in mixed batches: adapters
+    resident on the model (:func:`alphatune.load_adapter` with ``adapter_name``, or
+    :func:`alphatune.mixed.load_adapters`); every answer is the one that prompt gets alone with
+    that adapter active.
 
     Args:
         model: a Hugging Face causal LM (anything with ``generate``).
@@ -114,8 +115,8 @@ def generate(
         max_new_tokens: most tokens generated per prompt.
         num_beams: 1 for greedy decoding, more for beam search (with early stopping).
         batch_size: prompts per ``generate`` call.
-        adapters: one loaded adapter name per prompt (``None``: the base), or ``None`` to use
-            the model as it is.
+        adapters: one resident adapter name per prompt (``None``: the base), or ``None`` to use
+            the model as it is (peft's ``adapter_names``).
         progress: show a transient rich progress bar.
         do_sample: sample instead of greedy decoding (``num_beams`` must be 1), with
             ``temperature``, ``top_k`` (None: all tokens) and ``top_p`` (None: no nucleus cut).
@@ -147,12 +148,7 @@ def generate(
         return []
     bank = None
     if adapters is not None:
-        bank = adapter_bank(model)
-        if bank is None:
-            raise ConfigError(
-                "adapters= needs adapters loaded side by side: call "
-                "alphatune.mixed.load_adapters(model, {name: directory, ...}) first"
-            )
+        bank = bank_for(model, adapters)
         bank.indices(adapters)  # unknown names fail now, not after some batches
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
