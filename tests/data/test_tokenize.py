@@ -16,6 +16,7 @@ from alphatune.data import (
     load_task,
     load_text_tokens,
 )
+from alphatune.data.tokenize import start_ids
 from alphatune.errors import DataError
 from alphatune.models import load_tokenizer
 
@@ -53,6 +54,47 @@ def test_target_longer_than_max_length_keeps_one_prompt_token(tokenizer: Any) ->
     assert encoded["labels"][0] == IGNORE_INDEX and IGNORE_INDEX not in encoded["labels"][1:]
     with pytest.raises(ValueError, match="max_length"):
         encode_example(tokenizer, EXAMPLE, max_length=1)
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer() -> Any:
+    """A word-level tokenizer that starts every text with <bos>, as Gemma's does (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "c", "d", "e", "f"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def test_no_bos_where_the_tokenizer_adds_none(tokenizer: Any) -> None:
+    assert start_ids(tokenizer) == []  # SmolLM2
+    assert encode_prompt(tokenizer, "Hello") == tokenizer("Hello")["input_ids"]
+
+
+def test_the_prompt_starts_with_the_bos_the_tokenizer_adds(bos_tokenizer: Any) -> None:
+    assert start_ids(bos_tokenizer) == [2]
+    assert encode_prompt(bos_tokenizer, "a b c") == [2, 4, 5, 6]
+    encoded = encode_example(bos_tokenizer, Example("a b c", "d e"), max_length=128)
+    assert encoded["input_ids"] == [2, 4, 5, 6, 7, 8, 1]
+    assert encoded["labels"] == [IGNORE_INDEX] * 4 + [7, 8, 1]
+
+
+def test_truncation_keeps_the_bos(bos_tokenizer: Any) -> None:
+    example = Example("a b c", "d e f")
+    short = encode_example(bos_tokenizer, example, max_length=6)  # the prompt loses "a b"
+    assert short["input_ids"] == [2, 6, 7, 8, 9, 1]
+    assert short["labels"] == [IGNORE_INDEX] * 2 + [7, 8, 9, 1]
+    tight = encode_example(bos_tokenizer, example, max_length=3)  # BOS, one prompt token, one
+    assert tight["input_ids"] == [2, 6, 7] and tight["labels"] == [IGNORE_INDEX] * 2 + [7]
+    with pytest.raises(ValueError, match="max_length must be >= 3"):
+        encode_example(bos_tokenizer, example, max_length=2)
 
 
 def test_collate_right_pads() -> None:

@@ -2,7 +2,9 @@
 
 The prompt and the target are tokenized separately and concatenated, so the prompt ids seen in
 training are exactly the ids :func:`encode_prompt` gives at generation time (tokenizing
-``prompt + target`` as one string could merge tokens across the boundary).
+``prompt + target`` as one string could merge tokens across the boundary). A prompt starts with
+the BOS token when the tokenizer itself starts texts with one (Gemma: without it the model
+degenerates); SmolLM2's tokenizer adds none.
 """
 
 from __future__ import annotations
@@ -30,41 +32,62 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def start_ids(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` if the tokenizer starts every text with BOS (Gemma, Llama 2), else ``[]``.
+
+    Asked of the tokenizer (one character with and without its special tokens) rather than read
+    from a flag, whose name and meaning differ between tokenizer classes; an EOS that some
+    tokenizers append is never taken (a prompt must not end).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    marked = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    return [bos] if marked[:1] == [bos] and _ids(tokenizer, "a")[:1] != [bos] else []
+
+
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of a prompt, exactly as :func:`encode_example` tokenizes its prompt part."""
-    return _ids(tokenizer, prompt)
+    """Token ids of a prompt, exactly as :func:`encode_example` tokenizes its prompt part: BOS
+    first when the tokenizer adds one (:func:`start_ids`), no EOS."""
+    return start_ids(tokenizer) + _ids(tokenizer, prompt)
 
 
 def encode_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]]:
     """Token ids and labels for one training pair.
 
-    ``input_ids = prompt_ids + target_ids + [eos]``; ``labels`` is the same with every prompt
-    position set to -100. Labels are not shifted: the model shifts them, as Hugging Face causal
-    LMs do. Too long a pair loses prompt tokens from the left; a target that alone does not fit
-    keeps one prompt token and loses its own tail (and the eos).
+    ``input_ids = prompt_ids + target_ids + [eos]`` (``prompt_ids`` from :func:`encode_prompt`,
+    with the tokenizer's BOS if it adds one); ``labels`` is the same with every prompt position
+    set to -100. Labels are not shifted: the model shifts them, as Hugging Face causal LMs do. Too
+    long a pair loses prompt tokens from the left (after the BOS, which stays); a target that
+    alone does not fit keeps one prompt token (besides the BOS) and loses its own tail (and the
+    eos).
 
     Args:
         tokenizer: a Hugging Face tokenizer with an eos token.
         example: the pair to encode.
-        max_length: most tokens in the result, >= 2.
+        max_length: most tokens in the result, >= 2 (>= 3 with a BOS).
 
     Returns:
         ``{"input_ids": [...], "labels": [...]}``, two lists of the same length <= max_length.
     """
-    if max_length < 2:
+    start = start_ids(tokenizer)
+    if max_length < len(start) + 2:
         raise DataError(
-            f"max_length must be >= 2 (one prompt and one target token), got {max_length}"
+            f"max_length must be >= {len(start) + 2} ({'a BOS, ' if start else ''}one prompt and "
+            f"one target token), got {max_length}"
         )
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no eos token; set tokenizer.eos_token first")
-    prompt_ids = encode_prompt(tokenizer, example.prompt)
+    body = _ids(tokenizer, example.prompt)
     target_ids = _ids(tokenizer, example.target) + [eos_id]
-    if len(prompt_ids) + len(target_ids) > max_length:
-        target_ids = target_ids[: max_length - 1]
-        keep = max_length - len(target_ids)  # >= 1 prompt token
-        prompt_ids = prompt_ids[max(0, len(prompt_ids) - keep) :]
+    if len(start) + len(body) + len(target_ids) > max_length:
+        room = max_length - len(start)  # >= 2
+        target_ids = target_ids[: room - 1]
+        keep = room - len(target_ids)  # >= 1 prompt token
+        body = body[max(0, len(body) - keep) :]
         logger.debug("truncated an example to %d tokens", max_length)
+    prompt_ids = start + body
     return {
         "input_ids": prompt_ids + target_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids,
