@@ -19,6 +19,7 @@ from alphatune import (
     BCQConfig,
     CheckpointError,
     bcq,
+    kernels,
     prepare_for_alphatuning,
     quantize_,
     quantize_lm_head,
@@ -70,14 +71,20 @@ def test_table_is_a_close_8_bit_fit(table: BCQTable) -> None:
 
 def test_fit_is_the_offset_fit_without_refinement() -> None:
     """``fit_table`` is ``bcq.fit_offset(..., iterations=0)`` (round to nearest on each group's
-    range, largest scale first), computed on integer levels: the same codes and scales."""
+    range, largest scale first), computed on integer levels: the same codes and scales, except
+    that a group's step is at least ``MIN_STEP`` (so fp16 scales stay geometric)."""
     weight = torch.randn(70, 96, generator=torch.Generator().manual_seed(7))
     weight[3, 5] = 9.0
-    weight[4] = 0.5  # a constant row: every level 0
+    weight[4] = 0.5  # a constant row: every level 0, the step raised to MIN_STEP
     packed, alpha, offset = compact.fit_table(weight, 8, 32)
     reference = bcq.fit_offset(weight, 8, 32, iterations=0)
     assert torch.equal(packed, pack_codes(reference.codes))
-    assert torch.equal(alpha, reference.alpha) and torch.equal(offset, reference.offset)
+    others = torch.arange(70) != 4
+    assert torch.equal(alpha[:, others], reference.alpha[:, others])
+    assert torch.equal(offset[others], reference.offset[others])
+    assert torch.equal(alpha[-1, 4], torch.full((3,), compact.MIN_STEP / 2))
+    dense = kernels.dequantize_packed(packed, alpha, offset, 32, 96)
+    assert torch.allclose(dense[4], weight[4], atol=compact.MIN_STEP)
 
 
 def test_rows_are_the_dequantized_rows(table: BCQTable) -> None:

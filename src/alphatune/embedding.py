@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from alphatune import kernels
 from alphatune.config import BCQConfig
 from alphatune.errors import CheckpointError, ConfigError
-from alphatune.kernels import lut_common
+from alphatune.kernels import lut_common, numba_table
 from alphatune.packing import pack_codes, packed_width
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 COMPACT_BITS = 8
 # Vocabulary rows dequantized at a time by the batched head (9.4 MB of fp32 at hidden 576).
 CHUNK_ROWS = 4096
+# The smallest grid step of a table: twice fp16's smallest normal number (see fit_table).
+MIN_STEP = 2.0**-13
 # Names of a table's scale tensors (stored fp16 when lossless, like BCQLinear's).
 TABLE_SCALE_NAMES = ("alpha", "offset")
 
@@ -121,7 +123,11 @@ def fit_table(weight: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tenso
         end = min(start + CHUNK_ROWS, rows)
         part = weight[start:end].detach().float().reshape(end - start, groups, group_size)
         low, high = part.amin(dim=-1), part.amax(dim=-1)  # (n, G)
-        step = ((high - low) / levels).clamp_min(1e-12)
+        # At least MIN_STEP: the plane scales step·2^(bit-1) are then all normal fp16 numbers, so
+        # stored in fp16 they stay an exact geometric series (numba_table.uniform_form: the
+        # byte kernel). Only groups of range < 255·MIN_STEP ≈ 0.031 get a coarser grid, with
+        # an error of at most MIN_STEP / 2 ≈ 6e-5.
+        step = ((high - low) / levels).clamp_min(MIN_STEP)
         level = ((part - low[..., None]) / step[..., None]).round_().clamp_(0, levels)
         level = level.to(torch.int32).reshape(end - start, dim)  # (n, dim)
         for plane in range(bits):
@@ -252,6 +258,8 @@ class BCQTable(nn.Module):
         flat = x.reshape(-1, self.spec.dim)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _TableMatmul.apply(flat.float(), self)
+        elif (form := self._byte_form(flat)) is not None:
+            y = numba_table.table_matmul(flat, *form, self.spec.group_size)
         elif self._lut_serves(flat):
             key = self._version()
             y = kernels.bcq_matmul(
@@ -296,6 +304,30 @@ class BCQTable(nn.Module):
                 dim,
             )
             yield start, end, part
+
+    def _byte_form(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(levels, step, low)`` when the byte kernel runs this product: a uniform table
+        (``numba_table.uniform_form``, what ``fit_table`` writes), few tokens, on the CPU. Built
+        on first use and kept while the tensors hold (in place of the LUT kernel's copy)."""
+        if not (
+            flat.is_cpu
+            and flat.shape[0] <= kernels.LUT_MAX_TOKENS
+            and numba_table.available()
+            and not kernels.reference_forced()
+        ):
+            return None
+        key = self._version()
+        if key is None:
+            return None
+
+        def build() -> tuple[Tensor, Tensor, Tensor] | None:
+            uniform = numba_table.uniform_form(self.alpha, self.offset)
+            if uniform is None:
+                return None
+            levels = numba_table.levels_from_planes(self.packed_codes, self.spec.dim)
+            return levels, *uniform
+
+        return self._cache.get("bytes", key, build)
 
     def _lut_serves(self, flat: Tensor) -> bool:
         """Whether the LUT kernel runs this product (else the chunked path: no dense copy kept)."""

@@ -138,6 +138,11 @@ def decode_kernel() -> _LutKernel | None:
     return _chosen_lut_kernel()
 
 
+def reference_forced() -> bool:
+    """Whether ``ALPHATUNE_KERNEL=reference`` asks for the plain torch paths everywhere."""
+    return os.environ.get(KERNEL_ENV, "").strip().lower() == "reference"
+
+
 def lut_available() -> bool:
     """Whether decode runs on a LUT kernel here (see ``lut_kernel``)."""
     return _chosen_lut_kernel() is not None

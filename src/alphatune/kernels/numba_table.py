@@ -1,0 +1,126 @@
+"""Products with a uniform 8-bit table on CPU (numba): one byte per weight, one multiply-add.
+
+A compact embedding/head table (``alphatune.embedding``) is fitted by round to nearest on a
+uniform grid and written as BCQ with offset: plane ``p`` of ``q`` holds bit ``q-1-p`` of each
+weight's level with scale ``α_p = a·2^(q-1-p)`` (``a``: the last plane's scale). So every weight
+is affine in its level byte, ``w = step·level + low`` per (row, group), with ``step = 2a`` and
+``low = offset - a·(2^q - 1)``. A product then reads one byte per weight and does one
+multiply-add, where the LUT kernel does one table lookup per weight *and plane* (8 for an 8-bit
+table): measured on SmolLM2's 49,152 × 576 head, one token, one thread (AVX2), 4.5 ms against
+10–11 ms (docs/performance.md). The bytes take exactly the memory of the packed planes.
+
+``uniform_form`` says whether a table has that form (any other BCQ table keeps the general
+kernels); ``levels_from_planes`` turns packed planes into level bytes; ``table_matmul`` is the
+product, parallel over blocks of rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alphatune.kernels.numba_threads import numba_threads, threads_for
+from alphatune.packing import unpack_bits
+
+try:
+    from numba import njit, prange
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # numba is an optional dependency (extra "fast")
+    _IMPORT_ERROR = exc
+
+_ROW_BLOCK = 256  # rows per parallel task: 147 KB of bytes at 576 wide, many tasks per thread
+_MIN_PARALLEL_WORK = 1 << 20  # bytes x tokens below which one thread beats a thread launch
+_CONVERT_ROWS = 4096  # rows converted from planes to bytes at a time
+
+
+def available() -> bool:
+    """True when numba imported."""
+    return _IMPORT_ERROR is None
+
+
+def uniform_form(alpha: Tensor, offset: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(step, low)`` ``(rows, G)`` float32 if the plane scales are geometric, else ``None``.
+
+    Args:
+        alpha: ``(q, rows, G)`` plane scales, largest first (``fit_table``'s layout).
+        offset: ``(rows, G)``.
+
+    The test is exact (``α_p == a·2^(q-1-p)`` for every plane), so a table that satisfies it
+    computes the same weights as its planes up to the float rounding of ``low``.
+    """
+    q = alpha.shape[0]
+    last = alpha[q - 1].float()
+    powers = 2.0 ** torch.arange(q - 1, -1, -1, dtype=torch.float32, device=alpha.device)
+    if not torch.equal(alpha.float(), last[None] * powers[:, None, None]):
+        return None
+    return 2 * last, offset.float() - last * (2**q - 1)
+
+
+def levels_from_planes(packed: Tensor, dim: int) -> Tensor:
+    """Packed planes ``(q, rows, ceil(dim/8))`` (plane 0 the most significant bit) -> level
+    bytes ``(rows, dim)`` uint8; ``q <= 8``. Built ``_CONVERT_ROWS`` rows at a time, so the
+    temporaries stay small next to the result (peak memory is what a decode process pays)."""
+    q, rows, _ = packed.shape
+    if q > 8:
+        raise ValueError(f"level bytes hold at most 8 planes, got {q}")
+    levels = torch.empty(rows, dim, dtype=torch.uint8, device=packed.device)
+    for start in range(0, rows, _CONVERT_ROWS):
+        end = min(start + _CONVERT_ROWS, rows)
+        part = levels[start:end]
+        part.zero_()
+        for plane in range(q):
+            part |= unpack_bits(packed[plane, start:end], dim) << (q - 1 - plane)
+    return levels
+
+
+if _IMPORT_ERROR is None:
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _matmul(x, levels, step, low, group_size, out):  # pragma: no cover
+        """``out[t, r] = Σ_g step[r, g]·(levels[r, g] · x[t, g]) + low[r, g]·Σ x[t, g]``."""
+        tokens, dim = x.shape
+        rows = levels.shape[0]
+        groups = dim // group_size
+        sums = np.empty((tokens, groups), dtype=np.float32)
+        for t in range(tokens):
+            for g in range(groups):
+                acc = np.float32(0.0)
+                for j in range(g * group_size, (g + 1) * group_size):
+                    acc += x[t, j]
+                sums[t, g] = acc
+        blocks = (rows + _ROW_BLOCK - 1) // _ROW_BLOCK
+        for b in prange(blocks):
+            for r in range(b * _ROW_BLOCK, min(rows, (b + 1) * _ROW_BLOCK)):
+                row = levels[r]
+                for t in range(tokens):
+                    xt = x[t]
+                    total = np.float32(0.0)
+                    for g in range(groups):
+                        start = g * group_size
+                        # Slices, not 2-d indexing: LLVM vectorises this loop only so.
+                        codes = row[start : start + group_size]
+                        xs = xt[start : start + group_size]
+                        acc = np.float32(0.0)
+                        for j in range(group_size):
+                            acc += np.float32(codes[j]) * xs[j]
+                        total += step[r, g] * acc + low[r, g] * sums[t, g]
+                    out[t, r] = total
+
+
+def table_matmul(x: Tensor, levels: Tensor, step: Tensor, low: Tensor, group_size: int) -> Tensor:
+    """``x`` ``(T, dim)`` float32 times the table's transpose: ``(T, rows)`` float32.
+
+    Args:
+        levels: ``(rows, dim)`` uint8 level bytes (``levels_from_planes``).
+        step, low: ``(rows, dim // group_size)`` float32 (``uniform_form``).
+    """
+    if _IMPORT_ERROR is not None:
+        raise ImportError("the byte table kernel needs numba") from _IMPORT_ERROR
+    x_np = np.ascontiguousarray(x.detach().float().numpy())
+    rows, dim = levels.shape
+    out = np.empty((x_np.shape[0], rows), dtype=np.float32)
+    with numba_threads(threads_for(rows * dim * x_np.shape[0], _MIN_PARALLEL_WORK)):
+        _matmul(x_np, levels.numpy(), step.numpy(), low.numpy(), group_size, out)
+    return torch.from_numpy(out)

@@ -1,0 +1,112 @@
+"""The byte kernel of uniform 8-bit tables (``kernels.numba_table``) against the torch reference,
+and ``BCQTable.linear`` choosing it only where it computes the table's own weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphatune.embedding import MIN_STEP, BCQTable, fit_table, linear_reference
+from alphatune.kernels import numba_table
+from alphatune.kernels.numba_threads import numba_threads
+
+pytestmark = pytest.mark.skipif(not numba_table.available(), reason="numba is not installed")
+
+
+def _weight(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, dim, generator=generator)
+    # Rows of every scale (and one constant row: a zero range), as real embeddings have.
+    weight *= torch.rand(rows, 1, generator=generator) ** 3 * 5
+    weight[0] = 0.25
+    return weight
+
+
+def _levels(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """fit_table's integer levels, computed directly."""
+    rows, dim = weight.shape
+    part = weight.reshape(rows, dim // group_size, group_size)
+    low, high = part.amin(-1, keepdim=True), part.amax(-1, keepdim=True)
+    step = ((high - low) / (2**bits - 1)).clamp_min(MIN_STEP)
+    return ((part - low) / step).round().clamp(0, 2**bits - 1).to(torch.uint8).reshape(rows, dim)
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_levels_from_planes_are_the_fitted_levels(bits: int):
+    weight = _weight(300, 96)
+    packed, _, _ = fit_table(weight, bits, group_size=32)
+    levels = numba_table.levels_from_planes(packed, 96)
+    assert levels.dtype == torch.uint8 and levels.shape == (300, 96)
+    assert torch.equal(levels, _levels(weight, bits, 32))
+
+
+def test_uniform_form_gives_the_table_weights():
+    table = BCQTable.from_weight(_weight(200, 128))  # fp16 scales, as stored
+    step, low = numba_table.uniform_form(table.alpha, table.offset)
+    levels = numba_table.levels_from_planes(table.packed_codes, 128)
+    groups = 128 // table.spec.group_size
+    dense = (levels.float().reshape(200, groups, -1) * step[..., None] + low[..., None]).reshape(
+        200, 128
+    )
+    assert torch.allclose(dense, table.dequantize(), rtol=0, atol=1e-6 * dense.abs().max())
+
+
+def test_non_geometric_scales_are_not_uniform():
+    table = BCQTable.from_weight(_weight(50, 64))
+    alpha = table.alpha.clone()
+    alpha[0, 7, 0] *= 1.001  # one plane scale of one group off the geometric series
+    assert numba_table.uniform_form(alpha, table.offset) is None
+    assert numba_table.uniform_form(table.alpha, table.offset) is not None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("rows,dim", [(1000, 144), (257, 64), (3, 576)])
+def test_table_matmul_matches_the_reference(rows: int, dim: int, tokens: int, threads: int):
+    table = BCQTable.from_weight(_weight(rows, dim, seed=rows))
+    step, low = numba_table.uniform_form(table.alpha, table.offset)
+    levels = numba_table.levels_from_planes(table.packed_codes, dim)
+    x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(tokens))
+    expected = linear_reference(table, x)
+    from numba import config
+
+    threads = min(threads, config.NUMBA_NUM_THREADS)  # 1 where only one CPU is allowed
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with numba_threads(threads):
+            y = numba_table.table_matmul(x, levels, step, low, table.spec.group_size)
+    finally:
+        torch.set_num_threads(previous)
+    assert y.shape == (tokens, rows) and y.dtype == torch.float32
+    scale = expected.abs().max()
+    assert torch.allclose(y, expected, rtol=0, atol=2e-5 * scale)
+
+
+def test_table_linear_uses_the_byte_kernel_for_uniform_tables(monkeypatch):
+    monkeypatch.delenv("ALPHATUNE_KERNEL", raising=False)
+    table = BCQTable.from_weight(_weight(700, 144))
+    x = torch.randn(2, 144)
+    with torch.inference_mode():
+        y = table.linear(x)
+    assert "bytes" in table._cache
+    assert torch.allclose(y, linear_reference(table, x), atol=2e-5 * y.abs().max())
+
+
+def test_table_linear_keeps_the_general_path_for_other_tables(monkeypatch):
+    monkeypatch.delenv("ALPHATUNE_KERNEL", raising=False)
+    table = BCQTable.from_weight(_weight(300, 144))
+    with torch.no_grad():
+        table.alpha[3, 5, 0] *= 1.01  # no longer geometric: the byte form would be wrong
+    x = torch.randn(1, 144)
+    with torch.inference_mode():
+        y = table.linear(x)
+    assert torch.allclose(y, linear_reference(table, x), atol=2e-5 * y.abs().max())
+
+
+def test_reference_setting_skips_the_byte_kernel(monkeypatch):
+    monkeypatch.setenv("ALPHATUNE_KERNEL", "reference")
+    table = BCQTable.from_weight(_weight(300, 144))
+    with torch.inference_mode():
+        table.linear(torch.randn(1, 144))
+    assert "bytes" not in table._cache
