@@ -22,7 +22,7 @@ from alphatune import (
     read_adapter,
 )
 from alphatune.data import Example, encode_example
-from alphatune.hf_trainer import ADAPTER_SUBDIR
+from alphatune.files import ADAPTER_SUBDIR
 
 NAMES = ["Aromi", "Blue Spice", "Cotto", "Zizzi", "The Mill", "Wildwood"]
 EXAMPLES = [Example(prompt=f"Table: name[{n}]\nText:", target=f" {n} is a pub.") for n in NAMES]

@@ -57,6 +57,9 @@ QUANT_METHOD_ALIASES = ("bcq",)  # also a base when read (the name the issue tra
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FORMAT = "alphatune_adapter"
+# The adapter's folder inside a transformers Trainer checkpoint and, by default, inside its
+# output directory (alphatune.hf_trainer.AdapterCallback).
+ADAPTER_SUBDIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_TENSORS = "state.safetensors"

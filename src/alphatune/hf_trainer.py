@@ -43,12 +43,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from alphatune.adapters import save_adapter
 from alphatune.config import AlphaTuningConfig
-from alphatune.files import ADAPTER_MARKERS, check_output_dir
+from alphatune.files import ADAPTER_MARKERS, ADAPTER_SUBDIR, check_output_dir
 
 logger = logging.getLogger(__name__)
-
-# The adapter's folder inside a Trainer checkpoint and, by default, inside the output directory.
-ADAPTER_SUBDIR = "adapter"
 
 # Training arguments an adapter records (the rest of TrainingArguments is about logging and I/O).
 RECORDED_ARGUMENTS = (
