@@ -61,7 +61,9 @@ def table() -> BCQTable:
 def test_table_is_a_close_8_bit_fit(table: BCQTable) -> None:
     weight = torch.randn(300, 64, generator=torch.Generator().manual_seed(3)) * 0.1
     weight[5, 7] = 2.0
-    assert table.packed_codes.dtype == torch.uint8 and table.packed_codes.shape == (8, 300, 8)
+    planes = table.plane_codes()
+    assert planes.dtype == torch.uint8 and planes.shape == (8, 300, 8)
+    assert table.byte_form and "packed_codes" not in dict(table.named_buffers())
     # Uniform 8-bit per group of 64 (the initialisation, kept): ~40 dB on a Gaussian weight.
     assert sqnr_db(weight, table.dequantize()) > 35
     # Scales are fp16 values (saved losslessly in fp16).

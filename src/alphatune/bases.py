@@ -100,6 +100,11 @@ logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- identity
+def _update(digest: Any, tensor: Tensor) -> None:
+    """Hash a tensor's bytes in place (a copy of every layer's codes would raise peak memory)."""
+    digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).numpy()))
+
+
 def _fingerprint(
     layers: list[tuple[str, BCQLinear]], tables: list[tuple[str, BCQTable]] = ()
 ) -> str:
@@ -108,11 +113,11 @@ def _fingerprint(
         digest.update(
             f"{name}:{layer.out_features}x{layer.in_features}:{layer.group_size};".encode()
         )
-        digest.update(layer.packed_codes.detach().cpu().contiguous().numpy().tobytes())
+        _update(digest, layer.packed_codes)
     for name, table in tables:  # none for bases without compact tables: their hash is unchanged
         digest.update(f"table {name}:{table.extra_repr()};".encode())
-        for tensor in (table.packed_codes, table.alpha, table.offset):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        for tensor in (table.plane_codes(), table.alpha, table.offset):
+            _update(digest, tensor)
     return digest.hexdigest()[:16]
 
 
@@ -393,8 +398,8 @@ def install_layers(
     """Put an empty ``BCQLinear`` (and the replaced head's module, and the compact embedding)
     where the specs say.
 
-    Under ``init_empty_weights`` or a meta device, nothing is allocated: the file's tensors are
-    assigned afterwards (compact tables are made on the meta device in any case).
+    Everything is made on the meta device: nothing is allocated, the file's tensors are
+    assigned afterwards.
     """
     for name, spec in layers.items():
         layer = BCQLinear(
@@ -404,6 +409,9 @@ def install_layers(
             spec["group_size"],
             spec["offset"],
             bias=spec["bias"],
+            # Nothing allocated: the file's tensors are assigned (a zero-filled copy of every
+            # layer would raise the peak memory of a load by the size of the codes).
+            device="meta",
         )
         try:
             _set_submodule(model, name, layer)

@@ -173,8 +173,18 @@ def compact_group_size(dim: int) -> int:
 class BCQTable(nn.Module):
     """A ``(rows, dim)`` matrix stored as BCQ with offset, read by rows or multiplied.
 
-    Buffers: ``packed_codes`` ``(q, rows, ceil(dim/8))`` uint8 (the ``packing`` layout, as
-    ``BCQLinear``), ``alpha`` ``(q, rows, G)`` float32, ``offset`` ``(rows, G)`` float32.
+    Saved (state dict, files): ``packed_codes`` ``(q, rows, ceil(dim/8))`` uint8 (the
+    ``packing`` layout, as ``BCQLinear``), ``alpha`` ``(q, rows, G)`` float32, ``offset``
+    ``(rows, G)`` float32.
+
+    Held in one of two forms, never both (``settle`` chooses, after a fit or a load):
+
+    - **bytes** (``levels`` ``(rows, dim)`` uint8 in place of ``packed_codes``) when the plane
+      scales are geometric (``numba_table.uniform_form``; what ``fit_table`` writes): each weight
+      is ``step·level + low``, read with one byte per weight by the byte kernel. Same memory as
+      the planes; the state dict still gives the planes (``plane_codes``), so files, hashes and
+      fingerprints are those of the planes;
+    - **planes** (the stored layout) otherwise: the LUT kernel and the dequantizing paths.
 
     Example:
         >>> table = BCQTable.from_weight(torch.randn(100, 64))
@@ -198,7 +208,8 @@ class BCQTable(nn.Module):
         )
         self.register_buffer("alpha", torch.zeros(spec.bits, spec.rows, groups, device=device))
         self.register_buffer("offset", torch.zeros(spec.rows, groups, device=device))
-        # The LUT kernel's prepared codes and scales (decode); rebuilt if a tensor changes.
+        # Forms derived from the tensors (byte form: step and low; planes: the LUT kernel's
+        # prepared codes and scales); rebuilt if a tensor changes.
         self._cache = kernels.WeightCache()
 
     @classmethod
@@ -211,7 +222,69 @@ class BCQTable(nn.Module):
         table.packed_codes = packed
         table.alpha = alpha.to(torch.float16).float()
         table.offset = offset.to(torch.float16).float()
+        table.settle()
         return table
+
+    # ------------------------------------------------------------ the two forms
+    @property
+    def byte_form(self) -> bool:
+        """Whether the table holds level bytes (``levels``) rather than packed planes."""
+        return "levels" in self._buffers
+
+    def settle(self) -> bool:
+        """Hold the byte form if the table has it (see the class docstring); True if so.
+
+        Called after a fit and after loading; a table on the meta device, or already settled,
+        is left as it is.
+        """
+        if self.byte_form:
+            return True
+        codes = self.packed_codes
+        if codes.is_meta or self.spec.bits > 8:
+            return False
+        if numba_table.uniform_form(self.alpha, self.offset) is None:
+            return False
+        levels = numba_table.levels_from_planes(codes, self.spec.dim)
+        del self._buffers["packed_codes"]
+        self.register_buffer("levels", levels)
+        self._cache.clear()
+        return True
+
+    def plane_codes(self) -> Tensor:
+        """The packed planes ``(q, rows, ceil(dim/8))`` uint8 (made from the bytes in byte form)."""
+        if self.byte_form:
+            return numba_table.planes_from_levels(self.levels, self.spec.bits)
+        return self.packed_codes
+
+    def adopt(self, other: BCQTable) -> None:
+        """Take ``other``'s tensors, in its form (``other`` must have the same spec)."""
+        if other.spec != self.spec:
+            raise ConfigError(f"cannot adopt a {other.spec} table into a {self.spec} one")
+        for name in ("packed_codes", "levels"):
+            self._buffers.pop(name, None)
+        for name, tensor in other._buffers.items():
+            self.register_buffer(name, tensor)
+        self._cache.clear()
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        # The planes, whatever the form: files and their hashes do not depend on it.
+        if not self.byte_form:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            return
+        destination[prefix + "packed_codes"] = self.plane_codes()
+        for name in ("alpha", "offset"):
+            tensor = self._buffers[name]
+            assert tensor is not None
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        if self.byte_form and prefix + "packed_codes" in state_dict:
+            # Back to the stored form to take the planes; settled again below.
+            self.register_buffer("packed_codes", self.plane_codes())
+            del self._buffers["levels"]
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._cache.clear()
+        self.settle()
 
     # ------------------------------------------------------------ reading
     def rows(self, ids: Tensor) -> Tensor:
@@ -220,15 +293,23 @@ class BCQTable(nn.Module):
         Only those rows are dequantized. An id outside ``0..rows-1`` raises ``IndexError``.
         """
         flat = ids.reshape(-1)
+        codes = self.levels if self.byte_form else self.packed_codes
+        row_dim = 0 if self.byte_form else 1
         try:  # index_select checks the range (negative ids too): no separate pass over the ids
-            packed = self.packed_codes.index_select(1, flat)  # (q, n, ceil(dim/8))
+            picked = codes.index_select(row_dim, flat)
         except (RuntimeError, IndexError) as err:
             raise IndexError(
                 f"token ids out of range: expected 0..{self.spec.rows - 1} ({err})"
             ) from None
-        alpha = self.alpha.index_select(1, flat)  # (q, n, G)
-        offset = self.offset.index_select(0, flat)  # (n, G)
-        out = kernels.dequantize_packed(packed, alpha, offset, self.spec.group_size, self.spec.dim)
+        if self.byte_form:
+            step, low = self._step_low()
+            out = self._affine(picked, step.index_select(0, flat), low.index_select(0, flat))
+        else:
+            alpha = self.alpha.index_select(1, flat)  # (q, n, G)
+            offset = self.offset.index_select(0, flat)  # (n, G)
+            out = kernels.dequantize_packed(
+                picked, alpha, offset, self.spec.group_size, self.spec.dim
+            )
         return out.reshape(*ids.shape, self.spec.dim)
 
     @property
@@ -239,13 +320,12 @@ class BCQTable(nn.Module):
 
     def dequantize(self) -> Tensor:
         """The dense ``(rows, dim)`` float32 matrix (for inspection and tests, not for speed)."""
-        return kernels.dequantize_packed(
-            self.packed_codes, self.alpha, self.offset, self.spec.group_size, self.spec.dim
-        )
+        return self._dense(0, self.spec.rows)
 
     def storage_bytes(self) -> int:
         """Bytes as saved: packed codes + fp16 scales and offsets."""
-        return self.packed_codes.numel() + 2 * (self.alpha.numel() + self.offset.numel())
+        codes = self.spec.bits * self.spec.rows * packed_width(self.spec.dim)
+        return codes + 2 * (self.alpha.numel() + self.offset.numel())
 
     # ------------------------------------------------------------ multiplying
     def linear(self, x: Tensor) -> Tensor:
@@ -258,9 +338,9 @@ class BCQTable(nn.Module):
         flat = x.reshape(-1, self.spec.dim)
         if torch.is_grad_enabled() and x.requires_grad:
             y = _TableMatmul.apply(flat.float(), self)
-        elif (form := self._byte_form(flat)) is not None:
-            y = numba_table.table_matmul(flat, *form, self.spec.group_size)
-        elif self._lut_serves(flat):
+        elif self.byte_form and self._few_tokens_on_cpu(flat) and numba_table.available():
+            y = numba_table.table_matmul(flat, self.levels, *self._step_low(), self.spec.group_size)
+        elif not self.byte_form and self._lut_serves(flat):
             key = self._version()
             y = kernels.bcq_matmul(
                 flat.float(),
@@ -280,66 +360,72 @@ class BCQTable(nn.Module):
         """``flat`` ``(T, dim)`` float32 -> ``(T, rows)``: ``CHUNK_ROWS`` rows dequantized at a
         time and consumed by one GEMM each (never the whole dense matrix)."""
         out = flat.new_empty(flat.shape[0], self.spec.rows)
-        for start, end, chunk in self._chunks():
-            out[:, start:end] = kernels.dequantized_linear(flat, *chunk)
+        for start in range(0, self.spec.rows, CHUNK_ROWS):
+            end = min(start + CHUNK_ROWS, self.spec.rows)
+            out[:, start:end] = F.linear(flat, self._dense(start, end))
         return out
 
     def chunked_grad(self, grad: Tensor) -> Tensor:
         """``grad`` ``(T, rows)`` times the table: ``(T, dim)`` (the gradient of ``linear``'s input)."""
         out = grad.new_zeros(grad.shape[0], self.spec.dim)
-        for start, end, chunk in self._chunks():
-            weight = kernels.dequantize_packed(*chunk)  # (end - start, dim)
-            out.addmm_(grad[:, start:end], weight)
-        return out
-
-    def _chunks(self):
-        g, dim = self.spec.group_size, self.spec.dim
         for start in range(0, self.spec.rows, CHUNK_ROWS):
             end = min(start + CHUNK_ROWS, self.spec.rows)
-            part = (
-                self.packed_codes[:, start:end],
-                self.alpha[:, start:end],
-                self.offset[start:end],
-                g,
-                dim,
-            )
-            yield start, end, part
+            out.addmm_(grad[:, start:end], self._dense(start, end))
+        return out
 
-    def _byte_form(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(levels, step, low)`` when the byte kernel runs this product: a uniform table
-        (``numba_table.uniform_form``, what ``fit_table`` writes), few tokens, on the CPU. Built
-        on first use and kept while the tensors hold (in place of the LUT kernel's copy)."""
-        if not (
-            flat.is_cpu
-            and flat.shape[0] <= kernels.LUT_MAX_TOKENS
-            and numba_table.available()
-            and not kernels.reference_forced()
-        ):
-            return None
-        key = self._version()
-        if key is None:
-            return None
+    def _dense(self, start: int, end: int) -> Tensor:
+        """Rows ``start:end`` dequantized, ``(end - start, dim)`` float32."""
+        if self.byte_form:
+            step, low = self._step_low()
+            return self._affine(self.levels[start:end], step[start:end], low[start:end])
+        return kernels.dequantize_packed(
+            self.packed_codes[:, start:end],
+            self.alpha[:, start:end],
+            self.offset[start:end],
+            self.spec.group_size,
+            self.spec.dim,
+        )
 
-        def build() -> tuple[Tensor, Tensor, Tensor] | None:
+    def _affine(self, levels: Tensor, step: Tensor, low: Tensor) -> Tensor:
+        """``step·level + low`` per group: ``levels`` ``(n, dim)``, ``step``/``low`` ``(n, G)``."""
+        n = levels.shape[0]
+        grouped = levels.float().reshape(n, -1, self.spec.group_size)
+        return torch.addcmul(low[..., None], grouped, step[..., None]).reshape(n, self.spec.dim)
+
+    def _step_low(self) -> tuple[Tensor, Tensor]:
+        """``(step, low)`` of the byte form, ``(rows, G)`` float32, kept while the scales hold."""
+
+        def build() -> tuple[Tensor, Tensor]:
             uniform = numba_table.uniform_form(self.alpha, self.offset)
             if uniform is None:
-                return None
-            levels = numba_table.levels_from_planes(self.packed_codes, self.spec.dim)
-            return levels, *uniform
+                raise ConfigError(
+                    "the table's scales are no longer geometric (changed in place?); "
+                    "a byte-form table needs step·2^k plane scales"
+                )
+            return uniform
 
-        return self._cache.get("bytes", key, build)
+        key = self._version()
+        return build() if key is None else self._cache.get("step_low", key, build)
+
+    def _few_tokens_on_cpu(self, flat: Tensor) -> bool:
+        """Decode-sized products on the CPU, unless ``ALPHATUNE_KERNEL=reference``."""
+        return (
+            flat.is_cpu
+            and flat.shape[0] <= kernels.LUT_MAX_TOKENS
+            and not kernels.reference_forced()
+        )
 
     def _lut_serves(self, flat: Tensor) -> bool:
         """Whether the LUT kernel runs this product (else the chunked path: no dense copy kept)."""
         return (
-            flat.is_cpu
-            and flat.shape[0] <= kernels.LUT_MAX_TOKENS
+            self._few_tokens_on_cpu(flat)
             and lut_common.supports(self.spec.group_size, self.spec.dim)
             and kernels.lut_available()
         )
 
     def _version(self) -> tuple[object, ...] | None:
-        tensors = (self.packed_codes, self.alpha, self.offset)
+        codes = self.levels if self.byte_form else self.packed_codes
+        tensors = (codes, self.alpha, self.offset)
         try:
             return tuple((t.data_ptr(), t._version) for t in tensors)
         except RuntimeError:  # tensors made under inference_mode have no version counter
@@ -382,8 +468,7 @@ class BCQEmbedding(BCQTable):
         """Fit a compact copy of ``embedding`` (see ``supported_embedding``)."""
         table = BCQTable.from_weight(embedding.weight)
         module = cls(table.spec, scale=embedding_scale(embedding), device="meta")
-        for name, tensor in table.named_buffers():
-            setattr(module, name, tensor)
+        module.adopt(table)
         return module
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -481,6 +566,13 @@ def compact_embedding(model: nn.Module) -> tuple[str, BCQEmbedding] | None:
         return None
     name = next((n for n, m in model.named_modules() if m is module), None)
     return None if name is None else (name, module)
+
+
+def settle_tables(model: nn.Module) -> None:
+    """``BCQTable.settle`` every table of ``model`` (after its tensors were loaded by name)."""
+    for module in model.modules():
+        if isinstance(module, BCQTable):
+            module.settle()
 
 
 def linear_reference(table: BCQTable, x: Tensor) -> Tensor:

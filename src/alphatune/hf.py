@@ -56,7 +56,7 @@ from alphatune.bases import (
     storage_tensors,
 )
 from alphatune.config import BCQConfig, EmbeddingMode, LMHeadMode, QuantMethod
-from alphatune.embedding import BCQHead, BCQTable
+from alphatune.embedding import BCQHead, BCQTable, settle_tables
 from alphatune.errors import CheckpointError, ConfigError, UnsupportedModelError
 from alphatune.files import (
     BASE_CONFIG,
@@ -263,6 +263,7 @@ class BCQHfQuantizer(HfQuantizer):
                 raise CheckpointError(
                     f"{self.config_path.parent / BASE_WEIGHTS}: no values for {on_meta[:5]}"
                 )
+            settle_tables(model)  # loaded by name, in the stored form: take the serving form
             check_fingerprints(model, qconfig, self.config_path.parent / BASE_WEIGHTS)
         else:
             left = [

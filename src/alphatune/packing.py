@@ -24,13 +24,17 @@ def pack_codes(codes: Tensor) -> Tensor:
     """Pack ±1 codes ``(..., in)`` into uint8 ``(..., ceil(in/8))``."""
     if codes.numel() and not bool(((codes == 1) | (codes == -1)).all()):
         raise ConfigError("codes must contain only -1 and +1")
-    in_features = codes.shape[-1]
+    return pack_bits((codes > 0).to(torch.uint8))
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """Pack {0, 1} uint8 ``(..., in)`` into uint8 ``(..., ceil(in/8))`` (``unpack_bits``'s inverse)."""
+    in_features = bits.shape[-1]
     pad = packed_width(in_features) * 8 - in_features
-    bits = (codes > 0).to(torch.uint8)
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
-    bits = bits.reshape(*codes.shape[:-1], -1, 8)
-    return (bits * _BIT_WEIGHTS.to(codes.device)).sum(dim=-1, dtype=torch.uint8)
+    bits = bits.reshape(*bits.shape[:-1], -1, 8)
+    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, in_features: int) -> Tensor:

@@ -43,7 +43,7 @@ def test_levels_from_planes_are_the_fitted_levels(bits: int):
 def test_uniform_form_gives_the_table_weights():
     table = BCQTable.from_weight(_weight(200, 128))  # fp16 scales, as stored
     step, low = numba_table.uniform_form(table.alpha, table.offset)
-    levels = numba_table.levels_from_planes(table.packed_codes, 128)
+    levels = numba_table.levels_from_planes(table.plane_codes(), 128)
     groups = 128 // table.spec.group_size
     dense = (levels.float().reshape(200, groups, -1) * step[..., None] + low[..., None]).reshape(
         200, 128
@@ -65,7 +65,7 @@ def test_non_geometric_scales_are_not_uniform():
 def test_table_matmul_matches_the_reference(rows: int, dim: int, tokens: int, threads: int):
     table = BCQTable.from_weight(_weight(rows, dim, seed=rows))
     step, low = numba_table.uniform_form(table.alpha, table.offset)
-    levels = numba_table.levels_from_planes(table.packed_codes, dim)
+    levels = numba_table.levels_from_planes(table.plane_codes(), dim)
     x = torch.randn(tokens, dim, generator=torch.Generator().manual_seed(tokens))
     expected = linear_reference(table, x)
     from numba import config
@@ -83,30 +83,61 @@ def test_table_matmul_matches_the_reference(rows: int, dim: int, tokens: int, th
     assert torch.allclose(y, expected, rtol=0, atol=2e-5 * scale)
 
 
-def test_table_linear_uses_the_byte_kernel_for_uniform_tables(monkeypatch):
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_planes_and_levels_convert_both_ways(bits: int):
+    packed, _, _ = fit_table(_weight(300, 96), bits, group_size=32)
+    levels = numba_table.levels_from_planes(packed, 96)
+    assert torch.equal(numba_table.planes_from_levels(levels, bits), packed)
+
+
+def _planes_table(weight: torch.Tensor, perturb: bool) -> BCQTable:
+    """A table loaded from a fit's state dict, its scales made non-geometric if ``perturb``."""
+    fitted = BCQTable.from_weight(weight)
+    state = fitted.state_dict()
+    if perturb:
+        state["alpha"] = state["alpha"].clone()
+        state["alpha"][3, 5, 0] *= 1.01  # one plane scale of one group off the series
+    table = BCQTable(fitted.spec)
+    table.load_state_dict(state)
+    return table
+
+
+def test_a_fitted_table_holds_bytes_and_multiplies_with_the_byte_kernel(monkeypatch):
     monkeypatch.delenv("ALPHATUNE_KERNEL", raising=False)
     table = BCQTable.from_weight(_weight(700, 144))
+    assert table.byte_form
+    calls = []
+    real = numba_table.table_matmul
+    monkeypatch.setattr(numba_table, "table_matmul", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(2, 144)
     with torch.inference_mode():
         y = table.linear(x)
-    assert "bytes" in table._cache
+    assert calls == [1]
     assert torch.allclose(y, linear_reference(table, x), atol=2e-5 * y.abs().max())
 
 
-def test_table_linear_keeps_the_general_path_for_other_tables(monkeypatch):
+def test_a_table_with_other_scales_keeps_the_planes_and_the_general_path(monkeypatch):
     monkeypatch.delenv("ALPHATUNE_KERNEL", raising=False)
-    table = BCQTable.from_weight(_weight(300, 144))
-    with torch.no_grad():
-        table.alpha[3, 5, 0] *= 1.01  # no longer geometric: the byte form would be wrong
+    weight = _weight(300, 144)
+    table = _planes_table(weight, perturb=True)
+    assert not table.byte_form and "packed_codes" in dict(table.named_buffers())
     x = torch.randn(1, 144)
     with torch.inference_mode():
         y = table.linear(x)
     assert torch.allclose(y, linear_reference(table, x), atol=2e-5 * y.abs().max())
+    # The same planes with geometric scales settle into bytes: same weights, same state dict.
+    settled = _planes_table(weight, perturb=False)
+    fitted = BCQTable.from_weight(weight)
+    assert settled.byte_form and torch.equal(settled.dequantize(), fitted.dequantize())
+    for name, tensor in fitted.state_dict().items():
+        assert torch.equal(settled.state_dict()[name], tensor), name
 
 
 def test_reference_setting_skips_the_byte_kernel(monkeypatch):
     monkeypatch.setenv("ALPHATUNE_KERNEL", "reference")
     table = BCQTable.from_weight(_weight(300, 144))
+    monkeypatch.setattr(numba_table, "table_matmul", lambda *a: pytest.fail("byte kernel ran"))
+    x = torch.randn(1, 144)
     with torch.inference_mode():
-        table.linear(torch.randn(1, 144))
-    assert "bytes" not in table._cache
+        y = table.linear(x)
+    assert torch.allclose(y, linear_reference(table, x), atol=2e-5 * y.abs().max())

@@ -10,8 +10,8 @@ table): measured on SmolLM2's 49,152 × 576 head, one token, one thread (AVX2), 
 10–11 ms (docs/performance.md). The bytes take exactly the memory of the packed planes.
 
 ``uniform_form`` says whether a table has that form (any other BCQ table keeps the general
-kernels); ``levels_from_planes`` turns packed planes into level bytes; ``table_matmul`` is the
-product, parallel over blocks of rows.
+kernels); ``levels_from_planes`` / ``planes_from_levels`` convert between packed planes (the
+stored layout) and level bytes; ``table_matmul`` is the product, parallel over blocks of rows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from alphatune.kernels.numba_threads import numba_threads, threads_for
-from alphatune.packing import unpack_bits
+from alphatune.packing import pack_bits, packed_width, unpack_bits
 
 try:
     from numba import njit, prange
@@ -73,6 +73,17 @@ def levels_from_planes(packed: Tensor, dim: int) -> Tensor:
         for plane in range(q):
             part |= unpack_bits(packed[plane, start:end], dim) << (q - 1 - plane)
     return levels
+
+
+def planes_from_levels(levels: Tensor, bits: int) -> Tensor:
+    """``levels_from_planes``'s inverse: ``(rows, dim)`` uint8 -> ``(bits, rows, ceil(dim/8))``."""
+    rows, dim = levels.shape
+    planes = torch.empty(bits, rows, packed_width(dim), dtype=torch.uint8, device=levels.device)
+    for start in range(0, rows, _CONVERT_ROWS):
+        end = min(start + _CONVERT_ROWS, rows)
+        for plane in range(bits):
+            planes[plane, start:end] = pack_bits((levels[start:end] >> (bits - 1 - plane)) & 1)
+    return planes
 
 
 if _IMPORT_ERROR is None:
