@@ -126,16 +126,21 @@ def test_rows_are_fitted_in_chunks_with_the_same_result(monkeypatch) -> None:
 
 
 def test_the_demo_runs_the_real_commands_with_their_defaults(tmp_path) -> None:
-    from alphatune.cli import _command_args, _quant_option_names, build_parser
+    """The demo calls ``quantize_base`` and ``tune_adapter`` with configs built from the
+    library's defaults; ``alphatune quantize`` and ``alphatune tune`` start from the same ones."""
+    import inspect
 
-    tune = _command_args("tune", "--base", tmp_path, "--output", tmp_path / "a", "--lr", 0.002)
-    defaults = alphatune.TrainConfig()
-    assert (tune.batch_size, tune.warmup_ratio, tune.train, tune.resume) == (
-        defaults.batch_size,
-        defaults.warmup_ratio,
-        "alpha1",
-        False,
-    )
-    assert tune.lr == 0.002
-    demo = build_parser().parse_args(["demo"])
-    assert set(_quant_option_names()) <= set(vars(demo))
+    from alphatune.cli import build_parser, options
+    from alphatune.cli.quantize import quant_config, quantize_base
+    from alphatune.cli.tune import tune_configs
+
+    parser = build_parser()
+    tune = parser.parse_args(["tune", "--base", str(tmp_path), "--output", str(tmp_path / "a")])
+    assert tune_configs(tune) == (AlphaTuningConfig(), alphatune.TrainConfig())
+    quant = parser.parse_args(["quantize", "--output", str(tmp_path / "b")])
+    demo = parser.parse_args(["demo"])
+    assert quant_config(quant) == options.bcq_config(demo) == BCQConfig()
+    # What the demo does not set, quantize_base takes from the command's own defaults.
+    defaults = inspect.signature(quantize_base).parameters
+    for name in ("calibration", "calibration_sequences", "calibration_length"):
+        assert defaults[name].default == getattr(quant, name), name

@@ -1,0 +1,137 @@
+"""``alphatune quantize``: quantize a model and save the base directory."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from alphatune.cli import options
+from alphatune.cli.console import console, progress_bar, timed_step
+from alphatune.cli.loading import existing_inputs
+from alphatune.config import BCQConfig, LMHeadMode, QuantMethod
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    q = sub.add_parser("quantize", help="quantize a model and save the base directory")
+    options.add_quant_options(q)
+    q.add_argument(
+        "--iterations",
+        type=options.non_negative_int,
+        default=BCQConfig().iterations,
+        help="alternating refinement rounds",
+    )
+    q.add_argument(
+        "--calibration",
+        type=options.existing_file,
+        default=None,
+        help="text file for calibration (default: WikiText-2 valid from the data directory)",
+    )
+    q.add_argument(
+        "--calibration-length", type=options.positive_int, default=options.CALIBRATION_LENGTH
+    )
+    q.add_argument("--output", required=True, type=Path, help="directory for the quantized base")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    options.add_common(q)
+
+
+def quant_config(args: argparse.Namespace) -> BCQConfig:
+    """What ``alphatune quantize`` quantizes with."""
+    return options.bcq_config(args, iterations=args.iterations)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    return quantize_base(
+        args.model,
+        args.output,
+        quant_config(args),
+        calibration=args.calibration,
+        calibration_sequences=args.calibration_sequences,
+        calibration_length=args.calibration_length,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+
+
+def quantize_base(
+    model_name: str,
+    output: Path,
+    config: BCQConfig,
+    *,
+    calibration: Path | None = None,
+    calibration_sequences: int = options.CALIBRATION_SEQUENCES,
+    calibration_length: int = options.CALIBRATION_LENGTH,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Quantize ``model_name`` with ``config``, save the base in ``output`` and print a summary.
+
+    Args:
+        calibration: text file for ``method="calibrated"`` (default: WikiText-2 valid).
+        calibration_sequences, calibration_length: how much of it, in sequences of tokens.
+
+    Returns:
+        The quantization summary (``QuantizeSummary.to_dict``), with ``seconds`` and ``output``.
+    """
+    from alphatune.bases import save_quantized
+    from alphatune.data import calibration_batch, default_file
+    from alphatune.files import BASE_MARKERS, check_output_dir
+    from alphatune.models import load_model, load_tokenizer, local_model_dir
+    from alphatune.quantize import quantize_
+
+    # Before minutes of work; never into (or around) the model being read.
+    inputs = existing_inputs(local_model_dir(model_name), calibration)
+    check_output_dir(Path(output), BASE_MARKERS, overwrite, inputs)
+    with timed_step(f"loading {model_name}"):
+        model = load_model(model_name)
+        tokenizer = load_tokenizer(model_name)
+    batch = None
+    if config.method == QuantMethod.CALIBRATED:
+        path = calibration or default_file("calibration", "text")
+        batch = calibration_batch(tokenizer, path, calibration_sequences, calibration_length)
+        console.print(
+            f"calibration: {batch.shape[0]}×{batch.shape[1]} tokens from {path}", markup=False
+        )
+    began = time.perf_counter()
+    with progress_bar(progress) as bar:
+        task = bar.add_task(f"quantizing to {config.bits} bits ({config.method.value})", total=None)
+
+        def report(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=stage)
+
+        summary = quantize_(model, config, calibration=batch, progress=report)
+    seconds = time.perf_counter() - began
+    save_quantized(model, output, config, tokenizer, overwrite=overwrite)
+    table = Table(title="quantized base", show_header=False)
+    table.add_row("layers", str(summary.layers))
+    table.add_row("bits per weight (codes+scales+offsets)", f"{summary.bits_per_weight:.3f}")
+    table.add_row(
+        "quantized layers",
+        f"{summary.quantized_bytes / 2**20:.1f} MiB "
+        f"(fp32 {summary.fp32_bytes / 2**20:.1f} MiB, fp16 {summary.fp16_bytes / 2**20:.1f} MiB)",
+    )
+    table.add_row(
+        "compression vs fp32 / fp16",
+        f"{summary.compression_vs_fp32:.2f}× / {summary.compression_vs_fp16:.2f}×",
+    )
+    if summary.embedding_bytes:
+        table.add_row(
+            "embedding (8-bit table, frozen)", f"{summary.embedding_bytes / 2**20:.1f} MiB"
+        )
+    if summary.lm_head != LMHeadMode.KEEP.value:
+        shares = summary.lm_head == LMHeadMode.COMPACT.value and not summary.lm_head_bytes
+        table.add_row(
+            "LM head (frozen)",
+            f"{summary.lm_head}: shares the embedding's table"
+            if shares
+            else f"{summary.lm_head} {summary.lm_head_bytes / 2**20:.1f} MiB",
+        )
+    table.add_row("whole model as stored", f"{summary.model_bytes / 2**20:.1f} MiB")
+    table.add_row("quantization time", f"{seconds:.1f} s")
+    table.add_row("saved to", Text(str(output)))
+    console.print(table)
+    return {**summary.to_dict(), "seconds": seconds, "output": str(output)}
