@@ -10,6 +10,7 @@ from alphatune.data import (
     IGNORE_INDEX,
     EvalItem,
     Example,
+    calibration_batch,
     collate,
     encode_example,
     encode_prompt,
@@ -95,6 +96,21 @@ def test_truncation_keeps_the_bos(bos_tokenizer: Any) -> None:
     assert tight["input_ids"] == [2, 6, 7] and tight["labels"] == [IGNORE_INDEX] * 2 + [7]
     with pytest.raises(ValueError, match="max_length must be >= 3"):
         encode_example(bos_tokenizer, example, max_length=2)
+
+
+def test_calibration_rows_start_as_the_model_sees_text(
+    tokenizer: Any, bos_tokenizer: Any, tmp_path: Path
+) -> None:
+    path = tmp_path / "text.txt"
+    path.write_text("a b c d e f " * 4, encoding="utf-8")
+    stream = load_text_tokens(bos_tokenizer, path)
+    rows = calibration_batch(bos_tokenizer, path, sequences=2, length=4)  # BOS + 3 tokens each
+    assert torch.equal(rows[:, 0], torch.tensor([2, 2]))
+    assert torch.equal(rows[:, 1:].reshape(-1), stream[:6])
+    plain = calibration_batch(tokenizer, path, sequences=2, length=4)  # SmolLM2: no BOS
+    assert torch.equal(plain.reshape(-1), load_text_tokens(tokenizer, path)[:8])
+    with pytest.raises(DataError, match="only"):
+        calibration_batch(bos_tokenizer, path, sequences=20, length=4)
 
 
 def test_collate_right_pads() -> None:

@@ -70,6 +70,26 @@ def test_matches_hugging_face_loss() -> None:
     assert ppl == pytest.approx(expected, rel=1e-5)
 
 
+def test_a_prefix_conditions_every_window_and_is_not_scored() -> None:
+    """With the BOS as prefix, each forward sees it first; the stream tokens scored are the
+    same as without it (all but each window's first)."""
+    model = UniformLM()
+    tokens = torch.arange(40) % VOCAB
+    assert perplexity(model, tokens, context=10, prefix=[7], progress=False) == pytest.approx(VOCAB)
+    assert model.seen == [(4, 10)]  # 4 windows of 9 stream tokens after the prefix
+
+    class FirstIsBos(OracleLM):
+        def forward(self, input_ids: torch.Tensor) -> SimpleNamespace:
+            assert (input_ids[:, 0] == 49).all()
+            return super().forward(input_ids)
+
+    assert perplexity(FirstIsBos(), tokens, context=16, prefix=[49], progress=False) == (
+        pytest.approx(1.0)
+    )
+    with pytest.raises(ValueError, match="context must be >= 3"):
+        perplexity(model, tokens, context=2, prefix=[7], progress=False)
+
+
 def test_restores_training_mode() -> None:
     model = UniformLM().train()
     perplexity(model, torch.zeros(20, dtype=torch.long), context=10, progress=False)

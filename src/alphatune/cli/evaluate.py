@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from alphatune.data import default_file, load_task, load_text_tokens
+    from alphatune.data import default_file, load_task, load_text_tokens, start_ids
     from alphatune.evaluate import context_length, perplexity, score_generation
     from alphatune.files import check_output_file, write_file
 
@@ -64,7 +64,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"tokens; use --context {limit} or less"
             )
         tokens = load_text_tokens(tokenizer, args.perplexity, max_tokens=args.max_tokens)
-        value = perplexity(model, tokens, context=args.context, progress=not args.no_progress)
+        value = perplexity(
+            model,
+            tokens,
+            context=args.context,
+            progress=not args.no_progress,
+            prefix=start_ids(tokenizer),  # Gemma's BOS; none for SmolLM2
+        )
         console.print(
             Text(f"perplexity on {args.perplexity} ({tokens.numel()} tokens): {value:.2f}")
         )

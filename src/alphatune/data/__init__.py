@@ -11,6 +11,7 @@ from alphatune.data.tokenize import (
     encode_example,
     encode_prompt,
     load_task,
+    start_ids,
 )
 from alphatune.data.triples import load_triples_eval, load_triples_train, triples_prompt
 
@@ -34,5 +35,6 @@ __all__ = [
     "load_triples_eval",
     "load_triples_train",
     "seeded_sample",
+    "start_ids",
     "triples_prompt",
 ]

@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from alphatune.data.text import load_text_tokens
+from alphatune.data.tokenize import start_ids
 from alphatune.errors import DataError
 
 DATA_ENV = "ALPHATUNE_DATA_DIR"
@@ -56,11 +58,21 @@ def default_file(task: str, role: str) -> Path:
 def calibration_batch(
     tokenizer: Any, path: str | os.PathLike[str], sequences: int, length: int
 ) -> Tensor:
-    """``(sequences, length)`` token ids cut from the start of a text file (for calibration)."""
-    tokens = load_text_tokens(tokenizer, path, max_tokens=sequences * length)
-    if tokens.numel() < sequences * length:
+    """``(sequences, length)`` token ids cut from the start of a text file (for calibration).
+
+    Each row starts with the tokenizer's BOS when it adds one (``start_ids``; Gemma), as the
+    model sees text, followed by the next ``length - 1`` tokens of the file; otherwise (SmolLM2)
+    a row is ``length`` consecutive tokens.
+    """
+    start = start_ids(tokenizer)
+    width = length - len(start)  # file tokens per row
+    if width < 1:
+        raise DataError(f"calibration length {length} leaves no room after the BOS")
+    tokens = load_text_tokens(tokenizer, path, max_tokens=sequences * width)
+    if tokens.numel() < sequences * width:
         raise DataError(
-            f"{path} has only {tokens.numel()} tokens; {sequences}×{length} are needed for "
+            f"{path} has only {tokens.numel()} tokens; {sequences}×{width} are needed for "
             "calibration (use fewer --calibration-sequences or a longer file)"
         )
-    return tokens[: sequences * length].reshape(sequences, length)
+    rows = tokens[: sequences * width].reshape(sequences, width)
+    return torch.cat([torch.tensor(start, dtype=torch.long).expand(sequences, -1), rows], dim=1)
