@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from alphatune.config import AUTO, BCQConfig, EmbeddingMode, LMHeadMode, QuantMethod
-from alphatune.models import DEFAULT_MODEL
+from alphatune.models import DEFAULT_MODEL, PACKAGED_MODELS
 
 CALIBRATION_SEQUENCES = 32  # sequences for --method calibrated
 CALIBRATION_LENGTH = 512  # tokens per calibration sequence
@@ -125,7 +125,8 @@ def add_quant_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"Hugging Face model directory or name (default: the embedded {DEFAULT_MODEL})",
+        help=f"Hugging Face model directory or name, or a packaged model "
+        f"({', '.join(PACKAGED_MODELS)}; default: {DEFAULT_MODEL})",
     )
     parser.add_argument(
         "--bits", type=bits, default=defaults.bits, help="code planes q, 1..8 (default 3)"
