@@ -72,6 +72,7 @@ from alphatune.files import (
 )
 from alphatune.layers import BCQLinear, linear_weight
 from alphatune.lm_head import check_lm_head, quantize_lm_head, untie_word_embeddings
+from alphatune.memory import own_mapped_tensors, release_free_memory
 from alphatune.quantize import _set_submodule, find_target_layers, summarize
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class BCQHfQuantizer(HfQuantizer):
         layer = BCQLinear.from_linear(module, self.quantization_config.bcq)
         layer._is_hf_initialized = True
         _set_submodule(model, name, layer)
+        release_free_memory()  # the full-precision layer and the fit's temporaries
 
     # ------------------------------------------------------------ after the weights loaded
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
@@ -277,6 +279,10 @@ class BCQHfQuantizer(HfQuantizer):
             config = self.quantization_config.bcq
             if config.lm_head != LMHeadMode.KEEP or config.embedding != EmbeddingMode.KEEP:
                 quantize_lm_head(model, config)
+            # The norms (and any kept tensor) are views of the mapped checkpoint: copied, so
+            # the whole fp32 file is no longer held.
+            own_mapped_tensors(model)
+            release_free_memory()
             summary = summarize(model)
             logger.info(
                 "quantized %d layers while loading: %.3f bits per weight",

@@ -25,6 +25,7 @@ from alphatune.embedding import BCQHead, compact_embedding
 from alphatune.errors import ConfigError, UnsupportedModelError
 from alphatune.layers import BCQLinear, is_linear, linear_weight
 from alphatune.lm_head import check_lm_head, find_lm_head, quantize_lm_head, replaced_head_module
+from alphatune.memory import own_mapped_tensors, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ def quantize_(
     def fit_layer(name: str, module: nn.Module, hessian: Tensor | None) -> None:
         layer = BCQLinear.from_linear(module, config, hessian=hessian, group_size=group_sizes[name])
         _set_submodule(model, name, layer)
+        release_free_memory()  # the fit's temporaries, freed between the codes that stay
         done.append(name)
         if progress:
             progress(name, len(done), total)
@@ -245,6 +247,8 @@ def quantize_(
     if record is not None and progress:
         progress(record.module, total, total)
     _attach_transformers_quantizer(model, config)
+    own_mapped_tensors(model)  # the unquantized tensors no longer pin a mapped checkpoint
+    release_free_memory()
     summary = summarize(model)
     logger.info(
         "quantized %d layers: %.3f bits per weight", summary.layers, summary.bits_per_weight
