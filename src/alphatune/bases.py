@@ -116,7 +116,9 @@ def _fingerprint(
         _update(digest, layer.packed_codes)
     for name, table in tables:  # none for bases without compact tables: their hash is unchanged
         digest.update(f"table {name}:{table.extra_repr()};".encode())
-        for tensor in (table.plane_codes(), table.alpha, table.offset):
+        for chunk in table.plane_chunks():  # the planes' bytes, as stored
+            _update(digest, chunk)
+        for tensor in (table.alpha, table.offset):
             _update(digest, tensor)
     return digest.hexdigest()[:16]
 

@@ -28,6 +28,7 @@ shape) and ``model.get_output_embeddings()(hidden)`` (logits), or ``.table.linea
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from math import isfinite
 from typing import Any
@@ -255,6 +256,17 @@ class BCQTable(nn.Module):
         if self.byte_form:
             return numba_table.planes_from_levels(self.levels, self.spec.bits)
         return self.packed_codes
+
+    def plane_chunks(self) -> Iterator[Tensor]:
+        """The bytes of ``plane_codes()`` in order (plane by plane, ``CHUNK_ROWS`` rows at a
+        time), without building the whole planes in byte form: hashing reads them so."""
+        if not self.byte_form:
+            yield self.packed_codes
+            return
+        for plane in range(self.spec.bits):
+            for start in range(0, self.spec.rows, CHUNK_ROWS):
+                end = min(start + CHUNK_ROWS, self.spec.rows)
+                yield numba_table.plane_rows(self.levels, self.spec.bits, plane, start, end)
 
     def adopt(self, other: BCQTable) -> None:
         """Take ``other``'s tensors, in its form (``other`` must have the same spec)."""

@@ -60,13 +60,15 @@ def uniform_form(alpha: Tensor, offset: Tensor) -> tuple[Tensor, Tensor] | None:
 
 def levels_from_planes(packed: Tensor, dim: int) -> Tensor:
     """Packed planes ``(q, rows, ceil(dim/8))`` (plane 0 the most significant bit) -> level
-    bytes ``(rows, dim)`` uint8; ``q <= 8``. Built ``_CONVERT_ROWS`` rows at a time, so the
-    temporaries stay small next to the result (peak memory is what a decode process pays)."""
+    bytes ``(rows, dim)`` uint8; ``q <= 8``."""
     q, rows, _ = packed.shape
     if q > 8:
         raise ValueError(f"level bytes hold at most 8 planes, got {q}")
     levels = torch.empty(rows, dim, dtype=torch.uint8, device=packed.device)
-    for start in range(0, rows, _CONVERT_ROWS):
+    if available() and packed.is_cpu:
+        _unpack_levels(np.ascontiguousarray(packed.numpy()), levels.numpy())
+        return levels
+    for start in range(0, rows, _CONVERT_ROWS):  # torch: a chunk of rows at a time
         end = min(start + _CONVERT_ROWS, rows)
         part = levels[start:end]
         part.zero_()
@@ -75,15 +77,52 @@ def levels_from_planes(packed: Tensor, dim: int) -> Tensor:
     return levels
 
 
+def plane_rows(levels: Tensor, bits: int, plane: int, start: int, end: int) -> Tensor:
+    """Rows ``start:end`` of packed plane ``plane`` (of ``bits``): ``(end - start,
+    ceil(dim/8))`` uint8, what ``planes_from_levels(levels, bits)[plane, start:end]`` holds."""
+    shift = bits - 1 - plane
+    part = levels[start:end]
+    if available() and levels.is_cpu:
+        out = np.empty((end - start, packed_width(levels.shape[1])), dtype=np.uint8)
+        _pack_plane(np.ascontiguousarray(part.numpy()), shift, out)
+        return torch.from_numpy(out)
+    return pack_bits((part >> shift) & 1)
+
+
 def planes_from_levels(levels: Tensor, bits: int) -> Tensor:
     """``levels_from_planes``'s inverse: ``(rows, dim)`` uint8 -> ``(bits, rows, ceil(dim/8))``."""
     rows, dim = levels.shape
     planes = torch.empty(bits, rows, packed_width(dim), dtype=torch.uint8, device=levels.device)
-    for start in range(0, rows, _CONVERT_ROWS):
-        end = min(start + _CONVERT_ROWS, rows)
-        for plane in range(bits):
-            planes[plane, start:end] = pack_bits((levels[start:end] >> (bits - 1 - plane)) & 1)
+    for plane in range(bits):
+        planes[plane] = plane_rows(levels, bits, plane, 0, rows)
     return planes
+
+
+if _IMPORT_ERROR is None:
+
+    @njit(parallel=True, cache=True)
+    def _unpack_levels(packed, levels):  # pragma: no cover
+        """``levels[r, 8b + k]`` = Σ_p bit k of ``packed[p, r, b]`` << (q - 1 - p)."""
+        q, rows, width = packed.shape
+        dim = levels.shape[1]
+        for r in prange(rows):
+            for b in range(width):
+                for k in range(min(8, dim - 8 * b)):
+                    level = 0
+                    for p in range(q):
+                        level |= ((packed[p, r, b] >> k) & 1) << (q - 1 - p)
+                    levels[r, 8 * b + k] = level
+
+    @njit(parallel=True, cache=True)
+    def _pack_plane(levels, shift, out):  # pragma: no cover
+        """``out[r, b]`` = Σ_k bit ``shift`` of ``levels[r, 8b + k]`` << k (LSB first)."""
+        rows, dim = levels.shape
+        for r in prange(rows):
+            for b in range(out.shape[1]):
+                byte = 0
+                for k in range(min(8, dim - 8 * b)):
+                    byte |= ((levels[r, 8 * b + k] >> shift) & 1) << k
+                out[r, b] = byte
 
 
 if _IMPORT_ERROR is None:
