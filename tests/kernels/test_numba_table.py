@@ -141,3 +141,18 @@ def test_reference_setting_skips_the_byte_kernel(monkeypatch):
     with torch.inference_mode():
         y = table.linear(x)
     assert torch.allclose(y, linear_reference(table, x), atol=2e-5 * y.abs().max())
+
+
+@pytest.mark.parametrize("dim", [96, 100, 3])
+def test_numba_conversions_match_the_torch_bit_ops(dim: int):
+    """The numba planes <-> bytes conversions against ``packing``'s torch bit operations (odd
+    widths: the last byte of a row is partly padding)."""
+    from alphatune.packing import pack_bits, unpack_bits
+
+    generator = torch.Generator().manual_seed(dim)
+    levels = torch.randint(0, 256, (50, dim), dtype=torch.uint8, generator=generator)
+    planes = torch.stack([pack_bits((levels >> (7 - p)) & 1) for p in range(8)])
+    assert torch.equal(numba_table.planes_from_levels(levels, 8), planes)
+    assert torch.equal(numba_table.plane_rows(levels, 8, 3, 10, 20), planes[3, 10:20])
+    rebuilt = sum(unpack_bits(planes[p], dim) << (7 - p) for p in range(8)).to(torch.uint8)
+    assert torch.equal(numba_table.levels_from_planes(planes, dim), rebuilt)
