@@ -10,6 +10,8 @@ model (eval mode, served as by ``alphatune generate``):
 - ``switch_ms``: ``load_adapter`` alternating between the two adapters (reads both files, checks
   every hash, the base fingerprint and the shapes, puts the base values back and writes the new
   ones in place), median;
+- ``set_ms``: ``set_adapter`` alternating between the two adapters loaded once under names
+  (resident: no file read, no hashing; only the base values put back and the new ones written);
 - ``read_ms``: ``read_adapter`` alone (the file and check part of a switch);
 - ``fingerprint_ms``: ``base_fingerprint`` alone (hashing the base's codes, done by every load);
 - ``first_forward_ms`` / ``forward_ms``: one forward of one token (batch 1, no KV cache) right
@@ -42,13 +44,16 @@ from torch import nn
 from alphatune import (
     AlphaTuningConfig,
     base_fingerprint,
+    delete_adapter,
     load_adapter,
     load_quantized,
     prepare_for_alphatuning,
     read_adapter,
     save_adapter,
     save_quantized,
+    set_adapter,
 )
+from alphatune.adapters import DEFAULT_ADAPTER
 from alphatune.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "adapters.json"
@@ -141,7 +146,7 @@ def measure_variant(
         with torch.inference_mode():
             model(input_ids=token, use_cache=False)
 
-    switches, reads, prints, firsts, steadies = [], [], [], [], []
+    switches, sets, reads, prints, firsts, steadies = [], [], [], [], [], []
     for index in range(repeat):
         target = (first, second)[index % 2]
         switches.append(timed(lambda target=target: load_adapter(model, target)))
@@ -149,6 +154,11 @@ def measure_variant(
         steadies.append(timed(forward))
         reads.append(timed(lambda target=target: read_adapter(model, target)))
         prints.append(timed(lambda: base_fingerprint(model)))
+    delete_adapter(model, DEFAULT_ADAPTER)
+    load_adapter(model, first, adapter_name="first")
+    load_adapter(model, second, adapter_name="second")
+    for index in range(repeat):
+        sets.append(timed(lambda name=("first", "second")[index % 2]: set_adapter(model, name)))
     weights = (first / ADAPTER_WEIGHTS).stat().st_size
     config = (first / ADAPTER_CONFIG).stat().st_size
     base_bytes = directory_bytes(base)
@@ -162,6 +172,7 @@ def measure_variant(
         "base_bytes": base_bytes,
         "base_per_adapter": round(base_bytes / (weights + config), 1),
         "switch_ms": statistics.median(switches),
+        "set_ms": statistics.median(sets),
         "read_ms": statistics.median(reads),
         "fingerprint_ms": statistics.median(prints),
         "first_forward_ms": statistics.median(firsts),
@@ -187,8 +198,9 @@ def main(argv: list[str] | None = None) -> None:
             results.append(row)
     save_results(args.out, args, results, env=env, model=description)
     table = Table(title=f"adapters on {description}")
-    for column in ("variant", "values", "file KB", "base/adapter", "switch ms", "read ms"):
+    for column in ("variant", "values", "file KB", "base/adapter", "switch ms", "set ms"):
         table.add_column(column, justify="right")
+    table.add_column("read ms", justify="right")
     table.add_column("fingerprint ms", justify="right")
     table.add_column("1st fwd / fwd ms", justify="right")
     for row in results:
@@ -198,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['adapter_bytes'] / 1024:,.1f}",
             f"{row['base_per_adapter']:,.0f}×",
             f"{row['switch_ms']:.1f}",
+            f"{row['set_ms']:.2f}",
             f"{row['read_ms']:.1f}",
             f"{row['fingerprint_ms']:.1f}",
             f"{row['first_forward_ms']:.1f} / {row['forward_ms']:.1f}",

@@ -258,15 +258,13 @@ class BCQTable(nn.Module):
         return self.packed_codes
 
     def plane_chunks(self) -> Iterator[Tensor]:
-        """The bytes of ``plane_codes()`` in order (plane by plane, ``CHUNK_ROWS`` rows at a
-        time), without building the whole planes in byte form: hashing reads them so."""
+        """The bytes of ``plane_codes()`` in order, one plane at a time in byte form (1/8 of the
+        planes alive at once): hashing reads them so."""
         if not self.byte_form:
             yield self.packed_codes
             return
         for plane in range(self.spec.bits):
-            for start in range(0, self.spec.rows, CHUNK_ROWS):
-                end = min(start + CHUNK_ROWS, self.spec.rows)
-                yield numba_table.plane_rows(self.levels, self.spec.bits, plane, start, end)
+            yield numba_table.plane_rows(self.levels, self.spec.bits, plane, 0, self.spec.rows)
 
     def adopt(self, other: BCQTable) -> None:
         """Take ``other``'s tensors, in its form (``other`` must have the same spec)."""

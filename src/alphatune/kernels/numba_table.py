@@ -84,7 +84,11 @@ def plane_rows(levels: Tensor, bits: int, plane: int, start: int, end: int) -> T
     part = levels[start:end]
     if available() and levels.is_cpu:
         out = np.empty((end - start, packed_width(levels.shape[1])), dtype=np.uint8)
-        _pack_plane(np.ascontiguousarray(part.numpy()), shift, out)
+        part_np = np.ascontiguousarray(part.numpy())
+        if part_np.shape[1] % 8 == 0:  # 8 levels per 64-bit word: one multiply packs them
+            _pack_plane_words(part_np.view(np.uint64), shift, out)
+        else:
+            _pack_plane(part_np, shift, out)
         return torch.from_numpy(out)
     return pack_bits((part >> shift) & 1)
 
@@ -112,6 +116,19 @@ if _IMPORT_ERROR is None:
                     for p in range(q):
                         level |= ((packed[p, r, b] >> k) & 1) << (q - 1 - p)
                     levels[r, 8 * b + k] = level
+
+    @njit(parallel=True, cache=True)
+    def _pack_plane_words(words, shift, out):  # pragma: no cover
+        """``_pack_plane`` on 8 levels per (little-endian) word: bit ``shift`` of each byte,
+        moved to bit 0 of its byte, and the 8 bits gathered into the top byte by one multiply
+        (byte k lands on bit 56 + k)."""
+        rows, width = words.shape
+        ones = np.uint64(0x0101010101010101)
+        gather = np.uint64(0x0102040810204080)
+        down, top = np.uint64(shift), np.uint64(56)
+        for r in prange(rows):
+            for b in range(width):
+                out[r, b] = np.uint8((((words[r, b] >> down) & ones) * gather) >> top)
 
     @njit(parallel=True, cache=True)
     def _pack_plane(levels, shift, out):  # pragma: no cover
