@@ -41,7 +41,7 @@ from alphatune import kernels
 from alphatune.config import BCQConfig
 from alphatune.errors import CheckpointError, ConfigError
 from alphatune.kernels import lut_common, numba_table
-from alphatune.packing import pack_codes, packed_width
+from alphatune.packing import packed_width
 
 logger = logging.getLogger(__name__)
 
@@ -99,25 +99,25 @@ class TableSpec:
         return cls(**values)
 
 
-def fit_table(weight: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def fit_levels(weight: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Round-to-nearest uniform quantization of each group's range, as BCQ with offset.
 
-    The grid of ``bcq.uniform_init`` (level ``k`` in ``0..2^q-1`` on ``min..max``; plane ``i``
-    holds bit ``q-1-i`` of ``k`` with scale ``step·2^(q-2-i)``, largest first), so the result is
-    ``bcq.fit_offset(weight, bits, group_size, iterations=0)``, packed; computed on integer
-    levels, ``CHUNK_ROWS`` rows at a time, without the float ±1 codes of the general fit.
+    The grid of ``bcq.uniform_init``: level ``k`` in ``0..2^q-1`` on ``min..max``; as BCQ, plane
+    ``i`` holds bit ``q-1-i`` of ``k`` with scale ``step·2^(q-2-i)``, largest first, so the planes
+    of these levels are ``bcq.fit_offset(weight, bits, group_size, iterations=0)``. Computed on
+    integer levels, ``CHUNK_ROWS`` rows at a time.
 
     Args:
-        weight: ``(rows, dim)`` float, ``dim % group_size == 0``.
+        weight: ``(rows, dim)`` float, ``dim % group_size == 0``; ``bits`` <= 8.
 
     Returns:
-        packed codes ``(q, rows, ceil(dim/8))`` uint8, alpha ``(q, rows, G)`` and offset
-        ``(rows, G)`` float32, on the weight's device.
+        levels ``(rows, dim)`` uint8, alpha ``(q, rows, G)`` and offset ``(rows, G)`` float32,
+        on the weight's device.
     """
     rows, dim = weight.shape
-    groups, levels = dim // group_size, 2**bits - 1
+    groups, top = dim // group_size, 2**bits - 1
     device = weight.device
-    packed = torch.empty(bits, rows, packed_width(dim), dtype=torch.uint8, device=device)
+    levels = torch.empty(rows, dim, dtype=torch.uint8, device=device)
     alpha = torch.empty(bits, rows, groups, device=device)
     offset = torch.empty(rows, groups, device=device)
     for start in range(0, rows, CHUNK_ROWS):
@@ -128,16 +128,20 @@ def fit_table(weight: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tenso
         # stored in fp16 they stay an exact geometric series (numba_table.uniform_form: the
         # byte kernel). Only groups of range < 255·MIN_STEP ≈ 0.031 get a coarser grid, with
         # an error of at most MIN_STEP / 2 ≈ 6e-5.
-        step = ((high - low) / levels).clamp_min(MIN_STEP)
-        level = ((part - low[..., None]) / step[..., None]).round_().clamp_(0, levels)
-        level = level.to(torch.int32).reshape(end - start, dim)  # (n, dim)
+        step = ((high - low) / top).clamp_min(MIN_STEP)
+        level = ((part - low[..., None]) / step[..., None]).round_().clamp_(0, top)
+        levels[start:end] = level.to(torch.uint8).reshape(end - start, dim)
         for plane in range(bits):
-            bit = bits - 1 - plane  # the most significant bit first: the largest scale
-            codes = ((level >> bit) & 1).to(torch.int8) * 2 - 1
-            packed[plane, start:end] = pack_codes(codes)
-            alpha[plane, start:end] = step * 2.0 ** (bit - 1)
-        offset[start:end] = low + step * levels / 2
-    return packed, alpha, offset
+            alpha[plane, start:end] = step * 2.0 ** (bits - 1 - plane - 1)
+        offset[start:end] = low + step * top / 2
+    return levels, alpha, offset
+
+
+def fit_table(weight: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``fit_levels`` with the levels as packed planes ``(q, rows, ceil(dim/8))`` uint8 (the
+    stored layout), plane 0 the most significant bit."""
+    levels, alpha, offset = fit_levels(weight, bits, group_size)
+    return numba_table.planes_from_levels(levels, bits), alpha, offset
 
 
 @dataclass(frozen=True)
@@ -218,12 +222,17 @@ class BCQTable(nn.Module):
         """Fit ``weight`` ``(rows, dim)`` with ``fit_table``; scales rounded to fp16 (as stored)."""
         rows, dim = weight.shape
         group_size = compact_group_size(dim)
-        packed, alpha, offset = fit_table(weight, bits, group_size)
+        levels, alpha, offset = fit_levels(weight, bits, group_size)
         table = cls(TableSpec(rows, dim, bits, group_size), device="meta")
-        table.packed_codes = packed
         table.alpha = alpha.to(torch.float16).float()
         table.offset = offset.to(torch.float16).float()
-        table.settle()
+        if numba_table.uniform_form(table.alpha, table.offset) is not None:
+            # The byte form straight from the fit: the planes never exist (for Gemma-3's
+            # 262,144 x 640 table they would be 168 MB next to the levels).
+            del table._buffers["packed_codes"]
+            table.register_buffer("levels", levels)
+        else:  # not expected (fit_levels keeps fp16 scales geometric): the general form
+            table.packed_codes = numba_table.planes_from_levels(levels, bits)
         return table
 
     # ------------------------------------------------------------ the two forms
