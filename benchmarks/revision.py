@@ -25,5 +25,10 @@ def source_revision() -> dict[str, Any]:
         return done.stdout.strip()
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks")
+    # Results files are what a run writes (an earlier benchmark of the same session may have
+    # just rewritten one): they are not the measured source.
+    status = git(
+        "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks",
+        ":(exclude)benchmarks/results",
+    )  # fmt: skip
     return {"commit": commit, "dirty": None if status is None else bool(status)}
