@@ -250,7 +250,7 @@ def load_adapter(
             the model (the file is named).
         ConfigError: an empty or non-string ``adapter_name``.
     """
-    _check_name(adapter_name)
+    check_adapter_name(adapter_name)
     directory = Path(directory)
     config, tensors = read_adapter(model, directory)
     state = model_state(model)
@@ -269,7 +269,7 @@ def set_adapter(model: nn.Module, adapter_name: str) -> None:
     Raises:
         ConfigError: no adapter of that name is resident (the resident ones are named).
     """
-    adapter = _resident(model, adapter_name)
+    adapter = resident_adapter(model, adapter_name)
     add_multipliers(model, adapter.tensors)
     model_state(model).activate(model, adapter_name)
 
@@ -280,7 +280,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     Raises:
         ConfigError: no adapter of that name is resident.
     """
-    _resident(model, adapter_name)
+    resident_adapter(model, adapter_name)
     model_state(model).remove_adapter(model, adapter_name)
 
 
@@ -316,10 +316,6 @@ def resident_adapter(model: nn.Module, adapter_name: str) -> ResidentAdapter:
     Raises:
         ConfigError: no adapter of that name is resident (the resident ones are named).
     """
-    return _resident(model, adapter_name)
-
-
-def _resident(model: nn.Module, adapter_name: str) -> ResidentAdapter:
     state = existing_state(model)
     adapters = {} if state is None else state.adapters
     if adapter_name not in adapters:
@@ -331,6 +327,7 @@ def _resident(model: nn.Module, adapter_name: str) -> ResidentAdapter:
     return adapters[adapter_name]
 
 
-def _check_name(adapter_name: object) -> None:
+def check_adapter_name(adapter_name: object) -> None:
+    """Refuse a name that is not a non-empty string (``ConfigError``)."""
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ConfigError(f"adapter names must be non-empty strings, got {adapter_name!r}")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from alphatune.adapters import read_adapter, resident_adapter
+from alphatune.adapters import check_adapter_name, read_adapter, resident_adapter
 from alphatune.bases import base_fingerprint
 from alphatune.errors import CheckpointError, ConfigError
 from alphatune.files import ADAPTER_WEIGHTS
@@ -158,8 +158,7 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, str | os.PathLike[str
     if not adapters:
         raise ConfigError("no adapters given; pass {name: adapter directory, ...}")
     for name in adapters:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"adapter names must be non-empty strings, got {name!r}")
+        check_adapter_name(name)
     fingerprint = base_fingerprint(model)
     read = {}
     for name, directory in adapters.items():
