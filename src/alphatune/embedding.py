@@ -229,10 +229,9 @@ class BCQTable(nn.Module):
         if numba_table.uniform_form(table.alpha, table.offset) is not None:
             # The byte form straight from the fit: the planes never exist (for Gemma-3's
             # 262,144 x 640 table they would be 168 MB next to the levels).
-            del table._buffers["packed_codes"]
-            table.register_buffer("levels", levels)
+            table._hold_codes("levels", levels)
         else:  # not expected (fit_levels keeps fp16 scales geometric): the general form
-            table.packed_codes = numba_table.planes_from_levels(levels, bits)
+            table._hold_codes("packed_codes", numba_table.planes_from_levels(levels, bits))
         return table
 
     # ------------------------------------------------------------ the two forms
@@ -254,10 +253,7 @@ class BCQTable(nn.Module):
             return False
         if numba_table.uniform_form(self.alpha, self.offset) is None:
             return False
-        levels = numba_table.levels_from_planes(codes, self.spec.dim)
-        del self._buffers["packed_codes"]
-        self.register_buffer("levels", levels)
-        self._cache.clear()
+        self._hold_codes("levels", numba_table.levels_from_planes(codes, self.spec.dim))
         return True
 
     def plane_codes(self) -> Tensor:
@@ -273,16 +269,22 @@ class BCQTable(nn.Module):
             yield self.packed_codes
             return
         for plane in range(self.spec.bits):
-            yield numba_table.plane_rows(self.levels, self.spec.bits, plane, 0, self.spec.rows)
+            yield numba_table.plane_bytes(self.levels, self.spec.bits, plane)
 
     def adopt(self, other: BCQTable) -> None:
         """Take ``other``'s tensors, in its form (``other`` must have the same spec)."""
         if other.spec != self.spec:
             raise ConfigError(f"cannot adopt a {other.spec} table into a {self.spec} one")
-        for name in ("packed_codes", "levels"):
-            self._buffers.pop(name, None)
-        for name, tensor in other._buffers.items():
-            self.register_buffer(name, tensor)
+        codes = "levels" if other.byte_form else "packed_codes"
+        self._hold_codes(codes, other._buffers[codes])
+        self.alpha, self.offset = other.alpha, other.offset
+
+    def _hold_codes(self, name: str, codes: Tensor | None) -> None:
+        """Hold ``codes`` as ``name`` (``"levels"``: byte form, ``"packed_codes"``: planes), the
+        other form's buffer dropped and the derived forms forgotten: one form at a time."""
+        for form in ("packed_codes", "levels"):
+            self._buffers.pop(form, None)
+        self.register_buffer(name, codes)
         self._cache.clear()
 
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
@@ -299,8 +301,7 @@ class BCQTable(nn.Module):
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         if self.byte_form and prefix + "packed_codes" in state_dict:
             # Back to the stored form to take the planes; settled again below.
-            self.register_buffer("packed_codes", self.plane_codes())
-            del self._buffers["levels"]
+            self._hold_codes("packed_codes", self.plane_codes())
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._cache.clear()
         self.settle()

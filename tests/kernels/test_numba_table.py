@@ -153,6 +153,6 @@ def test_numba_conversions_match_the_torch_bit_ops(dim: int):
     levels = torch.randint(0, 256, (50, dim), dtype=torch.uint8, generator=generator)
     planes = torch.stack([pack_bits((levels >> (7 - p)) & 1) for p in range(8)])
     assert torch.equal(numba_table.planes_from_levels(levels, 8), planes)
-    assert torch.equal(numba_table.plane_rows(levels, 8, 3, 10, 20), planes[3, 10:20])
+    assert torch.equal(numba_table.plane_bytes(levels, 8, 3), planes[3])
     rebuilt = sum(unpack_bits(planes[p], dim) << (7 - p) for p in range(8)).to(torch.uint8)
     assert torch.equal(numba_table.levels_from_planes(planes, dim), rebuilt)

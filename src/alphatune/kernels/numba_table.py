@@ -77,20 +77,19 @@ def levels_from_planes(packed: Tensor, dim: int) -> Tensor:
     return levels
 
 
-def plane_rows(levels: Tensor, bits: int, plane: int, start: int, end: int) -> Tensor:
-    """Rows ``start:end`` of packed plane ``plane`` (of ``bits``): ``(end - start,
-    ceil(dim/8))`` uint8, what ``planes_from_levels(levels, bits)[plane, start:end]`` holds."""
+def plane_bytes(levels: Tensor, bits: int, plane: int) -> Tensor:
+    """Packed plane ``plane`` (of ``bits``) of the levels ``(rows, dim)``: ``(rows,
+    ceil(dim/8))`` uint8, what ``planes_from_levels(levels, bits)[plane]`` holds."""
     shift = bits - 1 - plane
-    part = levels[start:end]
     if available() and levels.is_cpu:
-        out = np.empty((end - start, packed_width(levels.shape[1])), dtype=np.uint8)
-        part_np = np.ascontiguousarray(part.numpy())
-        if part_np.shape[1] % 8 == 0:  # 8 levels per 64-bit word: one multiply packs them
-            _pack_plane_words(part_np.view(np.uint64), shift, out)
+        out = np.empty((levels.shape[0], packed_width(levels.shape[1])), dtype=np.uint8)
+        levels_np = np.ascontiguousarray(levels.numpy())
+        if levels_np.shape[1] % 8 == 0:  # 8 levels per 64-bit word: one multiply packs them
+            _pack_plane_words(levels_np.view(np.uint64), shift, out)
         else:
-            _pack_plane(part_np, shift, out)
+            _pack_plane(levels_np, shift, out)
         return torch.from_numpy(out)
-    return pack_bits((part >> shift) & 1)
+    return pack_bits((levels >> shift) & 1)
 
 
 def planes_from_levels(levels: Tensor, bits: int) -> Tensor:
@@ -98,7 +97,7 @@ def planes_from_levels(levels: Tensor, bits: int) -> Tensor:
     rows, dim = levels.shape
     planes = torch.empty(bits, rows, packed_width(dim), dtype=torch.uint8, device=levels.device)
     for plane in range(bits):
-        planes[plane] = plane_rows(levels, bits, plane, 0, rows)
+        planes[plane] = plane_bytes(levels, bits, plane)
     return planes
 
 
