@@ -97,10 +97,15 @@ _LUT_KERNELS = {
 _KERNEL_CHOICES = ("auto", *_LUT_KERNELS, "reference")
 
 
+def _kernel_setting() -> tuple[str, str]:
+    """``ALPHATUNE_KERNEL`` as set, and as a choice (stripped, lower case, ``auto`` if unset)."""
+    setting = os.environ.get(KERNEL_ENV, "")
+    return setting, setting.strip().lower() or "auto"
+
+
 def _chosen_lut_kernel() -> _LutKernel | None:
     """The LUT kernel for decode here: ``ALPHATUNE_KERNEL``, or the best this CPU runs."""
-    setting = os.environ.get(KERNEL_ENV, "")
-    choice = setting.strip().lower() or "auto"
+    setting, choice = _kernel_setting()
     if choice == "auto":
         if avx512_lut.available():
             return _LUT_KERNELS["avx512"]
@@ -140,7 +145,7 @@ def decode_kernel() -> _LutKernel | None:
 
 def reference_forced() -> bool:
     """Whether ``ALPHATUNE_KERNEL=reference`` asks for the plain torch paths everywhere."""
-    return os.environ.get(KERNEL_ENV, "").strip().lower() == "reference"
+    return _kernel_setting()[1] == "reference"
 
 
 def lut_available() -> bool:
