@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from decode_page import LLAMA_CPP
+from proc_status import status_kib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "decode.json"
@@ -232,12 +233,7 @@ def describe_base(directory: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ the worker
 def memory_kib() -> dict[str, int]:
     """VmRSS and VmHWM (peak) of this process, KiB."""
-    values = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
+    return status_kib("VmRSS", "VmHWM")
 
 
 def mib(kib: int) -> float:

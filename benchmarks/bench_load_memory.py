@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from proc_status import status_kib
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "load_memory.json"
 CONFIGS = ("quantize-on-load", "fp32-then-quantize", "saved-base")
@@ -47,12 +49,7 @@ PACKAGES = ("torch", "transformers", "accelerate", "safetensors", "numba")
 
 def _status() -> dict[str, int]:
     """VmRSS, VmHWM, RssAnon and RssFile of this process, MiB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) // 1024
-    return out
+    return {k: v // 1024 for k, v in status_kib("VmRSS", "VmHWM", "RssAnon", "RssFile").items()}
 
 
 class _AnonPeak:
