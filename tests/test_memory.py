@@ -1,13 +1,18 @@
-"""Giving memory back after quantizing (``alphatune.memory``): no tensor of a quantized model
-is left a view of the memory-mapped checkpoint it was loaded from."""
+"""Giving memory back (``alphatune.memory``): no tensor of a quantized model is left a view of
+the memory-mapped checkpoint it was loaded from, and dead pages of a loaded base's file leave."""
 
 from __future__ import annotations
 
+import mmap
+import sys
+
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from alphatune import BCQConfig, quantize_
-from alphatune.memory import own_mapped_tensors, release_free_memory
+from alphatune.memory import own_mapped_tensors, page_out, release_free_memory
 
 CONFIG = BCQConfig(bits=3, group_size=32, method="offset")
 
@@ -51,3 +56,34 @@ def test_own_mapped_tensors_keeps_values_and_ties(tiny_model_dir):
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     assert own_mapped_tensors(model) == 0
     release_free_memory()  # a no-op where the C library has no malloc_trim; never raises
+
+
+def _resident_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        lines = smaps.readlines()
+    for line in lines:
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_page_out_drops_a_mapped_tensors_pages_and_keeps_its_values(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    values = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB
+    save_file({"w": values, "small": torch.ones(3)}, path)
+    loaded = load_file(path)  # views of the mapped file
+    assert not loaded["w"].untyped_storage().resizable()
+    assert torch.equal(loaded["w"], values)  # reads every page: resident now
+    before = _resident_kib(path)
+    advised = page_out(loaded["w"])
+    assert advised >= 4 * 2**20 - 2 * mmap.PAGESIZE  # whole pages inside the tensor
+    assert _resident_kib(path) <= before - advised // 1024 + 8
+    assert torch.equal(loaded["w"], values)  # read back from the file
+    assert page_out(values) == 0  # memory the process owns is never advised
+    assert page_out(loaded["small"]) == 0  # no whole page inside: its neighbours may be in use

@@ -93,6 +93,7 @@ from alphatune.lm_head import (
     set_replaced_head,
     untie_word_embeddings,
 )
+from alphatune.memory import page_out, release_free_memory
 from alphatune.models import prepare_tokenizer
 from alphatune.quantize import _set_submodule, quantized_layers
 
@@ -558,6 +559,10 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     tensors = read_safetensors(directory / BASE_WEIGHTS)
     verify_tensors(directory / BASE_WEIGHTS, tensors, record)
     verify_files(directory, record)
+    tokenizer = _load_tokenizer(directory, record)
+    # Before the model, so that the ~30 MiB that loading a tokenizer frees again (SmolLM2's) go
+    # back to the system before the weights' pages come in, not on top of them at the peak.
+    release_free_memory()
     try:
         hf_config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -584,7 +589,8 @@ def load_quantized(directory: str | os.PathLike[str]) -> tuple[nn.Module, Any]:
     from alphatune.hf import attach_quantizer
 
     attach_quantizer(model, bcq_config(qconfig))
-    return model, _load_tokenizer(directory, record)
+    release_free_memory()  # the layers' conversions, freed
+    return model, tokenizer
 
 
 def check_stored_tensors(
@@ -621,13 +627,19 @@ def _load_into(
         where,
     )
     loaded: dict[str, Tensor] = {}
-    converted: dict[int, Tensor] = {}  # id of a file tensor -> it in the model's dtype
+    # id of a file tensor -> (it, it in the model's dtype)
+    converted: dict[int, tuple[Tensor, Tensor]] = {}
     for name, target in state.items():
         source = tensors[tied.get(name, name)]
         # Tied names get the very same tensor, so they stay tied after assignment.
         if id(source) not in converted:
-            converted[id(source)] = source.to(target.dtype)
-        loaded[name] = converted[id(source)]
+            converted[id(source)] = (source, source.to(target.dtype))
+        loaded[name] = converted[id(source)][1]
     # assign: the model takes the loaded tensors (its parameters may be on the meta device).
     model.load_state_dict(loaded, strict=True, assign=True)
     model.tie_weights()
+    # The model holds the file's tensors as views, except those converted to another dtype (fp16
+    # scales): their pages in the mapped file were read once and are dead from now on.
+    for source, held in converted.values():
+        if held is not source:
+            page_out(source)

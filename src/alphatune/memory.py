@@ -13,6 +13,15 @@ SmolLM2 quantized while loading: ~1.2 GiB resident for an 83 MiB model;
   between small long-lived allocations (the packed codes that stay); glibc keeps the freed pages
   in its heap. ``release_free_memory`` asks it to return them (``malloc_trim``); elsewhere (not
   glibc) it does nothing.
+
+And one thing keeps a *loaded* base above its size: **pages of the file it was loaded from that
+nothing reads any more.** A saved base is loaded as views of its mapped file (no copy), but some
+tensors are converted on loading (fp16 scales become float32 parameters) and the decode engine
+copies the codes into its kernel layout. The file's pages behind those sources stay resident
+after being read once (hashed, converted). ``page_out`` asks the kernel to drop them
+(``MADV_PAGEOUT``): they are clean file pages, so they are simply read back from the file if
+anything touches them again. Nothing is lost either way: written (copy-on-write) pages of a
+private mapping and anonymous memory are only ever swapped, never discarded.
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
+import sys
 from functools import cache
 
 import torch
@@ -39,6 +50,47 @@ def _malloc_trim() -> ctypes._CFuncPtr | None:
         trim.argtypes = [ctypes.c_size_t]
         trim.restype = ctypes.c_int
     return trim
+
+
+# madvise(2) advice: reclaim these pages now (Linux 5.4 and later; older kernels say EINVAL).
+_MADV_PAGEOUT = 21
+
+
+@cache
+def _madvise() -> ctypes._CFuncPtr | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        advise = ctypes.CDLL(name, use_errno=True).madvise if name else None
+    except (OSError, AttributeError):
+        return None
+    if advise is not None:
+        advise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        advise.restype = ctypes.c_int
+    return advise
+
+
+def page_out(tensor: torch.Tensor) -> int:
+    """Drop the resident pages of a tensor that is a view of a memory-mapped file, when nothing
+    will read it for a while (see the module doc); a no-op for memory the process owns.
+
+    Only whole pages inside the tensor are advised (its neighbours in the file may be in use).
+    Returns the bytes advised (0 where not mapped, not Linux, or the kernel lacks the advice).
+    """
+    advise = _madvise()
+    if advise is None or not _is_view_of_foreign_memory(tensor) or not tensor.is_contiguous():
+        return 0
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr()
+    start = -(-begin // page) * page
+    end = (begin + tensor.numel() * tensor.element_size()) // page * page
+    if end <= start:
+        return 0
+    if advise(start, end - start, _MADV_PAGEOUT) != 0:
+        logger.debug("madvise(MADV_PAGEOUT) refused: errno %d", ctypes.get_errno())
+        return 0
+    return end - start
 
 
 def release_free_memory() -> None:

@@ -22,6 +22,7 @@ from alphatune.engine.weights import NativeWeights, build_weights
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels import decode_kernel
 from alphatune.kernels.numba_threads import numba_threads
+from alphatune.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Engine:
         spec = describe(model)
         io = token_io(model, spec.hidden)
         weights = build_weights(spec, kernel, use_bank)
+        release_free_memory()  # each layer's prepared operands, freed once copied in
         return cls(
             spec=spec,
             io=io,

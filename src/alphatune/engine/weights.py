@@ -2,7 +2,9 @@
 
 Every projection's codes (in the kernel's layout), scales, offset and bias are laid end to end in
 one buffer per kind; ``ints`` says where each starts and its shape (``native``'s columns). The
-engine owns this copy: codes are prepared per layer and copied in, nothing is kept in the layers.
+engine owns this copy: codes are prepared per layer and copied in, nothing is kept in the layers,
+and a layer's stored codes, when they are a view of the file the base was loaded from, are paged
+out (``memory.page_out``).
 Scales are the layer's own α, or, for a mixed batch, every adapter's α₁ from the bank
 (``alphatune.mixed``) as the kernel's scale sets.
 """
@@ -20,6 +22,7 @@ from alphatune.engine.spec import LlamaSpec
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels import lut_common
 from alphatune.layers import BCQLinear
+from alphatune.memory import page_out
 
 
 @dataclass
@@ -110,6 +113,10 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
             )
             row[native.N_SETS] = operands.first.shape[0]
             row[native.CODES_AT] = codes.put(operands.codes)
+            # The layer's own codes are now read only off the decode path (the transformers
+            # forward, saving, hashing): where they are a view of the loaded file, their pages
+            # leave memory until then, so that decode holds one copy of the codes, not two.
+            page_out(layer.packed_codes)
             row[native.FIRST_AT] = first.put(operands.first)
             row[native.REST_AT] = rest.put(operands.rest)
             row[native.OFFSET_AT] = offsets.put(operands.offset)
