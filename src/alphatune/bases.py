@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -627,19 +628,24 @@ def _load_into(
         where,
     )
     loaded: dict[str, Tensor] = {}
-    # id of a file tensor -> (it, it in the model's dtype)
-    converted: dict[int, tuple[Tensor, Tensor]] = {}
+    converted: dict[int, Tensor] = {}  # id of a file tensor -> it in the model's dtype
     for name, target in state.items():
         source = tensors[tied.get(name, name)]
         # Tied names get the very same tensor, so they stay tied after assignment.
         if id(source) not in converted:
-            converted[id(source)] = (source, source.to(target.dtype))
-        loaded[name] = converted[id(source)][1]
+            converted[id(source)] = source.to(target.dtype)
+        loaded[name] = converted[id(source)]
     # assign: the model takes the loaded tensors (its parameters may be on the meta device).
     model.load_state_dict(loaded, strict=True, assign=True)
     model.tie_weights()
-    # The model holds the file's tensors as views, except those converted to another dtype (fp16
-    # scales): their pages in the mapped file were read once and are dead from now on.
-    for source, held in converted.values():
-        if held is not source:
+    _page_out_unheld(model, tensors)
+
+
+def _page_out_unheld(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Page out the file's tensors that the model does not hold as they are: those converted to
+    another dtype (fp16 scales) and the planes a table turned into its byte form. Their pages in
+    the mapped file were read once (hashed, converted) and are dead from now on."""
+    held = {t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    for source in tensors.values():
+        if source.data_ptr() not in held:
             page_out(source)
