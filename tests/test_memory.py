@@ -4,6 +4,7 @@ the memory-mapped checkpoint it was loaded from, and dead pages of a loaded base
 from __future__ import annotations
 
 import mmap
+import os
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from alphatune import BCQConfig, quantize_
+from alphatune.embedding import BCQTable
 from alphatune.memory import own_mapped_tensors, page_out, release_free_memory
 
 CONFIG = BCQConfig(bits=3, group_size=32, method="offset")
@@ -58,6 +60,14 @@ def test_own_mapped_tensors_keeps_values_and_ties(tiny_model_dir):
     release_free_memory()  # a no-op where the C library has no malloc_trim; never raises
 
 
+def _save_clean(tensors, path) -> None:
+    """``save_file``, then written back: dirty page-cache pages are not reclaimed until they are,
+    and a base on disk is long written back when it is loaded."""
+    save_file(tensors, path)
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def _resident_kib(path) -> int:
     """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
     total, inside = 0, False
@@ -76,7 +86,7 @@ def _resident_kib(path) -> int:
 def test_page_out_drops_a_mapped_tensors_pages_and_keeps_its_values(tmp_path):
     path = tmp_path / "weights.safetensors"
     values = torch.arange(1 << 20, dtype=torch.float32)  # 4 MiB
-    save_file({"w": values, "small": torch.ones(3)}, path)
+    _save_clean({"w": values, "small": torch.ones(3)}, path)
     loaded = load_file(path)  # views of the mapped file
     assert not loaded["w"].untyped_storage().resizable()
     assert torch.equal(loaded["w"], values)  # reads every page: resident now
@@ -87,3 +97,24 @@ def test_page_out_drops_a_mapped_tensors_pages_and_keeps_its_values(tmp_path):
     assert torch.equal(loaded["w"], values)  # read back from the file
     assert page_out(values) == 0  # memory the process owns is never advised
     assert page_out(loaded["small"]) == 0  # no whole page inside: its neighbours may be in use
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_a_table_loaded_from_a_mapped_file_leaves_its_planes_out(tmp_path):
+    """A compact table settles into level bytes; the file's planes behind it are paged out as
+    they are converted (not all resident beside the bytes), and the table reads the same."""
+    weight = torch.randn(8192, 64, generator=torch.Generator().manual_seed(0)) * 0.1
+    table = BCQTable.from_weight(weight)
+    assert table.byte_form
+    path = tmp_path / "table.safetensors"
+    _save_clean(table.state_dict(), path)
+    tensors = load_file(path)  # views of the mapped file
+    planes = tensors["packed_codes"]
+    assert planes.numel() >= 8 * mmap.PAGESIZE
+    planes.sum()  # read once (as hashing does): every page resident
+    before = _resident_kib(path)
+    loaded = BCQTable.from_weight(torch.zeros(8192, 64))
+    loaded.load_state_dict(tensors, assign=True)  # as load_quantized does: no copy
+    assert loaded.byte_form
+    assert _resident_kib(path) <= before - planes.numel() // 1024 // 2
+    assert torch.equal(loaded.levels, table.levels)

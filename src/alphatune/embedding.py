@@ -41,6 +41,7 @@ from alphatune import kernels
 from alphatune.config import BCQConfig
 from alphatune.errors import CheckpointError, ConfigError
 from alphatune.kernels import lut_common, numba_table
+from alphatune.memory import page_out
 from alphatune.packing import packed_width
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ logger = logging.getLogger(__name__)
 COMPACT_BITS = 8
 # Vocabulary rows dequantized at a time by the batched head (9.4 MB of fp32 at hidden 576).
 CHUNK_ROWS = 4096
+# Rows turned from planes into level bytes at a time when a table settles (2.4 MB of bytes at
+# hidden 576): the unit in which a loaded file's planes are paged out.
+_SETTLE_ROWS = 4096
 # The smallest grid step of a table: twice fp16's smallest normal number (see fit_table).
 MIN_STEP = 2.0**-13
 # Names of a table's scale tensors (stored fp16 when lossless, like BCQLinear's).
@@ -253,8 +257,24 @@ class BCQTable(nn.Module):
             return False
         if numba_table.uniform_form(self.alpha, self.offset) is None:
             return False
-        self._hold_codes("levels", numba_table.levels_from_planes(codes, self.spec.dim))
+        self._hold_codes("levels", self._levels_releasing_planes(codes))
         return True
+
+    def _levels_releasing_planes(self, codes: Tensor) -> Tensor:
+        """The level bytes of ``codes``, made a chunk of rows at a time, each chunk's planes
+        paged out once read where they are a view of a loaded file (``memory.page_out``): the
+        planes and the bytes (27 MiB each on SmolLM2) are then never both resident, which was
+        the peak of a whole load."""
+        rows = codes.shape[1]
+        levels = torch.empty(rows, self.spec.dim, dtype=torch.uint8, device=codes.device)
+        for start in range(0, rows, _SETTLE_ROWS):
+            chunk = codes[:, start : start + _SETTLE_ROWS]
+            levels[start : start + _SETTLE_ROWS] = numba_table.levels_from_planes(
+                chunk, self.spec.dim
+            )
+            for plane in chunk:
+                page_out(plane)
+        return levels
 
     def plane_codes(self) -> Tensor:
         """The packed planes ``(q, rows, ceil(dim/8))`` uint8 (made from the bytes in byte form)."""
