@@ -73,10 +73,14 @@ def _madvise() -> ctypes._CFuncPtr | None:
 
 def page_out(tensor: torch.Tensor) -> int:
     """Drop the resident pages of a tensor that is a view of a memory-mapped file, when nothing
-    will read it for a while (see the module doc); a no-op for memory the process owns.
+    will read it for a while (see the module doc).
 
-    Only whole pages inside the tensor are advised (its neighbours in the file may be in use).
-    Returns the bytes advised (0 where not mapped, not Linux, or the kernel lacks the advice).
+    A no-op for tensors torch allocated. Other foreign memory (a numpy array's, anonymous) is
+    advised too, which can only swap it out where the machine has swap: call it on tensors that
+    are dead for the work ahead. Only whole pages inside the tensor are advised (its neighbours in
+    the file may be in use). Returns the bytes advised (0 for torch's own memory, off Linux, or
+    where the kernel lacks the advice). Rebuilding an engine reads paged-out codes back: measured
+    on SmolLM2, a second ``Engine.build`` takes as long as the first (0.25-0.6 s).
     """
     advise = _madvise()
     if advise is None or not _is_view_of_foreign_memory(tensor) or not tensor.is_contiguous():
