@@ -146,7 +146,8 @@ def task_table(task: str, results: Sequence[dict[str, Any]]) -> str:
 
 
 def search_table(task: str, results: Sequence[dict[str, Any]]) -> str:
-    """The learning-rate search on dev: one line per family and candidate."""
+    """The learning-rate search on dev: one line per family and candidate, with the bootstrap
+    interval and sample size (candidates closer than their intervals are a tie, not a choice)."""
     main = MAIN_METRIC[task]
     dev = sorted(
         (r for r in results if r["spec"]["split"] == "dev"),
@@ -154,10 +155,16 @@ def search_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     )
     if not dev:
         return "_no dev runs yet_"
-    lines = [f"| method | learning rate | dev {main} |", "|---|---|---|"]
+    lines = [
+        f"| method | learning rate | dev {main} | 95% CI | dev items |",
+        "|---|---|---|---|---|",
+    ]
     for r in dev:
-        lr = r["spec"]["learning_rate"]
-        lines.append(f"| {r['variant']} | {lr:g} | {r['scores'][main]:.2f} |")
+        lr, scores = r["spec"]["learning_rate"], r["scores"]
+        ci = scores.get(f"{main}_ci")
+        interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
+        n = scores.get("n", "–")
+        lines.append(f"| {r['variant']} | {lr:g} | {scores[main]:.2f} | {interval} | {n} |")
     return "\n".join(lines)
 
 
