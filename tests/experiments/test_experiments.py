@@ -203,10 +203,10 @@ def test_search_table_shows_each_candidates_interval_and_sample() -> None:
     test_run = {**dev_run(1e-3, 1.0, None), "spec": {"split": "test", "learning_rate": 1e-3}}
     runs = [dev_run(2e-3, 61.5, [59.0, 64.0]), dev_run(1e-3, 57.94, None), test_run]
     lines = report.search_table("e2e", runs).splitlines()
-    assert lines[0] == "| method | learning rate | dev bleu | 95% CI | dev items |"
+    assert lines[0] == "| method | learning rate | dev bleu | 95% CI | dev items | chosen |"
     assert lines[2:] == [
-        "| lora | 0.001 | 57.94 | – | 200 |",
-        "| lora | 0.002 | 61.50 | [59.00, 64.00] | 200 |",
+        "| lora | 0.001 | 57.94 | – | 200 |  |",
+        "| lora | 0.002 | 61.50 | [59.00, 64.00] | 200 | yes (the highest rate tried) |",
     ]
 
 

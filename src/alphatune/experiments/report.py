@@ -156,16 +156,34 @@ def search_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     if not dev:
         return "_no dev runs yet_"
     lines = [
-        f"| method | learning rate | dev {main} | 95% CI | dev items |",
-        "|---|---|---|---|---|",
+        f"| method | learning rate | dev {main} | 95% CI | dev items | chosen |",
+        "|---|---|---|---|---|---|",
     ]
     for r in dev:
         lr, scores = r["spec"]["learning_rate"], r["scores"]
         ci = scores.get(f"{main}_ci")
         interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
         n = scores.get("n", "–")
-        lines.append(f"| {r['variant']} | {lr:g} | {scores[main]:.2f} | {interval} | {n} |")
+        chosen = _chosen_mark(r, [d for d in dev if d["variant"] == r["variant"]], main)
+        lines.append(
+            f"| {r['variant']} | {lr:g} | {scores[main]:.2f} | {interval} | {n} | {chosen} |"
+        )
     return "\n".join(lines)
+
+
+def _chosen_mark(run: dict[str, Any], family: list[dict[str, Any]], main: str) -> str:
+    """ "yes" for the family's best dev run (what the grid takes), saying when it is the highest
+    or lowest rate tried: the best rate may then lie outside the search."""
+    best = max(family, key=lambda r: r["scores"][main])
+    if run is not best or len(family) < 2:
+        return ""
+    rates = [r["spec"]["learning_rate"] for r in family]
+    lr = run["spec"]["learning_rate"]
+    if lr == max(rates):
+        return "yes (the highest rate tried)"
+    if lr == min(rates):
+        return "yes (the lowest rate tried)"
+    return "yes"
 
 
 def _plot(task: str, results: Sequence[dict[str, Any]], plots_dir: Path) -> list[Path]:
