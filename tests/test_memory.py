@@ -4,11 +4,11 @@ the memory-mapped checkpoint it was loaded from, and dead pages of a loaded base
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 
 import pytest
 import torch
+from proc_memory import resident_kib, written_back
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -61,25 +61,8 @@ def test_own_mapped_tensors_keeps_values_and_ties(tiny_model_dir):
 
 
 def _save_clean(tensors, path) -> None:
-    """``save_file``, then written back: dirty page-cache pages are not reclaimed until they are,
-    and a base on disk is long written back when it is loaded."""
     save_file(tensors, path)
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _resident_kib(path) -> int:
-    """Resident KiB of this process's mappings of ``path`` (``/proc/self/smaps``)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as smaps:
-        lines = smaps.readlines()
-    for line in lines:
-        fields = line.split()
-        if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header
-            inside = len(fields) >= 6 and fields[5] == str(path)
-        elif inside and fields[0] == "Rss:":
-            total += int(fields[1])
-    return total
+    written_back(path)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
@@ -90,10 +73,10 @@ def test_page_out_drops_a_mapped_tensors_pages_and_keeps_its_values(tmp_path):
     loaded = load_file(path)  # views of the mapped file
     assert not loaded["w"].untyped_storage().resizable()
     assert torch.equal(loaded["w"], values)  # reads every page: resident now
-    before = _resident_kib(path)
+    before = resident_kib(path)
     advised = page_out(loaded["w"])
     assert advised >= 4 * 2**20 - 2 * mmap.PAGESIZE  # whole pages inside the tensor
-    assert _resident_kib(path) <= before - advised // 1024 + 8
+    assert resident_kib(path) <= before - advised // 1024 + 8
     assert torch.equal(loaded["w"], values)  # read back from the file
     assert page_out(values) == 0  # memory the process owns is never advised
     assert page_out(loaded["small"]) == 0  # no whole page inside: its neighbours may be in use
@@ -112,9 +95,9 @@ def test_a_table_loaded_from_a_mapped_file_leaves_its_planes_out(tmp_path):
     planes = tensors["packed_codes"]
     assert planes.numel() >= 8 * mmap.PAGESIZE
     planes.sum()  # read once (as hashing does): every page resident
-    before = _resident_kib(path)
+    before = resident_kib(path)
     loaded = BCQTable.from_weight(torch.zeros(8192, 64))
     loaded.load_state_dict(tensors, assign=True)  # as load_quantized does: no copy
     assert loaded.byte_form
-    assert _resident_kib(path) <= before - planes.numel() // 1024 // 2
+    assert resident_kib(path) <= before - planes.numel() // 1024 // 2
     assert torch.equal(loaded.levels, table.levels)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
+from proc_memory import resident_kib, written_back
 from tiny_models import make_tiny_llama
 
 from alphatune import BCQConfig, quantize_
 from alphatune.engine import Engine, Sampling, filter_logits, generate_ids, prompt_logits
 from alphatune.errors import ConfigError, UnsupportedModelError
 from alphatune.kernels import lut_kernel
+from alphatune.layers import BCQLinear
 
 pytestmark = [
     pytest.mark.numba,
@@ -335,3 +339,28 @@ def test_int8_tables_kernel_runs_in_the_engine(monkeypatch):
     ours = prompt_logits(engine, ids)
     assert 0 < rms(ours - exact) < 2 * rms(layers - exact) + 1e-6
     assert rms(ours - exact) < 0.05 * rms(exact)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_an_engine_from_a_loaded_base_pages_out_the_stored_codes(tmp_path):
+    """Built from a saved base, the engine holds the only resident copy of the codes: the
+    layers' stored codes (views of the mapped file) are paged out, and the transformers path
+    reads them back from the file with the same results."""
+    from alphatune import load_quantized, save_quantized
+
+    # Wide enough that each layer's codes span whole pages (4 KiB).
+    config = BCQConfig(bits=3, group_size=32, method="offset")
+    source = quantized(config, hidden_size=256, intermediate_size=1024)
+    save_quantized(source, tmp_path / "base", config)
+    written_back(*(p for p in (tmp_path / "base").iterdir() if p.is_file()))
+    model, _ = load_quantized(tmp_path / "base")
+    prompt = random_prompts(1)[0]
+    before = reference_logits(model, prompt)  # reads every layer's stored codes
+    mapped = str((tmp_path / "base" / "model.safetensors").resolve())
+    resident = resident_kib(mapped)
+    engine = Engine.build(model)
+    layers = [m for m in model.modules() if isinstance(m, BCQLinear)]
+    codes_kib = sum(layer.packed_codes.numel() for layer in layers) // 1024
+    assert resident_kib(mapped) <= resident - codes_kib // 2
+    torch.testing.assert_close(reference_logits(model, prompt), before, rtol=0, atol=0)
+    torch.testing.assert_close(prompt_logits(engine, prompt), before, rtol=1e-4, atol=1e-4)
