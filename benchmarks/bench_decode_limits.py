@@ -34,8 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import CpuWatch, environment, save_results
-from revision import source_revision
+from common import CpuWatch, environment, save_watched_results
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "decode_limits.json"
 DEFAULT_BASE = Path.home() / ".cache/alphatune/bench/decode/smollm2-q3-compact"
@@ -200,11 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         results += layer_traffic(args.layers)
     if args.part in ("engine", "both"):
         results += engine_variants(args.base, args.rounds, args.new_tokens)
-    others = watch.stop()
-    if others.busy:
-        print(others.warning())
-    save_results(args.out, args, results, env={**env, **source_revision(), **others.record()})
-    print(f"saved {args.out}")
+    save_watched_results(args.out, args, results, env=env, watch=watch)
 
 
 if __name__ == "__main__":

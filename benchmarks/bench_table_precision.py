@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import CpuWatch, environment, save_results
-from revision import source_revision
+from common import CpuWatch, environment, save_watched_results
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "table_precision.json"
 DEFAULT_BASE = Path.home() / ".cache/alphatune/bench/decode/smollm2-q3-compact"
@@ -98,11 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     )
     print(results[-1])
-    others = watch.stop()
-    if others.busy:
-        print(others.warning())
-    save_results(args.out, args, results, env={**env, **source_revision(), **others.record()})
-    print(f"saved {args.out}")
+    save_watched_results(args.out, args, results, env=env, watch=watch)
 
 
 if __name__ == "__main__":

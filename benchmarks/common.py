@@ -188,6 +188,25 @@ def save_results(
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
+def save_watched_results(
+    path: Path,
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    *,
+    env: dict[str, Any],
+    watch: CpuWatch,
+) -> None:
+    """``save_results`` at the end of a timed run: stops ``watch``, warns if others used the
+    machine meanwhile, and records the source revision and what others used beside ``env``."""
+    from revision import source_revision
+
+    others = watch.stop()
+    if others.busy:
+        print(others.warning())
+    save_results(path, args, results, env={**env, **source_revision(), **others.record()})
+    print(f"saved {path}")
+
+
 def load_records(path: Path) -> list[dict[str, Any]]:
     """The measurements a sweep saved in the JSONL file ``path`` (none if it does not exist)."""
     if not path.exists():
