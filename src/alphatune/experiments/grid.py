@@ -10,7 +10,7 @@ ablations use AlphaTuning's), as the issue asks.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,12 @@ def best_learning_rate(results_dir: Path, task: str, family: str) -> float | Non
         if not path.exists():
             return None
         scores.append((read_result(path, task)["scores"][MAIN_METRIC[task]], spec.learning_rate))
-    return max(scores)[1]
+    return choose_rate(scores)
+
+
+def choose_rate(scored: Iterable[tuple[float, float]]) -> float:
+    """The rate of the best ``(dev score, rate)`` pair; a tie goes to the higher rate."""
+    return max(scored)[1]
 
 
 # A phase entry: (method, bits, options, seeds).

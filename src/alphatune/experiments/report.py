@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from alphatune.errors import ConfigError
-from alphatune.experiments.grid import BUDGETS, DEV_ITEMS, MAIN_METRIC
+from alphatune.experiments.grid import BUDGETS, DEV_ITEMS, MAIN_METRIC, choose_rate
 from alphatune.experiments.spec import read_result
 
 logger = logging.getLogger(__name__)
@@ -172,13 +172,13 @@ def search_table(task: str, results: Sequence[dict[str, Any]]) -> str:
 
 
 def _chosen_mark(run: dict[str, Any], family: list[dict[str, Any]], main: str) -> str:
-    """ "yes" for the family's best dev run (what the grid takes), saying when it is the highest
-    or lowest rate tried: the best rate may then lie outside the search."""
-    best = max(family, key=lambda r: r["scores"][main])
-    if run is not best or len(family) < 2:
-        return ""
+    """The mark of the rate the grid takes for the family (``grid.choose_rate``), saying when it
+    is the highest or lowest rate tried: the best rate may then lie outside the search."""
     rates = [r["spec"]["learning_rate"] for r in family]
+    chosen = choose_rate((r["scores"][main], r["spec"]["learning_rate"]) for r in family)
     lr = run["spec"]["learning_rate"]
+    if len(family) < 2 or lr != chosen:
+        return ""
     if lr == max(rates):
         return "yes (the highest rate tried)"
     if lr == min(rates):
