@@ -643,8 +643,9 @@ def _load_into(
 
 def _page_out_unheld(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Page out the file's tensors that the model does not hold as they are: those converted to
-    another dtype (fp16 scales) and the planes a table turned into its byte form. Their pages in
-    the mapped file were read once (hashed, converted) and are dead from now on."""
+    another dtype (fp16 scales), and the planes a table turned into its byte form (already paged
+    out chunk by chunk as it settled; advising them again is one cheap call). Their pages in the
+    mapped file were read once (hashed, converted) and are dead from now on."""
     held = {t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
     for source in tensors.values():
         if source.data_ptr() not in held:

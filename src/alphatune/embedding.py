@@ -269,8 +269,8 @@ class BCQTable(nn.Module):
         levels = torch.empty(rows, self.spec.dim, dtype=torch.uint8, device=codes.device)
         for start in range(0, rows, _SETTLE_ROWS):
             chunk = codes[:, start : start + _SETTLE_ROWS]
-            levels[start : start + _SETTLE_ROWS] = numba_table.levels_from_planes(
-                chunk, self.spec.dim
+            numba_table.levels_from_planes(
+                chunk, self.spec.dim, out=levels[start : start + _SETTLE_ROWS]
             )
             for plane in chunk:
                 page_out(plane)

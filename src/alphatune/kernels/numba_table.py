@@ -58,13 +58,14 @@ def uniform_form(alpha: Tensor, offset: Tensor) -> tuple[Tensor, Tensor] | None:
     return 2 * last, offset.float() - last * (2**q - 1)
 
 
-def levels_from_planes(packed: Tensor, dim: int) -> Tensor:
+def levels_from_planes(packed: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
     """Packed planes ``(q, rows, ceil(dim/8))`` (plane 0 the most significant bit) -> level
-    bytes ``(rows, dim)`` uint8; ``q <= 8``."""
+    bytes ``(rows, dim)`` uint8; ``q <= 8``. ``out``: a contiguous ``(rows, dim)`` uint8 tensor
+    to write them into (returned), e.g. a slice of a larger table's levels."""
     q, rows, _ = packed.shape
     if q > 8:
         raise ValueError(f"level bytes hold at most 8 planes, got {q}")
-    levels = torch.empty(rows, dim, dtype=torch.uint8, device=packed.device)
+    levels = torch.empty(rows, dim, dtype=torch.uint8, device=packed.device) if out is None else out
     if available() and packed.is_cpu:
         _unpack_levels(np.ascontiguousarray(packed.numpy()), levels.numpy())
         return levels
