@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import CpuWatch, environment, save_watched_results
+from common import DECODE_Q3_BASE, CpuWatch, environment, save_watched_results
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "decode_limits.json"
-DEFAULT_BASE = Path.home() / ".cache/alphatune/bench/decode/smollm2-q3-compact"
+DEFAULT_BASE = DECODE_Q3_BASE
 PROMPT = "Write a short story about a robot who learns to paint."
 SHAPE = (1536, 576, 144)  # out, in, group size: SmolLM2's gate/up projections
 # name -> (ALPHATUNE_KERNEL, min_parallel_work or None for the kernel's own)

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import CpuWatch, environment, save_watched_results
+from common import DECODE_Q3_BASE, CpuWatch, environment, save_watched_results
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "table_precision.json"
-DEFAULT_BASE = Path.home() / ".cache/alphatune/bench/decode/smollm2-q3-compact"
+DEFAULT_BASE = DECODE_Q3_BASE
 KERNELS = ("avx2", "avx2-int8")
 
 

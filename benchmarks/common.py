@@ -30,6 +30,9 @@ import torch
 
 from alphatune.experiments.spec import cpu_model
 
+# The default 3-bit SmolLM2 base (compact embedding/head) that bench_decode.py quantizes and saves
+# on its first run; the decode studies beside it (bench_decode_limits, bench_table_precision) use it.
+DECODE_Q3_BASE = Path.home() / ".cache/alphatune/bench/decode/smollm2-q3-compact"
 BUSY_SHARE = 0.1  # other processes used more than a tenth of the CPUs: timings not representative
 
 
