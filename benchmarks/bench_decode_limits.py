@@ -81,6 +81,7 @@ def layer_traffic(n_layers: int) -> list[dict[str, Any]]:
                 None,
                 group,
                 kernel.module.ROWS,
+                kernel.module.SCALES_LAYOUT,
             )
         )
     layer_bytes = sum(a.nbytes for a in (layers[0].codes, layers[0].first, layers[0].rest))

@@ -634,6 +634,10 @@ def _load_into(
         # Tied names get the very same tensor, so they stay tied after assignment.
         if id(source) not in converted:
             converted[id(source)] = source.to(target.dtype)
+            if converted[id(source)] is not source:
+                # Read once (hashed, converted) and dead from now on: out before the table
+                # settles below, which is when loading holds the most (~6 MiB of fp16 scales).
+                page_out(source)
         loaded[name] = converted[id(source)]
     # assign: the model takes the loaded tensors (its parameters may be on the meta device).
     model.load_state_dict(loaded, strict=True, assign=True)
@@ -643,9 +647,10 @@ def _load_into(
 
 def _page_out_unheld(model: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Page out the file's tensors that the model does not hold as they are: those converted to
-    another dtype (fp16 scales), and the planes a table turned into its byte form (already paged
-    out chunk by chunk as it settled; advising them again is one cheap call). Their pages in the
-    mapped file were read once (hashed, converted) and are dead from now on."""
+    another dtype (fp16 scales, already paged out as they were converted), and the planes a table
+    turned into its byte form (already paged out chunk by chunk as it settled). Advising them
+    again is one cheap call, and covers any other tensor the model did not take. Their pages in
+    the mapped file were read once (hashed, converted) and are dead from now on."""
     held = {t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
     for source in tensors.values():
         if source.data_ptr() not in held:

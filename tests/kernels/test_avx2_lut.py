@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,6 +261,25 @@ def test_inconsistent_arguments_are_config_errors() -> None:
     scales = avx2_lut.prepare_scales(alpha[:1], alpha[1:])
     with pytest.raises(ConfigError, match="blocks of 16 rows"):
         avx2_lut.lut_matmul(x, other, scales, offset, None, g)
+
+
+@needs_avx2
+def test_scales_are_read_in_place_unless_rows_need_padding() -> None:
+    """The kernel reads the layer's own α (no copy) when ``out`` fills whole 32-row blocks; else
+    a copy padded with zero rows. Scales in the AVX-512 layout are refused."""
+    alpha = torch.rand(3, 64, 4)
+    scales = avx2_lut.prepare_scales(alpha[:1], alpha[1:])
+    assert scales.first.ctypes.data == alpha.data_ptr()
+    assert scales.rest.ctypes.data == alpha[1:].data_ptr()
+    odd = torch.rand(3, 40, 4)
+    padded = avx2_lut.prepare_scales(odd[:1], odd[1:])
+    assert padded.rest.shape == (2, 64, 4) and not np.shares_memory(padded.rest, odd.numpy())
+    assert np.array_equal(padded.rest[:, :40], odd[1:].numpy()) and not padded.rest[:, 40:].any()
+    packed, alpha, offset, g = _quantized(64, 256, 32, 3, with_offset=True)
+    codes = avx2_lut.prepare_codes(packed, 256)
+    rows_inner = avx512_lut.prepare_scales(alpha[:1], alpha[1:])
+    with pytest.raises(ConfigError, match="layer-order"):
+        avx2_lut.lut_matmul(torch.randn(1, 256), codes, rows_inner, offset, None, g)
 
 
 def test_missing_numba_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,7 +146,7 @@ class Engine:
         cos, sin = rotary
         args = (
             self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
-            w.norms, w.final_norm, w.codes, w.first, w.rest, w.offsets, w.biases, w.ints,
+            w.norms, w.final_norm, w.codes, w.biases, w.ints,
             np.float32(self.spec.eps), self.spec.n_heads, self.quantized_tables, threads,
             self.min_parallel_work, self.min_parallel_attention,
         )  # fmt: skip

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 try:
-    from numba import njit, prange, types
-    from numba.extending import overload
+    from numba import carray, njit, prange, types
+    from numba.extending import intrinsic, overload
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # numba is an optional dependency (extra "fast")
@@ -44,7 +44,10 @@ PROJECTIONS = (
 )
 
 # Columns of the per-projection integer table (``ints``): the kernel's scalars, then where each
-# operand starts in its flat buffer and its shape. Flat buffers, not numba typed lists: a typed
+# operand is. Codes and biases start at an offset in the engine's flat buffers; the scales and the
+# offset are at a memory address (``*_ADDRESS``), as the kernel may read them where the layer keeps
+# them (``lut_common.scales_in_layer_order``), with the last two dimensions of the scale arrays
+# (``SCALE_DIM_*``: the kernel's layout). Offsets and addresses, not numba typed lists: a typed
 # list costs seconds of compilation in every new process, and a tuple of arrays one compilation
 # per model depth.
 (
@@ -61,13 +64,15 @@ PROJECTIONS = (
     N_BYTES,
     ROWS,
     N_SETS,
+    SCALE_DIM_1,  # the scale arrays' last two dimensions (the kernel's layout)
+    SCALE_DIM_2,
     CODES_AT,
-    FIRST_AT,
-    REST_AT,
-    OFFSET_AT,
+    FIRST_ADDRESS,
+    REST_ADDRESS,
+    OFFSET_ADDRESS,
     BIAS_AT,
-) = range(18)
-INT_COLUMNS = 18
+) = range(20)
+INT_COLUMNS = 20
 
 # Reassociation lets LLVM vectorise the reductions; no assumption about NaN or inf is made.
 _FAST = {"reassoc", "contract", "arcp"}
@@ -117,6 +122,16 @@ if _IMPORT_ERROR is None:
             )  # fmt: skip
 
         return call2
+
+    @intrinsic
+    def _float32_pointer(typingctx, address):  # pragma: no cover - numba
+        """The float32 array at memory ``address`` (an int64 from ``ndarray.ctypes.data``)."""
+        sig = types.CPointer(types.float32)(address)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
 
     @njit(cache=True, fastmath=_FAST)
     def rms_norm(x, weight, eps, out):  # pragma: no cover - numba
@@ -208,32 +223,23 @@ if _IMPORT_ERROR is None:
 
     @njit(cache=True)
     def _project(
-        tag, x, index, codes, first, rest, offsets, biases, ints, sets, no_sets, quantized,
-        threads, min_parallel_work,
+        tag, x, index, codes, biases, ints, sets, no_sets, quantized, threads,
+        min_parallel_work,
     ):  # pragma: no cover - numba  # fmt: skip
         """Projection ``index`` (block·7 + position in ``PROJECTIONS``) of x: (N, out) float32."""
         row = ints[index]
         parallel = threads > 1 and row[WORK] * x.shape[0] >= min_parallel_work
         token_sets = sets if row[BANKED] else no_sets
         bits, blocks, n_groups, out = row[BITS], row[BLOCKS], row[N_GROUPS], row[OUT_FEATURES]
-        padded = blocks * row[ROWS]
         at = row[CODES_AT]
         layer_codes = codes[at : at + bits * blocks * row[N_BYTES] * row[ROWS]].reshape(
             (bits, blocks, row[N_BYTES], row[ROWS])
         )
-        at = row[FIRST_AT]
-        layer_first = first[at : at + row[N_SETS] * n_groups * padded].reshape(
-            (row[N_SETS], n_groups, padded)
-        )
-        at = row[REST_AT]
-        layer_rest = rest[at : at + (bits - 1) * n_groups * padded].reshape(
-            (bits - 1, n_groups, padded)
-        )
-        at = row[OFFSET_AT]
-        if row[WITH_OFFSET]:
-            layer_offset = offsets[at : at + out * n_groups].reshape((out, n_groups))
-        else:
-            layer_offset = offsets[at : at + 1].reshape((1, 1))
+        dims = (row[SCALE_DIM_1], row[SCALE_DIM_2])
+        layer_first = carray(_float32_pointer(row[FIRST_ADDRESS]), (row[N_SETS], *dims))
+        layer_rest = carray(_float32_pointer(row[REST_ADDRESS]), (bits - 1, *dims))
+        offset_shape = (out, n_groups) if row[WITH_OFFSET] else (1, 1)
+        layer_offset = carray(_float32_pointer(row[OFFSET_ADDRESS]), offset_shape)
         y = _lut_matvec(
             tag, x, row[GROUP_SIZE], layer_codes, layer_first, layer_rest, token_sets,
             layer_offset, row[WITH_OFFSET] != 0, n_groups, row[BYTES_PER_GROUP], quantized,
@@ -252,7 +258,7 @@ if _IMPORT_ERROR is None:
     @njit(cache=True)
     def forward_tokens(
         tag, hidden, rows, positions, sets, cache_k, cache_v, cos, sin, norms, final_norm,
-        codes, first, rest, offsets, biases, ints, eps, n_heads, quantized, threads,
+        codes, biases, ints, eps, n_heads, quantized, threads,
         min_parallel_work, min_parallel_attention,
     ):  # pragma: no cover - numba  # fmt: skip
         """Every block for N tokens; returns the final-normed hidden states (N, H).
@@ -261,9 +267,10 @@ if _IMPORT_ERROR is None:
         belongs to cache row ``rows[n]`` at ``positions[n]`` and uses scale set ``sets[n]`` in
         banked projections. cache_k / cache_v: (L, rows, kv heads, max_len, d). cos / sin:
         (max_len, d). norms: (L, 2, H), the input and post-attention RMSNorm weights.
-        codes / first / rest / offsets / biases: flat buffers (uint8, float32) holding every
-        projection's operands; ints: (L·7, INT_COLUMNS) int64, per projection (block·7 + index
-        in ``PROJECTIONS``) its scalars and where its operands are. ``threads`` > 1 lets layers
+        codes / biases: flat buffers (uint8, float32) holding every projection's codes in the
+        kernel's layout and biases; ints: (L·7, INT_COLUMNS) int64, per projection (block·7 +
+        index in ``PROJECTIONS``) its scalars and where its operands are (the scales and offset
+        by address: the caller keeps those arrays alive). ``threads`` > 1 lets layers
         of at least ``min_parallel_work`` code bits × tokens, and attention of at least
         ``min_parallel_attention`` cached positions × heads, run on numba's threads.
         """
@@ -281,11 +288,11 @@ if _IMPORT_ERROR is None:
         for layer in range(n_layers):
             base = 7 * layer
             rms_norm(hidden, norms[layer, 0], eps, normed)
-            q = _project(tag, normed, base, codes, first, rest, offsets, biases, ints, sets,
+            q = _project(tag, normed, base, codes, biases, ints, sets,
                          no_sets, quantized, threads, min_parallel_work)  # fmt: skip
-            k = _project(tag, normed, base + 1, codes, first, rest, offsets, biases, ints, sets,
+            k = _project(tag, normed, base + 1, codes, biases, ints, sets,
                          no_sets, quantized, threads, min_parallel_work)  # fmt: skip
-            v = _project(tag, normed, base + 2, codes, first, rest, offsets, biases, ints, sets,
+            v = _project(tag, normed, base + 2, codes, biases, ints, sets,
                          no_sets, quantized, threads, min_parallel_work)  # fmt: skip
             rotate(q, n_heads, head_dim, positions, cos, sin)
             rotate(k, n_kv, head_dim, positions, cos, sin)
@@ -300,20 +307,20 @@ if _IMPORT_ERROR is None:
                                 attention)  # fmt: skip
             else:
                 attend(q, cache_k, cache_v, layer, rows, positions, n_heads, scale, attention)
-            o = _project(tag, attention, base + 3, codes, first, rest, offsets, biases, ints,
+            o = _project(tag, attention, base + 3, codes, biases, ints,
                          sets, no_sets, quantized, threads, min_parallel_work)  # fmt: skip
             hidden += o
             rms_norm(hidden, norms[layer, 1], eps, normed)
-            gate = _project(tag, normed, base + 4, codes, first, rest, offsets, biases, ints,
+            gate = _project(tag, normed, base + 4, codes, biases, ints,
                             sets, no_sets, quantized, threads, min_parallel_work)  # fmt: skip
-            up = _project(tag, normed, base + 5, codes, first, rest, offsets, biases, ints, sets,
+            up = _project(tag, normed, base + 5, codes, biases, ints, sets,
                           no_sets, quantized, threads, min_parallel_work)  # fmt: skip
             # SiLU-gated MLP: silu(g) · u, with silu(g) = g / (1 + e^-g).
             for n in range(n_tokens):
                 for i in range(gate.shape[1]):
                     g = gate[n, i]
                     gate[n, i] = g / (np.float32(1.0) + np.exp(-g)) * up[n, i]
-            down = _project(tag, gate, base + 6, codes, first, rest, offsets, biases, ints, sets,
+            down = _project(tag, gate, base + 6, codes, biases, ints, sets,
                             no_sets, quantized, threads, min_parallel_work)  # fmt: skip
             hidden += down
         rms_norm(hidden, final_norm, eps, normed)

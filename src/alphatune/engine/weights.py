@@ -1,10 +1,15 @@
-"""The blocks' weights in the form the numba step reads: flat buffers of the kernel's operands.
+"""The blocks' weights in the form the numba step reads: the kernel's operands of every projection.
 
-Every projection's codes (in the kernel's layout), scales, offset and bias are laid end to end in
-one buffer per kind; ``ints`` says where each starts and its shape (``native``'s columns). The
-engine owns this copy: codes are prepared per layer and copied in, nothing is kept in the layers,
-and a layer's stored codes, when they are a view of the file the base was loaded from, are paged
-out (``memory.page_out``).
+Codes (in the kernel's layout) and biases are laid end to end in one flat buffer per kind, which
+the engine owns: codes are prepared per layer and copied in, nothing is kept in the layers, and a
+layer's stored codes, when they are a view of the file the base was loaded from, are paged out
+(``memory.page_out``), so decode holds one copy of the codes.
+Scales and offsets are passed by address (``ints`` says where every operand is and its shape,
+``native``'s columns). A kernel that reads scales in the layers' own order (AVX2) reads the
+layer's tensors in place, so decode holds one copy of the scales too; the engine keeps every such
+array alive (``NativeWeights.held``) and reads what the layer holds at each call (an edit in place
+shows; a replaced tensor does not: build again). Other layouts, and scales the layer computes
+(a trainable multiplier on α₁), are the engine's own arrays.
 Scales are the layer's own α, or, for a mixed batch, every adapter's α₁ from the bank
 (``alphatune.mixed``) as the kernel's scale sets.
 """
@@ -30,17 +35,16 @@ class NativeWeights:
     """Operands of ``native.forward_tokens`` for every projection (block·7 + index)."""
 
     codes: np.ndarray  # flat uint8
-    first: np.ndarray  # flat float32
-    rest: np.ndarray
-    offsets: np.ndarray
-    biases: np.ndarray
+    biases: np.ndarray  # flat float32
+    held: list[np.ndarray]  # every array whose address ``ints`` holds (kept alive here)
     ints: np.ndarray  # (L·7, native.INT_COLUMNS) int64
     norms: np.ndarray  # (L, 2, H) float32
     final_norm: np.ndarray  # (H,) float32
     banked: bool  # some projection holds an adapter bank (scale sets per token)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.codes, self.first, self.rest, self.offsets, self.biases))
+        """Bytes of every operand the kernel reads (scales shared with the layers included)."""
+        return self.codes.nbytes + self.biases.nbytes + sum(a.nbytes for a in self.held)
 
 
 class _FlatBuffer:
@@ -62,20 +66,21 @@ class _FlatBuffer:
         return at
 
 
-def _sizes(layers: list[tuple[BCQLinear, bool]], rows: int) -> tuple[int, ...]:
-    """Elements of codes, α₁ sets, other scales, offsets and biases over ``(layer, banked)``."""
-    totals = [0] * 5
-    for layer, banked in layers:
+def _sizes(layers: list[BCQLinear], rows: int) -> tuple[int, int]:
+    """Elements of the codes (in ``rows``-row blocks) and of the biases of ``layers``."""
+    codes = biases = 0
+    for layer in layers:
         bits, out, n_bytes = layer.packed_codes.shape
-        padded = -(-out // rows) * rows
-        groups = layer.in_features // layer.group_size
-        sets = layer.alpha1_bank.shape[0] if banked else 1  # type: ignore[union-attr]
-        totals[0] += bits * padded * n_bytes
-        totals[1] += sets * groups * padded
-        totals[2] += (bits - 1) * groups * padded
-        totals[3] += 1 if layer.offset is None else out * groups
-        totals[4] += 0 if layer.bias is None else out
-    return tuple(totals)
+        codes += bits * -(-out // rows) * rows * n_bytes
+        biases += 0 if layer.bias is None else out
+    return codes, biases
+
+
+def _address(array: np.ndarray, held: list[np.ndarray]) -> int:
+    """Where ``array`` (C-contiguous) is in memory; it is kept alive in ``held``."""
+    assert array.flags.c_contiguous
+    held.append(array)
+    return int(array.ctypes.data)
 
 
 def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights:
@@ -91,9 +96,9 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
             layer = block.get_submodule(name)
             assert isinstance(layer, BCQLinear)  # checked by spec.describe
             layers.append((layer, use_bank and layer.alpha1_bank is not None))
-    sizes = _sizes(layers, rows)
-    codes = _FlatBuffer(sizes[0], np.uint8)
-    first, rest, offsets, biases = (_FlatBuffer(n, np.float32) for n in sizes[1:])
+    code_size, bias_size = _sizes([layer for layer, _ in layers], rows)
+    codes, biases = _FlatBuffer(code_size, np.uint8), _FlatBuffer(bias_size, np.float32)
+    held: list[np.ndarray] = []
     ints = np.zeros((len(layers), native.INT_COLUMNS), np.int64)
     banked_any = False
     with torch.no_grad():
@@ -112,14 +117,15 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
                 operands.codes.shape
             )
             row[native.N_SETS] = operands.first.shape[0]
+            row[native.SCALE_DIM_1], row[native.SCALE_DIM_2] = operands.first.shape[1:]
             row[native.CODES_AT] = codes.put(operands.codes)
             # The layer's own codes are now read only off the decode path (the transformers
             # forward, saving, hashing): where they are a view of the loaded file, their pages
             # leave memory until then, so that decode holds one copy of the codes, not two.
             page_out(layer.packed_codes)
-            row[native.FIRST_AT] = first.put(operands.first)
-            row[native.REST_AT] = rest.put(operands.rest)
-            row[native.OFFSET_AT] = offsets.put(operands.offset)
+            row[native.FIRST_ADDRESS] = _address(operands.first, held)
+            row[native.REST_ADDRESS] = _address(operands.rest, held)
+            row[native.OFFSET_ADDRESS] = _address(operands.offset, held)
             if layer.bias is not None:
                 row[native.BIAS_AT] = biases.put(layer.bias.detach().float().numpy())
             banked_any |= banked
@@ -136,11 +142,8 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
         raise UnsupportedModelError(
             f"norm weights of width {norms.shape[-1]}, hidden {spec.hidden}"
         )
-    assert all(b.used == n for b, n in zip((codes, first, rest, offsets, biases), sizes))
-    return NativeWeights(
-        codes.array, first.array, rest.array, offsets.array, biases.array, ints, norms,
-        final_norm, banked_any,
-    )  # fmt: skip
+    assert codes.used == code_size and biases.used == bias_size
+    return NativeWeights(codes.array, biases.array, held, ints, norms, final_norm, banked_any)
 
 
 def _layer_operands(
@@ -158,7 +161,9 @@ def _layer_operands(
     else:
         first_sets = layer.effective_alpha1().detach().float()[None]  # (1, out, G)
     scales = kernel.module.prepare_scales(first_sets, alpha_rest)
-    return lut_common.layer_operands(prepared, scales, layer.offset, layer.group_size, rows)
+    return lut_common.layer_operands(
+        prepared, scales, layer.offset, layer.group_size, rows, kernel.module.SCALES_LAYOUT
+    )
 
 
 def _norm_weight(norm: torch.nn.Module) -> np.ndarray:

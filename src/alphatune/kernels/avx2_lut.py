@@ -28,10 +28,15 @@ table of inputs 8k..8k+3, its high nibble that of 8k+4..8k+7), with 256-bit regi
 
 Layout (``prepare_*``, shared through ``lut_common``): codes ``(q, ceil(out/32), ceil(in/8), 32)``
 uint8, the byte columns of 32 consecutive rows contiguous (one ``vpshufb`` operand, or four
-8-row float vectors); scales float32 ``(S, G, out)`` for α₁ (``S`` scale sets: one, or one per
-adapter in a mixed-task batch) and ``(q-1, G, out)`` for the other planes, rows padded to a
-multiple of 32 with zero codes and zero scales. Groups must not split a code byte
-(``group_size % 8 == 0``, or one group per row).
+8-row float vectors), rows padded to a multiple of 32 with zero codes. Scales stay in the layers'
+own order, float32 ``(S, out, G)`` for α₁ (``S`` scale sets: one, or one per adapter in a
+mixed-task batch) and ``(q-1, out, G)`` for the other planes: both loops sum a group's lookups
+per plane before scaling, so the 32 scalar loads that gather a group's scales (stride G) come
+once per group and plane (on SmolLM2 a group is 18 code bytes: 72 code loads and 144 lookups per
+plane), and a decoder or the engine reads the layer's tensors in place instead of holding a
+second copy (rows are padded with zero scales only when ``out`` is not a multiple of
+32: then it is a copy). Groups must not split a code byte (``group_size % 8 == 0``, or one group
+per row).
 
 The vector code is LLVM IR emitted through a numba intrinsic: it needs AVX2 and FMA
 (``available()``). The result comes back in x's dtype. No autograd.
@@ -78,6 +83,7 @@ __all__ = [
 ]
 
 ROWS = 32  # rows per block: one byte each in a 256-bit register, or four 8-lane float vectors
+SCALES_LAYOUT = lut_common.LAYER_ORDER  # how prepare_scales lays them out
 LANES = 8  # float32 lanes in a 256-bit register
 CHUNK_BYTES = 128  # int8 tables: code bytes per table scale at most (int16 sums stay < 2^15)
 TABLE_DTYPES = (torch.float32, torch.int8)
@@ -149,27 +155,29 @@ if _IMPORT_ERROR is None:
         alpha: Any,
         alpha_base: Any,
         alpha_plane_stride: Any,
-        alpha_group_stride: Any,
+        alpha_row_stride: Any,
         n_planes: Any,
         n_groups: Any,
         bytes_per_group: Any,
         y: Any,
         y_base: Any,
     ) -> Any:
-        """32 rows of one token: ``y[y_base:+32] = Σ_g Σ_i α · (table_lo[lo] + table_hi[hi])``.
+        """32 rows of one token: ``y[y_base:+32] = Σ_g Σ_i α · Σ_k (table_lo[lo] + table_hi[hi])``.
 
         The tables' dtype picks the loop: float32 (``vpermps``) or int8 (``vpshufb``, with
         ``chunk_scales[chunk_base + chunk]`` the scale of each chunk of a group's bytes). All
         arrays are flat and C-contiguous; the ``*_base`` / ``*_stride`` arguments are element
         offsets. Codes of plane i, byte k: ``codes[code_base + i*code_plane_stride + 32k : +32]``;
-        tables of byte k: ``tables[table_base + 32k : +32]`` (low-nibble table, then high);
-        α of plane i, group g: ``first[first_base + g*alpha_group_stride : +32]`` for plane 0
-        (α₁, per scale set) and ``alpha[alpha_base + (i-1)*alpha_plane_stride +
-        g*alpha_group_stride : +32]`` for i >= 1.
+        tables of byte k: ``tables[table_base + 32k : +32]`` (low-nibble table, then high).
+        Scales in the layers' own order (``lut_common.LAYER_ORDER``): α of plane i, group g, the
+        block's row r is ``first[first_base + r*alpha_row_stride + g]`` for plane 0 (α₁, per
+        scale set) and ``alpha[alpha_base + (i-1)*alpha_plane_stride + r*alpha_row_stride + g]``
+        for i >= 1. Both loops apply a group's scales once per plane (after summing its bytes, or
+        a chunk of them), so the 32 scalar loads that gather them cost little.
         """
         sig = types.void(
             tables, table_base, chunk_scales, chunk_base, codes, code_base, code_plane_stride,
-            first, first_base, alpha, alpha_base, alpha_plane_stride, alpha_group_stride,
+            first, first_base, alpha, alpha_base, alpha_plane_stride, alpha_row_stride,
             n_planes, n_groups, bytes_per_group, y, y_base,
         )  # fmt: skip
         quantized = tables.dtype == types.int8
@@ -185,7 +193,7 @@ if _IMPORT_ERROR is None:
                 return builder.sext(value, intp) if value.type.width < intp.width else value
 
             (table_base, chunk_base, code_base, code_plane_stride, first_base, alpha_base,
-             alpha_plane_stride, alpha_group_stride, n_planes, n_groups, bytes_per_group,
+             alpha_plane_stride, alpha_row_stride, n_planes, n_groups, bytes_per_group,
              y_base) = (
                 as_intp(args[i]) for i in (1, 3, 5, 6, 8, 10, 11, 12, 13, 14, 15, 17)
             )  # fmt: skip
@@ -204,21 +212,25 @@ if _IMPORT_ERROR is None:
             def scale_address(plane: Any, g: Any) -> Any:
                 # Plane 0 (α₁) from its scale set, the other planes from the shared scales:
                 # a mixed-task batch reads every set's α₁ but the rest only once.
-                group_offset = builder.mul(g, alpha_group_stride)
                 rest_index = builder.add(
                     builder.add(
                         alpha_base, builder.mul(builder.sub(plane, const(1)), alpha_plane_stride)
                     ),
-                    group_offset,
+                    g,
                 )
-                first_address = builder.gep(first_ptr, [builder.add(first_base, group_offset)])
+                first_address = builder.gep(first_ptr, [builder.add(first_base, g)])
                 rest_address = builder.gep(alpha_ptr, [rest_index])
                 is_first = builder.icmp_unsigned("==", plane, const(0))
                 return builder.select(is_first, first_address, rest_address)
 
             def scale_vector(address: Any, part: int) -> Any:
-                pointer = builder.gep(address, [const(LANES * part)])
-                return builder.load(builder.bitcast(pointer, _VEC.as_pointer()), align=1)
+                # Rows 8·part .. 8·part+7 of the block, one scalar load each (row stride G).
+                vector = ir.Constant(_VEC, None)
+                for lane in range(LANES):
+                    row = builder.mul(const(LANES * part + lane), alpha_row_stride)
+                    value = builder.load(builder.gep(address, [row]))
+                    vector = builder.insert_element(vector, value, ir.Constant(_I32, lane))
+                return vector
 
             # One accumulator per 8 rows; allocas in the entry block become registers.
             sums = [cgutils.alloca_once(builder, _VEC) for _ in range(ROWS // LANES)]
@@ -270,29 +282,36 @@ if _IMPORT_ERROR is None:
             value = builder.bitcast(builder.call(permute, [table, index]), _IVEC)
             return builder.bitcast(builder.xor(value, builder.and_(sign_bits, sign_bit)), _VEC)
 
+        # A group's lookups summed per plane (one accumulator per 8 rows), then scaled once.
+        partials = [cgutils.alloca_once(builder, _VEC) for _ in sums]
         with cgutils.for_range(builder, n_groups) as group_loop:
             g = group_loop.index
-            with cgutils.for_range(builder, bytes_per_group) as byte_loop:
-                k = builder.add(builder.mul(g, bytes_per_group), byte_loop.index)
-                table = builder.add(table_base, builder.mul(k, const(32)))
-                low_table = load(tables_ptr, table, _VEC)  # entries 0-7 of the low table
-                high_table = load(tables_ptr, builder.add(table, const(16)), _VEC)
-                with cgutils.for_range(builder, n_planes) as plane_loop:
-                    plane = plane_loop.index
-                    code_index = builder.add(
-                        builder.add(code_base, builder.mul(plane, code_plane_stride)),
-                        builder.mul(k, const(ROWS)),
-                    )
-                    address = scale_address(plane, g)
-                    for part, total in enumerate(sums):
+            with cgutils.for_range(builder, n_planes) as plane_loop:
+                plane = plane_loop.index
+                for partial in partials:
+                    builder.store(ir.Constant(_VEC, None), partial)
+                plane_codes = builder.add(code_base, builder.mul(plane, code_plane_stride))
+                with cgutils.for_range(builder, bytes_per_group) as byte_loop:
+                    k = builder.add(builder.mul(g, bytes_per_group), byte_loop.index)
+                    table = builder.add(table_base, builder.mul(k, const(32)))
+                    low_table = load(tables_ptr, table, _VEC)  # entries 0-7 of the low table
+                    high_table = load(tables_ptr, builder.add(table, const(16)), _VEC)
+                    code_index = builder.add(plane_codes, builder.mul(k, const(ROWS)))
+                    for part, partial in enumerate(partials):
                         at = builder.add(code_index, const(LANES * part))
                         # Sign-extended: bit 7 (the high nibble's bit 3) is the sign bit.
                         index = builder.sext(load(codes_ptr, at, _CODES8), _IVEC)
                         low = lookup(low_table, index, builder.shl(index, low_sign_shift))
                         high = lookup(high_table, builder.lshr(index, nibble_shift), index)
                         both = builder.fadd(low, high)
-                        scale = scale_vector(address, part)
-                        builder.store(builder.call(fma, [scale, both, builder.load(total)]), total)
+                        builder.store(builder.fadd(builder.load(partial), both), partial)
+                address = scale_address(plane, g)
+                for part, (partial, total) in enumerate(zip(partials, sums, strict=True)):
+                    scale = scale_vector(address, part)
+                    builder.store(
+                        builder.call(fma, [scale, builder.load(partial), builder.load(total)]),
+                        total,
+                    )
 
     def _int8_loop(
         builder: Any,
@@ -440,7 +459,8 @@ if _IMPORT_ERROR is None:
         scales_width = chunk_scales.shape[1]
         bits, n_blocks, n_bytes, _ = codes.shape
         out = n_blocks * ROWS
-        plane_width = n_groups * out
+        plane_width = n_groups * out  # scales of one plane or set: (padded out, G)
+        block_width = n_groups * ROWS
         flat_tables, flat_chunk_scales, flat_codes, flat_first, flat_rest, flat_y = (
             tables.reshape(-1),
             chunk_scales.reshape(-1),
@@ -454,8 +474,8 @@ if _IMPORT_ERROR is None:
                 _row_block_dot(
                     flat_tables, t * table_width, flat_chunk_scales, t * scales_width,
                     flat_codes, block * n_bytes * ROWS, n_blocks * n_bytes * ROWS,
-                    flat_first, token_set[t] * plane_width + block * ROWS,
-                    flat_rest, block * ROWS, plane_width, out,
+                    flat_first, token_set[t] * plane_width + block * block_width,
+                    flat_rest, block * block_width, plane_width, n_groups,
                     bits, n_groups, bytes_per_group,
                     flat_y, t * out + block * ROWS,
                 )  # fmt: skip
@@ -534,7 +554,6 @@ if _IMPORT_ERROR is None:
             add_offset(y, offset, group_sums)
         return y
 
-
     # The njit core, public for native callers (``alphatune.engine`` calls it from its own numba
     # step, with no Python between layers): ``decode_native(x (T, in) float32 C, group_size,
     # codes, first, rest, token_set (T,) int64, offset, with_offset, n_groups, bytes_per_group,
@@ -564,8 +583,9 @@ def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
 
 
 def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:
-    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in the kernel's layout."""
-    return lut_common.prepare_scales(first_sets, rest, ROWS)
+    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in the kernel's layout: the
+    layers' own order, views of the tensors when no row padding is needed (no copy)."""
+    return lut_common.scales_in_layer_order(first_sets, rest, ROWS)
 
 
 def decoder(
@@ -583,7 +603,7 @@ def decoder(
     _require()
     if table_dtype not in TABLE_DTYPES:
         raise ConfigError(f"table_dtype must be torch.float32 or torch.int8, got {table_dtype}")
-    layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS)
+    layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS, SCALES_LAYOUT)
     quantized = table_dtype == torch.int8
 
     def decode(x: Tensor, token_set: Tensor | None = None) -> Tensor:

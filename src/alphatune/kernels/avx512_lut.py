@@ -73,6 +73,7 @@ __all__ = [
 ]
 
 ROWS = 16  # rows per vector: one float32 lane each in a 512-bit register
+SCALES_LAYOUT = lut_common.ROWS_INNER  # how prepare_scales lays them out
 _ROW_BLOCKS_PER_TASK = 8  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
 MIN_PARALLEL_WORK = _MIN_PARALLEL_WORK  # public: native callers (alphatune.engine) pick threads
@@ -316,7 +317,6 @@ if _IMPORT_ERROR is None:
             add_offset(y, offset, group_sums)
         return y
 
-
     # The njit core, public for native callers (``alphatune.engine``): ``decode_native(x (T, in)
     # float32 C, group_size, codes, first, rest, token_set (T,) int64, offset, with_offset,
     # n_groups, bytes_per_group, parallel) -> y (T, padded out)``; same function as ``decoder``.
@@ -343,7 +343,7 @@ def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
 
 def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:
     """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in the kernel's layout."""
-    return lut_common.prepare_scales(first_sets, rest, ROWS)
+    return lut_common.scales_rows_inner(first_sets, rest, ROWS)
 
 
 def decoder(
@@ -358,7 +358,7 @@ def decoder(
     only converts x and runs the kernel.
     """
     _require()
-    layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS)
+    layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS, SCALES_LAYOUT)
 
     def decode(x: Tensor, token_set: Tensor | None = None) -> Tensor:
         x_np, sets = lut_common.token_operands(x, token_set, layer)

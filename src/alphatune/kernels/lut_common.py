@@ -3,9 +3,13 @@
 Every ISA module (``avx512_lut``, ``avx2_lut``) owns its vector loop and its numba drivers; this
 module owns everything around them, so the kernels agree on layout and contract:
 
-- ``prepare_codes`` / ``prepare_scales``: the codes and scales of a layer reordered so that the code
-  bytes (and the scales) of ``rows`` consecutive rows are contiguous, rows padded with zero codes
-  and zero scales to a multiple of ``rows`` (16 for AVX-512, 32 for AVX2);
+- ``prepare_codes``: the codes of a layer reordered so that the code bytes of ``rows`` consecutive
+  rows are contiguous, rows padded with zero codes to a multiple of ``rows`` (16 for AVX-512, 32
+  for AVX2);
+- ``scales_rows_inner`` / ``scales_in_layer_order``: the scales in one of the two layouts the
+  kernels read (``PreparedScales``): rows contiguous (AVX-512 loads 16 rows' scales at once), or
+  the layers' own order, read in place without a copy (AVX2 applies a group's scales once per
+  plane, so it can afford gathering them);
 - ``build_tables``: for every 4 activations of a token, the 16 signed partial sums
   ``table[j, m] = Σ_b (bit b of m ? +x[4j+b] : -x[4j+b])`` (T-MAC's tables); activations past
   ``in_features`` count as 0, so the padding bits of a partial last code byte add nothing;
@@ -50,16 +54,28 @@ class PreparedCodes:
     in_features: int
 
 
+# The two layouts of ``PreparedScales``: the last two dimensions of ``first`` and ``rest``.
+ROWS_INNER = "rows-inner"  # (G, padded out): a row block's scales of one group are contiguous
+LAYER_ORDER = "layer-order"  # (padded out, G): the layers' own order (BCQLinear's α)
+
+
 @dataclass(frozen=True)
 class PreparedScales:
-    """Scales in a kernel's layout, rows contiguous and padded to a multiple of the row block.
+    """Scales in a kernel's layout, rows padded with zero scales to a multiple of the row block.
 
-    ``first``: ``(S, G, out)``, α₁ of each scale set (one set, or one per adapter); ``rest``:
-    ``(q-1, G, out)``, the other planes' scales, shared by every set.
+    ``first``: α₁ of each scale set (one set, or one per adapter), ``(S, G, out)`` or
+    ``(S, out, G)`` by ``layout``; ``rest``: the other planes' scales, shared by every set,
+    ``(q-1, G, out)`` or ``(q-1, out, G)``. In ``LAYER_ORDER`` they may be views of the layer's
+    own tensors (``scales_in_layer_order``): whoever holds them reads the layer's current values.
     """
 
     first: np.ndarray
     rest: np.ndarray
+    layout: str = ROWS_INNER
+
+    def shape_for(self, sets: int, out: int, groups: int) -> tuple[int, int, int]:
+        """The shape ``first`` (``sets`` = S) or ``rest`` (``sets`` = q-1) must have."""
+        return (sets, groups, out) if self.layout == ROWS_INNER else (sets, out, groups)
 
 
 def prepare_codes(packed: Tensor, in_features: int, rows: int) -> PreparedCodes:
@@ -90,9 +106,31 @@ def _rows_contiguous(scales: Tensor, rows: int) -> np.ndarray:
     return result.numpy()
 
 
-def prepare_scales(first_sets: Tensor, rest: Tensor, rows: int) -> PreparedScales:
-    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` in a kernel's layout."""
-    return PreparedScales(_rows_contiguous(first_sets, rows), _rows_contiguous(rest, rows))
+def _in_layer_order(scales: Tensor, rows: int) -> np.ndarray:
+    """``(..., out, G)`` -> ``(..., padded out, G)`` float32: a view of ``scales`` when it is a
+    float32 C-contiguous CPU tensor of whole row blocks, else a (padded) copy."""
+    *lead, out, groups = scales.shape
+    padded = -(-out // rows) * rows
+    if padded == out and scales.device.type == "cpu":
+        return _float32_numpy(scales)
+    result = torch.zeros(*lead, padded, groups, dtype=torch.float32)
+    result[..., :out, :] = scales.detach().cpu().to(torch.float32)
+    return result.numpy()
+
+
+def scales_rows_inner(first_sets: Tensor, rest: Tensor, rows: int) -> PreparedScales:
+    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)``, rows contiguous (a copy)."""
+    return PreparedScales(
+        _rows_contiguous(first_sets, rows), _rows_contiguous(rest, rows), ROWS_INNER
+    )
+
+
+def scales_in_layer_order(first_sets: Tensor, rest: Tensor, rows: int) -> PreparedScales:
+    """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` as they are: views of the
+    tensors (no copy) when they are float32, contiguous and ``out`` is a multiple of ``rows``."""
+    return PreparedScales(
+        _in_layer_order(first_sets, rows), _in_layer_order(rest, rows), LAYER_ORDER
+    )
 
 
 @dataclass(frozen=True)
@@ -100,8 +138,8 @@ class LayerOperands:
     """What a kernel's numba entry takes of a layer, checked once (``layer_operands``)."""
 
     codes: np.ndarray  # (q, blocks, ceil(in/8), rows) uint8
-    first: np.ndarray  # (S, G, padded out) float32
-    rest: np.ndarray  # (q-1, G, padded out) float32
+    first: np.ndarray  # (S, G, padded out) or (S, padded out, G) float32: see PreparedScales
+    rest: np.ndarray  # (q-1, G, padded out) or (q-1, padded out, G) float32
     offset: np.ndarray  # (out, G) float32, or NO_OFFSET
     with_offset: bool
     group_size: int
@@ -118,9 +156,10 @@ def layer_operands(
     offset: Tensor | None,
     group_size: int,
     rows: int,
+    layout: str,
 ) -> LayerOperands:
     """Check a layer's prepared codes, scales and offset against a kernel with ``rows``-row
-    blocks, and convert them for its numba entry."""
+    blocks that reads scales in ``layout``, and convert them for its numba entry."""
     in_features = prepared.in_features
     bits, n_blocks, n_bytes, block_rows = prepared.codes.shape
     if block_rows != rows:
@@ -133,12 +172,24 @@ def layer_operands(
             f"the LUT kernel needs groups that do not split a code byte: group_size must divide "
             f"in_features={in_features} and be a multiple of 8 (or equal it), got {group_size}"
         )
-    n_groups = in_features // group_size
-    layout = (n_groups, n_blocks * rows)
-    if scales.first.shape[1:] != layout or scales.rest.shape != (bits - 1, *layout):
+    if scales.layout != layout:
         raise ConfigError(
-            f"scales must be (S, {n_groups}, {n_blocks * rows}) and ({bits - 1}, {n_groups}, "
-            f"{n_blocks * rows}), got {scales.first.shape} and {scales.rest.shape}"
+            f"scales were prepared in the {scales.layout} layout, this kernel reads {layout}: "
+            "prepare them with this kernel's prepare_scales"
+        )
+    n_groups = in_features // group_size
+    sets = scales.first.shape[0] if scales.first.ndim == 3 else 0
+    first_shape = scales.shape_for(sets, n_blocks * rows, n_groups)
+    rest_shape = scales.shape_for(bits - 1, n_blocks * rows, n_groups)
+    if scales.first.shape != first_shape or scales.rest.shape != rest_shape:
+        raise ConfigError(
+            f"scales ({scales.layout}) must be {first_shape} and {rest_shape}, "
+            f"got {scales.first.shape} and {scales.rest.shape}"
+        )
+    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (scales.first, scales.rest)):
+        raise ConfigError(
+            f"scales must be C-contiguous float32 arrays, got {scales.first.dtype} and "
+            f"{scales.rest.dtype}"
         )
     out = prepared.out_features
     if offset is not None and tuple(offset.shape) != (out, n_groups):
