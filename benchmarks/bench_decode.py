@@ -64,6 +64,9 @@ QUICK_DOCS = Path(tempfile.gettempdir()) / "alphatune-decode-benchmark-quick.md"
 PROMPT = "The history of the city begins in the Roman period, when"
 BITS = (2, 3, 4)
 HEADS = ("compact", "keep", "bf16")
+# ALPHATUNE_KERNEL settings with rows of their own: the AVX2 kernel's float32 (exact) and int8
+# tables, beside its default int16 ones.
+TABLE_KERNELS = ("avx2", "avx2-int8")
 QUICK_CONFIGS = (
     LLAMA_CPP,
     "transformers-fp32",
@@ -117,6 +120,17 @@ def all_configs() -> list[dict[str, Any]]:
                     "decoder": "engine",
                 }
             )
+    for kernel in TABLE_KERNELS:  # the default (auto) 3-bit engine on the AVX2 tables' other kinds
+        configs.append(
+            {
+                "name": f"alphatune-q3-compact-engine-{kernel}",
+                "kind": "alphatune",
+                "bits": 3,
+                "head": "compact",
+                "decoder": "engine",
+                "kernel": kernel,
+            }
+        )
     configs.append(
         {
             "name": "alphatune-q3-compact-transformers",
@@ -484,10 +498,13 @@ def run_config(config: dict[str, Any], spec: dict[str, Any], timeout: float) -> 
         job, out = Path(tmp) / "job.json", Path(tmp) / "row.json"
         job.write_text(json.dumps({"config": config, "spec": spec}))
         command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job), str(out)]
+        env = dict(os.environ)
+        if "kernel" in config:
+            env["ALPHATUNE_KERNEL"] = config["kernel"]
         began = time.perf_counter()
         try:
             done = subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, check=False
+                command, capture_output=True, text=True, timeout=timeout, check=False, env=env
             )
         except subprocess.TimeoutExpired:
             return {"name": config["name"], "config": config, "error": f"timed out ({timeout} s)"}

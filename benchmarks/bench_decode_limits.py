@@ -87,11 +87,10 @@ def layer_traffic(n_layers: int) -> list[dict[str, Any]]:
     layer_bytes = sum(a.nbytes for a in (layers[0].codes, layers[0].first, layers[0].rest))
     x = np.random.default_rng(0).standard_normal((1, inp)).astype(np.float32)
     sets = np.zeros(1, np.int64)
-    quantized = kernel.table_dtype == torch.int8
     decode = kernel.module.decode_native
 
     def call(layer: Any, parallel: bool) -> None:
-        extra = () if kernel.name == "avx512" else (quantized,)
+        extra = () if kernel.name == "avx512" else (kernel.table_bits,)
         decode(
             x, group, layer.codes, layer.first, layer.rest, sets, layer.offset, False,
             layer.n_groups, layer.bytes_per_group, *extra, parallel,

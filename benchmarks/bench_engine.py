@@ -175,17 +175,17 @@ def projections_only_us(engine: Any, repeats: int = 20) -> float:
     from alphatune.engine import native
 
     @njit
-    def run_all(tag, inputs, w_codes, biases, ints, quantized, repeats):
+    def run_all(tag, inputs, w_codes, biases, ints, table_bits, repeats):
         sets = np.zeros(1, np.int64)
         for _ in range(repeats):
             for index in range(ints.shape[0]):
                 x = inputs[: ints[index, native.N_BYTES] * 8].reshape((1, -1)).copy()
-                native._project(tag, x, index, w_codes, biases, ints, sets, sets, quantized, 1,
+                native._project(tag, x, index, w_codes, biases, ints, sets, sets, table_bits, 1,
                                 1 << 62)  # fmt: skip
 
     w = engine.weights
     inputs = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32)
-    args = (engine.kernel_tag, inputs, w.codes, w.biases, w.ints, engine.quantized_tables)
+    args = (engine.kernel_tag, inputs, w.codes, w.biases, w.ints, engine.table_bits)
     run_all(*args, 1)
     began = time.perf_counter()
     run_all(*args, repeats)

@@ -238,6 +238,10 @@ ABOUT = """\
   `compact` = the default `BCQConfig(bits=B)` (one 8-bit table for the embedding and the tied
   head); `keep` = `lm_head='keep', embedding='keep'` (the fp32 tied matrix, the layout before the
   compact default); `bf16` = `lm_head='bf16'` (a bf16 head, the compact embedding).
+  On an AVX2 CPU (no AVX-512) the engine's kernel runs with its default int16 tables.
+- `alphatune-q3-compact-engine-avx2` / `-avx2-int8`: the same engine with `ALPHATUNE_KERNEL` set
+  to the AVX2 kernel's float32 tables (exact up to summation order) or its int8 tables (faster,
+  +0.1-0.4% perplexity: `benchmarks/results/table_precision.json`).
 - `alphatune-q3-compact-transformers`: the default 3-bit base through transformers `generate`
   (the engine's reference path).
 

@@ -21,6 +21,20 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def exact_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode on the AVX2 kernel's float32 tables where its default (int16 tables) would run.
+
+    For tests that compare a LUT path with a float32 reference at float32 tolerance; the int16
+    tables' own precision (~1e-4 relative) is tested in ``tests/kernels/test_avx2_lut.py`` and
+    ``tests/engine/test_engine.py``.
+    """
+    from alphatune import kernels
+
+    if kernels.lut_kernel() == kernels.AVX2_DEFAULT:
+        monkeypatch.setenv(kernels.KERNEL_ENV, "avx2")
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():

@@ -317,7 +317,9 @@ def test_generate_adapter_errors(served_text, tokenizer):
     "in_features,group_size", [(64, 64), (64, 16), (100, 20), (100, 25), (24, 8)]
 )
 @pytest.mark.parametrize("tokens", [11, 80], ids=["decode-sized", "prefill-sized"])
-def test_mixed_kernel_equals_a_per_token_loop(bits, offset, in_features, group_size, tokens):
+def test_mixed_kernel_equals_a_per_token_loop(
+    bits, offset, in_features, group_size, tokens, exact_tables
+):
     """Decode-sized inputs take the LUT kernel (AVX-512), prefill-sized the dequantize path."""
     generator = torch.Generator().manual_seed(bits * 1000 + in_features + group_size + offset)
     out, adapters = 7, 3

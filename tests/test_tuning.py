@@ -148,7 +148,9 @@ def test_train_bias() -> None:
     assert report.total == 16 * 4 + 4 + 4 * 4  # weights and the bias of the original layers
 
 
-def test_row_granularity_trains_one_multiplier_per_row(greedy_model: nn.Module) -> None:
+def test_row_granularity_trains_one_multiplier_per_row(
+    greedy_model: nn.Module, exact_tables: None
+) -> None:
     before = greedy_model(torch.arange(8)[None]).logits
     report = prepare_for_alphatuning(greedy_model, AlphaTuningConfig(granularity="row"))
     layers = _layers(greedy_model)

@@ -37,7 +37,9 @@ def _eval_layer() -> BCQLinear:
 
 
 def test_default_is_the_best_kernel_this_cpu_runs() -> None:
-    expected = "avx512" if avx512_lut.available() else "avx2" if avx2_lut.available() else None
+    expected = (
+        "avx512" if avx512_lut.available() else "avx2-int16" if avx2_lut.available() else None
+    )
     assert kernels.lut_kernel() == expected
     assert kernels.lut_available() == (expected is not None)
 
@@ -61,7 +63,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module) -> list[tuple]:
 
 
 @needs_avx2
-@pytest.mark.parametrize("choice", ["avx2", "avx2-int8"])
+@pytest.mark.parametrize("choice", ["avx2", "avx2-int16", "avx2-int8"])
 def test_forcing_the_avx2_kernel(choice: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode on the AVX2 kernel (on AVX-512 CPUs too), never through a dense weight."""
     monkeypatch.setenv(kernels.KERNEL_ENV, choice.upper())  # case does not matter
@@ -72,14 +74,14 @@ def test_forcing_the_avx2_kernel(choice: str, monkeypatch: pytest.MonkeyPatch) -
     with torch.no_grad():
         y = layer(x)
         expected = F.linear(x, layer.dequantize(), layer.bias)
-    table_dtype = torch.int8 if choice == "avx2-int8" else torch.float32
+    table_dtype = {"avx2-int8": torch.int8, "avx2-int16": torch.int16}.get(choice, torch.float32)
     assert len(calls) == 1 and calls[0][-1] == table_dtype  # decoder(codes, ..., table_dtype)
     assert "lut_codes" in layer._weight_cache and "dense" not in layer._weight_cache
-    if choice == "avx2":
-        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
-    else:  # int8 tables: lossy, ~1% RMS
+    if choice == "avx2-int8":  # lossy, ~1% RMS
         sqnr_db = 10 * torch.log10(expected.square().sum() / (y - expected).square().sum())
         assert sqnr_db > 30.0
+    else:  # float32, and int16 tables (within ~1e-4 relative)
+        torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_reference_keeps_the_dense_weight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,7 +128,7 @@ def test_groups_splitting_a_byte_decode_without_keeping_a_dense_weight() -> None
 
 def test_unknown_kernel_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(kernels.KERNEL_ENV, "neon")
-    with pytest.raises(ConfigError, match="avx512, avx2, avx2-int8, reference"):
+    with pytest.raises(ConfigError, match="avx512, avx2, avx2-int16, avx2-int8, reference"):
         kernels.lut_kernel()
 
 

@@ -116,8 +116,7 @@ def test_a_fitted_table_holds_bytes_and_multiplies_with_the_byte_kernel(monkeypa
     assert torch.allclose(y, linear_reference(table, x), atol=2e-5 * y.abs().max())
 
 
-def test_a_table_with_other_scales_keeps_the_planes_and_the_general_path(monkeypatch):
-    monkeypatch.delenv("ALPHATUNE_KERNEL", raising=False)
+def test_a_table_with_other_scales_keeps_the_planes_and_the_general_path(exact_tables):
     weight = _weight(300, 144)
     table = _planes_table(weight, perturb=True)
     assert not table.byte_form and "packed_codes" in dict(table.named_buffers())

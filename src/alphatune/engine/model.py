@@ -46,7 +46,7 @@ class Engine:
     weights: NativeWeights
     kernel_name: str
     kernel_tag: np.ndarray  # empty array whose dtype selects the kernel (native.KERNEL_TAGS)
-    quantized_tables: bool  # avx2-int8
+    table_bits: int  # the AVX2 kernel's tables: 0 float32, 16 or 8 integer levels
     min_parallel_work: int  # a layer's code bits × tokens from which it runs on the threads
     min_parallel_attention: int = MIN_PARALLEL_ATTENTION
 
@@ -83,7 +83,7 @@ class Engine:
             weights=weights,
             kernel_name=kernel.name,
             kernel_tag=np.zeros(0, native.KERNEL_TAGS[kernel.name]),
-            quantized_tables=kernel.table_dtype == torch.int8,
+            table_bits=kernel.table_bits,
             min_parallel_work=kernel.module.MIN_PARALLEL_WORK,
         )
 
@@ -147,7 +147,7 @@ class Engine:
         args = (
             self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
             w.norms, w.final_norm, w.codes, w.biases, w.ints,
-            np.float32(self.spec.eps), self.spec.n_heads, self.quantized_tables, threads,
+            np.float32(self.spec.eps), self.spec.n_heads, self.table_bits, threads,
             self.min_parallel_work, self.min_parallel_attention,
         )  # fmt: skip
         if threads > 1:

@@ -30,7 +30,7 @@ except ImportError as exc:  # numba is an optional dependency (extra "fast")
     _IMPORT_ERROR = exc
 
 # kernel_tag dtype -> the kernel whose njit core the step calls.
-KERNEL_TAGS = {"avx2": np.int8, "avx2-int8": np.int8, "avx512": np.int16}
+KERNEL_TAGS = {"avx2": np.int8, "avx2-int16": np.int8, "avx2-int8": np.int8, "avx512": np.int16}
 
 # Projections of a block, in the order the step reads them (index within a block's 7).
 PROJECTIONS = (
@@ -87,14 +87,14 @@ if _IMPORT_ERROR is None:
 
     def _lut_matvec(
         tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-        bytes_per_group, quantized, parallel,
+        bytes_per_group, table_bits, parallel,
     ):  # pragma: no cover - replaced by the overload  # fmt: skip
         raise NotImplementedError
 
     @overload(_lut_matvec)
     def _lut_matvec_overload(
         tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-        bytes_per_group, quantized, parallel,
+        bytes_per_group, table_bits, parallel,
     ):  # fmt: skip
         """Picks the kernel from the tag's dtype at typing time (see the module docstring)."""
         if tag.dtype == types.int16:
@@ -102,7 +102,7 @@ if _IMPORT_ERROR is None:
 
             def call512(
                 tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-                bytes_per_group, quantized, parallel,
+                bytes_per_group, table_bits, parallel,
             ):  # fmt: skip
                 return decode512(
                     x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
@@ -114,11 +114,11 @@ if _IMPORT_ERROR is None:
 
         def call2(
             tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-            bytes_per_group, quantized, parallel,
+            bytes_per_group, table_bits, parallel,
         ):  # fmt: skip
             return decode2(
                 x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-                bytes_per_group, quantized, parallel,
+                bytes_per_group, table_bits, parallel,
             )  # fmt: skip
 
         return call2
@@ -223,7 +223,7 @@ if _IMPORT_ERROR is None:
 
     @njit(cache=True)
     def _project(
-        tag, x, index, codes, biases, ints, sets, no_sets, quantized, threads,
+        tag, x, index, codes, biases, ints, sets, no_sets, table_bits, threads,
         min_parallel_work,
     ):  # pragma: no cover - numba  # fmt: skip
         """Projection ``index`` (block·7 + position in ``PROJECTIONS``) of x: (N, out) float32."""
@@ -242,7 +242,7 @@ if _IMPORT_ERROR is None:
         layer_offset = carray(_float32_pointer(row[OFFSET_ADDRESS]), offset_shape)
         y = _lut_matvec(
             tag, x, row[GROUP_SIZE], layer_codes, layer_first, layer_rest, token_sets,
-            layer_offset, row[WITH_OFFSET] != 0, n_groups, row[BYTES_PER_GROUP], quantized,
+            layer_offset, row[WITH_OFFSET] != 0, n_groups, row[BYTES_PER_GROUP], table_bits,
             parallel,
         )  # fmt: skip
         result = np.empty((x.shape[0], out), np.float32)
@@ -258,7 +258,7 @@ if _IMPORT_ERROR is None:
     @njit(cache=True)
     def forward_tokens(
         tag, hidden, rows, positions, sets, cache_k, cache_v, cos, sin, norms, final_norm,
-        codes, biases, ints, eps, n_heads, quantized, threads,
+        codes, biases, ints, eps, n_heads, table_bits, threads,
         min_parallel_work, min_parallel_attention,
     ):  # pragma: no cover - numba  # fmt: skip
         """Every block for N tokens; returns the final-normed hidden states (N, H).
@@ -289,11 +289,11 @@ if _IMPORT_ERROR is None:
             base = 7 * layer
             rms_norm(hidden, norms[layer, 0], eps, normed)
             q = _project(tag, normed, base, codes, biases, ints, sets,
-                         no_sets, quantized, threads, min_parallel_work)  # fmt: skip
+                         no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
             k = _project(tag, normed, base + 1, codes, biases, ints, sets,
-                         no_sets, quantized, threads, min_parallel_work)  # fmt: skip
+                         no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
             v = _project(tag, normed, base + 2, codes, biases, ints, sets,
-                         no_sets, quantized, threads, min_parallel_work)  # fmt: skip
+                         no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
             rotate(q, n_heads, head_dim, positions, cos, sin)
             rotate(k, n_kv, head_dim, positions, cos, sin)
             for n in range(n_tokens):
@@ -308,20 +308,20 @@ if _IMPORT_ERROR is None:
             else:
                 attend(q, cache_k, cache_v, layer, rows, positions, n_heads, scale, attention)
             o = _project(tag, attention, base + 3, codes, biases, ints,
-                         sets, no_sets, quantized, threads, min_parallel_work)  # fmt: skip
+                         sets, no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
             hidden += o
             rms_norm(hidden, norms[layer, 1], eps, normed)
             gate = _project(tag, normed, base + 4, codes, biases, ints,
-                            sets, no_sets, quantized, threads, min_parallel_work)  # fmt: skip
+                            sets, no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
             up = _project(tag, normed, base + 5, codes, biases, ints, sets,
-                          no_sets, quantized, threads, min_parallel_work)  # fmt: skip
+                          no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
             # SiLU-gated MLP: silu(g) · u, with silu(g) = g / (1 + e^-g).
             for n in range(n_tokens):
                 for i in range(gate.shape[1]):
                     g = gate[n, i]
                     gate[n, i] = g / (np.float32(1.0) + np.exp(-g)) * up[n, i]
             down = _project(tag, gate, base + 6, codes, biases, ints, sets,
-                            no_sets, quantized, threads, min_parallel_work)  # fmt: skip
+                            no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
             hidden += down
         rms_norm(hidden, final_norm, eps, normed)
         return normed

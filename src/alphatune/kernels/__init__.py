@@ -1,7 +1,7 @@
 """Kernel dispatch: the only place that chooses between backends.
 
 On CPU, with numba and a LUT kernel for this CPU (``lut_kernel()``: ``avx512_lut`` on AVX-512F,
-else ``avx2_lut`` on AVX2 + FMA):
+else ``avx2_lut`` with int16 tables on AVX2 + FMA):
 
 - decode (up to ``LUT_MAX_TOKENS`` tokens): LUT-GEMV straight on the codes, in a kernel layout
   that the layer keeps (``WeightCache``; about the size of the codes, ~3 bits per weight);
@@ -12,10 +12,12 @@ Without a LUT kernel (x86 without AVX2, ARM, numba missing, or ``ALPHATUNE_KERNE
 the dense weight is dequantized once (numba when present) and kept in the layer's cache, then
 ``F.linear``. On CUDA: the torch reference dequantization and ``F.linear``.
 
-``ALPHATUNE_KERNEL`` (read at every call) forces a decode kernel: ``avx512``, ``avx2`` (float32
-tables, exact up to summation order), ``avx2-int8`` (int8 tables: faster, approximate, see
-``avx2_lut``), ``reference`` (none), or ``auto`` (the default). Forcing a kernel this CPU cannot
-run is an error, not a silent fallback.
+``ALPHATUNE_KERNEL`` (read at every call) forces a decode kernel: ``avx512``, ``avx2-int16``
+(int16 tables, the AVX2 default: within ~1e-4 of float32, perplexity unchanged to 1e-5 and no
+top-1 change over 4,088 WikiText-2 positions, ``benchmarks/bench_table_precision.py``),
+``avx2`` (float32 tables, exact up to summation order, slower), ``avx2-int8`` (int8 tables:
+fastest, approximate: +0.1-0.4% perplexity), ``reference`` (none), or ``auto`` (the default).
+Forcing a kernel this CPU cannot run is an error, not a silent fallback.
 
 Every matmul kernel has the signature of ``reference.bcq_matmul_reference``.
 """
@@ -88,13 +90,22 @@ class _LutKernel:
         precision = () if self.table_dtype is None else (self.table_dtype,)
         return self.module.decoder(codes, scales, offset, group_size, *precision)
 
+    @property
+    def table_bits(self) -> int:
+        """What the AVX2 kernel's numba entry takes for this precision (0 for float32 tables)."""
+        return 0 if self.table_dtype is None else avx2_lut.table_bits(self.table_dtype)
+
 
 _LUT_KERNELS = {
     "avx512": _LutKernel("avx512", avx512_lut),
     "avx2": _LutKernel("avx2", avx2_lut, torch.float32),
+    "avx2-int16": _LutKernel("avx2-int16", avx2_lut, torch.int16),
     "avx2-int8": _LutKernel("avx2-int8", avx2_lut, torch.int8),
 }
 _KERNEL_CHOICES = ("auto", *_LUT_KERNELS, "reference")
+# The AVX2 tables decode runs on by default: int16 is ~1.6x faster per layer than float32 and
+# lossless in practice (see the module docstring); int8 is faster still but costs perplexity.
+AVX2_DEFAULT = "avx2-int16"
 
 
 def _kernel_setting() -> tuple[str, str]:
@@ -109,7 +120,7 @@ def _chosen_lut_kernel() -> _LutKernel | None:
     if choice == "auto":
         if avx512_lut.available():
             return _LUT_KERNELS["avx512"]
-        return _LUT_KERNELS["avx2"] if avx2_lut.available() else None
+        return _LUT_KERNELS[AVX2_DEFAULT] if avx2_lut.available() else None
     if choice == "reference":
         return None
     kernel = _LUT_KERNELS.get(choice)
@@ -127,7 +138,8 @@ def _chosen_lut_kernel() -> _LutKernel | None:
 
 
 def lut_kernel() -> str | None:
-    """The LUT kernel decode runs on here: ``"avx512"``, ``"avx2"``, ``"avx2-int8"``, or None.
+    """The LUT kernel decode runs on here: ``"avx512"``, ``"avx2"``, ``"avx2-int16"``,
+    ``"avx2-int8"``, or None.
 
     The best one this CPU runs (AVX-512F, else AVX2 + FMA, with numba), unless ``ALPHATUNE_KERNEL``
     forces one; None means decode dequantizes and keeps the dense weight (see the module doc).

@@ -1,4 +1,4 @@
-"""LUT-GEMV for BCQ decode on AVX2 CPUs (numba + LLVM): exact float32 tables, or int8 tables.
+"""LUT-GEMV for BCQ decode on AVX2 CPUs (numba + LLVM): float32, int16 or int8 tables.
 
 Same contract as ``alphatune.kernels.reference.bcq_matmul_reference`` (see ``bcq_matmul_lut``) and
 the same algorithm, layout and mixed-task form as ``avx512_lut`` (T-MAC's tables: for every 4
@@ -20,11 +20,19 @@ table of inputs 8k..8k+3, its high nibble that of 8k+4..8k+7), with 256-bit regi
   float and take ``α · s``. A byte of 32 rows: 12 vector instructions, 3.7x fewer per weight than
   the float32 tables. No int16 overflow: ``|Q_lo + Q_hi| <= 254`` per byte, 128 bytes at most.
 
-  **Error bound.** Each looked-up entry is off by at most ``s/2``, so for every token and row
-  ``|y - y_exact| <= Σ_i Σ_chunks |α_i[row, group]| · s_chunk · bytes_chunk`` (two lookups per
-  byte), plus float32 rounding. In practice the errors are independent and much smaller: on
-  SmolLM2's activations and 3-bit weights the output is off by ~1% RMS (the weights' own
-  quantization error is ~20-30%).
+- **int16 tables** (``table_dtype=torch.int16``; within ~1e-4 of float32). As int8, with
+  ``s = max |table| / 32767`` per chunk of at most 64 bytes, and each level split into its low
+  byte (unsigned) and high byte (signed): four ``vpshufb`` per code byte, the low bytes' and the
+  high bytes' sums kept apart in int16 (``≤ 64 · 510`` and ``≤ 64 · 256``: no overflow) and
+  joined per chunk as ``256 · Σ high + Σ low``. A byte of 32 rows: ~22 vector instructions, 2x
+  fewer per weight than the float32 tables, with 256x less table error than int8.
+
+  **Error bound (both integer tables).** Each looked-up entry is off by at most ``s/2``, so for
+  every token and row ``|y - y_exact| <= Σ_i Σ_chunks |α_i[row, group]| · s_chunk ·
+  bytes_chunk`` (two lookups per byte), plus float32 rounding. In practice the errors are
+  independent and much smaller: on SmolLM2's activations and 3-bit weights the output is off by
+  ~1% RMS with int8 tables, ~256x less with int16 (the weights' own quantization error is
+  ~20-30%).
 
 Layout (``prepare_*``, shared through ``lut_common``): codes ``(q, ceil(out/32), ceil(in/8), 32)``
 uint8, the byte columns of 32 consecutive rows contiguous (one ``vpshufb`` operand, or four
@@ -86,7 +94,10 @@ ROWS = 32  # rows per block: one byte each in a 256-bit register, or four 8-lane
 SCALES_LAYOUT = lut_common.LAYER_ORDER  # how prepare_scales lays them out
 LANES = 8  # float32 lanes in a 256-bit register
 CHUNK_BYTES = 128  # int8 tables: code bytes per table scale at most (int16 sums stay < 2^15)
-TABLE_DTYPES = (torch.float32, torch.int8)
+CHUNK_BYTES_INT16 = 64  # int16 tables: the low bytes' sums (< 510 a byte) stay < 2^15
+TABLE_DTYPES = (torch.float32, torch.int16, torch.int8)
+# table_bits of the numba entries: 0 for float32 tables, else the levels' bits.
+_TABLE_BITS = {torch.float32: 0, torch.int16: 16, torch.int8: 8}
 _ROW_BLOCKS_PER_TASK = 4  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
 MIN_PARALLEL_WORK = _MIN_PARALLEL_WORK  # public: native callers (alphatune.engine) pick threads
@@ -180,7 +191,8 @@ if _IMPORT_ERROR is None:
             first, first_base, alpha, alpha_base, alpha_plane_stride, alpha_row_stride,
             n_planes, n_groups, bytes_per_group, y, y_base,
         )  # fmt: skip
-        quantized = tables.dtype == types.int8
+        # float32 tables, int8 levels, or int16 levels split into bytes (stored as uint8).
+        table_kind = {types.int8: "int8", types.uint8: "int16"}.get(tables.dtype, "float32")
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
             tables_ptr, chunk_scales_ptr, codes_ptr, first_ptr, alpha_ptr, y_ptr = (
@@ -236,12 +248,15 @@ if _IMPORT_ERROR is None:
             sums = [cgutils.alloca_once(builder, _VEC) for _ in range(ROWS // LANES)]
             for total in sums:
                 builder.store(ir.Constant(_VEC, None), total)
-            loop = _int8_loop if quantized else _float_loop
-            loop(
+            operands = (
                 builder, const, load, fma, scale_address, scale_vector, sums,
                 tables_ptr, table_base, chunk_scales_ptr, chunk_base, codes_ptr, code_base,
                 code_plane_stride, n_planes, n_groups, bytes_per_group,
             )  # fmt: skip
+            if table_kind == "float32":
+                _float_loop(*operands)
+            else:
+                _integer_loop(*operands, split=table_kind == "int16")
             for part, total in enumerate(sums):
                 index = builder.add(y_base, const(LANES * part))
                 out = builder.bitcast(builder.gep(y_ptr, [index]), _VEC.as_pointer())
@@ -313,7 +328,7 @@ if _IMPORT_ERROR is None:
                         total,
                     )
 
-    def _int8_loop(
+    def _integer_loop(
         builder: Any,
         const: Any,
         load: Any,
@@ -331,12 +346,19 @@ if _IMPORT_ERROR is None:
         n_planes: Any,
         n_groups: Any,
         bytes_per_group: Any,
+        split: bool,
     ) -> None:
-        """int8 tables: per chunk and plane, int16 sums of 32 rows' lookups, then ``α · s ·``."""
+        """Integer tables: per chunk and plane, int16 sums of 32 rows' lookups, then ``α · s ·``.
+
+        int8 (``split`` False): one table of 16 levels per nibble. int16 (``split`` True): the
+        levels' low bytes (unsigned) and high bytes (signed) in two tables each, looked up and
+        summed apart; a chunk's sum is ``256 · Σ high + Σ low``.
+        """
         module = builder.module
         shuffle_bytes = cgutils.get_or_insert_function(
             module, ir.FunctionType(_BYTES, [_BYTES, _BYTES]), "llvm.x86.avx2.pshuf.b"
         )
+        # vpmaddubsw: unsigned bytes of the first operand times signed bytes of the second.
         pair_sums = cgutils.get_or_insert_function(
             module, ir.FunctionType(_WORDS, [_BYTES, _BYTES]), "llvm.x86.avx2.pmadd.ub.sw"
         )
@@ -344,10 +366,16 @@ if _IMPORT_ERROR is None:
         ones = ir.Constant(_BYTES, [1] * ROWS)
         nibble_shift = ir.Constant(_WORDS, [4] * 16)
         both_lanes = _shuffle_mask(list(range(16)) * 2)
-        # int16 sums: words[0] holds rows 0-7 | 16-23, words[1] rows 8-15 | 24-31.
-        words = [cgutils.alloca_once(builder, _WORDS) for _ in range(2)]
-        chunk = const(CHUNK_BYTES)
-        chunks_per_group = builder.udiv(builder.add(bytes_per_group, const(CHUNK_BYTES - 1)), chunk)
+        # Byte sets looked up per code byte: (table offset, signed). The signed set's pairs go to
+        # vpmaddubsw's signed operand, the unsigned (low bytes of int16 levels) to its other.
+        byte_sets = [(0, False), (32, True)] if split else [(0, True)]
+        table_stride = const(32 * len(byte_sets))
+        chunk_bytes = CHUNK_BYTES_INT16 if split else CHUNK_BYTES
+        # int16 sums per byte set: words[set][0] holds rows 0-7 | 16-23, [1] rows 8-15 | 24-31.
+        words = [[cgutils.alloca_once(builder, _WORDS) for _ in range(2)] for _ in byte_sets]
+        chunk = const(chunk_bytes)
+        chunks_per_group = builder.udiv(builder.add(bytes_per_group, const(chunk_bytes - 1)), chunk)
+        high_weight = ir.Constant(_VEC, [256.0] * LANES)
 
         with cgutils.for_range(builder, n_groups) as group_loop:
             g = group_loop.index
@@ -369,7 +397,7 @@ if _IMPORT_ERROR is None:
                 )
                 with cgutils.for_range(builder, n_planes) as plane_loop:
                     plane = plane_loop.index
-                    for word in words:
+                    for word in (w for pair in words for w in pair):
                         builder.store(ir.Constant(_WORDS, None), word)
                     with cgutils.for_range(builder, count) as byte_loop:
                         k = builder.add(begin, byte_loop.index)
@@ -381,29 +409,42 @@ if _IMPORT_ERROR is None:
                         low = builder.and_(code, low_nibble)
                         shifted = builder.lshr(builder.bitcast(code, _WORDS), nibble_shift)
                         high = builder.and_(builder.bitcast(shifted, _BYTES), low_nibble)
-                        table = builder.add(table_base, builder.mul(k, const(32)))
-                        low_table, high_table = (
-                            builder.shuffle_vector(t, t, both_lanes)
-                            for t in (
-                                load(tables_ptr, table, _TABLE8),
-                                load(tables_ptr, builder.add(table, const(16)), _TABLE8),
+                        table = builder.add(table_base, builder.mul(k, table_stride))
+                        for (offset, signed), set_words in zip(byte_sets, words, strict=True):
+                            at = builder.add(table, const(offset))
+                            low_table, high_table = (
+                                builder.shuffle_vector(t, t, both_lanes)
+                                for t in (
+                                    load(tables_ptr, at, _TABLE8),
+                                    load(tables_ptr, builder.add(at, const(16)), _TABLE8),
+                                )
                             )
-                        )
-                        low_values = builder.call(shuffle_bytes, [low_table, low])
-                        high_values = builder.call(shuffle_bytes, [high_table, high])
-                        for word, mask in zip(words, (_UNPACK_LOW, _UNPACK_HIGH), strict=True):
-                            pairs = builder.shuffle_vector(low_values, high_values, mask)
-                            summed = builder.call(pair_sums, [ones, pairs])
-                            builder.store(builder.add(builder.load(word), summed), word)
+                            low_values = builder.call(shuffle_bytes, [low_table, low])
+                            high_values = builder.call(shuffle_bytes, [high_table, high])
+                            for word, mask in zip(
+                                set_words, (_UNPACK_LOW, _UNPACK_HIGH), strict=True
+                            ):
+                                pairs = builder.shuffle_vector(low_values, high_values, mask)
+                                operands = [ones, pairs] if signed else [pairs, ones]
+                                summed = builder.call(pair_sums, operands)
+                                builder.store(builder.add(builder.load(word), summed), word)
                     address = scale_address(plane, g)
-                    # part p holds rows 8p..8p+7: words[p % 2], 128-bit lane p // 2.
-                    for part, total in enumerate(sums):
+
+                    def rows_of(word: Any, part: int) -> Any:
+                        # part p holds rows 8p..8p+7: words[p % 2], 128-bit lane p // 2.
                         half = builder.shuffle_vector(
-                            builder.load(words[part % 2]),
+                            builder.load(word),
                             ir.Constant(_WORDS, None),
                             _shuffle_mask(list(range(8 * (part // 2), 8 * (part // 2) + 8))),
                         )
-                        values = builder.sitofp(builder.sext(half, _IVEC), _VEC)
+                        return builder.sitofp(builder.sext(half, _IVEC), _VEC)
+
+                    for part, total in enumerate(sums):
+                        values = rows_of(words[-1][part % 2], part)
+                        if split:  # 256 · Σ high + Σ low (exact in float32: |sum| < 2^23)
+                            values = builder.call(
+                                fma, [high_weight, values, rows_of(words[0][part % 2], part)]
+                            )
                         scale = builder.fmul(scale_vector(address, part), table_scales)
                         builder.store(
                             builder.call(fma, [scale, values, builder.load(total)]), total
@@ -439,6 +480,39 @@ if _IMPORT_ERROR is None:
                         source = i - i % 16 + _MIRROR_NIBBLE[i % 16]
                         level = min(max(np.rint(tables[t, source] * inverse), -127.0), 127.0)
                         quantized[t, i] = np.int8(level)
+
+    @njit(cache=True)
+    def _quantize_tables_int16(tables, bytes_per_group, levels, chunk_scales):  # pragma: no cover
+        """int16 tables split into bytes: one scale per token and chunk (``CHUNK_BYTES_INT16``
+        bytes of a group at most). Per code byte k, ``levels[t, 64k : 64k + 64]`` holds the low
+        bytes of the low- and high-nibble tables (16 each), then their high bytes."""
+        n_tokens = tables.shape[0]
+        n_bytes = tables.shape[1] // 32
+        chunks_per_group = (bytes_per_group + CHUNK_BYTES_INT16 - 1) // CHUNK_BYTES_INT16
+        for t in range(n_tokens):
+            for g in range(n_bytes // bytes_per_group):
+                for c in range(chunks_per_group):
+                    first = g * bytes_per_group + c * CHUNK_BYTES_INT16
+                    last = min((g + 1) * bytes_per_group, first + CHUNK_BYTES_INT16)
+                    largest = np.float32(0.0)
+                    for i in range(32 * first, 32 * last):
+                        largest = max(largest, abs(tables[t, i]))
+                    if largest == 0 or not np.isfinite(largest):
+                        # As the int8 tables: all zero is exact, NaN or inf makes NaN sums.
+                        scale = np.float32(0.0) if largest == 0 else np.float32(np.nan)
+                        chunk_scales[t, g * chunks_per_group + c] = scale
+                        levels[t, 64 * first : 64 * last] = 0
+                        continue
+                    chunk_scales[t, g * chunks_per_group + c] = largest / np.float32(32767.0)
+                    inverse = np.float32(32767.0) / largest
+                    for k in range(first, last):
+                        for i in range(32):  # low-nibble table, then high: 16 entries each
+                            # Entry m is read by the mirrored nibble: store table[mirror(m)].
+                            source = 32 * k + i - i % 16 + _MIRROR_NIBBLE[i % 16]
+                            value = np.rint(tables[t, source] * inverse)
+                            level = np.int32(min(max(value, -32767.0), 32767.0))
+                            levels[t, 64 * k + i] = np.uint8(level & 255)
+                            levels[t, 64 * k + 32 + i] = np.uint8((level >> 8) & 255)
 
     @njit(cache=True)
     def _row_blocks(
@@ -523,19 +597,19 @@ if _IMPORT_ERROR is None:
         with_offset,
         n_groups,
         bytes_per_group,
-        quantized,
+        table_bits,
         parallel,
     ):  # pragma: no cover - numba
         """The whole matmul in one call (a decode step calls this ~200 times per token on a small
-        model). ``quantized`` picks int8 tables; ``parallel`` splits the row blocks over numba's
-        threads (the caller sets their number)."""
+        model). ``table_bits`` picks the tables: 0 float32, 16 or 8 integer levels (``_TABLE_BITS``);
+        ``parallel`` splits the row blocks over numba's threads (the caller sets their number)."""
         n_tokens = x.shape[0]
         _, n_blocks, n_bytes, _ = codes.shape
         tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
         group_sums = np.empty((n_tokens, n_groups), np.float32)
         build_tables(x, group_size, tables, group_sums, with_offset)
         y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
-        if quantized:
+        if table_bits == 8:
             chunks = n_groups * ((bytes_per_group + CHUNK_BYTES - 1) // CHUNK_BYTES)
             levels = np.empty((n_tokens, 32 * n_bytes), np.int8)
             chunk_scales = np.empty((n_tokens, chunks), np.float32)
@@ -543,6 +617,15 @@ if _IMPORT_ERROR is None:
             _run_blocks(
                 levels, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
                 bytes_per_group, parallel, y,
+            )  # fmt: skip
+        elif table_bits == 16:
+            chunks = n_groups * ((bytes_per_group + CHUNK_BYTES_INT16 - 1) // CHUNK_BYTES_INT16)
+            split_levels = np.empty((n_tokens, 64 * n_bytes), np.uint8)
+            chunk_scales = np.empty((n_tokens, chunks), np.float32)
+            _quantize_tables_int16(tables, bytes_per_group, split_levels, chunk_scales)
+            _run_blocks(
+                split_levels, chunk_scales, codes, first_scales, rest_scales, token_set,
+                n_groups, bytes_per_group, parallel, y,
             )  # fmt: skip
         else:
             no_scales = np.zeros((1, 1), np.float32)  # float32 tables have no chunk scales
@@ -557,7 +640,7 @@ if _IMPORT_ERROR is None:
     # The njit core, public for native callers (``alphatune.engine`` calls it from its own numba
     # step, with no Python between layers): ``decode_native(x (T, in) float32 C, group_size,
     # codes, first, rest, token_set (T,) int64, offset, with_offset, n_groups, bytes_per_group,
-    # quantized, parallel) -> y (T, padded out)``, the operands as ``lut_common.layer_operands``
+    # table_bits, parallel) -> y (T, padded out)``, the operands as ``lut_common.layer_operands``
     # gives them. Same function as ``decoder`` calls, so the same results.
     decode_native = _decode
 
@@ -573,6 +656,11 @@ def _require() -> None:
         ) from _IMPORT_ERROR
     if not available():
         raise KernelUnavailableError("the AVX2 LUT kernel needs a CPU with AVX2 and FMA")
+
+
+def table_bits(table_dtype: torch.dtype) -> int:
+    """``decode_native``'s ``table_bits`` for tables of ``table_dtype``."""
+    return _TABLE_BITS[table_dtype]
 
 
 def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
@@ -602,15 +690,17 @@ def decoder(
     """
     _require()
     if table_dtype not in TABLE_DTYPES:
-        raise ConfigError(f"table_dtype must be torch.float32 or torch.int8, got {table_dtype}")
+        raise ConfigError(
+            f"table_dtype must be torch.float32, torch.int16 or torch.int8, got {table_dtype}"
+        )
     layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS, SCALES_LAYOUT)
-    quantized = table_dtype == torch.int8
+    table_bits = _TABLE_BITS[table_dtype]
 
     def decode(x: Tensor, token_set: Tensor | None = None) -> Tensor:
         x_np, sets = lut_common.token_operands(x, token_set, layer)
         args = (
             x_np, group_size, layer.codes, layer.first, layer.rest, sets, layer.offset,
-            layer.with_offset, layer.n_groups, layer.bytes_per_group, quantized,
+            layer.with_offset, layer.n_groups, layer.bytes_per_group, table_bits,
         )  # fmt: skip
         threads = threads_for(layer.work_per_token * x_np.shape[0], _MIN_PARALLEL_WORK)
         if threads == 1:
@@ -636,7 +726,8 @@ def lut_matmul(
 
     ``prepared`` and ``scales`` come from ``prepare_codes`` and ``prepare_scales``; ``offset``
     ``(out, G)`` adds ``offset · Σx`` per group; no bias. ``table_dtype``: ``torch.float32`` (exact
-    up to summation order) or ``torch.int8`` (faster, within the bound of the module docstring).
+    up to summation order), ``torch.int16`` or ``torch.int8`` (faster, within the bound of the
+    module docstring).
     Uses ``torch.get_num_threads()`` threads (capped by numba's pool) for layers large enough to
     gain from them.
     """
