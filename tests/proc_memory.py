@@ -26,3 +26,13 @@ def written_back(*paths: Path) -> None:
     for path in paths:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
+
+
+def mapped_library(file_name: str) -> Path | None:
+    """The path this process maps the shared library ``file_name`` from, or None."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip().endswith("/" + file_name):
+                return Path(fields[5].strip())
+    return None

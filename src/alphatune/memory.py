@@ -14,14 +14,16 @@ SmolLM2 quantized while loading: ~1.2 GiB resident for an 83 MiB model;
   in its heap. ``release_free_memory`` asks it to return them (``malloc_trim``); elsewhere (not
   glibc) it does nothing.
 
-And one thing keeps a *loaded* base above its size: **pages of the file it was loaded from that
+And two things keep a *loaded* base above its size. **Pages of the file it was loaded from that
 nothing reads any more.** A saved base is loaded as views of its mapped file (no copy), but some
 tensors are converted on loading (fp16 scales become float32 parameters) and the decode engine
 copies the codes into its kernel layout. The file's pages behind those sources stay resident
 after being read once (hashed, converted). ``page_out`` asks the kernel to drop them
 (``MADV_PAGEOUT``): they are clean file pages, so they are simply read back from the file if
 anything touches them again. Nothing is lost either way: written (copy-on-write) pages of a
-private mapping and anonymous memory are only ever swapped, never discarded.
+private mapping and anonymous memory are only ever swapped, never discarded. And **numba's
+compiler**: LLVM's code is paged in when the first kernel is compiled or loaded from numba's
+cache, and decode never runs it again; ``page_out_compiler`` gives its pages back the same way.
 """
 
 from __future__ import annotations
@@ -95,6 +97,40 @@ def page_out(tensor: torch.Tensor) -> int:
         logger.debug("madvise(MADV_PAGEOUT) refused: errno %d", ctypes.get_errno())
         return 0
     return end - start
+
+
+def page_out_library(file_name: str) -> int:
+    """Drop the resident pages of every mapping of the shared library ``file_name`` (say
+    ``libllvmlite.so``), when this process will not run its code for a while.
+
+    Clean pages of the library file are read back from it on demand; its written pages (data,
+    relocations) can only be swapped. Returns the bytes advised (0 off Linux or where the library
+    is not mapped).
+    """
+    advise = _madvise()
+    if advise is None:
+        return 0
+    advised = 0
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or not fields[5].rstrip("\n").endswith("/" + file_name):
+                continue
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            if advise(start, end - start, _MADV_PAGEOUT) == 0:
+                advised += end - start
+    return advised
+
+
+def page_out_compiler() -> int:
+    """Page out numba's compiler (LLVM, llvmlite's shared library: ~28 MiB resident once a
+    kernel is compiled or loaded from numba's cache).
+
+    Compiled functions run without it; only compiling or loading another function uses it again,
+    which reads its pages back. The decode engine calls this once its step is loaded, so that
+    decode holds the kernels, not the compiler. Returns the bytes advised.
+    """
+    return page_out_library("libllvmlite.so")
 
 
 def release_free_memory() -> None:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from proc_memory import resident_kib, written_back
+from proc_memory import mapped_library, resident_kib, written_back
 from tiny_models import make_tiny_llama
 
 from alphatune import BCQConfig, quantize_
@@ -364,6 +364,27 @@ def test_integer_tables_kernels_run_in_the_engine(monkeypatch, exact_tables, ker
     ours = prompt_logits(engine, ids)
     assert 0 < rms(ours - exact) < 2 * rms(layers - exact) + 1e-6
     assert rms(ours - exact) < (0.05 if bits == 8 else 1e-3) * rms(exact)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+def test_decode_leaves_numba_s_compiler_paged_out(model):
+    """``Engine.build`` loads the step's code, then pages out LLVM (llvmlite's library); decode,
+    on one thread or two, never reads it back."""
+    from alphatune.memory import page_out_compiler
+
+    engine = Engine.build(model)
+    library = mapped_library("libllvmlite.so")
+    assert library is not None and page_out_compiler() > 0
+    after_build = resident_kib(library)
+    prompts = random_prompts(3, seed=23)
+    generate_ids(engine, prompts, max_new_tokens=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate_ids(engine, prompts, max_new_tokens=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert resident_kib(library) <= after_build + 1024
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")

@@ -301,6 +301,19 @@ def test_scales_are_read_in_place_unless_rows_need_padding() -> None:
         avx2_lut.lut_matmul(torch.randn(1, 256), codes, rows_inner, offset, None, g)
 
 
+@pytest.mark.parametrize("out_features", [64, 40, 7])
+def test_codes_prepared_into_a_buffer_are_the_same(out_features: int) -> None:
+    """``prepare_codes(out=...)`` (the engine's flat buffer) writes what a fresh array holds,
+    padding rows included; a buffer of the wrong shape is a ConfigError."""
+    packed, _, _, _ = _quantized(out_features, 100, None, 3, with_offset=False)
+    fresh = avx2_lut.prepare_codes(packed, 100).codes
+    buffer = np.full(fresh.shape, 0xAB, np.uint8)  # garbage that must all be overwritten
+    assert avx2_lut.prepare_codes(packed, 100, buffer).codes is buffer
+    assert np.array_equal(buffer, fresh)
+    with pytest.raises(ConfigError, match="out must be C-contiguous uint8"):
+        avx2_lut.prepare_codes(packed, 100, np.empty((1, *fresh.shape[1:]), np.uint8))
+
+
 def test_missing_numba_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
     cause = ImportError("No module named 'numba'")
     monkeypatch.setattr(avx2_lut, "_IMPORT_ERROR", cause)

@@ -22,7 +22,7 @@ from alphatune.engine.weights import NativeWeights, build_weights
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels import decode_kernel
 from alphatune.kernels.numba_threads import numba_threads
-from alphatune.memory import release_free_memory
+from alphatune.memory import page_out_compiler, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class Engine:
         spec = describe(model)
         io = token_io(model, spec.hidden)
         weights = build_weights(spec, kernel, use_bank)
-        release_free_memory()  # each layer's prepared operands, freed once copied in
-        return cls(
+        release_free_memory()  # what converting the layers freed
+        engine = cls(
             spec=spec,
             io=io,
             weights=weights,
@@ -86,6 +86,19 @@ class Engine:
             table_bits=kernel.table_bits,
             min_parallel_work=kernel.module.MIN_PARALLEL_WORK,
         )
+        engine._load_step()
+        return engine
+
+    def _load_step(self) -> None:
+        """Run one token, so that numba loads the step's compiled code now (from its cache, or
+        compiling it the first time), then page out numba's compiler: decode never runs it, and
+        it would otherwise stay resident (~28 MiB, more than the KV cache of a 512-token prompt).
+        The embedding and head modules were run once by ``token_io``."""
+        cache = self.new_cache(1, 1)
+        zero = np.zeros(1, np.int64)
+        hidden = np.zeros((1, self.spec.hidden), np.float32)
+        self.run_blocks(hidden, zero, zero, zero, cache, self.rotary(1), 1)
+        page_out_compiler()
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
         if self.spec.max_positions and max_len > self.spec.max_positions:

@@ -48,10 +48,10 @@ class NativeWeights:
 
 
 class _FlatBuffer:
-    """A buffer of known size that arrays are copied into end to end; ``put`` says where.
+    """A buffer of known size that arrays are laid into end to end; ``put`` / ``reserve`` say where.
 
     Sized before any layer is prepared (``_sizes``), so building never holds two copies of the
-    codes: each layer's prepared form is copied in and dropped.
+    codes: each layer's codes are prepared straight into their place.
     """
 
     def __init__(self, size: int, dtype: type) -> None:
@@ -60,10 +60,15 @@ class _FlatBuffer:
         self.used = 0
 
     def put(self, array: np.ndarray) -> int:
-        at, flat = self.used, array.reshape(-1)
-        self.array[at : at + flat.size] = flat
-        self.used += flat.size
+        at, view = self.reserve(array.shape)
+        view[...] = array
         return at
+
+    def reserve(self, shape: tuple[int, ...]) -> tuple[int, np.ndarray]:
+        """The next ``prod(shape)`` elements, as a C-contiguous view of ``shape``, and where."""
+        at, count = self.used, int(np.prod(shape))
+        self.used += count
+        return at, self.array[at : at + count].reshape(shape)
 
 
 def _sizes(layers: list[BCQLinear], rows: int) -> tuple[int, int]:
@@ -103,7 +108,9 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
     banked_any = False
     with torch.no_grad():
         for index, (layer, banked) in enumerate(layers):
-            operands = _layer_operands(layer, kernel, rows, banked)
+            bits, out, n_bytes = layer.packed_codes.shape
+            at, codes_view = codes.reserve((bits, -(-out // rows), n_bytes, rows))
+            operands = _layer_operands(layer, kernel, rows, banked, codes_view)
             row = ints[index]
             row[native.GROUP_SIZE] = operands.group_size
             row[native.N_GROUPS] = operands.n_groups
@@ -118,7 +125,7 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
             )
             row[native.N_SETS] = operands.first.shape[0]
             row[native.SCALE_DIM_1], row[native.SCALE_DIM_2] = operands.first.shape[1:]
-            row[native.CODES_AT] = codes.put(operands.codes)
+            row[native.CODES_AT] = at
             # The layer's own codes are now read only off the decode path (the transformers
             # forward, saving, hashing): where they are a view of the loaded file, their pages
             # leave memory until then, so that decode holds one copy of the codes, not two.
@@ -147,14 +154,14 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
 
 
 def _layer_operands(
-    layer: BCQLinear, kernel: Any, rows: int, banked: bool
+    layer: BCQLinear, kernel: Any, rows: int, banked: bool, codes_out: np.ndarray
 ) -> lut_common.LayerOperands:
     if not lut_common.supports(layer.group_size, layer.in_features):
         raise UnsupportedModelError(
             f"group size {layer.group_size} of a {layer.in_features}-input layer splits a code "
             "byte; the LUT kernel needs multiples of 8"
         )
-    prepared = kernel.module.prepare_codes(layer.packed_codes, layer.in_features)
+    prepared = kernel.module.prepare_codes(layer.packed_codes, layer.in_features, codes_out)
     alpha_rest = layer.alpha_rest.detach().float()
     if banked:
         first_sets = layer.alpha1_bank.detach().float()  # (A, out, G)

@@ -663,11 +663,10 @@ def table_bits(table_dtype: torch.dtype) -> int:
     return _TABLE_BITS[table_dtype]
 
 
-def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
+def prepare_codes(packed: Tensor, in_features: int, out: np.ndarray | None = None) -> PreparedCodes:
     """Reorder packed codes ``(q, out, ceil(in/8))`` so 32 rows' bytes are contiguous; mirror
-    the nibbles (see ``_MIRRORED``)."""
-    prepared = lut_common.prepare_codes(packed, in_features, ROWS)
-    return PreparedCodes(_MIRRORED[prepared.codes], prepared.out_features, prepared.in_features)
+    the nibbles (see ``_MIRRORED``). ``out``: where to write them (see ``lut_common``)."""
+    return lut_common.prepare_codes(packed, in_features, ROWS, _MIRRORED, out)
 
 
 def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:

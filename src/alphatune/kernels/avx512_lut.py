@@ -336,9 +336,10 @@ def _require() -> None:
         raise KernelUnavailableError("the AVX-512 LUT kernel needs a CPU with AVX-512F")
 
 
-def prepare_codes(packed: Tensor, in_features: int) -> PreparedCodes:
-    """Reorder packed codes ``(q, out, ceil(in/8))`` so 16 rows' bytes are contiguous."""
-    return lut_common.prepare_codes(packed, in_features, ROWS)
+def prepare_codes(packed: Tensor, in_features: int, out: np.ndarray | None = None) -> PreparedCodes:
+    """Reorder packed codes ``(q, out, ceil(in/8))`` so 16 rows' bytes are contiguous; ``out``:
+    where to write them (see ``lut_common``)."""
+    return lut_common.prepare_codes(packed, in_features, ROWS, None, out)
 
 
 def prepare_scales(first_sets: Tensor, rest: Tensor) -> PreparedScales:

@@ -78,23 +78,54 @@ class PreparedScales:
         return (sets, groups, out) if self.layout == ROWS_INNER else (sets, out, groups)
 
 
-def prepare_codes(packed: Tensor, in_features: int, rows: int) -> PreparedCodes:
-    """Reorder packed codes ``(q, out, ceil(in/8))`` so ``rows`` rows' bytes are contiguous."""
+def prepare_codes(
+    packed: Tensor,
+    in_features: int,
+    rows: int,
+    byte_map: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> PreparedCodes:
+    """Reorder packed codes ``(q, out, ceil(in/8))`` so ``rows`` rows' bytes are contiguous.
+
+    ``byte_map`` (256 uint8) rewrites every byte on the way (a kernel's nibble order); ``out``
+    (C-contiguous uint8 of the prepared shape) receives the result, so a caller that keeps many
+    layers in one buffer makes no temporary copy of any.
+    """
     if packed.dtype != torch.uint8 or packed.dim() != 3:
         raise ConfigError(
             f"packed codes must be uint8 (q, out, ceil(in/8)), got {packed.dtype} {tuple(packed.shape)}"
         )
-    bits, out, n_bytes = packed.shape
+    bits, out_features, n_bytes = packed.shape
     if n_bytes != packed_width(in_features):
         raise ConfigError(
             f"packed width {n_bytes} does not match in_features={in_features} "
             f"(expected {packed_width(in_features)} bytes per row)"
         )
-    padded = -(-out // rows) * rows
-    codes = torch.zeros(bits, padded, n_bytes, dtype=torch.uint8)
-    codes[:, :out] = packed.detach().cpu()
-    tiled = codes.reshape(bits, padded // rows, rows, n_bytes).permute(0, 1, 3, 2).contiguous()
-    return PreparedCodes(tiled.numpy(), out, in_features)
+    blocks = -(-out_features // rows)
+    shape = (bits, blocks, n_bytes, rows)
+    if out is None:
+        out = np.empty(shape, np.uint8)
+    if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ConfigError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
+    source = packed.detach().cpu().numpy()  # a view of the stored codes, no copy
+    whole = out_features // rows
+    for plane in range(bits):
+        # (blocks, rows, bytes) -> (blocks, bytes, rows), written straight into out.
+        _copy_bytes(source[plane, : whole * rows].reshape(whole, rows, n_bytes).transpose(0, 2, 1),
+                    out[plane, :whole], byte_map)  # fmt: skip
+        if whole < blocks:  # the last block's rows past out_features are zero codes
+            last = out[plane, whole]
+            last[...] = 0 if byte_map is None else byte_map[0]
+            _copy_bytes(source[plane, whole * rows :].T, last[:, : out_features - whole * rows],
+                        byte_map)  # fmt: skip
+    return PreparedCodes(out, out_features, in_features)
+
+
+def _copy_bytes(source: np.ndarray, target: np.ndarray, byte_map: np.ndarray | None) -> None:
+    if byte_map is None:
+        np.copyto(target, source)
+    else:  # mode="clip": no bounds check, so numpy writes into target without a buffer
+        np.take(byte_map, source, out=target, mode="clip")
 
 
 def _rows_contiguous(scales: Tensor, rows: int) -> np.ndarray:
