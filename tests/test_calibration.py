@@ -83,3 +83,25 @@ def test_stop_ends_each_pass_once_every_layer_has_its_input() -> None:
     assert stopped.keys() == full.keys()
     for name, h in stopped.items():
         torch.testing.assert_close(h, full[name])
+
+
+def test_a_block_pass_keeps_each_dense_weight_once_and_drops_it_after() -> None:
+    """``keeping_dense_weights``: batches through a quantized layer give bit-identical outputs
+    from one dequantization (kept while active, dropped on exit)."""
+    from torch import nn
+
+    from alphatune.calibration import keeping_dense_weights
+    from alphatune.layers import BCQLinear
+
+    torch.manual_seed(0)
+    layer = BCQLinear.from_linear(
+        nn.Linear(64, 48), BCQConfig(bits=3, group_size=16, method="offset")
+    ).eval()
+    batches = [torch.randn(4, 80, 64) for _ in range(3)]  # > 64 tokens: the batched path
+    with torch.no_grad():
+        expected = [layer(x) for x in batches]
+        with keeping_dense_weights(layer):
+            got = [layer(x) for x in batches]
+            assert "dense" in layer._weight_cache
+        assert "dense" not in layer._weight_cache and not layer._weight_cache.keep_dense
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

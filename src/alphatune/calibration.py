@@ -93,6 +93,22 @@ def recording_hessians(
         last.clear()
 
 
+@contextmanager
+def keeping_dense_weights(module: nn.Module) -> Iterator[None]:
+    """While active, the quantized layers in ``module`` keep their dense weight between calls
+    (``WeightCache.keep_dense``): a block run over every calibration batch dequantizes each
+    layer once, not once per batch. The weights are dropped on exit."""
+    caches = [m._weight_cache for m in module.modules() if hasattr(m, "_weight_cache")]
+    for cache in caches:
+        cache.keep_dense = True
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.keep_dense = False
+            cache.clear()
+
+
 def run_batches(
     model: nn.Module,
     calibration: Tensor,
@@ -207,8 +223,9 @@ def quantize_sequentially(
                 for name, module in targets.items():
                     fit_layer(name, module, hessians.pop(name))
                     done.add(name)
-            inputs = [
-                _replace_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
-                for args, kwargs in inputs
-            ]
+            with keeping_dense_weights(block):
+                inputs = [
+                    _replace_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
+                    for args, kwargs in inputs
+                ]
     return done

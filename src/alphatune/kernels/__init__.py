@@ -201,6 +201,10 @@ class WeightCache:
 
     def __init__(self) -> None:
         self._forms: dict[str, tuple[Hashable, Any]] = {}
+        # Keep the dense weight of the batched path too (``bcq_matmul``): for a caller that runs
+        # many large batches through the same weights (calibration), one dequantization in all
+        # instead of one per batch, at 32 bits per weight while it is set.
+        self.keep_dense = False
 
     def get(self, name: str, key: Hashable, build: Callable[[], Any]) -> Any:
         held = self._forms.get(name)
@@ -234,13 +238,25 @@ def dequantized_linear(
     On CPU with numba the weight goes into a reused per-thread workspace (``numba_dequant``),
     consumed by this one GEMM; elsewhere the torch reference builds it.
     """
-    if packed.device.type == "cpu" and alpha.dtype == torch.float32 and numba_dequant.available():
-        weight = numba_dequant.dequantize_fast(
-            packed, alpha, offset, group_size, in_features, reuse=True
-        )
-    else:
-        weight = dequantize_packed_reference(packed, alpha, offset, group_size, in_features)
+    weight = _dense_weight(packed, alpha, offset, group_size, in_features, reuse=True)
     return F.linear(x, weight.to(x.dtype))
+
+
+def _dense_weight(
+    packed: Tensor,
+    alpha: Tensor,
+    offset: Tensor | None,
+    group_size: int,
+    in_features: int,
+    reuse: bool,
+) -> Tensor:
+    """The dense weight: numba's dequantization on CPU (``reuse``: into the per-thread workspace,
+    valid until the next call), else the torch reference."""
+    if packed.device.type == "cpu" and alpha.dtype == torch.float32 and numba_dequant.available():
+        return numba_dequant.dequantize_fast(
+            packed, alpha, offset, group_size, in_features, reuse=reuse
+        )
+    return dequantize_packed_reference(packed, alpha, offset, group_size, in_features)
 
 
 def _tensor_key(t: Tensor) -> tuple[int, int]:
@@ -319,6 +335,13 @@ def bcq_matmul(
     def build() -> Tensor:
         return dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
 
+    if cache is not None and cache.keep_dense:  # a pass of many batches: dequantize once
+
+        def dense() -> Tensor:
+            weight = _dense_weight(packed, alpha, offset, group_size, in_features, reuse=False)
+            return weight.to(x.dtype)
+
+        return F.linear(x, cache.get("dense", (*cache_key, x.device, x.dtype), dense))
     if x.device.type == "cpu" and alpha.dtype == torch.float32 and lut_available():
         # The LUT kernel serves decode, so a kept dense weight would only cost memory.
         return dequantized_linear(x, packed, alpha, offset, group_size, in_features)
