@@ -451,68 +451,45 @@ if _IMPORT_ERROR is None:
                         )
 
     @njit(cache=True)
-    def _quantize_tables(tables, bytes_per_group, quantized, chunk_scales):  # pragma: no cover
-        """int8 tables: one scale per token and chunk (``CHUNK_BYTES`` bytes of a group at most)."""
+    def _quantize_tables(tables, bytes_per_group, split, levels, chunk_scales):  # pragma: no cover
+        """Integer tables, one scale per token and chunk of a group's bytes (``CHUNK_BYTES`` for
+        int8, ``CHUNK_BYTES_INT16`` for int16). int8 (``split`` False): ``levels[t, 32k : +32]``
+        holds code byte k's two tables. int16 (``split``): ``levels[t, 64k : +64]`` holds the
+        low bytes of its two tables (16 each), then their high bytes."""
         n_tokens = tables.shape[0]
         n_bytes = tables.shape[1] // 32
-        chunks_per_group = (bytes_per_group + CHUNK_BYTES - 1) // CHUNK_BYTES
+        chunk_bytes = CHUNK_BYTES_INT16 if split else CHUNK_BYTES
+        top = np.float32(32767.0) if split else np.float32(127.0)
+        width = 64 if split else 32  # level bytes per code byte
+        chunks_per_group = (bytes_per_group + chunk_bytes - 1) // chunk_bytes
         for t in range(n_tokens):
             for g in range(n_bytes // bytes_per_group):
                 for c in range(chunks_per_group):
-                    begin = 32 * (g * bytes_per_group + c * CHUNK_BYTES)
-                    end = 32 * min(
-                        (g + 1) * bytes_per_group, g * bytes_per_group + (c + 1) * CHUNK_BYTES
-                    )
+                    first = g * bytes_per_group + c * chunk_bytes
+                    last = min((g + 1) * bytes_per_group, first + chunk_bytes)
                     largest = np.float32(0.0)
-                    for i in range(begin, end):
+                    for i in range(32 * first, 32 * last):
                         largest = max(largest, abs(tables[t, i]))
                     if largest == 0 or not np.isfinite(largest):
                         # All zero: exact. NaN or inf in x: the chunk's sums become NaN, as in
                         # float32 (levels cannot hold them).
                         scale = np.float32(0.0) if largest == 0 else np.float32(np.nan)
                         chunk_scales[t, g * chunks_per_group + c] = scale
-                        quantized[t, begin:end] = 0
+                        levels[t, width * first : width * last] = 0
                         continue
-                    chunk_scales[t, g * chunks_per_group + c] = largest / np.float32(127.0)
-                    inverse = np.float32(127.0) / largest
-                    for i in range(begin, end):
-                        # Entry m of a table is read by the mirrored nibble: store table[mirror(m)].
-                        source = i - i % 16 + _MIRROR_NIBBLE[i % 16]
-                        level = min(max(np.rint(tables[t, source] * inverse), -127.0), 127.0)
-                        quantized[t, i] = np.int8(level)
-
-    @njit(cache=True)
-    def _quantize_tables_int16(tables, bytes_per_group, levels, chunk_scales):  # pragma: no cover
-        """int16 tables split into bytes: one scale per token and chunk (``CHUNK_BYTES_INT16``
-        bytes of a group at most). Per code byte k, ``levels[t, 64k : 64k + 64]`` holds the low
-        bytes of the low- and high-nibble tables (16 each), then their high bytes."""
-        n_tokens = tables.shape[0]
-        n_bytes = tables.shape[1] // 32
-        chunks_per_group = (bytes_per_group + CHUNK_BYTES_INT16 - 1) // CHUNK_BYTES_INT16
-        for t in range(n_tokens):
-            for g in range(n_bytes // bytes_per_group):
-                for c in range(chunks_per_group):
-                    first = g * bytes_per_group + c * CHUNK_BYTES_INT16
-                    last = min((g + 1) * bytes_per_group, first + CHUNK_BYTES_INT16)
-                    largest = np.float32(0.0)
-                    for i in range(32 * first, 32 * last):
-                        largest = max(largest, abs(tables[t, i]))
-                    if largest == 0 or not np.isfinite(largest):
-                        # As the int8 tables: all zero is exact, NaN or inf makes NaN sums.
-                        scale = np.float32(0.0) if largest == 0 else np.float32(np.nan)
-                        chunk_scales[t, g * chunks_per_group + c] = scale
-                        levels[t, 64 * first : 64 * last] = 0
-                        continue
-                    chunk_scales[t, g * chunks_per_group + c] = largest / np.float32(32767.0)
-                    inverse = np.float32(32767.0) / largest
+                    chunk_scales[t, g * chunks_per_group + c] = largest / top
+                    inverse = top / largest
                     for k in range(first, last):
                         for i in range(32):  # low-nibble table, then high: 16 entries each
                             # Entry m is read by the mirrored nibble: store table[mirror(m)].
                             source = 32 * k + i - i % 16 + _MIRROR_NIBBLE[i % 16]
                             value = np.rint(tables[t, source] * inverse)
-                            level = np.int32(min(max(value, -32767.0), 32767.0))
-                            levels[t, 64 * k + i] = np.uint8(level & 255)
-                            levels[t, 64 * k + 32 + i] = np.uint8((level >> 8) & 255)
+                            level = np.int32(min(max(value, -top), top))
+                            if split:
+                                levels[t, 64 * k + i] = level & 255
+                                levels[t, 64 * k + 32 + i] = (level >> 8) & 255
+                            else:
+                                levels[t, 32 * k + i] = level
 
     @njit(cache=True)
     def _row_blocks(
@@ -613,7 +590,7 @@ if _IMPORT_ERROR is None:
             chunks = n_groups * ((bytes_per_group + CHUNK_BYTES - 1) // CHUNK_BYTES)
             levels = np.empty((n_tokens, 32 * n_bytes), np.int8)
             chunk_scales = np.empty((n_tokens, chunks), np.float32)
-            _quantize_tables(tables, bytes_per_group, levels, chunk_scales)
+            _quantize_tables(tables, bytes_per_group, False, levels, chunk_scales)
             _run_blocks(
                 levels, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
                 bytes_per_group, parallel, y,
@@ -622,7 +599,7 @@ if _IMPORT_ERROR is None:
             chunks = n_groups * ((bytes_per_group + CHUNK_BYTES_INT16 - 1) // CHUNK_BYTES_INT16)
             split_levels = np.empty((n_tokens, 64 * n_bytes), np.uint8)
             chunk_scales = np.empty((n_tokens, chunks), np.float32)
-            _quantize_tables_int16(tables, bytes_per_group, split_levels, chunk_scales)
+            _quantize_tables(tables, bytes_per_group, True, split_levels, chunk_scales)
             _run_blocks(
                 split_levels, chunk_scales, codes, first_scales, rest_scales, token_set,
                 n_groups, bytes_per_group, parallel, y,
