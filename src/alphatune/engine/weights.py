@@ -1,8 +1,8 @@
 """The blocks' weights in the form the numba step reads: the kernel's operands of every projection.
 
 Codes (in the kernel's layout) and biases are laid end to end in one flat buffer per kind, which
-the engine owns: codes are prepared per layer and copied in, nothing is kept in the layers, and a
-layer's stored codes, when they are a view of the file the base was loaded from, are paged out
+the engine owns: each layer's codes are prepared straight into it, nothing is kept in the layers,
+and a layer's stored codes, when they are a view of the file the base was loaded from, are paged out
 (``memory.page_out``), so decode holds one copy of the codes.
 Scales and offsets are passed by address (``ints`` says where every operand is and its shape,
 ``native``'s columns). A kernel that reads scales in the layers' own order (AVX2) reads the
