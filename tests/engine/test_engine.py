@@ -297,7 +297,7 @@ def test_mixed_batch_rows_use_their_adapters(tmp_path, caplog):
     )
 
 
-def test_the_engine_reads_the_layers_scales_in_place():
+def test_the_engine_reads_the_layers_scales_in_place(exact_tables):
     """On a kernel that reads scales in the layers' own order (AVX2), decode holds one copy of
     them: the engine's operands are the layer's α₁, other α and offset, and an edit in place shows
     in the next call, as in the transformers forward."""
