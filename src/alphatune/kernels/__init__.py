@@ -238,25 +238,13 @@ def dequantized_linear(
     On CPU with numba the weight goes into a reused per-thread workspace (``numba_dequant``),
     consumed by this one GEMM; elsewhere the torch reference builds it.
     """
-    weight = _dense_weight(packed, alpha, offset, group_size, in_features, reuse=True)
-    return F.linear(x, weight.to(x.dtype))
-
-
-def _dense_weight(
-    packed: Tensor,
-    alpha: Tensor,
-    offset: Tensor | None,
-    group_size: int,
-    in_features: int,
-    reuse: bool,
-) -> Tensor:
-    """The dense weight: numba's dequantization on CPU (``reuse``: into the per-thread workspace,
-    valid until the next call), else the torch reference."""
     if packed.device.type == "cpu" and alpha.dtype == torch.float32 and numba_dequant.available():
-        return numba_dequant.dequantize_fast(
-            packed, alpha, offset, group_size, in_features, reuse=reuse
+        weight = numba_dequant.dequantize_fast(
+            packed, alpha, offset, group_size, in_features, reuse=True
         )
-    return dequantize_packed_reference(packed, alpha, offset, group_size, in_features)
+    else:
+        weight = dequantize_packed_reference(packed, alpha, offset, group_size, in_features)
+    return F.linear(x, weight.to(x.dtype))
 
 
 def _tensor_key(t: Tensor) -> tuple[int, int]:
@@ -335,14 +323,8 @@ def bcq_matmul(
     def build() -> Tensor:
         return dequantize_packed(packed, alpha, offset, group_size, in_features).to(x.dtype)
 
-    if cache is not None and cache.keep_dense:  # a pass of many batches: dequantize once
-
-        def dense() -> Tensor:
-            weight = _dense_weight(packed, alpha, offset, group_size, in_features, reuse=False)
-            return weight.to(x.dtype)
-
-        return F.linear(x, cache.get("dense", (*cache_key, x.device, x.dtype), dense))
-    if x.device.type == "cpu" and alpha.dtype == torch.float32 and lut_available():
+    keep = cache is not None and cache.keep_dense  # a pass of many batches: dequantize once
+    if not keep and x.device.type == "cpu" and alpha.dtype == torch.float32 and lut_available():
         # The LUT kernel serves decode, so a kept dense weight would only cost memory.
         return dequantized_linear(x, packed, alpha, offset, group_size, in_features)
     weight = (
