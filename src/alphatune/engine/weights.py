@@ -75,9 +75,8 @@ def _sizes(layers: list[BCQLinear], rows: int) -> tuple[int, int]:
     """Elements of the codes (in ``rows``-row blocks) and of the biases of ``layers``."""
     codes = biases = 0
     for layer in layers:
-        bits, out, n_bytes = layer.packed_codes.shape
-        codes += bits * -(-out // rows) * rows * n_bytes
-        biases += 0 if layer.bias is None else out
+        codes += int(np.prod(lut_common.prepared_codes_shape(layer.packed_codes.shape, rows)))
+        biases += 0 if layer.bias is None else layer.out_features
     return codes, biases
 
 
@@ -108,8 +107,8 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
     banked_any = False
     with torch.no_grad():
         for index, (layer, banked) in enumerate(layers):
-            bits, out, n_bytes = layer.packed_codes.shape
-            at, codes_view = codes.reserve((bits, -(-out // rows), n_bytes, rows))
+            shape = lut_common.prepared_codes_shape(layer.packed_codes.shape, rows)
+            at, codes_view = codes.reserve(shape)
             operands = _layer_operands(layer, kernel, rows, banked, codes_view)
             row = ints[index]
             row[native.GROUP_SIZE] = operands.group_size

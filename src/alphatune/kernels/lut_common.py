@@ -78,6 +78,12 @@ class PreparedScales:
         return (sets, groups, out) if self.layout == ROWS_INNER else (sets, out, groups)
 
 
+def prepared_codes_shape(packed_shape: tuple[int, ...], rows: int) -> tuple[int, int, int, int]:
+    """The shape ``prepare_codes`` gives codes of ``packed_shape`` ``(q, out, ceil(in/8))``."""
+    bits, out_features, n_bytes = packed_shape
+    return (bits, -(-out_features // rows), n_bytes, rows)
+
+
 def prepare_codes(
     packed: Tensor,
     in_features: int,
@@ -101,8 +107,8 @@ def prepare_codes(
             f"packed width {n_bytes} does not match in_features={in_features} "
             f"(expected {packed_width(in_features)} bytes per row)"
         )
-    blocks = -(-out_features // rows)
-    shape = (bits, blocks, n_bytes, rows)
+    shape = prepared_codes_shape(packed.shape, rows)
+    blocks = shape[1]
     if out is None:
         out = np.empty(shape, np.uint8)
     if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
