@@ -90,10 +90,13 @@ def layer_traffic(n_layers: int) -> list[dict[str, Any]]:
     decode = kernel.module.decode_native
 
     def call(layer: Any, parallel: bool) -> None:
-        extra = () if kernel.name == "avx512" else (kernel.table_bits,)
+        # AVX-512 takes a flag; AVX2 its table_bits and the thread count (numba's, set below).
+        extra = (
+            (parallel,) if kernel.name == "avx512" else (kernel.table_bits, 2 if parallel else 1)
+        )
         decode(
             x, group, layer.codes, layer.first, layer.rest, sets, layer.offset, False,
-            layer.n_groups, layer.bytes_per_group, *extra, parallel,
+            layer.n_groups, layer.bytes_per_group, *extra,
         )  # fmt: skip
 
     def per_call_us(order: list[int], parallel: bool, repeats: int = 3) -> float:

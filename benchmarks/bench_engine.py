@@ -169,23 +169,35 @@ def step_breakdown(engine: Any, ids: list[int], threads: int, steps: int = 48) -
 
 
 def projections_only_us(engine: Any, repeats: int = 20) -> float:
-    """Microseconds for the 210 projections of one token, in one numba loop (kernels alone)."""
+    """Microseconds for the 210 projections of one token, in one numba loop (kernels alone, one
+    thread; each shared input's tables built once, as in the engine)."""
     from numba import njit
 
     from alphatune.engine import native
 
+    groups = native.SHARED_INPUTS
+    per_block = len(native.PROJECTIONS)
+
     @njit
-    def run_all(tag, inputs, w_codes, biases, ints, table_bits, repeats):
+    def run_all(tag, inputs, w_codes, biases, ints, repeats):
         sets = np.zeros(1, np.int64)
         for _ in range(repeats):
-            for index in range(ints.shape[0]):
-                x = inputs[: ints[index, native.N_BYTES] * 8].reshape((1, -1)).copy()
-                native._project(tag, x, index, w_codes, biases, ints, sets, sets, table_bits, 1,
-                                1 << 62)  # fmt: skip
+            for block in range(ints.shape[0] // per_block):
+                for first, count in groups:  # as forward_tokens: one input's tables per group
+                    index = block * per_block + first
+                    x = inputs[: ints[index, native.N_BYTES] * 8].reshape((1, -1)).copy()
+                    outputs = [
+                        np.empty((1, ints[index + p, native.OUT_FEATURES]), np.float32)
+                        for p in range(count)
+                    ]
+                    native._project_group(
+                        tag, x, index, count, w_codes, biases, ints, sets, sets, 1, 1 << 62,
+                        outputs,
+                    )  # fmt: skip
 
     w = engine.weights
     inputs = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32)
-    args = (engine.kernel_tag, inputs, w.codes, w.biases, w.ints, engine.table_bits)
+    args = (engine.kernel_tag, inputs, w.codes, w.biases, w.ints)
     run_all(*args, 1)
     began = time.perf_counter()
     run_all(*args, repeats)

@@ -341,6 +341,63 @@ def test_threads_give_the_same_tokens(model, engine):
     assert [d.tokens for d in two] == [d.tokens for d in one]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_projections_sharing_an_input_equal_each_projection_alone(engine, threads):
+    """q, k and v (and gate and up) built from one set of tables, with their row blocks in one
+    parallel region, give exactly what each projection gives with tables of its own."""
+    import numpy as np
+    from numba import config, njit
+
+    from alphatune.engine import native
+    from alphatune.kernels.numba_threads import numba_threads
+
+    if threads > config.NUMBA_NUM_THREADS:
+        pytest.skip("numba's pool has one thread here")
+
+    @njit
+    def group(tag, x, index, count, codes, biases, ints, sets, threads):
+        outputs = [np.empty((x.shape[0], ints[index + p, native.OUT_FEATURES]), np.float32)
+                   for p in range(count)]  # fmt: skip
+        native._project_group(tag, x, index, count, codes, biases, ints, sets, sets, threads, 0,
+                              outputs)  # fmt: skip
+        return outputs
+
+    w = engine.weights
+    sets = np.zeros(3, np.int64)
+    generator = np.random.default_rng(5)
+    with numba_threads(threads):
+        for first, count in native.SHARED_INPUTS:
+            index = len(native.PROJECTIONS) + first  # block 1
+            width = (
+                int(w.ints[index, native.N_BYTES]) * 8
+            )  # the tiny model's widths are whole bytes
+            x = generator.standard_normal((3, width), np.float32)
+            args = (engine.kernel_tag, x, index, count, w.codes, w.biases, w.ints, sets)
+            outputs = group(*args, threads)
+            for p in range(count):
+                alone = native._project(*args[:2], index + p, *args[4:], sets, 1, 1 << 62)
+                np.testing.assert_array_equal(outputs[p], alone)
+
+
+def test_projections_sharing_an_input_need_the_same_groups(model):
+    """The engine builds one input's tables for q, k and v: a q quantized with other groups is
+    refused with the reason (the caller falls back to transformers generate)."""
+    import copy
+
+    from alphatune.layers import BCQLinear
+
+    odd = copy.deepcopy(model)
+    attention = odd.model.layers[0].self_attn
+    dense = torch.nn.Linear(attention.q_proj.in_features, attention.q_proj.out_features)
+    attention.q_proj = BCQLinear.from_linear(
+        dense, BCQConfig(bits=3, method="greedy"), group_size=16
+    ).eval()
+    with pytest.raises(
+        UnsupportedModelError, match=r"block 0: self_attn.q_proj, .* different groups"
+    ):
+        Engine.build(odd)
+
+
 @pytest.mark.parametrize("kernel, bits", [("avx2-int16", 16), ("avx2-int8", 8)])
 def test_integer_tables_kernels_run_in_the_engine(monkeypatch, exact_tables, kernel, bits):
     """``ALPHATUNE_KERNEL=avx2-int16`` / ``avx2-int8``: the engine runs the integer-table loop, and

@@ -322,3 +322,57 @@ def test_missing_numba_names_the_install(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(KernelUnavailableError, match="pip install numba") as info:
         bcq_matmul_lut(torch.randn(1, 64), packed, alpha, offset, g, 64)
     assert info.value.__cause__ is cause
+
+
+def _levels_reference(x: np.ndarray, bytes_per_group: int, split: bool) -> tuple[np.ndarray, ...]:
+    """Integer table levels by their definition (``avx2_lut`` docstring), in float64: for each
+    quad of inputs the 16 signed sums, a scale per chunk of a group's bytes, levels in the
+    kernel's mirrored nibble order. Returns (levels (T, bytes, 2, 16) int, scales (T, chunks))."""
+    top, chunk_bytes = (32767, 64) if split else (127, 128)
+    tokens, in_features = x.shape
+    n_bytes = packed_width(in_features)
+    padded = np.zeros((tokens, 8 * n_bytes))
+    padded[:, :in_features] = x
+    quads = padded.reshape(tokens, n_bytes, 2, 4)
+    signs = np.array([[1 if m >> b & 1 else -1 for b in range(4)] for m in range(16)])
+    tables = quads @ signs.T  # (T, bytes, 2, 16): entry m = Σ_b ±x_b
+    mirrored = tables[..., [m if m < 8 else m ^ 7 for m in range(16)]]
+    levels, scales = np.zeros_like(mirrored), []
+    for first in range(0, n_bytes, bytes_per_group):
+        for begin in range(first, first + bytes_per_group, chunk_bytes):
+            end = min(first + bytes_per_group, begin + chunk_bytes)
+            scale = np.abs(tables[:, begin:end]).max(axis=(1, 2, 3)) / top  # (T,)
+            scales.append(scale)
+            levels[:, begin:end] = np.rint(mirrored[:, begin:end] / scale[:, None, None, None])
+    return levels.astype(np.int64), np.stack(scales, axis=1)
+
+
+@needs_avx2
+@pytest.mark.parametrize("split", [True, False], ids=["int16", "int8"])
+@pytest.mark.parametrize(
+    "in_features,group_size", [(576, 64), (100, 100), (13, 13), (2200, 2200)], ids=str
+)
+def test_integer_tables_match_their_definition(
+    in_features: int, group_size: int, split: bool
+) -> None:
+    """The vector code that builds integer tables straight from x (``_quad_levels``): every level
+    within one of its definition (float32 sums round differently), the chunk scales to float32
+    precision, a partial last quad zero-padded, and the group sums (float32 sums)."""
+    x = np.random.default_rng(in_features).standard_normal((3, in_features)).astype(np.float32)
+    n_bytes = packed_width(in_features)
+    bytes_per_group = n_bytes if group_size == in_features else group_size // 8
+    n_groups = n_bytes // bytes_per_group
+    levels = np.empty((3, (64 if split else 32) * n_bytes), np.uint8 if split else np.int8)
+    chunk_scales, group_sums = avx2_lut.fill_tables_native(
+        x, group_size, n_groups, bytes_per_group, split, levels, True, 1
+    )
+    if split:  # low bytes (unsigned) then high bytes (signed) of each code byte's two tables
+        pairs = levels.reshape(3, n_bytes, 2, 32)
+        got = pairs[:, :, 1].view(np.int8).astype(np.int64) * 256 + pairs[:, :, 0]
+    else:
+        got = levels.view(np.int8).astype(np.int64)
+    expected, scales = _levels_reference(x.astype(np.float64), bytes_per_group, split)
+    assert np.abs(got.reshape(expected.shape) - expected).max() <= 1
+    np.testing.assert_allclose(chunk_scales, scales, rtol=1e-6)
+    sums = x.astype(np.float64).reshape(3, n_groups, -1).sum(-1)
+    np.testing.assert_allclose(group_sums, sums, rtol=1e-5, atol=1e-5)

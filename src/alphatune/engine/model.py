@@ -47,7 +47,7 @@ class Engine:
     kernel_name: str
     kernel_tag: np.ndarray  # empty array whose dtype selects the kernel (native.KERNEL_TAGS)
     table_bits: int  # the AVX2 kernel's tables: 0 float32, 16 or 8 integer levels
-    min_parallel_work: int  # a layer's code bits × tokens from which it runs on the threads
+    min_parallel_work: int  # code bits × tokens from which projections run on the threads
     min_parallel_attention: int = MIN_PARALLEL_ATTENTION
 
     @classmethod
@@ -84,7 +84,11 @@ class Engine:
             kernel_name=kernel.name,
             kernel_tag=np.zeros(0, native.KERNEL_TAGS[kernel.name]),
             table_bits=kernel.table_bits,
-            min_parallel_work=kernel.module.MIN_PARALLEL_WORK,
+            min_parallel_work=(
+                kernel.module.MIN_PARALLEL_WORK  # AVX-512: one parallel region per projection
+                if kernel.name == "avx512"
+                else native.MIN_PARALLEL_GROUP_WORK
+            ),
         )
         engine._load_step()
         return engine
@@ -160,7 +164,7 @@ class Engine:
         args = (
             self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
             w.norms, w.final_norm, w.codes, w.biases, w.ints,
-            np.float32(self.spec.eps), self.spec.n_heads, self.table_bits, threads,
+            np.float32(self.spec.eps), self.spec.n_heads, threads,
             self.min_parallel_work, self.min_parallel_attention,
         )  # fmt: skip
         if threads > 1:

@@ -6,12 +6,15 @@ batch row; prefill passes chunks of prompt tokens (several rows mixed). Each blo
 chunk's keys and values into the cache before any token attends, and a token attends to its
 row's positions ``0..position``: that is the causal mask, with no padding anywhere.
 
-The seven projections of a block call the LUT kernel's njit core (``decode_native`` of
-``kernels.avx2_lut`` or ``kernels.avx512_lut``) directly, so no Python runs between layers: the
-per-token framework cost of the transformers path (module calls, dispatch, tensor <-> numpy)
-is gone. Which kernel is compiled in is decided at typing time by the dtype of ``kernel_tag``
-(``KERNEL_TAGS``), so an AVX2-only CPU never compiles the AVX-512 loop, and the step stays
-cacheable on disk (numba does not cache functions that take other functions as arguments).
+The seven projections of a block call the LUT kernel's njit code directly, so no Python runs
+between layers: the per-token framework cost of the transformers path (module calls, dispatch,
+tensor <-> numpy) is gone. Projections that read the same input (``SHARED_INPUTS``: q, k and v;
+gate and up) share its lookup tables, built once, and run their row blocks in one parallel
+region, split evenly over the threads (AVX2; the AVX-512 kernel runs each projection whole,
+through its ``decode_native``). Which kernel, and which AVX2 tables, are compiled in is decided
+at typing time by the dtype of ``kernel_tag`` (``KERNEL_TAGS``), so an AVX2-only CPU never
+compiles the AVX-512 loop, and the step stays cacheable on disk (numba does not cache functions
+that take other functions as arguments).
 
 Arithmetic is float32 like the transformers forward; only summation orders differ (the loops
 below use ``fastmath`` reassociation so that the dot products vectorise).
@@ -29,8 +32,20 @@ try:
 except ImportError as exc:  # numba is an optional dependency (extra "fast")
     _IMPORT_ERROR = exc
 
-# kernel_tag dtype -> the kernel whose njit core the step calls.
-KERNEL_TAGS = {"avx2": np.int8, "avx2-int16": np.int8, "avx2-int8": np.int8, "avx512": np.int16}
+# Kernel name -> the kernel_tag dtype that selects its code at typing time: the AVX2 kernel by
+# its tables (float32, int16 levels split into bytes, int8 levels), or the AVX-512 kernel.
+KERNEL_TAGS = {
+    "avx2": np.float32,
+    "avx2-int16": np.uint8,
+    "avx2-int8": np.int8,
+    "avx512": np.int16,
+}
+_TAG_TABLE_BITS = {"float32": 0, "uint8": 16, "int8": 8}  # AVX2 tag dtype -> its table_bits
+# Code bits × tokens from which a group of projections sharing an input runs on the threads
+# (AVX2: one parallel region per group, its row blocks split evenly). Measured on SmolLM2 3-bit,
+# 2 threads, one token: every group parallel (o alone is 576·576·3 ≈ 1M) gave the fastest
+# blocks; the kernel's own threshold for a lone layer is 2M.
+MIN_PARALLEL_GROUP_WORK = 1 << 19
 
 # Projections of a block, in the order the step reads them (index within a block's 7).
 PROJECTIONS = (
@@ -42,6 +57,10 @@ PROJECTIONS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+# The projections that read one input, as (first index, count) in ``PROJECTIONS``: q, k and v
+# read the normed hidden state, o the attention, gate and up the normed residual, down the
+# gated MLP activations. ``forward_tokens`` builds each input's tables once for its group.
+SHARED_INPUTS = ((0, 3), (3, 1), (4, 2), (6, 1))
 
 # Columns of the per-projection integer table (``ints``): the kernel's scalars, then where each
 # operand is. Codes and biases start at an offset in the engine's flat buffers; the scales and the
@@ -84,44 +103,87 @@ def available() -> bool:
 
 if _IMPORT_ERROR is None:
     from alphatune.kernels import avx2_lut, avx512_lut
+    from alphatune.kernels.lut_common import add_offset, build_tables
+
+    fill_tables = avx2_lut.fill_tables_native
+    row_blocks = avx2_lut.row_blocks_native
 
     def _lut_matvec(
         tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-        bytes_per_group, table_bits, parallel,
+        bytes_per_group, threads,
     ):  # pragma: no cover - replaced by the overload  # fmt: skip
         raise NotImplementedError
 
     @overload(_lut_matvec)
     def _lut_matvec_overload(
         tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-        bytes_per_group, table_bits, parallel,
+        bytes_per_group, threads,
     ):  # fmt: skip
-        """Picks the kernel from the tag's dtype at typing time (see the module docstring)."""
+        """One layer through the tag's kernel (``decode_native``), tables and all, on ``threads``
+        of numba's threads (1: serial; the caller sets numba's count)."""
         if tag.dtype == types.int16:
             decode512 = avx512_lut.decode_native
 
             def call512(
                 tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-                bytes_per_group, table_bits, parallel,
+                bytes_per_group, threads,
             ):  # fmt: skip
                 return decode512(
                     x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-                    bytes_per_group, parallel,
+                    bytes_per_group, threads,
                 )  # fmt: skip
 
             return call512
         decode2 = avx2_lut.decode_native
+        table_bits = _TAG_TABLE_BITS[str(tag.dtype)]
 
         def call2(
             tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-            bytes_per_group, table_bits, parallel,
+            bytes_per_group, threads,
         ):  # fmt: skip
             return decode2(
                 x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-                bytes_per_group, table_bits, parallel,
+                bytes_per_group, table_bits, threads,
             )  # fmt: skip
 
         return call2
+
+    def _tables(
+        tag, x, group_size, n_groups, bytes_per_group, n_bytes, with_sums, threads
+    ):  # pragma: no cover - replaced by the overload  # fmt: skip
+        raise NotImplementedError
+
+    @overload(_tables)
+    def _tables_overload(
+        tag, x, group_size, n_groups, bytes_per_group, n_bytes, with_sums, threads
+    ):  # fmt: skip
+        """``(tables, chunk_scales, group_sums)`` of x for the AVX2 kernel's tables (the tag's
+        dtype: float32 tables, int16 levels split into bytes, or int8 levels); ``threads`` > 1
+        splits integer tables' tokens over numba's threads."""
+        if tag.dtype == types.float32:
+
+            def float_tables(
+                tag, x, group_size, n_groups, bytes_per_group, n_bytes, with_sums, threads
+            ):  # fmt: skip
+                tables = np.empty((x.shape[0], 32 * n_bytes), np.float32)
+                group_sums = np.empty((x.shape[0], n_groups), np.float32)
+                build_tables(x, group_size, tables, group_sums, with_sums)
+                return tables, np.zeros((1, 1), np.float32), group_sums
+
+            return float_tables
+        split = tag.dtype == types.uint8
+        width, levels_dtype = (64, np.uint8) if split else (32, np.int8)
+
+        def integer_tables(
+            tag, x, group_size, n_groups, bytes_per_group, n_bytes, with_sums, threads
+        ):  # fmt: skip
+            levels = np.empty((x.shape[0], width * n_bytes), levels_dtype)
+            chunk_scales, group_sums = fill_tables(
+                x, group_size, n_groups, bytes_per_group, split, levels, with_sums, threads
+            )
+            return levels, chunk_scales, group_sums
+
+        return integer_tables
 
     @intrinsic
     def _float32_pointer(typingctx, address):  # pragma: no cover - numba
@@ -222,44 +284,152 @@ if _IMPORT_ERROR is None:
             )  # fmt: skip
 
     @njit(cache=True)
+    def _operands(codes, ints, index):  # pragma: no cover - numba
+        """Projection ``index``'s codes (q, blocks, bytes, rows), α₁ sets, other planes and
+        offset, as views of the flat buffers and of the layer's own arrays (by address)."""
+        row = ints[index]
+        bits = row[BITS]
+        at = row[CODES_AT]
+        layer_codes = codes[at : at + bits * row[BLOCKS] * row[N_BYTES] * row[ROWS]].reshape(
+            (bits, row[BLOCKS], row[N_BYTES], row[ROWS])
+        )
+        dims = (row[SCALE_DIM_1], row[SCALE_DIM_2])
+        first = carray(_float32_pointer(row[FIRST_ADDRESS]), (row[N_SETS], *dims))
+        rest = carray(_float32_pointer(row[REST_ADDRESS]), (bits - 1, *dims))
+        offset_shape = (row[OUT_FEATURES], row[N_GROUPS]) if row[WITH_OFFSET] else (1, 1)
+        offset = carray(_float32_pointer(row[OFFSET_ADDRESS]), offset_shape)
+        return layer_codes, first, rest, offset
+
+    @njit(cache=True)
+    def _unpad(y, row, biases, out):  # pragma: no cover - numba
+        """out (N, out features) <- y (N, padded rows) plus the projection's bias, if any."""
+        width = row[OUT_FEATURES]
+        if row[HAS_BIAS]:
+            bias = biases[row[BIAS_AT] : row[BIAS_AT] + width]
+            for n in range(y.shape[0]):
+                for i in range(width):
+                    out[n, i] = y[n, i] + bias[i]
+        else:
+            out[:, :] = y[:, :width]
+
+    @njit(cache=True)
     def _project(
-        tag, x, index, codes, biases, ints, sets, no_sets, table_bits, threads,
-        min_parallel_work,
+        tag, x, index, codes, biases, ints, sets, no_sets, threads, min_parallel_work
     ):  # pragma: no cover - numba  # fmt: skip
-        """Projection ``index`` (block·7 + position in ``PROJECTIONS``) of x: (N, out) float32."""
+        """Projection ``index`` (block·7 + position in ``PROJECTIONS``) of x: (N, out) float32,
+        its tables built for it alone (``_project_group`` shares them among projections)."""
         row = ints[index]
         parallel = threads > 1 and row[WORK] * x.shape[0] >= min_parallel_work
         token_sets = sets if row[BANKED] else no_sets
-        bits, blocks, n_groups, out = row[BITS], row[BLOCKS], row[N_GROUPS], row[OUT_FEATURES]
-        at = row[CODES_AT]
-        layer_codes = codes[at : at + bits * blocks * row[N_BYTES] * row[ROWS]].reshape(
-            (bits, blocks, row[N_BYTES], row[ROWS])
-        )
-        dims = (row[SCALE_DIM_1], row[SCALE_DIM_2])
-        layer_first = carray(_float32_pointer(row[FIRST_ADDRESS]), (row[N_SETS], *dims))
-        layer_rest = carray(_float32_pointer(row[REST_ADDRESS]), (bits - 1, *dims))
-        offset_shape = (out, n_groups) if row[WITH_OFFSET] else (1, 1)
-        layer_offset = carray(_float32_pointer(row[OFFSET_ADDRESS]), offset_shape)
+        layer_codes, first, rest, offset = _operands(codes, ints, index)
         y = _lut_matvec(
-            tag, x, row[GROUP_SIZE], layer_codes, layer_first, layer_rest, token_sets,
-            layer_offset, row[WITH_OFFSET] != 0, n_groups, row[BYTES_PER_GROUP], table_bits,
-            parallel,
+            tag, x, row[GROUP_SIZE], layer_codes, first, rest, token_sets, offset,
+            row[WITH_OFFSET] != 0, row[N_GROUPS], row[BYTES_PER_GROUP], threads if parallel else 1,
         )  # fmt: skip
-        result = np.empty((x.shape[0], out), np.float32)
-        if row[HAS_BIAS]:
-            bias = biases[row[BIAS_AT] : row[BIAS_AT] + out]
-            for n in range(x.shape[0]):
-                for i in range(out):
-                    result[n, i] = y[n, i] + bias[i]
-        else:
-            result[:, :] = y[:, :out]
+        result = np.empty((x.shape[0], row[OUT_FEATURES]), np.float32)
+        _unpad(y, row, biases, result)
         return result
+
+    @njit(parallel=True, cache=True)
+    def _group_blocks_parallel(
+        tables, chunk_scales, codes, ints, first, count, sets, no_sets, threads, padded
+    ):  # pragma: no cover - numba  # fmt: skip
+        """The row blocks of projections first..first+count-1, one contiguous run of them for
+        each of ``threads`` threads across the projections (one parallel region for q, k and v;
+        the caller set numba's thread count)."""
+        total = 0
+        for p in range(count):
+            total += ints[first + p, BLOCKS]
+        n_tasks = min(total, threads)
+        for task in prange(n_tasks):
+            begin, end = task * total // n_tasks, (task + 1) * total // n_tasks
+            start = 0
+            for p in range(count):
+                row = ints[first + p]
+                lo, hi = max(begin, start), min(end, start + row[BLOCKS])
+                if lo < hi:
+                    layer_codes, first_scales, rest, _ = _operands(codes, ints, first + p)
+                    row_blocks(
+                        tables, chunk_scales, layer_codes, first_scales, rest,
+                        sets if row[BANKED] else no_sets, row[N_GROUPS], row[BYTES_PER_GROUP],
+                        lo - start, hi - start, padded[p],
+                    )  # fmt: skip
+                start += row[BLOCKS]
+
+    def _project_group(
+        tag, x, first, count, codes, biases, ints, sets, no_sets, threads, min_parallel_work,
+        outputs,
+    ):  # pragma: no cover - replaced by the overload  # fmt: skip
+        raise NotImplementedError
+
+    @overload(_project_group)
+    def _project_group_overload(
+        tag, x, first, count, codes, biases, ints, sets, no_sets, threads, min_parallel_work,
+        outputs,
+    ):  # fmt: skip
+        """Projections first..first+count-1 of the same input x into ``outputs[p]`` (N, out).
+
+        AVX2: x's tables are built once for all of them (q, k and v read the same normed
+        input, as do gate and up; ``weights.build_weights`` checks that their groups match),
+        and their row blocks run in one parallel region. AVX-512: one ``_project`` each."""
+        if tag.dtype == types.int16:
+
+            def each(
+                tag, x, first, count, codes, biases, ints, sets, no_sets, threads,
+                min_parallel_work, outputs,
+            ):  # fmt: skip
+                for p in range(count):
+                    outputs[p][:, :] = _project(
+                        tag, x, first + p, codes, biases, ints, sets, no_sets, threads,
+                        min_parallel_work,
+                    )  # fmt: skip
+
+            return each
+
+        def shared(
+            tag, x, first, count, codes, biases, ints, sets, no_sets, threads,
+            min_parallel_work, outputs,
+        ):  # fmt: skip
+            n_tokens = x.shape[0]
+            head = ints[first]
+            work = 0
+            with_sums = False
+            for p in range(count):
+                work += ints[first + p, WORK]
+                with_sums = with_sums or ints[first + p, WITH_OFFSET] != 0
+            parallel = threads > 1 and work * n_tokens >= min_parallel_work
+            tables, chunk_scales, group_sums = _tables(
+                tag, x, head[GROUP_SIZE], head[N_GROUPS], head[BYTES_PER_GROUP], head[N_BYTES],
+                with_sums, threads if parallel else 1,
+            )  # fmt: skip
+            padded = [
+                np.empty((n_tokens, ints[first + p, BLOCKS] * ints[first + p, ROWS]), np.float32)
+                for p in range(count)
+            ]
+            if parallel:
+                _group_blocks_parallel(
+                    tables, chunk_scales, codes, ints, first, count, sets, no_sets, threads,
+                    padded,
+                )  # fmt: skip
+            for p in range(count):
+                row = ints[first + p]
+                layer_codes, first_scales, rest, offset = _operands(codes, ints, first + p)
+                if not parallel:
+                    row_blocks(
+                        tables, chunk_scales, layer_codes, first_scales, rest,
+                        sets if row[BANKED] else no_sets, row[N_GROUPS], row[BYTES_PER_GROUP],
+                        0, row[BLOCKS], padded[p],
+                    )  # fmt: skip
+                if row[WITH_OFFSET]:
+                    add_offset(padded[p], offset, group_sums)
+                _unpad(padded[p], row, biases, outputs[p])
+
+        return shared
 
     @njit(cache=True)
     def forward_tokens(
         tag, hidden, rows, positions, sets, cache_k, cache_v, cos, sin, norms, final_norm,
-        codes, biases, ints, eps, n_heads, table_bits, threads,
-        min_parallel_work, min_parallel_attention,
+        codes, biases, ints, eps, n_heads, threads, min_parallel_work, min_parallel_attention,
     ):  # pragma: no cover - numba  # fmt: skip
         """Every block for N tokens; returns the final-normed hidden states (N, H).
 
@@ -270,9 +440,10 @@ if _IMPORT_ERROR is None:
         codes / biases: flat buffers (uint8, float32) holding every projection's codes in the
         kernel's layout and biases; ints: (L·7, INT_COLUMNS) int64, per projection (block·7 +
         index in ``PROJECTIONS``) its scalars and where its operands are (the scales and offset
-        by address: the caller keeps those arrays alive). ``threads`` > 1 lets layers
-        of at least ``min_parallel_work`` code bits × tokens, and attention of at least
-        ``min_parallel_attention`` cached positions × heads, run on numba's threads.
+        by address: the caller keeps those arrays alive). ``threads`` > 1 lets projections that
+        share an input and do at least ``min_parallel_work`` code bits × tokens together, and
+        attention of at least ``min_parallel_attention`` cached positions × heads, run on
+        numba's threads.
         """
         n_tokens, width = hidden.shape
         n_layers = norms.shape[0]
@@ -281,6 +452,11 @@ if _IMPORT_ERROR is None:
         no_sets = np.zeros(n_tokens, np.int64)
         normed = np.empty((n_tokens, width), np.float32)
         attention = np.empty((n_tokens, n_heads * head_dim), np.float32)
+
+        def outputs(index, count):
+            return [np.empty((n_tokens, ints[index + p, OUT_FEATURES]), np.float32)
+                    for p in range(count)]  # fmt: skip
+
         cached = 0
         for n in range(n_tokens):
             cached += positions[n] + 1
@@ -288,12 +464,10 @@ if _IMPORT_ERROR is None:
         for layer in range(n_layers):
             base = 7 * layer
             rms_norm(hidden, norms[layer, 0], eps, normed)
-            q = _project(tag, normed, base, codes, biases, ints, sets,
-                         no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
-            k = _project(tag, normed, base + 1, codes, biases, ints, sets,
-                         no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
-            v = _project(tag, normed, base + 2, codes, biases, ints, sets,
-                         no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
+            qkv = outputs(base, 3)
+            _project_group(tag, normed, base, 3, codes, biases, ints, sets, no_sets, threads,
+                           min_parallel_work, qkv)  # fmt: skip
+            q, k, v = qkv[0], qkv[1], qkv[2]
             rotate(q, n_heads, head_dim, positions, cos, sin)
             rotate(k, n_kv, head_dim, positions, cos, sin)
             for n in range(n_tokens):
@@ -307,21 +481,23 @@ if _IMPORT_ERROR is None:
                                 attention)  # fmt: skip
             else:
                 attend(q, cache_k, cache_v, layer, rows, positions, n_heads, scale, attention)
-            o = _project(tag, attention, base + 3, codes, biases, ints,
-                         sets, no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
-            hidden += o
+            o = outputs(base + 3, 1)
+            _project_group(tag, attention, base + 3, 1, codes, biases, ints, sets, no_sets,
+                           threads, min_parallel_work, o)  # fmt: skip
+            hidden += o[0]
             rms_norm(hidden, norms[layer, 1], eps, normed)
-            gate = _project(tag, normed, base + 4, codes, biases, ints,
-                            sets, no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
-            up = _project(tag, normed, base + 5, codes, biases, ints, sets,
-                          no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
+            gate_up = outputs(base + 4, 2)
+            _project_group(tag, normed, base + 4, 2, codes, biases, ints, sets, no_sets,
+                           threads, min_parallel_work, gate_up)  # fmt: skip
+            gate, up = gate_up[0], gate_up[1]
             # SiLU-gated MLP: silu(g) · u, with silu(g) = g / (1 + e^-g).
             for n in range(n_tokens):
                 for i in range(gate.shape[1]):
                     g = gate[n, i]
                     gate[n, i] = g / (np.float32(1.0) + np.exp(-g)) * up[n, i]
-            down = _project(tag, gate, base + 6, codes, biases, ints, sets,
-                            no_sets, table_bits, threads, min_parallel_work)  # fmt: skip
-            hidden += down
+            down = outputs(base + 6, 1)
+            _project_group(tag, gate, base + 6, 1, codes, biases, ints, sets, no_sets, threads,
+                           min_parallel_work, down)  # fmt: skip
+            hidden += down[0]
         rms_norm(hidden, final_norm, eps, normed)
         return normed

@@ -144,12 +144,29 @@ def build_weights(spec: LlamaSpec, kernel: Any, use_bank: bool) -> NativeWeights
             ]
         )
         final_norm = _norm_weight(spec.final_norm)
+    _check_shared_inputs(ints)
     if norms.shape[-1] != spec.hidden:
         raise UnsupportedModelError(
             f"norm weights of width {norms.shape[-1]}, hidden {spec.hidden}"
         )
     assert codes.used == code_size and biases.used == bias_size
     return NativeWeights(codes.array, biases.array, held, ints, norms, final_norm, banked_any)
+
+
+def _check_shared_inputs(ints: np.ndarray) -> None:
+    """The projections that read one input (``native.SHARED_INPUTS``) share its tables, so they
+    need the same grouping of its columns."""
+    columns = [native.GROUP_SIZE, native.N_GROUPS, native.BYTES_PER_GROUP, native.N_BYTES]
+    for base in range(0, len(ints), len(native.PROJECTIONS)):
+        for first, count in native.SHARED_INPUTS:
+            rows = ints[base + first : base + first + count][:, columns]
+            if (rows != rows[0]).any():
+                names = ", ".join(native.PROJECTIONS[first : first + count])
+                raise UnsupportedModelError(
+                    f"block {base // len(native.PROJECTIONS)}: {names} read the same input but "
+                    f"are quantized with different groups (group size, groups, bytes: "
+                    f"{rows[:, :3].tolist()}); the engine builds one input's tables once"
+                )
 
 
 def _layer_operands(

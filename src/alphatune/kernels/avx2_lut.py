@@ -98,7 +98,6 @@ CHUNK_BYTES_INT16 = 64  # int16 tables: the low bytes' sums (< 510 a byte) stay 
 TABLE_DTYPES = (torch.float32, torch.int16, torch.int8)
 # table_bits of the numba entries: 0 for float32 tables, else the levels' bits.
 _TABLE_BITS = {torch.float32: 0, torch.int16: 16, torch.int8: 8}
-_ROW_BLOCKS_PER_TASK = 4  # parallel work item: 128 rows
 _MIN_PARALLEL_WORK = 1 << 21  # weights × tokens below which one thread beats a thread launch
 MIN_PARALLEL_WORK = _MIN_PARALLEL_WORK  # public: native callers (alphatune.engine) pick threads
 
@@ -450,46 +449,177 @@ if _IMPORT_ERROR is None:
                             builder.call(fma, [scale, values, builder.load(total)]), total
                         )
 
+    # The 8 entries of a quad's table with input 3 negative, as bits of the entry index: entry j
+    # is -Σx + 2·Σ_{b in j} x_b (b = 0, 1, 2); entries 8..15 are their negatives (odd table).
+    _ENTRY_BITS = [[float(j >> b & 1) for j in range(LANES)] for b in range(3)]
+
+    @intrinsic
+    def _quad_levels(typingctx: Any, x: Any, x_at: Any, inverse: Any, levels: Any, at: Any) -> Any:
+        """One quad's 16 table levels, in the kernel's mirrored nibble order, from its 4 inputs
+        ``x[x_at : x_at + 4]``: ``levels[at : at + 16]`` (int8), or their low bytes there and
+        their high bytes at ``at + 32`` (int16 levels split, ``levels`` uint8).
+
+        Entries 0-7 are summed as ``lut_common.build_tables`` sums them (the same float32
+        values), then ``clamp(rint(entry · inverse))``; mirrored nibble ``8 + j`` reads
+        ``table[15 - j] = -table[j]``, so levels 8-15 are levels 0-7 negated.
+        """
+        split = levels.dtype == types.uint8
+        top = 32767 if split else 127
+        sig = types.void(x, x_at, inverse, levels, at)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            x_ptr, levels_ptr = (
+                context.make_array(signature.args[p])(context, builder, args[p]).data
+                for p in (0, 3)
+            )
+            x_at, at = args[1], args[4]
+            values = [
+                builder.load(builder.gep(x_ptr, [builder.add(x_at, ir.Constant(x_at.type, b))]))
+                for b in range(4)
+            ]
+
+            def splat(value: Any) -> Any:
+                vector = builder.insert_element(ir.Constant(_VEC, None), value, _I32(0))
+                return builder.shuffle_vector(vector, vector, _shuffle_mask([0] * LANES))
+
+            total = builder.fsub(ir.Constant(_F32, 0.0), values[0])
+            for value in values[1:]:
+                total = builder.fsub(total, value)
+            entries = splat(total)
+            two = ir.Constant(_F32, 2.0)
+            for b in range(3):  # adding 0 leaves an entry exact: the same sums as build_tables
+                step = builder.fmul(splat(builder.fmul(two, values[b])), _VEC(_ENTRY_BITS[b]))
+                entries = builder.fadd(entries, step)
+            rint = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(_VEC, [_VEC]), "llvm.rint.v8f32"
+            )
+            scaled = builder.call(rint, [builder.fmul(entries, splat(args[2]))])
+            ints = builder.fptosi(scaled, _IVEC)
+            high_limit, low_limit = _IVEC([top] * LANES), _IVEC([-top] * LANES)
+            ints = builder.select(builder.icmp_signed(">", ints, high_limit), high_limit, ints)
+            ints = builder.select(builder.icmp_signed("<", ints, low_limit), low_limit, ints)
+            both = builder.shuffle_vector(
+                ints, builder.sub(_IVEC(None), ints), _shuffle_mask(list(range(2 * LANES)))
+            )
+            as_bytes = ir.VectorType(_I8, 2 * LANES)
+
+            def store(vector: Any, offset: int) -> None:
+                index = builder.add(at, ir.Constant(at.type, offset))
+                address = builder.bitcast(builder.gep(levels_ptr, [index]), as_bytes.as_pointer())
+                builder.store(builder.trunc(vector, as_bytes), address, align=1)
+
+            store(both, 0)
+            if split:
+                shift = ir.Constant(both.type, [8] * 2 * LANES)
+                store(builder.ashr(both, shift), 32)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
     @njit(cache=True)
-    def _quantize_tables(tables, bytes_per_group, split, levels, chunk_scales):  # pragma: no cover
-        """Integer tables, one scale per token and chunk of a group's bytes (``CHUNK_BYTES`` for
-        int8, ``CHUNK_BYTES_INT16`` for int16). int8 (``split`` False): ``levels[t, 32k : +32]``
-        holds code byte k's two tables. int16 (``split``): ``levels[t, 64k : +64]`` holds the
-        low bytes of its two tables (16 each), then their high bytes."""
-        n_tokens = tables.shape[0]
-        n_bytes = tables.shape[1] // 32
+    def _integer_tables(
+        x, group_size, bytes_per_group, split, levels, chunk_scales, group_sums, with_sums,
+        first_token, last_token,
+    ):  # pragma: no cover - numba  # fmt: skip
+        """Integer tables of tokens ``first_token..last_token-1``, straight from x, one scale per
+        token and chunk of a group's bytes (``CHUNK_BYTES`` for int8, ``CHUNK_BYTES_INT16`` for
+        int16).
+
+        int8 (``split`` False, ``levels`` int8): ``levels[t, 32k : +32]`` holds code byte k's
+        two tables (low nibble's, then high's). int16 (``split``, ``levels`` uint8):
+        ``levels[t, 64k : +64]`` holds their low bytes, then their high bytes. group_sums
+        (T, G) <- Σ x per group when ``with_sums``. A chunk's scale is its largest table entry
+        over the top level; the largest entry of a quad's table is Σ|x| (all signs matching).
+        """
+        in_features = x.shape[1]
+        width = 64 if split else 32  # level bytes per code byte
+        n_bytes = levels.shape[1] // width
         chunk_bytes = CHUNK_BYTES_INT16 if split else CHUNK_BYTES
         top = np.float32(32767.0) if split else np.float32(127.0)
-        width = 64 if split else 32  # level bytes per code byte
         chunks_per_group = (bytes_per_group + chunk_bytes - 1) // chunk_bytes
-        for t in range(n_tokens):
+        tail = np.zeros(4, np.float32)  # a partial last quad (in_features % 4), zero-padded
+        flat_levels = levels.reshape(-1)
+        for t in range(first_token, last_token):
+            row = x[t]
             for g in range(n_bytes // bytes_per_group):
                 for c in range(chunks_per_group):
                     first = g * bytes_per_group + c * chunk_bytes
                     last = min((g + 1) * bytes_per_group, first + chunk_bytes)
                     largest = np.float32(0.0)
-                    for i in range(32 * first, 32 * last):
-                        largest = max(largest, abs(tables[t, i]))
-                    if largest == 0 or not np.isfinite(largest):
+                    finite = True
+                    for q in range(2 * first, 2 * last):
+                        total = np.float32(0.0)
+                        for i in range(4 * q, min(4 * q + 4, in_features)):
+                            total += abs(row[i])
+                        if total > largest:
+                            largest = total
+                        elif np.isnan(total):
+                            finite = False
+                    at = g * chunks_per_group + c
+                    if largest == 0 or not finite or largest == np.inf:
                         # All zero: exact. NaN or inf in x: the chunk's sums become NaN, as in
                         # float32 (levels cannot hold them).
-                        scale = np.float32(0.0) if largest == 0 else np.float32(np.nan)
-                        chunk_scales[t, g * chunks_per_group + c] = scale
+                        zero = largest == 0 and finite
+                        chunk_scales[t, at] = np.float32(0.0) if zero else np.float32(np.nan)
                         levels[t, width * first : width * last] = 0
                         continue
-                    chunk_scales[t, g * chunks_per_group + c] = largest / top
+                    chunk_scales[t, at] = largest / top
                     inverse = top / largest
-                    for k in range(first, last):
-                        for i in range(32):  # low-nibble table, then high: 16 entries each
-                            # Entry m is read by the mirrored nibble: store table[mirror(m)].
-                            source = 32 * k + i - i % 16 + _MIRROR_NIBBLE[i % 16]
-                            value = np.rint(tables[t, source] * inverse)
-                            level = np.int32(min(max(value, -top), top))
-                            if split:
-                                levels[t, 64 * k + i] = level & 255
-                                levels[t, 64 * k + 32 + i] = (level >> 8) & 255
-                            else:
-                                levels[t, 32 * k + i] = level
+                    for q in range(2 * first, 2 * last):
+                        # Quad q is code byte q // 2's low (even q) or high nibble's table.
+                        out_at = t * levels.shape[1] + width * (q // 2) + 16 * (q % 2)
+                        if 4 * q + 4 <= in_features:
+                            _quad_levels(row, 4 * q, inverse, flat_levels, out_at)
+                        else:
+                            tail[:] = 0
+                            for i in range(4 * q, in_features):
+                                tail[i - 4 * q] = row[i]
+                            _quad_levels(tail, 0, inverse, flat_levels, out_at)
+            if with_sums:
+                for g in range(group_sums.shape[1]):
+                    total = np.float32(0.0)
+                    for i in range(g * group_size, (g + 1) * group_size):
+                        total += row[i]
+                    group_sums[t, g] = total
+
+    @njit(parallel=True, cache=True)
+    def _integer_tables_parallel(
+        x, group_size, bytes_per_group, split, levels, chunk_scales, group_sums, with_sums,
+        threads,
+    ):  # pragma: no cover - numba  # fmt: skip
+        """``_integer_tables`` of every token, the tokens split over ``threads`` tasks (numba's
+        thread count, which the caller sets: numba cannot cache a function that reads it)."""
+        n_tokens = x.shape[0]
+        n_tasks = min(n_tokens, threads)
+        for task in prange(n_tasks):
+            _integer_tables(
+                x, group_size, bytes_per_group, split, levels, chunk_scales, group_sums,
+                with_sums, task * n_tokens // n_tasks, (task + 1) * n_tokens // n_tasks,
+            )  # fmt: skip
+
+    @njit(cache=True)
+    def _fill_tables(
+        x, group_size, n_groups, bytes_per_group, split, levels, with_sums, threads
+    ):  # pragma: no cover - numba  # fmt: skip
+        """Fill ``levels`` (see ``_integer_tables``; T rows) with x's integer tables and return
+        ``(chunk_scales, group_sums)``. ``threads`` > 1 splits the tokens over numba's threads
+        (as many as the caller set)."""
+        n_tokens = x.shape[0]
+        chunk_bytes = CHUNK_BYTES_INT16 if split else CHUNK_BYTES
+        chunks = n_groups * ((bytes_per_group + chunk_bytes - 1) // chunk_bytes)
+        chunk_scales = np.empty((n_tokens, chunks), np.float32)
+        group_sums = np.empty((n_tokens, n_groups), np.float32)
+        if threads > 1 and n_tokens > 1:
+            _integer_tables_parallel(
+                x, group_size, bytes_per_group, split, levels, chunk_scales, group_sums,
+                with_sums, threads,
+            )  # fmt: skip
+        else:
+            _integer_tables(
+                x, group_size, bytes_per_group, split, levels, chunk_scales, group_sums,
+                with_sums, 0, n_tokens,
+            )  # fmt: skip
+        return chunk_scales, group_sums
 
     @njit(cache=True)
     def _row_blocks(
@@ -534,27 +664,28 @@ if _IMPORT_ERROR is None:
     @njit(parallel=True, cache=True)
     def _row_blocks_parallel(
         tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
-        bytes_per_group, y,
+        bytes_per_group, threads, y,
     ):  # pragma: no cover - numba  # fmt: skip
+        # One contiguous run of row blocks per thread: even shares (a layer of 18 blocks in
+        # tasks of 4 gave one of two threads 12), and each block's codes stay in L1 while the
+        # tokens pass.
         n_blocks = codes.shape[1]
-        n_tasks = (n_blocks + _ROW_BLOCKS_PER_TASK - 1) // _ROW_BLOCKS_PER_TASK
+        n_tasks = min(n_blocks, threads)  # the caller set numba's threads to this
         for task in prange(n_tasks):
-            first = task * _ROW_BLOCKS_PER_TASK
-            last = min(n_blocks, first + _ROW_BLOCKS_PER_TASK)
             _row_blocks(
                 tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
-                bytes_per_group, first, last, y,
+                bytes_per_group, task * n_blocks // n_tasks, (task + 1) * n_blocks // n_tasks, y,
             )  # fmt: skip
 
     @njit(inline="always")
     def _run_blocks(
         tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
-        bytes_per_group, parallel, y,
+        bytes_per_group, threads, y,
     ):  # pragma: no cover - numba  # fmt: skip
-        if parallel:
+        if threads > 1:
             _row_blocks_parallel(
                 tables, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
-                bytes_per_group, y,
+                bytes_per_group, threads, y,
             )  # fmt: skip
         else:
             _row_blocks(
@@ -575,40 +706,42 @@ if _IMPORT_ERROR is None:
         n_groups,
         bytes_per_group,
         table_bits,
-        parallel,
+        threads,
     ):  # pragma: no cover - numba
         """The whole matmul in one call (a decode step calls this ~200 times per token on a small
         model). ``table_bits`` picks the tables: 0 float32, 16 or 8 integer levels (``_TABLE_BITS``);
-        ``parallel`` splits the row blocks over numba's threads (the caller sets their number)."""
+        ``threads`` > 1 splits the work over that many of numba's threads (the caller sets numba's
+        thread count to it)."""
         n_tokens = x.shape[0]
         _, n_blocks, n_bytes, _ = codes.shape
-        tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
-        group_sums = np.empty((n_tokens, n_groups), np.float32)
-        build_tables(x, group_size, tables, group_sums, with_offset)
         y = np.empty((n_tokens, n_blocks * ROWS), np.float32)
-        if table_bits == 8:
-            chunks = n_groups * ((bytes_per_group + CHUNK_BYTES - 1) // CHUNK_BYTES)
-            levels = np.empty((n_tokens, 32 * n_bytes), np.int8)
-            chunk_scales = np.empty((n_tokens, chunks), np.float32)
-            _quantize_tables(tables, bytes_per_group, False, levels, chunk_scales)
-            _run_blocks(
-                levels, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
-                bytes_per_group, parallel, y,
-            )  # fmt: skip
-        elif table_bits == 16:
-            chunks = n_groups * ((bytes_per_group + CHUNK_BYTES_INT16 - 1) // CHUNK_BYTES_INT16)
-            split_levels = np.empty((n_tokens, 64 * n_bytes), np.uint8)
-            chunk_scales = np.empty((n_tokens, chunks), np.float32)
-            _quantize_tables(tables, bytes_per_group, True, split_levels, chunk_scales)
-            _run_blocks(
-                split_levels, chunk_scales, codes, first_scales, rest_scales, token_set,
-                n_groups, bytes_per_group, parallel, y,
-            )  # fmt: skip
-        else:
+        if table_bits == 0:
+            tables = np.empty((n_tokens, 32 * n_bytes), np.float32)
+            group_sums = np.empty((n_tokens, n_groups), np.float32)
+            build_tables(x, group_size, tables, group_sums, with_offset)
             no_scales = np.zeros((1, 1), np.float32)  # float32 tables have no chunk scales
             _run_blocks(
                 tables, no_scales, codes, first_scales, rest_scales, token_set, n_groups,
-                bytes_per_group, parallel, y,
+                bytes_per_group, threads, y,
+            )  # fmt: skip
+        elif table_bits == 8:
+            levels = np.empty((n_tokens, 32 * n_bytes), np.int8)
+            chunk_scales, group_sums = _fill_tables(
+                x, group_size, n_groups, bytes_per_group, False, levels, with_offset, threads
+            )
+            _run_blocks(
+                levels, chunk_scales, codes, first_scales, rest_scales, token_set, n_groups,
+                bytes_per_group, threads, y,
+            )  # fmt: skip
+        else:
+            split_levels = np.empty((n_tokens, 64 * n_bytes), np.uint8)
+            chunk_scales, group_sums = _fill_tables(
+                x, group_size, n_groups, bytes_per_group, True, split_levels, with_offset,
+                threads,
+            )  # fmt: skip
+            _run_blocks(
+                split_levels, chunk_scales, codes, first_scales, rest_scales, token_set,
+                n_groups, bytes_per_group, threads, y,
             )  # fmt: skip
         if with_offset:
             add_offset(y, offset, group_sums)
@@ -617,9 +750,17 @@ if _IMPORT_ERROR is None:
     # The njit core, public for native callers (``alphatune.engine`` calls it from its own numba
     # step, with no Python between layers): ``decode_native(x (T, in) float32 C, group_size,
     # codes, first, rest, token_set (T,) int64, offset, with_offset, n_groups, bytes_per_group,
-    # table_bits, parallel) -> y (T, padded out)``, the operands as ``lut_common.layer_operands``
+    # table_bits, threads) -> y (T, padded out)``, the operands as ``lut_common.layer_operands``
     # gives them. Same function as ``decoder`` calls, so the same results.
     decode_native = _decode
+    # For native callers that build one input's tables once for several layers (the engine's q,
+    # k and v): ``fill_tables_native(x, group_size, n_groups, bytes_per_group, split, levels,
+    # with_sums, threads) -> (chunk_scales, group_sums)`` fills integer tables (see
+    # ``_integer_tables``), and ``row_blocks_native(tables, chunk_scales, codes, first, rest,
+    # token_set, n_groups, bytes_per_group, first_block, last_block, y)`` runs a layer's row
+    # blocks first_block..last_block-1 into y (T, padded out).
+    fill_tables_native = _fill_tables
+    row_blocks_native = _row_blocks
 
 
 # ----------------------------------------------------------------------------- python side
@@ -680,10 +821,10 @@ def decoder(
         )  # fmt: skip
         threads = threads_for(layer.work_per_token * x_np.shape[0], _MIN_PARALLEL_WORK)
         if threads == 1:
-            y = _decode(*args, False)
+            y = _decode(*args, 1)
         else:
             with numba_threads(threads):
-                y = _decode(*args, True)
+                y = _decode(*args, threads)
         return torch.from_numpy(y[:, : layer.out_features])
 
     return decode
