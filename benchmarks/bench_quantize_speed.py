@@ -53,6 +53,15 @@ def main() -> None:
     parser.add_argument("--label", required=True, help="name of this entry in the results file")
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--no-sequential",
+        action="store_true",
+        help="every layer's statistics from the unquantized model in one pass (quantize_'s "
+        "sequential=False), instead of block by block on the quantized blocks' outputs",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="BCQConfig.iterations (default: its own)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,15 +75,20 @@ def main() -> None:
     )
     model = load_model()
     env = environment(("torch", "transformers", "numba"))
-    config = BCQConfig(bits=3)
+    config = (
+        BCQConfig(bits=3)
+        if args.iterations is None
+        else BCQConfig(bits=3, iterations=args.iterations)
+    )
     began = time.perf_counter()
-    summary = quantize_(model, config, calibration=calibration)
+    summary = quantize_(model, config, calibration=calibration, sequential=not args.no_sequential)
     seconds = time.perf_counter() - began
     entry = {
         "commit": imported_commit(),
         "environment": env,
         "config": config.to_dict(),
         "calibration": [args.calibration_sequences, 512],
+        "sequential": not args.no_sequential,
         "seconds": round(seconds, 1),
         "perplexity": perplexity(model, eval_tokens, progress=False),
         "eval_tokens": EVAL_TOKENS,

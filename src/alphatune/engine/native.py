@@ -130,7 +130,7 @@ if _IMPORT_ERROR is None:
             ):  # fmt: skip
                 return decode512(
                     x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
-                    bytes_per_group, threads,
+                    bytes_per_group, threads > 1,  # AVX-512 takes a flag: numba's count is set
                 )  # fmt: skip
 
             return call512
@@ -324,7 +324,8 @@ if _IMPORT_ERROR is None:
         layer_codes, first, rest, offset = _operands(codes, ints, index)
         y = _lut_matvec(
             tag, x, row[GROUP_SIZE], layer_codes, first, rest, token_sets, offset,
-            row[WITH_OFFSET] != 0, row[N_GROUPS], row[BYTES_PER_GROUP], threads if parallel else 1,
+            row[WITH_OFFSET] != 0, row[N_GROUPS], row[BYTES_PER_GROUP],
+            threads if parallel else 1,
         )  # fmt: skip
         result = np.empty((x.shape[0], row[OUT_FEATURES]), np.float32)
         _unpad(y, row, biases, result)
