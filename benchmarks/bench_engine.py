@@ -162,24 +162,26 @@ def step_breakdown(engine: Any, ids: list[int], threads: int, steps: int = 48) -
             for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
                 parts[name] += seconds
     breakdown = {name: 1e6 * total / steps for name, total in parts.items()}
-    breakdown["projections_only"] = projections_only_us(engine)
+    breakdown["projections_only"] = projections_only_us(engine, threads)
     # What the native call spends outside the projections: norms, rotary, attention, SiLU, copies.
     breakdown["native_other"] = breakdown["native"] - breakdown["projections_only"]
     return breakdown
 
 
-def projections_only_us(engine: Any, repeats: int = 20) -> float:
-    """Microseconds for the 210 projections of one token, in one numba loop (kernels alone, one
-    thread; each shared input's tables built once, as in the engine)."""
+def projections_only_us(engine: Any, threads: int, repeats: int = 20) -> float:
+    """Microseconds for the 210 projections of one token, in one numba loop (kernels alone, on
+    ``threads`` threads as the engine runs them: each shared input's tables built once, one
+    parallel region per group)."""
     from numba import njit
 
     from alphatune.engine import native
+    from alphatune.kernels.numba_threads import numba_threads
 
     groups = native.SHARED_INPUTS
     per_block = len(native.PROJECTIONS)
 
     @njit
-    def run_all(tag, inputs, w_codes, biases, ints, repeats):
+    def run_all(tag, inputs, w_codes, biases, ints, threads, min_work, repeats):
         sets = np.zeros(1, np.int64)
         for _ in range(repeats):
             for block in range(ints.shape[0] // per_block):
@@ -191,16 +193,17 @@ def projections_only_us(engine: Any, repeats: int = 20) -> float:
                         for p in range(count)
                     ]
                     native._project_group(
-                        tag, x, index, count, w_codes, biases, ints, sets, sets, 1, 1 << 62,
-                        outputs,
+                        tag, x, index, count, w_codes, biases, ints, sets, sets, threads,
+                        min_work, outputs,
                     )  # fmt: skip
 
     w = engine.weights
     inputs = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32)
-    args = (engine.kernel_tag, inputs, w.codes, w.biases, w.ints)
-    run_all(*args, 1)
-    began = time.perf_counter()
-    run_all(*args, repeats)
+    args = (engine.kernel_tag, inputs, w.codes, w.biases, w.ints, threads, engine.min_parallel_work)
+    with numba_threads(threads):
+        run_all(*args, 1)
+        began = time.perf_counter()
+        run_all(*args, repeats)
     return 1e6 * (time.perf_counter() - began) / repeats
 
 
