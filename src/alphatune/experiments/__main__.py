@@ -64,8 +64,10 @@ def _global_options(args: argparse.Namespace) -> list[str]:
 def _run_grid(args: argparse.Namespace) -> int:
     """Run the grid's pending runs one after another, each in a fresh process.
 
-    The next run is chosen by a fresh process too (``next``), so a grid left running picks up
-    new code and new grid entries between runs.
+    The next run is chosen by a fresh process too (``next``), so each choice sees the result
+    files written so far (a family's learning rate, once its search is done). Both processes
+    import the code they find on the path: ``benchmarks/paper_grid.sh`` pins it to a worktree at
+    the commit it started from, so a grid picks up new code only when started again.
     """
     module = [sys.executable, "-m", "alphatune.experiments", *_global_options(args)]
     phases = [f"--phase={p}" for p in args.phase or ()]
