@@ -194,6 +194,25 @@ def test_report_renders_tables_and_plots(env, tmp_path) -> None:
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
 
 
+def test_report_says_when_a_task_has_no_test_run_yet(env, tmp_path) -> None:
+    """A task with only learning-rate search results gets a sentence, not an empty table or
+    empty plots."""
+    from dataclasses import replace
+
+    spec = _spec(env, "alphatuning", 3)
+    data = json.loads(result_path(env["results"], spec).read_text())
+    dev = replace(spec, split="dev")
+    data["spec"] = dev.to_dict()
+    results = tmp_path / "results"
+    target = result_path(results, dev)
+    target.parent.mkdir(parents=True)
+    write_json(target, data)
+    text = report.render(results, tmp_path / "docs" / "results.md")
+    assert "No test run has finished yet; the learning-rate search is below." in text
+    assert "| alphatuning | 0.001 |" in text  # the search table still lists the dev run
+    assert not list((tmp_path / "docs" / "results").glob("*.png"))
+
+
 def test_search_table_shows_each_candidates_interval_and_sample() -> None:
     def dev_run(lr: float, bleu: float, ci: list[float] | None) -> dict:
         scores = {"bleu": bleu, "n": 200, **({"bleu_ci": ci} if ci else {})}

@@ -291,9 +291,12 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
                 "",
             ]
         if task in COLUMNS:
-            parts += [task_table(task, results), ""]
-            for path in _plot(task, results, plots_dir):
-                parts.append(f"![{path.stem}]({path.relative_to(output.parent)})")
+            if any(r["spec"]["split"] == "test" for r in results):
+                parts += [task_table(task, results), ""]
+                for path in _plot(task, results, plots_dir):
+                    parts.append(f"![{path.stem}]({path.relative_to(output.parent)})")
+            else:
+                parts.append("No test run has finished yet; the learning-rate search is below.")
             parts += ["", "Learning-rate search (dev):", "", search_table(task, results), ""]
     text = "\n".join(parts).rstrip() + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
