@@ -110,7 +110,6 @@ def _mirror(nibble: int) -> int:
 # m ^ 7 (bit 3 kept): its low 3 bits index table[15 - m] among entries 0-7, bit 3 negates. The
 # map is its own inverse.
 _MIRRORED = np.array([_mirror(b & 15) | _mirror(b >> 4) << 4 for b in range(256)], np.uint8)
-_MIRROR_NIBBLE = np.array([_mirror(m) for m in range(16)], np.int64)
 
 
 def available() -> bool:
