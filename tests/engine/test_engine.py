@@ -368,9 +368,8 @@ def test_projections_sharing_an_input_equal_each_projection_alone(engine, thread
     with numba_threads(threads):
         for first, count in native.SHARED_INPUTS:
             index = len(native.PROJECTIONS) + first  # block 1
-            width = (
-                int(w.ints[index, native.N_BYTES]) * 8
-            )  # the tiny model's widths are whole bytes
+            # The tiny model's widths are whole bytes, so the input is exactly this wide.
+            width = int(w.ints[index, native.N_BYTES]) * 8
             x = generator.standard_normal((3, width), np.float32)
             args = (engine.kernel_tag, x, index, count, w.codes, w.biases, w.ints, sets)
             outputs = group(*args, threads)
