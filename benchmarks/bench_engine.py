@@ -174,8 +174,8 @@ def projections_only_us(engine: Any, threads: int, repeats: int = 20) -> float:
     parallel region per group)."""
     from numba import njit
 
-    from alphatune.engine import native
     from alphatune.kernels.numba_threads import numba_threads
+    from alphatune_runtime import native
 
     groups = native.SHARED_INPUTS
     per_block = len(native.PROJECTIONS)

@@ -301,8 +301,8 @@ def test_the_engine_reads_the_layers_scales_in_place(exact_tables):
     """On a kernel that reads scales in the layers' own order (AVX2), decode holds one copy of
     them: the engine's operands are the layer's α₁, other α and offset, and an edit in place shows
     in the next call, as in the transformers forward."""
-    from alphatune.engine import native
     from alphatune.kernels import decode_kernel, lut_common
+    from alphatune_runtime import native
 
     if decode_kernel().module.SCALES_LAYOUT != lut_common.LAYER_ORDER:
         pytest.skip("this CPU's kernel reads scales in its own layout (a copy)")
@@ -348,8 +348,8 @@ def test_projections_sharing_an_input_equal_each_projection_alone(engine, thread
     import numpy as np
     from numba import config, njit
 
-    from alphatune.engine import native
     from alphatune.kernels.numba_threads import numba_threads
+    from alphatune_runtime import native
 
     if threads > config.NUMBA_NUM_THREADS:
         pytest.skip("numba's pool has one thread here")

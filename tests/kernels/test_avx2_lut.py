@@ -14,6 +14,7 @@ from alphatune.kernels import avx2_lut, avx512_lut
 from alphatune.kernels.avx2_lut import bcq_matmul_lut
 from alphatune.kernels.reference import bcq_matmul_mixed_reference, bcq_matmul_reference
 from alphatune.packing import pack_codes, packed_width
+from alphatune_runtime import avx2
 
 pytestmark = pytest.mark.numba
 needs_avx2 = pytest.mark.skipif(
@@ -168,7 +169,7 @@ def test_threads_agree(
     layout: tuple[int, int, int | None], table_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Row blocks split over threads give the one-thread result exactly; torch keeps its threads."""
-    monkeypatch.setattr(avx2_lut, "_MIN_PARALLEL_WORK", 0)  # small layers run serially otherwise
+    monkeypatch.setattr(avx2_lut, "MIN_PARALLEL_WORK", 0)  # small layers run serially otherwise
     out, in_features, group_size = layout
     packed, alpha, offset, g = _quantized(out, in_features, group_size, 3, with_offset=True)
     x = torch.randn(3, in_features)
@@ -245,7 +246,7 @@ def test_alpha_requiring_grad_is_read_not_tracked() -> None:
 
 def test_mirrored_nibbles_are_their_own_inverse() -> None:
     """Each nibble m >= 8 is stored as m ^ 7; applying the map twice gives the byte back."""
-    table = torch.from_numpy(avx2_lut._MIRRORED).long()
+    table = torch.from_numpy(avx2.MIRRORED).long()
     assert torch.equal(table[table], torch.arange(256))
     assert torch.equal(table[:8], torch.arange(8))  # low nibbles < 8, high nibble 0: unchanged
     assert int(table[0x8F]) == 0xF8  # low nibble 15 -> 8, high nibble 8 -> 15
@@ -316,7 +317,7 @@ def test_codes_prepared_into_a_buffer_are_the_same(out_features: int) -> None:
 
 def test_missing_numba_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
     cause = ImportError("No module named 'numba'")
-    monkeypatch.setattr(avx2_lut, "_IMPORT_ERROR", cause)
+    monkeypatch.setattr(avx2, "IMPORT_ERROR", cause)
     assert not avx2_lut.available()
     packed, alpha, offset, g = _quantized(7, 64, None, 2, with_offset=False)
     with pytest.raises(KernelUnavailableError, match="pip install numba") as info:
@@ -363,7 +364,7 @@ def test_integer_tables_match_their_definition(
     bytes_per_group = n_bytes if group_size == in_features else group_size // 8
     n_groups = n_bytes // bytes_per_group
     levels = np.empty((3, (64 if split else 32) * n_bytes), np.uint8 if split else np.int8)
-    chunk_scales, group_sums = avx2_lut.fill_tables_native(
+    chunk_scales, group_sums = avx2.fill_tables_native(
         x, group_size, n_groups, bytes_per_group, split, levels, True, 1
     )
     if split:  # low bytes (unsigned) then high bytes (signed) of each code byte's two tables

@@ -20,6 +20,7 @@ from alphatune.kernels.reference import (
     dequantize_packed,
 )
 from alphatune.packing import pack_codes
+from alphatune_runtime import avx512
 
 pytestmark = pytest.mark.numba
 needs_avx512 = pytest.mark.skipif(
@@ -101,7 +102,7 @@ def test_threads_agree(
     layout: tuple[int, int, int | None], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Row blocks split over threads give the one-thread result exactly; torch keeps its threads."""
-    monkeypatch.setattr(avx512_lut, "_MIN_PARALLEL_WORK", 0)  # small layers run serially otherwise
+    monkeypatch.setattr(avx512_lut, "MIN_PARALLEL_WORK", 0)  # small layers run serially otherwise
     out, in_features, group_size = layout
     packed, alpha, offset, g = _quantized(out, in_features, group_size, 3, with_offset=True)
     x = torch.randn(3, in_features)
@@ -205,7 +206,7 @@ def test_fast_dequantize_threads_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_numba_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
     cause = ImportError("No module named 'numba'")
-    monkeypatch.setattr(avx512_lut, "_IMPORT_ERROR", cause)
+    monkeypatch.setattr(avx512, "IMPORT_ERROR", cause)
     assert not avx512_lut.available()
     packed, alpha, offset, g = _quantized(7, 64, None, 2, with_offset=False)
     with pytest.raises(KernelUnavailableError, match="pip install numba") as info:

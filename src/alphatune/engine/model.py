@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from alphatune.engine import native
 from alphatune.engine.cache import KVCache
 from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import NativeWeights, build_weights
@@ -23,6 +22,7 @@ from alphatune.errors import UnsupportedModelError
 from alphatune.kernels import decode_kernel
 from alphatune.kernels.numba_threads import numba_threads
 from alphatune.memory import page_out_compiler, release_free_memory
+from alphatune_runtime import native
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from alphatune.engine.native import PROJECTIONS
 from alphatune.errors import UnsupportedModelError
 from alphatune.layers import BCQLinear
+from alphatune_runtime.native import PROJECTIONS
 
 # Model types with Llama's block: pre-norm RMSNorm, rotary attention with grouped KV heads,
 # SiLU-gated MLP, no logit scaling. (Mistral adds a sliding window, Gemma scales the embedding

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from alphatune.engine import native
 from alphatune.engine.spec import LlamaSpec
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels import lut_common
 from alphatune.layers import BCQLinear
 from alphatune.memory import page_out
+from alphatune_runtime import native
 
 
 @dataclass

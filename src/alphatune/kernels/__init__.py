@@ -45,6 +45,7 @@ from alphatune.kernels.reference import (
 )
 from alphatune.kernels.reference import dequantize_packed as dequantize_packed_reference
 from alphatune.packing import unpack_codes
+from alphatune_runtime import avx2, avx512
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +78,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class _LutKernel:
-    """A LUT-GEMV kernel: its module (``prepare_codes``, ``prepare_scales``, ``decoder``) and
-    the table precision it runs with (``avx2_lut`` only)."""
+    """A LUT-GEMV kernel: its torch module (``prepare_codes``, ``prepare_scales``, ``decoder``),
+    its numba module (``alphatune_runtime.avx512`` / ``.avx2``: ``decode_native``, for numba
+    callers) and the table precision it runs with (AVX2 only)."""
 
     name: str
     module: ModuleType
+    native: ModuleType
     table_dtype: torch.dtype | None = None
 
     def decoder(
@@ -97,10 +100,10 @@ class _LutKernel:
 
 
 _LUT_KERNELS = {
-    "avx512": _LutKernel("avx512", avx512_lut),
-    "avx2": _LutKernel("avx2", avx2_lut, torch.float32),
-    "avx2-int16": _LutKernel("avx2-int16", avx2_lut, torch.int16),
-    "avx2-int8": _LutKernel("avx2-int8", avx2_lut, torch.int8),
+    "avx512": _LutKernel("avx512", avx512_lut, avx512),
+    "avx2": _LutKernel("avx2", avx2_lut, avx2, torch.float32),
+    "avx2-int16": _LutKernel("avx2-int16", avx2_lut, avx2, torch.int16),
+    "avx2-int8": _LutKernel("avx2-int8", avx2_lut, avx2, torch.int8),
 }
 _KERNEL_CHOICES = ("auto", *_LUT_KERNELS, "reference")
 # The AVX2 tables decode runs on by default: int16 is ~1.6x faster per layer than float32 and
@@ -150,7 +153,8 @@ def lut_kernel() -> str | None:
 
 def decode_kernel() -> _LutKernel | None:
     """The LUT kernel decode runs on here, as an object: ``name``, ``module`` (``avx512_lut`` or
-    ``avx2_lut``, whose ``decode_native`` a numba caller can call) and ``table_dtype``; None
+    ``avx2_lut``), ``native`` (whose ``decode_native`` a numba caller can call) and
+    ``table_dtype``; None
     where ``lut_kernel()`` is None. For native callers (``alphatune.engine``)."""
     return _chosen_lut_kernel()
 

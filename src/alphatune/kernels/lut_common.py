@@ -1,7 +1,9 @@
 """What the LUT-GEMV kernels share: the layout a layer keeps, the activation tables, the checks.
 
-Every ISA module (``avx512_lut``, ``avx2_lut``) owns its vector loop and its numba drivers; this
-module owns everything around them, so the kernels agree on layout and contract:
+Every ISA kernel (``alphatune_runtime.avx512`` / ``.avx2``, with their torch faces ``avx512_lut`` /
+``avx2_lut``) owns its vector loop and its numba drivers, and ``alphatune_runtime.lut`` the
+activation tables they all build; this module owns everything around them, so the kernels agree
+on layout and contract:
 
 - ``prepare_codes``: the codes of a layer reordered so that the code bytes of ``rows`` consecutive
   rows are contiguous, rows padded with zero codes to a multiple of ``rows`` (16 for AVX-512, 32
@@ -10,10 +12,6 @@ module owns everything around them, so the kernels agree on layout and contract:
   kernels read (``PreparedScales``): rows contiguous (AVX-512 loads 16 rows' scales at once), or
   the layers' own order, read in place without a copy (AVX2 applies a group's scales once per
   plane, so it can afford gathering them);
-- ``build_tables``: for every 4 activations of a token, the 16 signed partial sums
-  ``table[j, m] = Σ_b (bit b of m ? +x[4j+b] : -x[4j+b])`` (T-MAC's tables); activations past
-  ``in_features`` count as 0, so the padding bits of a partial last code byte add nothing;
-- ``add_offset``: the offset term ``offset · Σ x`` per group;
 - ``layer_operands`` / ``token_operands`` / ``check_operands``: the argument checks and
   conversions every kernel makes, with the same errors: a layer's once (``decoder``), a call's
   tokens at every call.
@@ -29,13 +27,6 @@ from torch import Tensor
 
 from alphatune.errors import ConfigError, KernelUnavailableError
 from alphatune.packing import packed_width
-
-try:
-    from numba import njit
-
-    _IMPORT_ERROR: ImportError | None = None
-except ImportError as exc:  # numba is an optional dependency (extra "fast")
-    _IMPORT_ERROR = exc
 
 NO_OFFSET = np.zeros((1, 1), np.float32)  # one compiled signature with and without an offset
 
@@ -305,46 +296,3 @@ def check_operands(
         raise ConfigError(
             f"offset must have shape (out, in/group_size) = {(out, n_groups)}, got {tuple(offset.shape)}"
         )
-
-
-if _IMPORT_ERROR is None:
-
-    @njit(cache=True)
-    def build_tables(x, group_size, tables, group_sums, with_sums):  # pragma: no cover - numba
-        """tables (T, 32·n_bytes) <- the 16 signed sums of every 4 activations; activations past
-        in_features (a partial last byte) count as 0. group_sums (T, G) <- Σ x per group."""
-        n_tokens, in_features = x.shape
-        n_quads = tables.shape[1] // 16
-        for t in range(n_tokens):
-            for j in range(n_quads):
-                base = 16 * j
-                total = np.float32(0.0)
-                for b in range(4):
-                    if 4 * j + b < in_features:
-                        total -= x[t, 4 * j + b]
-                tables[t, base] = total
-                step = 1
-                for b in range(4):
-                    twice = np.float32(0.0)
-                    if 4 * j + b < in_features:
-                        twice = np.float32(2.0) * x[t, 4 * j + b]
-                    for m in range(step):
-                        tables[t, base + step + m] = tables[t, base + m] + twice
-                    step *= 2
-            if with_sums:
-                for g in range(group_sums.shape[1]):
-                    total = np.float32(0.0)
-                    for i in range(g * group_size, (g + 1) * group_size):
-                        total += x[t, i]
-                    group_sums[t, g] = total
-
-    @njit(cache=True)
-    def add_offset(y, offset, group_sums):  # pragma: no cover - numba
-        """y[t, r] += Σ_g offset[r, g] · group_sums[t, g] (BCQ with offset)."""
-        out, n_groups = offset.shape
-        for t in range(y.shape[0]):
-            for r in range(out):
-                total = np.float32(0.0)
-                for g in range(n_groups):
-                    total += offset[r, g] * group_sums[t, g]
-                y[t, r] += total

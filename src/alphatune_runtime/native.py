@@ -102,11 +102,11 @@ def available() -> bool:
 
 
 if _IMPORT_ERROR is None:
-    from alphatune.kernels import avx2_lut, avx512_lut
-    from alphatune.kernels.lut_common import add_offset, build_tables
+    from alphatune_runtime import avx2, avx512
+    from alphatune_runtime.lut import add_offset, build_tables
 
-    fill_tables = avx2_lut.fill_tables_native
-    row_blocks = avx2_lut.row_blocks_native
+    fill_tables = avx2.fill_tables_native
+    row_blocks = avx2.row_blocks_native
 
     def _lut_matvec(
         tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
@@ -122,7 +122,7 @@ if _IMPORT_ERROR is None:
         """One layer through the tag's kernel (``decode_native``), tables and all, on ``threads``
         of numba's threads (1: serial; the caller sets numba's count)."""
         if tag.dtype == types.int16:
-            decode512 = avx512_lut.decode_native
+            decode512 = avx512.decode_native
 
             def call512(
                 tag, x, group_size, codes, first, rest, sets, offset, with_offset, n_groups,
@@ -134,7 +134,7 @@ if _IMPORT_ERROR is None:
                 )  # fmt: skip
 
             return call512
-        decode2 = avx2_lut.decode_native
+        decode2 = avx2.decode_native
         table_bits = _TAG_TABLE_BITS[str(tag.dtype)]
 
         def call2(
