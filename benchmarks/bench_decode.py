@@ -67,6 +67,7 @@ HEADS = ("compact", "keep", "bf16")
 # ALPHATUNE_KERNEL settings with rows of their own: the AVX2 kernel's float32 (exact) and int8
 # tables, beside its default int16 ones.
 TABLE_KERNELS = ("avx2", "avx2-int8")
+ALPHATUNE_KINDS = ("alphatune", "runtime")  # configurations that decode a cached base
 QUICK_CONFIGS = (
     LLAMA_CPP,
     "transformers-fp32",
@@ -131,6 +132,16 @@ def all_configs() -> list[dict[str, Any]]:
                 "kernel": kernel,
             }
         )
+    # The torch-free runtime (alphatune_runtime: no torch nor transformers in the process).
+    configs.append(
+        {
+            "name": "alphatune-q3-compact-runtime",
+            "kind": "runtime",
+            "bits": 3,
+            "head": "compact",
+            "decoder": "runtime",
+        }
+    )
     configs.append(
         {
             "name": "alphatune-q3-compact-transformers",
@@ -268,6 +279,12 @@ class Runner:
             import llama_cpp  # noqa: F401
 
             return
+        if self.config["kind"] == "runtime":
+            import numba
+
+            import alphatune_runtime.model  # noqa: F401
+
+            return
         import torch  # noqa: F401
         import transformers
         import transformers.models.llama.modeling_llama  # noqa: F401
@@ -294,6 +311,13 @@ class Runner:
             )
             self.info["gguf_mib"] = round(Path(self.spec["gguf"]).stat().st_size / 2**20, 1)
             self.info["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
+            return
+        if kind == "runtime":
+            from alphatune_runtime.model import Model
+
+            self.model = Model.load(self.spec["base"]["path"], threads=1)
+            self.info["kernel"] = self.model.stack.kernel.name
+            self.info["torch_imported"] = "torch" in sys.modules
             return
         import torch
 
@@ -329,6 +353,9 @@ class Runner:
             llama_cpp.llama_set_n_threads(self.model.ctx, threads, threads)
             self.threads_in_effect = llama_cpp.llama_n_threads(self.model.ctx)
             return
+        if self.config["kind"] == "runtime":
+            self.model.thread_count = self.threads_in_effect = threads
+            return
         import torch
 
         torch.set_num_threads(threads)
@@ -352,6 +379,10 @@ class Runner:
             from alphatune.engine import generate_ids
 
             return generate_ids(self.engine, [ids], max_new_tokens=new_tokens)[0].tokens
+        if kind == "runtime":
+            from alphatune_runtime.generate import generate_ids as runtime_generate
+
+            return runtime_generate(self.model, [ids], max_new_tokens=new_tokens)[0].tokens
         import torch
 
         with torch.inference_mode():
@@ -597,11 +628,11 @@ def main(argv: list[str] | None = None) -> None:
     cache = args.cache or cache_dir() / "bench" / "decode"
     bases: dict[str, dict[str, Any]] = {}
     if args.rebuild:  # every base of the bit widths asked for; they are rebuilt below
-        for bits in sorted({c["bits"] for c in configs if c["kind"] == "alphatune"}):
+        for bits in sorted({c["bits"] for c in configs if c["kind"] in ALPHATUNE_KINDS}):
             for directory in cache.glob(f"smollm2-q{bits}-*"):
                 shutil.rmtree(directory)
     for config in configs:
-        if config["kind"] == "alphatune":
+        if config["kind"] in ALPHATUNE_KINDS:
             key = f"q{config['bits']}-{config['head']}"
             if key not in bases:
                 path = cached_base(
@@ -624,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for config in configs:
         job = dict(spec)
-        if config["kind"] == "alphatune":
+        if config["kind"] in ALPHATUNE_KINDS:
             job["base"] = bases[f"q{config['bits']}-{config['head']}"]
         print(f"{config['name']} ...", flush=True)
         row = run_config(config, job, args.timeout)

@@ -87,7 +87,7 @@ def layer_traffic(n_layers: int) -> list[dict[str, Any]]:
     layer_bytes = sum(a.nbytes for a in (layers[0].codes, layers[0].first, layers[0].rest))
     x = np.random.default_rng(0).standard_normal((1, inp)).astype(np.float32)
     sets = np.zeros(1, np.int64)
-    decode = kernel.native.decode_native
+    decode = kernel.native.module.decode_native
 
     def call(layer: Any, parallel: bool) -> None:
         # AVX-512 takes a flag; AVX2 its table_bits and the thread count (numba's, set below).

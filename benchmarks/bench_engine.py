@@ -140,27 +140,26 @@ def step_breakdown(engine: Any, ids: list[int], threads: int, steps: int = 48) -
     rotary = engine.rotary(cache.max_len)
     zeros = np.zeros(len(ids), np.int64)
     torch.set_num_threads(threads)
-    with torch.inference_mode():
-        hidden = engine.forward(
-            torch.tensor(ids), zeros, np.arange(len(ids)), zeros, cache, rotary, threads
-        )
-        parts = {"embed": 0.0, "native": 0.0, "head": 0.0, "choose": 0.0}
-        token, position = torch.tensor([ids[-1]]), len(ids)
-        one = np.zeros(1, np.int64)
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            embedded = engine.embed(token)
-            t1 = time.perf_counter()
-            positions = np.array([position])
-            hidden = engine.run_blocks(embedded, one, positions, one, cache, rotary, threads)
-            t2 = time.perf_counter()
-            logits = engine.logits(hidden)
-            t3 = time.perf_counter()
-            token = choose_tokens(logits, Sampling(), None)
-            t4 = time.perf_counter()
-            position += 1
-            for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                parts[name] += seconds
+    hidden = engine.forward(
+        np.asarray(ids, np.int64), zeros, np.arange(len(ids)), zeros, cache, rotary, threads
+    )
+    parts = {"embed": 0.0, "native": 0.0, "head": 0.0, "choose": 0.0}
+    token, position = np.array([ids[-1]], np.int64), len(ids)
+    one = np.zeros(1, np.int64)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        embedded = engine.embed(token)
+        t1 = time.perf_counter()
+        positions = np.array([position])
+        hidden = engine.run_blocks(embedded, one, positions, one, cache, rotary, threads)
+        t2 = time.perf_counter()
+        logits = engine.logits(hidden)
+        t3 = time.perf_counter()
+        token = choose_tokens(logits, Sampling(), None)
+        t4 = time.perf_counter()
+        position += 1
+        for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            parts[name] += seconds
     breakdown = {name: 1e6 * total / steps for name, total in parts.items()}
     breakdown["projections_only"] = projections_only_us(engine, threads)
     # What the native call spends outside the projections: norms, rotary, attention, SiLU, copies.
@@ -197,9 +196,9 @@ def projections_only_us(engine: Any, threads: int, repeats: int = 20) -> float:
                         min_work, outputs,
                     )  # fmt: skip
 
-    w = engine.weights
+    w, stack = engine.weights, engine.stack
     inputs = np.random.default_rng(0).standard_normal(1 << 16).astype(np.float32)
-    args = (engine.kernel_tag, inputs, w.codes, w.biases, w.ints, threads, engine.min_parallel_work)
+    args = (stack.kernel_tag, inputs, w.codes, w.biases, w.ints, threads, stack.min_parallel_work)
     with numba_threads(threads):
         run_all(*args, 1)
         began = time.perf_counter()

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from alphatune import load_quantized
     from alphatune.engine import Engine
-    from alphatune.engine.generate import prompt_logits
+    from alphatune_runtime.generate import prompt_logits
 
     torch.set_num_threads(1)
     model, tokenizer = load_quantized(args.base)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     for kernel in KERNELS:
         os.environ["ALPHATUNE_KERNEL"] = kernel
         engine = Engine.build(model)
-        logits[kernel] = [prompt_logits(engine, window)[:-1] for window in texts]
+        logits[kernel] = [torch.from_numpy(prompt_logits(engine, window))[:-1] for window in texts]
         print(f"{kernel}: {args.windows} windows done", flush=True)
     targets = torch.cat([torch.tensor(w[1:]) for w in texts])
     nll = {

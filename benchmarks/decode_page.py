@@ -242,6 +242,9 @@ ABOUT = """\
 - `alphatune-q3-compact-engine-avx2` / `-avx2-int8`: the same engine with `ALPHATUNE_KERNEL` set
   to the AVX2 kernel's float32 tables (exact up to summation order) or its int8 tables (faster,
   +0.1-0.4% perplexity: `benchmarks/results/table_precision.json`).
+- `alphatune-q3-compact-runtime`: the default 3-bit base read from its files by the torch-free
+  runtime (`alphatune_runtime.model.Model`: the engine's numba step, the embedding and head in
+  numpy and numba; neither torch nor transformers is imported in its process).
 - `alphatune-q3-compact-transformers`: the default 3-bit base through transformers `generate`
   (the engine's reference path).
 

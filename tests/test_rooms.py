@@ -144,3 +144,23 @@ def test_the_demo_runs_the_real_commands_with_their_defaults(tmp_path) -> None:
     defaults = inspect.signature(quantize_base).parameters
     for name in ("calibration", "calibration_sequences", "calibration_length"):
         assert defaults[name].default == getattr(quant, name), name
+
+
+def test_the_runtime_imports_neither_torch_nor_transformers_nor_alphatune() -> None:
+    """``alphatune_runtime`` decodes without torch: none of its modules imports torch,
+    transformers or ``alphatune`` (whose package face imports both)."""
+    import alphatune_runtime
+
+    banned = ("torch", "transformers", "alphatune")
+    found = []
+    for path in sorted(Path(alphatune_runtime.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in banned]
+    assert found == []

@@ -535,6 +535,7 @@ class BCQHead(nn.Module):
             # Not a submodule: the embedding owns the table (state dict, .to(), deepcopy memo).
             self.__dict__["_shared_table"] = table
         else:
+            # The state-dict name alphatune_runtime.files.OWN_HEAD_TABLE reads.
             self.own_table = table
         self.shared = shared
         self.in_features, self.out_features = table.spec.dim, table.spec.rows

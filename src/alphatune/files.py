@@ -21,12 +21,13 @@ One room for the file policy (the formats themselves live in ``bases.py``, ``ada
   recorded in the directory's JSON file, which is itself sealed by a hash of its own content. Load
   checks them and names the file and tensor that differ. Files written before hashes were
   recorded still load, with a warning.
+
+A base's names and versions, the hashes and the checks are ``alphatune_runtime.files``' (the
+torch-free runtime reads bases too); this module imports them, seals and hashes tensors.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import os
@@ -44,16 +45,35 @@ from torch import Tensor
 
 from alphatune.errors import CheckpointError
 from alphatune.version import __version__
+from alphatune_runtime.files import (  # noqa: F401  (names and checks, importable from here)
+    BASE_CONFIG,
+    BASE_FORMAT,
+    BASE_FORMAT_WITH_HEAD,
+    BASE_FORMAT_WITH_TABLES,
+    BASE_RECORD,
+    BASE_WEIGHTS,
+    HASH_ALGORITHM,
+    HASHES,
+    INTEGRITY,
+    NEWEST_BASE_FORMAT,
+    QUANT_METHOD,
+    QUANT_METHOD_ALIASES,
+    bytes_digest,
+    check_format_version,
+    file_digest,
+    json_digest,
+    read_json,
+    record_in,
+    verify_digests,
+    verify_document,
+    verify_files,
+)
 
 logger = logging.getLogger(__name__)
 
 Writer = Callable[[Path], None]
 
 # ---------------------------------------------------------------- names
-BASE_CONFIG = "config.json"
-BASE_WEIGHTS = "model.safetensors"
-QUANT_METHOD = "alphatune_bcq"  # what a base's quantization_config says; what alphatune writes
-QUANT_METHOD_ALIASES = ("bcq",)  # also a base when read (the name the issue tracker proposed)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FORMAT = "alphatune_adapter"
@@ -64,47 +84,13 @@ CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_FORMAT = "alphatune_checkpoint"
-# Key of the integrity record in each JSON file (see ``seal``).
-INTEGRITY = "integrity"
-# Hash functions by the name a file records. SHA-256 (truncated to 128 bits): CPUs with SHA
-# extensions hash ~0.8 GB/s on one core, 4x BLAKE2b on the development machine; blake2b-128 files
-# were written for a while and still verify.
-_HASHES: dict[str, Callable[[], Any]] = {
-    "sha256-128": hashlib.sha256,
-    "blake2b-128": lambda: hashlib.blake2b(digest_size=16),
-}
-HASH_ALGORITHM = "sha256-128"
 # The library version every JSON file records (what wrote it).
 LIBRARY_VERSION = __version__
 
 # ---------------------------------------------------------------- format versions
-# A base: 1, the original layout; 2, a base whose LM head was replaced ("head" in its
-# quantization_config); 3, a base with a compact (8-bit BCQ table) embedding or head
-# ("input_embedding" and/or a "compact" head; alphatune.embedding). Each base is written with the
-# lowest version that describes it, so older alphatune versions read what they can.
-BASE_FORMAT = 1
-BASE_FORMAT_WITH_HEAD = 2
-BASE_FORMAT_WITH_TABLES = 3
-NEWEST_BASE_FORMAT = BASE_FORMAT_WITH_TABLES  # the newest base layout this version reads
 ADAPTER_FORMAT_VERSION = 1  # an adapter's "format_version" (the newest this version reads)
-# Where each JSON file keeps its integrity record (see ``seal``).
-BASE_RECORD = ("quantization_config", INTEGRITY)
+# Where each JSON file keeps its integrity record (see ``seal``; the base's: BASE_RECORD).
 ADAPTER_RECORD = (INTEGRITY,)
-
-
-def check_format_version(
-    document: dict[str, Any], newest: int, where: Path, what: str = "format_version"
-) -> None:
-    """Raise unless ``document["format_version"]`` (1 when absent) is one this version reads.
-
-    Checked before anything else of a file: a newer format may seal its files differently.
-    """
-    version = document.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version > newest:
-        raise CheckpointError(
-            f"{where}: {what} {version!r} is newer than this alphatune reads ({newest}); "
-            "upgrade alphatune"
-        )
 
 
 # ---------------------------------------------------------------- markers
@@ -329,19 +315,6 @@ def existing_directory(directory: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- reading
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; a missing or unparsable file is a ``CheckpointError``."""
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{path} is not valid JSON ({err}); the file is corrupted") from err
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object; the file is corrupted")
-    return data
-
-
 def read_safetensors(path: Path) -> dict[str, Tensor]:
     """Every tensor of a safetensors file (never a pickle); unreadable is a ``CheckpointError``."""
     if not path.is_file():
@@ -359,35 +332,9 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- integrity
 def tensor_digest(tensor: Tensor, algorithm: str = HASH_ALGORITHM) -> str:
     """Hash of a tensor's dtype, shape and bytes: a flip anywhere changes it."""
-    digest = _HASHES[algorithm]()
-    digest.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
     flat = tensor.detach().cpu().contiguous().reshape(-1)  # reshape: a 0-d tensor cannot .view
-    digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return digest.hexdigest()[:32]
-
-
-def file_digest(path: Path, algorithm: str = HASH_ALGORITHM) -> str:
-    """Hash of a file's bytes."""
-    digest = _HASHES[algorithm]()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:32]
-
-
-def json_digest(data: Any, algorithm: str = HASH_ALGORITHM) -> str:
-    """Hash of a JSON value in canonical form (sorted keys, no spaces), so formatting is free."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    digest = _HASHES[algorithm]()
-    digest.update(text.encode())
-    return digest.hexdigest()[:32]
-
-
-def _record_in(document: dict[str, Any], at: tuple[str, ...]) -> Any:
-    found: Any = document
-    for key in at:
-        found = found.get(key) if isinstance(found, dict) else None
-    return found
+    return bytes_digest(f"{tensor.dtype}", tuple(tensor.shape),
+                        memoryview(flat.view(torch.uint8).numpy()), algorithm)  # fmt: skip
 
 
 def seal(
@@ -408,78 +355,18 @@ def seal(
         record["tensors"] = {name: tensor_digest(t, algorithm) for name, t in tensors.items()}
     if files is not None:
         record["files"] = {name: file_digest(path, algorithm) for name, path in files.items()}
-    parent = _record_in(document, at[:-1])
+    parent = record_in(document, at[:-1])
     parent[at[-1]] = record
     record["json"] = json_digest(document, algorithm)
     return document
 
 
-def verify_document(where: Path, document: dict[str, Any], at: tuple[str, ...]) -> dict | None:
-    """Check the JSON hash of ``document`` (read from ``where``); return its integrity record.
-
-    ``None`` for a file written before records existed (logged: its contents are unverified).
-    """
-    record = _record_in(document, at)
-    if record is None:
-        logger.warning(
-            "%s was written by an older alphatune without content hashes; its contents cannot be "
-            "verified (save it again to add them)",
-            where,
-        )
-        return None
-    algorithm = record.get("algorithm") if isinstance(record, dict) else record
-    if not isinstance(algorithm, str) or algorithm not in _HASHES:
-        raise CheckpointError(
-            f"{where}: '{INTEGRITY}' names hash {algorithm!r}, this alphatune checks "
-            f"{', '.join(_HASHES)}; the file is corrupted or from a newer alphatune"
-        )
-    unsealed = copy.deepcopy(document)
-    expected = _record_in(unsealed, at).pop("json", None)
-    if json_digest(unsealed, algorithm) != expected:
-        raise CheckpointError(
-            f"{where}: the content does not match the hash recorded in it; the file was changed "
-            "or corrupted after it was saved (save it again from its source)"
-        )
-    return record
-
-
 def verify_tensors(where: Path, tensors: Mapping[str, Tensor], record: dict | None) -> None:
     """Compare each tensor read from ``where`` with the hash in ``record`` (from ``seal``)."""
-    if record is None:
-        return
-    expected = record.get("tensors")
-    if not isinstance(expected, dict):
-        raise CheckpointError(f"{where}: its integrity record lists no tensor hashes; corrupted")
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise CheckpointError(
-            f"{where}: tensors differ from those recorded at save (missing {missing[:5]}, "
-            f"unexpected {extra[:5]}); the file is corrupted"
-        )
-    for name, tensor in tensors.items():
-        if tensor_digest(tensor, record["algorithm"]) != expected[name]:
-            raise CheckpointError(
-                f"{where}: tensor {name!r} does not match the hash recorded at save; the file is "
-                "corrupted (save it again from its source)"
-            )
-
-
-def verify_files(directory: Path, record: dict | None) -> None:
-    """Compare each file listed in ``record`` (from ``seal``) with its bytes in ``directory``."""
-    if record is None:
-        return
-    expected = record.get("files", {})
-    if not isinstance(expected, dict):
-        raise CheckpointError(f"{directory}: its integrity record of files is corrupted")
-    for name, digest in expected.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing (it was saved with the directory)")
-        if file_digest(path, record["algorithm"]) != digest:
-            raise CheckpointError(
-                f"{path} does not match the hash recorded at save; the file is corrupted"
-            )
+    verify_digests(
+        where, list(tensors), lambda name, algorithm: tensor_digest(tensors[name], algorithm),
+        record,
+    )  # fmt: skip
 
 
 def nonfinite(tensors: Mapping[str, Tensor]) -> list[str]:

@@ -24,53 +24,25 @@ anything touches them again. Nothing is lost either way: written (copy-on-write)
 private mapping and anonymous memory are only ever swapped, never discarded. And **numba's
 compiler**: LLVM's code is paged in when the first kernel is compiled or loaded from numba's
 cache, and decode never runs it again; ``page_out_compiler`` gives its pages back the same way.
+The system calls underneath are ``alphatune_runtime.memory``'s (the torch-free runtime uses them).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import mmap
-import sys
-from functools import cache
 
 import torch
 from torch import nn
 
+from alphatune_runtime.memory import (  # noqa: F401  (importable from here, as before)
+    madvise,
+    page_out_compiler,
+    page_out_library,
+    page_out_range,
+    release_free_memory,
+)
+
 logger = logging.getLogger(__name__)
-
-
-@cache
-def _malloc_trim() -> ctypes._CFuncPtr | None:
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-    if trim is not None:
-        trim.argtypes = [ctypes.c_size_t]
-        trim.restype = ctypes.c_int
-    return trim
-
-
-# madvise(2) advice: reclaim these pages now (Linux 5.4 and later; older kernels say EINVAL).
-_MADV_PAGEOUT = 21
-
-
-@cache
-def _madvise() -> ctypes._CFuncPtr | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    name = ctypes.util.find_library("c")
-    try:
-        advise = ctypes.CDLL(name, use_errno=True).madvise if name else None
-    except (OSError, AttributeError):
-        return None
-    if advise is not None:
-        advise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        advise.restype = ctypes.c_int
-    return advise
 
 
 def page_out(tensor: torch.Tensor) -> int:
@@ -84,63 +56,9 @@ def page_out(tensor: torch.Tensor) -> int:
     where the kernel lacks the advice). Rebuilding an engine reads paged-out codes back: measured
     on SmolLM2, a second ``Engine.build`` takes as long as the first (0.25-0.6 s).
     """
-    advise = _madvise()
-    if advise is None or not _is_view_of_foreign_memory(tensor) or not tensor.is_contiguous():
+    if madvise() is None or not _is_view_of_foreign_memory(tensor) or not tensor.is_contiguous():
         return 0
-    page = mmap.PAGESIZE
-    begin = tensor.data_ptr()
-    start = -(-begin // page) * page
-    end = (begin + tensor.numel() * tensor.element_size()) // page * page
-    if end <= start:
-        return 0
-    if advise(start, end - start, _MADV_PAGEOUT) != 0:
-        logger.debug("madvise(MADV_PAGEOUT) refused: errno %d", ctypes.get_errno())
-        return 0
-    return end - start
-
-
-def page_out_library(file_name: str) -> int:
-    """Drop the resident pages of every mapping of the shared library ``file_name`` (say
-    ``libllvmlite.so``), when this process will not run its code for a while.
-
-    Clean pages of the library file are read back from it on demand; its written pages (data,
-    relocations) can only be swapped. Returns the bytes advised (0 off Linux or where the library
-    is not mapped).
-    """
-    advise = _madvise()
-    if advise is None:
-        return 0
-    advised = 0
-    with open("/proc/self/maps", encoding="ascii", errors="replace") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or not fields[5].rstrip("\n").endswith("/" + file_name):
-                continue
-            start, end = (int(address, 16) for address in fields[0].split("-"))
-            if advise(start, end - start, _MADV_PAGEOUT) == 0:
-                advised += end - start
-    return advised
-
-
-def page_out_compiler() -> int:
-    """Page out numba's compiler (LLVM, llvmlite's shared library: ~28 MiB resident once a
-    kernel is compiled or loaded from numba's cache).
-
-    Compiled functions run without it; only compiling or loading another function uses it again,
-    which reads its pages back. The decode engine calls this once its step is loaded, so that
-    decode holds the kernels, not the compiler. Returns the bytes advised.
-    """
-    return page_out_library("libllvmlite.so")
-
-
-def release_free_memory() -> None:
-    """Return the heap's free pages to the operating system (glibc ``malloc_trim``; else a no-op).
-
-    Cheap (it walks the heap's free lists): called after each layer a quantization replaces.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    return page_out_range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
 
 def own_mapped_tensors(model: nn.Module) -> int:

@@ -12,6 +12,7 @@ from alphatune.config import BCQConfig
 from alphatune.errors import ConfigError, KernelUnavailableError
 from alphatune.kernels import avx2_lut, avx512_lut
 from alphatune.layers import BCQLinear
+from alphatune_runtime import avx2, avx512
 
 needs_avx2 = pytest.mark.skipif(
     not avx2_lut.available(), reason="no numba or no AVX2 + FMA: the AVX2 LUT kernel cannot run"
@@ -133,7 +134,7 @@ def test_unknown_kernel_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_forcing_a_kernel_this_cpu_cannot_run_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(avx512_lut, "available", lambda: False)
+    monkeypatch.setattr(avx512, "available", lambda: False)
     monkeypatch.setenv(kernels.KERNEL_ENV, "avx512")
     with pytest.raises(KernelUnavailableError, match="AVX-512F"):
         kernels.lut_kernel()
@@ -144,8 +145,8 @@ def test_forcing_a_kernel_this_cpu_cannot_run_is_an_error(monkeypatch: pytest.Mo
 
 def test_a_cpu_without_avx2_falls_back_to_the_dense_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     """ARM or an older x86: neither LUT kernel reports itself available; decode stays correct."""
-    monkeypatch.setattr(avx512_lut, "available", lambda: False)
-    monkeypatch.setattr(avx2_lut, "available", lambda: False)
+    monkeypatch.setattr(avx512, "available", lambda: False)
+    monkeypatch.setattr(avx2, "available", lambda: False)
     assert kernels.lut_kernel() is None
     layer = _eval_layer()
     x = torch.randn(1, 64)

@@ -1,9 +1,10 @@
 """``Engine``: a quantized Llama ready for native decode (weights converted once per request set).
 
 ``Engine.build(model)`` checks the model (``spec.describe``), maps its embedding and head
-(``spec.token_io``) and converts the blocks (``weights.build_weights``); ``forward`` runs a flat
-list of tokens through every block in one numba call (``native.forward_tokens``) and ``logits``
-applies the model's own head module.
+(``spec.token_io``) and converts the blocks (``weights.build_weights``) into an
+``alphatune_runtime.stack.BlockStack``; ``forward`` runs a flat list of tokens through every block
+in one numba call and ``logits`` applies the model's own head module. It is a ``Decoder`` of
+``alphatune_runtime.generate`` (numpy in and out).
 """
 
 from __future__ import annotations
@@ -13,25 +14,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from alphatune.engine.cache import KVCache
 from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
-from alphatune.engine.weights import NativeWeights, build_weights
+from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels import decode_kernel
 from alphatune.kernels.numba_threads import numba_threads
 from alphatune.memory import page_out_compiler, release_free_memory
 from alphatune_runtime import native
+from alphatune_runtime.cache import KVCache
+from alphatune_runtime.stack import BlockStack
+from alphatune_runtime.weights import NativeWeights
 
 logger = logging.getLogger(__name__)
-
-# Attention work (cached positions × heads, summed over a call's tokens) from which two threads
-# pay for their start (~2 µs a region): below, a token's attention is a few microseconds. Measured
-# on SmolLM2 (9 heads), 2 threads, blocks of one decode token, alternating in one process: at
-# position 100, 5.50 / 5.09 ms with every attention parallel against 6.02 / 5.19 ms at the former
-# 2^14; at position 500, 7.51 / 6.35 against 8.51 / 7.64 ms.
-MIN_PARALLEL_ATTENTION = 1 << 9
 
 
 def _numba_pool_size() -> int:
@@ -46,12 +42,7 @@ class Engine:
 
     spec: LlamaSpec
     io: TokenIO
-    weights: NativeWeights
-    kernel_name: str
-    kernel_tag: np.ndarray  # empty array whose dtype selects the kernel (native.KERNEL_TAGS)
-    table_bits: int  # the AVX2 kernel's tables: 0 float32, 16 or 8 integer levels
-    min_parallel_work: int  # code bits × tokens from which projections run on the threads
-    min_parallel_attention: int = MIN_PARALLEL_ATTENTION
+    stack: BlockStack
 
     @classmethod
     def build(cls, model: nn.Module, *, use_bank: bool = False) -> Engine:
@@ -77,63 +68,30 @@ class Engine:
         with numba_threads(1):
             pass
         spec = describe(model)
-        io = token_io(model, spec.hidden)
-        weights = build_weights(spec, kernel, use_bank)
+        io = token_io(model, spec.shape.hidden)
+        weights = build_weights(spec, kernel.native, use_bank)
         release_free_memory()  # what converting the layers freed
-        engine = cls(
-            spec=spec,
-            io=io,
-            weights=weights,
-            kernel_name=kernel.name,
-            kernel_tag=np.zeros(0, native.KERNEL_TAGS[kernel.name]),
-            table_bits=kernel.table_bits,
-            min_parallel_work=(
-                kernel.module.MIN_PARALLEL_WORK  # AVX-512: one parallel region per projection
-                if kernel.name == "avx512"
-                else native.MIN_PARALLEL_GROUP_WORK
-            ),
-        )
-        engine._load_step()
+        engine = cls(spec=spec, io=io, stack=BlockStack.of(spec.shape, weights, kernel.native))
+        # Load the step's compiled code now, then page out numba's compiler: decode never runs
+        # it, and it would otherwise stay resident (~28 MiB, more than the KV cache of a
+        # 512-token prompt). The embedding and head modules were run once by ``token_io``.
+        engine.stack.load_step()
+        page_out_compiler()
         return engine
 
-    def _load_step(self) -> None:
-        """Run one token, so that numba loads the step's compiled code now (from its cache, or
-        compiling it the first time), then page out numba's compiler: decode never runs it, and
-        it would otherwise stay resident (~28 MiB, more than the KV cache of a 512-token prompt).
-        The embedding and head modules were run once by ``token_io``."""
-        cache = self.new_cache(1, 1)
-        zero = np.zeros(1, np.int64)
-        hidden = np.zeros((1, self.spec.hidden), np.float32)
-        self.run_blocks(hidden, zero, zero, zero, cache, self.rotary(1), 1)
-        page_out_compiler()
+    @property
+    def kernel_name(self) -> str:
+        return self.stack.kernel.name
+
+    @property
+    def weights(self) -> NativeWeights:
+        return self.stack.weights
 
     def new_cache(self, rows: int, max_len: int) -> KVCache:
-        if self.spec.max_positions and max_len > self.spec.max_positions:
-            raise UnsupportedModelError(
-                f"{max_len} positions exceed the model's {self.spec.max_positions}"
-            )
-        return KVCache.allocate(self.spec, rows, max_len)
+        return self.stack.new_cache(rows, max_len)
 
-    def forward(
-        self,
-        ids: Tensor,
-        rows: np.ndarray,
-        positions: np.ndarray,
-        sets: np.ndarray,
-        cache: KVCache,
-        rotary: tuple[np.ndarray, np.ndarray],
-        threads: int | None = None,
-    ) -> Tensor:
-        """Final-normed hidden states ``(N, H)`` float32 of tokens ``ids (N,)``.
-
-        Token n goes to cache row ``rows[n]`` at ``positions[n]`` (int64 arrays) with adapter
-        scale set ``sets[n]``; it attends to its row's positions up to its own, so a row's tokens
-        must come in order, after every earlier position of that row. ``threads``: see
-        ``threads``; None reads it now.
-        """
-        if threads is None:
-            threads = self.threads()
-        return self.run_blocks(self.embed(ids), rows, positions, sets, cache, rotary, threads)
+    def rotary(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.stack.rotary(max_len)
 
     @staticmethod
     def threads() -> int:
@@ -144,9 +102,30 @@ class Engine:
         """
         return max(1, min(torch.get_num_threads(), _numba_pool_size()))
 
-    def embed(self, ids: Tensor) -> np.ndarray:
+    def forward(
+        self,
+        ids: np.ndarray,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        sets: np.ndarray,
+        cache: KVCache,
+        rotary: tuple[np.ndarray, np.ndarray],
+        threads: int | None = None,
+    ) -> np.ndarray:
+        """Final-normed hidden states ``(N, H)`` float32 of tokens ``ids (N,)`` int64.
+
+        Token n goes to cache row ``rows[n]`` at ``positions[n]`` (int64 arrays) with adapter
+        scale set ``sets[n]`` (see ``BlockStack.run``). ``threads``: see ``threads``; None reads
+        it now.
+        """
+        if threads is None:
+            threads = self.threads()
+        return self.run_blocks(self.embed(ids), rows, positions, sets, cache, rotary, threads)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
         """``(N, H)`` float32 embeddings of ``ids``, a writable C array (the residual stream)."""
-        hidden = self.io.embed(ids).numpy()
+        with torch.inference_mode():
+            hidden = self.io.embed(torch.from_numpy(np.asarray(ids, np.int64))).numpy()
         if not hidden.flags.writeable or not hidden.flags.c_contiguous:
             hidden = np.ascontiguousarray(hidden).copy()
         return hidden
@@ -160,27 +139,14 @@ class Engine:
         cache: KVCache,
         rotary: tuple[np.ndarray, np.ndarray],
         threads: int,
-    ) -> Tensor:
+    ) -> np.ndarray:
         """``forward`` after the embedding: ``hidden (N, H)`` is overwritten."""
-        w = self.weights
-        cos, sin = rotary
-        args = (
-            self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
-            w.norms, w.final_norm, w.codes, w.biases, w.ints,
-            np.float32(self.spec.eps), self.spec.n_heads, threads,
-            self.min_parallel_work, self.min_parallel_attention,
-        )  # fmt: skip
         if threads > 1:
             with numba_threads(threads):
-                normed = native.forward_tokens(*args)
-        else:
-            normed = native.forward_tokens(*args)
-        return torch.from_numpy(normed)
+                return self.stack.run(hidden, rows, positions, sets, cache, rotary, threads)
+        return self.stack.run(hidden, rows, positions, sets, cache, rotary, threads)
 
-    def logits(self, hidden: Tensor) -> Tensor:
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
         """``(N, V)`` float32 logits through the model's own head module."""
-        return self.io.head(hidden)
-
-    def rotary(self, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        cos, sin = self.spec.rotary_tables(max_len)
-        return cos.contiguous().numpy(), sin.contiguous().numpy()
+        with torch.inference_mode():
+            return self.io.head(torch.from_numpy(hidden)).numpy()

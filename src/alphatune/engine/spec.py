@@ -1,7 +1,7 @@
 """What the engine reads from a Hugging Face model: the Llama shape, and why a model is not served.
 
-``describe(model)`` returns a ``LlamaSpec`` (sizes, norm epsilon, rotary frequencies, the blocks'
-modules) or raises ``UnsupportedModelError`` saying what does not fit; the caller falls back to
+``describe(model)`` returns a ``LlamaSpec`` (its ``Shape``: sizes, norm epsilon, rotary
+frequencies; and the blocks' modules) or raises ``UnsupportedModelError`` saying what does not fit; the caller falls back to
 transformers ``generate`` and logs that reason. ``token_io(model)`` maps the embedding and the
 LM head, whatever their type, to two plain callables.
 """
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from alphatune.errors import UnsupportedModelError
 from alphatune.layers import BCQLinear
 from alphatune_runtime.native import PROJECTIONS
+from alphatune_runtime.stack import Shape
 
 # Model types with Llama's block: pre-norm RMSNorm, rotary attention with grouped KV heads,
 # SiLU-gated MLP, no logit scaling. (Mistral adds a sliding window, Gemma scales the embedding
@@ -28,26 +29,11 @@ STATIC_ROPE = ("default", "linear", "llama3")
 
 @dataclass(frozen=True)
 class LlamaSpec:
-    """A Llama-family model as the engine sees it."""
+    """A Llama-family model as the engine sees it: its shape, and the modules holding its blocks."""
 
-    n_layers: int
-    hidden: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    eps: float
-    inv_freq: Tensor  # (head_dim / 2,) float32, the rotary frequencies
-    rope_scaling: float  # transformers' attention_scaling: multiplies cos and sin
-    max_positions: int
+    shape: Shape
     blocks: tuple[nn.Module, ...]
     final_norm: nn.Module
-
-    def rotary_tables(self, length: int) -> tuple[Tensor, Tensor]:
-        """cos, sin ``(length, head_dim)`` float32, computed as ``LlamaRotaryEmbedding`` does."""
-        positions = torch.arange(length, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq.float()[None, :]  # (length, d/2)
-        angles = torch.cat([freqs, freqs], dim=-1)
-        return angles.cos() * self.rope_scaling, angles.sin() * self.rope_scaling
 
 
 def describe(model: nn.Module) -> LlamaSpec:
@@ -78,19 +64,18 @@ def describe(model: nn.Module) -> LlamaSpec:
         raise UnsupportedModelError(f"{n_heads} heads over {n_kv} KV heads of size {head_dim}")
     for index, block in enumerate(blocks):
         _check_block(index, block, head_dim)
-    return LlamaSpec(
+    shape = Shape(
         n_layers=len(blocks),
         hidden=hidden,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
         eps=float(config.rms_norm_eps),
-        inv_freq=rotary.inv_freq.detach().float().cpu(),
+        inv_freq=rotary.inv_freq.detach().float().cpu().numpy().copy(),
         rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
-        blocks=blocks,
-        final_norm=inner.norm,
     )
+    return LlamaSpec(shape=shape, blocks=blocks, final_norm=inner.norm)
 
 
 def _check_block(index: int, block: nn.Module, head_dim: int) -> None:

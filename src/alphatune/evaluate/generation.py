@@ -24,6 +24,7 @@ from alphatune.engine import Engine, Sampling, generate_ids
 from alphatune.errors import ConfigError, DataError, UnsupportedModelError
 from alphatune.mixed import bank_for
 from alphatune.models import model_device
+from alphatune_runtime.generate import cut_at_stop
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 def _first_line(text: str) -> str:
     """The generated answer: stripped text up to the first line break."""
     return text.strip().split("\n", 1)[0].strip()
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text before the first stop string (all of it when none occurs)."""
-    cut = min((text.find(s) for s in stop if s in text), default=-1)
-    return text if cut < 0 else text[:cut]
 
 
 def _answer_complete(stop: Sequence[str]) -> Callable[[str], bool]:
@@ -216,7 +211,7 @@ def generate(
                 new_tokens = output[:, input_ids.shape[1] :]  # (batch, <= max_new_tokens)
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for index, text in zip(indices, texts, strict=True):
-                    answers[index] = _first_line(_cut_at_stop(text, stop))
+                    answers[index] = _first_line(cut_at_stop(text, stop))
                 bar.advance(task, len(indices))
     finally:
         model.train(was_training)
@@ -248,7 +243,7 @@ def _engine_batch(
         stop=_answer_complete(stop),
     )
     texts = (tokenizer.decode(done.tokens, skip_special_tokens=True) for done in finished)
-    return [_first_line(_cut_at_stop(text, stop)) for text in texts]
+    return [_first_line(cut_at_stop(text, stop)) for text in texts]
 
 
 def _build_engine(model: nn.Module, choice: bool | None, num_beams: int, mixed: bool) -> Any:
@@ -271,7 +266,7 @@ def _build_engine(model: nn.Module, choice: bool | None, num_beams: int, mixed: 
     logger.debug(
         "decode engine: %s kernel, %d blocks, %.1f MB of kernel operands",
         engine.kernel_name,
-        engine.spec.n_layers,
+        engine.spec.shape.n_layers,
         engine.weights.nbytes() / 1e6,
     )
     return engine

@@ -17,7 +17,8 @@ the dense weight is dequantized once (numba when present) and kept in the layer'
 top-1 change over 4,088 WikiText-2 positions, ``benchmarks/bench_table_precision.py``),
 ``avx2`` (float32 tables, exact up to summation order, slower), ``avx2-int8`` (int8 tables:
 fastest, approximate: +0.1-0.4% perplexity), ``reference`` (none), or ``auto`` (the default).
-Forcing a kernel this CPU cannot run is an error, not a silent fallback.
+Forcing a kernel this CPU cannot run is an error, not a silent fallback. The choice itself is
+``alphatune_runtime.dispatch``'s (the torch-free runtime decodes on the same kernel).
 
 Every matmul kernel has the signature of ``reference.bcq_matmul_reference``.
 """
@@ -25,7 +26,6 @@ Every matmul kernel has the signature of ``reference.bcq_matmul_reference``.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import ModuleType
@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alphatune.errors import ConfigError, KernelUnavailableError
 from alphatune.kernels import avx2_lut, avx512_lut, lut_common, numba_dequant
 from alphatune.kernels.reference import (
     bcq_matmul_dequant,
@@ -45,7 +44,8 @@ from alphatune.kernels.reference import (
 )
 from alphatune.kernels.reference import dequantize_packed as dequantize_packed_reference
 from alphatune.packing import unpack_codes
-from alphatune_runtime import avx2, avx512
+from alphatune_runtime import dispatch
+from alphatune_runtime.dispatch import NativeKernel
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 # 4096² (LUT 2.3x faster at T = 32, 1.7x at T = 64).
 LUT_MAX_TOKENS = 64
 
-KERNEL_ENV = "ALPHATUNE_KERNEL"
+KERNEL_ENV = dispatch.KERNEL_ENV
 
 __all__ = [
     "KERNEL_ENV",
@@ -79,13 +79,21 @@ __all__ = [
 @dataclass(frozen=True)
 class _LutKernel:
     """A LUT-GEMV kernel: its torch module (``prepare_codes``, ``prepare_scales``, ``decoder``),
-    its numba module (``alphatune_runtime.avx512`` / ``.avx2``: ``decode_native``, for numba
-    callers) and the table precision it runs with (AVX2 only)."""
+    what a numba caller uses of it (``native``: ``alphatune_runtime.dispatch.NativeKernel``) and
+    the table precision it runs with (AVX2 only)."""
 
-    name: str
+    native: NativeKernel
     module: ModuleType
-    native: ModuleType
     table_dtype: torch.dtype | None = None
+
+    @property
+    def name(self) -> str:
+        return self.native.name
+
+    @property
+    def table_bits(self) -> int:
+        """What the AVX2 kernel's numba entry takes for this precision (0 for float32 tables)."""
+        return self.native.table_bits
 
     def decoder(
         self, codes: Any, scales: Any, offset: Tensor | None, group_size: int
@@ -93,51 +101,24 @@ class _LutKernel:
         precision = () if self.table_dtype is None else (self.table_dtype,)
         return self.module.decoder(codes, scales, offset, group_size, *precision)
 
-    @property
-    def table_bits(self) -> int:
-        """What the AVX2 kernel's numba entry takes for this precision (0 for float32 tables)."""
-        return 0 if self.table_dtype is None else avx2_lut.table_bits(self.table_dtype)
 
-
-_LUT_KERNELS = {
-    "avx512": _LutKernel("avx512", avx512_lut, avx512),
-    "avx2": _LutKernel("avx2", avx2_lut, avx2, torch.float32),
-    "avx2-int16": _LutKernel("avx2-int16", avx2_lut, avx2, torch.int16),
-    "avx2-int8": _LutKernel("avx2-int8", avx2_lut, avx2, torch.int8),
+_TORCH_FACES = {
+    "avx512": (avx512_lut, None),
+    "avx2": (avx2_lut, torch.float32),
+    "avx2-int16": (avx2_lut, torch.int16),
+    "avx2-int8": (avx2_lut, torch.int8),
 }
-_KERNEL_CHOICES = ("auto", *_LUT_KERNELS, "reference")
-# The AVX2 tables decode runs on by default: int16 is ~1.6x faster per layer than float32 and
-# lossless in practice (see the module docstring); int8 is faster still but costs perplexity.
-AVX2_DEFAULT = "avx2-int16"
-
-
-def _kernel_setting() -> tuple[str, str]:
-    """``ALPHATUNE_KERNEL`` as set, and as a choice (stripped, lower case, ``auto`` if unset)."""
-    setting = os.environ.get(KERNEL_ENV, "")
-    return setting, setting.strip().lower() or "auto"
+_LUT_KERNELS = {
+    name: _LutKernel(dispatch.KERNELS[name], module, table_dtype)
+    for name, (module, table_dtype) in _TORCH_FACES.items()
+}
+AVX2_DEFAULT = dispatch.AVX2_DEFAULT
 
 
 def _chosen_lut_kernel() -> _LutKernel | None:
-    """The LUT kernel for decode here: ``ALPHATUNE_KERNEL``, or the best this CPU runs."""
-    setting, choice = _kernel_setting()
-    if choice == "auto":
-        if avx512_lut.available():
-            return _LUT_KERNELS["avx512"]
-        return _LUT_KERNELS[AVX2_DEFAULT] if avx2_lut.available() else None
-    if choice == "reference":
-        return None
-    kernel = _LUT_KERNELS.get(choice)
-    if kernel is None:
-        raise ConfigError(
-            f"{KERNEL_ENV}={setting!r} is not a kernel; choose one of {', '.join(_KERNEL_CHOICES)}"
-        )
-    if not kernel.module.available():
-        raise KernelUnavailableError(
-            f"{KERNEL_ENV}={setting!r}, but that kernel cannot run here (it needs numba and "
-            f"{'AVX-512F' if kernel.module is avx512_lut else 'AVX2 and FMA'}); unset "
-            f"{KERNEL_ENV} to pick the best kernel for this CPU"
-        )
-    return kernel
+    """The LUT kernel for decode here (``alphatune_runtime.dispatch`` chooses it)."""
+    native = dispatch.chosen_kernel()
+    return None if native is None else _LUT_KERNELS[native.name]
 
 
 def lut_kernel() -> str | None:
@@ -161,7 +142,7 @@ def decode_kernel() -> _LutKernel | None:
 
 def reference_forced() -> bool:
     """Whether ``ALPHATUNE_KERNEL=reference`` asks for the plain torch paths everywhere."""
-    return _kernel_setting()[1] == "reference"
+    return dispatch.kernel_setting()[1] == "reference"
 
 
 def lut_available() -> bool:

@@ -44,7 +44,11 @@ TABLE_DTYPES = (torch.float32, torch.int16, torch.int8)
 # table_bits of the numba entries: 0 for float32 tables, else the levels' bits.
 _TABLE_BITS = dict(zip(TABLE_DTYPES, avx2.TABLE_BITS, strict=True))
 MIN_PARALLEL_WORK = avx2.MIN_PARALLEL_WORK  # public: native callers (alphatune.engine) pick threads
-available = avx2.available
+
+
+def available() -> bool:
+    """True when numba imports and this CPU has AVX2 and FMA (``alphatune_runtime.avx2``)."""
+    return avx2.available()
 
 
 # ----------------------------------------------------------------------------- python side

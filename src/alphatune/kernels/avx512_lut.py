@@ -39,7 +39,11 @@ SCALES_LAYOUT = lut_common.ROWS_INNER  # how prepare_scales lays them out
 MIN_PARALLEL_WORK = (
     avx512.MIN_PARALLEL_WORK
 )  # public: native callers (alphatune.engine) pick threads
-available = avx512.available
+
+
+def available() -> bool:
+    """True when numba imports and this CPU has AVX-512F (``alphatune_runtime.avx512``)."""
+    return avx512.available()
 
 
 # ----------------------------------------------------------------------------- python side

@@ -1,78 +1,29 @@
-"""What the LUT-GEMV kernels share: the layout a layer keeps, the activation tables, the checks.
+"""What the LUT-GEMV kernels' torch faces share: the layout from tensors, and the checks.
 
 Every ISA kernel (``alphatune_runtime.avx512`` / ``.avx2``, with their torch faces ``avx512_lut`` /
-``avx2_lut``) owns its vector loop and its numba drivers, and ``alphatune_runtime.lut`` the
-activation tables they all build; this module owns everything around them, so the kernels agree
-on layout and contract:
-
-- ``prepare_codes``: the codes of a layer reordered so that the code bytes of ``rows`` consecutive
-  rows are contiguous, rows padded with zero codes to a multiple of ``rows`` (16 for AVX-512, 32
-  for AVX2);
-- ``scales_rows_inner`` / ``scales_in_layer_order``: the scales in one of the two layouts the
-  kernels read (``PreparedScales``): rows contiguous (AVX-512 loads 16 rows' scales at once), or
-  the layers' own order, read in place without a copy (AVX2 applies a group's scales once per
-  plane, so it can afford gathering them);
-- ``layer_operands`` / ``token_operands`` / ``check_operands``: the argument checks and
-  conversions every kernel makes, with the same errors: a layer's once (``decoder``), a call's
-  tokens at every call.
+``avx2_lut``) owns its vector loop and its numba drivers, ``alphatune_runtime.lut`` the
+activation tables they all build, and ``alphatune_runtime.layout`` the layout they read (codes
+in row blocks, the two scale layouts, a layer's operands), from numpy arrays. This module hands
+a layer's tensors to that layout as numpy views (``prepare_codes``, ``scales_*``,
+``layer_operands``) and makes the checks and conversions every kernel's torch face makes, with
+the same errors: a layer's once (``decoder``), a call's tokens at every call
+(``token_operands``), a one-shot call's operands (``check_operands``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from alphatune.errors import ConfigError, KernelUnavailableError
-from alphatune.packing import packed_width
+from alphatune_runtime import layout
+from alphatune_runtime.layout import LayerOperands, PreparedCodes, PreparedScales
 
-NO_OFFSET = np.zeros((1, 1), np.float32)  # one compiled signature with and without an offset
-
-
-def supports(group_size: int, in_features: int) -> bool:
-    """Whether the LUT kernels handle this layer layout (groups must not split a code byte)."""
-    return group_size == in_features or group_size % 8 == 0
-
-
-@dataclass(frozen=True)
-class PreparedCodes:
-    """A layer's codes in a kernel's layout: ``(q, ceil(out/rows), ceil(in/8), rows)`` uint8."""
-
-    codes: np.ndarray
-    out_features: int
-    in_features: int
-
-
-# The two layouts of ``PreparedScales``: the last two dimensions of ``first`` and ``rest``.
-ROWS_INNER = "rows-inner"  # (G, padded out): a row block's scales of one group are contiguous
-LAYER_ORDER = "layer-order"  # (padded out, G): the layers' own order (BCQLinear's α)
-
-
-@dataclass(frozen=True)
-class PreparedScales:
-    """Scales in a kernel's layout, rows padded with zero scales to a multiple of the row block.
-
-    ``first``: α₁ of each scale set (one set, or one per adapter), ``(S, G, out)`` or
-    ``(S, out, G)`` by ``layout``; ``rest``: the other planes' scales, shared by every set,
-    ``(q-1, G, out)`` or ``(q-1, out, G)``. In ``LAYER_ORDER`` they may be views of the layer's
-    own tensors (``scales_in_layer_order``): whoever holds them reads the layer's current values.
-    """
-
-    first: np.ndarray
-    rest: np.ndarray
-    layout: str = ROWS_INNER
-
-    def shape_for(self, sets: int, out: int, groups: int) -> tuple[int, int, int]:
-        """The shape ``first`` (``sets`` = S) or ``rest`` (``sets`` = q-1) must have."""
-        return (sets, groups, out) if self.layout == ROWS_INNER else (sets, out, groups)
-
-
-def prepared_codes_shape(packed_shape: tuple[int, ...], rows: int) -> tuple[int, int, int, int]:
-    """The shape ``prepare_codes`` gives codes of ``packed_shape`` ``(q, out, ceil(in/8))``."""
-    bits, out_features, n_bytes = packed_shape
-    return (bits, -(-out_features // rows), n_bytes, rows)
+NO_OFFSET = layout.NO_OFFSET
+ROWS_INNER, LAYER_ORDER = layout.ROWS_INNER, layout.LAYER_ORDER
+supports = layout.supports
+prepared_codes_shape = layout.prepared_codes_shape
 
 
 def prepare_codes(
@@ -82,100 +33,26 @@ def prepare_codes(
     byte_map: np.ndarray | None = None,
     out: np.ndarray | None = None,
 ) -> PreparedCodes:
-    """Reorder packed codes ``(q, out, ceil(in/8))`` so ``rows`` rows' bytes are contiguous.
-
-    ``byte_map`` (256 uint8) rewrites every byte on the way (a kernel's nibble order); ``out``
-    (C-contiguous uint8 of the prepared shape) receives the result, so a caller that keeps many
-    layers in one buffer makes no temporary copy of any.
-    """
+    """``layout.prepare_codes`` on a layer's packed codes ``(q, out, ceil(in/8))`` uint8 (read in
+    place: the numpy view of the tensor, no copy)."""
     if packed.dtype != torch.uint8 or packed.dim() != 3:
         raise ConfigError(
-            f"packed codes must be uint8 (q, out, ceil(in/8)), got {packed.dtype} {tuple(packed.shape)}"
+            f"packed codes must be uint8 (q, out, ceil(in/8)), got {packed.dtype} "
+            f"{tuple(packed.shape)}"
         )
-    bits, out_features, n_bytes = packed.shape
-    if n_bytes != packed_width(in_features):
-        raise ConfigError(
-            f"packed width {n_bytes} does not match in_features={in_features} "
-            f"(expected {packed_width(in_features)} bytes per row)"
-        )
-    shape = prepared_codes_shape(packed.shape, rows)
-    blocks = shape[1]
-    if out is None:
-        out = np.empty(shape, np.uint8)
-    if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
-        raise ConfigError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
-    source = packed.detach().cpu().numpy()  # a view of the stored codes, no copy
-    whole = out_features // rows
-    for plane in range(bits):
-        # (blocks, rows, bytes) -> (blocks, bytes, rows), written straight into out.
-        _copy_bytes(source[plane, : whole * rows].reshape(whole, rows, n_bytes).transpose(0, 2, 1),
-                    out[plane, :whole], byte_map)  # fmt: skip
-        if whole < blocks:  # the last block's rows past out_features are zero codes
-            last = out[plane, whole]
-            last[...] = 0 if byte_map is None else byte_map[0]
-            _copy_bytes(source[plane, whole * rows :].T, last[:, : out_features - whole * rows],
-                        byte_map)  # fmt: skip
-    return PreparedCodes(out, out_features, in_features)
-
-
-def _copy_bytes(source: np.ndarray, target: np.ndarray, byte_map: np.ndarray | None) -> None:
-    if byte_map is None:
-        np.copyto(target, source)
-    else:  # mode="clip": no bounds check, so numpy writes into target without a buffer
-        np.take(byte_map, source, out=target, mode="clip")
-
-
-def _rows_contiguous(scales: Tensor, rows: int) -> np.ndarray:
-    """``(..., out, G)`` -> ``(..., G, padded out)`` float32."""
-    *lead, out, groups = scales.shape
-    padded = -(-out // rows) * rows
-    result = torch.zeros(*lead, groups, padded, dtype=torch.float32)
-    result[..., :out] = scales.detach().cpu().to(torch.float32).transpose(-1, -2)
-    return result.numpy()
-
-
-def _in_layer_order(scales: Tensor, rows: int) -> np.ndarray:
-    """``(..., out, G)`` -> ``(..., padded out, G)`` float32: a view of ``scales`` when it is a
-    float32 C-contiguous CPU tensor of whole row blocks, else a (padded) copy."""
-    *lead, out, groups = scales.shape
-    padded = -(-out // rows) * rows
-    if padded == out and scales.device.type == "cpu":
-        return _float32_numpy(scales)
-    result = torch.zeros(*lead, padded, groups, dtype=torch.float32)
-    result[..., :out, :] = scales.detach().cpu().to(torch.float32)
-    return result.numpy()
+    return layout.prepare_codes(packed.detach().cpu().numpy(), in_features, rows, byte_map, out)
 
 
 def scales_rows_inner(first_sets: Tensor, rest: Tensor, rows: int) -> PreparedScales:
     """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)``, rows contiguous (a copy)."""
-    return PreparedScales(
-        _rows_contiguous(first_sets, rows), _rows_contiguous(rest, rows), ROWS_INNER
-    )
+    return layout.scales_rows_inner(_float32_numpy(first_sets), _float32_numpy(rest), rows)
 
 
 def scales_in_layer_order(first_sets: Tensor, rest: Tensor, rows: int) -> PreparedScales:
     """α₁ sets ``(S, out, G)`` and the other planes ``(q-1, out, G)`` as they are: views of the
-    tensors (no copy) when they are float32, contiguous and ``out`` is a multiple of ``rows``."""
-    return PreparedScales(
-        _in_layer_order(first_sets, rows), _in_layer_order(rest, rows), LAYER_ORDER
-    )
-
-
-@dataclass(frozen=True)
-class LayerOperands:
-    """What a kernel's numba entry takes of a layer, checked once (``layer_operands``)."""
-
-    codes: np.ndarray  # (q, blocks, ceil(in/8), rows) uint8
-    first: np.ndarray  # (S, G, padded out) or (S, padded out, G) float32: see PreparedScales
-    rest: np.ndarray  # (q-1, G, padded out) or (q-1, padded out, G) float32
-    offset: np.ndarray  # (out, G) float32, or NO_OFFSET
-    with_offset: bool
-    group_size: int
-    n_groups: int
-    bytes_per_group: int
-    in_features: int
-    out_features: int
-    work_per_token: int  # code bits read per token: what decides the thread count
+    tensors (no copy) when they are float32 CPU tensors, contiguous, and ``out`` is a multiple
+    of ``rows``."""
+    return layout.scales_in_layer_order(_float32_numpy(first_sets), _float32_numpy(rest), rows)
 
 
 def layer_operands(
@@ -184,59 +61,11 @@ def layer_operands(
     offset: Tensor | None,
     group_size: int,
     rows: int,
-    layout: str,
+    layout_name: str,
 ) -> LayerOperands:
-    """Check a layer's prepared codes, scales and offset against a kernel with ``rows``-row
-    blocks that reads scales in ``layout``, and convert them for its numba entry."""
-    in_features = prepared.in_features
-    bits, n_blocks, n_bytes, block_rows = prepared.codes.shape
-    if block_rows != rows:
-        raise ConfigError(
-            f"codes were prepared in blocks of {block_rows} rows, this kernel takes {rows}: "
-            "prepare them with this kernel's prepare_codes"
-        )
-    if not supports(group_size, in_features) or in_features % group_size:
-        raise KernelUnavailableError(
-            f"the LUT kernel needs groups that do not split a code byte: group_size must divide "
-            f"in_features={in_features} and be a multiple of 8 (or equal it), got {group_size}"
-        )
-    if scales.layout != layout:
-        raise ConfigError(
-            f"scales were prepared in the {scales.layout} layout, this kernel reads {layout}: "
-            "prepare them with this kernel's prepare_scales"
-        )
-    n_groups = in_features // group_size
-    sets = scales.first.shape[0] if scales.first.ndim == 3 else 0
-    first_shape = scales.shape_for(sets, n_blocks * rows, n_groups)
-    rest_shape = scales.shape_for(bits - 1, n_blocks * rows, n_groups)
-    if scales.first.shape != first_shape or scales.rest.shape != rest_shape:
-        raise ConfigError(
-            f"scales ({scales.layout}) must be {first_shape} and {rest_shape}, "
-            f"got {scales.first.shape} and {scales.rest.shape}"
-        )
-    if any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (scales.first, scales.rest)):
-        raise ConfigError(
-            f"scales must be C-contiguous float32 arrays, got {scales.first.dtype} and "
-            f"{scales.rest.dtype}"
-        )
-    out = prepared.out_features
-    if offset is not None and tuple(offset.shape) != (out, n_groups):
-        raise ConfigError(
-            f"offset must have shape (out, in/group_size) = {(out, n_groups)}, got {tuple(offset.shape)}"
-        )
-    return LayerOperands(
-        codes=prepared.codes,
-        first=scales.first,
-        rest=scales.rest,
-        offset=NO_OFFSET if offset is None else _float32_numpy(offset),
-        with_offset=offset is not None,
-        group_size=group_size,
-        n_groups=n_groups,
-        bytes_per_group=n_bytes if n_groups == 1 else group_size // 8,
-        in_features=in_features,
-        out_features=out,
-        work_per_token=bits * n_blocks * rows * 8 * n_bytes,
-    )
+    """``layout.layer_operands`` with the offset ``(out, G)`` a tensor (read in place)."""
+    offset_np = None if offset is None else _float32_numpy(offset)
+    return layout.layer_operands(prepared, scales, offset_np, group_size, rows, layout_name)
 
 
 def token_operands(
@@ -263,6 +92,8 @@ def _float32_numpy(t: Tensor) -> np.ndarray:
 
     Decode calls this ~400 times per token, so the usual case costs no tensor op but ``numpy()``.
     """
+    if t.device.type != "cpu":
+        t = t.cpu()
     if t.dtype != torch.float32 or not t.is_contiguous():
         t = t.to(torch.float32).contiguous()
     return (t.detach() if t.requires_grad else t).numpy()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from alphatune.errors import ConfigError
+from alphatune_runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -37,39 +36,53 @@ class Sampling:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
 
-    def generators(self, prompt_indices: list[int]) -> list[torch.Generator] | None:
+    def generators(self, prompt_indices: list[int]) -> list[np.random.Generator] | None:
         """One seeded generator per row (None when greedy)."""
         if not self.do_sample:
             return None
-        return [torch.Generator().manual_seed(self.seed + index) for index in prompt_indices]
+        return [np.random.default_rng(self.seed + index) for index in prompt_indices]
 
 
-def filter_logits(logits: Tensor, sampling: Sampling) -> Tensor:
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (-inf entries get probability 0)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    weights = np.exp(shifted)
+    return weights / weights.sum(axis=-1, keepdims=True)
+
+
+def filter_logits(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
     """Logits ``(N, V)`` float32 after temperature, top-k and top-p; removed tokens are -inf."""
-    logits = logits / sampling.temperature
+    logits = logits.astype(np.float32) / np.float32(sampling.temperature)
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # (N, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = np.partition(logits, -sampling.top_k, axis=-1)[:, -sampling.top_k, None]  # (N, 1)
+        logits = np.where(logits < kth, np.float32(-np.inf), logits)
     if sampling.top_p is not None and sampling.top_p < 1:
-        ordered, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        order = np.argsort(-logits, axis=-1, kind="stable")
+        ordered = np.take_along_axis(logits, order, axis=-1)
+        probabilities = _softmax(ordered)
         # Drop a token when the more likely ones already reach top_p: the first is always kept.
-        drop = cumulative - ordered.softmax(dim=-1) >= sampling.top_p
-        logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+        drop = probabilities.cumsum(axis=-1) - probabilities >= sampling.top_p
+        ordered = np.where(drop, np.float32(-np.inf), ordered)
+        np.put_along_axis(logits, order, ordered, axis=-1)
     return logits
 
 
 def choose_tokens(
-    logits: Tensor, sampling: Sampling, generators: list[torch.Generator] | None
-) -> Tensor:
+    logits: np.ndarray, sampling: Sampling, generators: list[np.random.Generator] | None
+) -> np.ndarray:
     """The next token of each row, ``(N,)`` int64; ``generators``: one per row when sampling."""
     if not sampling.do_sample:
-        return logits.argmax(dim=-1)
+        return logits.argmax(axis=-1).astype(np.int64)
     assert generators is not None and len(generators) == logits.shape[0]
-    probabilities = filter_logits(logits.float(), sampling).softmax(dim=-1)
-    return torch.cat(
-        [
-            torch.multinomial(probabilities[row], 1, generator=generator)
-            for row, generator in enumerate(generators)
-        ]
+    probabilities = _softmax(filter_logits(logits, sampling))
+    return np.array(
+        [_draw(row, generator) for row, generator in zip(probabilities, generators, strict=True)],
+        np.int64,
     )
+
+
+def _draw(probabilities: np.ndarray, generator: np.random.Generator) -> int:
+    """One token drawn from ``probabilities`` ``(V,)`` (summing to ~1); never one of mass 0."""
+    cumulative = probabilities.cumsum()
+    index = int(np.searchsorted(cumulative, generator.random() * cumulative[-1], side="right"))
+    return min(index, int(np.flatnonzero(probabilities)[-1]))  # float rounding at the very top

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from alphatune.engine.spec import LlamaSpec
+if TYPE_CHECKING:
+    from alphatune_runtime.stack import Shape
 
 
 @dataclass
@@ -23,8 +25,8 @@ class KVCache:
     lengths: np.ndarray  # (rows,) int64
 
     @classmethod
-    def allocate(cls, spec: LlamaSpec, rows: int, max_len: int) -> KVCache:
-        shape = (spec.n_layers, rows, spec.n_kv_heads, max_len, spec.head_dim)
+    def allocate(cls, shape_of: Shape, rows: int, max_len: int) -> KVCache:
+        shape = (shape_of.n_layers, rows, shape_of.n_kv_heads, max_len, shape_of.head_dim)
         # np.empty: pages are touched only as positions fill, so a generous max_len costs
         # address space, not resident memory.
         return cls(

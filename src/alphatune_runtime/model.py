@@ -1,0 +1,497 @@
+"""``Model``: a saved alphatune base, read straight from its files and decoded without torch.
+
+``Model.load(directory)`` reads ``config.json`` and ``model.safetensors`` (every tensor and file
+checked against the hashes recorded at save, as ``alphatune.load_quantized`` checks them), lays
+the blocks out for this CPU's LUT kernel (``weights.WeightsBuilder``, one layer's stored arrays
+at a time) and keeps the embedding and the head in their stored compact form (8-bit level bytes,
+``table``). ``generate`` runs ``alphatune_runtime.generate`` on it: the same numba step, loop and
+sampling as ``alphatune.engine``, so a base gives the same tokens through either.
+
+What it serves: Llama-family bases (SiLU MLP, rotary ``default`` or ``linear``) quantized by
+alphatune, with a compact or float32/float16 embedding and a compact, float32/float16 or tied
+head: the defaults of ``alphatune quantize``. Anything else (a bf16 or BCQ head, a trainable
+multiplier, another architecture) raises ``UnsupportedModelError`` saying what, and
+``alphatune.load_quantized`` + ``alphatune.evaluate.generate`` serve it instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alphatune_runtime import dispatch, native, table
+from alphatune_runtime.cache import KVCache
+from alphatune_runtime.errors import CheckpointError, ConfigError, UnsupportedModelError
+from alphatune_runtime.files import (
+    BASE_CONFIG,
+    BASE_RECORD,
+    BASE_WEIGHTS,
+    NEWEST_BASE_FORMAT,
+    OWN_HEAD_TABLE,
+    QUANT_METHOD,
+    QUANT_METHOD_ALIASES,
+    array_digest,
+    check_digest,
+    check_format_version,
+    expected_digests,
+    read_json,
+    verify_document,
+    verify_files,
+)
+from alphatune_runtime.generate import Finished, cut_at_stop, generate_ids
+from alphatune_runtime.memory import page_out_compiler, release_free_memory
+from alphatune_runtime.sampling import Sampling
+from alphatune_runtime.stack import BlockStack, Shape
+from alphatune_runtime.weights import Projection, WeightsBuilder
+
+STATIC_ROPE = ("default", "linear")  # rotary types whose frequencies the runtime computes
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+# safetensors dtype names -> numpy (bfloat16 has none: such a tensor is refused by name).
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
+    "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+class _Tensors:
+    """The tensors of a base's safetensors file, read one at a time as numpy arrays, each checked
+    against its recorded hash when read (``finish`` checks the ones never read).
+
+    Read with plain file reads at the offsets of the file's header (the safetensors layout: an
+    8-byte header length, a JSON header, the data), not through a memory map as the
+    ``safetensors`` library reads them for numpy: a mapped file's pages count as this process's
+    memory once read, so the whole file would stay resident next to what is made of it.
+    """
+
+    def __init__(self, path: Path, record: dict | None) -> None:
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        self.path, self.read = path, set()
+        self.handle = path.open("rb")
+        size = path.stat().st_size
+        try:
+            length = int.from_bytes(self.handle.read(8), "little")
+            if not 0 < length <= size - 8:
+                raise ValueError(f"header length {length} in a file of {size} bytes")
+            header = json.loads(self.handle.read(length))
+            header.pop("__metadata__", None)
+            self.entries = {name: self._entry(name, info, size - 8 - length)
+                            for name, info in header.items()}  # fmt: skip
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise CheckpointError(f"{path} cannot be read ({err}); truncated or corrupted") from err
+        self.data_start = 8 + length
+        self.names = list(self.entries)
+        # Names first: a missing or unexpected tensor is reported before anything is hashed.
+        self.expected = None if record is None else expected_digests(path, self.names, record)
+        self.algorithm = None if record is None else record["algorithm"]
+
+    @staticmethod
+    def _entry(name: str, info: dict[str, Any], data_size: int) -> tuple[str, tuple, int, int]:
+        dtype, shape = info["dtype"], tuple(int(n) for n in info["shape"])
+        begin, end = (int(n) for n in info["data_offsets"])
+        width = np.dtype(_DTYPES[dtype]).itemsize if dtype in _DTYPES else None
+        if not 0 <= begin <= end <= data_size or (
+            width is not None and end - begin != width * int(np.prod(shape))
+        ):
+            raise ValueError(f"tensor {name!r} has offsets {begin}..{end} that do not fit")
+        return dtype, shape, begin, end
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, int, int]:
+        return self.entries[name][1]  # type: ignore[return-value]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor ``name``, checked against its hash; ``CheckpointError`` if it is absent."""
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing; the base is corrupted")
+        dtype, shape, begin, end = self.entries[name]
+        if dtype not in _DTYPES:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor {name!r} is {dtype}, which numpy cannot hold; load this "
+                "base with alphatune.load_quantized"
+            )
+        self.handle.seek(self.data_start + begin)
+        array = np.fromfile(self.handle, _DTYPES[dtype], int(np.prod(shape))).reshape(shape)
+        if array.nbytes != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; truncated file")
+        if self.expected is not None:
+            found = array_digest(array, self.algorithm)  # type: ignore[arg-type]
+            check_digest(self.path, name, found, self.expected[name])
+        self.read.add(name)
+        return array
+
+    def finish(self) -> None:
+        """Check every tensor of the file that was never read, and close it."""
+        for name in [name for name in self.names if name not in self.read]:
+            self.get(name)
+        self.handle.close()
+
+
+@dataclass
+class _Table:
+    """A compact (8-bit, uniform) table: rows ``step·level + low`` per group (``table``)."""
+
+    levels: np.ndarray  # (rows, dim) uint8
+    step: np.ndarray  # (rows, G) float32
+    low: np.ndarray  # (rows, G) float32
+    group_size: int
+
+
+@dataclass
+class _Matrix:
+    """A dense ``(rows, dim)`` float32 matrix (an uncompressed embedding or head)."""
+
+    weight: np.ndarray
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, np.float32)
+
+
+def _read_table(tensors: _Tensors, prefix: str, spec: dict[str, Any], where: Path) -> _Table:
+    """The compact table stored under ``prefix`` (``packed_codes``, ``alpha``, ``offset``)."""
+    alpha, offset = tensors.get(f"{prefix}.alpha"), tensors.get(f"{prefix}.offset")
+    uniform = table.uniform_form(_float32(alpha), _float32(offset))
+    if uniform is None:
+        raise UnsupportedModelError(
+            f"{where}: the table {prefix!r} is not in the uniform 8-bit form the runtime reads; "
+            "load this base with alphatune.load_quantized"
+        )
+    levels = table.levels_from_planes(tensors.get(f"{prefix}.packed_codes"), int(spec["dim"]))
+    if levels.shape != (spec["rows"], spec["dim"]):
+        raise CheckpointError(f"{where}: table {prefix!r} has shape {levels.shape}, not {spec}")
+    return _Table(levels, *uniform, group_size=int(spec["group_size"]))
+
+
+def _rotary(config: dict[str, Any], head_dim: int, where: Path) -> tuple[np.ndarray, float]:
+    """The rotary frequencies ``(head_dim / 2,)`` float32, as transformers' default or linear
+    rope makes them, and the attention scaling (1 for both)."""
+    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type not in STATIC_ROPE:
+        raise UnsupportedModelError(
+            f"{where}: rotary type {rope_type!r} (the runtime has {', '.join(STATIC_ROPE)})"
+        )
+    theta = float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if rope_type == "linear":
+        inv_freq = (inv_freq / np.float32(parameters["factor"])).astype(np.float32)
+    return inv_freq, 1.0
+
+
+def _shape(config: dict[str, Any], where: Path) -> Shape:
+    if config.get("model_type") != "llama":
+        raise UnsupportedModelError(
+            f"{where}: the runtime serves the Llama family, this model is "
+            f"{config.get('model_type')!r}"
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{where}: MLP activation {config['hidden_act']!r}")
+    hidden, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    head_dim = int(config.get("head_dim") or hidden // n_heads)
+    if n_heads % n_kv or head_dim % 2:
+        raise UnsupportedModelError(f"{where}: {n_heads} heads over {n_kv} of size {head_dim}")
+    inv_freq, scaling = _rotary(config, head_dim, where)
+    return Shape(
+        n_layers=int(config["num_hidden_layers"]),
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        eps=float(config["rms_norm_eps"]),
+        inv_freq=inv_freq,
+        rope_scaling=scaling,
+        max_positions=int(config.get("max_position_embeddings") or 0),
+    )
+
+
+def _projection(tensors: _Tensors, name: str, spec: dict[str, Any], where: Path) -> Projection:
+    if f"{name}.alpha1_scale" in tensors:
+        raise UnsupportedModelError(
+            f"{where}: {name} has a trainable multiplier on α₁; load it with alphatune"
+        )
+    return Projection(
+        packed=tensors.get(f"{name}.packed_codes"),
+        in_features=int(spec["in_features"]),
+        group_size=int(spec["group_size"]),
+        first_sets=_float32(tensors.get(f"{name}.alpha1"))[None],
+        rest=_float32(tensors.get(f"{name}.alpha_rest")),
+        offset=_float32(tensors.get(f"{name}.offset")) if spec["offset"] else None,
+        bias=_float32(tensors.get(f"{name}.bias")) if spec["bias"] else None,
+    )
+
+
+def _blocks(
+    tensors: _Tensors, layers: dict[str, Any], shape: Shape, kernel: dispatch.NativeKernel,
+    where: Path,
+) -> BlockStack:  # fmt: skip
+    names = [f"model.layers.{i}.{p}" for i in range(shape.n_layers) for p in native.PROJECTIONS]
+    missing = [name for name in names if name not in layers]
+    if missing:
+        raise UnsupportedModelError(
+            f"{where}: {missing[0]} is not quantized; the runtime decodes quantized blocks only"
+        )
+    builder = WeightsBuilder(
+        kernel,
+        [tensors.shape(f"{name}.packed_codes") for name in names],  # type: ignore[misc]
+        [int(layers[name]["out_features"]) if layers[name]["bias"] else 0 for name in names],
+    )
+    for name in names:  # one layer's stored arrays at a time
+        builder.add(_projection(tensors, name, layers[name], where))
+    norms = np.stack(
+        [
+            np.stack(
+                [
+                    _float32(tensors.get(f"model.layers.{i}.{norm}.weight"))
+                    for norm in ("input_layernorm", "post_attention_layernorm")
+                ]
+            )
+            for i in range(shape.n_layers)
+        ]
+    )
+    weights = builder.finish(norms, _float32(tensors.get("model.norm.weight")))
+    return BlockStack.of(shape, weights, kernel)
+
+
+def _embedding(
+    tensors: _Tensors, qconfig: dict[str, Any], where: Path
+) -> tuple[_Table | _Matrix, str, float]:
+    """The input embedding, the module it was, and the scale its rows take."""
+    record = qconfig.get("input_embedding")
+    if record is None:
+        module = "model.embed_tokens"
+        return _Matrix(_float32(tensors.get(f"{module}.weight"))), module, 1.0
+    module = record["module"]
+    return _read_table(tensors, module, record["table"], where), module, float(record["scale"])
+
+
+def _head(
+    tensors: _Tensors,
+    config: dict[str, Any],
+    qconfig: dict[str, Any],
+    embedding: tuple[_Table | _Matrix, str, float],
+    where: Path,
+) -> tuple[_Table | _Matrix, np.ndarray | None]:
+    """The LM head's matrix (shared with the embedding where it was tied) and its bias."""
+    head = qconfig.get("head")
+    if head is None:
+        if "lm_head.weight" in tensors:
+            return _Matrix(_float32(tensors.get("lm_head.weight"))), None
+        if config.get("tie_word_embeddings", True) and isinstance(embedding[0], _Matrix):
+            return embedding[0], None
+        raise UnsupportedModelError(f"{where}: no LM head weight and no tied embedding")
+    if head.get("mode") != "compact":
+        raise UnsupportedModelError(
+            f"{where}: the LM head is stored {head.get('mode')!r}; the runtime reads compact and "
+            "float heads (load this base with alphatune.load_quantized)"
+        )
+    module = head["module"]
+    bias = _float32(tensors.get(f"{module}.bias")) if head.get("bias") else None
+    if head.get("shares") is not None:
+        if head["shares"] != embedding[1] or not isinstance(embedding[0], _Table):
+            raise CheckpointError(
+                f"{where}: the head shares {head['shares']!r}, which is not the compact embedding"
+            )
+        return embedding[0], bias
+    return _read_table(tensors, f"{module}.{OWN_HEAD_TABLE}", head["table"], where), bias
+
+
+class Tokenizer:
+    """The base's ``tokenizer.json`` through the ``tokenizers`` library (no transformers)."""
+
+    def __init__(self, directory: Path) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        self.backend = Backend.from_file(str(directory / TOKENIZER_FILE))
+        settings = directory / TOKENIZER_CONFIG
+        eos = read_json(settings).get("eos_token") if settings.is_file() else None
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_id = None if eos is None else self.backend.token_to_id(eos)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.backend.encode(text).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclass
+class Model:
+    """A saved base converted for the native step, with its embedding, head and tokenizer."""
+
+    stack: BlockStack
+    embedding: _Table | _Matrix
+    embedding_scale: float
+    head: _Table | _Matrix
+    head_bias: np.ndarray | None
+    tokenizer: Tokenizer | None
+    eos_ids: tuple[int, ...]
+    thread_count: int
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, threads: int | None = None) -> Model:
+        """Read the base in ``directory`` (saved by ``alphatune quantize`` / ``save_quantized``).
+
+        ``threads``: numba threads for decode (default: numba's pool). ``CheckpointError`` names
+        a missing or corrupted file or tensor; ``UnsupportedModelError`` says what the runtime
+        does not serve (see the module docstring).
+        """
+        directory = Path(directory)
+        config_path = directory / BASE_CONFIG
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} is not a directory (expected a quantized base)")
+        if not config_path.is_file():
+            raise CheckpointError(
+                f"{directory} has no {BASE_CONFIG}: it is not a quantized base; create one with "
+                "'alphatune quantize'"
+            )
+        config = read_json(config_path)
+        qconfig = config.get("quantization_config")
+        if not isinstance(qconfig, dict) or qconfig.get("quant_method") not in (
+            QUANT_METHOD, *QUANT_METHOD_ALIASES,
+        ):  # fmt: skip
+            raise CheckpointError(
+                f"{config_path} has no alphatune quantization_config; create a base with "
+                "'alphatune quantize' first"
+            )
+        check_format_version(qconfig, NEWEST_BASE_FORMAT, config_path, "base format_version")
+        record = verify_document(config_path, config, BASE_RECORD)
+        verify_files(directory, record)
+        kernel = dispatch.chosen_kernel()
+        if kernel is None:
+            raise UnsupportedModelError(
+                "no LUT kernel runs here (no AVX2 + FMA, or ALPHATUNE_KERNEL=reference)"
+            )
+        if not native.available():
+            raise UnsupportedModelError("the runtime needs numba (pip install numba)")
+        layers = qconfig.get("layers")
+        if not isinstance(layers, dict):
+            raise CheckpointError(f"{config_path}: quantization_config has no 'layers'")
+        tensors = _Tensors(directory / BASE_WEIGHTS, record)
+        shape = _shape(config, config_path)
+        embedding = _embedding(tensors, qconfig, config_path)
+        head, bias = _head(tensors, config, qconfig, embedding, config_path)
+        stack = _blocks(tensors, layers, shape, kernel, config_path)
+        tensors.finish()
+        tokenizer = Tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else None
+        eos = config.get("eos_token_id")
+        eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+        if tokenizer is not None and tokenizer.eos_id is not None:
+            eos_ids.add(tokenizer.eos_id)
+        from numba import config as numba_config
+
+        pool = int(numba_config.NUMBA_NUM_THREADS)
+        model = cls(
+            stack=stack,
+            embedding=embedding[0],
+            embedding_scale=embedding[2],
+            head=head,
+            head_bias=bias,
+            tokenizer=tokenizer,
+            eos_ids=tuple(sorted(eos_ids)),
+            thread_count=max(1, min(threads or pool, pool)),
+        )
+        # Load the step's compiled code now; then give back what loading freed (the stored
+        # arrays) and numba's compiler, which decode never runs (as alphatune.engine does).
+        model.stack.load_step()
+        release_free_memory()
+        page_out_compiler()
+        return model
+
+    # ------------------------------------------------------------ the Decoder protocol
+    def threads(self) -> int:
+        return self.thread_count
+
+    def forward(
+        self,
+        ids: np.ndarray,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        sets: np.ndarray,
+        cache: KVCache,
+        rotary: tuple[np.ndarray, np.ndarray],
+        threads: int | None = None,
+    ) -> np.ndarray:
+        from numba import set_num_threads
+
+        threads = self.thread_count if threads is None else threads
+        set_num_threads(threads)
+        return self.stack.run(self.embed(ids), rows, positions, sets, cache, rotary, threads)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """``(N, H)`` float32 embeddings of ``ids`` (a writable C array: the residual stream)."""
+        ids = np.asarray(ids, np.int64)
+        vocab = self.vocab_size
+        if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            raise ConfigError(f"token ids out of range: expected 0..{vocab - 1}")
+        if isinstance(self.embedding, _Table):
+            e = self.embedding
+            rows = table.table_rows(e.levels, e.step, e.low, ids, e.group_size)
+        else:
+            rows = self.embedding.weight[ids].copy()
+        if self.embedding_scale != 1.0:
+            rows *= np.float32(self.embedding_scale)
+        return rows
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """``(N, V)`` float32 logits of final-normed hidden states ``(N, H)``."""
+        if isinstance(self.head, _Table):
+            h = self.head
+            out = table.table_matmul(hidden, h.levels, h.step, h.low, h.group_size)
+        else:
+            out = _float32(hidden) @ self.head.weight.T
+        return out if self.head_bias is None else out + self.head_bias
+
+    @property
+    def vocab_size(self) -> int:
+        e = self.embedding
+        return (e.levels if isinstance(e, _Table) else e.weight).shape[0]
+
+    # ------------------------------------------------------------ text in, text out
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        sampling: Sampling | None = None,
+        stop: Sequence[str] = (),
+    ) -> list[str]:
+        """One answer per prompt (text, or token ids): the new tokens decoded, cut before the
+        first ``stop`` string. Needs the base's tokenizer (``generate_ids`` works on ids alone)."""
+        if isinstance(stop, str):
+            raise ConfigError(f"stop must be a list of strings, got the string {stop!r}")
+        tokenizer = self._tokenizer()
+        encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        for index, ids in enumerate(encoded):
+            if not ids:
+                raise ConfigError(f"prompt {index} is empty after tokenization; give it some text")
+        finished: list[Finished] = generate_ids(
+            self,
+            encoded,
+            max_new_tokens=max_new_tokens,
+            eos_ids=self.eos_ids,
+            sampling=sampling,
+            decode=tokenizer.decode,
+            stop=(lambda text: any(s in text for s in stop)) if stop else None,
+        )
+        texts = [tokenizer.decode(done.tokens) for done in finished]
+        return [cut_at_stop(text, stop) for text in texts]
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ConfigError("this base was saved without a tokenizer; pass token ids")
+        return self.tokenizer

@@ -1,0 +1,170 @@
+"""Products with a uniform 8-bit table on CPU (numba, numpy arrays): one byte per weight.
+
+A compact embedding/head table (``alphatune.embedding``) is fitted by round to nearest on a
+uniform grid and written as BCQ with offset: plane ``p`` of ``q`` holds bit ``q-1-p`` of each
+weight's level with scale ``α_p = a·2^(q-1-p)`` (``a``: the last plane's scale). So every weight
+is affine in its level byte, ``w = step·level + low`` per (row, group), with ``step = 2a`` and
+``low = offset - a·(2^q - 1)``. A product then reads one byte per weight and does one
+multiply-add, where the LUT kernel does one table lookup per weight *and plane* (8 for an 8-bit
+table): measured on SmolLM2's 49,152 × 576 head, one token, one thread (AVX2), 4.5 ms against
+10–11 ms (docs/performance.md). The bytes take exactly the memory of the packed planes.
+
+``uniform_form`` says whether a table has that form (any other BCQ table keeps the general
+kernels); ``levels_from_planes`` converts packed planes (the stored layout) to level bytes;
+``table_matmul`` is the product, parallel over blocks of rows; ``table_rows`` reads rows.
+``alphatune.kernels.numba_table`` is the torch face (and converts back to planes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from numba import njit, prange
+
+    IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # numba is an optional dependency (extra "fast")
+    IMPORT_ERROR = exc
+
+_ROW_BLOCK = 256  # rows per parallel task: 147 KB of bytes at 576 wide, many tasks per thread
+MIN_PARALLEL_WORK = 1 << 20  # bytes x tokens below which one thread beats a thread launch
+
+
+def available() -> bool:
+    """True when numba imported."""
+    return IMPORT_ERROR is None
+
+
+def uniform_form(alpha: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(step, low)`` ``(rows, G)`` float32 if the plane scales are geometric, else ``None``.
+
+    Args:
+        alpha: ``(q, rows, G)`` plane scales, largest first (``fit_table``'s layout).
+        offset: ``(rows, G)``.
+
+    The test is exact (``α_p == a·2^(q-1-p)`` for every plane), so a table that satisfies it
+    computes the same weights as its planes up to the float rounding of ``low``.
+    """
+    alpha = alpha.astype(np.float32, copy=False)
+    q = alpha.shape[0]
+    last = alpha[q - 1]
+    powers = np.float32(2.0) ** np.arange(q - 1, -1, -1, dtype=np.float32)
+    if not np.array_equal(alpha, last[None] * powers[:, None, None]):
+        return None
+    return 2 * last, offset.astype(np.float32, copy=False) - last * np.float32(2**q - 1)
+
+
+def levels_from_planes(packed: np.ndarray, dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Packed planes ``(q, rows, ceil(dim/8))`` uint8 (plane 0 the most significant bit) ->
+    level bytes ``(rows, dim)`` uint8 (into ``out`` when given); ``q <= 8``."""
+    q, rows, _ = packed.shape
+    if q > 8:
+        raise ValueError(f"level bytes hold at most 8 planes, got {q}")
+    levels = np.empty((rows, dim), np.uint8) if out is None else out
+    _unpack_levels(np.ascontiguousarray(packed), levels)
+    return levels
+
+
+def table_rows(
+    levels: np.ndarray, step: np.ndarray, low: np.ndarray, ids: np.ndarray, group_size: int
+) -> np.ndarray:
+    """Rows ``ids`` ``(N,)`` of the table, ``(N, dim)`` float32: ``step·level + low`` per group."""
+    picked = levels[ids].astype(np.float32)  # IndexError for an id out of range
+    n, dim = picked.shape
+    grouped = picked.reshape(n, -1, group_size)
+    rows = grouped * step[ids][..., None] + low[ids][..., None]
+    return np.ascontiguousarray(rows.reshape(n, dim), np.float32)
+
+
+def table_matmul(
+    x: np.ndarray,
+    levels: np.ndarray,
+    step: np.ndarray,
+    low: np.ndarray,
+    group_size: int,
+) -> np.ndarray:
+    """``x`` ``(T, dim)`` float32 times the table's transpose: ``(T, rows)`` float32, on numba's
+    current thread count (the caller sets it).
+
+    Args:
+        levels: ``(rows, dim)`` uint8 level bytes (``levels_from_planes``).
+        step, low: ``(rows, dim // group_size)`` float32 (``uniform_form``).
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty((x.shape[0], levels.shape[0]), dtype=np.float32)
+    _matmul(x, levels, step, low, group_size, out)
+    return out
+
+
+if IMPORT_ERROR is None:
+
+    @njit(parallel=True, cache=True)
+    def _unpack_levels(packed, levels):  # pragma: no cover
+        """``levels[r, 8b + k]`` = Σ_p bit k of ``packed[p, r, b]`` << (q - 1 - p)."""
+        q, rows, width = packed.shape
+        dim = levels.shape[1]
+        for r in prange(rows):
+            for b in range(width):
+                for k in range(min(8, dim - 8 * b)):
+                    level = 0
+                    for p in range(q):
+                        level |= ((packed[p, r, b] >> k) & 1) << (q - 1 - p)
+                    levels[r, 8 * b + k] = level
+
+    @njit(parallel=True, cache=True)
+    def _pack_plane_words(words, shift, out):  # pragma: no cover
+        """``_pack_plane`` on 8 levels per (little-endian) word: bit ``shift`` of each byte,
+        moved to bit 0 of its byte, and the 8 bits gathered into the top byte by one multiply
+        (byte k lands on bit 56 + k)."""
+        rows, width = words.shape
+        ones = np.uint64(0x0101010101010101)
+        gather = np.uint64(0x0102040810204080)
+        down, top = np.uint64(shift), np.uint64(56)
+        for r in prange(rows):
+            for b in range(width):
+                out[r, b] = np.uint8((((words[r, b] >> down) & ones) * gather) >> top)
+
+    @njit(parallel=True, cache=True)
+    def _pack_plane(levels, shift, out):  # pragma: no cover
+        """``out[r, b]`` = Σ_k bit ``shift`` of ``levels[r, 8b + k]`` << k (LSB first)."""
+        rows, dim = levels.shape
+        for r in prange(rows):
+            for b in range(out.shape[1]):
+                byte = 0
+                for k in range(min(8, dim - 8 * b)):
+                    byte |= ((levels[r, 8 * b + k] >> shift) & 1) << k
+                out[r, b] = byte
+
+
+if IMPORT_ERROR is None:
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def _matmul(x, levels, step, low, group_size, out):  # pragma: no cover
+        """``out[t, r] = Σ_g step[r, g]·(levels[r, g] · x[t, g]) + low[r, g]·Σ x[t, g]``."""
+        tokens, dim = x.shape
+        rows = levels.shape[0]
+        groups = dim // group_size
+        sums = np.empty((tokens, groups), dtype=np.float32)
+        for t in range(tokens):
+            for g in range(groups):
+                acc = np.float32(0.0)
+                for j in range(g * group_size, (g + 1) * group_size):
+                    acc += x[t, j]
+                sums[t, g] = acc
+        blocks = (rows + _ROW_BLOCK - 1) // _ROW_BLOCK
+        for b in prange(blocks):
+            for r in range(b * _ROW_BLOCK, min(rows, (b + 1) * _ROW_BLOCK)):
+                row = levels[r]
+                for t in range(tokens):
+                    xt = x[t]
+                    total = np.float32(0.0)
+                    for g in range(groups):
+                        start = g * group_size
+                        # Slices, not 2-d indexing: LLVM vectorises this loop only so.
+                        codes = row[start : start + group_size]
+                        xs = xt[start : start + group_size]
+                        acc = np.float32(0.0)
+                        for j in range(group_size):
+                            acc += np.float32(codes[j]) * xs[j]
+                        total += step[r, g] * acc + low[r, g] * sums[t, g]
+                    out[t, r] = total

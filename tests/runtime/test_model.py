@@ -1,0 +1,222 @@
+"""The torch-free runtime (``alphatune_runtime.model.Model``) against the engine on the same base.
+
+A base saved by ``save_quantized`` is read back by the runtime straight from its files: its
+logits must equal the engine's (``alphatune.engine``, the same numba step on the layers
+``load_quantized`` builds), its tokens too, and a process that only decodes must never import
+torch or transformers. Bad files are refused with the file and tensor named.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from tiny_models import make_tiny_llama
+
+from alphatune import BCQConfig, load_quantized, quantize_, save_quantized
+from alphatune.engine import Engine, generate_ids, prompt_logits
+from alphatune.errors import CheckpointError, ConfigError, UnsupportedModelError
+from alphatune.kernels import lut_kernel
+from alphatune_runtime.model import Model
+from alphatune_runtime.sampling import Sampling
+
+pytestmark = [
+    pytest.mark.numba,
+    pytest.mark.skipif(lut_kernel() is None, reason="no LUT kernel on this CPU"),
+]
+
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(single_thread):
+    """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
+
+
+def _save(directory, config: BCQConfig, seed: int = 0):
+    model = make_tiny_llama(VOCAB, seed=seed)
+    quantize_(model, config)
+    save_quantized(model.eval(), directory, config)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 3-bit base with the defaults: compact embedding, compact head tied to it."""
+    directory = tmp_path_factory.mktemp("runtime") / "base"
+    return _save(directory, BCQConfig(bits=3, group_size=32, method="offset"))
+
+
+def _prompts(count: int, seed: int = 1) -> list[list[int]]:
+    generator = np.random.default_rng(seed)
+    return [generator.integers(0, VOCAB, int(n)).tolist() for n in generator.integers(1, 40, count)]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        # compact embedding and tied compact head (the defaults)
+        BCQConfig(bits=3, group_size=32, method="offset"),
+        BCQConfig(bits=2, group_size=64, method="greedy", embedding="keep", lm_head="keep"),
+        BCQConfig(bits=4, method="offset", lm_head="compact", embedding="keep"),
+    ],
+    ids=["compact", "float-tables", "own-head-table"],
+)
+def test_the_runtime_gives_the_engines_logits_and_tokens(tmp_path, config):
+    directory = _save(tmp_path / "base", config)
+    model, _ = load_quantized(directory)
+    engine = Engine.build(model)
+    runtime = Model.load(directory, threads=1)
+    prompts = _prompts(4)
+    for prompt in prompts[:2]:
+        np.testing.assert_allclose(
+            prompt_logits(runtime, prompt), prompt_logits(engine, prompt), rtol=1e-5, atol=1e-5
+        )
+    ours = generate_ids(runtime, prompts, max_new_tokens=12)
+    theirs = generate_ids(engine, prompts, max_new_tokens=12)
+    assert [d.tokens for d in ours] == [d.tokens for d in theirs]
+
+
+def test_sampling_is_seeded_per_prompt(base):
+    runtime = Model.load(base, threads=1)
+    prompts = _prompts(3, seed=5)
+    sampling = Sampling(do_sample=True, temperature=1.5, seed=7)
+    first = generate_ids(runtime, prompts, max_new_tokens=10, sampling=sampling)
+    again = generate_ids(runtime, prompts, max_new_tokens=10, sampling=sampling)
+    assert [d.tokens for d in first] == [d.tokens for d in again]
+    alone = generate_ids(runtime, prompts[1:2], max_new_tokens=10, sampling=sampling,
+                         prompt_indices=[1])  # fmt: skip
+    assert alone[0].tokens == first[1].tokens
+
+
+def test_decoding_never_imports_torch_or_transformers(base):
+    """A fresh process: load the base, generate, and check what was imported."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from alphatune_runtime.model import Model
+        model = Model.load({str(base)!r}, threads=1)
+        out = model.generate([[1, 2, 3]], max_new_tokens=4) if model.tokenizer else None
+        from alphatune_runtime.generate import generate_ids
+        done = generate_ids(model, [[1, 2, 3]], max_new_tokens=4)
+        assert len(done[0].tokens) <= 4
+        print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_flipped_byte_in_a_scale_names_the_tensor(tmp_path, base):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.alpha1"
+    flipped = tensors[name].copy()
+    flipped.view(np.uint8)[0] ^= 1
+    tensors[name] = flipped
+    save_file(tensors, str(copy / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="down_proj.alpha1"):
+        Model.load(copy)
+
+
+def test_a_truncated_weights_file_is_refused(tmp_path, base):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        Model.load(copy)
+    weights.write_bytes(b"\x10\x00")
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        Model.load(copy)
+
+
+def test_an_edited_config_is_refused(tmp_path, base):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-3
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="does not match the hash"):
+        Model.load(copy)
+
+
+def test_not_a_base_and_unserved_bases_say_why(tmp_path):
+    with pytest.raises(CheckpointError, match="not a directory"):
+        Model.load(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="no alphatune quantization_config"):
+        Model.load(tmp_path / "plain")
+    config = BCQConfig(bits=3, group_size=32, method="offset", lm_head="bf16")
+    bf16 = _save(tmp_path / "bf16", config)
+    with pytest.raises(UnsupportedModelError, match="bf16"):
+        Model.load(bf16)
+
+
+def test_bad_requests_are_clear_errors(base):
+    runtime = Model.load(base, threads=1)
+    with pytest.raises(ConfigError, match="without a tokenizer"):
+        runtime.generate(["hello"])
+    with pytest.raises(ConfigError, match="out of range"):
+        prompt_logits(runtime, [VOCAB + 5])
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate_ids(runtime, [[1, 2]], max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def text_base(tmp_path_factory, tokenizer):
+    """A tiny model of SmolLM2's vocabulary saved with SmolLM2's tokenizer files."""
+    model = make_tiny_llama(len(tokenizer), seed=3)
+    config = BCQConfig(bits=3, group_size=32, method="offset")
+    quantize_(model, config)
+    directory = tmp_path_factory.mktemp("runtime-text") / "base"
+    save_quantized(model.eval(), directory, config, tokenizer)
+    return directory
+
+
+def test_a_base_with_a_tokenizer_generates_text(text_base):
+    """The runtime encodes, stops and decodes as the transformers tokenizer does."""
+    runtime = Model.load(text_base, threads=1)
+    torch_model, torch_tokenizer = load_quantized(text_base)
+    for text in ("name[The Eagle], food[French]", "The capital of France is"):
+        assert runtime.tokenizer.encode(text) == torch_tokenizer.encode(text)
+    assert torch_tokenizer.eos_token_id in runtime.eos_ids
+    prompt = "The capital of France is"
+    expected = generate_ids(
+        Engine.build(torch_model), [torch_tokenizer.encode(prompt)], max_new_tokens=8,
+        eos_ids=runtime.eos_ids,
+    )[0].tokens  # fmt: skip
+    [text] = runtime.generate([prompt], max_new_tokens=8)
+    assert text == torch_tokenizer.decode(expected, skip_special_tokens=True)
+    stop = text[len(text) // 2 :][:3]
+    if stop.strip():
+        [cut] = runtime.generate([prompt], max_new_tokens=8, stop=[stop])
+        assert stop not in cut and text.startswith(cut)
+
+
+def test_the_command_line_generates_and_reports_bad_input(text_base, tmp_path, capsys):
+    from alphatune_runtime.__main__ import main
+
+    assert (
+        main([str(text_base), "--prompt", "Hello", "--max-new-tokens", "4", "--threads", "1"]) == 0
+    )
+    assert capsys.readouterr().out.startswith("Hello\n→ ")
+    assert main([str(tmp_path), "--prompt", "Hello"]) == 2
+    assert "not a quantized base" in capsys.readouterr().err
