@@ -46,6 +46,11 @@ from torch import Tensor
 from alphatune.errors import CheckpointError
 from alphatune.version import __version__
 from alphatune_runtime.files import (  # noqa: F401  (names and checks, importable from here)
+    ADAPTER_CONFIG,
+    ADAPTER_FORMAT,
+    ADAPTER_FORMAT_VERSION,
+    ADAPTER_RECORD,
+    ADAPTER_WEIGHTS,
     BASE_CONFIG,
     BASE_FORMAT,
     BASE_FORMAT_WITH_HEAD,
@@ -74,9 +79,6 @@ logger = logging.getLogger(__name__)
 Writer = Callable[[Path], None]
 
 # ---------------------------------------------------------------- names
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_FORMAT = "alphatune_adapter"
 # The adapter's folder inside a transformers Trainer checkpoint and, by default, inside its
 # output directory (alphatune.hf_trainer.AdapterCallback).
 ADAPTER_SUBDIR = "adapter"
@@ -86,11 +88,6 @@ CHECKPOINT_TENSORS = "state.safetensors"
 CHECKPOINT_FORMAT = "alphatune_checkpoint"
 # The library version every JSON file records (what wrote it).
 LIBRARY_VERSION = __version__
-
-# ---------------------------------------------------------------- format versions
-ADAPTER_FORMAT_VERSION = 1  # an adapter's "format_version" (the newest this version reads)
-# Where each JSON file keeps its integrity record (see ``seal``; the base's: BASE_RECORD).
-ADAPTER_RECORD = (INTEGRITY,)
 
 
 # ---------------------------------------------------------------- markers

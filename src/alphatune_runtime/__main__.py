@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Generate text from a saved alphatune base with the torch-free runtime.",
     )
     parser.add_argument("base", help="directory of a base saved by 'alphatune quantize'")
+    parser.add_argument("--adapter", default=None, help="adapter directory ('alphatune tune')")
     parser.add_argument("--prompt", action="append", required=True, help="input (repeatable)")
     parser.add_argument("--max-new-tokens", type=_positive, default=64)
     parser.add_argument("--threads", type=_positive, default=None, help="default: all cores")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         began = time.perf_counter()
-        model = Model.load(args.base, threads=args.threads)
+        model = Model.load(args.base, adapter=args.adapter, threads=args.threads)
         loaded = time.perf_counter()
         sampling = Sampling(args.sample, args.temperature, args.top_k, args.top_p, args.seed)
         answers = model.generate(

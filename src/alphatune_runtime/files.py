@@ -34,13 +34,18 @@ BASE_CONFIG = "config.json"
 BASE_WEIGHTS = "model.safetensors"
 QUANT_METHOD = "alphatune_bcq"  # what a base's quantization_config says; what alphatune writes
 QUANT_METHOD_ALIASES = ("bcq",)  # also a base when read (the name the issue tracker proposed)
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_FORMAT = "alphatune_adapter"
+ADAPTER_FORMAT_VERSION = 1  # an adapter's "format_version" (the newest this version reads)
 # The state-dict name of a compact head's own table (``alphatune.embedding.BCQHead.own_table``),
 # under the head's module: what a base stores when the head does not share the embedding's table.
 OWN_HEAD_TABLE = "own_table"
 # Key of the integrity record in each JSON file (see ``alphatune.files.seal``).
 INTEGRITY = "integrity"
-# Where a base's config.json keeps its integrity record.
+# Where a base's config.json and an adapter's adapter_config.json keep their integrity record.
 BASE_RECORD = ("quantization_config", INTEGRITY)
+ADAPTER_RECORD = (INTEGRITY,)
 # Hash functions by the name a file records. SHA-256 (truncated to 128 bits): CPUs with SHA
 # extensions hash ~0.8 GB/s on one core, 4x BLAKE2b on the development machine; blake2b-128 files
 # were written for a while and still verify.

@@ -9,9 +9,11 @@ sampling as ``alphatune.engine``, so a base gives the same tokens through either
 
 What it serves: Llama-family bases (SiLU MLP, rotary ``default`` or ``linear``) quantized by
 alphatune, with a compact or float32/float16 embedding and a compact, float32/float16 or tied
-head: the defaults of ``alphatune quantize``. Anything else (a bf16 or BCQ head, a trainable
-multiplier, another architecture) raises ``UnsupportedModelError`` saying what, and
-``alphatune.load_quantized`` + ``alphatune.evaluate.generate`` serve it instead.
+head: the defaults of ``alphatune quantize``; with one adapter (``adapter=``: α₁, and whatever
+else it tuned of the blocks' projections: the other planes, offsets, biases, α₁ multipliers).
+Anything else (a bf16 or BCQ head, mixed-adapter batches, another architecture) raises
+``UnsupportedModelError`` saying what, and ``alphatune.load_quantized`` +
+``alphatune.evaluate.generate`` serve it instead.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from alphatune_runtime import dispatch, native, table
 from alphatune_runtime.cache import KVCache
 from alphatune_runtime.errors import CheckpointError, ConfigError, UnsupportedModelError
 from alphatune_runtime.files import (
+    ADAPTER_CONFIG,
+    ADAPTER_FORMAT,
+    ADAPTER_FORMAT_VERSION,
+    ADAPTER_RECORD,
+    ADAPTER_WEIGHTS,
     BASE_CONFIG,
     BASE_RECORD,
     BASE_WEIGHTS,
@@ -219,27 +226,107 @@ def _shape(config: dict[str, Any], where: Path) -> Shape:
     )
 
 
-def _projection(tensors: _Tensors, name: str, spec: dict[str, Any], where: Path) -> Projection:
-    if f"{name}.alpha1_scale" in tensors:
-        raise UnsupportedModelError(
-            f"{where}: {name} has a trainable multiplier on α₁; load it with alphatune"
-        )
-    return Projection(
+# What an adapter may replace in a projection (the tensors AlphaTuning trains), by state-dict name.
+ADAPTED = ("alpha1", "alpha_rest", "offset", "bias", "alpha1_scale")
+
+
+def _projection(
+    tensors: _Tensors, name: str, spec: dict[str, Any], adapter: dict[str, np.ndarray],
+    where: Path,
+) -> Projection:  # fmt: skip
+    """A projection's arrays: the base's, with the adapter's where it has them."""
+
+    def read(what: str) -> np.ndarray:
+        stored = tensors.get(f"{name}.{what}") if f"{name}.{what}" in tensors else None
+        value = adapter.get(f"{name}.{what}", stored)
+        if value is None:
+            raise CheckpointError(f"{where}: tensor {name}.{what} is missing; corrupted")
+        return _float32(value)
+
+    groups = int(spec["in_features"]) // int(spec["group_size"])
+    out = int(spec["out_features"])
+    first = read("alpha1")
+    if f"{name}.alpha1_scale" in tensors or f"{name}.alpha1_scale" in adapter:
+        scale = read("alpha1_scale")  # a multiplier per row (out, 1) or per group (out, G)
+        if scale.shape not in ((out, 1), (out, groups)):
+            raise CheckpointError(
+                f"{where}: {name}.alpha1_scale has shape {scale.shape}, expected {(out, 1)} or "
+                f"{(out, groups)}"
+            )
+        first = first * scale  # alphatune's BCQLinear.effective_alpha1, in float32
+    projection = Projection(
         packed=tensors.get(f"{name}.packed_codes"),
         in_features=int(spec["in_features"]),
         group_size=int(spec["group_size"]),
-        first_sets=_float32(tensors.get(f"{name}.alpha1"))[None],
-        rest=_float32(tensors.get(f"{name}.alpha_rest")),
-        offset=_float32(tensors.get(f"{name}.offset")) if spec["offset"] else None,
-        bias=_float32(tensors.get(f"{name}.bias")) if spec["bias"] else None,
+        first_sets=np.ascontiguousarray(first[None]),
+        rest=read("alpha_rest"),
+        offset=read("offset") if spec["offset"] else None,
+        bias=read("bias") if spec["bias"] else None,
     )
+    expected = {
+        "first": (1, out, groups),
+        "rest": (int(spec["bits"]) - 1, out, groups),
+        "offset": (out, groups),
+        "bias": (out,),
+    }
+    for field, shape in expected.items():
+        value = getattr(projection, "first_sets" if field == "first" else field)
+        if value is not None and value.shape != shape:
+            raise CheckpointError(f"{where}: {name}'s {field} has shape {value.shape}, not {shape}")
+    return projection
+
+
+def _read_adapter(
+    directory: Path, fingerprint: str | None, layers: set[str]
+) -> dict[str, np.ndarray]:
+    """An adapter's tensors, checked as ``alphatune.load_adapter`` checks them: its config's own
+    hash and format, the base it was tuned on (by the fingerprint the base's config records),
+    every tensor's hash, names the base has, no NaN or infinity."""
+    path = directory / ADAPTER_CONFIG
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory (expected an adapter)")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {ADAPTER_CONFIG}: it is not an alphatune adapter (a base goes "
+            "first, an adapter with adapter=)"
+        )
+    config = read_json(path)
+    if config.get("format", ADAPTER_FORMAT) != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: format {config.get('format')!r} is not an adapter's")
+    check_format_version(config, ADAPTER_FORMAT_VERSION, path)
+    record = verify_document(path, config, ADAPTER_RECORD)
+    if config.get("base_fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path}: adapter was tuned on base {config.get('base_fingerprint')}, this base is "
+            f"{fingerprint}; load the base it was tuned on"
+        )
+    tensors = _Tensors(directory / ADAPTER_WEIGHTS, record)
+    arrays = {name: tensors.get(name) for name in tensors.names}
+    tensors.finish()
+    for name, array in arrays.items():
+        layer, _, what = name.rpartition(".")
+        if layer not in layers or what not in ADAPTED:
+            raise CheckpointError(
+                f"{directory / ADAPTER_WEIGHTS}: tensor {name!r} has no place in this base (the "
+                "runtime serves adapters of the blocks' projections)"
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise CheckpointError(
+                f"{directory / ADAPTER_WEIGHTS}: {name} holds NaN or infinity; the adapter is "
+                "unusable (its training diverged)"
+            )
+    return arrays
+
+
+def _block_names(shape: Shape) -> list[str]:
+    return [f"model.layers.{i}.{p}" for i in range(shape.n_layers) for p in native.PROJECTIONS]
 
 
 def _blocks(
     tensors: _Tensors, layers: dict[str, Any], shape: Shape, kernel: dispatch.NativeKernel,
-    where: Path,
+    adapter: dict[str, np.ndarray], where: Path,
 ) -> BlockStack:  # fmt: skip
-    names = [f"model.layers.{i}.{p}" for i in range(shape.n_layers) for p in native.PROJECTIONS]
+    names = _block_names(shape)
     missing = [name for name in names if name not in layers]
     if missing:
         raise UnsupportedModelError(
@@ -251,7 +338,7 @@ def _blocks(
         [int(layers[name]["out_features"]) if layers[name]["bias"] else 0 for name in names],
     )
     for name in names:  # one layer's stored arrays at a time
-        builder.add(_projection(tensors, name, layers[name], where))
+        builder.add(_projection(tensors, name, layers[name], adapter, where))
     norms = np.stack(
         [
             np.stack(
@@ -343,12 +430,20 @@ class Model:
     thread_count: int
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], *, threads: int | None = None) -> Model:
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        *,
+        adapter: str | os.PathLike[str] | None = None,
+        threads: int | None = None,
+    ) -> Model:
         """Read the base in ``directory`` (saved by ``alphatune quantize`` / ``save_quantized``).
 
-        ``threads``: numba threads for decode (default: numba's pool). ``CheckpointError`` names
-        a missing or corrupted file or tensor; ``UnsupportedModelError`` says what the runtime
-        does not serve (see the module docstring).
+        ``adapter``: an adapter directory (``alphatune tune`` / ``save_adapter``) tuned on this
+        base; its scales replace the base's, as ``alphatune.load_adapter`` does. ``threads``:
+        numba threads for decode (default: numba's pool). ``CheckpointError`` names a missing or
+        corrupted file or tensor, or an adapter of another base; ``UnsupportedModelError`` says
+        what the runtime does not serve (see the module docstring).
         """
         directory = Path(directory)
         config_path = directory / BASE_CONFIG
@@ -381,11 +476,16 @@ class Model:
         layers = qconfig.get("layers")
         if not isinstance(layers, dict):
             raise CheckpointError(f"{config_path}: quantization_config has no 'layers'")
-        tensors = _Tensors(directory / BASE_WEIGHTS, record)
         shape = _shape(config, config_path)
+        adapted = (
+            {}
+            if adapter is None
+            else _read_adapter(Path(adapter), qconfig.get("fingerprint"), set(_block_names(shape)))
+        )
+        tensors = _Tensors(directory / BASE_WEIGHTS, record)
         embedding = _embedding(tensors, qconfig, config_path)
         head, bias = _head(tensors, config, qconfig, embedding, config_path)
-        stack = _blocks(tensors, layers, shape, kernel, config_path)
+        stack = _blocks(tensors, layers, shape, kernel, adapted, config_path)
         tensors.finish()
         tokenizer = Tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else None
         eos = config.get("eos_token_id")

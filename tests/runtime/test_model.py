@@ -15,6 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from tiny_models import make_tiny_llama
 
 from alphatune import BCQConfig, load_quantized, quantize_, save_quantized
@@ -220,3 +221,70 @@ def test_the_command_line_generates_and_reports_bad_input(text_base, tmp_path, c
     assert capsys.readouterr().out.startswith("Hello\n→ ")
     assert main([str(tmp_path), "--prompt", "Hello"]) == 2
     assert "not a quantized base" in capsys.readouterr().err
+
+
+def _tuned(base, directory, tuning, seed: int = 0):
+    """An adapter of ``base``: its trainable scales moved off the base's values, saved."""
+    from alphatune import prepare_for_alphatuning, save_adapter
+
+    model, _ = load_quantized(base)
+    prepare_for_alphatuning(model, tuning)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in (p for p in model.parameters() if p.requires_grad):
+            noise = torch.rand(parameter.shape, generator=generator)
+            parameter.mul_(0.7 + 0.6 * noise)  # ±30%, enough to change the tokens
+    save_adapter(model, directory, tuning)
+    return directory
+
+
+@pytest.mark.parametrize(
+    "tuning",
+    [
+        {},  # α₁, the paper's default
+        {"train": "all_alpha", "train_offset": True},
+        {"granularity": "row"},  # a multiplier per output row on the frozen α₁
+    ],
+    ids=["alpha1", "all-alpha-offset", "row-multiplier"],
+)
+def test_an_adapter_gives_what_load_adapter_gives(tmp_path, base, tuning):
+    from alphatune import AlphaTuningConfig, load_adapter
+
+    adapter = _tuned(base, tmp_path / "adapter", AlphaTuningConfig(**tuning))
+    model, _ = load_quantized(base)
+    load_adapter(model, adapter)
+    engine = Engine.build(model.eval())
+    runtime = Model.load(base, adapter=adapter, threads=1)
+    plain = Model.load(base, threads=1)
+    prompts = _prompts(3, seed=9)
+    np.testing.assert_allclose(
+        prompt_logits(runtime, prompts[0]), prompt_logits(engine, prompts[0]), rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(prompt_logits(plain, prompts[0]), prompt_logits(runtime, prompts[0]))
+    ours = generate_ids(runtime, prompts, max_new_tokens=10)
+    theirs = generate_ids(engine, prompts, max_new_tokens=10)
+    assert [d.tokens for d in ours] == [d.tokens for d in theirs]
+
+
+def test_an_adapter_of_another_base_or_a_damaged_one_is_refused(tmp_path, base):
+    import shutil
+
+    from alphatune import AlphaTuningConfig
+
+    other = _save(tmp_path / "other", BCQConfig(bits=3, group_size=32, method="offset"), seed=5)
+    adapter = _tuned(other, tmp_path / "adapter", AlphaTuningConfig())
+    with pytest.raises(CheckpointError, match="tuned on base"):
+        Model.load(base, adapter=adapter)
+    with pytest.raises(CheckpointError, match="not an alphatune adapter"):
+        Model.load(base, adapter=base)
+    good = _tuned(base, tmp_path / "good", AlphaTuningConfig())
+    damaged = tmp_path / "damaged"
+    shutil.copytree(good, damaged)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(damaged / "adapter.safetensors"))
+    name = min(tensors)
+    tensors[name] = tensors[name] * 1.5
+    save_file(tensors, str(damaged / "adapter.safetensors"))
+    with pytest.raises(CheckpointError, match="does not match the hash"):
+        Model.load(base, adapter=damaged)
