@@ -264,6 +264,21 @@ def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> Non
     assert all(s.learning_rate == searches[1].learning_rate and s.split == "test" for s in ours)
 
 
+def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
+    """WebNLG's AlphaTuning search is moved below 2e-3 (its lowest rate was chosen); other tasks
+    and families keep the family's range, and every search tries at most 3 rates."""
+    webnlg = [s.learning_rate for s in grid.search_specs("webnlg", "alphatuning")]
+    e2e = [s.learning_rate for s in grid.search_specs("e2e", "alphatuning")]
+    assert webnlg == [1e-3, 2e-3, 5e-3]
+    assert e2e == list(grid.LEARNING_RATES["alphatuning"])
+    assert [s.learning_rate for s in grid.search_specs("webnlg", "lora")] == list(
+        grid.LEARNING_RATES["lora"]
+    )
+    for task in grid.BUDGETS:
+        for family in grid.LEARNING_RATES:
+            assert len(grid.learning_rates(task, family)) <= 3
+
+
 def test_derived_runs_come_after_their_parent() -> None:
     order = [m for m, *_ in grid._main()] + [m for m, *_ in grid.REST]
     entries = sorted(grid._main() + grid.REST, key=lambda e: grid._parent_first(e[0]))
