@@ -164,3 +164,22 @@ def test_the_runtime_imports_neither_torch_nor_transformers_nor_alphatune() -> N
             )
             found += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] in banned]
     assert found == []
+
+
+def test_importing_every_runtime_module_loads_neither_torch_nor_transformers() -> None:
+    """What the AST test above cannot see (indirect imports): a fresh process imports every
+    module of the runtime and lists what came with them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib, pkgutil, sys, alphatune_runtime\n"
+        "for m in pkgutil.iter_modules(alphatune_runtime.__path__):\n"
+        "    importlib.import_module('alphatune_runtime.' + m.name)\n"
+        "print(sorted(n for n in ('torch', 'transformers', 'alphatune') if n in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

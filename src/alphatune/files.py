@@ -29,7 +29,6 @@ torch-free runtime reads bases too); this module imports them, seals and hashes 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -73,8 +72,6 @@ from alphatune_runtime.files import (  # noqa: F401  (names and checks, importab
     verify_document,
     verify_files,
 )
-
-logger = logging.getLogger(__name__)
 
 Writer = Callable[[Path], None]
 

@@ -9,7 +9,7 @@ nibble that of 8k+4..8k+7), with 256-bit registers:
 - **float32 tables** (``table_bits`` 0, the default; exact up to summation order). A
   16-entry table does not fit a ymm register, but it is odd under complement
   (``table[m] = -table[15 - m]``): the kernel's copy of the codes stores each nibble m >= 8 as
-  ``m ^ 7`` (``_MIRRORED``), whose low 3 bits index entries 0-7 (one ``vpermps``, which reads 3
+  ``m ^ 7`` (``MIRRORED``), whose low 3 bits index entries 0-7 (one ``vpermps``, which reads 3
   index bits) and whose bit 3 negates the value. Code bytes are loaded sign-extended to 32 bits,
   which puts the high nibble's bit 3 in the sign bit. A byte of 8 rows and one plane: 11 vector
   instructions (AVX-512: 6 for 16 rows). The int8 tables are stored in the same nibble order.
@@ -35,7 +35,7 @@ nibble that of 8k+4..8k+7), with 256-bit registers:
   ~1% RMS with int8 tables, ~256x less with int16 (the weights' own quantization error is
   ~20-30%).
 
-Layout (``alphatune.kernels.avx2_lut.prepare_*``, shared through ``lut_common``): codes
+Layout (``layout``, ``dispatch.NativeKernel.prepare_*``): codes
 ``(q, ceil(out/32), ceil(in/8), 32)`` uint8, the byte columns of 32 consecutive rows contiguous (one ``vpshufb`` operand, or four
 8-row float vectors), rows padded to a multiple of 32 with zero codes. Scales stay in the layers'
 own order, float32 ``(S, out, G)`` for α₁ (``S`` scale sets: one, or one per adapter in a
@@ -153,7 +153,7 @@ if IMPORT_ERROR is None:
         arrays are flat and C-contiguous; the ``*_base`` / ``*_stride`` arguments are element
         offsets. Codes of plane i, byte k: ``codes[code_base + i*code_plane_stride + 32k : +32]``;
         tables of byte k: ``tables[table_base + 32k : +32]`` (low-nibble table, then high).
-        Scales in the layers' own order (``lut_common.LAYER_ORDER``): α of plane i, group g, the
+        Scales in the layers' own order (``layout.LAYER_ORDER``): α of plane i, group g, the
         block's row r is ``first[first_base + r*alpha_row_stride + g]`` for plane 0 (α₁, per
         scale set) and ``alpha[alpha_base + (i-1)*alpha_plane_stride + r*alpha_row_stride + g]``
         for i >= 1. Both loops apply a group's scales once per plane (after summing its bytes, or
@@ -433,7 +433,7 @@ if IMPORT_ERROR is None:
         ``x[x_at : x_at + 4]``: ``levels[at : at + 16]`` (int8), or their low bytes there and
         their high bytes at ``at + 32`` (int16 levels split, ``levels`` uint8).
 
-        Entries 0-7 are summed as ``lut_common.build_tables`` sums them (the same float32
+        Entries 0-7 are summed as ``lut.build_tables`` sums them (the same float32
         values), then ``clamp(rint(entry · inverse))``; mirrored nibble ``8 + j`` reads
         ``table[15 - j] = -table[j]``, so levels 8-15 are levels 0-7 negated.
         """
@@ -724,7 +724,7 @@ if IMPORT_ERROR is None:
     # The njit core, public for native callers (``native`` calls it from its own numba
     # step, with no Python between layers): ``decode_native(x (T, in) float32 C, group_size,
     # codes, first, rest, token_set (T,) int64, offset, with_offset, n_groups, bytes_per_group,
-    # table_bits, threads) -> y (T, padded out)``, the operands as ``lut_common.layer_operands``
+    # table_bits, threads) -> y (T, padded out)``, the operands as ``layout.layer_operands``
     # gives them. Same function as ``decoder`` calls, so the same results.
     decode_native = _decode
     # For native callers that build one input's tables once for several layers (the engine's q,

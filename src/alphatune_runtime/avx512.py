@@ -19,8 +19,8 @@ codes of 16 rows side by side, one ``vpermps`` looks up 16 rows at once, so a co
 That is 6 vector instructions per 128 weights of a plane, against 128 multiply-adds for fp32
 (8 zmm FMAs, plus 512 bytes of weights read instead of 16 bytes of codes).
 
-Layout (``alphatune.kernels.avx512_lut.prepare_*``, done once per layer and cached by the caller
-while the scales are unchanged; shared with the AVX2 kernel through ``lut_common``, in blocks of 16 rows here): codes
+Layout (``layout``, ``dispatch.NativeKernel.prepare_*``, done once per layer and cached by the
+caller while the scales are unchanged; shared with the AVX2 kernel, in blocks of 16 rows here): codes
 ``(q, out/16, ceil(in/8), 16)`` uint8, i.e. each byte column of 16 consecutive rows made
 contiguous; scales float32 with rows contiguous so 16 rows' α load as one vector: α₁ as
 ``(S, G, out)``, the other planes as ``(q-1, G, out)``. ``S`` is the number of α₁ sets: 1 normally,

@@ -27,7 +27,8 @@ import numpy as np
 
 from alphatune_runtime.errors import CheckpointError
 
-logger = logging.getLogger(__name__)
+# Under "alphatune": the CLI and users set that logger's level and filters for the whole library.
+logger = logging.getLogger(f"alphatune.{__name__}")
 
 # ---------------------------------------------------------------- names
 BASE_CONFIG = "config.json"

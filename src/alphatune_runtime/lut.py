@@ -5,7 +5,8 @@
   ``in_features`` count as 0, so the padding bits of a partial last code byte add nothing;
 - ``add_offset``: the offset term ``offset · Σ x`` per group.
 
-The layout the kernels share and the checks around them are ``alphatune.kernels.lut_common``.
+The layout the kernels share is ``layout``; the torch faces' checks are
+``alphatune.kernels.lut_common``.
 """
 
 from __future__ import annotations

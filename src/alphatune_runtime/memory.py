@@ -22,7 +22,8 @@ import mmap
 import sys
 from functools import cache
 
-logger = logging.getLogger(__name__)
+# Under "alphatune": the CLI and users set that logger's level and filters for the whole library.
+logger = logging.getLogger(f"alphatune.{__name__}")
 
 
 @cache

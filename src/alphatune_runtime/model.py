@@ -95,6 +95,7 @@ class _Tensors:
             self.entries = {name: self._entry(name, info, size - 8 - length)
                             for name, info in header.items()}  # fmt: skip
         except (ValueError, TypeError, KeyError, AttributeError) as err:
+            self.handle.close()
             raise CheckpointError(f"{path} cannot be read ({err}); truncated or corrupted") from err
         self.data_start = 8 + length
         self.names = list(self.entries)
@@ -117,6 +118,8 @@ class _Tensors:
         return name in self.entries
 
     def shape(self, name: str) -> tuple[int, int, int]:
+        if name not in self.entries:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing; the base is corrupted")
         return self.entries[name][1]  # type: ignore[return-value]
 
     def get(self, name: str) -> np.ndarray:
@@ -130,9 +133,10 @@ class _Tensors:
                 "base with alphatune.load_quantized"
             )
         self.handle.seek(self.data_start + begin)
-        array = np.fromfile(self.handle, _DTYPES[dtype], int(np.prod(shape))).reshape(shape)
+        array = np.fromfile(self.handle, _DTYPES[dtype], int(np.prod(shape)))
         if array.nbytes != end - begin:
             raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; truncated file")
+        array = array.reshape(shape)
         if self.expected is not None:
             found = array_digest(array, self.algorithm)  # type: ignore[arg-type]
             check_digest(self.path, name, found, self.expected[name])
@@ -143,6 +147,8 @@ class _Tensors:
         """Check every tensor of the file that was never read, and close it."""
         for name in [name for name in self.names if name not in self.read]:
             self.get(name)
+
+    def close(self) -> None:
         self.handle.close()
 
 
@@ -205,8 +211,8 @@ def _shape(config: dict[str, Any], where: Path) -> Shape:
             f"{where}: the runtime serves the Llama family, this model is "
             f"{config.get('model_type')!r}"
         )
-    if config.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{where}: MLP activation {config['hidden_act']!r}")
+    if config.get("hidden_act") != "silu":
+        raise UnsupportedModelError(f"{where}: MLP activation {config.get('hidden_act')!r}")
     hidden, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_heads)
     head_dim = int(config.get("head_dim") or hidden // n_heads)
@@ -226,35 +232,43 @@ def _shape(config: dict[str, Any], where: Path) -> Shape:
     )
 
 
-# What an adapter may replace in a projection (the tensors AlphaTuning trains), by state-dict name.
-ADAPTED = ("alpha1", "alpha_rest", "offset", "bias", "alpha1_scale")
+def _shapes(spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The shapes a projection's scale tensors may have, by name (``spec``: its layer spec);
+    an offset or bias only where the layer has one."""
+    out, groups = int(spec["out_features"]), int(spec["in_features"]) // int(spec["group_size"])
+    shapes = {
+        "alpha1": ((out, groups),),
+        "alpha_rest": ((int(spec["bits"]) - 1, out, groups),),
+        "alpha1_scale": ((out, 1), (out, groups)),  # a multiplier per row, or per (row, group)
+    }
+    if spec["offset"]:
+        shapes["offset"] = ((out, groups),)
+    if spec["bias"]:
+        shapes["bias"] = ((out,),)
+    return shapes
 
 
 def _projection(
     tensors: _Tensors, name: str, spec: dict[str, Any], adapter: dict[str, np.ndarray],
     where: Path,
 ) -> Projection:  # fmt: skip
-    """A projection's arrays: the base's, with the adapter's where it has them."""
+    """A projection's arrays: the base's, with the adapter's where it has them (its shapes were
+    checked by ``_read_adapter``)."""
+    shapes = _shapes(spec)
 
     def read(what: str) -> np.ndarray:
-        stored = tensors.get(f"{name}.{what}") if f"{name}.{what}" in tensors else None
-        value = adapter.get(f"{name}.{what}", stored)
-        if value is None:
-            raise CheckpointError(f"{where}: tensor {name}.{what} is missing; corrupted")
+        key = f"{name}.{what}"
+        value = adapter[key] if key in adapter else tensors.get(key)  # missing: CheckpointError
+        if value.shape not in shapes[what]:
+            raise CheckpointError(
+                f"{where}: {key} has shape {value.shape}, expected {' or '.join(map(str, shapes[what]))}"
+            )
         return _float32(value)
 
-    groups = int(spec["in_features"]) // int(spec["group_size"])
-    out = int(spec["out_features"])
     first = read("alpha1")
     if f"{name}.alpha1_scale" in tensors or f"{name}.alpha1_scale" in adapter:
-        scale = read("alpha1_scale")  # a multiplier per row (out, 1) or per group (out, G)
-        if scale.shape not in ((out, 1), (out, groups)):
-            raise CheckpointError(
-                f"{where}: {name}.alpha1_scale has shape {scale.shape}, expected {(out, 1)} or "
-                f"{(out, groups)}"
-            )
-        first = first * scale  # alphatune's BCQLinear.effective_alpha1, in float32
-    projection = Projection(
+        first = first * read("alpha1_scale")  # BCQLinear.effective_alpha1, in float32
+    return Projection(
         packed=tensors.get(f"{name}.packed_codes"),
         in_features=int(spec["in_features"]),
         group_size=int(spec["group_size"]),
@@ -263,21 +277,10 @@ def _projection(
         offset=read("offset") if spec["offset"] else None,
         bias=read("bias") if spec["bias"] else None,
     )
-    expected = {
-        "first": (1, out, groups),
-        "rest": (int(spec["bits"]) - 1, out, groups),
-        "offset": (out, groups),
-        "bias": (out,),
-    }
-    for field, shape in expected.items():
-        value = getattr(projection, "first_sets" if field == "first" else field)
-        if value is not None and value.shape != shape:
-            raise CheckpointError(f"{where}: {name}'s {field} has shape {value.shape}, not {shape}")
-    return projection
 
 
 def _read_adapter(
-    directory: Path, fingerprint: str | None, layers: set[str]
+    directory: Path, fingerprint: str | None, layers: dict[str, dict[str, Any]]
 ) -> dict[str, np.ndarray]:
     """An adapter's tensors, checked as ``alphatune.load_adapter`` checks them: its config's own
     hash and format, the base it was tuned on (by the fingerprint the base's config records),
@@ -301,14 +304,22 @@ def _read_adapter(
             f"{fingerprint}; load the base it was tuned on"
         )
     tensors = _Tensors(directory / ADAPTER_WEIGHTS, record)
-    arrays = {name: tensors.get(name) for name in tensors.names}
-    tensors.finish()
+    try:
+        arrays = {name: tensors.get(name) for name in tensors.names}
+    finally:
+        tensors.close()
     for name, array in arrays.items():
         layer, _, what = name.rpartition(".")
-        if layer not in layers or what not in ADAPTED:
+        shapes = _shapes(layers[layer]) if layer in layers else {}
+        if what not in shapes:
             raise CheckpointError(
                 f"{directory / ADAPTER_WEIGHTS}: tensor {name!r} has no place in this base (the "
                 "runtime serves adapters of the blocks' projections)"
+            )
+        if array.shape not in shapes[what]:
+            raise CheckpointError(
+                f"{directory / ADAPTER_WEIGHTS}: {name!r} has shape {array.shape}, the base "
+                f"expects {' or '.join(map(str, shapes[what]))}"
             )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise CheckpointError(
@@ -378,7 +389,8 @@ def _head(
     if head is None:
         if "lm_head.weight" in tensors:
             return _Matrix(_float32(tensors.get("lm_head.weight"))), None
-        if config.get("tie_word_embeddings", True) and isinstance(embedding[0], _Matrix):
+        # transformers' LlamaConfig default is untied.
+        if config.get("tie_word_embeddings", False) and isinstance(embedding[0], _Matrix):
             return embedding[0], None
         raise UnsupportedModelError(f"{where}: no LM head weight and no tied embedding")
     if head.get("mode") != "compact":
@@ -466,13 +478,13 @@ class Model:
         check_format_version(qconfig, NEWEST_BASE_FORMAT, config_path, "base format_version")
         record = verify_document(config_path, config, BASE_RECORD)
         verify_files(directory, record)
+        if not native.available():
+            raise UnsupportedModelError("the runtime needs numba (pip install numba)")
         kernel = dispatch.chosen_kernel()
         if kernel is None:
             raise UnsupportedModelError(
                 "no LUT kernel runs here (no AVX2 + FMA, or ALPHATUNE_KERNEL=reference)"
             )
-        if not native.available():
-            raise UnsupportedModelError("the runtime needs numba (pip install numba)")
         layers = qconfig.get("layers")
         if not isinstance(layers, dict):
             raise CheckpointError(f"{config_path}: quantization_config has no 'layers'")
@@ -480,14 +492,25 @@ class Model:
         adapted = (
             {}
             if adapter is None
-            else _read_adapter(Path(adapter), qconfig.get("fingerprint"), set(_block_names(shape)))
+            else _read_adapter(
+                Path(adapter),
+                qconfig.get("fingerprint"),
+                {name: layers[name] for name in _block_names(shape) if name in layers},
+            )
         )
         tensors = _Tensors(directory / BASE_WEIGHTS, record)
-        embedding = _embedding(tensors, qconfig, config_path)
-        head, bias = _head(tensors, config, qconfig, embedding, config_path)
-        stack = _blocks(tensors, layers, shape, kernel, adapted, config_path)
-        tensors.finish()
-        tokenizer = Tokenizer(directory) if (directory / TOKENIZER_FILE).is_file() else None
+        try:
+            embedding = _embedding(tensors, qconfig, config_path)
+            head, bias = _head(tensors, config, qconfig, embedding, config_path)
+            stack = _blocks(tensors, layers, shape, kernel, adapted, config_path)
+            tensors.finish()
+        finally:
+            tensors.close()
+        # As load_quantized: a base with a hash record has the tokenizer files it lists (each
+        # verified above); one without says nothing, so whatever is there is used.
+        listed = record is None or TOKENIZER_FILE in record.get("files", {})
+        has_tokenizer = listed and (directory / TOKENIZER_FILE).is_file()
+        tokenizer = Tokenizer(directory) if has_tokenizer else None
         eos = config.get("eos_token_id")
         eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
         if tokenizer is not None and tokenizer.eos_id is not None:

@@ -65,7 +65,7 @@ SHARED_INPUTS = ((0, 3), (3, 1), (4, 2), (6, 1))
 # Columns of the per-projection integer table (``ints``): the kernel's scalars, then where each
 # operand is. Codes and biases start at an offset in the engine's flat buffers; the scales and the
 # offset are at a memory address (``*_ADDRESS``), as the kernel may read them where the layer keeps
-# them (``lut_common.scales_in_layer_order``), with the last two dimensions of the scale arrays
+# them (``layout.scales_in_layer_order``), with the last two dimensions of the scale arrays
 # (``SCALE_DIM_*``: the kernel's layout). Offsets and addresses, not numba typed lists: a typed
 # list costs seconds of compilation in every new process, and a tuple of arrays one compilation
 # per model depth.

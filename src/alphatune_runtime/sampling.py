@@ -35,6 +35,10 @@ class Sampling:
             raise ConfigError(f"top_k must be >= 1 (or None), got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (or None), got {self.top_p}")
+        if self.seed < 0:
+            raise ConfigError(
+                f"seed must be >= 0 (numpy's generators take no negative seed), got {self.seed}"
+            )
 
     def generators(self, prompt_indices: list[int]) -> list[np.random.Generator] | None:
         """One seeded generator per row (None when greedy)."""

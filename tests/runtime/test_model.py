@@ -92,6 +92,10 @@ def test_sampling_is_seeded_per_prompt(base):
     alone = generate_ids(runtime, prompts[1:2], max_new_tokens=10, sampling=sampling,
                          prompt_indices=[1])  # fmt: skip
     assert alone[0].tokens == first[1].tokens
+    greedy = generate_ids(runtime, prompts, max_new_tokens=10)
+    assert [d.tokens for d in first] != [d.tokens for d in greedy]  # it did sample
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        Sampling(do_sample=True, seed=-1)
 
 
 def test_decoding_never_imports_torch_or_transformers(base):
@@ -288,3 +292,27 @@ def test_an_adapter_of_another_base_or_a_damaged_one_is_refused(tmp_path, base):
     save_file(tensors, str(damaged / "adapter.safetensors"))
     with pytest.raises(CheckpointError, match="does not match the hash"):
         Model.load(base, adapter=damaged)
+
+
+def test_an_adapter_tensor_with_no_place_or_a_wrong_shape_is_refused(tmp_path, base):
+    """Forged adapters, resealed so that the check under test is reached (not the hash check)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+    from sealing import reseal_adapter
+
+    from alphatune import AlphaTuningConfig
+
+    good = _tuned(base, tmp_path / "good", AlphaTuningConfig())
+    name = "model.layers.0.self_attn.q_proj"
+    for forged, match in (
+        ({f"{name}.bias": np.zeros(64, np.float32)}, "no place"),  # the layer has no bias
+        ({f"{name}.alpha1": np.ones((1, 2), np.float32)}, "has shape"),
+    ):
+        directory = tmp_path / f"forged-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(good, directory)
+        tensors = load_file(str(directory / "adapter.safetensors")) | forged
+        save_file(tensors, str(directory / "adapter.safetensors"))
+        reseal_adapter(directory)
+        with pytest.raises(CheckpointError, match=match):
+            Model.load(base, adapter=directory)

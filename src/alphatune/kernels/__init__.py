@@ -134,9 +134,10 @@ def lut_kernel() -> str | None:
 
 def decode_kernel() -> _LutKernel | None:
     """The LUT kernel decode runs on here, as an object: ``name``, ``module`` (``avx512_lut`` or
-    ``avx2_lut``), ``native`` (whose ``decode_native`` a numba caller can call) and
-    ``table_dtype``; None
-    where ``lut_kernel()`` is None. For native callers (``alphatune.engine``)."""
+        ``avx2_lut``), ``native`` (its ``NativeKernel``: ``native.module.decode_native`` is what a numba
+    caller calls) and
+        ``table_dtype``; None
+        where ``lut_kernel()`` is None. For native callers (``alphatune.engine``)."""
     return _chosen_lut_kernel()
 
 

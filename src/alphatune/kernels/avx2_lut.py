@@ -64,11 +64,6 @@ def _require() -> None:
         raise KernelUnavailableError("the AVX2 LUT kernel needs a CPU with AVX2 and FMA")
 
 
-def table_bits(table_dtype: torch.dtype) -> int:
-    """``decode_native``'s ``table_bits`` for tables of ``table_dtype``."""
-    return _TABLE_BITS[table_dtype]
-
-
 def prepare_codes(packed: Tensor, in_features: int, out: np.ndarray | None = None) -> PreparedCodes:
     """Reorder packed codes ``(q, out, ceil(in/8))`` so 32 rows' bytes are contiguous; mirror
     the nibbles (see ``avx2.MIRRORED``). ``out``: where to write them (see ``lut_common``)."""

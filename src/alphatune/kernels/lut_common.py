@@ -20,10 +20,8 @@ from alphatune.errors import ConfigError, KernelUnavailableError
 from alphatune_runtime import layout
 from alphatune_runtime.layout import LayerOperands, PreparedCodes, PreparedScales
 
-NO_OFFSET = layout.NO_OFFSET
 ROWS_INNER, LAYER_ORDER = layout.ROWS_INNER, layout.LAYER_ORDER
 supports = layout.supports
-prepared_codes_shape = layout.prepared_codes_shape
 
 
 def prepare_codes(
@@ -88,7 +86,8 @@ def token_operands(
 
 
 def _float32_numpy(t: Tensor) -> np.ndarray:
-    """A float32 C-contiguous numpy view of ``t`` (a copy only when the dtype or strides differ).
+    """A float32 C-contiguous numpy view of ``t`` (a copy only when the device, dtype or strides
+    differ: the callers refuse non-CPU tensors first).
 
     Decode calls this ~400 times per token, so the usual case costs no tensor op but ``numpy()``.
     """
