@@ -1,19 +1,11 @@
-"""Products with a uniform 8-bit table on CPU (numba): one byte per weight, one multiply-add.
+"""Products with a uniform 8-bit table on CPU: the torch face of ``alphatune_runtime.table``.
 
-A compact embedding/head table (``alphatune.embedding``) is fitted by round to nearest on a
-uniform grid and written as BCQ with offset: plane ``p`` of ``q`` holds bit ``q-1-p`` of each
-weight's level with scale ``α_p = a·2^(q-1-p)`` (``a``: the last plane's scale). So every weight
-is affine in its level byte, ``w = step·level + low`` per (row, group), with ``step = 2a`` and
-``low = offset - a·(2^q - 1)``. A product then reads one byte per weight and does one
-multiply-add, where the LUT kernel does one table lookup per weight *and plane* (8 for an 8-bit
-table): measured on SmolLM2's 49,152 × 576 head, one token, one thread (AVX2), 4.5 ms against
-10–11 ms (docs/performance.md). The bytes take exactly the memory of the packed planes.
-
-``uniform_form`` says whether a table has that form (any other BCQ table keeps the general
-kernels); ``levels_from_planes`` / ``planes_from_levels`` convert between packed planes (the
-stored layout) and level bytes; ``table_matmul`` is the product, parallel over blocks of rows.
-The numba loops, and their numpy entry points, are ``alphatune_runtime.table``; this module takes
-and gives tensors.
+That module says how a compact embedding/head table (``alphatune.embedding``) is read with one
+byte and one multiply-add per weight, and holds the numba loops with their numpy entry points.
+This one takes and gives tensors: ``uniform_form`` (whether a table has the byte form),
+``levels_from_planes`` / ``plane_bytes`` / ``planes_from_levels`` (packed planes, the stored
+layout, to level bytes and back, with a torch path where numba is missing) and
+``table_matmul`` (the product, on as many threads as the work pays for).
 """
 
 from __future__ import annotations
