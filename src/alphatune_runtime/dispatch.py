@@ -20,8 +20,8 @@ from types import ModuleType
 
 import numpy as np
 
-from alphatune_runtime import avx2, avx512, layout
-from alphatune_runtime.errors import ConfigError, KernelUnavailableError
+from alphatune_runtime import avx2, avx512, layout, lut
+from alphatune_runtime.errors import ConfigError, KernelUnavailableError, UnsupportedModelError
 
 KERNEL_ENV = "ALPHATUNE_KERNEL"
 # The AVX2 tables decode runs on by default: int16 is ~1.6x faster per layer than float32 and
@@ -94,5 +94,18 @@ def chosen_kernel() -> NativeKernel | None:
             f"{KERNEL_ENV}={setting!r}, but that kernel cannot run here (it needs numba and "
             f"{'AVX-512F' if kernel.module is avx512 else 'AVX2 and FMA'}); unset "
             f"{KERNEL_ENV} to pick the best kernel for this CPU"
+        )
+    return kernel
+
+
+def required_kernel() -> NativeKernel:
+    """``chosen_kernel()`` for a native decode path (the engine, the runtime), or
+    ``UnsupportedModelError`` saying why none runs here (the engine's caller then falls back)."""
+    if lut.IMPORT_ERROR is not None:
+        raise UnsupportedModelError("native decode needs numba (pip install alphatune[fast])")
+    kernel = chosen_kernel()
+    if kernel is None:
+        raise UnsupportedModelError(
+            "no LUT kernel runs here (no AVX2 + FMA, or ALPHATUNE_KERNEL=reference)"
         )
     return kernel

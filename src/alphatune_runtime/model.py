@@ -409,6 +409,32 @@ def _head(
     return _read_table(tensors, f"{module}.{OWN_HEAD_TABLE}", head["table"], where), bias
 
 
+def _base_config(directory: Path) -> tuple[dict[str, Any], dict | None]:
+    """A base's ``config.json`` and its integrity record: its own hash and the tokenizer files
+    it lists checked, its format one this version reads."""
+    config_path = directory / BASE_CONFIG
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory (expected a quantized base)")
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{directory} has no {BASE_CONFIG}: it is not a quantized base; create one with "
+            "'alphatune quantize'"
+        )
+    config = read_json(config_path)
+    qconfig = config.get("quantization_config")
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") not in (
+        QUANT_METHOD, *QUANT_METHOD_ALIASES,
+    ):  # fmt: skip
+        raise CheckpointError(
+            f"{config_path} has no alphatune quantization_config; create a base with "
+            "'alphatune quantize' first"
+        )
+    check_format_version(qconfig, NEWEST_BASE_FORMAT, config_path, "base format_version")
+    record = verify_document(config_path, config, BASE_RECORD)
+    verify_files(directory, record)
+    return config, record
+
+
 class Tokenizer:
     """The base's ``tokenizer.json`` through the ``tokenizers`` library (no transformers)."""
 
@@ -459,32 +485,9 @@ class Model:
         """
         directory = Path(directory)
         config_path = directory / BASE_CONFIG
-        if not directory.is_dir():
-            raise CheckpointError(f"{directory} is not a directory (expected a quantized base)")
-        if not config_path.is_file():
-            raise CheckpointError(
-                f"{directory} has no {BASE_CONFIG}: it is not a quantized base; create one with "
-                "'alphatune quantize'"
-            )
-        config = read_json(config_path)
-        qconfig = config.get("quantization_config")
-        if not isinstance(qconfig, dict) or qconfig.get("quant_method") not in (
-            QUANT_METHOD, *QUANT_METHOD_ALIASES,
-        ):  # fmt: skip
-            raise CheckpointError(
-                f"{config_path} has no alphatune quantization_config; create a base with "
-                "'alphatune quantize' first"
-            )
-        check_format_version(qconfig, NEWEST_BASE_FORMAT, config_path, "base format_version")
-        record = verify_document(config_path, config, BASE_RECORD)
-        verify_files(directory, record)
-        if not native.available():
-            raise UnsupportedModelError("the runtime needs numba (pip install numba)")
-        kernel = dispatch.chosen_kernel()
-        if kernel is None:
-            raise UnsupportedModelError(
-                "no LUT kernel runs here (no AVX2 + FMA, or ALPHATUNE_KERNEL=reference)"
-            )
+        config, record = _base_config(directory)
+        qconfig = config["quantization_config"]
+        kernel = dispatch.required_kernel()
         layers = qconfig.get("layers")
         if not isinstance(layers, dict):
             raise CheckpointError(f"{config_path}: quantization_config has no 'layers'")

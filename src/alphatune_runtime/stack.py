@@ -66,10 +66,7 @@ class BlockStack:
 
     @classmethod
     def of(cls, shape: Shape, weights: NativeWeights, kernel: NativeKernel) -> BlockStack:
-        if not native.available():
-            raise UnsupportedModelError(
-                "the decode engine needs numba (pip install alphatune[fast])"
-            )
+        """The stack of laid-out ``weights`` (``dispatch.required_kernel`` has checked numba)."""
         return cls(
             shape=shape,
             weights=weights,

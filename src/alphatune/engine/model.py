@@ -19,11 +19,10 @@ from torch import nn
 from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
-from alphatune.kernels import decode_kernel
 from alphatune.kernels.numba_threads import numba_threads
 from alphatune.memory import page_out_compiler, release_free_memory
-from alphatune_runtime import native
 from alphatune_runtime.cache import KVCache
+from alphatune_runtime.dispatch import required_kernel
 from alphatune_runtime.stack import BlockStack
 from alphatune_runtime.weights import NativeWeights
 
@@ -51,15 +50,7 @@ class Engine:
         ``use_bank``: projections holding a mixed-batch adapter bank serve one scale set per
         adapter (``forward``'s ``sets``); otherwise the layers' own scales.
         """
-        if not native.available():
-            raise UnsupportedModelError(
-                "the decode engine needs numba (pip install alphatune[fast])"
-            )
-        kernel = decode_kernel()
-        if kernel is None:
-            raise UnsupportedModelError(
-                "no LUT kernel runs here (no AVX2 + FMA, or ALPHATUNE_KERNEL=reference)"
-            )
+        kernel = required_kernel()
         if model.training:
             raise UnsupportedModelError("the model is in training mode; call model.eval()")
         # Start numba's thread pool now, under numba_threads (which gives torch its count back):
@@ -69,9 +60,9 @@ class Engine:
             pass
         spec = describe(model)
         io = token_io(model, spec.shape.hidden)
-        weights = build_weights(spec, kernel.native, use_bank)
+        weights = build_weights(spec, kernel, use_bank)
         release_free_memory()  # what converting the layers freed
-        engine = cls(spec=spec, io=io, stack=BlockStack.of(spec.shape, weights, kernel.native))
+        engine = cls(spec=spec, io=io, stack=BlockStack.of(spec.shape, weights, kernel))
         # Load the step's compiled code now, then page out numba's compiler: decode never runs
         # it, and it would otherwise stay resident (~28 MiB, more than the KV cache of a
         # 512-token prompt). The embedding and head modules were run once by ``token_io``.

@@ -44,7 +44,7 @@ from alphatune.kernels.reference import (
 )
 from alphatune.kernels.reference import dequantize_packed as dequantize_packed_reference
 from alphatune.packing import unpack_codes
-from alphatune_runtime import dispatch
+from alphatune_runtime import avx512, dispatch
 from alphatune_runtime.dispatch import NativeKernel
 
 logger = logging.getLogger(__name__)
@@ -102,16 +102,16 @@ class _LutKernel:
         return self.module.decoder(codes, scales, offset, group_size, *precision)
 
 
-_TORCH_FACES = {
-    "avx512": (avx512_lut, None),
-    "avx2": (avx2_lut, torch.float32),
-    "avx2-int16": (avx2_lut, torch.int16),
-    "avx2-int8": (avx2_lut, torch.int8),
-}
-_LUT_KERNELS = {
-    name: _LutKernel(dispatch.KERNELS[name], module, table_dtype)
-    for name, (module, table_dtype) in _TORCH_FACES.items()
-}
+def _torch_face(native: NativeKernel) -> _LutKernel:
+    """The torch face of a kernel of ``dispatch.KERNELS``: its module, and for AVX2 the tables'
+    dtype that gives its ``table_bits``."""
+    if native.module is avx512:
+        return _LutKernel(native, avx512_lut)
+    dtype = {bits: dtype for dtype, bits in avx2_lut.TABLE_BITS.items()}[native.table_bits]
+    return _LutKernel(native, avx2_lut, dtype)
+
+
+_LUT_KERNELS = {name: _torch_face(native) for name, native in dispatch.KERNELS.items()}
 AVX2_DEFAULT = dispatch.AVX2_DEFAULT
 
 

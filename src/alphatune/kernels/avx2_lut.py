@@ -42,7 +42,7 @@ SCALES_LAYOUT = lut_common.LAYER_ORDER  # how prepare_scales lays them out
 CHUNK_BYTES, CHUNK_BYTES_INT16 = avx2.CHUNK_BYTES, avx2.CHUNK_BYTES_INT16
 TABLE_DTYPES = (torch.float32, torch.int16, torch.int8)
 # table_bits of the numba entries: 0 for float32 tables, else the levels' bits.
-_TABLE_BITS = dict(zip(TABLE_DTYPES, avx2.TABLE_BITS, strict=True))
+TABLE_BITS = dict(zip(TABLE_DTYPES, avx2.TABLE_BITS, strict=True))
 MIN_PARALLEL_WORK = avx2.MIN_PARALLEL_WORK  # public: native callers (alphatune.engine) pick threads
 
 
@@ -94,7 +94,7 @@ def decoder(
             f"table_dtype must be torch.float32, torch.int16 or torch.int8, got {table_dtype}"
         )
     layer = lut_common.layer_operands(prepared, scales, offset, group_size, ROWS, SCALES_LAYOUT)
-    table_bits = _TABLE_BITS[table_dtype]
+    table_bits = TABLE_BITS[table_dtype]
 
     def decode(x: Tensor, token_set: Tensor | None = None) -> Tensor:
         x_np, sets = lut_common.token_operands(x, token_set, layer)
