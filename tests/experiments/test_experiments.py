@@ -104,6 +104,20 @@ def test_every_method_writes_a_result(env, method, bits, options, single_thread)
     on_disk = read_result(result_path(env["results"], spec), "e2e")
     assert on_disk["predictions"] == result["predictions"]
     assert {"bleu", "nist", "rouge_l", "cider", "bleu_ci"} <= set(result["scores"])
+    assert isinstance(result["environment"]["vector_extensions"], list)
+    if method in ("ptq-lora", "peqa", "alphatuning"):  # a cached base: which one, made where
+        base = result["notes"]["base"]
+        assert len(base["fingerprint"]) == 16 and base["quantized"]["commit"]
+
+
+def test_runs_on_one_base_name_the_same_fingerprint(env) -> None:
+    def base(**options) -> dict:
+        spec = _spec(env, "alphatuning", 3, **options)
+        return read_result(result_path(env["results"], spec))["notes"]["base"]
+
+    first, second = base(), base(multiplier=True)
+    assert first == second
+    assert base(base="greedy", train="all_alpha")["fingerprint"] != first["fingerprint"]
 
 
 def test_trainable_counts_follow_the_method(env) -> None:
@@ -189,6 +203,7 @@ def test_report_renders_tables_and_plots(env, tmp_path) -> None:
     assert output.read_text() == text
     assert "## E2E NLG (test)" in text and "## WebNLG 2017 (test)" in text
     assert "| alphatuning" in text and "BLEU 95% CI per seed" in text
+    assert "Quantized bases (cached per quantizer and bit width" in text
     plots = sorted((tmp_path / "docs" / "results").glob("*.png"))
     assert {p.name for p in plots} >= {"e2e-bleu-vs-bits.png", "e2e-bleu-vs-trainable.png"}
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)

@@ -23,6 +23,7 @@ tokens of WikiText-2 *valid*, as ``alphatune quantize`` does by default.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alphatune.bases import base_fingerprint
 from alphatune.config import AlphaTuningConfig, BCQConfig, QuantMethod
 from alphatune.errors import ConfigError
-from alphatune.experiments.spec import RunSpec
+from alphatune.experiments.spec import RunSpec, environment, write_json
 from alphatune.layers import BCQLinear
 from alphatune.models import cache_dir, load_model, load_tokenizer
 from alphatune.quantize import _set_submodule, find_target_layers, quantize_, summarize
@@ -120,7 +122,12 @@ def quantize_model(model: nn.Module, tokenizer: Any, bits: int, method: str) -> 
 
 
 def cached_base(model_name: str, bits: int, method: str) -> Path:
-    """Directory of a saved q-bit base of ``model_name``, quantized once and reused."""
+    """Directory of a saved q-bit base of ``model_name``, quantized once and reused.
+
+    Beside it, ``<directory>.json`` records where it was quantized (``spec.environment``): a
+    base quantized again on another machine differs a little (float order), and each result names
+    the base it used (``_load_base``).
+    """
     from alphatune.adapters import save_quantized
 
     directory = cache_dir() / "paper" / "bases" / f"{Path(model_name).name}-{method}-q{bits}"
@@ -130,15 +137,26 @@ def cached_base(model_name: str, bits: int, method: str) -> Path:
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
     quantize_model(model, tokenizer, bits, method)
     save_quantized(model, directory, base_config(bits, method), tokenizer)
+    write_json(_made_record(directory), {"quantized": environment()})
     return directory
 
 
-def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any]:
+def _made_record(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".json")
+
+
+def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The cached base, its tokenizer and the notes that identify it in a result: its
+    fingerprint and where it was quantized (unknown for a base cached before that was recorded)."""
     from alphatune.adapters import load_quantized
 
     if spec.bits is None:
         raise ConfigError(f"{spec.method} needs bits (a quantized base)")
-    return load_quantized(cached_base(_model_name(spec), spec.bits, method))
+    directory = cached_base(_model_name(spec), spec.bits, method)
+    model, tokenizer = load_quantized(directory)
+    record = _made_record(directory)
+    made = json.loads(record.read_text()) if record.exists() else {"quantized": None}
+    return model, tokenizer, {"base": {"fingerprint": base_fingerprint(model), **made}}
 
 
 def _dense_copy(model: nn.Module) -> None:
@@ -214,10 +232,12 @@ def _lora(spec: RunSpec, work: Path) -> Prepared:
 
 
 def _ptq_lora(spec: RunSpec, work: Path) -> Prepared:
-    model, tokenizer = _load_base(spec, "calibrated")
+    model, tokenizer, notes = _load_base(spec, "calibrated")
     stored, bpw = _quantized_sizes(model)
     _dense_copy(model)
-    return _with_lora(spec, model, tokenizer, stored, bpw)
+    prepared = _with_lora(spec, model, tokenizer, stored, bpw)
+    prepared.notes.update(notes)
+    return prepared
 
 
 def nf4_bytes(numel: int, blocksize: int = 64) -> int:
@@ -316,14 +336,14 @@ class PEQALinear(nn.Module):
 
 
 def _peqa(spec: RunSpec, work: Path) -> Prepared:
-    model, tokenizer = _load_base(spec, "rtn")
+    model, tokenizer, notes = _load_base(spec, "rtn")
     stored, bpw = _quantized_sizes(model)
     _freeze(model)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, BCQLinear):
             _set_submodule(model, name, PEQALinear(layer))
     adapter = _trainable(model) * FP32
-    return Prepared(model, tokenizer, stored, adapter, bpw)
+    return Prepared(model, tokenizer, stored, adapter, bpw, notes=notes)
 
 
 class DropVirtualTokens(nn.Module):
@@ -416,7 +436,7 @@ def _bottleneck_adapter(spec: RunSpec, work: Path) -> Prepared:
 
 
 def _alphatuning(spec: RunSpec, work: Path) -> Prepared:
-    model, tokenizer = _load_base(spec, spec.option("base", "calibrated"))
+    model, tokenizer, notes = _load_base(spec, spec.option("base", "calibrated"))
     config = AlphaTuningConfig(
         train=spec.option("train", "alpha1"),
         train_offset=bool(spec.option("offset", False)),
@@ -428,7 +448,12 @@ def _alphatuning(spec: RunSpec, work: Path) -> Prepared:
     stored, bpw = _quantized_sizes(model)
     adapter = report.trainable * FP32
     return Prepared(
-        model, tokenizer, stored + adapter, adapter, bpw, notes={"config": config.to_dict()}
+        model,
+        tokenizer,
+        stored + adapter,
+        adapter,
+        bpw,
+        notes={"config": config.to_dict(), **notes},
     )
 
 

@@ -240,6 +240,30 @@ def _plot(task: str, results: Sequence[dict[str, Any]], plots_dir: Path) -> list
     return written
 
 
+def bases_paragraph(by_task: dict[str, list[dict[str, Any]]]) -> str:
+    """Which cached quantized bases the runs on one used (by fingerprint, with the CPU's vector
+    extensions where it was quantized): a base quantized again on another machine differs a
+    little in float order, so runs on different bases differ by that too."""
+    counts: dict[str, int] = {}
+    for results in by_task.values():
+        for result in results:
+            base = result.get("notes", {}).get("base")
+            if base is None:
+                continue
+            made = base.get("quantized") or {}
+            where = "+".join(made.get("vector_extensions", [])) or "unrecorded CPU"
+            key = f"`{base['fingerprint']}` ({where})"
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return ""
+    listed = ", ".join(f"{key}: {n} run{'s' * (n != 1)}" for key, n in sorted(counts.items()))
+    return (
+        "Quantized bases (cached per quantizer and bit width; fingerprint, and the vector "
+        f"extensions of the CPU that quantized it): {listed}. Runs from before this was "
+        "recorded (2026-12-01) name none."
+    )
+
+
 def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> str:
     """Write docs/results.md (and its plots) from the result files; returns the markdown."""
     by_task = load_results(results_dir)
@@ -277,6 +301,9 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
         ),
         "",
     ]
+    bases = bases_paragraph(by_task)
+    if bases:
+        parts += [bases, ""]
     for task, results in by_task.items():
         budget = BUDGETS.get(task)
         parts += [f"## {TASK_TITLES.get(task, task)}", ""]
