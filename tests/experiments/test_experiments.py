@@ -280,13 +280,14 @@ def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> Non
 
 
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
-    """WebNLG's AlphaTuning search is moved below 2e-3 (its lowest rate was chosen); other tasks
-    and families keep the family's range, and every search tries at most 3 rates."""
+    """WebNLG's AlphaTuning search is moved below 2e-3 and its LoRA search above 5e-3 (each
+    chose its edge); other tasks keep the family's range, and every search tries <= 3 rates."""
     webnlg = [s.learning_rate for s in grid.search_specs("webnlg", "alphatuning")]
     e2e = [s.learning_rate for s in grid.search_specs("e2e", "alphatuning")]
     assert webnlg == [1e-3, 2e-3, 5e-3]
     assert e2e == list(grid.LEARNING_RATES["alphatuning"])
-    assert [s.learning_rate for s in grid.search_specs("webnlg", "lora")] == list(
+    assert [s.learning_rate for s in grid.search_specs("webnlg", "lora")] == [2e-3, 5e-3, 1e-2]
+    assert [s.learning_rate for s in grid.search_specs("e2e", "lora")] == list(
         grid.LEARNING_RATES["lora"]
     )
     for task in grid.BUDGETS:
