@@ -104,6 +104,17 @@ def test_numba_sweep_matches_the_torch_reference(bits: int, problem) -> None:
 
 
 @pytest.mark.skipif(not numba_gptq.available(), reason="numba is not installed")
+@pytest.mark.parametrize("block_size", [7, 32, 128, 200], ids=lambda b: f"block={b}")
+def test_numba_sweep_in_blocks_matches_the_torch_reference(block_size: int, problem) -> None:
+    """Blocks that split the 128 columns unevenly (7), evenly (32), and one block (128, 200):
+    inside a block numba feeds the errors forward, between blocks one GEMM does."""
+    args = _swept(*problem, bits=3)
+    reference = gptq._round_columns_reference(*args, block_size=1)
+    index = numba_gptq.round_columns(*args, block_size=block_size)
+    assert (index != reference).float().mean().item() <= 0.01
+
+
+@pytest.mark.skipif(not numba_gptq.available(), reason="numba is not installed")
 def test_numba_sweep_uneven_tiles(problem) -> None:
     """Row counts that do not fill the last tile, and a single row."""
     weight, hessian = problem

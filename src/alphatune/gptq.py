@@ -76,7 +76,7 @@ def round_with_error_feedback(
     factor = _inverse_hessian_factor(h[order][:, order], damp).float()
     group_of = order // group_size  # (in,) the group of each swept column
     if w.device.type == "cpu" and numba_gptq.available():
-        index = numba_gptq.round_columns(w, factor, group_of, values, midpoints)
+        index = numba_gptq.round_columns(w, factor, group_of, values, midpoints, block_size)
     else:
         index = _round_columns_reference(w, factor, group_of, values, midpoints, block_size)
     chosen = signs[torch.arange(out)[:, None], group_of[None, :], index]  # (out, in, q), swept
