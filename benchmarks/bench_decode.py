@@ -45,6 +45,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -510,6 +511,36 @@ def llama_cpp_problem() -> str | None:
     return None
 
 
+# llama.cpp built for this CPU (GGML_NATIVE=ON) with every x86 extension but AMX.
+NO_AMX_BUILD = (
+    "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON "
+    "-DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
+    "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+    "-DGGML_AMX_BF16=OFF' pip install --force-reinstall --no-deps --no-binary llama-cpp-python "
+    "llama-cpp-python"
+)
+
+
+def llama_cpp_crash_hint(config: dict[str, Any], returncode: int) -> str:
+    """Why a llama.cpp worker may have crashed, where the cause is known."""
+    if config["kind"] != "llama.cpp" or returncode != -signal.SIGSEGV:
+        return ""
+    try:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode()
+    except (ImportError, OSError, AttributeError):  # a courtesy: never hide the crash itself
+        return ""
+    if "AMX_INT8 = 1" not in info:
+        return ""
+    # Seen on a 2-vCPU Sapphire Rapids VM: a native build decodes one token, then crashes on the
+    # first multi-token batch in ggml's AMX matmul.
+    return (
+        " (llama.cpp's AMX matmul is known to crash on some Sapphire Rapids machines, "
+        f"ggml-org/llama.cpp#20824; rebuild it without AMX: {NO_AMX_BUILD})"
+    )
+
+
 def prompt_ids(tokens: int) -> tuple[list[int], list[int]]:
     """(short prompt ids, ``tokens`` ids of WikiText-2 test text) with the model's tokenizer."""
     from alphatune.data import find_data_dir
@@ -544,7 +575,9 @@ def run_config(config: dict[str, Any], spec: dict[str, Any], timeout: float) -> 
             return {
                 "name": config["name"],
                 "config": config,
-                "error": f"exit {done.returncode}: " + " | ".join(tail),
+                "error": f"exit {done.returncode}: "
+                + " | ".join(tail)
+                + llama_cpp_crash_hint(config, done.returncode),
             }
         row = json.loads(out.read_text())
         row["process_s"] = round(time.perf_counter() - began, 1)

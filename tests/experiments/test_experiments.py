@@ -16,7 +16,14 @@ from alphatune.evaluate import metrics
 from alphatune.experiments import grid, report, tasks
 from alphatune.experiments.methods import METHODS
 from alphatune.experiments.runner import rescore, run
-from alphatune.experiments.spec import Budget, RunSpec, read_result, result_path, write_json
+from alphatune.experiments.spec import (
+    Budget,
+    RunSpec,
+    read_result,
+    result_path,
+    work_path,
+    write_json,
+)
 from alphatune.experiments.tasks import SST2_LABELS, get_task
 
 TINY = Budget(steps=2, batch_size=2, max_length=48, max_new_tokens=8, eval_limit=4)
@@ -337,6 +344,22 @@ def test_a_result_file_from_another_task_is_refused(env, tmp_path) -> None:
     misplaced.unlink()
     with pytest.raises(ConfigError, match="junk.json: not an alphatune experiment result"):
         report.load_results(tmp_path)
+
+
+def test_derived_run_trains_its_parent_again_where_its_weights_are_gone(env) -> None:
+    """The parent ran (its result exists) on another machine: its weights are not in this work
+    folder, so the derived run trains it again, same spec and seed, and says so."""
+    parent = _spec(env, "lora")
+    assert result_path(env["results"], parent).exists()  # from test_every_method_writes_a_result
+    weights = work_path(env["work"], parent) / "model"
+    shutil.rmtree(weights)
+    spec = _spec(env, "lora-ptq", 3, quantizer="rtn")
+    result = run(spec, env["results"], env["work"])
+    retrained = result["notes"]["parent_weights"]
+    assert retrained["retrained"] is True and (weights / "config.json").exists()
+    parent_loss = read_result(result_path(env["results"], parent))["training"]["final_loss"]
+    assert retrained["final_loss_in_parent_result"] == parent_loss
+    assert retrained["final_loss"] == pytest.approx(parent_loss, rel=1e-3)  # same seed, same data
 
 
 def test_derived_run_without_its_parent_says_which(env) -> None:

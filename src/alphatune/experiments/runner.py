@@ -21,7 +21,13 @@ import torch
 from alphatune.config import TrainConfig
 from alphatune.errors import ConfigError
 from alphatune.evaluate import generate
-from alphatune.experiments.methods import Prepared, family_of, get_method
+from alphatune.experiments.methods import (
+    Prepared,
+    family_of,
+    get_method,
+    parent_spec,
+    parent_work,
+)
 from alphatune.experiments.spec import (
     RESULT_FORMAT,
     RunSpec,
@@ -169,8 +175,11 @@ def _run(
     handoff: bool,
 ) -> dict[str, Any]:
     began = time.perf_counter()
+    retrained = _retrain_parent(spec, path, work, progress) if method.parent else None
     torch.manual_seed(spec.seed)
     prepared = method.prepare(spec, work)
+    if retrained is not None:
+        prepared.notes["parent_weights"] = retrained
     trainable = sum(p.numel() for p in prepared.model.parameters() if p.requires_grad)
     prepare_seconds = time.perf_counter() - began
     training = _train(spec, prepared, work, progress) if method.trains else None
@@ -207,6 +216,40 @@ def _run(
     }
     write_json(path, result)
     return result
+
+
+def _retrain_parent(spec: RunSpec, path: Path, work: Path, progress: bool) -> dict | None:
+    """Train ``spec``'s parent run again where its result exists but its weights are not here.
+
+    Derived runs (LoRA → PTQ, FT → PTQ) quantize weights their parent saved in the work folder,
+    which stays on the machine that ran the parent; the grid moves between machines. The parent
+    is trained again with its own spec and seed (only the training: its scores are in its
+    result file), and the derived result notes that, with both final losses to compare.
+    Without the parent's result nothing is trained, and ``prepare`` says which run is missing.
+    """
+    parent, source = parent_spec(spec), parent_work(spec, work)
+    parent_result = result_path(path.parent.parent, parent)
+    if (source / "model" / "config.json").exists() or not parent_result.exists():
+        return None
+    logger.warning(
+        "%s: the weights of %s are not on this machine; training it again",
+        spec.run_id,
+        parent.run_id,
+    )
+    source.mkdir(parents=True, exist_ok=True)
+    with run_lock(source):
+        torch.manual_seed(parent.seed)
+        prepared = get_method(parent.method).prepare(parent, source)
+        training = _train(parent, prepared, source, progress)
+        assert prepared.handoff is not None, f"{parent.method} saves no weights for {spec.method}"
+        prepared.handoff(source)
+    recorded = read_result(parent_result, parent.task).get("training") or {}
+    return {
+        "retrained": True,
+        "final_loss": training["final_loss"],
+        "final_loss_in_parent_result": recorded.get("final_loss"),
+        "environment": environment(),
+    }
 
 
 def rescore(path: Path) -> dict[str, Any]:
