@@ -65,9 +65,10 @@ QUICK_DOCS = Path(tempfile.gettempdir()) / "alphatune-decode-benchmark-quick.md"
 PROMPT = "The history of the city begins in the Roman period, when"
 BITS = (2, 3, 4)
 HEADS = ("compact", "keep", "bf16")
-# ALPHATUNE_KERNEL settings with rows of their own: the AVX2 kernel's float32 (exact) and int8
-# tables, beside its default int16 ones.
-TABLE_KERNELS = ("avx2", "avx2-int8")
+# ALPHATUNE_KERNEL settings with rows of their own: the AVX2 kernel's float32 (exact), int8 and
+# int16 tables. On an AVX2-only CPU the int16 row repeats the default's; on an AVX-512 one (whose
+# default is the AVX-512 float tables) it measures the AVX2 default there.
+TABLE_KERNELS = ("avx2", "avx2-int8", "avx2-int16")
 ALPHATUNE_KINDS = ("alphatune", "runtime")  # configurations that decode a cached base
 QUICK_CONFIGS = (
     LLAMA_CPP,
