@@ -1,10 +1,13 @@
 """Which LUT kernel decodes here: the one owner of that choice (``alphatune.kernels`` asks it too).
 
 ``chosen_kernel()`` is ``ALPHATUNE_KERNEL`` (read at every call) or, by default (``auto``), the
-best kernel this CPU runs: ``avx512`` on AVX-512F, else ``avx2-int16`` (AVX2 + FMA with int16
-tables: within ~1e-4 of float32, perplexity unchanged to 1e-5, ``benchmarks/bench_table_precision
-.py``), else none. ``avx2`` (float32 tables, exact up to summation order, slower) and
-``avx2-int8`` (fastest, +0.1-0.4% perplexity) are chosen by name; ``reference`` asks for none
+best kernel this CPU runs: ``avx2-int16`` (AVX2 + FMA with int16 tables: within ~1e-4 of
+float32, perplexity unchanged to 1e-5, ``benchmarks/bench_table_precision.py``), else none. It is
+the default on AVX-512 CPUs too: on an Intel Xeon with AVX-512 the engine decoded at 65.8 / 124.6
+tokens/s (1 / 2 threads) on it against 64.0 / 97.8 on ``avx512``'s float tables
+(``benchmarks/results/decode-xeon-tables.json``, one quiet run). ``avx512`` (float tables),
+``avx2`` (float32 tables, exact up to summation order, slower) and ``avx2-int8`` (fastest, +0.1-0.4%
+perplexity) are chosen by name; ``reference`` asks for none
 (the plain torch paths in ``alphatune``). Forcing a kernel this CPU cannot run is an error, not a
 silent fallback.
 
@@ -79,8 +82,6 @@ def chosen_kernel() -> NativeKernel | None:
     """The LUT kernel for decode here: ``ALPHATUNE_KERNEL``, or the best this CPU runs."""
     setting, choice = kernel_setting()
     if choice == "auto":
-        if avx512.available():
-            return KERNELS["avx512"]
         return KERNELS[AVX2_DEFAULT] if avx2.available() else None
     if choice == "reference":
         return None

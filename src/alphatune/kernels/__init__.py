@@ -1,7 +1,7 @@
 """Kernel dispatch: the only place that chooses between backends.
 
-On CPU, with numba and a LUT kernel for this CPU (``lut_kernel()``: ``avx512_lut`` on AVX-512F,
-else ``avx2_lut`` with int16 tables on AVX2 + FMA):
+On CPU, with numba and a LUT kernel for this CPU (``lut_kernel()``: ``avx2_lut`` with int16
+tables on AVX2 + FMA, AVX-512 CPUs included, where it measured faster than ``avx512_lut``):
 
 - decode (up to ``LUT_MAX_TOKENS`` tokens): LUT-GEMV straight on the codes, in a kernel layout
   that the layer keeps (``WeightCache``; about the size of the codes, ~3 bits per weight);
@@ -12,8 +12,8 @@ Without a LUT kernel (x86 without AVX2, ARM, numba missing, or ``ALPHATUNE_KERNE
 the dense weight is dequantized once (numba when present) and kept in the layer's cache, then
 ``F.linear``. On CUDA: the torch reference dequantization and ``F.linear``.
 
-``ALPHATUNE_KERNEL`` (read at every call) forces a decode kernel: ``avx512``, ``avx2-int16``
-(int16 tables, the AVX2 default: within ~1e-4 of float32, perplexity unchanged to 1e-5 and no
+``ALPHATUNE_KERNEL`` (read at every call) forces a decode kernel: ``avx512`` (float tables),
+``avx2-int16`` (int16 tables, the default: within ~1e-4 of float32, perplexity unchanged to 1e-5 and no
 top-1 change over 4,088 WikiText-2 positions, ``benchmarks/bench_table_precision.py``),
 ``avx2`` (float32 tables, exact up to summation order, slower), ``avx2-int8`` (int8 tables:
 fastest, approximate: +0.1-0.4% perplexity), ``reference`` (none), or ``auto`` (the default).
@@ -125,7 +125,7 @@ def lut_kernel() -> str | None:
     """The LUT kernel decode runs on here: ``"avx512"``, ``"avx2"``, ``"avx2-int16"``,
     ``"avx2-int8"``, or None.
 
-    The best one this CPU runs (AVX-512F, else AVX2 + FMA, with numba), unless ``ALPHATUNE_KERNEL``
+    The best one this CPU runs (AVX2 + FMA with numba: int16 tables), unless ``ALPHATUNE_KERNEL``
     forces one; None means decode dequantizes and keeps the dense weight (see the module doc).
     """
     kernel = _chosen_lut_kernel()
