@@ -287,8 +287,9 @@ def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> Non
 
 
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
-    """WebNLG's AlphaTuning search is moved below 2e-3 and its LoRA search above 5e-3 (each
-    chose its edge); other tasks keep the family's range, and every search tries <= 3 rates."""
+    """WebNLG's AlphaTuning search is moved below 2e-3, its LoRA search and E2E's full
+    fine-tuning search above (each chose its edge); other tasks keep the family's range, and
+    every search tries <= 3 rates."""
     webnlg = [s.learning_rate for s in grid.search_specs("webnlg", "alphatuning")]
     e2e = [s.learning_rate for s in grid.search_specs("e2e", "alphatuning")]
     assert webnlg == [1e-3, 2e-3, 5e-3]
@@ -297,6 +298,7 @@ def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
     assert [s.learning_rate for s in grid.search_specs("e2e", "lora")] == list(
         grid.LEARNING_RATES["lora"]
     )
+    assert [s.learning_rate for s in grid.search_specs("e2e", "full-ft")] == [5e-5, 1e-4, 2e-4]
     for task in grid.BUDGETS:
         for family in grid.LEARNING_RATES:
             assert len(grid.learning_rates(task, family)) <= 3
