@@ -11,8 +11,9 @@ alphatune that was imported, so an older tree can be measured by the same script
     PYTHONPATH=/tmp/old/src .venv/bin/python benchmarks/bench_quantize_speed.py --label before
 
 ``--draws 3`` quantizes three times on disjoint calibration windows and records the perplexity's
-mean and spread: the same code on two CPUs (AVX2, AVX-512) gave 44.67 and 45.43 from one draw,
-so a change is judged on the mean over draws, not on one quantization.
+mean and spread: the same code gave 44.67 on an AVX2 EPYC and 44.11 on an AVX-512 Xeon from
+draw 0 (float order alone), and 43.13-44.13 over three draws on one machine, so a change is
+judged on the mean over draws, not on one quantization.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from common import environment
 
 import alphatune
 from alphatune import BCQConfig, quantize_
-from alphatune.data import find_data_dir, load_text_tokens
+from alphatune.data import find_data_dir, load_text_tokens, start_ids
 from alphatune.evaluate import perplexity
 from alphatune.models import load_model, load_tokenizer
 
@@ -55,12 +56,19 @@ def imported_commit() -> str | None:
 
 def calibration_draws(tokenizer, path: Path, sequences: int, draws: int) -> list[torch.Tensor]:
     """``draws`` disjoint calibration sets of ``sequences`` x 512 tokens: draw 0 is the start of
-    the file (what ``quantize`` uses by default), draw d the d-th window after it."""
-    width = sequences * 512
+    the file (what ``calibration_batch``, so ``quantize``, uses by default), draw d the d-th
+    window after it; each row starts with the tokenizer's BOS where it adds one, as there."""
+    start = start_ids(tokenizer)
+    row = 512 - len(start)  # file tokens per row
+    width = sequences * row
     tokens = load_text_tokens(tokenizer, path, max_tokens=width * draws)
     if tokens.numel() < width * draws:
         raise SystemExit(f"{path} has {tokens.numel()} tokens: too few for {draws} draws")
-    return [tokens[d * width : (d + 1) * width].reshape(sequences, 512) for d in range(draws)]
+    prefix = torch.tensor(start, dtype=torch.long).expand(sequences, -1)
+    return [
+        torch.cat([prefix, tokens[d * width : (d + 1) * width].reshape(sequences, row)], dim=1)
+        for d in range(draws)
+    ]
 
 
 def main() -> None:

@@ -238,12 +238,12 @@ ABOUT = """\
   `compact` = the default `BCQConfig(bits=B)` (one 8-bit table for the embedding and the tied
   head); `keep` = `lm_head='keep', embedding='keep'` (the fp32 tied matrix, the layout before the
   compact default); `bf16` = `lm_head='bf16'` (a bf16 head, the compact embedding).
-  On an AVX2 CPU (no AVX-512) the engine's kernel runs with its default int16 tables.
-- `alphatune-q3-compact-engine-avx2` / `-avx2-int8` / `-avx2-int16`: the same engine with
+  The engine's kernel runs with its default int16 tables (the AVX2 kernel, on AVX-512 CPUs too;
+  results files from before 096616f ran the AVX-512 float tables there).
+- `alphatune-q3-compact-engine-avx2` / `-avx2-int8` / `-avx512`: the same engine with
   `ALPHATUNE_KERNEL` set to the AVX2 kernel's float32 tables (exact up to summation order), its
-  int8 tables (faster, +0.1-0.4% perplexity: `benchmarks/results/table_precision.json`) or its
-  int16 tables (the AVX2 default: perplexity within 1e-5; on an AVX2-only CPU this row repeats
-  the default's).
+  int8 tables (faster, +0.1-0.4% perplexity: `benchmarks/results/table_precision.json`) or the
+  AVX-512 kernel's float tables (only on CPUs with AVX-512F).
 - `alphatune-q3-compact-runtime`: the default 3-bit base read from its files by the torch-free
   runtime (`alphatune_runtime.model.Model`: the engine's numba step, the embedding and head in
   numpy and numba; neither torch nor transformers is imported in its process).

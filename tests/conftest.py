@@ -23,16 +23,19 @@ def single_thread():
 
 @pytest.fixture
 def exact_tables(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode on the AVX2 kernel's float32 tables where its default (int16 tables) would run.
+    """Decode on float tables where the default (the AVX2 kernel's int16 tables) would run: the
+    AVX-512 kernel's on CPUs with AVX-512F (so the suite keeps exercising that kernel there,
+    now that it is not the default), else the AVX2 kernel's float32 tables.
 
     For tests that compare a LUT path with a float32 reference at float32 tolerance; the int16
     tables' own precision (~1e-4 relative) is tested in ``tests/kernels/test_avx2_lut.py`` and
     ``tests/engine/test_engine.py``.
     """
     from alphatune import kernels
+    from alphatune.kernels import avx512_lut
 
     if kernels.lut_kernel() == kernels.AVX2_DEFAULT:
-        monkeypatch.setenv(kernels.KERNEL_ENV, "avx2")
+        monkeypatch.setenv(kernels.KERNEL_ENV, "avx512" if avx512_lut.available() else "avx2")
 
 
 @pytest.fixture(scope="session")

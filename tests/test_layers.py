@@ -133,7 +133,8 @@ def test_from_linear_matches_the_fit(method: str) -> None:
     assert bcq.sqnr_db(linear.weight, layer.dequantize()) > 5.0
 
 
-# One token: the decode path (LUT kernel on AVX-512 CPUs); more than LUT_MAX_TOKENS: batched.
+# One token: the decode path (a LUT kernel where the CPU has one); more than LUT_MAX_TOKENS:
+# batched.
 CACHE_INPUTS = [(1, 1), (2, kernels.LUT_MAX_TOKENS)]
 
 
@@ -334,7 +335,7 @@ def test_storage_bytes_counts_packed_codes_and_fp16_scales() -> None:
     assert layer.storage_bytes() == codes + scales
 
 
-@pytest.mark.skipif(not kernels.lut_available(), reason="no LUT kernel on this CPU (AVX-512)")
+@pytest.mark.skipif(not kernels.lut_available(), reason="no LUT kernel on this CPU (AVX2 + FMA)")
 def test_inference_keeps_the_kernel_layout_not_a_dense_weight() -> None:
     """Decode runs on the LUT layout (~ the codes' size); no 32-bit dense copy is ever kept."""
     layer = _layer("offset", True, 64, 16).eval()

@@ -320,7 +320,7 @@ def test_generate_adapter_errors(served_text, tokenizer):
 def test_mixed_kernel_equals_a_per_token_loop(
     bits, offset, in_features, group_size, tokens, exact_tables
 ):
-    """Decode-sized inputs take the LUT kernel (AVX-512), prefill-sized the dequantize path."""
+    """Decode-sized inputs take the LUT kernel, prefill-sized the dequantize path."""
     generator = torch.Generator().manual_seed(bits * 1000 + in_features + group_size + offset)
     out, adapters = 7, 3
     groups = in_features // group_size

@@ -349,16 +349,21 @@ def test_a_result_file_from_another_task_is_refused(env, tmp_path) -> None:
 
 
 def test_derived_run_trains_its_parent_again_where_its_weights_are_gone(env) -> None:
-    """The parent ran (its result exists) on another machine: its weights are not in this work
-    folder, so the derived run trains it again, same spec and seed, and says so."""
+    """The parent ran (its result exists) on another machine: nothing of it is in this work
+    folder (no weights, no checkpoint), so the derived run trains it again from step 0, same
+    spec and seed, and says so."""
     parent = _spec(env, "lora")
-    assert result_path(env["results"], parent).exists()  # from test_every_method_writes_a_result
-    weights = work_path(env["work"], parent) / "model"
-    shutil.rmtree(weights)
+    if not result_path(env["results"], parent).exists():  # this test alone: make the parent
+        run(parent, env["results"], env["work"])
+    folder = work_path(env["work"], parent)
+    shutil.rmtree(folder)
     spec = _spec(env, "lora-ptq", 3, quantizer="rtn")
     result = run(spec, env["results"], env["work"])
     retrained = result["notes"]["parent_weights"]
-    assert retrained["retrained"] is True and (weights / "config.json").exists()
+    assert retrained["retrained"] is True and retrained["resumed_from"] == 0
+    assert retrained["steps"] == parent.budget.steps
+    assert (folder / "model" / "config.json").exists()
+    assert not (folder / "handoff.partial").exists()
     parent_loss = read_result(result_path(env["results"], parent))["training"]["final_loss"]
     assert retrained["final_loss_in_parent_result"] == parent_loss
     assert retrained["final_loss"] == pytest.approx(parent_loss, rel=1e-3)  # same seed, same data

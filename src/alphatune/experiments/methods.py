@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CALIBRATION_SEQUENCES, CALIBRATION_LENGTH = 32, 512
+# The folder of a test run's work folder that holds its trained weights for derived runs
+# (LoRA → PTQ, FT → PTQ); the runner writes it whole or not at all.
+HANDOFF = "model"
 PROMPT_TOKENS = 20
 PROMPT_INIT = "Write the data as a fluent sentence:"
 FP32 = 4  # bytes
@@ -181,8 +184,8 @@ def _quantized_sizes(model: nn.Module) -> tuple[int, float]:
 
 def _save_weights(model: nn.Module, tokenizer: Any) -> Callable[[Path], None]:
     def handoff(work: Path) -> None:
-        model.save_pretrained(work / "model")
-        tokenizer.save_pretrained(work / "model")
+        model.save_pretrained(work / HANDOFF)
+        tokenizer.save_pretrained(work / HANDOFF)
 
     return handoff
 
@@ -274,7 +277,7 @@ def _after_training(parent: str) -> Callable[[RunSpec, Path], Prepared]:
     def prepare(spec: RunSpec, work: Path) -> Prepared:
         if spec.bits is None:
             raise ConfigError(f"{spec.method} needs bits")
-        source = parent_work(spec, work) / "model"
+        source = parent_work(spec, work) / HANDOFF
         if not (source / "config.json").exists():
             raise ConfigError(
                 f"{spec.method}: the weights of its {parent} run are missing at {source}; run "

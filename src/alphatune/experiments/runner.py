@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from alphatune.config import TrainConfig
 from alphatune.errors import ConfigError
 from alphatune.evaluate import generate
 from alphatune.experiments.methods import (
+    HANDOFF,
     Prepared,
     family_of,
     get_method,
@@ -174,8 +176,9 @@ def _run(
     progress: bool,
     handoff: bool,
 ) -> dict[str, Any]:
-    began = time.perf_counter()
+    # Before the clock starts: a retrained parent's time is in its own note, not in "prepare".
     retrained = _retrain_parent(spec, path, work, progress) if method.parent else None
+    began = time.perf_counter()
     torch.manual_seed(spec.seed)
     prepared = method.prepare(spec, work)
     if retrained is not None:
@@ -190,7 +193,7 @@ def _run(
     scores = task.score(predictions, eval_set)
     eval_seconds = time.perf_counter() - scored
     if handoff and spec.split == "test" and prepared.handoff is not None:
-        prepared.handoff(work)  # only test runs have runs derived from them
+        _hand_off(prepared, work)  # only test runs have runs derived from them
 
     reference = fp32_bytes(spec.model)
     result = {
@@ -218,7 +221,22 @@ def _run(
     return result
 
 
-def _retrain_parent(spec: RunSpec, path: Path, work: Path, progress: bool) -> dict | None:
+def _hand_off(prepared: Prepared, work: Path) -> None:
+    """Save what derived runs need as ``work/model``, whole or not at all.
+
+    Written into a staging folder, then renamed: a run killed while saving leaves no ``model``
+    folder that looks complete (its ``config.json`` is written before the weights).
+    """
+    assert prepared.handoff is not None
+    staging = work / "handoff.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    prepared.handoff(staging)
+    shutil.rmtree(work / HANDOFF, ignore_errors=True)
+    os.replace(staging / HANDOFF, work / HANDOFF)
+    shutil.rmtree(staging)
+
+
+def _retrain_parent(spec: RunSpec, path: Path, work: Path, progress: bool) -> dict[str, Any] | None:
     """Train ``spec``'s parent run again where its result exists but its weights are not here.
 
     Derived runs (LoRA → PTQ, FT → PTQ) quantize weights their parent saved in the work folder,
@@ -229,23 +247,31 @@ def _retrain_parent(spec: RunSpec, path: Path, work: Path, progress: bool) -> di
     """
     parent, source = parent_spec(spec), parent_work(spec, work)
     parent_result = result_path(path.parent.parent, parent)
-    if (source / "model" / "config.json").exists() or not parent_result.exists():
+    if (source / HANDOFF).exists() or not parent_result.exists():
         return None
-    logger.warning(
-        "%s: the weights of %s are not on this machine; training it again",
-        spec.run_id,
-        parent.run_id,
-    )
     source.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
     with run_lock(source):
+        if (source / HANDOFF).exists():  # another derived run of this parent made them meanwhile
+            return None
+        logger.warning(
+            "%s: the weights of %s are not on this machine; training it again",
+            spec.run_id,
+            parent.run_id,
+        )
         torch.manual_seed(parent.seed)
         prepared = get_method(parent.method).prepare(parent, source)
         training = _train(parent, prepared, source, progress)
         assert prepared.handoff is not None, f"{parent.method} saves no weights for {spec.method}"
-        prepared.handoff(source)
+        _hand_off(prepared, source)
     recorded = read_result(parent_result, parent.task).get("training") or {}
     return {
         "retrained": True,
+        # A LoRA parent's checkpoint may be here (its dev run shares the training): then it
+        # resumes at its last step and only the merge is redone (resumed_from == steps).
+        "steps": training["steps"],
+        "resumed_from": training["resumed_from"],
+        "seconds": round(time.perf_counter() - began, 1),
         "final_loss": training["final_loss"],
         "final_loss_in_parent_result": recorded.get("final_loss"),
         "environment": environment(),

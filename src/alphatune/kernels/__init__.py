@@ -1,7 +1,8 @@
 """Kernel dispatch: the only place that chooses between backends.
 
 On CPU, with numba and a LUT kernel for this CPU (``lut_kernel()``: ``avx2_lut`` with int16
-tables on AVX2 + FMA, AVX-512 CPUs included, where it measured faster than ``avx512_lut``):
+tables on AVX2 + FMA, AVX-512 CPUs included, where it measured faster than
+``avx512_lut``):
 
 - decode (up to ``LUT_MAX_TOKENS`` tokens): LUT-GEMV straight on the codes, in a kernel layout
   that the layer keeps (``WeightCache``; about the size of the codes, ~3 bits per weight);
@@ -13,8 +14,8 @@ the dense weight is dequantized once (numba when present) and kept in the layer'
 ``F.linear``. On CUDA: the torch reference dequantization and ``F.linear``.
 
 ``ALPHATUNE_KERNEL`` (read at every call) forces a decode kernel: ``avx512`` (float tables),
-``avx2-int16`` (int16 tables, the default: within ~1e-4 of float32, perplexity unchanged to 1e-5 and no
-top-1 change over 4,088 WikiText-2 positions, ``benchmarks/bench_table_precision.py``),
+``avx2-int16`` (int16 tables, the default: within ~1e-4 of float32, perplexity unchanged to
+1e-5 and no top-1 change over 4,088 WikiText-2 positions, ``benchmarks/bench_table_precision.py``),
 ``avx2`` (float32 tables, exact up to summation order, slower), ``avx2-int8`` (int8 tables:
 fastest, approximate: +0.1-0.4% perplexity), ``reference`` (none), or ``auto`` (the default).
 Forcing a kernel this CPU cannot run is an error, not a silent fallback. The choice itself is

@@ -105,6 +105,8 @@ def round_columns(
     Returns:
         ``(out, n)`` int64 indices into ``values[r, group_of[c]]``.
     """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     w = weight.detach().float().clone()
     factor = factor.float()
     out, n = w.shape
