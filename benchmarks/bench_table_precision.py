@@ -57,15 +57,17 @@ def compare(
     exact: torch.Tensor,
     margins: torch.Tensor,
     nll: dict[str, float],
+    exact_name: str = EXACT,
 ) -> dict[str, Any]:
-    """How ``kernel``'s logits differ from the float32 tables' (``exact``) over all positions."""
+    """How ``kernel``'s logits differ from the float32 tables' (``exact``, ``nll[exact_name]``)
+    over all positions."""
     flipped = exact.argmax(-1) != approx.argmax(-1)
     flip_margins = margins[flipped]
     return {
         "kernel": kernel,
         "positions": int(exact.shape[0]),
-        "perplexity": {k: round(math.exp(nll[k]), 4) for k in (EXACT, kernel)},
-        "perplexity_change": round(math.exp(nll[kernel] - nll[EXACT]) - 1, 6),
+        "perplexity": {k: round(math.exp(nll[k]), 4) for k in (exact_name, kernel)},
+        "perplexity_change": round(math.exp(nll[kernel] - nll[exact_name]) - 1, 6),
         "top1_flips": int(flipped.sum()),
         "flip_margin_max": round(float(flip_margins.max()), 4) if flipped.any() else None,
         "flip_margin_median": round(float(flip_margins.median()), 4) if flipped.any() else None,
