@@ -1,15 +1,17 @@
-"""What a bf16 prefill would cost in quality: the blocks' matmuls in bf16 against float32.
+"""What a bf16 prefill would cost in quality: the blocks' projections in bf16 against float32.
 
 Issue 15 asks for prefill at least as fast as the bf16 model, "dequantize into bf16 and use a
 bf16 GEMM where it is exact enough, measured". This is the measurement, ahead of the code: a
 saved 3-bit base, teacher-forced over windows of WikiText-2's test text through the model's own
 forward (prompts of more than 64 tokens: each layer dequantized, then one GEMM), once in float32
-and once with the blocks under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (bf16 operands,
-float32 accumulation; norms, softmax and residuals stay float32). The final norm's output goes
-through the head in float32 both times, so the difference is the blocks' alone; every position
-counts, as every prompt position's keys and values would come from the bf16 prefill. Reported:
-perplexity of each, the relative change, top-1 flips with the float32 top-2 margin at them, and
-the logits' error. Timing is not measured here (a quality probe; it may run beside other work).
+and once per scope with those quantized projections under ``torch.autocast("cpu",
+dtype=torch.bfloat16)`` (bf16 operands, float32 accumulation, as a bf16 GEMM on AMX would run;
+norms, attention, softmax and residuals stay float32): every projection, the MLP's (gate, up,
+down) or the attention's (q, k, v, o). The head runs in float32 every time, so the difference is
+the blocks' alone; every position counts, as every prompt position's keys and values would come
+from the bf16 prefill. Reported per scope: perplexity, the relative change, top-1 flips with the
+float32 top-2 margin at them, and the logits' error. Timing is not measured here (a quality
+probe; it may run beside other work).
 
 Usage::
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,7 +32,21 @@ from bench_table_precision import compare, windows
 from common import DECODE_Q3_BASE, CpuWatch, environment, save_watched_results
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "prefill_precision.json"
-EXACT, BF16 = "float32", "bf16-blocks"
+EXACT = "float32"
+# The projections each scope runs in bf16 (module names end with these).
+SCOPES = {
+    "bf16-all-projections": (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ),
+    "bf16-mlp": ("gate_proj", "up_proj", "down_proj"),
+    "bf16-attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,13 +59,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def window_logits(model: torch.nn.Module, ids: list[int], bf16_blocks: bool) -> torch.Tensor:
+@contextlib.contextmanager
+def bf16_projections(model: torch.nn.Module, suffixes: tuple[str, ...]) -> Iterator[None]:
+    """While active, the blocks' projections named ``*suffix`` run under bf16 autocast."""
+    from alphatune.layers import BCQLinear
+
+    def enter(module: torch.nn.Module, _inputs: object) -> None:
+        module._bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+        module._bf16.__enter__()
+
+    def leave(module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+        module._bf16.__exit__(None, None, None)
+        return output.float()  # the residual stream stays float32
+
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, BCQLinear) and name.endswith(suffixes):
+            handles += [
+                module.register_forward_pre_hook(enter),
+                module.register_forward_hook(leave),
+            ]
+    if not handles:
+        raise SystemExit(f"no quantized projection ends with any of {suffixes}")
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def window_logits(model: torch.nn.Module, ids: list[int], scope: str) -> torch.Tensor:
     """``(len(ids) - 1, V)`` float32 logits predicting each next token of ``ids``."""
-    blocks = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if bf16_blocks else contextlib.nullcontext()
+    precision = (
+        contextlib.nullcontext() if scope == EXACT else bf16_projections(model, SCOPES[scope])
     )
     with torch.inference_mode():
-        with blocks:
+        with precision:
             hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state
         return model.lm_head(hidden.float())[0, :-1].float()
 
@@ -64,16 +110,19 @@ def main(argv: list[str] | None = None) -> None:
     watch = CpuWatch()
     env = environment(("torch", "transformers"))
     logits = {
-        name: torch.cat([window_logits(model, ids, name == BF16) for ids in texts])
-        for name in (EXACT, BF16)
+        scope: torch.cat([window_logits(model, ids, scope) for ids in texts])
+        for scope in (EXACT, *SCOPES)
     }
     targets = torch.cat([torch.tensor(ids[1:]) for ids in texts])
-    nll = {name: F.cross_entropy(v, targets).item() for name, v in logits.items()}
+    nll = {scope: F.cross_entropy(v, targets).item() for scope, v in logits.items()}
     top2 = logits[EXACT].topk(2, dim=-1).values
-    row = compare(BF16, logits[BF16], logits[EXACT], top2[:, 0] - top2[:, 1], nll, EXACT)
-    row["base"] = str(args.base)
-    print(row)
-    save_watched_results(args.out, args, [row], env=env, watch=watch)
+    rows = []
+    for scope in SCOPES:
+        row = compare(scope, logits[scope], logits[EXACT], top2[:, 0] - top2[:, 1], nll, EXACT)
+        row["base"] = str(args.base)
+        print(row)
+        rows.append(row)
+    save_watched_results(args.out, args, rows, env=env, watch=watch)
 
 
 if __name__ == "__main__":
