@@ -34,19 +34,9 @@ from common import DECODE_Q3_BASE, CpuWatch, environment, save_watched_results
 DEFAULT_OUT = Path(__file__).parent / "results" / "prefill_precision.json"
 EXACT = "float32"
 # The projections each scope runs in bf16 (module names end with these).
-SCOPES = {
-    "bf16-all-projections": (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ),
-    "bf16-mlp": ("gate_proj", "up_proj", "down_proj"),
-    "bf16-attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-}
+MLP = ("gate_proj", "up_proj", "down_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+SCOPES = {"bf16-all-projections": ATTENTION + MLP, "bf16-mlp": MLP, "bf16-attention": ATTENTION}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

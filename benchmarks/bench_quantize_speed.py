@@ -30,7 +30,7 @@ from common import environment
 
 import alphatune
 from alphatune import BCQConfig, quantize_
-from alphatune.data import find_data_dir, load_text_tokens, start_ids
+from alphatune.data import calibration_batch, find_data_dir, load_text_tokens
 from alphatune.evaluate import perplexity
 from alphatune.models import load_model, load_tokenizer
 
@@ -55,20 +55,10 @@ def imported_commit() -> str | None:
 
 
 def calibration_draws(tokenizer, path: Path, sequences: int, draws: int) -> list[torch.Tensor]:
-    """``draws`` disjoint calibration sets of ``sequences`` x 512 tokens: draw 0 is the start of
-    the file (what ``calibration_batch``, so ``quantize``, uses by default), draw d the d-th
-    window after it; each row starts with the tokenizer's BOS where it adds one, as there."""
-    start = start_ids(tokenizer)
-    row = 512 - len(start)  # file tokens per row
-    width = sequences * row
-    tokens = load_text_tokens(tokenizer, path, max_tokens=width * draws)
-    if tokens.numel() < width * draws:
-        raise SystemExit(f"{path} has {tokens.numel()} tokens: too few for {draws} draws")
-    prefix = torch.tensor(start, dtype=torch.long).expand(sequences, -1)
-    return [
-        torch.cat([prefix, tokens[d * width : (d + 1) * width].reshape(sequences, row)], dim=1)
-        for d in range(draws)
-    ]
+    """``draws`` disjoint calibration sets of ``sequences`` x 512 tokens: consecutive slices of
+    one ``calibration_batch`` of ``sequences * draws`` rows, so draw 0 is exactly the default
+    calibration (``quantize``'s) and draw d the d-th window after it."""
+    return list(calibration_batch(tokenizer, path, sequences * draws, 512).split(sequences))
 
 
 def main() -> None:

@@ -227,7 +227,7 @@ def _hand_off(prepared: Prepared, work: Path) -> None:
     Written into a staging folder, then renamed: a run killed while saving leaves no ``model``
     folder that looks complete (its ``config.json`` is written before the weights).
     """
-    assert prepared.handoff is not None
+    assert prepared.handoff is not None, "this method saves no weights for derived runs"
     staging = work / "handoff.partial"
     shutil.rmtree(staging, ignore_errors=True)
     prepared.handoff(staging)
@@ -262,7 +262,6 @@ def _retrain_parent(spec: RunSpec, path: Path, work: Path, progress: bool) -> di
         torch.manual_seed(parent.seed)
         prepared = get_method(parent.method).prepare(parent, source)
         training = _train(parent, prepared, source, progress)
-        assert prepared.handoff is not None, f"{parent.method} saves no weights for {spec.method}"
         _hand_off(prepared, source)
     recorded = read_result(parent_result, parent.task).get("training") or {}
     return {
