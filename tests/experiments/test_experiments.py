@@ -286,6 +286,21 @@ def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> Non
     assert all(s.learning_rate == searches[1].learning_rate and s.split == "test" for s in ours)
 
 
+def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
+    """The recipe phase scores each candidate on dev, seed 0, at AlphaTuning's chosen rate and
+    with the searches' dev items, so its runs compare with the default's own dev run."""
+    results = tmp_path / "results"
+    assert all(isinstance(s, str) for s in grid.specs(results, ("webnlg-recipe",)))
+    searches = grid.search_specs("webnlg", "alphatuning")
+    for spec, bleu in zip(searches, (44.0, 47.0, 45.0), strict=True):
+        _fake_dev_result(results, spec, bleu)
+    runs = list(grid.specs(results, ("webnlg-recipe",)))
+    assert len(runs) == len(grid.RECIPES) and not any(isinstance(s, str) for s in runs)
+    assert all(s.split == "dev" and s.budget == searches[1].budget for s in runs)
+    assert all(s.learning_rate == searches[1].learning_rate and s.seed == 0 for s in runs)
+    assert grid.ORDER.index("webnlg-recipe") == grid.ORDER.index("webnlg") + 1
+
+
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
     """WebNLG's AlphaTuning search is moved below 2e-3, its LoRA search and E2E's full
     fine-tuning search above (each chose its edge); other tasks keep the family's range, and

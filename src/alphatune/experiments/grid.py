@@ -139,8 +139,21 @@ ABLATIONS: list[Entry] = [
     ("alphatuning", 3, (("grad_scale", "group_size"),), (0,)),
 ]
 
+# Candidate changes to the default 3-bit recipe, scored on dev (seed 0, the family's learning
+# rate, the searches' dev items) against the default's own dev run: WebNLG's held-out test is
+# where AlphaTuning trails LoRA (38.1 against 41.3 BLEU), and the issue asks for the best
+# recipe measured on dev to become the default, never one chosen on test. Trainable
+# granularity and the multiplier search have fewer parameters than the default, so they stay
+# in the ablations.
+RECIPES: list[Entry] = [
+    ("alphatuning", 3, (("train", "all_alpha"),), (0,)),
+    ("alphatuning", 3, (("train", "all_alpha"), ("offset", True)), (0,)),
+    ("alphatuning", 3, (("grad_scale", "group_size"),), (0,)),
+]
+
 PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
-    # phase -> [(task, kind, families, entries)]; kind "search" runs those families' dev searches.
+    # phase -> [(task, kind, families, entries)]; kind "search" runs those families' dev
+    # searches, "dev" runs the entries on dev at their family's rate, "test" on test.
     "e2e": [
         ("e2e", "search", ("alphatuning", "lora"), []),
         ("e2e", "test", (), _main()),
@@ -157,6 +170,9 @@ PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
         ("webnlg", "search", ("alphatuning", "lora"), []),
         ("webnlg", "test", (), _main()),
     ],
+    "webnlg-recipe": [
+        ("webnlg", "dev", (), RECIPES),
+    ],
     "webnlg-rest": [
         ("webnlg", "search", ("full-ft",), []),
         ("webnlg", "test", (), REST),
@@ -172,10 +188,12 @@ PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
 }
 # WebNLG's headline comparison comes right after E2E's: held-out WebNLG data is where AlphaTuning
 # trailed LoRA (the issue's warning sign), so it decides whether the default recipe needs work;
-# the remaining baselines and ablations follow.
+# where it trails, the candidate recipes on WebNLG dev come next; the remaining baselines and
+# ablations follow.
 ORDER = (
     "e2e",
     "webnlg",
+    "webnlg-recipe",
     "e2e-rest",
     "e2e-ablations",
     "webnlg-rest",
@@ -206,6 +224,4 @@ def specs(results_dir: Path, phases: tuple[str, ...] = ORDER) -> Iterator[RunSpe
                     yield f"{task}/{method}: waiting for the {family} learning-rate search"
                     continue
                 for seed in seeds:
-                    yield RunSpec(
-                        task, method, bits, seed, lr, "test", options, _budget(task, "test")
-                    )
+                    yield RunSpec(task, method, bits, seed, lr, kind, options, _budget(task, kind))
