@@ -13,6 +13,10 @@ from the bf16 prefill. Reported per scope: perplexity, the relative change, top-
 float32 top-2 margin at them, and the logits' error. Timing is not measured here (a quality
 probe; it may run beside other work).
 
+The ``engine-dense-*`` scopes measure the code that runs: the engine's dense prefill
+(``alphatune.engine.prefill``, every position's hidden state) with its GEMMs in bfloat16 or
+float32, through the same head.
+
 Usage::
 
     python benchmarks/bench_prefill_precision.py                # 8 windows of 512 tokens
@@ -25,6 +29,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +42,7 @@ EXACT = "float32"
 MLP = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 SCOPES = {"bf16-all-projections": ATTENTION + MLP, "bf16-mlp": MLP, "bf16-attention": ATTENTION}
+ENGINE_SCOPES = {"engine-dense-bf16": torch.bfloat16, "engine-dense-float32": torch.float32}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,6 +95,19 @@ def window_logits(model: torch.nn.Module, ids: list[int], scope: str) -> torch.T
         return model.lm_head(hidden.float())[0, :-1].float()
 
 
+def engine_logits(model: torch.nn.Module, engine: Any, ids: list[int], scope: str) -> torch.Tensor:
+    """``window_logits`` through the engine's dense prefill, its GEMMs in the scope's dtype."""
+    import numpy as np
+
+    cache = engine.new_cache(1, len(ids))
+    hidden = engine.dense.run(
+        engine.embed(np.asarray(ids)), 0, 0, cache, engine.rotary(len(ids)), engine.threads(),
+        ENGINE_SCOPES[scope], every_position=True,
+    )  # fmt: skip
+    with torch.inference_mode():
+        return model.lm_head(torch.from_numpy(hidden))[:-1].float()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from alphatune import load_quantized
@@ -103,11 +122,16 @@ def main(argv: list[str] | None = None) -> None:
         scope: torch.cat([window_logits(model, ids, scope) for ids in texts])
         for scope in (EXACT, *SCOPES)
     }
+    from alphatune.engine import Engine
+
+    engine = Engine.build(model)
+    for scope in ENGINE_SCOPES:
+        logits[scope] = torch.cat([engine_logits(model, engine, ids, scope) for ids in texts])
     targets = torch.cat([torch.tensor(ids[1:]) for ids in texts])
     nll = {scope: F.cross_entropy(v, targets).item() for scope, v in logits.items()}
     top2 = logits[EXACT].topk(2, dim=-1).values
     rows = []
-    for scope in SCOPES:
+    for scope in (*SCOPES, *ENGINE_SCOPES):
         row = compare(scope, logits[scope], logits[EXACT], top2[:, 0] - top2[:, 1], nll, EXACT)
         row["base"] = str(args.base)
         print(row)

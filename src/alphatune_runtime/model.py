@@ -558,6 +558,19 @@ class Model:
         set_num_threads(threads)
         return self.stack.run(self.embed(ids), rows, positions, sets, cache, rotary, threads)
 
+    def prefill_prompt(
+        self,
+        ids: np.ndarray,
+        row: int,
+        scale_set: int,
+        cache: KVCache,
+        rotary: tuple[np.ndarray, np.ndarray],
+        threads: int,
+    ) -> np.ndarray | None:
+        """None: without torch there is no bfloat16 GEMM to beat the LUT kernel on long prompts
+        (``alphatune.engine.prefill``), so every prompt goes through ``forward``."""
+        return None
+
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """``(N, H)`` float32 embeddings of ``ids`` (a writable C array: the residual stream)."""
         ids = np.asarray(ids, np.int64)

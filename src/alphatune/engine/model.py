@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from alphatune.engine.prefill import DensePrefill, dense_dtype
 from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
@@ -42,6 +43,7 @@ class Engine:
     spec: LlamaSpec
     io: TokenIO
     stack: BlockStack
+    dense: DensePrefill
 
     @classmethod
     def build(cls, model: nn.Module, *, use_bank: bool = False) -> Engine:
@@ -62,7 +64,8 @@ class Engine:
         io = token_io(model, spec.shape.hidden)
         weights = build_weights(spec, kernel, use_bank)
         release_free_memory()  # what converting the layers freed
-        engine = cls(spec=spec, io=io, stack=BlockStack.of(spec.shape, weights, kernel))
+        stack = BlockStack.of(spec.shape, weights, kernel)
+        engine = cls(spec=spec, io=io, stack=stack, dense=DensePrefill(spec, stack))
         # Load the step's compiled code now, then page out numba's compiler: decode never runs
         # it, and it would otherwise stay resident (~28 MiB, more than the KV cache of a
         # 512-token prompt). The embedding and head modules were run once by ``token_io``.
@@ -112,6 +115,24 @@ class Engine:
         if threads is None:
             threads = self.threads()
         return self.run_blocks(self.embed(ids), rows, positions, sets, cache, rotary, threads)
+
+    def prefill_prompt(
+        self,
+        ids: np.ndarray,
+        row: int,
+        scale_set: int,
+        cache: KVCache,
+        rotary: tuple[np.ndarray, np.ndarray],
+        threads: int,
+    ) -> np.ndarray | None:
+        """The final-normed hidden state ``(H,)`` of a whole prompt's last token, through dense
+        GEMMs (``prefill.DensePrefill``), or None where that path does not pay for this prompt
+        (``prefill.dense_dtype``): the caller then runs it through ``forward``."""
+        dtype = dense_dtype(len(ids))
+        if dtype is None:
+            return None
+        hidden = self.embed(ids)
+        return self.dense.run(hidden, row, scale_set, cache, rotary, threads, dtype)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """``(N, H)`` float32 embeddings of ``ids``, a writable C array (the residual stream)."""

@@ -1,0 +1,220 @@
+"""Prefill of a long prompt through dense GEMMs: bfloat16 on CPUs that have it, into the engine's cache.
+
+The LUT kernel's cost grows with the tokens of a call; a GEMM's barely does, once its weight is
+dense. On a CPU with native bfloat16 (AVX-512 BF16, AMX) a 512-token prompt through the LUT
+kernel took 2.72 s against 0.40 s for transformers' bf16 model (docs/performance.md). Here each
+block runs as that model would: every projection is dequantized from the engine's own codes into
+a reused bfloat16 buffer (``alphatune_runtime.dequant``, the projections that read one input
+stacked into one weight) and applied as one GEMM; norms, rotary and attention stay float32, and
+the keys and values go into the engine's ``KVCache``, where decode continues. Quality, measured
+before this code (``benchmarks/bench_prefill_precision.py``): the projections in bfloat16 with
+the rest in float32 change the 3-bit base's WikiText-2 perplexity by +0.054%; whole blocks in
+bfloat16 (attention included) by +0.15%, hence float32 attention.
+
+``ALPHATUNE_PREFILL`` chooses: ``auto`` (the default: bfloat16 for prompts of at least
+``MIN_TOKENS`` where the CPU has native bfloat16, else the LUT kernel), ``bf16`` or ``float32``
+(the dense path for every prompt; float32 is exact up to summation order, for tests and CPUs
+without bfloat16), or ``lut`` (never).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alphatune.engine.spec import LlamaSpec
+from alphatune.errors import ConfigError
+from alphatune.kernels.numba_threads import numba_threads
+from alphatune.layers import BCQLinear
+from alphatune_runtime import dequant, native
+from alphatune_runtime.cache import KVCache
+from alphatune_runtime.stack import BlockStack
+
+PREFILL_ENV = "ALPHATUNE_PREFILL"
+CHOICES = ("auto", "bf16", "float32", "lut")
+# Prompt tokens from which ``auto`` takes the dense path: dequantizing every layer costs ~0.08 s
+# for SmolLM2 at 3 bits (2 threads), what the LUT kernel spends on ~15 prompt tokens there.
+MIN_TOKENS = 64
+
+
+def prefill_setting() -> str:
+    """``ALPHATUNE_PREFILL`` as a choice (``auto`` if unset); a bad value is a ``ConfigError``."""
+    setting = os.environ.get(PREFILL_ENV, "")
+    choice = setting.strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ConfigError(f"{PREFILL_ENV}={setting!r}; choose one of {', '.join(CHOICES)}")
+    return choice
+
+
+@functools.cache
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so oneDNN's bf16
+    GEMM beats float32 rather than emulating it."""
+    import llvmlite.binding as llvm_binding
+
+    features = llvm_binding.get_host_cpu_features()
+    return bool(features.get("avx512bf16", False) or features.get("amx-bf16", False))
+
+
+def dense_dtype(tokens: int) -> torch.dtype | None:
+    """The GEMM dtype for a ``tokens``-token prompt, or None for the LUT kernel."""
+    choice = prefill_setting()
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "float32":
+        return torch.float32
+    if choice == "auto" and tokens >= MIN_TOKENS and native_bfloat16():
+        return torch.bfloat16
+    return None
+
+
+class DensePrefill:
+    """Runs prompts through a ``BlockStack``'s blocks as dense GEMMs (see the module docstring).
+
+    The codes come from the stack (its kernel layout), the scales from the model's layers, read
+    at each call, so an adapter loaded since the engine was built shows here as it does in
+    decode's layer-order scales.
+    """
+
+    def __init__(self, spec: LlamaSpec, stack: BlockStack) -> None:
+        self.spec = spec
+        self.stack = stack
+        self.inverse = dequant.inverse_byte_map(stack.kernel.byte_map)
+        self.layers: list[BCQLinear] = [
+            block.get_submodule(name) for block in spec.blocks for name in native.PROJECTIONS
+        ]
+        self._buffers: dict[tuple[int, int, torch.dtype], Tensor] = {}
+
+    def run(
+        self,
+        hidden: np.ndarray,
+        row: int,
+        scale_set: int,
+        cache: KVCache,
+        rotary: tuple[np.ndarray, np.ndarray],
+        threads: int,
+        dtype: torch.dtype,
+        *,
+        every_position: bool = False,
+    ) -> np.ndarray:
+        """The final-normed hidden state ``(H,)`` of a whole prompt's last token (``(T, H)``, of
+        every token, with ``every_position``).
+
+        ``hidden (T, H)`` float32 is the prompt's embeddings (overwritten: the residual stream),
+        positions ``0..T-1`` of cache row ``row``; ``scale_set`` is the row's adapter in banked
+        projections; ``dtype`` the GEMMs' (bfloat16 or float32).
+        """
+        shape = self.stack.shape
+        x = torch.from_numpy(hidden)
+        tokens = x.shape[0]
+        if tokens > cache.max_len:
+            raise ConfigError(f"a {tokens}-token prompt does not fit a {cache.max_len} cache")
+        cos, sin = (torch.from_numpy(t[:tokens]) for t in rotary)
+        keys, values = torch.from_numpy(cache.keys), torch.from_numpy(cache.values)
+        norms = torch.from_numpy(self.stack.weights.norms)
+        heads, kv_heads, head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        # One numba thread count for the whole prompt (each layer's dequantization is a numba
+        # call); torch's own count is given back at the end.
+        with torch.inference_mode(), numba_threads(threads):
+            for layer in range(shape.n_layers):
+                base = 7 * layer
+                normed = self._rms_norm(x, norms[layer, 0])
+                qkv = self._project(normed, base, (0, 1, 2), scale_set, dtype).float()
+                q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
+                q = _rotate(q.view(tokens, heads, head_dim).transpose(0, 1), cos, sin)
+                k = _rotate(k.view(tokens, kv_heads, head_dim).transpose(0, 1), cos, sin)
+                v = v.view(tokens, kv_heads, head_dim).transpose(0, 1)
+                keys[layer, row, :, :tokens] = k
+                values[layer, row, :, :tokens] = v
+                # (heads, T, d), float32: attention in bfloat16 doubled the perplexity cost.
+                attention = F.scaled_dot_product_attention(
+                    q[None], k[None], v[None], is_causal=True, enable_gqa=True
+                )[0]
+                attention = attention.transpose(0, 1).reshape(tokens, heads * head_dim)
+                x += self._project(attention, base, (3,), scale_set, dtype)
+                normed = self._rms_norm(x, norms[layer, 1])
+                gate_up = self._project(normed, base, (4, 5), scale_set, dtype)
+                gate, up = gate_up.split(gate_up.shape[1] // 2, 1)
+                # In the GEMMs' dtype, as the bf16 model runs its MLP: the next GEMM's input.
+                x += self._project(F.silu(gate) * up, base, (6,), scale_set, dtype)
+            final = torch.from_numpy(self.stack.weights.final_norm)
+            out = self._rms_norm(x if every_position else x[-1:], final)
+        self._buffers.clear()  # a few MiB, needed again only by the next long prompt
+        return out.numpy() if every_position else out[0].numpy()
+
+    def _rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """LlamaRMSNorm in float32."""
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return weight * (x * torch.rsqrt(variance + self.stack.shape.eps))
+
+    def _project(
+        self,
+        x: Tensor,
+        base: int,
+        which: tuple[int, ...],
+        scale_set: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """``x (T, in)`` through projections ``base + which`` (they read one input), their
+        outputs side by side, ``(T, Σ out)`` in ``dtype``: one GEMM on their stacked weight."""
+        layers = [self.layers[base + i] for i in which]
+        weight = self._buffer(sum(layer.out_features for layer in layers), layers[0].in_features,
+                              dtype)  # fmt: skip
+        at = 0
+        for i, layer in zip(which, layers, strict=True):
+            self._dequantize(base + i, layer, scale_set, weight[at : at + layer.out_features])
+            at += layer.out_features
+        biases = [layer.bias for layer in layers]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            torch.zeros(layer.out_features) if b is None else b.float()
+            for b, layer in zip(biases, layers, strict=True)
+        ]).to(dtype)  # fmt: skip
+        return F.linear(x.to(dtype), weight, bias)
+
+    def _dequantize(self, index: int, layer: BCQLinear, scale_set: int, out: Tensor) -> None:
+        banked = bool(self.stack.weights.ints[index, native.BANKED])
+        first = layer.alpha1_bank[scale_set] if banked else layer.effective_alpha1()
+        rest, offset = layer.alpha_rest, layer.offset
+        target = out.numpy() if out.dtype == torch.float32 else out.view(torch.int16).numpy()
+        dequant.dequantize(
+            self._codes(index),
+            self.inverse,
+            _float32(first),
+            _float32(rest),
+            None if offset is None else _float32(offset),
+            layer.group_size,
+            target.view(np.uint16) if out.dtype == torch.bfloat16 else target,
+        )
+
+    def _codes(self, index: int) -> np.ndarray:
+        """Projection ``index``'s codes in the kernel layout: a view of the stack's buffer."""
+        ints = self.stack.weights.ints[index]
+        shape = tuple(
+            int(ints[c]) for c in (native.BITS, native.BLOCKS, native.N_BYTES, native.ROWS)
+        )
+        at = int(ints[native.CODES_AT])
+        return self.stack.weights.codes[at : at + int(np.prod(shape))].reshape(shape)
+
+    def _buffer(self, rows: int, columns: int, dtype: torch.dtype) -> Tensor:
+        """A reused weight buffer per shape (a few per model: q·k·v, o, gate·up, down)."""
+        key = (rows, columns, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(rows, columns, dtype=dtype)
+        return self._buffers[key]
+
+
+def _float32(t: Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding of ``x (heads, T, d)`` with tables ``(T, d)`` (transformers'
+    rotate_half convention, as ``native.rotate``), a new contiguous tensor."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x.contiguous() * cos + rotated * sin

@@ -1,0 +1,145 @@
+"""A dense weight from a layer's codes in a kernel's layout: float32, or bfloat16 bits.
+
+The engine keeps one copy of the codes, laid out for its LUT kernel (``layout.prepare_codes``:
+``(q, blocks, bytes, rows)`` uint8, bytes rewritten by the kernel's ``byte_map``). Long prompts
+run faster through one GEMM per layer than through the LUT kernel (``alphatune.engine.prefill``),
+which needs the weight dense for the time of that GEMM: this module rebuilds it from those codes,
+so prefill reads no second copy of them (the layer's own codes are paged out once laid out).
+
+``W[r, j] = Σ_i α_i[r, g(j)] · B_i[r, j] (+ offset[r, g(j)])``, the contract of
+``alphatune.kernels.reference.dequantize_packed``. Each row block is summed over the planes in a
+small float32 buffer per task (a ±1 vector per code byte from ``SIGNS``, times that plane's α),
+then written once: as float32, or rounded to the nearest bfloat16 (ties to even), stored as its uint16
+bits, since numpy has no bfloat16 (the caller views them as one).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from alphatune_runtime.errors import ConfigError, KernelUnavailableError
+
+try:
+    from numba import njit, prange
+
+    IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # numba is an optional dependency (extra "fast")
+    IMPORT_ERROR = exc
+
+# Row s: the 8 codes (±1) byte value s encodes, least significant bit first.
+SIGNS = (((np.arange(256)[:, None] >> np.arange(8)) & 1) * 2 - 1).astype(np.float32)
+
+
+def inverse_byte_map(byte_map: np.ndarray | None) -> np.ndarray:
+    """The map back from a kernel's stored code bytes to the packing's (identity for None)."""
+    if byte_map is None:
+        return np.arange(256, dtype=np.uint8)
+    if sorted(byte_map.tolist()) != list(range(256)):
+        raise ConfigError("a kernel's byte map must be a permutation of the 256 byte values")
+    inverse = np.empty(256, np.uint8)
+    inverse[byte_map] = np.arange(256, dtype=np.uint8)
+    return inverse
+
+
+if IMPORT_ERROR is None:
+
+    @njit(cache=True)
+    def _sum_block(
+        codes, inverse, first, rest, offset, with_offset, bytes_per_group, block, acc
+    ):  # pragma: no cover - numba
+        """Rows of row block ``block`` into acc (rows, 8·bytes); returns how many are real."""
+        bits, _, n_bytes, rows = codes.shape
+        out_features, n_groups = first.shape
+        count = min(rows, out_features - block * rows)
+        for r in range(count):
+            row = block * rows + r
+            sums = acc[r]
+            for g in range(n_groups):
+                begin, end = g * bytes_per_group, min(n_bytes, (g + 1) * bytes_per_group)
+                sums[8 * begin : 8 * end] = offset[row, g] if with_offset else np.float32(0.0)
+                for i in range(bits):
+                    a = first[row, g] if i == 0 else rest[i - 1, row, g]
+                    for k in range(begin, end):
+                        signs = SIGNS[inverse[codes[i, block, k, r]]]
+                        at = 8 * k
+                        for b in range(8):
+                            sums[at + b] += a * signs[b]
+        return count
+
+    @njit(parallel=True, cache=True)
+    def _dequantize_float32(
+        codes, inverse, first, rest, offset, with_offset, bytes_per_group, out
+    ):  # pragma: no cover - numba
+        _, blocks, n_bytes, rows = codes.shape
+        width = out.shape[1]
+        for block in prange(blocks):
+            acc = np.empty((rows, 8 * n_bytes), np.float32)
+            count = _sum_block(
+                codes, inverse, first, rest, offset, with_offset, bytes_per_group, block, acc
+            )
+            for r in range(count):
+                out[block * rows + r, :] = acc[r, :width]
+
+    @njit(parallel=True, cache=True)
+    def _dequantize_bfloat16(
+        codes, inverse, first, rest, offset, with_offset, bytes_per_group, out
+    ):  # pragma: no cover - numba
+        _, blocks, n_bytes, rows = codes.shape
+        width = out.shape[1]
+        for block in prange(blocks):
+            acc = np.empty((rows, 8 * n_bytes), np.float32)
+            count = _sum_block(
+                codes, inverse, first, rest, offset, with_offset, bytes_per_group, block, acc
+            )
+            bits = acc.view(np.uint32)
+            for r in range(count):
+                row = out[block * rows + r]
+                for j in range(width):
+                    u = bits[r, j]
+                    # Round to nearest, ties to even: add 0x7FFF plus the kept part's low bit.
+                    row[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
+
+
+def dequantize(
+    codes: np.ndarray,
+    inverse: np.ndarray,
+    first: np.ndarray,
+    rest: np.ndarray,
+    offset: np.ndarray | None,
+    group_size: int,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Write the dense weight of one layer into ``out`` and return it.
+
+    Args:
+        codes: ``(q, blocks, ceil(in/8), rows)`` uint8, the layer's codes in a kernel's layout.
+        inverse: ``inverse_byte_map(kernel.byte_map)``.
+        first: ``(out, G)`` float32, α₁ (one scale set).
+        rest: ``(q-1, out, G)`` float32, the other planes' scales.
+        offset: ``(out, G)`` float32, or None.
+        group_size: inputs per group (a multiple of 8, or ``in``: one group).
+        out: ``(out, in)`` C-contiguous, float32, or uint16 for bfloat16 bits.
+    """
+    if IMPORT_ERROR is not None:
+        raise KernelUnavailableError("dequantization needs numba (pip install numba)")
+    bits, _, n_bytes, _ = codes.shape
+    out_features, in_features = out.shape
+    n_groups = first.shape[1]
+    if first.shape != (out_features, in_features // group_size) or rest.shape[0] != bits - 1:
+        raise ConfigError(
+            f"scales {first.shape} / {rest.shape} do not fit a {bits}-bit ({out_features}, "
+            f"{in_features}) weight in groups of {group_size}"
+        )
+    if n_groups > 1 and group_size % 8:
+        raise ConfigError(f"groups of {group_size} split a code byte; the layout needs whole bytes")
+    bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
+    with_offset = offset is not None
+    shift = offset if with_offset else np.zeros((1, 1), np.float32)
+    args = (codes, inverse, first, rest, shift, with_offset, bytes_per_group, out)
+    if out.dtype == np.float32:
+        _dequantize_float32(*args)
+    elif out.dtype == np.uint16:
+        _dequantize_bfloat16(*args)
+    else:
+        raise ConfigError(f"out must be float32 or uint16 (bfloat16 bits), got {out.dtype}")
+    return out

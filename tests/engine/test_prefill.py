@@ -1,0 +1,187 @@
+"""The dense prefill (``alphatune.engine.prefill``) against the engine's LUT path (tiny Llamas)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_engine import VOCAB, quantized, random_prompts
+
+from alphatune import BCQConfig
+from alphatune.engine import Engine, generate_ids, prefill, prompt_logits
+from alphatune.engine import model as engine_model
+from alphatune.errors import ConfigError
+from alphatune.kernels import lut_kernel
+
+pytestmark = [
+    pytest.mark.numba,
+    pytest.mark.skipif(lut_kernel() is None, reason="no LUT kernel on this CPU"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(single_thread):
+    """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
+
+
+def long_prompt(length: int = 90, seed: int = 2) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+
+
+def dense_states(engine: Engine, ids: list[int], dtype: torch.dtype):
+    """Every position's final-normed hidden state through the dense path, and its cache."""
+    cache = engine.new_cache(1, len(ids))
+    hidden = engine.dense.run(
+        engine.embed(np.asarray(ids)), 0, 0, cache, engine.rotary(len(ids)), 1, dtype,
+        every_position=True,
+    )  # fmt: skip
+    return hidden, cache
+
+
+def lut_states(engine: Engine, ids: list[int]):
+    n = len(ids)
+    cache = engine.new_cache(1, n)
+    zeros = np.zeros(n, np.int64)
+    hidden = engine.forward(
+        np.asarray(ids), zeros, np.arange(n, dtype=np.int64), zeros, cache, engine.rotary(n), 1
+    )
+    return hidden, cache
+
+
+@pytest.mark.parametrize(
+    "config, llama",
+    [
+        (BCQConfig(bits=3, group_size=32, method="offset"), {}),
+        (BCQConfig(bits=2, group_size=64, method="greedy"), {}),
+        (BCQConfig(bits=4, method="alternating"), {}),
+        (BCQConfig(bits=3, group_size=16, method="offset"), {"attention_bias": True}),
+        (BCQConfig(bits=3, group_size=8, method="offset"),
+         {"hidden_size": 48, "intermediate_size": 80}),
+    ],
+    ids=["q3-g32-offset", "q2-g64-greedy", "q4-row-alternating", "bias-g16", "rows-padded"],
+)  # fmt: skip
+def test_float32_dense_prefill_equals_the_lut_path(config, llama, exact_tables):
+    """Same hidden states and the same keys and values in the cache, up to summation order."""
+    engine = Engine.build(quantized(config, **llama))
+    ids = long_prompt()
+    dense, dense_cache = dense_states(engine, ids, torch.float32)
+    lut, lut_cache = lut_states(engine, ids)
+    torch.testing.assert_close(torch.from_numpy(dense), torch.from_numpy(lut), rtol=1e-4, atol=1e-4)
+    for ours, theirs in (
+        (dense_cache.keys, lut_cache.keys),
+        (dense_cache.values, lut_cache.values),
+    ):
+        torch.testing.assert_close(torch.from_numpy(ours), torch.from_numpy(theirs), rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+
+
+def sqnr_db(signal: np.ndarray, approximation: np.ndarray) -> float:
+    noise = np.square(signal - approximation).mean()
+    return float(10 * np.log10(np.square(signal).mean() / noise))
+
+
+def test_bfloat16_dense_prefill_is_close_to_float32():
+    """bfloat16 GEMMs keep the logits within a few tenths of a percent: a floor, not allclose."""
+    engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
+    ids = long_prompt()
+    exact = engine.logits(dense_states(engine, ids, torch.float32)[0])
+    approximate = engine.logits(dense_states(engine, ids, torch.bfloat16)[0])
+    assert sqnr_db(exact, approximate) > 35
+    assert (exact.argmax(-1) == approximate.argmax(-1)).mean() > 0.95
+
+
+def test_generate_mixes_dense_and_chunked_rows(monkeypatch):
+    """Long prompts take the dense path, short ones the LUT chunks, in one request; the tokens
+    are those of the LUT path alone."""
+    engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
+    prompts = [long_prompt(80), random_prompts(1, seed=4)[0], long_prompt(70, seed=9)]
+    monkeypatch.setenv(prefill.PREFILL_ENV, "lut")
+    expected = [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=12)]
+    dense_lengths = []
+
+    def dense_for_long(tokens: int) -> torch.dtype | None:
+        if tokens < 64:
+            return None
+        dense_lengths.append(tokens)
+        return torch.float32
+
+    monkeypatch.setattr(engine_model, "dense_dtype", dense_for_long)
+    mixed = [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=12)]
+    assert sorted(dense_lengths) == [70, 80]
+    assert mixed == expected
+
+
+def test_prefill_leaves_the_cache_decode_continues_from(exact_tables, monkeypatch):
+    """After a dense prefill, decode's logits are those of the LUT path over the whole text."""
+    engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
+    ids = long_prompt(75)
+    monkeypatch.setenv(prefill.PREFILL_ENV, "float32")
+    [done] = generate_ids(engine, [ids], max_new_tokens=6)
+    assert len(done.tokens) == 6
+    text = ids + done.tokens[:-1]
+    greedy = prompt_logits(engine, text)[len(ids) - 1 :].argmax(-1).tolist()
+    assert greedy == done.tokens
+
+
+def test_mixed_adapter_rows_prefill_with_their_own_scales(tmp_path, monkeypatch):
+    """Banked projections take each row's α₁ from the bank in the dense path too."""
+    from alphatune import AlphaTuningConfig
+    from alphatune.adapters import save_adapter
+    from alphatune.mixed import load_adapters, unload_adapters
+    from alphatune.tuning import prepare_for_alphatuning
+
+    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"))
+    prepare_for_alphatuning(model, AlphaTuningConfig())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    original = {n: p.detach().clone() for n, p in trainable.items()}
+    generator = torch.Generator().manual_seed(0)
+    paths = {}
+    for task in ("a", "b"):
+        with torch.no_grad():
+            for name, p in trainable.items():
+                p.copy_(original[name] * (1 + 0.5 * torch.randn(p.shape, generator=generator)))
+        paths[task] = save_adapter(model, tmp_path / task, AlphaTuningConfig())
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(original[name])
+    model.requires_grad_(False).eval()
+    prompts = [long_prompt(70, seed=s) for s in (1, 2, 3)]
+    bank = load_adapters(model, paths)
+    try:
+        engine = Engine.build(model, use_bank=True)
+        sets = bank.indices(["a", "b", None]).tolist()
+        monkeypatch.setenv(prefill.PREFILL_ENV, "lut")
+        expected = generate_ids(engine, prompts, max_new_tokens=8, adapter_sets=sets)
+        monkeypatch.setenv(prefill.PREFILL_ENV, "float32")
+        dense = generate_ids(engine, prompts, max_new_tokens=8, adapter_sets=sets)
+    finally:
+        unload_adapters(model)
+    assert [d.tokens for d in dense] == [d.tokens for d in expected]
+    assert len({tuple(d.tokens) for d in dense}) > 1  # the adapters differ
+
+
+def test_the_setting_chooses_the_path(monkeypatch):
+    monkeypatch.setenv(prefill.PREFILL_ENV, "lut")
+    assert prefill.dense_dtype(10_000) is None
+    monkeypatch.setenv(prefill.PREFILL_ENV, " BF16 ")
+    assert prefill.dense_dtype(1) is torch.bfloat16
+    monkeypatch.setenv(prefill.PREFILL_ENV, "float32")
+    assert prefill.dense_dtype(1) is torch.float32
+    monkeypatch.delenv(prefill.PREFILL_ENV)
+    monkeypatch.setattr(prefill, "native_bfloat16", lambda: True)
+    assert prefill.dense_dtype(prefill.MIN_TOKENS - 1) is None
+    assert prefill.dense_dtype(prefill.MIN_TOKENS) is torch.bfloat16
+    monkeypatch.setattr(prefill, "native_bfloat16", lambda: False)
+    assert prefill.dense_dtype(10_000) is None
+    monkeypatch.setenv(prefill.PREFILL_ENV, "amx")
+    with pytest.raises(ConfigError, match="ALPHATUNE_PREFILL='amx'; choose one of auto, bf16"):
+        prefill.dense_dtype(100)
+
+
+def test_a_prompt_longer_than_the_cache_is_refused():
+    engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
+    cache = engine.new_cache(1, 10)
+    with pytest.raises(ConfigError, match="does not fit"):
+        engine.dense.run(engine.embed(np.arange(20)), 0, 0, cache, engine.rotary(20), 1,
+                         torch.float32)  # fmt: skip

@@ -1,0 +1,79 @@
+"""Dequantization from a kernel's code layout against the torch reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alphatune.kernels.reference import dequantize_packed
+from alphatune_runtime import avx2, dequant, layout
+from alphatune_runtime.errors import ConfigError
+
+pytestmark = pytest.mark.numba
+
+LAYOUTS = {"avx2 (32 rows, mirrored nibbles)": (32, avx2.MIRRORED), "avx512 (16 rows)": (16, None)}
+
+
+def random_layer(bits: int, out: int, inputs: int, group_size: int, offset: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (bits, out, (inputs + 7) // 8), generator=generator)
+    packed = packed.to(torch.uint8)
+    alpha = torch.rand(bits, out, inputs // group_size, generator=generator) + 0.1
+    shift = torch.randn(out, inputs // group_size, generator=generator) if offset else None
+    return packed, alpha, shift
+
+
+@pytest.mark.parametrize("kernel_layout", LAYOUTS.values(), ids=list(LAYOUTS))
+@pytest.mark.parametrize(
+    "bits, out, inputs, group_size, offset",
+    [(3, 64, 96, 32, True), (2, 40, 64, 64, False), (4, 33, 20, 20, False), (1, 16, 128, 8, True)],
+    ids=["q3-g32-offset", "q2-row", "q4-rows-and-bytes-padded", "q1-g8-offset"],
+)
+def test_dequantize_from_a_kernel_layout_equals_the_reference(
+    kernel_layout, bits, out, inputs, group_size, offset
+):
+    rows, byte_map = kernel_layout
+    packed, alpha, shift = random_layer(bits, out, inputs, group_size, offset)
+    expected = dequantize_packed(packed, alpha, shift, group_size, inputs)
+    codes = layout.prepare_codes(packed.numpy(), inputs, rows, byte_map).codes
+    args = (
+        codes,
+        dequant.inverse_byte_map(byte_map),
+        alpha[0].numpy(),
+        alpha[1:].numpy(),
+        None if shift is None else shift.numpy(),
+        group_size,
+    )
+    dense = dequant.dequantize(*args, np.full((out, inputs), np.nan, np.float32))
+    torch.testing.assert_close(torch.from_numpy(dense), expected, rtol=1e-6, atol=1e-6)
+    # bfloat16: the same float32 sums, rounded to nearest (ties to even) as torch rounds them.
+    bits16 = dequant.dequantize(*args, np.zeros((out, inputs), np.uint16))
+    as_bf16 = torch.from_numpy(bits16.view(np.int16)).view(torch.bfloat16)
+    assert torch.equal(as_bf16, torch.from_numpy(dense).to(torch.bfloat16))
+
+
+def test_bfloat16_rounding_is_to_nearest_even():
+    """Values exactly between two bfloat16 numbers go to the one with an even last bit."""
+    codes = np.zeros((1, 1, 1, 16), np.uint8)  # every code -1: the weight is offset - α
+    values = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-9, -(1 + 2**-8)], np.float32)
+    out = np.zeros((4, 8), np.uint16)
+    for row, value in enumerate(values):  # α = 0: the weight is the offset
+        first, rest = np.zeros((4, 1), np.float32), np.zeros((0, 4, 1), np.float32)
+        shift = np.zeros((4, 1), np.float32)
+        shift[row] = value
+        dequant.dequantize(codes, dequant.inverse_byte_map(None), first, rest, shift, 8, out)
+        rounded = torch.from_numpy(out[row].view(np.int16)).view(torch.bfloat16)
+        assert torch.equal(rounded, torch.full((8,), float(value)).to(torch.bfloat16))
+
+
+def test_bad_operands_are_clear_errors():
+    codes = np.zeros((2, 1, 2, 16), np.uint8)
+    first, rest = np.ones((16, 2), np.float32), np.ones((1, 16, 2), np.float32)
+    inverse = dequant.inverse_byte_map(None)
+    with pytest.raises(ConfigError, match="float32 or uint16"):
+        dequant.dequantize(codes, inverse, first, rest, None, 8, np.zeros((16, 16), np.float64))
+    with pytest.raises(ConfigError, match="do not fit"):
+        dequant.dequantize(codes, inverse, first, rest, None, 4, np.zeros((16, 16), np.float32))
+    with pytest.raises(ConfigError, match="permutation"):
+        dequant.inverse_byte_map(np.zeros(256, np.uint8))
