@@ -15,7 +15,7 @@ probe; it may run beside other work).
 
 The ``engine-dense-*`` scopes measure the code that runs: the engine's dense prefill
 (``alphatune.engine.prefill``, every position's hidden state) with its GEMMs in bfloat16 or
-float32, through the same head.
+float32, and its attention in float32 (the default) or bfloat16, through the same head.
 
 Usage::
 
@@ -42,7 +42,12 @@ EXACT = "float32"
 MLP = ("gate_proj", "up_proj", "down_proj")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 SCOPES = {"bf16-all-projections": ATTENTION + MLP, "bf16-mlp": MLP, "bf16-attention": ATTENTION}
-ENGINE_SCOPES = {"engine-dense-bf16": torch.bfloat16, "engine-dense-float32": torch.float32}
+# scope -> (GEMM dtype, attention dtype)
+ENGINE_SCOPES = {
+    "engine-dense-bf16": (torch.bfloat16, torch.float32),
+    "engine-dense-float32": (torch.float32, torch.float32),
+    "engine-dense-bf16-attention-too": (torch.bfloat16, torch.bfloat16),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,9 +105,10 @@ def engine_logits(model: torch.nn.Module, engine: Any, ids: list[int], scope: st
     import numpy as np
 
     cache = engine.new_cache(1, len(ids))
+    gemms, attention = ENGINE_SCOPES[scope]
     hidden = engine.dense.run(
         engine.embed(np.asarray(ids)), 0, 0, cache, engine.rotary(len(ids)), engine.threads(),
-        ENGINE_SCOPES[scope], every_position=True,
+        gemms, every_position=True, attention_dtype=attention,
     )  # fmt: skip
     with torch.inference_mode():
         return model.lm_head(torch.from_numpy(hidden))[:-1].float()

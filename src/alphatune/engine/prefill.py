@@ -101,13 +101,15 @@ class DensePrefill:
         dtype: torch.dtype,
         *,
         every_position: bool = False,
+        attention_dtype: torch.dtype = torch.float32,
     ) -> np.ndarray:
         """The final-normed hidden state ``(H,)`` of a whole prompt's last token (``(T, H)``, of
         every token, with ``every_position``).
 
         ``hidden (T, H)`` float32 is the prompt's embeddings (overwritten: the residual stream),
         positions ``0..T-1`` of cache row ``row``; ``scale_set`` is the row's adapter in banked
-        projections; ``dtype`` the GEMMs' (bfloat16 or float32).
+        projections; ``dtype`` the GEMMs' (bfloat16 or float32); ``attention_dtype`` the
+        attention's (bfloat16 costs more than the GEMMs in quality: measured, not a setting).
         """
         shape = self.stack.shape
         x = torch.from_numpy(hidden)
@@ -132,10 +134,9 @@ class DensePrefill:
                 keys[layer, row, :, :tokens] = k
                 values[layer, row, :, :tokens] = v
                 # (heads, T, d), float32: attention in bfloat16 doubled the perplexity cost.
-                attention = F.scaled_dot_product_attention(
-                    q[None], k[None], v[None], is_causal=True, enable_gqa=True
-                )[0]
-                attention = attention.transpose(0, 1).reshape(tokens, heads * head_dim)
+                q, k, v = (t.to(attention_dtype)[None] for t in (q, k, v))
+                attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                attention = attention[0].transpose(0, 1).reshape(tokens, heads * head_dim)
                 x += self._project(attention, base, (3,), scale_set, dtype)
                 normed = self._rms_norm(x, norms[layer, 1])
                 gate_up = self._project(normed, base, (4, 5), scale_set, dtype)
