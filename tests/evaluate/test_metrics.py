@@ -16,6 +16,7 @@ from alphatune.evaluate import (
     e2e_bleu,
     e2e_metrics,
     e2e_nist,
+    paired_bootstrap_difference,
 )
 
 needs_java = pytest.mark.skipif(
@@ -280,6 +281,32 @@ def test_bootstrap_any_metric() -> None:
 
     low, high = bootstrap_interval(hyps, refs, exact_match, samples=200)
     assert 0.0 <= low < exact_match(hyps, refs) < high <= 100.0
+
+
+def test_paired_bootstrap_separates_what_separate_intervals_cannot() -> None:
+    """A system that fixes a few items of another is better on every resample of the same items,
+    although the two separate intervals overlap."""
+    baseline, refs = _corpus(200, seed=8)
+    better = list(baseline)
+    better[::10] = [r[0] for r in refs[::10]]  # a tenth of the items now match a reference
+    low, high, share = paired_bootstrap_difference(better, baseline, refs, samples=300)
+    difference = corpus_bleu(better, refs) - corpus_bleu(baseline, refs)
+    assert 0 < low < difference < high and share == 1.0
+    ours, theirs = (
+        bootstrap_interval(better, refs, samples=300),
+        bootstrap_interval(baseline, refs, samples=300),
+    )
+    assert ours[0] < theirs[1]  # the separate intervals overlap
+    same = paired_bootstrap_difference(baseline, baseline, refs, samples=50)
+    assert same == (0.0, 0.0, 0.0)
+    slow = paired_bootstrap_difference(
+        better, baseline, refs, lambda h, r: corpus_bleu(h, r), samples=50, seed=2
+    )
+    assert slow == pytest.approx(
+        paired_bootstrap_difference(better, baseline, refs, samples=50, seed=2)
+    )
+    with pytest.raises(DataError, match="199 hypotheses but 200 reference sets"):
+        paired_bootstrap_difference(better, baseline[:-1], refs)
 
 
 def test_bootstrap_settings_are_checked() -> None:

@@ -251,6 +251,41 @@ def test_search_table_shows_each_candidates_interval_and_sample() -> None:
     ]
 
 
+def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items() -> None:
+    def dev_run(options: dict, bleu: float, predictions: list[str], lr: float = 2e-3) -> dict:
+        spec = {
+            "split": "dev", "method": "alphatuning", "bits": 3, "seed": 0, "learning_rate": lr,
+            "options": options, "budget": {"eval_limit": 200},
+        }  # fmt: skip
+        variant = "alphatuning" + "".join(f", {k}={v}" for k, v in options.items())
+        return {
+            "spec": spec,
+            "variant": variant,
+            "scores": {"bleu": bleu},
+            "predictions": predictions,
+        }
+
+    default = dev_run({}, 46.84, ["a"])
+    all_alpha = dev_run({"train": "all_alpha"}, 48.0, ["b"])
+    other_rate = dev_run({}, 44.2, ["c"], lr=5e-3)
+    unlisted = dev_run({"granularity": "row"}, 40.0, ["d"])
+    pairs = []
+
+    def paired(ours, theirs):
+        pairs.append((ours, theirs))
+        return (0.5, 1.9, 0.97)
+
+    runs = [default, all_alpha, other_rate, unlisted]
+    lines = report.recipe_table("webnlg", runs, paired).splitlines()
+    assert lines[2:] == [
+        "| alphatuning, train=all_alpha | 0.002 | 48.00 | 46.84 | +1.16 | [+0.50, +1.90] | 97% |"
+    ]
+    assert pairs == [(["b"], ["a"])]
+    without_data = report.recipe_table("webnlg", runs, None).splitlines()
+    assert without_data[2].endswith("| +1.16 | – | – |")
+    assert report.recipe_table("webnlg", [default, other_rate], paired) == ""
+
+
 def test_report_command_writes_the_page(env, tmp_path) -> None:
     from alphatune.cli import main
 

@@ -9,6 +9,7 @@ from alphatune.evaluate.metrics import (
     e2e_bleu,
     e2e_metrics,
     e2e_nist,
+    paired_bootstrap_difference,
 )
 from alphatune.evaluate.perplexity import perplexity
 from alphatune.evaluate.scoring import (
@@ -29,6 +30,7 @@ __all__ = [
     "e2e_metrics",
     "e2e_nist",
     "generate",
+    "paired_bootstrap_difference",
     "perplexity",
     "score_generation",
 ]

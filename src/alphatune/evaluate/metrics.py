@@ -451,14 +451,66 @@ def bootstrap_interval(
         True
     """
     _check_corpus(hypotheses, references)
+    _check_bootstrap(samples, confidence)
+    scores = _sample_scores(hypotheses, references, metric, _draws(len(hypotheses), samples, seed))
+    return _percentiles(scores, confidence)
+
+
+def paired_bootstrap_difference(
+    hypotheses: Sequence[str],
+    baseline: Sequence[str],
+    references: Sequence[Sequence[str]],
+    metric: Metric = corpus_bleu,
+    samples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """Interval of ``metric(hypotheses) - metric(baseline)`` on the same items (paired bootstrap,
+    Koehn 2004): each sample scores both systems on one draw of items, so the item-to-item
+    spread both share cancels, and two systems closer than their separate intervals can still
+    be told apart.
+
+    Returns:
+        ``(low, high, share)``: the interval of the difference, and the share of samples in
+        which ``hypotheses`` scored higher.
+    """
+    _check_corpus(hypotheses, references)
+    _check_corpus(baseline, references)
+    _check_bootstrap(samples, confidence)
+    picks = _draws(len(hypotheses), samples, seed)
+    ours = np.asarray(_sample_scores(hypotheses, references, metric, picks))
+    theirs = np.asarray(_sample_scores(baseline, references, metric, picks))
+    low, high = _percentiles(list(ours - theirs), confidence)
+    return low, high, float((ours > theirs).mean())
+
+
+def _check_bootstrap(samples: int, confidence: float) -> None:
     if samples < 1:
         raise ConfigError(f"samples must be >= 1, got {samples}")
     if not 0.0 < confidence < 1.0:
         raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _draws(n: int, samples: int, seed: int) -> list[np.ndarray]:
+    """One draw of n item indices per sample: the same draws for every metric and a given seed."""
     rng = np.random.default_rng(seed)
+    return [rng.integers(0, n, size=n) for _ in range(samples)]
+
+
+def _percentiles(scores: list[float], confidence: float) -> tuple[float, float]:
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(scores, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def _sample_scores(
+    hypotheses: Sequence[str],
+    references: Sequence[Sequence[str]],
+    metric: Metric,
+    picks: list[np.ndarray],
+) -> list[float]:
+    """The metric on each draw of items."""
     n = len(hypotheses)
-    # One draw of n item indices per sample, the same draws for every metric and a given seed.
-    picks = [rng.integers(0, n, size=n) for _ in range(samples)]
     settings = _BLEU_SETTINGS.get(metric)
     if settings is not None:
         scorer = BLEU(**settings)
@@ -483,6 +535,4 @@ def bootstrap_interval(
             metric([hypotheses[i] for i in picked], [references[i] for i in picked])
             for picked in picks
         ]
-    tail = 100.0 * (1.0 - confidence) / 2.0
-    low, high = np.percentile(scores, [tail, 100.0 - tail])
-    return float(low), float(high)
+    return scores

@@ -40,7 +40,13 @@ from alphatune.data import (
     seeded_sample,
 )
 from alphatune.errors import ConfigError, DataError
-from alphatune.evaluate.metrics import bootstrap_interval, corpus_bleu, e2e_bleu, e2e_metrics
+from alphatune.evaluate.metrics import (
+    bootstrap_interval,
+    corpus_bleu,
+    e2e_bleu,
+    e2e_metrics,
+    paired_bootstrap_difference,
+)
 from alphatune.models import model_device
 
 logger = logging.getLogger(__name__)
@@ -85,6 +91,21 @@ class Task:
         """Scores of the predictions (one per item), each with its interval where one applies."""
         raise NotImplementedError
 
+    def paired_difference(
+        self, predictions: Sequence[str], baseline: Sequence[str], eval_set: EvalSet
+    ) -> tuple[float, float, float]:
+        """The bootstrap 95% interval of main score(predictions) - main score(baseline) on the
+        same items, and the share of resamples ``predictions`` wins (``metrics
+        .paired_bootstrap_difference``)."""
+        references = [item.references for item in eval_set.items]
+        return paired_bootstrap_difference(
+            list(predictions), list(baseline), references, metric=self.main_metric,
+            samples=BOOTSTRAP_SAMPLES, seed=0,
+        )  # fmt: skip
+
+    # The main score as ``metrics.Metric`` (hypotheses, references) -> float.
+    main_metric = staticmethod(corpus_bleu)
+
 
 def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
     """BLEU (sacrebleu, cased) and its bootstrap 95% interval over items (1,000 resamples)."""
@@ -95,6 +116,7 @@ def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -
 
 class E2E(Task):
     name = "e2e"
+    main_metric = staticmethod(e2e_bleu)  # the official script's lowercased BLEU
 
     def train_examples(self) -> list[Example]:
         return load_e2e_train(_file("e2e/train.csv"))
@@ -181,6 +203,12 @@ def _sst2_split(rows: list[tuple[str, int]]) -> int:
     return len(rows) - min(SST2_HELD_OUT, len(rows) // 5)
 
 
+def _accuracy(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Percent of predictions equal to their item's label (its one reference)."""
+    hits = sum(p == refs[0] for p, refs in zip(predictions, references, strict=True))
+    return 100.0 * hits / len(predictions)
+
+
 class SST2(Task):
     name = "sst2"
     generates = False
@@ -201,6 +229,8 @@ class SST2(Task):
             for s, label in rows
         ]
         return EvalSet([items[i] for i in _sample(len(items), limit)], {})
+
+    main_metric = staticmethod(_accuracy)
 
     def score(self, predictions: Sequence[str], eval_set: EvalSet) -> dict[str, Any]:
         correct = [
