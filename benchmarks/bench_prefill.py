@@ -1,0 +1,125 @@
+"""Where a 512-token prefill's time goes in the engine: LUT chunks, dense bf16, dense float32.
+
+The end-to-end figure against transformers and llama.cpp (time to first token) is
+``bench_decode.py``'s; this script times the engine's prefill alone (``generate._prefill``, no
+head), per path (``ALPHATUNE_PREFILL``: ``lut``, ``bf16``, ``float32``, and bf16 with the
+attention in bf16 too, which is not a setting: +0.137% perplexity, ``bench_prefill_precision.py``)
+at 1 and 2 threads, and splits the bf16 path's time by operation (torch profiler, plus the
+dequantization's numba calls, which the profiler does not see). Run it on a quiet machine.
+
+Usage::
+
+    python benchmarks/bench_prefill.py                  # SmolLM2 3-bit, 512 tokens
+    python benchmarks/bench_prefill.py --tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from bench_table_precision import windows
+from common import DECODE_Q3_BASE, CpuWatch, environment, save_watched_results
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "prefill_engine.json"
+# label -> (ALPHATUNE_PREFILL, attention dtype)
+PATHS = {
+    "lut": ("lut", torch.float32),
+    "bf16": ("bf16", torch.float32),
+    "bf16, attention in bf16 too": ("bf16", torch.bfloat16),
+    "float32": ("float32", torch.float32),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", type=Path, default=DECODE_Q3_BASE, help="a saved quantized base")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def time_prefill(engine: Any, ids: list[int], threads: int, repeats: int) -> list[float]:
+    from alphatune_runtime.generate import _prefill
+
+    cache = engine.new_cache(1, len(ids))
+    rotary = engine.rotary(len(ids))
+    sets = np.zeros(1, np.int64)
+    _prefill(engine, [ids], sets, cache, rotary, threads)  # warm-up: compiled code, pages
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        _prefill(engine, [ids], sets, cache, rotary, threads)
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def breakdown(engine: Any, ids: list[int], threads: int) -> dict[str, float]:
+    """Milliseconds per operation of one bf16 prefill: the profiler's top operations and the
+    dequantization (numba, timed around its calls)."""
+    from alphatune.engine import prefill
+    from alphatune_runtime.generate import _prefill
+
+    spent = [0.0]
+    dequantize = prefill.DensePrefill._dequantize
+
+    def timed(self: Any, *args: Any) -> None:
+        began = time.perf_counter()
+        dequantize(self, *args)
+        spent[0] += time.perf_counter() - began
+
+    cache, rotary = engine.new_cache(1, len(ids)), engine.rotary(len(ids))
+    prefill.DensePrefill._dequantize = timed
+    try:
+        with torch.profiler.profile() as profiler:
+            began = time.perf_counter()
+            _prefill(engine, [ids], np.zeros(1, np.int64), cache, rotary, threads)
+            total = time.perf_counter() - began
+    finally:
+        prefill.DensePrefill._dequantize = dequantize
+    events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    parts = {e.key: round(e.self_cpu_time_total / 1000, 1) for e in events[:8]}
+    return {"total_ms": round(1000 * total, 1), "dequantize_ms": round(1000 * spent[0], 1), **parts}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from alphatune import load_quantized
+    from alphatune.engine import Engine
+
+    model, tokenizer = load_quantized(args.base)
+    model.eval()
+    engine = Engine.build(model)
+    [ids] = windows(tokenizer, 1, args.tokens)
+    watch = CpuWatch()
+    env = environment(("torch", "numba"))
+    run = engine.dense.run
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for label, (setting, attention) in PATHS.items():
+            os.environ["ALPHATUNE_PREFILL"] = setting
+            engine.dense.run = functools.partial(run, attention_dtype=attention)
+            times = time_prefill(engine, ids, threads, args.repeats)
+            row = {"path": label, "threads": threads, "tokens": len(ids),
+                   "median_s": round(statistics.median(times), 3),
+                   "times_s": [round(t, 3) for t in times]}  # fmt: skip
+            if label == "bf16":
+                row["breakdown_ms"] = breakdown(engine, ids, threads)
+            print(row)
+            rows.append(row)
+    engine.dense.run = run
+    save_watched_results(args.out, args, rows, env=env, watch=watch)
+
+
+if __name__ == "__main__":
+    main()
