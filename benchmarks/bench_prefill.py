@@ -10,7 +10,8 @@ dequantization's numba calls, which the profiler does not see). Run it on a quie
 Usage::
 
     python benchmarks/bench_prefill.py                  # SmolLM2 3-bit, 512 tokens
-    python benchmarks/bench_prefill.py --tokens 128
+    python benchmarks/bench_prefill.py --tokens 24 32 48 64 96 --paths lut bf16 \
+        --out benchmarks/results/prefill_threshold.json  # where the dense path starts to pay
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ PATHS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=DECODE_Q3_BASE, help="a saved quantized base")
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -99,24 +101,27 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_quantized(args.base)
     model.eval()
     engine = Engine.build(model)
-    [ids] = windows(tokenizer, 1, args.tokens)
+    [text] = windows(tokenizer, 1, max(args.tokens))
     watch = CpuWatch()
     env = environment(("torch", "numba"))
     run = engine.dense.run
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for label, (setting, attention) in PATHS.items():
-            os.environ["ALPHATUNE_PREFILL"] = setting
-            engine.dense.run = functools.partial(run, attention_dtype=attention)
-            times = time_prefill(engine, ids, threads, args.repeats)
-            row = {"path": label, "threads": threads, "tokens": len(ids),
-                   "median_s": round(statistics.median(times), 3),
-                   "times_s": [round(t, 3) for t in times]}  # fmt: skip
-            if label == "bf16":
-                row["breakdown_ms"] = breakdown(engine, ids, threads)
-            print(row)
-            rows.append(row)
+        for tokens in args.tokens:
+            ids = text[:tokens]
+            for label in args.paths:
+                setting, attention = PATHS[label]
+                os.environ["ALPHATUNE_PREFILL"] = setting
+                engine.dense.run = functools.partial(run, attention_dtype=attention)
+                times = time_prefill(engine, ids, threads, args.repeats)
+                row = {"path": label, "threads": threads, "tokens": len(ids),
+                       "median_s": round(statistics.median(times), 4),
+                       "times_s": [round(t, 4) for t in times]}  # fmt: skip
+                if label == "bf16" and tokens == max(args.tokens):
+                    row["breakdown_ms"] = breakdown(engine, ids, threads)
+                print(row)
+                rows.append(row)
     engine.dense.run = run
     save_watched_results(args.out, args, rows, env=env, watch=watch)
 
