@@ -37,8 +37,11 @@ from alphatune_runtime.stack import BlockStack
 
 PREFILL_ENV = "ALPHATUNE_PREFILL"
 CHOICES = ("auto", "bf16", "float32", "lut")
-# Prompt tokens from which ``auto`` takes the dense path: dequantizing every layer costs ~0.08 s
-# for SmolLM2 at 3 bits (2 threads), what the LUT kernel spends on ~15 prompt tokens there.
+# Prompt tokens from which ``auto`` takes the dense path: its fixed cost (dequantizing every
+# layer) equals what the LUT kernel spends on ~60 prompt tokens. SmolLM2 3-bit, Xeon with AMX
+# (``benchmarks/bench_prefill.py``, ``results/prefill_threshold.json``): 48 tokens 0.19 s LUT vs
+# 0.24 s dense on 1 thread, 64 tokens 0.26 vs 0.25 s, 96 tokens 0.38 vs 0.27 s; the same
+# crossing on 2 threads.
 MIN_TOKENS = 64
 
 
