@@ -67,23 +67,10 @@ if IMPORT_ERROR is None:
         return count
 
     @njit(parallel=True, cache=True)
-    def _dequantize_float32(
-        codes, inverse, first, rest, offset, with_offset, bytes_per_group, out
+    def _dequantize_blocks(
+        codes, inverse, first, rest, offset, with_offset, bytes_per_group, out, as_bfloat16
     ):  # pragma: no cover - numba
-        _, blocks, n_bytes, rows = codes.shape
-        width = out.shape[1]
-        for block in prange(blocks):
-            acc = np.empty((rows, 8 * n_bytes), np.float32)
-            count = _sum_block(
-                codes, inverse, first, rest, offset, with_offset, bytes_per_group, block, acc
-            )
-            for r in range(count):
-                out[block * rows + r, :] = acc[r, :width]
-
-    @njit(parallel=True, cache=True)
-    def _dequantize_bfloat16(
-        codes, inverse, first, rest, offset, with_offset, bytes_per_group, out
-    ):  # pragma: no cover - numba
+        """Every row block into out: float32, or (``as_bfloat16``, out uint16) bfloat16 bits."""
         _, blocks, n_bytes, rows = codes.shape
         width = out.shape[1]
         for block in prange(blocks):
@@ -94,10 +81,13 @@ if IMPORT_ERROR is None:
             bits = acc.view(np.uint32)
             for r in range(count):
                 row = out[block * rows + r]
+                if not as_bfloat16:
+                    row[:] = acc[r, :width]
+                    continue
                 for j in range(width):
                     u = bits[r, j]
                     # Round to nearest, ties to even: add 0x7FFF plus the kept part's low bit.
-                    row[j] = np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
+                    row[j] = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
 
 
 def dequantize(
@@ -135,11 +125,10 @@ def dequantize(
     bytes_per_group = n_bytes if n_groups == 1 else group_size // 8
     with_offset = offset is not None
     shift = offset if with_offset else np.zeros((1, 1), np.float32)
-    args = (codes, inverse, first, rest, shift, with_offset, bytes_per_group, out)
-    if out.dtype == np.float32:
-        _dequantize_float32(*args)
-    elif out.dtype == np.uint16:
-        _dequantize_bfloat16(*args)
-    else:
+    if out.dtype not in (np.float32, np.uint16):
         raise ConfigError(f"out must be float32 or uint16 (bfloat16 bits), got {out.dtype}")
+    _dequantize_blocks(
+        codes, inverse, first, rest, shift, with_offset, bytes_per_group, out,
+        out.dtype == np.uint16,
+    )  # fmt: skip
     return out

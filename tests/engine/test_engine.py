@@ -261,10 +261,11 @@ def test_cache_is_sized_to_the_request(engine):
         engine.new_cache(1, spec.max_positions + 1)
 
 
-def test_mixed_batch_rows_use_their_adapters(tmp_path, caplog):
+def model_with_two_adapters(directory) -> tuple[torch.nn.Module, dict]:
+    """A quantized tiny Llama and two saved adapters ("a", "b") of randomly moved scales; the
+    model keeps its own scales."""
     from alphatune import AlphaTuningConfig
-    from alphatune.adapters import load_adapter, save_adapter, unload_adapter
-    from alphatune.mixed import load_adapters, unload_adapters
+    from alphatune.adapters import save_adapter
     from alphatune.tuning import prepare_for_alphatuning
 
     model = quantized(BCQConfig(bits=3, group_size=32, method="offset"))
@@ -277,12 +278,19 @@ def test_mixed_batch_rows_use_their_adapters(tmp_path, caplog):
         with torch.no_grad():
             for name, p in trainable.items():
                 p.copy_(original[name] * (1 + 0.5 * torch.randn(p.shape, generator=generator)))
-        paths[task] = save_adapter(model, tmp_path / task, AlphaTuningConfig())
+        paths[task] = save_adapter(model, directory / task, AlphaTuningConfig())
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(original[name])
     model.requires_grad_(False).eval()
+    return model, paths
 
+
+def test_mixed_batch_rows_use_their_adapters(tmp_path, caplog):
+    from alphatune.adapters import load_adapter, unload_adapter
+    from alphatune.mixed import load_adapters, unload_adapters
+
+    model, paths = model_with_two_adapters(tmp_path)
     prompts = random_prompts(4, seed=17)
     rows = ["a", "b", None, "a"]
     expected = []

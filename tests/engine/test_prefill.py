@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine import VOCAB, quantized, random_prompts
+from test_engine import VOCAB, model_with_two_adapters, quantized, random_prompts
 
 from alphatune import BCQConfig
 from alphatune.engine import Engine, generate_ids, prefill, prompt_logits
@@ -126,26 +126,9 @@ def test_prefill_leaves_the_cache_decode_continues_from(exact_tables, monkeypatc
 
 def test_mixed_adapter_rows_prefill_with_their_own_scales(tmp_path, monkeypatch):
     """Banked projections take each row's α₁ from the bank in the dense path too."""
-    from alphatune import AlphaTuningConfig
-    from alphatune.adapters import save_adapter
     from alphatune.mixed import load_adapters, unload_adapters
-    from alphatune.tuning import prepare_for_alphatuning
 
-    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"))
-    prepare_for_alphatuning(model, AlphaTuningConfig())
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    original = {n: p.detach().clone() for n, p in trainable.items()}
-    generator = torch.Generator().manual_seed(0)
-    paths = {}
-    for task in ("a", "b"):
-        with torch.no_grad():
-            for name, p in trainable.items():
-                p.copy_(original[name] * (1 + 0.5 * torch.randn(p.shape, generator=generator)))
-        paths[task] = save_adapter(model, tmp_path / task, AlphaTuningConfig())
-    with torch.no_grad():
-        for name, p in trainable.items():
-            p.copy_(original[name])
-    model.requires_grad_(False).eval()
+    model, paths = model_with_two_adapters(tmp_path)
     prompts = [long_prompt(70, seed=s) for s in (1, 2, 3)]
     bank = load_adapters(model, paths)
     try:
