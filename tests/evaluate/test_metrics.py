@@ -11,6 +11,7 @@ import sacrebleu
 from alphatune.errors import ConfigError, DataError
 from alphatune.evaluate import (
     MetricUnavailableError,
+    bleu_length_ratio,
     bootstrap_interval,
     corpus_bleu,
     e2e_bleu,
@@ -138,6 +139,21 @@ def test_nist_clips_against_all_references_unlike_nltk() -> None:
     # n=4: nltk divides by zero when no output has five words (5-grams add 0 here anyway).
     nltk = nist_score.corpus_nist([[ref.split() for ref in refs[0]]], [hyps[0].split()], n=4)
     assert nltk == pytest.approx(1.0)
+
+
+def test_bleu_length_ratio_by_hand() -> None:
+    """Outputs of 4 + 4 tokens against closest references of 2 + 3: 8 / 5."""
+    hyps = ["the cat sat down", "a dog ran off"]
+    refs = [("the cat sat on the mat", "a b"), ("a dog ran", "x")]
+    # Item 1: references of 6 and 2 tokens, both 2 from 4: sacrebleu takes the shorter, 2.
+    # Item 2: references of 3 and 1 tokens: 3 is closest to 4.
+    assert bleu_length_ratio(hyps, refs) == pytest.approx(8 / 5)
+    assert bleu_length_ratio(["The Cat"], [("the cat sat on",)]) == pytest.approx(0.5)
+    assert bleu_length_ratio(["The Cat"], [("the cat sat on",)], lowercase=True) == 0.5
+    score = sacrebleu.corpus_bleu(["the cat"], [["the cat sat on"]])
+    assert score.bp == pytest.approx(
+        math.exp(1 - 1 / bleu_length_ratio(["the cat"], [("the cat sat on",)]))
+    )
 
 
 def test_nist_length_penalty() -> None:

@@ -4,6 +4,7 @@ perplexity."""
 from alphatune.evaluate.generation import generate
 from alphatune.evaluate.metrics import (
     MetricUnavailableError,
+    bleu_length_ratio,
     bootstrap_interval,
     corpus_bleu,
     e2e_bleu,
@@ -22,6 +23,7 @@ from alphatune.evaluate.scoring import (
 __all__ = [
     "MetricUnavailableError",
     "TaskScore",
+    "bleu_length_ratio",
     "bootstrap_interval",
     "check_prompt_lengths",
     "context_length",

@@ -85,6 +85,22 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     return float(score.score)
 
 
+def bleu_length_ratio(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], lowercase: bool = False
+) -> float:
+    """Hypothesis length over reference length as BLEU counts them (13a tokens, the closest
+    reference length per item): below 1, BLEU's brevity penalty ``exp(1 - 1/ratio)`` applies.
+
+    A BLEU gap between two systems with the same n-gram precisions is a length gap: the shorter
+    outputs leave facts out. ``lowercase``: as :func:`e2e_bleu` (the same lengths either way).
+    """
+    _check_corpus(hypotheses, references)
+    score = sacrebleu.corpus_bleu(
+        list(hypotheses), _reference_streams(references), lowercase=lowercase
+    )  # type: ignore[arg-type]
+    return float(score.sys_len / score.ref_len) if score.ref_len else 0.0
+
+
 def e2e_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """BLEU as the E2E NLG script reports it: lowercased, 13a tokenization, 4-grams.
 

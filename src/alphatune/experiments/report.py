@@ -29,8 +29,14 @@ COLUMNS = {
         ("METEOR", "meteor"),
         ("ROUGE-L", "rouge_l"),
         ("CIDEr", "cider"),
+        ("length", "length_ratio"),
     ],
-    "webnlg": [("BLEU all", "bleu"), ("BLEU seen", "seen_bleu"), ("BLEU unseen", "unseen_bleu")],
+    "webnlg": [
+        ("BLEU all", "bleu"),
+        ("BLEU seen", "seen_bleu"),
+        ("BLEU unseen", "unseen_bleu"),
+        ("length", "length_ratio"),
+    ],
     "sst2": [("accuracy", "accuracy")],
 }
 TASK_TITLES = {
@@ -129,7 +135,7 @@ def task_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows(results):
         run = row.first
-        digits = {"nist": 2, "cider": 2}
+        digits = {"nist": 2, "cider": 2, "length_ratio": 2}
         cells = [
             row.variant,
             "fp32" if row.bits is None else str(row.bits),
@@ -376,7 +382,9 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
                     f"Budget: {budget.steps} steps × batch {budget.batch_size} × max length "
                     f"{budget.max_length} tokens; decoding: greedy, at most {budget.max_new_tokens} "
                     "new tokens. Scores: mean over seeds ± half the range; the interval is a "
-                    "bootstrap over test items (1,000 resamples) per seed."
+                    "bootstrap over test items (1,000 resamples) per seed. Length: the outputs' "
+                    "length over the references' as BLEU counts it; below 1 BLEU's brevity "
+                    "penalty applies, and shorter outputs usually leave facts out."
                 ),
                 "",
             ]

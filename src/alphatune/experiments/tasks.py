@@ -41,6 +41,7 @@ from alphatune.data import (
 )
 from alphatune.errors import ConfigError, DataError
 from alphatune.evaluate.metrics import (
+    bleu_length_ratio,
     bootstrap_interval,
     corpus_bleu,
     e2e_bleu,
@@ -108,10 +109,16 @@ class Task:
 
 
 def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
-    """BLEU (sacrebleu, cased) and its bootstrap 95% interval over items (1,000 resamples)."""
+    """BLEU (sacrebleu, cased), its bootstrap 95% interval over items (1,000 resamples) and the
+    length ratio its brevity penalty reads."""
     references = [item.references for item in items]
     low, high = bootstrap_interval(list(predictions), references, samples=BOOTSTRAP_SAMPLES, seed=0)
-    return {"bleu": corpus_bleu(predictions, references), "bleu_ci": [low, high], "n": len(items)}
+    return {
+        "bleu": corpus_bleu(predictions, references),
+        "bleu_ci": [low, high],
+        "length_ratio": bleu_length_ratio(predictions, references),
+        "n": len(items),
+    }
 
 
 class E2E(Task):
@@ -135,7 +142,11 @@ class E2E(Task):
         low, high = bootstrap_interval(
             list(predictions), references, metric=e2e_bleu, samples=BOOTSTRAP_SAMPLES, seed=0
         )
-        scores.update(bleu_ci=[low, high], n=len(eval_set.items))
+        scores.update(
+            bleu_ci=[low, high],
+            length_ratio=bleu_length_ratio(predictions, references, lowercase=True),
+            n=len(eval_set.items),
+        )
         return scores
 
 
