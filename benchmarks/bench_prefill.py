@@ -12,6 +12,8 @@ Usage::
     python benchmarks/bench_prefill.py                  # SmolLM2 3-bit, 512 tokens
     python benchmarks/bench_prefill.py --tokens 24 32 48 64 96 --paths lut bf16 \
         --out benchmarks/results/prefill_threshold.json  # where the dense path starts to pay
+    python benchmarks/bench_prefill.py --tokens 48 80 --batch 8 --paths lut bf16 \
+        --out benchmarks/results/prefill_batch.json      # a batch of prompts (evaluate's case)
 """
 
 from __future__ import annotations
@@ -44,23 +46,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--base", type=Path, default=DECODE_Q3_BASE, help="a saved quantized base")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512])
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--batch", type=int, default=1, help="prompts of --tokens each, at once")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
-def time_prefill(engine: Any, ids: list[int], threads: int, repeats: int) -> list[float]:
+def time_prefill(engine: Any, prompts: list[list[int]], threads: int, repeats: int) -> list[float]:
     from alphatune_runtime.generate import _prefill
 
-    cache = engine.new_cache(1, len(ids))
-    rotary = engine.rotary(len(ids))
-    sets = np.zeros(1, np.int64)
-    _prefill(engine, [ids], sets, cache, rotary, threads)  # warm-up: compiled code, pages
+    cache = engine.new_cache(len(prompts), max(len(p) for p in prompts))
+    rotary = engine.rotary(cache.max_len)
+    sets = np.zeros(len(prompts), np.int64)
+    _prefill(engine, prompts, sets, cache, rotary, threads)  # warm-up: compiled code, pages
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
-        _prefill(engine, [ids], sets, cache, rotary, threads)
+        _prefill(engine, prompts, sets, cache, rotary, threads)
         times.append(time.perf_counter() - began)
     return times
 
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_quantized(args.base)
     model.eval()
     engine = Engine.build(model)
-    [text] = windows(tokenizer, 1, max(args.tokens))
+    [text] = windows(tokenizer, 1, max(args.tokens) * args.batch)
     watch = CpuWatch()
     env = environment(("torch", "numba"))
     run = engine.dense.run
@@ -109,17 +112,17 @@ def main(argv: list[str] | None = None) -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for tokens in args.tokens:
-            ids = text[:tokens]
+            prompts = [text[i * tokens : (i + 1) * tokens] for i in range(args.batch)]
             for label in args.paths:
                 setting, attention = PATHS[label]
                 os.environ["ALPHATUNE_PREFILL"] = setting
                 engine.dense.run = functools.partial(run, attention_dtype=attention)
-                times = time_prefill(engine, ids, threads, args.repeats)
-                row = {"path": label, "threads": threads, "tokens": len(ids),
+                times = time_prefill(engine, prompts, threads, args.repeats)
+                row = {"path": label, "threads": threads, "tokens": tokens, "batch": args.batch,
                        "median_s": round(statistics.median(times), 4),
                        "times_s": [round(t, 4) for t in times]}  # fmt: skip
                 if label == "bf16" and tokens == max(args.tokens):
-                    row["breakdown_ms"] = breakdown(engine, ids, threads)
+                    row["breakdown_ms"] = breakdown(engine, prompts[0], threads)
                 print(row)
                 rows.append(row)
     engine.dense.run = run

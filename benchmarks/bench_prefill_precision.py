@@ -104,11 +104,13 @@ def engine_logits(model: torch.nn.Module, engine: Any, ids: list[int], scope: st
     """``window_logits`` through the engine's dense prefill, its GEMMs in the scope's dtype."""
     import numpy as np
 
+    from alphatune.engine.prefill import Prompt
+
     cache = engine.new_cache(1, len(ids))
     gemms, attention = ENGINE_SCOPES[scope]
     hidden = engine.dense.run(
-        engine.embed(np.asarray(ids)), 0, 0, cache, engine.rotary(len(ids)), engine.threads(),
-        gemms, every_position=True, attention_dtype=attention,
+        engine.embed(np.asarray(ids)), [Prompt(0, len(ids))], cache, engine.rotary(len(ids)),
+        engine.threads(), gemms, every_position=True, attention_dtype=attention,
     )  # fmt: skip
     with torch.inference_mode():
         return model.lm_head(torch.from_numpy(hidden))[:-1].float()

@@ -1,9 +1,9 @@
 """The generate loop: prefill every prompt, then one native step per new token for the batch.
 
-Each prompt has its own cache row and positions (no padding): prefill first offers each prompt
-to the decoder's own whole-prompt path (``prefill_prompt``: the engine's dense GEMMs for long
-prompts), then sends the other prompts' tokens in chunks of up to ``PREFILL_CHUNK`` (rows mixed
-in a chunk); decode sends one token per unfinished row. Per token the Python here costs an embedding lookup, one numba call for all the
+Each prompt has its own cache row and positions (no padding): prefill first offers the prompts
+to the decoder's own whole-prompt path (``prefill_prompts``: the engine's dense GEMMs when the
+prompts hold enough tokens), else sends their tokens in chunks of up to ``PREFILL_CHUNK`` (rows
+mixed in a chunk); decode sends one token per unfinished row. Per token the Python here costs an embedding lookup, one numba call for all the
 blocks, the head, the choice of the next token and (with stop strings) one detokenization of the
 rows' new tokens. The loop runs on any ``Decoder`` (numpy in and out): ``alphatune.engine.Engine``
 (a transformers model's embedding and head modules) or ``alphatune_runtime.model.Model`` (a saved
@@ -51,18 +51,17 @@ class Decoder(Protocol):
         ``BlockStack.run``)."""
         ...
 
-    def prefill_prompt(
+    def prefill_prompts(
         self,
-        ids: np.ndarray,
-        row: int,
-        scale_set: int,
+        prompts: Sequence[np.ndarray],
+        sets: np.ndarray,
         cache: KVCache,
         rotary: tuple[np.ndarray, np.ndarray],
         threads: int,
     ) -> np.ndarray | None:
-        """The final-normed hidden state ``(H,)`` of a whole prompt's last token (positions
-        ``0..len-1`` of cache row ``row``, adapter ``scale_set``) by a path faster than chunks of
-        ``forward``, or None where the decoder has none for this prompt."""
+        """The final-normed hidden states ``(P, H)`` of whole prompts' last tokens (prompt p
+        at positions ``0..len-1`` of cache row p, adapter ``sets[p]``) by a path faster than
+        chunks of ``forward``, or None where the decoder has none for these prompts."""
         ...
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
@@ -169,37 +168,14 @@ def _prefill(
     threads: int,
 ) -> np.ndarray:
     """Run every prompt token through the blocks; the last hidden state of each row, (rows, H)."""
-    last: dict[int, np.ndarray] = {}
-    for row, prompt in enumerate(prompts):
-        ids = np.asarray(prompt, np.int64)
-        hidden = engine.prefill_prompt(ids, row, int(sets[row]), cache, rotary, threads)
-        if hidden is not None:
-            last[row] = hidden
-    chunked = [row for row in range(len(prompts)) if row not in last]
-    if chunked:
-        for row, hidden in zip(
-            chunked, _prefill_chunks(engine, prompts, chunked, sets, cache, rotary, threads),
-            strict=True,
-        ):  # fmt: skip
-            last[row] = hidden
-    return np.stack([last[row] for row in range(len(prompts))])
-
-
-def _prefill_chunks(
-    engine: Decoder,
-    prompts: Sequence[Sequence[int]],
-    chunked: Sequence[int],
-    sets: np.ndarray,
-    cache: KVCache,
-    rotary: tuple[np.ndarray, np.ndarray],
-    threads: int,
-) -> np.ndarray:
-    """Rows ``chunked``' prompts through ``forward`` in chunks of up to ``PREFILL_CHUNK`` tokens
-    (rows mixed in a chunk); their last hidden states, in that order."""
-    flat_ids = np.concatenate([np.asarray(prompts[r], np.int64) for r in chunked])
-    flat_rows = np.concatenate([np.full(len(prompts[r]), r, np.int64) for r in chunked])
-    flat_positions = np.concatenate([np.arange(len(prompts[r]), dtype=np.int64) for r in chunked])
-    last_index = np.cumsum([len(prompts[r]) for r in chunked]) - 1
+    ids = [np.asarray(prompt, np.int64) for prompt in prompts]
+    last = engine.prefill_prompts(ids, sets, cache, rotary, threads)
+    if last is not None:
+        return last
+    flat_ids = np.concatenate(ids)
+    flat_rows = np.concatenate([np.full(len(p), r, np.int64) for r, p in enumerate(prompts)])
+    flat_positions = np.concatenate([np.arange(len(p), dtype=np.int64) for p in prompts])
+    last_index = np.cumsum([len(p) for p in prompts]) - 1
     outputs = []
     for start in range(0, len(flat_ids), PREFILL_CHUNK):
         part = slice(start, start + PREFILL_CHUNK)

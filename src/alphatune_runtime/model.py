@@ -558,11 +558,10 @@ class Model:
         set_num_threads(threads)
         return self.stack.run(self.embed(ids), rows, positions, sets, cache, rotary, threads)
 
-    def prefill_prompt(
+    def prefill_prompts(
         self,
-        ids: np.ndarray,
-        row: int,
-        scale_set: int,
+        prompts: Sequence[np.ndarray],
+        sets: np.ndarray,
         cache: KVCache,
         rotary: tuple[np.ndarray, np.ndarray],
         threads: int,

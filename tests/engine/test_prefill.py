@@ -33,8 +33,8 @@ def dense_states(engine: Engine, ids: list[int], dtype: torch.dtype):
     """Every position's final-normed hidden state through the dense path, and its cache."""
     cache = engine.new_cache(1, len(ids))
     hidden = engine.dense.run(
-        engine.embed(np.asarray(ids)), 0, 0, cache, engine.rotary(len(ids)), 1, dtype,
-        every_position=True,
+        engine.embed(np.asarray(ids)), [prefill.Prompt(0, len(ids))], cache,
+        engine.rotary(len(ids)), 1, dtype, every_position=True,
     )  # fmt: skip
     return hidden, cache
 
@@ -91,25 +91,30 @@ def test_bfloat16_dense_prefill_is_close_to_float32():
     assert (exact.argmax(-1) == approximate.argmax(-1)).mean() > 0.95
 
 
-def test_generate_mixes_dense_and_chunked_rows(monkeypatch):
-    """Long prompts take the dense path, short ones the LUT chunks, in one request; the tokens
-    are those of the LUT path alone."""
+def test_a_batch_of_prompts_prefills_together(monkeypatch, exact_tables):
+    """Prompts of any lengths prefill in one dense pass (one dequantization per layer for all)
+    once they hold enough tokens together; the tokens are those of the LUT path."""
     engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
-    prompts = [long_prompt(80), random_prompts(1, seed=4)[0], long_prompt(70, seed=9)]
+    prompts = [long_prompt(40), random_prompts(1, seed=4)[0], long_prompt(30, seed=9)]
     monkeypatch.setenv(prefill.PREFILL_ENV, "lut")
     expected = [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=12)]
-    dense_lengths = []
+    asked = []
 
-    def dense_for_long(tokens: int) -> torch.dtype | None:
-        if tokens < 64:
-            return None
-        dense_lengths.append(tokens)
-        return torch.float32
+    def dense_from_64(tokens: int) -> torch.dtype | None:
+        asked.append(tokens)
+        return torch.float32 if tokens >= 64 else None
 
-    monkeypatch.setattr(engine_model, "dense_dtype", dense_for_long)
-    mixed = [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=12)]
-    assert sorted(dense_lengths) == [70, 80]
-    assert mixed == expected
+    monkeypatch.setattr(engine_model, "dense_dtype", dense_from_64)
+    passes = []
+    run = engine.dense.run
+    monkeypatch.setattr(engine.dense, "run", lambda *a, **k: passes.append(a[1]) or run(*a, **k))
+    batched = [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=12)]
+    assert asked == [sum(len(p) for p in prompts)] and asked[0] >= 64
+    assert passes == [[prefill.Prompt(r, len(p)) for r, p in enumerate(prompts)]]
+    assert batched == expected
+    alone = generate_ids(engine, prompts[1:2], max_new_tokens=12)  # too few tokens alone
+    assert asked[-1] == len(prompts[1]) and len(passes) == 1
+    assert alone[0].tokens == expected[1]
 
 
 def test_prefill_leaves_the_cache_decode_continues_from(exact_tables, monkeypatch):
@@ -165,6 +170,9 @@ def test_the_setting_chooses_the_path(monkeypatch):
 def test_a_prompt_longer_than_the_cache_is_refused():
     engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
     cache = engine.new_cache(1, 10)
-    with pytest.raises(ConfigError, match="does not fit"):
-        engine.dense.run(engine.embed(np.arange(20)), 0, 0, cache, engine.rotary(20), 1,
-                         torch.float32)  # fmt: skip
+    with pytest.raises(ConfigError, match="longer than the 10-position cache"):
+        engine.dense.run(engine.embed(np.arange(20)), [prefill.Prompt(0, 20)], cache,
+                         engine.rotary(20), 1, torch.float32)  # fmt: skip
+    with pytest.raises(ConfigError, match="20 embeddings for prompts of lengths"):
+        engine.dense.run(engine.embed(np.arange(20)), [prefill.Prompt(0, 8)], cache,
+                         engine.rotary(20), 1, torch.float32)  # fmt: skip

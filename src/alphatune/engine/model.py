@@ -10,13 +10,14 @@ in one numba call and ``logits`` applies the model's own head module. It is a ``
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from alphatune.engine.prefill import DensePrefill, dense_dtype
+from alphatune.engine.prefill import DensePrefill, Prompt, dense_dtype
 from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
@@ -116,23 +117,30 @@ class Engine:
             threads = self.threads()
         return self.run_blocks(self.embed(ids), rows, positions, sets, cache, rotary, threads)
 
-    def prefill_prompt(
+    def prefill_prompts(
         self,
-        ids: np.ndarray,
-        row: int,
-        scale_set: int,
+        prompts: Sequence[np.ndarray],
+        sets: np.ndarray,
         cache: KVCache,
         rotary: tuple[np.ndarray, np.ndarray],
         threads: int,
     ) -> np.ndarray | None:
-        """The final-normed hidden state ``(H,)`` of a whole prompt's last token, through dense
-        GEMMs (``prefill.DensePrefill``), or None where that path does not pay for this prompt
-        (``prefill.dense_dtype``): the caller then runs it through ``forward``."""
-        dtype = dense_dtype(len(ids))
+        """The final-normed hidden states ``(P, H)`` of the prompts' last tokens (prompt p in
+        cache row p, adapter ``sets[p]``) through dense GEMMs (``prefill.DensePrefill``), or
+        None where that path does not pay for these prompts (``prefill.dense_dtype`` of their
+        tokens together: one dequantization serves them all); the caller then runs them through
+        ``forward``."""
+        dtype = dense_dtype(sum(len(ids) for ids in prompts))
         if dtype is None:
             return None
-        last = self.dense.run(self.embed(ids), row, scale_set, cache, rotary, threads, dtype)
-        # The prompt's activations and dequantized weights (~25-50 MiB for 512 SmolLM2 tokens)
+        banked = self.stack.weights.banked  # otherwise every prompt reads the layers' own α
+        batch = [
+            Prompt(row, len(ids), int(sets[row]) if banked else 0)
+            for row, ids in enumerate(prompts)
+        ]
+        hidden = self.embed(np.concatenate(prompts))
+        last = self.dense.run(hidden, batch, cache, rotary, threads, dtype)
+        # The prompts' activations and dequantized weights (~25-50 MiB for 512 SmolLM2 tokens)
         # go back to the system rather than staying resident through decode.
         release_free_memory()
         return last

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,6 +78,26 @@ def dense_dtype(tokens: int) -> torch.dtype | None:
     return None
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a batch: its cache row, its length, its adapter scale set."""
+
+    row: int
+    length: int
+    scale_set: int = 0
+
+
+# Scale set -> the indices of its prompts' tokens (in the batch's flat token order).
+ScaleGroups = dict[int, Tensor]
+
+
+def _by_scale_set(prompts: Sequence[Prompt], spans: list[tuple[int, int]]) -> ScaleGroups:
+    tokens: dict[int, list[int]] = {}
+    for prompt, (begin, end) in zip(prompts, spans, strict=True):
+        tokens.setdefault(prompt.scale_set, []).extend(range(begin, end))
+    return {s: torch.tensor(t, dtype=torch.long) for s, t in tokens.items()}
+
+
 class DensePrefill:
     """Runs prompts through a ``BlockStack``'s blocks as dense GEMMs (see the module docstring).
 
@@ -96,8 +118,7 @@ class DensePrefill:
     def run(
         self,
         hidden: np.ndarray,
-        row: int,
-        scale_set: int,
+        prompts: Sequence[Prompt],
         cache: KVCache,
         rotary: tuple[np.ndarray, np.ndarray],
         threads: int,
@@ -106,50 +127,62 @@ class DensePrefill:
         every_position: bool = False,
         attention_dtype: torch.dtype = torch.float32,
     ) -> np.ndarray:
-        """The final-normed hidden state ``(H,)`` of a whole prompt's last token (``(T, H)``, of
+        """The final-normed hidden states ``(P, H)`` of each prompt's last token (``(N, H)``, of
         every token, with ``every_position``).
 
-        ``hidden (T, H)`` float32 is the prompt's embeddings (overwritten: the residual stream),
-        positions ``0..T-1`` of cache row ``row``; ``scale_set`` is the row's adapter in banked
-        projections; ``dtype`` the GEMMs' (bfloat16 or float32); ``attention_dtype`` the
-        attention's (bfloat16 costs more than the GEMMs in quality: measured, not a setting).
+        ``hidden (N, H)`` float32 is the prompts' embeddings one after another (overwritten: the
+        residual stream); ``prompts`` says whose they are (``Prompt``: cache row, length,
+        adapter scale set), positions ``0..length-1`` of each row. Every layer is dequantized
+        once per scale set in the batch and applied to all of its prompts' tokens in one GEMM;
+        attention runs per prompt. ``dtype``: the GEMMs' (bfloat16 or float32);
+        ``attention_dtype``: the attention's (bfloat16 costs more than the GEMMs in quality:
+        measured, not a setting).
         """
         shape = self.stack.shape
         x = torch.from_numpy(hidden)
-        tokens = x.shape[0]
-        if tokens > cache.max_len:
-            raise ConfigError(f"a {tokens}-token prompt does not fit a {cache.max_len} cache")
-        cos, sin = (torch.from_numpy(t[:tokens]) for t in rotary)
+        ends = np.cumsum([p.length for p in prompts])
+        if not prompts or ends[-1] != x.shape[0]:
+            raise ConfigError(f"{x.shape[0]} embeddings for prompts of lengths "
+                              f"{[p.length for p in prompts]}")  # fmt: skip
+        if max(p.length for p in prompts) > cache.max_len:
+            raise ConfigError(f"a prompt longer than the {cache.max_len}-position cache")
+        spans = [(int(end) - p.length, int(end)) for p, end in zip(prompts, ends, strict=True)]
+        positions = torch.from_numpy(np.concatenate([np.arange(p.length) for p in prompts]))
+        cos, sin = (torch.from_numpy(t)[positions] for t in rotary)
+        groups = _by_scale_set(prompts, spans)
         keys, values = torch.from_numpy(cache.keys), torch.from_numpy(cache.values)
         norms = torch.from_numpy(self.stack.weights.norms)
         heads, kv_heads, head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
-        # One numba thread count for the whole prompt (each layer's dequantization is a numba
+        tokens = x.shape[0]
+        # One numba thread count for the whole batch (each layer's dequantization is a numba
         # call); torch's own count is given back at the end.
         with torch.inference_mode(), numba_threads(threads):
             for layer in range(shape.n_layers):
                 base = 7 * layer
                 normed = self._rms_norm(x, norms[layer, 0])
-                qkv = self._project(normed, base, (0, 1, 2), scale_set, dtype).float()
+                qkv = self._project(normed, base, (0, 1, 2), groups, dtype).float()
                 q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
                 q = _rotate(q.view(tokens, heads, head_dim).transpose(0, 1), cos, sin)
                 k = _rotate(k.view(tokens, kv_heads, head_dim).transpose(0, 1), cos, sin)
                 v = v.view(tokens, kv_heads, head_dim).transpose(0, 1)
-                keys[layer, row, :, :tokens] = k
-                values[layer, row, :, :tokens] = v
-                # (heads, T, d), float32: attention in bfloat16 doubled the perplexity cost.
-                q, k, v = (t.to(attention_dtype)[None] for t in (q, k, v))
-                attention = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-                attention = attention[0].transpose(0, 1).reshape(tokens, heads * head_dim)
-                x += self._project(attention, base, (3,), scale_set, dtype)
+                attention = torch.empty(tokens, heads * head_dim)
+                for prompt, (begin, end) in zip(prompts, spans, strict=True):
+                    keys[layer, prompt.row, :, : prompt.length] = k[:, begin:end]
+                    values[layer, prompt.row, :, : prompt.length] = v[:, begin:end]
+                    # (heads, T, d), float32: attention in bfloat16 doubled the perplexity cost.
+                    one = (t[:, begin:end].to(attention_dtype)[None] for t in (q, k, v))
+                    out = F.scaled_dot_product_attention(*one, is_causal=True, enable_gqa=True)
+                    attention[begin:end] = out[0].transpose(0, 1).reshape(end - begin, -1)
+                x += self._project(attention, base, (3,), groups, dtype)
                 normed = self._rms_norm(x, norms[layer, 1])
-                gate_up = self._project(normed, base, (4, 5), scale_set, dtype)
+                gate_up = self._project(normed, base, (4, 5), groups, dtype)
                 gate, up = gate_up.split(gate_up.shape[1] // 2, 1)
                 # In the GEMMs' dtype, as the bf16 model runs its MLP: the next GEMM's input.
-                x += self._project(F.silu(gate) * up, base, (6,), scale_set, dtype)
-            final = torch.from_numpy(self.stack.weights.final_norm)
-            out = self._rms_norm(x if every_position else x[-1:], final)
+                x += self._project(F.silu(gate) * up, base, (6,), groups, dtype)
+            last = x if every_position else x[torch.from_numpy(ends - 1)]
+            out = self._rms_norm(last, torch.from_numpy(self.stack.weights.final_norm))
         self._buffers.clear()  # a few MiB, needed again only by the next long prompt
-        return out.numpy() if every_position else out[0].numpy()
+        return out.numpy()
 
     def _rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
         """LlamaRMSNorm in float32."""
@@ -157,28 +190,31 @@ class DensePrefill:
         return weight * (x * torch.rsqrt(variance + self.stack.shape.eps))
 
     def _project(
-        self,
-        x: Tensor,
-        base: int,
-        which: tuple[int, ...],
-        scale_set: int,
-        dtype: torch.dtype,
+        self, x: Tensor, base: int, which: tuple[int, ...], groups: ScaleGroups, dtype: torch.dtype
     ) -> Tensor:
-        """``x (T, in)`` through projections ``base + which`` (they read one input), their
-        outputs side by side, ``(T, Σ out)`` in ``dtype``: one GEMM on their stacked weight."""
+        """``x (N, in)`` through projections ``base + which`` (they read one input), their
+        outputs side by side, ``(N, Σ out)`` in ``dtype``: per scale set, one GEMM of its tokens
+        on the projections' stacked weight."""
         layers = [self.layers[base + i] for i in which]
-        weight = self._buffer(sum(layer.out_features for layer in layers), layers[0].in_features,
-                              dtype)  # fmt: skip
-        at = 0
-        for i, layer in zip(which, layers, strict=True):
-            self._dequantize(base + i, layer, scale_set, weight[at : at + layer.out_features])
-            at += layer.out_features
+        width = sum(layer.out_features for layer in layers)
+        weight = self._buffer(width, layers[0].in_features, dtype)
         biases = [layer.bias for layer in layers]
         bias = None if all(b is None for b in biases) else torch.cat([
             torch.zeros(layer.out_features) if b is None else b.float()
             for b, layer in zip(biases, layers, strict=True)
         ]).to(dtype)  # fmt: skip
-        return F.linear(x.to(dtype), weight, bias)
+        y = None if len(groups) == 1 else torch.empty(x.shape[0], width, dtype=dtype)
+        for scale_set, tokens in groups.items():
+            at = 0
+            for i, layer in zip(which, layers, strict=True):
+                rows = weight[at : at + layer.out_features]
+                self._dequantize(base + i, layer, scale_set, rows)
+                at += layer.out_features
+            if y is None:  # one scale set: every token, no gather
+                return F.linear(x.to(dtype), weight, bias)
+            y[tokens] = F.linear(x[tokens].to(dtype), weight, bias)
+        assert y is not None
+        return y
 
     def _dequantize(self, index: int, layer: BCQLinear, scale_set: int, out: Tensor) -> None:
         banked = bool(self.stack.weights.ints[index, native.BANKED])
