@@ -43,6 +43,13 @@ def inverse_byte_map(byte_map: np.ndarray | None) -> np.ndarray:
 
 if IMPORT_ERROR is None:
 
+    @njit(inline="always")
+    def bfloat16_bits(value):  # pragma: no cover - numba
+        """The uint16 bits of float32 ``value`` rounded to the nearest bfloat16, ties to even:
+        add 0x7FFF plus the kept part's low bit, keep the high half."""
+        u = np.float32(value).view(np.uint32)
+        return np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
+
     @njit(cache=True)
     def _sum_block(
         codes, inverse, first, rest, offset, with_offset, bytes_per_group, block, acc
@@ -78,16 +85,13 @@ if IMPORT_ERROR is None:
             count = _sum_block(
                 codes, inverse, first, rest, offset, with_offset, bytes_per_group, block, acc
             )
-            bits = acc.view(np.uint32)
             for r in range(count):
                 row = out[block * rows + r]
                 if not as_bfloat16:
                     row[:] = acc[r, :width]
                     continue
                 for j in range(width):
-                    u = bits[r, j]
-                    # Round to nearest, ties to even: add 0x7FFF plus the kept part's low bit.
-                    row[j] = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+                    row[j] = bfloat16_bits(acc[r, j])
 
 
 def dequantize(
@@ -98,6 +102,7 @@ def dequantize(
     offset: np.ndarray | None,
     group_size: int,
     out: np.ndarray,
+    vector_path: bool = True,
 ) -> np.ndarray:
     """Write the dense weight of one layer into ``out`` and return it.
 
@@ -109,6 +114,8 @@ def dequantize(
         offset: ``(out, G)`` float32, or None.
         group_size: inputs per group (a multiple of 8, or ``in``: one group).
         out: ``(out, in)`` C-contiguous, float32, or uint16 for bfloat16 bits.
+        vector_path: bfloat16 through ``dequant_avx512`` where the CPU has AVX-512BW (the same
+            bits; False: the generic loop, for tests and measurements).
     """
     if IMPORT_ERROR is not None:
         raise KernelUnavailableError("dequantization needs numba (pip install numba)")
@@ -127,6 +134,14 @@ def dequantize(
     shift = offset if with_offset else np.zeros((1, 1), np.float32)
     if out.dtype not in (np.float32, np.uint16):
         raise ConfigError(f"out must be float32 or uint16 (bfloat16 bits), got {out.dtype}")
+    from alphatune_runtime import dequant_avx512  # it imports this module's bfloat16_bits
+
+    vector = vector_path and bits <= dequant_avx512.MAX_BITS and dequant_avx512.available()
+    if out.dtype == np.uint16 and vector:
+        dequant_avx512.dequantize_bfloat16(
+            codes, inverse, first, rest, shift, with_offset, bytes_per_group, out
+        )
+        return out
     _dequantize_blocks(
         codes, inverse, first, rest, shift, with_offset, bytes_per_group, out,
         out.dtype == np.uint16,

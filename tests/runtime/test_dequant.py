@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alphatune.kernels.reference import dequantize_packed
-from alphatune_runtime import avx2, dequant, layout
+from alphatune_runtime import avx2, dequant, dequant_avx512, layout
 from alphatune_runtime.errors import ConfigError
 
 pytestmark = pytest.mark.numba
@@ -51,6 +51,35 @@ def test_dequantize_from_a_kernel_layout_equals_the_reference(
     bits16 = dequant.dequantize(*args, np.zeros((out, inputs), np.uint16))
     as_bf16 = torch.from_numpy(bits16.view(np.int16)).view(torch.bfloat16)
     assert torch.equal(as_bf16, torch.from_numpy(dense).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not dequant_avx512.available(), reason="no AVX-512BW on this CPU")
+@pytest.mark.parametrize("kernel_layout", LAYOUTS.values(), ids=list(LAYOUTS))
+@pytest.mark.parametrize(
+    "bits, out, inputs, group_size, offset",
+    [
+        (3, 70, 576, 144, True),
+        (5, 32, 256, 128, False),
+        (2, 40, 68, 68, True),
+        (6, 16, 64, 32, True),
+    ],
+    ids=["q3-g144-tails", "q5-g128", "q2-row-partial-byte", "q6-generic-loop"],
+)
+def test_vpermw_path_gives_the_generic_loops_bits(
+    kernel_layout, bits, out, inputs, group_size, offset
+):
+    """The same float32 sums in the same order: bit-identical bfloat16, tails (groups of 18
+    bytes, a partial last byte) included; 6 bits (64 values) go through the generic loop."""
+    rows, byte_map = kernel_layout
+    packed, alpha, shift = random_layer(bits, out, inputs, group_size, offset, seed=3)
+    codes = layout.prepare_codes(packed.numpy(), inputs, rows, byte_map).codes
+    args = (
+        codes, dequant.inverse_byte_map(byte_map), alpha[0].numpy(), alpha[1:].numpy(),
+        None if shift is None else shift.numpy(), group_size,
+    )  # fmt: skip
+    generic = dequant.dequantize(*args, np.zeros((out, inputs), np.uint16), vector_path=False)
+    vector = dequant.dequantize(*args, np.full((out, inputs), 7, np.uint16))
+    np.testing.assert_array_equal(vector, generic)
 
 
 def test_bfloat16_rounding_is_to_nearest_even():
