@@ -622,8 +622,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (16 if quick else 128)
     args.repeats = args.repeats or (1 if quick else 3)
     args.prefill_tokens = args.prefill_tokens or (128 if quick else 512)
+    # The default page renders the default results only: a run saved elsewhere (another machine,
+    # a subset of the configurations) renders a page only where --docs names one.
+    default_docs = None if args.out is not None and not quick else DEFAULT_DOCS
     args.out = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
-    args.docs = args.docs or (QUICK_DOCS if quick else DEFAULT_DOCS)
+    args.docs = args.docs or (QUICK_DOCS if quick else default_docs)
+    if args.render and args.docs is None:
+        parser.error("--render with --out needs --docs (the page to write)")
     return args
 
 
@@ -735,6 +740,9 @@ def main(argv: list[str] | None = None) -> None:
         print(others.warning(), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.docs is None:
+        print(f"saved {args.out} (no --docs: no page rendered)")
+        return
     args.docs.parent.mkdir(parents=True, exist_ok=True)
     args.docs.write_text(decode_page.render(payload, args.out, args.docs))
     print(f"saved {args.out}; rendered {args.docs}")
