@@ -21,6 +21,14 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _lut_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill through the LUT kernel unless a test asks for the dense path: the default
+    (``auto``) takes bf16 GEMMs only on CPUs with native bf16, and the suite should test the
+    same path on every CPU. ``tests/engine/test_prefill.py`` tests the dense path and ``auto``."""
+    monkeypatch.setenv("ALPHATUNE_PREFILL", "lut")
+
+
 @pytest.fixture
 def exact_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode on float tables where the default (the AVX2 kernel's int16 tables) would run: the

@@ -9,8 +9,9 @@ so prefill reads no second copy of them (the layer's own codes are paged out onc
 ``W[r, j] = Σ_i α_i[r, g(j)] · B_i[r, j] (+ offset[r, g(j)])``, the contract of
 ``alphatune.kernels.reference.dequantize_packed``. Each row block is summed over the planes in a
 small float32 buffer per task (a ±1 vector per code byte from ``SIGNS``, times that plane's α),
-then written once: as float32, or rounded to the nearest bfloat16 (ties to even), stored as its uint16
-bits, since numpy has no bfloat16 (the caller views them as one).
+then written once: as float32, or rounded to the nearest bfloat16 (ties to even), stored as its
+uint16 bits, since numpy has no bfloat16 (the caller views them as one). On AVX-512BW CPUs the
+bfloat16 case runs through ``dequant_avx512`` (table lookups, the same bits).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ if IMPORT_ERROR is None:
     @njit(inline="always")
     def bfloat16_bits(value):  # pragma: no cover - numba
         """The uint16 bits of float32 ``value`` rounded to the nearest bfloat16, ties to even:
-        add 0x7FFF plus the kept part's low bit, keep the high half."""
+        add 0x7FFF plus the kept part's low bit, keep the high half. A NaN stays a (quiet) NaN
+        rather than rounding into an infinity or wrapping to zero."""
         u = np.float32(value).view(np.uint32)
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            return np.uint16((u >> 16) | np.uint32(0x40))
         return np.uint16((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16)
 
     @njit(cache=True)
@@ -119,14 +123,24 @@ def dequantize(
     """
     if IMPORT_ERROR is not None:
         raise KernelUnavailableError("dequantization needs numba (pip install numba)")
-    bits, _, n_bytes, _ = codes.shape
+    bits, blocks, n_bytes, rows = codes.shape
     out_features, in_features = out.shape
     n_groups = first.shape[1]
-    if first.shape != (out_features, in_features // group_size) or rest.shape[0] != bits - 1:
+    groups = (out_features, in_features // group_size)
+    if first.shape != groups or rest.shape != (bits - 1, *groups):
         raise ConfigError(
             f"scales {first.shape} / {rest.shape} do not fit a {bits}-bit ({out_features}, "
             f"{in_features}) weight in groups of {group_size}"
         )
+    if blocks * rows < out_features or n_bytes != (in_features + 7) // 8:
+        raise ConfigError(
+            f"codes {codes.shape} do not hold a ({out_features}, {in_features}) weight: "
+            f"expected >= {out_features} rows in blocks and {(in_features + 7) // 8} bytes a row"
+        )
+    if offset is not None and offset.shape != groups:
+        raise ConfigError(f"offset {offset.shape} does not fit scales {groups}")
+    if not out.flags.c_contiguous:
+        raise ConfigError("out must be C-contiguous")
     if n_groups > 1 and group_size % 8:
         raise ConfigError(f"groups of {group_size} split a code byte; the layout needs whole bytes")
     bytes_per_group = n_bytes if n_groups == 1 else group_size // 8

@@ -3,9 +3,9 @@
 Each prompt has its own cache row and positions (no padding): prefill first offers the prompts
 to the decoder's own whole-prompt path (``prefill_prompts``: the engine's dense GEMMs when the
 prompts hold enough tokens), else sends their tokens in chunks of up to ``PREFILL_CHUNK`` (rows
-mixed in a chunk); decode sends one token per unfinished row. Per token the Python here costs an embedding lookup, one numba call for all the
-blocks, the head, the choice of the next token and (with stop strings) one detokenization of the
-rows' new tokens. The loop runs on any ``Decoder`` (numpy in and out): ``alphatune.engine.Engine``
+mixed in a chunk); decode sends one token per unfinished row. Per token the Python here costs an
+embedding lookup, one numba call for all the blocks, the head, the choice of the next token and
+(with stop strings) one detokenization of the rows' new tokens. The loop runs on any ``Decoder`` (numpy in and out): ``alphatune.engine.Engine``
 (a transformers model's embedding and head modules) or ``alphatune_runtime.model.Model`` (a saved
 base, no torch).
 """

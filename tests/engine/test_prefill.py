@@ -129,16 +129,17 @@ def test_prefill_leaves_the_cache_decode_continues_from(exact_tables, monkeypatc
     assert greedy == done.tokens
 
 
-def test_mixed_adapter_rows_prefill_with_their_own_scales(tmp_path, monkeypatch):
+def test_mixed_adapter_rows_prefill_with_their_own_scales(tmp_path, monkeypatch, exact_tables):
     """Banked projections take each row's α₁ from the bank in the dense path too."""
     from alphatune.mixed import load_adapters, unload_adapters
 
     model, paths = model_with_two_adapters(tmp_path)
-    prompts = [long_prompt(70, seed=s) for s in (1, 2, 3)]
+    # Interleaved sets: a set's tokens are gathered from non-adjacent prompts.
+    prompts = [long_prompt(70, seed=s) for s in (1, 2, 3, 4)]
     bank = load_adapters(model, paths)
     try:
         engine = Engine.build(model, use_bank=True)
-        sets = bank.indices(["a", "b", None]).tolist()
+        sets = bank.indices(["a", "b", None, "a"]).tolist()
         monkeypatch.setenv(prefill.PREFILL_ENV, "lut")
         expected = generate_ids(engine, prompts, max_new_tokens=8, adapter_sets=sets)
         monkeypatch.setenv(prefill.PREFILL_ENV, "float32")
@@ -147,6 +148,40 @@ def test_mixed_adapter_rows_prefill_with_their_own_scales(tmp_path, monkeypatch)
         unload_adapters(model)
     assert [d.tokens for d in dense] == [d.tokens for d in expected]
     assert len({tuple(d.tokens) for d in dense}) > 1  # the adapters differ
+
+
+def test_prefill_reads_the_scales_decode_reads(monkeypatch, exact_tables):
+    """Scales changed in the layer after the engine was built reach decode only where its kernel
+    reads them in place (AVX2), not where it keeps a copy (AVX-512): prefill follows decode."""
+    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"))
+    engine = Engine.build(model)
+    with torch.no_grad():
+        for layer in engine.spec.blocks[0].modules():
+            if hasattr(layer, "alpha1"):
+                layer.alpha1.mul_(1.5)
+    prompts = [long_prompt(70)]
+    monkeypatch.setenv(prefill.PREFILL_ENV, "lut")
+    expected = generate_ids(engine, prompts, max_new_tokens=8)[0].tokens
+    monkeypatch.setenv(prefill.PREFILL_ENV, "float32")
+    assert generate_ids(engine, prompts, max_new_tokens=8)[0].tokens == expected
+
+
+def test_auto_counts_the_tokens_per_scale_set(tmp_path, monkeypatch):
+    """Each adapter in a batch costs a dequantization: ``auto`` weighs the tokens per set."""
+    from alphatune.mixed import load_adapters, unload_adapters
+
+    model, paths = model_with_two_adapters(tmp_path)
+    bank = load_adapters(model, paths)
+    asked = []
+    monkeypatch.setattr(engine_model, "dense_dtype", lambda tokens: asked.append(tokens))
+    try:
+        engine = Engine.build(model, use_bank=True)
+        prompts = [long_prompt(50, seed=s) for s in (1, 2)]
+        generate_ids(engine, prompts, max_new_tokens=1, adapter_sets=bank.indices(["a", "b"]))
+        generate_ids(engine, prompts, max_new_tokens=1, adapter_sets=bank.indices(["a", "a"]))
+    finally:
+        unload_adapters(model)
+    assert asked == [50, 100]
 
 
 def test_the_setting_chooses_the_path(monkeypatch):
@@ -173,6 +208,9 @@ def test_a_prompt_longer_than_the_cache_is_refused():
     with pytest.raises(ConfigError, match="longer than the 10-position cache"):
         engine.dense.run(engine.embed(np.arange(20)), [prefill.Prompt(0, 20)], cache,
                          engine.rotary(20), 1, torch.float32)  # fmt: skip
+    with pytest.raises(ConfigError, match="every prompt needs a token"):
+        engine.dense.run(engine.embed(np.arange(8)), [prefill.Prompt(0, 8), prefill.Prompt(1, 0)],
+                         engine.new_cache(2, 10), engine.rotary(10), 1, torch.float32)  # fmt: skip
     with pytest.raises(ConfigError, match="20 embeddings for prompts of lengths"):
         engine.dense.run(engine.embed(np.arange(20)), [prefill.Prompt(0, 8)], cache,
                          engine.rotary(20), 1, torch.float32)  # fmt: skip

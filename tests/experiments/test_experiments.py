@@ -252,10 +252,10 @@ def test_search_table_shows_each_candidates_interval_and_sample() -> None:
 
 
 def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items() -> None:
-    def dev_run(options: dict, bleu: float, predictions: list[str], lr: float = 2e-3) -> dict:
+    def dev_run(options: dict, bleu: float, predictions: list[str], lr=2e-3, seed=0) -> dict:
         spec = {
-            "split": "dev", "method": "alphatuning", "bits": 3, "seed": 0, "learning_rate": lr,
-            "options": options, "budget": {"eval_limit": 200},
+            "split": "dev", "method": "alphatuning", "bits": 3, "seed": seed,
+            "learning_rate": lr, "options": options, "budget": {"eval_limit": 200, "steps": 100},
         }  # fmt: skip
         variant = "alphatuning" + "".join(f", {k}={v}" for k, v in options.items())
         return {
@@ -269,21 +269,30 @@ def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items
     all_alpha = dev_run({"train": "all_alpha"}, 48.0, ["b"])
     other_rate = dev_run({}, 44.2, ["c"], lr=5e-3)
     unlisted = dev_run({"granularity": "row"}, 40.0, ["d"])
+    reseeded = dev_run({}, 45.5, ["e"], seed=1)
     pairs = []
 
     def paired(ours, theirs):
         pairs.append((ours, theirs))
+        if ours == ["e"]:
+            raise DataError("8 hypotheses but 200 reference sets")
         return (0.5, 1.9, 0.97)
 
-    runs = [default, all_alpha, other_rate, unlisted]
-    lines = report.recipe_table("webnlg", runs, paired).splitlines()
+    runs = [default, all_alpha, other_rate, unlisted, reseeded]
+    lines = report.recipe_table("webnlg", runs, lambda: paired).splitlines()
     assert lines[2:] == [
-        "| alphatuning, train=all_alpha | 0.002 | 48.00 | 46.84 | +1.16 | [+0.50, +1.90] | 97% |"
+        "| alphatuning | 1 | 0.002 | 45.50 | 46.84 | -1.34 | – | – |",
+        (
+            "| alphatuning, train=all_alpha | 0 | 0.002 | 48.00 | 46.84 | +1.16 | [+0.50, +1.90] "
+            "| 97% |"
+        ),
     ]
-    assert pairs == [(["b"], ["a"])]
-    without_data = report.recipe_table("webnlg", runs, None).splitlines()
-    assert without_data[2].endswith("| +1.16 | – | – |")
-    assert report.recipe_table("webnlg", [default, other_rate], paired) == ""
+    assert pairs == [(["e"], ["a"]), (["b"], ["a"])]
+    without_data = report.recipe_table("webnlg", runs, lambda: None).splitlines()
+    assert without_data[3].endswith("| +1.16 | – | – |")
+    asked = []
+    assert report.recipe_table("webnlg", [default, other_rate], lambda: asked.append(1)) == ""
+    assert not asked  # the dev references are read only once a candidate has run
 
 
 def test_report_command_writes_the_page(env, tmp_path) -> None:
@@ -322,8 +331,8 @@ def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> Non
 
 
 def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
-    """The recipe phase scores each candidate on dev, seed 0, at AlphaTuning's chosen rate and
-    with the searches' dev items, so its runs compare with the default's own dev run."""
+    """The recipe phase scores each candidate on dev at AlphaTuning's chosen rate and with the
+    searches' dev items, so its runs compare with the default's own dev run."""
     results = tmp_path / "results"
     assert all(isinstance(s, str) for s in grid.specs(results, ("webnlg-recipe",)))
     searches = grid.search_specs("webnlg", "alphatuning")
@@ -332,7 +341,9 @@ def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
     runs = list(grid.specs(results, ("webnlg-recipe",)))
     assert len(runs) == len(grid.RECIPES) and not any(isinstance(s, str) for s in runs)
     assert all(s.split == "dev" and s.budget == searches[1].budget for s in runs)
-    assert all(s.learning_rate == searches[1].learning_rate and s.seed == 0 for s in runs)
+    assert all(s.learning_rate == searches[1].learning_rate for s in runs)
+    # Candidates at seed 0, and the default once more at seed 1 (how far a seed moves it).
+    assert [(s.seed, bool(s.options)) for s in runs] == [(0, True)] * 3 + [(1, False)]
     assert grid.ORDER.index("webnlg-recipe") == grid.ORDER.index("webnlg") + 1
 
 

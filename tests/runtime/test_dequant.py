@@ -96,6 +96,19 @@ def test_bfloat16_rounding_is_to_nearest_even():
         assert torch.equal(rounded, torch.full((8,), float(value)).to(torch.bfloat16))
 
 
+def test_nan_stays_nan_in_bfloat16():
+    """A NaN scale (a broken adapter) must not round into an infinity or a zero weight."""
+    codes = np.zeros((1, 1, 1, 16), np.uint8)
+    for bits in (0x7F800001, 0xFFFF8000, 0x7FC00000):
+        shift = np.zeros((2, 1), np.float32)
+        shift[0] = np.array([bits], np.uint32).view(np.float32)[0]
+        out = np.zeros((2, 8), np.uint16)
+        first, rest = np.zeros((2, 1), np.float32), np.zeros((0, 2, 1), np.float32)
+        inverse = dequant.inverse_byte_map(None)
+        dequant.dequantize(codes, inverse, first, rest, shift, 8, out, vector_path=False)
+        assert torch.from_numpy(out[0].view(np.int16)).view(torch.bfloat16).isnan().all()
+
+
 def test_bad_operands_are_clear_errors():
     codes = np.zeros((2, 1, 2, 16), np.uint8)
     first, rest = np.ones((16, 2), np.float32), np.ones((1, 16, 2), np.float32)
@@ -104,5 +117,17 @@ def test_bad_operands_are_clear_errors():
         dequant.dequantize(codes, inverse, first, rest, None, 8, np.zeros((16, 16), np.float64))
     with pytest.raises(ConfigError, match="do not fit"):
         dequant.dequantize(codes, inverse, first, rest, None, 4, np.zeros((16, 16), np.float32))
+    with pytest.raises(ConfigError, match="do not hold a"):
+        tall = np.ones((32, 2), np.float32)  # 32 rows: more than the codes' one block of 16
+        dequant.dequantize(
+            codes, inverse, tall, tall[None], None, 8, np.zeros((32, 16), np.float32)
+        )
+    with pytest.raises(ConfigError, match="offset"):
+        dequant.dequantize(codes, inverse, first, rest, np.ones((16, 1), np.float32), 8,
+                           np.zeros((16, 16), np.float32))  # fmt: skip
+    with pytest.raises(ConfigError, match="C-contiguous"):
+        dequant.dequantize(
+            codes, inverse, first, rest, None, 8, np.zeros((16, 32), np.float32)[:, ::2]
+        )
     with pytest.raises(ConfigError, match="permutation"):
         dequant.inverse_byte_map(np.zeros(256, np.uint8))

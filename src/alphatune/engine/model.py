@@ -66,7 +66,7 @@ class Engine:
         weights = build_weights(spec, kernel, use_bank)
         release_free_memory()  # what converting the layers freed
         stack = BlockStack.of(spec.shape, weights, kernel)
-        engine = cls(spec=spec, io=io, stack=stack, dense=DensePrefill(spec, stack))
+        engine = cls(spec=spec, io=io, stack=stack, dense=DensePrefill(stack))
         # Load the step's compiled code now, then page out numba's compiler: decode never runs
         # it, and it would otherwise stay resident (~28 MiB, more than the KV cache of a
         # 512-token prompt). The embedding and head modules were run once by ``token_io``.
@@ -128,16 +128,19 @@ class Engine:
         """The final-normed hidden states ``(P, H)`` of the prompts' last tokens (prompt p in
         cache row p, adapter ``sets[p]``) through dense GEMMs (``prefill.DensePrefill``), or
         None where that path does not pay for these prompts (``prefill.dense_dtype`` of their
-        tokens together: one dequantization serves them all); the caller then runs them through
-        ``forward``."""
-        dtype = dense_dtype(sum(len(ids) for ids in prompts))
-        if dtype is None:
-            return None
+        tokens together per adapter scale set: one dequantization serves all of a set's
+        prompts); the caller then runs them through ``forward``."""
         banked = self.stack.weights.banked  # otherwise every prompt reads the layers' own α
         batch = [
             Prompt(row, len(ids), int(sets[row]) if banked else 0)
             for row, ids in enumerate(prompts)
         ]
+        # Each adapter's scale set costs a dequantization of every banked layer: the tokens
+        # that pay for one are the tokens per set.
+        scale_sets = len({prompt.scale_set for prompt in batch})
+        dtype = dense_dtype(sum(len(ids) for ids in prompts) // scale_sets)
+        if dtype is None:
+            return None
         hidden = self.embed(np.concatenate(prompts))
         last = self.dense.run(hidden, batch, cache, rotary, threads, dtype)
         # The prompts' activations and dequantized weights (~25-50 MiB for 512 SmolLM2 tokens)

@@ -1,24 +1,26 @@
-"""Prefill of a long prompt through dense GEMMs: bfloat16 on CPUs that have it, into the engine's cache.
+"""Prefill through dense GEMMs, bfloat16 on CPUs that have it, into the engine's KV cache.
 
 The LUT kernel's cost grows with the tokens of a call; a GEMM's barely does, once its weight is
 dense. On a CPU with native bfloat16 (AVX-512 BF16, AMX) a 512-token prompt through the LUT
-kernel took 2.72 s against 0.40 s for transformers' bf16 model (docs/performance.md). Here each
-block runs as that model would: every projection is dequantized from the engine's own codes into
-a reused bfloat16 buffer (``alphatune_runtime.dequant``, the projections that read one input
-stacked into one weight) and applied as one GEMM; norms, rotary and attention stay float32, and
-the keys and values go into the engine's ``KVCache``, where decode continues. Quality, measured
-before this code (``benchmarks/bench_prefill_precision.py``): the projections in bfloat16 with
-the rest in float32 change the 3-bit base's WikiText-2 perplexity by +0.054%; whole blocks in
-bfloat16 (attention included) by +0.15%, hence float32 attention.
+kernel took 2.72 s against 0.40 s for transformers' bf16 model (docs/performance.md). Here a
+batch of prompts runs through each block as that model would: every projection is dequantized
+from the engine's own codes and scales into a reused bfloat16 buffer (``alphatune_runtime
+.dequant``, the projections that read one input stacked into one weight, once per adapter scale
+set in the batch) and applied as one GEMM; norms, rotary and attention (per prompt) stay
+float32, and the keys and values go into the engine's ``KVCache``, where decode continues.
+Quality (``benchmarks/bench_prefill_precision.py``, the 3-bit base over 8 x 512 WikiText-2
+tokens): +0.031% perplexity against float32; with the attention in bfloat16 too, +0.137%, over
+the project's 0.1% rule for a lossy default, hence float32 attention.
 
-``ALPHATUNE_PREFILL`` chooses: ``auto`` (the default: bfloat16 for prompts of at least
-``MIN_TOKENS`` where the CPU has native bfloat16, else the LUT kernel), ``bf16`` or ``float32``
-(the dense path for every prompt; float32 is exact up to summation order, for tests and CPUs
-without bfloat16), or ``lut`` (never).
+``ALPHATUNE_PREFILL`` chooses: ``auto`` (the default: bfloat16 when the prompts hold at least
+``MIN_TOKENS`` tokens per scale set and the CPU has native bfloat16, else the LUT kernel),
+``bf16`` or ``float32`` (the dense path for any prompts; float32 is exact up to summation
+order, for tests and CPUs without bfloat16), or ``lut`` (never).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from collections.abc import Sequence
@@ -29,11 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from alphatune.engine.spec import LlamaSpec
 from alphatune.errors import ConfigError
 from alphatune.kernels.numba_threads import numba_threads
-from alphatune.layers import BCQLinear
-from alphatune_runtime import dequant, native
+from alphatune_runtime import dequant, layout, native
 from alphatune_runtime.cache import KVCache
 from alphatune_runtime.stack import BlockStack
 
@@ -87,32 +87,32 @@ class Prompt:
     scale_set: int = 0
 
 
-# Scale set -> the indices of its prompts' tokens (in the batch's flat token order).
-ScaleGroups = dict[int, Tensor]
+# Scale set -> the indices of its prompts' tokens (in the batch's flat token order); None: all.
+ScaleGroups = dict[int, Tensor | None]
 
 
 def _by_scale_set(prompts: Sequence[Prompt], spans: list[tuple[int, int]]) -> ScaleGroups:
     tokens: dict[int, list[int]] = {}
     for prompt, (begin, end) in zip(prompts, spans, strict=True):
         tokens.setdefault(prompt.scale_set, []).extend(range(begin, end))
+    if len(tokens) == 1:
+        return {next(iter(tokens)): None}
     return {s: torch.tensor(t, dtype=torch.long) for s, t in tokens.items()}
 
 
 class DensePrefill:
     """Runs prompts through a ``BlockStack``'s blocks as dense GEMMs (see the module docstring).
 
-    The codes come from the stack (its kernel layout), the scales from the model's layers, read
-    at each call, so an adapter loaded since the engine was built shows here as it does in
-    decode's layer-order scales.
+    Every operand comes from the stack, where decode reads it: the codes in the kernel's layout,
+    the scales, offsets and biases at the addresses in its integer table. So prefill and decode
+    always use the same weights, whichever of them the kernel keeps as a copy (AVX-512's
+    rows-inner scales, padded rows, an α₁ multiplier) or reads in the layer (AVX2's scales).
     """
 
-    def __init__(self, spec: LlamaSpec, stack: BlockStack) -> None:
-        self.spec = spec
+    def __init__(self, stack: BlockStack) -> None:
         self.stack = stack
         self.inverse = dequant.inverse_byte_map(stack.kernel.byte_map)
-        self.layers: list[BCQLinear] = [
-            block.get_submodule(name) for block in spec.blocks for name in native.PROJECTIONS
-        ]
+        self.rows_inner = stack.kernel.scales_layout == layout.ROWS_INNER
         self._buffers: dict[tuple[int, int, torch.dtype], Tensor] = {}
 
     def run(
@@ -141,6 +141,10 @@ class DensePrefill:
         shape = self.stack.shape
         x = torch.from_numpy(hidden)
         ends = np.cumsum([p.length for p in prompts])
+        if any(p.length < 1 for p in prompts):
+            raise ConfigError(
+                f"every prompt needs a token, got lengths {[p.length for p in prompts]}"
+            )
         if not prompts or ends[-1] != x.shape[0]:
             raise ConfigError(f"{x.shape[0]} embeddings for prompts of lengths "
                               f"{[p.length for p in prompts]}")  # fmt: skip
@@ -169,7 +173,7 @@ class DensePrefill:
                 for prompt, (begin, end) in zip(prompts, spans, strict=True):
                     keys[layer, prompt.row, :, : prompt.length] = k[:, begin:end]
                     values[layer, prompt.row, :, : prompt.length] = v[:, begin:end]
-                    # (heads, T, d), float32: attention in bfloat16 doubled the perplexity cost.
+                    # (heads, T, d), float32: attention in bfloat16 cost 4x the GEMMs' perplexity.
                     one = (t[:, begin:end].to(attention_dtype)[None] for t in (q, k, v))
                     out = F.scaled_dot_product_attention(*one, is_causal=True, enable_gqa=True)
                     attention[begin:end] = out[0].transpose(0, 1).reshape(end - begin, -1)
@@ -194,42 +198,64 @@ class DensePrefill:
     ) -> Tensor:
         """``x (N, in)`` through projections ``base + which`` (they read one input), their
         outputs side by side, ``(N, Σ out)`` in ``dtype``: per scale set, one GEMM of its tokens
-        on the projections' stacked weight."""
-        layers = [self.layers[base + i] for i in which]
-        width = sum(layer.out_features for layer in layers)
-        weight = self._buffer(width, layers[0].in_features, dtype)
-        biases = [layer.bias for layer in layers]
-        bias = None if all(b is None for b in biases) else torch.cat([
-            torch.zeros(layer.out_features) if b is None else b.float()
-            for b, layer in zip(biases, layers, strict=True)
-        ]).to(dtype)  # fmt: skip
-        y = None if len(groups) == 1 else torch.empty(x.shape[0], width, dtype=dtype)
+        on the projections' stacked weight (one GEMM for all when none of them is banked)."""
+        ints = self.stack.weights.ints
+        indices = [base + i for i in which]
+        widths = [int(ints[i, native.OUT_FEATURES]) for i in indices]
+        weight = self._buffer(sum(widths), x.shape[1], dtype)
+        bias = self._bias(indices, widths, dtype)
+        if not any(ints[i, native.BANKED] for i in indices):
+            groups = {0: None}  # the layers' own scales for every token
+        y = None if len(groups) == 1 else torch.empty(x.shape[0], sum(widths), dtype=dtype)
         for scale_set, tokens in groups.items():
             at = 0
-            for i, layer in zip(which, layers, strict=True):
-                rows = weight[at : at + layer.out_features]
-                self._dequantize(base + i, layer, scale_set, rows)
-                at += layer.out_features
+            for index, width in zip(indices, widths, strict=True):
+                self._dequantize(index, scale_set, weight[at : at + width])
+                at += width
             if y is None:  # one scale set: every token, no gather
                 return F.linear(x.to(dtype), weight, bias)
             y[tokens] = F.linear(x[tokens].to(dtype), weight, bias)
         assert y is not None
         return y
 
-    def _dequantize(self, index: int, layer: BCQLinear, scale_set: int, out: Tensor) -> None:
-        banked = bool(self.stack.weights.ints[index, native.BANKED])
-        first = layer.alpha1_bank[scale_set] if banked else layer.effective_alpha1()
-        rest, offset = layer.alpha_rest, layer.offset
+    def _bias(self, indices: list[int], widths: list[int], dtype: torch.dtype) -> Tensor | None:
+        """The projections' biases side by side (zeros where one has none), or None."""
+        ints, biases = self.stack.weights.ints, self.stack.weights.biases
+        if not any(ints[i, native.HAS_BIAS] for i in indices):
+            return None
+        parts = [
+            torch.from_numpy(biases[ints[i, native.BIAS_AT] : ints[i, native.BIAS_AT] + width])
+            if ints[i, native.HAS_BIAS] else torch.zeros(width)
+            for i, width in zip(indices, widths, strict=True)
+        ]  # fmt: skip
+        return torch.cat(parts).to(dtype)
+
+    def _dequantize(self, index: int, scale_set: int, out: Tensor) -> None:
+        first, rest, offset = self._scales(index, scale_set)
         target = out.numpy() if out.dtype == torch.float32 else out.view(torch.int16).numpy()
         dequant.dequantize(
-            self._codes(index),
-            self.inverse,
-            _float32(first),
-            _float32(rest),
-            None if offset is None else _float32(offset),
-            layer.group_size,
+            self._codes(index), self.inverse, first, rest, offset,
+            int(self.stack.weights.ints[index, native.GROUP_SIZE]),
             target.view(np.uint16) if out.dtype == torch.bfloat16 else target,
-        )
+        )  # fmt: skip
+
+    def _scales(
+        self, index: int, scale_set: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Projection ``index``'s α₁ of ``scale_set``, other planes' scales and offset, as decode
+        reads them, in the layers' ``(out, G)`` order."""
+        ints = self.stack.weights.ints[index]
+        out, bits = int(ints[native.OUT_FEATURES]), int(ints[native.BITS])
+        dims = (int(ints[native.SCALE_DIM_1]), int(ints[native.SCALE_DIM_2]))
+        sets = _kernel_floats(ints[native.FIRST_ADDRESS], (int(ints[native.N_SETS]), *dims))
+        first = sets[scale_set if ints[native.BANKED] else 0]
+        rest = _kernel_floats(ints[native.REST_ADDRESS], (bits - 1, *dims))
+        if self.rows_inner:  # (G, padded out) -> (padded out, G)
+            first, rest = first.T, rest.transpose(0, 2, 1)
+        offset = None
+        if ints[native.WITH_OFFSET]:
+            offset = _kernel_floats(ints[native.OFFSET_ADDRESS], (out, int(ints[native.N_GROUPS])))
+        return np.ascontiguousarray(first[:out]), np.ascontiguousarray(rest[:, :out]), offset
 
     def _codes(self, index: int) -> np.ndarray:
         """Projection ``index``'s codes in the kernel layout: a view of the stack's buffer."""
@@ -248,8 +274,12 @@ class DensePrefill:
         return self._buffers[key]
 
 
-def _float32(t: Tensor) -> np.ndarray:
-    return t.detach().float().contiguous().numpy()
+def _kernel_floats(address: int, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 view of ``shape`` at ``address`` (an array the stack keeps alive)."""
+    if 0 in shape:
+        return np.zeros(shape, np.float32)
+    pointer = ctypes.cast(int(address), ctypes.POINTER(ctypes.c_float))
+    return np.ctypeslib.as_array(pointer, shape=shape)
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

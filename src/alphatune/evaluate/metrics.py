@@ -488,7 +488,8 @@ def paired_bootstrap_difference(
 
     Returns:
         ``(low, high, share)``: the interval of the difference, and the share of samples in
-        which ``hypotheses`` scored higher.
+        which ``hypotheses`` scored higher, ties counted half (Koehn's p-value for "not
+        better" is ``1 - share``).
     """
     _check_corpus(hypotheses, references)
     _check_corpus(baseline, references)
@@ -497,7 +498,8 @@ def paired_bootstrap_difference(
     ours = np.asarray(_sample_scores(hypotheses, references, metric, picks))
     theirs = np.asarray(_sample_scores(baseline, references, metric, picks))
     low, high = _percentiles(list(ours - theirs), confidence)
-    return low, high, float((ours > theirs).mean())
+    share = (ours > theirs).mean() + 0.5 * (ours == theirs).mean()
+    return low, high, float(share)
 
 
 def _check_bootstrap(samples: int, confidence: float) -> None:

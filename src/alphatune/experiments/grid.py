@@ -144,11 +144,14 @@ ABLATIONS: list[Entry] = [
 # where AlphaTuning trails LoRA (38.1 against 41.3 BLEU), and the issue asks for the best
 # recipe measured on dev to become the default, never one chosen on test. Trainable
 # granularity and the multiplier search have fewer parameters than the default, so they stay
-# in the ablations.
+# in the ablations. The default's dev run at its chosen rate won its search on these same dev
+# items, so its score is biased up (the winner's curse); the default once more with seed 1 says
+# how far a seed alone moves the score.
 RECIPES: list[Entry] = [
     ("alphatuning", 3, (("train", "all_alpha"),), (0,)),
     ("alphatuning", 3, (("train", "all_alpha"), ("offset", True)), (0,)),
     ("alphatuning", 3, (("grad_scale", "group_size"),), (0,)),
+    ("alphatuning", 3, (), (1,)),
 ]
 
 PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
@@ -188,8 +191,8 @@ PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
 }
 # WebNLG's headline comparison comes right after E2E's: held-out WebNLG data is where AlphaTuning
 # trailed LoRA (the issue's warning sign), so it decides whether the default recipe needs work;
-# where it trails, the candidate recipes on WebNLG dev come next; the remaining baselines and
-# ablations follow.
+# it trails there (38.1 against 41.3 BLEU), so the candidate recipes on WebNLG dev come next;
+# the remaining baselines and ablations follow.
 ORDER = (
     "e2e",
     "webnlg",
