@@ -117,6 +117,28 @@ def test_a_batch_of_prompts_prefills_together(monkeypatch, exact_tables):
     assert alone[0].tokens == expected[1]
 
 
+def test_a_big_batch_prefills_in_passes_of_whole_prompts(monkeypatch, exact_tables):
+    """Activations are bounded: passes of at most MAX_PASS_TOKENS (a longer prompt alone), the
+    same tokens as one pass."""
+    assert prefill.passes([prefill.Prompt(r, n) for r, n in enumerate([3, 4, 9, 2, 2])], 8) == [
+        [prefill.Prompt(0, 3), prefill.Prompt(1, 4)],
+        [prefill.Prompt(2, 9)],
+        [prefill.Prompt(3, 2), prefill.Prompt(4, 2)],
+    ]
+    engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
+    prompts = [long_prompt(40, seed=s) for s in range(5)]
+    monkeypatch.setenv(prefill.PREFILL_ENV, "float32")
+    expected = [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=6)]
+    monkeypatch.setattr(engine_model, "MAX_PASS_TOKENS", 90)
+    sizes = []
+    run = engine.dense.run
+    monkeypatch.setattr(
+        engine.dense, "run", lambda *a, **k: sizes.append(len(a[1])) or run(*a, **k)
+    )
+    assert [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=6)] == expected
+    assert sizes == [2, 2, 1]
+
+
 def test_prefill_leaves_the_cache_decode_continues_from(exact_tables, monkeypatch):
     """After a dense prefill, decode's logits are those of the LUT path over the whole text."""
     engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))

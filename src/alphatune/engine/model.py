@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from alphatune.engine.prefill import DensePrefill, Prompt, dense_dtype
+from alphatune.engine.prefill import MAX_PASS_TOKENS, DensePrefill, Prompt, dense_dtype, passes
 from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
@@ -141,12 +141,14 @@ class Engine:
         dtype = dense_dtype(sum(len(ids) for ids in prompts) // scale_sets)
         if dtype is None:
             return None
-        hidden = self.embed(np.concatenate(prompts))
-        last = self.dense.run(hidden, batch, cache, rotary, threads, dtype)
+        last = []
+        for part in passes(batch, MAX_PASS_TOKENS):
+            hidden = self.embed(np.concatenate([prompts[p.row] for p in part]))
+            last.append(self.dense.run(hidden, part, cache, rotary, threads, dtype))
         # The prompts' activations and dequantized weights (~25-50 MiB for 512 SmolLM2 tokens)
         # go back to the system rather than staying resident through decode.
         release_free_memory()
-        return last
+        return np.concatenate(last)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """``(N, H)`` float32 embeddings of ``ids``, a writable C array (the residual stream)."""

@@ -45,6 +45,10 @@ CHOICES = ("auto", "bf16", "float32", "lut")
 # 0.24 s dense on 1 thread, 64 tokens 0.26 vs 0.25 s, 96 tokens 0.38 vs 0.27 s; the same
 # crossing on 2 threads.
 MIN_TOKENS = 64
+# Tokens per dense pass at most: a pass holds every token's activations at once (~30 KiB a
+# token for SmolLM2), and each pass costs one more dequantization (~0.1 s), so a big batch goes
+# in passes of whole prompts of about this many tokens (~60 MiB of activations).
+MAX_PASS_TOKENS = 2048
 
 
 def prefill_setting() -> str:
@@ -89,6 +93,19 @@ class Prompt:
 
 # Scale set -> the indices of its prompts' tokens (in the batch's flat token order); None: all.
 ScaleGroups = dict[int, Tensor | None]
+
+
+def passes(prompts: Sequence[Prompt], most: int) -> list[list[Prompt]]:
+    """``prompts`` in order, cut into runs of at most ``most`` tokens (a longer prompt alone)."""
+    runs: list[list[Prompt]] = [[]]
+    held = 0
+    for prompt in prompts:
+        if runs[-1] and held + prompt.length > most:
+            runs.append([])
+            held = 0
+        runs[-1].append(prompt)
+        held += prompt.length
+    return runs
 
 
 def _by_scale_set(prompts: Sequence[Prompt], spans: list[tuple[int, int]]) -> ScaleGroups:
