@@ -5,9 +5,9 @@ to the decoder's own whole-prompt path (``prefill_prompts``: the engine's dense 
 prompts hold enough tokens), else sends their tokens in chunks of up to ``PREFILL_CHUNK`` (rows
 mixed in a chunk); decode sends one token per unfinished row. Per token the Python here costs an
 embedding lookup, one numba call for all the blocks, the head, the choice of the next token and
-(with stop strings) one detokenization of the rows' new tokens. The loop runs on any ``Decoder`` (numpy in and out): ``alphatune.engine.Engine``
-(a transformers model's embedding and head modules) or ``alphatune_runtime.model.Model`` (a saved
-base, no torch).
+(with stop strings) one detokenization of the rows' new tokens. The loop runs on any ``Decoder``
+(numpy in and out): ``alphatune.engine.Engine`` (a transformers model's embedding and head
+modules) or ``alphatune_runtime.model.Model`` (a saved base, no torch).
 """
 
 from __future__ import annotations
