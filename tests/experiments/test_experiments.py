@@ -334,12 +334,20 @@ def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
     """The recipe phase scores each candidate on dev at AlphaTuning's chosen rate and with the
     searches' dev items, so its runs compare with the default's own dev run."""
     results = tmp_path / "results"
-    assert all(isinstance(s, str) for s in grid.specs(results, ("webnlg-recipe",)))
+    before = list(grid.specs(results, ("webnlg-recipe",)))
+    # The candidates wait for AlphaTuning's rate; all α's own search does not.
+    assert all(isinstance(s, str) for s in before[: len(grid.RECIPES)])
+    assert before[len(grid.RECIPES) :] == grid.search_specs("webnlg", "alphatuning-all-alpha")
     searches = grid.search_specs("webnlg", "alphatuning")
     for spec, bleu in zip(searches, (44.0, 47.0, 45.0), strict=True):
         _fake_dev_result(results, spec, bleu)
     runs = list(grid.specs(results, ("webnlg-recipe",)))
+    searched = grid.search_specs("webnlg", "alphatuning-all-alpha")
+    assert runs[len(grid.RECIPES) :] == searched  # all α's own rate search comes last
+    runs = runs[: len(grid.RECIPES)]
     assert len(runs) == len(grid.RECIPES) and not any(isinstance(s, str) for s in runs)
+    # Its search at AlphaTuning's rate is the recipe run itself: one result, not two.
+    assert searched[-1] == runs[0]
     assert all(s.split == "dev" and s.budget == searches[1].budget for s in runs)
     assert all(s.learning_rate == searches[1].learning_rate for s in runs)
     # Candidates at seed 0, and the default once more at seed 1 (how far a seed moves it).
