@@ -252,24 +252,20 @@ def test_search_table_shows_each_candidates_interval_and_sample() -> None:
 
 
 def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items() -> None:
-    def dev_run(options: dict, bleu: float, predictions: list[str], lr=2e-3, seed=0) -> dict:
+    def dev_run(options: dict, bleu: float, predictions: list[str], lr=2e-3, seed=0, base=None):
         spec = {
             "split": "dev", "method": "alphatuning", "bits": 3, "seed": seed,
             "learning_rate": lr, "options": options, "budget": {"eval_limit": 200, "steps": 100},
         }  # fmt: skip
         variant = "alphatuning" + "".join(f", {k}={v}" for k, v in options.items())
-        return {
-            "spec": spec,
-            "variant": variant,
-            "scores": {"bleu": bleu},
-            "predictions": predictions,
-        }
+        notes = {"base": {"fingerprint": base}} if base else {}
+        return {"spec": spec, "variant": variant, "scores": {"bleu": bleu},
+                "predictions": predictions, "notes": notes}  # fmt: skip
 
-    default = dev_run({}, 46.84, ["a"])
-    all_alpha = dev_run({"train": "all_alpha"}, 48.0, ["b"])
+    default = dev_run({}, 46.84, ["a"])  # an older result: no base recorded
+    all_alpha = dev_run({"train": "all_alpha"}, 48.0, ["b"], base="a36fd8629694")
     other_rate = dev_run({}, 44.2, ["c"], lr=5e-3)
-    unlisted = dev_run({"granularity": "row"}, 40.0, ["d"])
-    reseeded = dev_run({}, 45.5, ["e"], seed=1)
+    unlisted = dev_run({"granularity": "row"}, 40.0, ["d"], base="a36fd8629694")
     pairs = []
 
     def paired(ours, theirs):
@@ -278,18 +274,28 @@ def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items
             raise DataError("8 hypotheses but 200 reference sets")
         return (0.5, 1.9, 0.97)
 
-    runs = [default, all_alpha, other_rate, unlisted, reseeded]
+    runs = [default, all_alpha, other_rate, unlisted]
     lines = report.recipe_table("webnlg", runs, lambda: paired).splitlines()
     assert lines[2:] == [
-        "| alphatuning | 1 | 0.002 | 45.50 | 46.84 | -1.34 | – | – |",
         (
-            "| alphatuning, train=all_alpha | 0 | 0.002 | 48.00 | 46.84 | +1.16 | [+0.50, +1.90] "
-            "| 97% |"
+            "| alphatuning, train=all_alpha | 0 | 0.002 | a36fd862 | 48.00 | seed 0, base ? "
+            "| 46.84 | +1.16 | [+0.50, +1.90] | 97% |"
+        )
+    ]
+    assert pairs == [(["b"], ["a"])]
+    # The default at seed 1 on the candidates' base becomes their reference; it is compared
+    # with the seed-0 run itself (a seed and a base apart).
+    reseeded = dev_run({}, 45.5, ["e"], seed=1, base="a36fd8629694")
+    lines = report.recipe_table("webnlg", [*runs, reseeded], lambda: paired).splitlines()
+    assert lines[2:] == [
+        "| alphatuning | 1 | 0.002 | a36fd862 | 45.50 | seed 0, base ? | 46.84 | -1.34 | – | – |",
+        (
+            "| alphatuning, train=all_alpha | 0 | 0.002 | a36fd862 | 48.00 | seed 1, base a36fd862 "
+            "| 45.50 | +2.50 | [+0.50, +1.90] | 97% |"
         ),
     ]
-    assert pairs == [(["e"], ["a"]), (["b"], ["a"])]
     without_data = report.recipe_table("webnlg", runs, lambda: None).splitlines()
-    assert without_data[3].endswith("| +1.16 | – | – |")
+    assert without_data[2].endswith("| +1.16 | – | – |")
     asked = []
     assert report.recipe_table("webnlg", [default, other_rate], lambda: asked.append(1)) == ""
     assert not asked  # the dev references are read only once a candidate has run

@@ -184,16 +184,20 @@ Pairing = Callable[[Sequence[str], Sequence[str]], tuple[float, float, float]]
 def recipe_table(
     task: str, results: Sequence[dict[str, Any]], pairing: Callable[[], Pairing | None]
 ) -> str:
-    """The candidate recipes (``grid.RECIPES``) on dev against the default recipe's own dev run
-    (same bits, seed, learning rate and budget), with the paired bootstrap interval of the
+    """The candidate recipes (``grid.RECIPES``, their searches) on dev against a dev run of the
+    default recipe at the same rate and budget, with the paired bootstrap interval of the
     difference where the dev references can be read (``pairing()``, asked once a candidate has
-    run), or "" when none has. The default at another seed is listed the same way: how far a
-    seed alone moves the score."""
+    run), or "" when none has. The default's runs at other seeds are candidates too: how far a
+    seed alone moves the score.
+
+    The reference is the default's run on the same quantized base if there is one (a base
+    quantized on another CPU differs by float order, and so do its scores), at the same seed if
+    possible; the table names both runs' bases and the reference's seed.
+    """
     main = MAIN_METRIC[task]
     recipes = {(m, b, tuple(sorted(o))) for m, b, o, _ in RECIPES}
     dev = [r for r in results if r["spec"]["split"] == "dev"]
-    default = {_recipe_key(r): r for r in dev if _recipe(r) == ("alphatuning", 3, ())}
-    # The candidates (seed 0, their options) and the default at other seeds.
+    defaults = [r for r in dev if _recipe(r) == ("alphatuning", 3, ())]
     candidates = [
         r for r in dev
         if _recipe(r) in recipes and (r["spec"]["options"] or r["spec"]["seed"] != 0)
@@ -201,25 +205,27 @@ def recipe_table(
     if not candidates:
         return ""
     paired = pairing()
-    titles = ["recipe", "seed", "learning rate", f"dev {main}", "default's", "difference",
-              "paired 95% CI", "wins"]  # fmt: skip
+    titles = ["recipe", "seed", "learning rate", "base", f"dev {main}", "default's run",
+              f"its {main}", "difference", "paired 95% CI", "wins"]  # fmt: skip
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for r in sorted(candidates, key=lambda r: (r["variant"], r["spec"]["seed"])):
         spec, ours = r["spec"], r["scores"][main]
-        base = default.get(_recipe_key(r)) if spec["options"] else _seed_zero(default, r)
-        cells = [r["variant"], str(spec["seed"]), f"{spec['learning_rate']:g}", f"{ours:.2f}"]
-        if base is None:
-            lines.append("| " + " | ".join(cells + ["–"] * 4) + " |")
+        reference = _reference(r, defaults)
+        cells = [r["variant"], str(spec["seed"]), f"{spec['learning_rate']:g}", _base(r),
+                 f"{ours:.2f}"]  # fmt: skip
+        if reference is None:
+            lines.append("| " + " | ".join(cells + ["–"] * 5) + " |")
             continue
-        theirs = base["scores"][main]
+        theirs = reference["scores"][main]
         interval, wins = "–", "–"
-        if paired is not None and r.get("predictions") and base.get("predictions"):
+        if paired is not None and r.get("predictions") and reference.get("predictions"):
             try:
-                low, high, share = paired(r["predictions"], base["predictions"])
+                low, high, share = paired(r["predictions"], reference["predictions"])
                 interval, wins = f"[{low:+.2f}, {high:+.2f}]", f"{100 * share:.0f}%"
             except DataError as exc:  # predictions of an older evaluation set
                 logger.warning("no paired interval for %s: %s", r["variant"], exc)
-        cells += [f"{theirs:.2f}", f"{ours - theirs:+.2f}", interval, wins]
+        run = f"seed {reference['spec']['seed']}, base {_base(reference)}"
+        cells += [run, f"{theirs:.2f}", f"{ours - theirs:+.2f}", interval, wins]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -229,15 +235,25 @@ def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
     return (spec["method"], spec["bits"], tuple(sorted(spec["options"].items())))
 
 
-def _recipe_key(run: dict[str, Any]) -> tuple[Any, ...]:
+def _base(run: dict[str, Any]) -> str:
+    """The first 8 digits of the run's base fingerprint ("?" for a result that predates it)."""
+    return str((run.get("notes") or {}).get("base", {}).get("fingerprint", "?"))[:8]
+
+
+def _reference(run: dict[str, Any], defaults: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The default's dev run to compare ``run`` with: the same rate and budget, not itself; on
+    the same base first, then at the same seed (seed 0 for the default's own reseeded runs)."""
     spec = run["spec"]
-    return (spec["seed"], spec["learning_rate"], tuple(sorted(spec["budget"].items())))
-
-
-def _seed_zero(default: dict[tuple[Any, ...], dict[str, Any]], run: dict[str, Any]) -> Any:
-    """The default's seed-0 run at ``run``'s rate and budget, for a default run at another seed."""
-    _, rate, budget = _recipe_key(run)
-    return None if run["spec"]["seed"] == 0 else default.get((0, rate, budget))
+    seed = spec["seed"] if spec["options"] else 0
+    same = [
+        d for d in defaults
+        if d is not run and d["spec"]["learning_rate"] == spec["learning_rate"]
+        and d["spec"]["budget"] == spec["budget"]
+        and (spec["options"] or d["spec"]["seed"] != spec["seed"])
+    ]  # fmt: skip
+    if not same:
+        return None
+    return max(same, key=lambda d: (_base(d) == _base(run), d["spec"]["seed"] == seed))
 
 
 def dev_pairing(task: str) -> Pairing | None:
@@ -417,12 +433,14 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
             if recipes:
                 parts += [
                     (
-                        "Candidate recipes for the 3-bit default (dev, seed 0, at AlphaTuning's "
-                        "chosen rate), against the default's own dev run: the difference with "
-                        "its paired bootstrap interval (both scored on the same resampled "
-                        "items; it covers the items, not the training seed). The default's run "
-                        "won its learning-rate search on these same items, so it is biased up; "
-                        "the default at seed 1 shows how far a seed alone moves the score. The "
+                        "Candidate recipes for the 3-bit default (dev, seed 0), against a dev run "
+                        "of the default at the same rate: the difference with its paired "
+                        "bootstrap interval (both scored on the same resampled items; it covers "
+                        "the items, not training). The reference is the default's run on the "
+                        "same quantized base where there is one: the default's seed-0 run was "
+                        "made on another CPU, whose base differs by float order (and it won its "
+                        "learning-rate search on these items, so it is biased up). The default "
+                        "at seed 1 shows how far a seed or a base alone moves the score. The "
                         "default changes only on dev evidence."
                     ),
                     "",
