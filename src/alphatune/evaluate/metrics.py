@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import sacrebleu
 from sacrebleu.metrics import BLEU
+from sacrebleu.metrics.bleu import BLEUScore
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from alphatune.errors import AlphaTuneError, ConfigError, DataError
@@ -78,11 +78,19 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) 
     Returns:
         BLEU on sacrebleu's 0-100 scale.
     """
-    _check_corpus(hypotheses, references)
-    streams = _reference_streams(references)
-    score = sacrebleu.corpus_bleu(list(hypotheses), streams)  # type: ignore[arg-type]
+    score = _bleu_score(hypotheses, references, lowercase=False)
     logger.debug("%s", score)
     return float(score.score)
+
+
+def _bleu_score(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], lowercase: bool
+) -> BLEUScore:
+    """sacrebleu's BLEU (13a tokens, 4-grams, exp smoothing) of the corpus, after the checks:
+    the score with its length statistics."""
+    _check_corpus(hypotheses, references)
+    streams = _reference_streams(references)
+    return BLEU(lowercase=lowercase).corpus_score(list(hypotheses), streams)  # type: ignore[arg-type]
 
 
 def bleu_length_ratio(
@@ -94,10 +102,7 @@ def bleu_length_ratio(
     A BLEU gap between two systems with the same n-gram precisions is a length gap: the shorter
     outputs leave facts out. ``lowercase``: as :func:`e2e_bleu` (the same lengths either way).
     """
-    _check_corpus(hypotheses, references)
-    score = sacrebleu.corpus_bleu(
-        list(hypotheses), _reference_streams(references), lowercase=lowercase
-    )  # type: ignore[arg-type]
+    score = _bleu_score(hypotheses, references, lowercase)
     return float(score.sys_len / score.ref_len) if score.ref_len else 0.0
 
 
@@ -114,10 +119,7 @@ def e2e_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> 
     Returns:
         BLEU on the 0-100 scale (the script prints it on 0-1).
     """
-    _check_corpus(hypotheses, references)
-    streams = _reference_streams(references)
-    score = BLEU(lowercase=True).corpus_score(list(hypotheses), streams)  # type: ignore[arg-type]
-    return float(score.score)
+    return float(_bleu_score(hypotheses, references, lowercase=True).score)
 
 
 # --------------------------------------------------------------------------------------------
