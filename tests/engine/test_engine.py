@@ -72,22 +72,31 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize(
-    "config, llama",
-    [
-        (BCQConfig(bits=3, group_size=32, method="offset"), {}),
-        (BCQConfig(bits=2, group_size=64, method="greedy"), {}),
-        (BCQConfig(bits=4, method="alternating"), {}),
-        (BCQConfig(bits=3, group_size=16, method="offset"), {"attention_bias": True}),
-        (BCQConfig(bits=3, group_size=32, method="offset", lm_head="bf16"), {}),
-        (BCQConfig(bits=3, group_size=32, method="offset", lm_head="bcq", lm_head_bits=8), {}),
-        (BCQConfig(bits=3, group_size=32, method="offset", lm_head="keep"), {}),
-        (BCQConfig(bits=3, group_size=8, method="offset"),
-         {"hidden_size": 48, "intermediate_size": 80}),
-    ],
-    ids=["q3-g32-offset", "q2-g64-greedy", "q4-row-alternating", "bias-g16", "head-bf16",
-         "head-bcq8", "head-keep", "rows-padded"],
-)  # fmt: skip
+# Block layouts the engine must serve: (id, quantizer config, Llama config overrides). Shared
+# with tests/engine/test_prefill.py, which runs the same blocks through the dense prefill.
+BLOCK_CASES = [
+    ("q3-g32-offset", BCQConfig(bits=3, group_size=32, method="offset"), {}),
+    ("q2-g64-greedy", BCQConfig(bits=2, group_size=64, method="greedy"), {}),
+    ("q4-row-alternating", BCQConfig(bits=4, method="alternating"), {}),
+    ("bias-g16", BCQConfig(bits=3, group_size=16, method="offset"), {"attention_bias": True}),
+    ("rows-padded", BCQConfig(bits=3, group_size=8, method="offset"),
+     {"hidden_size": 48, "intermediate_size": 80}),
+]  # fmt: skip
+HEAD_CASES = [
+    ("head-bf16", BCQConfig(bits=3, group_size=32, method="offset", lm_head="bf16"), {}),
+    ("head-bcq8",
+     BCQConfig(bits=3, group_size=32, method="offset", lm_head="bcq", lm_head_bits=8), {}),
+    ("head-keep", BCQConfig(bits=3, group_size=32, method="offset", lm_head="keep"), {}),
+]  # fmt: skip
+
+
+def parametrize_cases(cases: list[tuple[str, BCQConfig, dict]]) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize(
+        "config, llama", [case[1:] for case in cases], ids=[case[0] for case in cases]
+    )
+
+
+@parametrize_cases(BLOCK_CASES + HEAD_CASES)
 def test_logits_match_the_transformers_forward(config, llama, exact_tables):
     model = quantized(config, **llama)
     engine = Engine.build(model)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine import VOCAB, model_with_two_adapters, quantized, random_prompts
+from test_engine import (
+    BLOCK_CASES,
+    VOCAB,
+    model_with_two_adapters,
+    parametrize_cases,
+    quantized,
+    random_prompts,
+)
 
 from alphatune import BCQConfig
 from alphatune.engine import Engine, generate_ids, prefill, prompt_logits
@@ -49,18 +56,7 @@ def lut_states(engine: Engine, ids: list[int]):
     return hidden, cache
 
 
-@pytest.mark.parametrize(
-    "config, llama",
-    [
-        (BCQConfig(bits=3, group_size=32, method="offset"), {}),
-        (BCQConfig(bits=2, group_size=64, method="greedy"), {}),
-        (BCQConfig(bits=4, method="alternating"), {}),
-        (BCQConfig(bits=3, group_size=16, method="offset"), {"attention_bias": True}),
-        (BCQConfig(bits=3, group_size=8, method="offset"),
-         {"hidden_size": 48, "intermediate_size": 80}),
-    ],
-    ids=["q3-g32-offset", "q2-g64-greedy", "q4-row-alternating", "bias-g16", "rows-padded"],
-)  # fmt: skip
+@parametrize_cases(BLOCK_CASES)
 def test_float32_dense_prefill_equals_the_lut_path(config, llama, exact_tables):
     """Same hidden states and the same keys and values in the cache, up to summation order."""
     engine = Engine.build(quantized(config, **llama))
