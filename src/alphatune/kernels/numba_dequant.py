@@ -19,6 +19,7 @@ from torch import Tensor
 
 from alphatune.errors import KernelUnavailableError
 from alphatune.kernels.numba_threads import numba_threads, threads_for
+from alphatune_runtime.dequant import SIGNS
 
 try:
     from numba import njit, prange
@@ -27,8 +28,9 @@ try:
 except ImportError as exc:  # numba is an optional dependency (extra "fast")
     _IMPORT_ERROR = exc
 
-# Entries 8m..8m+7: the 8 codes (±1) that byte value r encodes, least significant bit first.
-_SIGNS = (((np.arange(256)[:, None] >> np.arange(8)) & 1) * 2 - 1).astype(np.float32).reshape(-1)
+# Entries 8m..8m+7: the 8 codes (±1) that byte value m encodes, least significant bit first (the
+# engine's sign table, flat).
+_SIGNS = SIGNS.reshape(-1)
 
 
 def available() -> bool:
