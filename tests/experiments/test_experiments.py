@@ -361,6 +361,24 @@ def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
     assert grid.ORDER.index("webnlg-recipe") == grid.ORDER.index("webnlg") + 1
 
 
+def test_webnlg_bits_phase_runs_the_4_bit_bases_on_test_after_the_recipes(tmp_path) -> None:
+    """AlphaTuning 4-bit and QLoRA on WebNLG test come right after the recipe phase, at their
+    families' rates, and are the same runs (one result each) as the rest phase's."""
+    results = tmp_path / "results"
+    for family, scores in (("alphatuning", (44.0, 47.0, 45.0)), ("lora", (40.0, 41.0, 42.0))):
+        for spec, bleu in zip(grid.search_specs("webnlg", family), scores, strict=True):
+            _fake_dev_result(results, spec, bleu)
+    runs = list(grid.specs(results, ("webnlg-bits",)))
+    assert [(s.method, s.bits, s.split, s.seed) for s in runs] == [
+        ("alphatuning", 4, "test", 0),
+        ("qlora", 4, "test", 0),
+    ]
+    assert runs[0].learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
+    assert runs[1].learning_rate == grid.search_specs("webnlg", "lora")[2].learning_rate
+    assert set(runs) <= set(grid.specs(results, ("webnlg-rest",)))
+    assert grid.ORDER.index("webnlg-bits") == grid.ORDER.index("webnlg-recipe") + 1
+
+
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
     """WebNLG's AlphaTuning search is moved below 2e-3, its LoRA search and E2E's full
     fine-tuning search above (each chose its edge); other tasks keep the family's range, and
