@@ -73,6 +73,13 @@ def main() -> None:
         "(draw 0 = the default calibration): the perplexity of one quantization moves by a few "
         "percent with float order alone, so a quality claim compares means over draws",
     )
+    parser.add_argument(
+        "--first-draw",
+        type=int,
+        default=0,
+        help="start at this draw (windows before it are skipped): more draws for a comparison "
+        "whose first ones are already measured, under another label",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--no-sequential",
@@ -89,8 +96,11 @@ def main() -> None:
     data = find_data_dir()
     tokenizer = load_tokenizer()
     draws = calibration_draws(
-        tokenizer, data / "wikitext-2" / "valid.txt", args.calibration_sequences, args.draws
-    )
+        tokenizer,
+        data / "wikitext-2" / "valid.txt",
+        args.calibration_sequences,
+        args.first_draw + args.draws,
+    )[args.first_draw :]
     eval_tokens = load_text_tokens(
         tokenizer, data / "wikitext-2" / "test.txt", max_tokens=EVAL_TOKENS
     )
@@ -101,7 +111,7 @@ def main() -> None:
         else BCQConfig(bits=3, iterations=args.iterations)
     )
     runs = []
-    for draw, calibration in enumerate(draws):
+    for draw, calibration in enumerate(draws, start=args.first_draw):
         model = load_model()
         began = time.perf_counter()
         summary = quantize_(
@@ -122,7 +132,9 @@ def main() -> None:
         "config": config.to_dict(),
         "calibration": [args.calibration_sequences, 512],
         "sequential": not args.no_sequential,
-        # Draw 0's figures under the old keys: entries from before draws compare with them.
+        "first_draw": args.first_draw,
+        # The first draw's figures under the old keys: entries from before draws compare with
+        # them (draw 0's, unless --first-draw).
         "seconds": runs[0]["seconds"],
         "perplexity": runs[0]["perplexity"],
         "eval_tokens": EVAL_TOKENS,
