@@ -190,6 +190,10 @@ def fit_calibrated(
 
 
 def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
-    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the summed squared output error over the calibration inputs."""
-    error = weight.double() - approx.double()
-    return float(((error @ hessian.double()) * error).sum())
+    """``tr((W - Ŵ) H (W - Ŵ)ᵀ)``: the summed squared output error over the calibration inputs.
+
+    The product in float32 (its rounding, ~1e-6 relative, is far below the differences it
+    decides between; in float64 it was ~3% of a SmolLM2 quantization), the sum in float64.
+    """
+    error = weight.float() - approx.float()
+    return float(((error @ hessian.float()) * error).sum(dtype=torch.float64))
