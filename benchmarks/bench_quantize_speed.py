@@ -92,6 +92,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    commit = imported_commit()  # now: the tree may change while the draws run
     torch.set_num_threads(args.threads)
     data = find_data_dir()
     tokenizer = load_tokenizer()
@@ -127,7 +128,7 @@ def main() -> None:
         )
         print(f"{args.label} draw {draw}: {runs[-1]}", flush=True)
     entry = {
-        "commit": imported_commit(),
+        "commit": commit,
         "environment": env,
         "config": config.to_dict(),
         "calibration": [args.calibration_sequences, 512],
