@@ -236,13 +236,19 @@ def test_report_says_when_a_task_has_no_test_run_yet(env, tmp_path) -> None:
 
 
 def test_search_table_shows_each_candidates_interval_and_sample() -> None:
-    def dev_run(lr: float, bleu: float, ci: list[float] | None) -> dict:
+    """One line per searched rate; a second seed and a recipe candidate (their own table) and
+    test runs are not part of the search."""
+
+    def dev_run(lr: float, bleu: float, ci: list[float] | None, seed=0, options=None) -> dict:
         scores = {"bleu": bleu, "n": 200, **({"bleu_ci": ci} if ci else {})}
-        spec = {"split": "dev", "learning_rate": lr}
+        spec = {"split": "dev", "learning_rate": lr, "method": "lora", "bits": None,
+                "seed": seed, "options": options or {}}  # fmt: skip
         return {"spec": spec, "variant": "lora", "scores": scores}
 
-    test_run = {**dev_run(1e-3, 1.0, None), "spec": {"split": "test", "learning_rate": 1e-3}}
+    test_run = dev_run(1e-3, 1.0, None)
+    test_run["spec"]["split"] = "test"
     runs = [dev_run(2e-3, 61.5, [59.0, 64.0]), dev_run(1e-3, 57.94, None), test_run]
+    runs += [dev_run(2e-3, 60.0, None, seed=1), dev_run(2e-3, 70.0, None, options={"r": 4})]
     lines = report.search_table("e2e", runs).splitlines()
     assert lines[0] == "| method | learning rate | dev bleu | 95% CI | dev items | chosen |"
     assert lines[2:] == [

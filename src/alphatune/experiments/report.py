@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from alphatune.errors import ConfigError, DataError
-from alphatune.experiments.grid import BUDGETS, DEV_ITEMS, MAIN_METRIC, RECIPES, choose_rate
+from alphatune.experiments.grid import (
+    BUDGETS,
+    DEV_ITEMS,
+    MAIN_METRIC,
+    RECIPES,
+    SEARCHED,
+    choose_rate,
+)
 from alphatune.experiments.spec import read_result
 
 logger = logging.getLogger(__name__)
@@ -153,10 +160,12 @@ def task_table(task: str, results: Sequence[dict[str, Any]]) -> str:
 
 def search_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     """The learning-rate search on dev: one line per family and candidate, with the bootstrap
-    interval and sample size (candidates closer than their intervals are a tie, not a choice)."""
+    interval and sample size (candidates closer than their intervals are a tie, not a choice).
+    Only the searches' runs (seed 0 of ``grid.SEARCHED``): the recipe candidates and the
+    default's second seed have their own table (``recipe_table``)."""
     main = MAIN_METRIC[task]
     dev = sorted(
-        (r for r in results if r["spec"]["split"] == "dev"),
+        (r for r in results if r["spec"]["split"] == "dev" and _in_search(r)),
         key=lambda r: (r["variant"], r["spec"]["learning_rate"]),
     )
     if not dev:
@@ -233,6 +242,11 @@ def recipe_table(
 def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
     spec = run["spec"]
     return (spec["method"], spec["bits"], tuple(sorted(spec["options"].items())))
+
+
+def _in_search(run: dict[str, Any]) -> bool:
+    """Whether a dev run is one of a family's learning-rate search (seed 0, ``grid.SEARCHED``)."""
+    return run["spec"]["seed"] == 0 and _recipe(run) in SEARCHED.values()
 
 
 def _base(run: dict[str, Any]) -> str:
