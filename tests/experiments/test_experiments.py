@@ -385,6 +385,18 @@ def test_webnlg_bits_phase_runs_the_4_bit_bases_on_test_after_the_recipes(tmp_pa
     assert grid.ORDER.index("webnlg-bits") == grid.ORDER.index("webnlg-recipe") + 1
 
 
+def test_every_task_has_its_headline_comparison_before_any_details() -> None:
+    """Each task's main phase (its searches and AlphaTuning against LoRA and LoRA → PTQ) comes
+    before every task's rest and ablations; the phases together cover what they did before the
+    split (SST-2's full fine-tuning search and REST in ``sst2-rest``)."""
+    mains = [grid.ORDER.index(t) for t in ("e2e", "webnlg", "sst2")]
+    details = [i for i, p in enumerate(grid.ORDER) if p.endswith(("-rest", "-ablations"))]
+    assert max(mains) < min(details)
+    assert set(grid.PHASES) == set(grid.ORDER)
+    searched = {f for p in ("sst2", "sst2-rest") for t, k, fams, _ in grid.PHASES[p] for f in fams}
+    assert searched == {"alphatuning", "lora", "full-ft"}
+
+
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
     """WebNLG's AlphaTuning search is moved below 2e-3, its LoRA search and E2E's full
     fine-tuning search above (each chose its edge); other tasks keep the family's range, and
