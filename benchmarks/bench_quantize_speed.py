@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import environment
+from common import CpuWatch, environment
 
 import alphatune
 from alphatune import BCQConfig, quantize_
@@ -92,6 +92,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.draws < 1 or args.first_draw < 0:
+        parser.error(f"--draws must be >= 1 and --first-draw >= 0, got {args.draws} and "
+                     f"{args.first_draw}")  # fmt: skip
     commit = imported_commit()  # now: the tree may change while the draws run
     torch.set_num_threads(args.threads)
     data = find_data_dir()
@@ -114,15 +117,19 @@ def main() -> None:
     runs = []
     for draw, calibration in enumerate(draws, start=args.first_draw):
         model = load_model()
+        watch = CpuWatch()  # a draw's seconds count only when nothing else ran beside it
         began = time.perf_counter()
         summary = quantize_(
             model, config, calibration=calibration, sequential=not args.no_sequential
         )
         seconds = time.perf_counter() - began
+        others = watch.stop()
         runs.append(
             {
                 "draw": draw,
                 "seconds": round(seconds, 1),
+                "others_cpu_share": round(others.cpu_share, 3),
+                "busy": others.busy,
                 "perplexity": perplexity(model, eval_tokens, progress=False),
             }
         )
@@ -134,14 +141,14 @@ def main() -> None:
         "calibration": [args.calibration_sequences, 512],
         "sequential": not args.no_sequential,
         "first_draw": args.first_draw,
-        # The first draw's figures under the old keys: entries from before draws compare with
-        # them (draw 0's, unless --first-draw).
-        "seconds": runs[0]["seconds"],
-        "perplexity": runs[0]["perplexity"],
         "eval_tokens": EVAL_TOKENS,
         "bits_per_weight": summary.bits_per_weight,
         "model_bytes": summary.model_bytes,
     }
+    if args.first_draw == 0:
+        # Draw 0's figures under the old keys: entries from before draws compare with them.
+        entry.update(seconds=runs[0]["seconds"], perplexity=runs[0]["perplexity"],
+                     busy=runs[0]["busy"])  # fmt: skip
     if len(runs) > 1:
         values = [r["perplexity"] for r in runs]
         entry["draws"] = runs
@@ -151,8 +158,9 @@ def main() -> None:
     results[args.label] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    mean = entry.get("perplexity_mean", entry["perplexity"])
-    print(f"{args.label}: {entry['seconds']:.1f} s, perplexity {mean:.3f} -> {args.out}")
+    mean = statistics.mean(r["perplexity"] for r in runs)
+    seconds = ", ".join(f"{r['seconds']:.1f}" for r in runs)
+    print(f"{args.label}: {seconds} s, perplexity {mean:.3f} -> {args.out}")
 
 
 if __name__ == "__main__":
