@@ -223,7 +223,7 @@ def test_report_says_when_a_task_has_no_test_run_yet(env, tmp_path) -> None:
 
     spec = _spec(env, "alphatuning", 3)
     data = json.loads(result_path(env["results"], spec).read_text())
-    dev = replace(spec, split="dev")
+    dev = replace(spec, split="dev", learning_rate=2e-3)  # a rate of AlphaTuning's search
     data["spec"] = dev.to_dict()
     results = tmp_path / "results"
     target = result_path(results, dev)
@@ -231,27 +231,35 @@ def test_report_says_when_a_task_has_no_test_run_yet(env, tmp_path) -> None:
     write_json(target, data)
     text = report.render(results, tmp_path / "docs" / "results.md")
     assert "No test run has finished yet; the learning-rate search is below." in text
-    assert "| alphatuning | 0.001 |" in text  # the search table still lists the dev run
+    assert "| alphatuning | 0.002 |" in text  # the search table still lists the dev run
     assert not list((tmp_path / "docs" / "results").glob("*.png"))
 
 
 def test_search_table_shows_each_candidates_interval_and_sample() -> None:
-    """One line per searched rate; a second seed and a recipe candidate (their own table) and
-    test runs are not part of the search."""
+    """One line per rate of each family's search as the grid runs it: a second seed, a recipe
+    candidate (both in the recipe table), a rate outside the search's range and test runs are
+    not listed; a searched family with options (all α) is."""
 
-    def dev_run(lr: float, bleu: float, ci: list[float] | None, seed=0, options=None) -> dict:
+    def dev_run(lr, bleu, ci=None, seed=0, method="lora", bits=None, options=None) -> dict:
         scores = {"bleu": bleu, "n": 200, **({"bleu_ci": ci} if ci else {})}
-        spec = {"split": "dev", "learning_rate": lr, "method": "lora", "bits": None,
+        spec = {"split": "dev", "learning_rate": lr, "method": method, "bits": bits,
                 "seed": seed, "options": options or {}}  # fmt: skip
-        return {"spec": spec, "variant": "lora", "scores": scores}
+        variant = method + "".join(f"[{k}={v}]" for k, v in (options or {}).items())
+        return {"spec": spec, "variant": variant, "scores": scores}
 
-    test_run = dev_run(1e-3, 1.0, None)
+    test_run = dev_run(1e-3, 1.0)
     test_run["spec"]["split"] = "test"
-    runs = [dev_run(2e-3, 61.5, [59.0, 64.0]), dev_run(1e-3, 57.94, None), test_run]
-    runs += [dev_run(2e-3, 60.0, None, seed=1), dev_run(2e-3, 70.0, None, options={"r": 4})]
+    all_alpha = {"train": "all_alpha"}
+    runs = [dev_run(2e-3, 61.5, [59.0, 64.0]), dev_run(1e-3, 57.94), test_run]
+    runs += [dev_run(2e-3, 60.0, seed=1), dev_run(5e-4, 50.0)]  # a second seed; an old range
+    runs += [dev_run(1e-3, 62.0, method="alphatuning", bits=3, options=all_alpha)]
+    runs += [
+        dev_run(2e-3, 63.0, method="alphatuning", bits=3, options={"grad_scale": "group_size"})
+    ]
     lines = report.search_table("e2e", runs).splitlines()
     assert lines[0] == "| method | learning rate | dev bleu | 95% CI | dev items | chosen |"
     assert lines[2:] == [
+        "| alphatuning[train=all_alpha] | 0.001 | 62.00 | – | 200 |  |",
         "| lora | 0.001 | 57.94 | – | 200 |  |",
         "| lora | 0.002 | 61.50 | [59.00, 64.00] | 200 | yes (the highest rate tried) |",
     ]
@@ -374,7 +382,7 @@ def test_webnlg_bits_phase_runs_the_4_bit_bases_on_test_after_the_recipes(tmp_pa
     for family, scores in (("alphatuning", (44.0, 47.0, 45.0)), ("lora", (40.0, 41.0, 42.0))):
         for spec, bleu in zip(grid.search_specs("webnlg", family), scores, strict=True):
             _fake_dev_result(results, spec, bleu)
-    runs = list(grid.specs(results, ("webnlg-bits",)))
+    runs = list(grid.specs(results, ("webnlg-4bit",)))
     assert [(s.method, s.bits, s.split, s.seed) for s in runs] == [
         ("alphatuning", 4, "test", 0),
         ("qlora", 4, "test", 0),
@@ -382,19 +390,25 @@ def test_webnlg_bits_phase_runs_the_4_bit_bases_on_test_after_the_recipes(tmp_pa
     assert runs[0].learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
     assert runs[1].learning_rate == grid.search_specs("webnlg", "lora")[2].learning_rate
     assert set(runs) <= set(grid.specs(results, ("webnlg-rest",)))
-    assert grid.ORDER.index("webnlg-bits") == grid.ORDER.index("webnlg-recipe") + 1
+    assert grid.ORDER.index("webnlg-4bit") == grid.ORDER.index("webnlg-recipe") + 1
 
 
-def test_every_task_has_its_headline_comparison_before_any_details() -> None:
+def test_every_task_has_its_headline_comparison_before_its_rest_and_ablations() -> None:
     """Each task's main phase (its searches and AlphaTuning against LoRA and LoRA → PTQ) comes
-    before every task's rest and ablations; the phases together cover what they did before the
-    split (SST-2's full fine-tuning search and REST in ``sst2-rest``)."""
+    before every task's "-rest" and "-ablations" phases; SST-2's split phases hold what the one
+    phase held before (the three searches, the headline runs and ``REST``)."""
     mains = [grid.ORDER.index(t) for t in ("e2e", "webnlg", "sst2")]
     details = [i for i, p in enumerate(grid.ORDER) if p.endswith(("-rest", "-ablations"))]
     assert max(mains) < min(details)
     assert set(grid.PHASES) == set(grid.ORDER)
-    searched = {f for p in ("sst2", "sst2-rest") for t, k, fams, _ in grid.PHASES[p] for f in fams}
-    assert searched == {"alphatuning", "lora", "full-ft"}
+    phases = [row for p in ("sst2", "sst2-rest") for row in grid.PHASES[p]]
+    assert {f for _, kind, families, _ in phases if kind == "search" for f in families} == {
+        "alphatuning",
+        "lora",
+        "full-ft",
+    }
+    entries = [e for _, kind, _, rows in phases if kind == "test" for e in rows]
+    assert sorted(entries, key=str) == sorted(grid._main((0,)) + grid.REST, key=str)
 
 
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:

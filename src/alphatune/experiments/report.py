@@ -23,6 +23,7 @@ from alphatune.experiments.grid import (
     RECIPES,
     SEARCHED,
     choose_rate,
+    learning_rates,
 )
 from alphatune.experiments.spec import read_result
 
@@ -161,11 +162,11 @@ def task_table(task: str, results: Sequence[dict[str, Any]]) -> str:
 def search_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     """The learning-rate search on dev: one line per family and candidate, with the bootstrap
     interval and sample size (candidates closer than their intervals are a tie, not a choice).
-    Only the searches' runs (seed 0 of ``grid.SEARCHED``): the recipe candidates and the
-    default's second seed have their own table (``recipe_table``)."""
+    Only the searches' runs (``_in_search``): the recipe candidates and the default's second
+    seed have their own table (``recipe_table``)."""
     main = MAIN_METRIC[task]
     dev = sorted(
-        (r for r in results if r["spec"]["split"] == "dev" and _in_search(r)),
+        (r for r in results if r["spec"]["split"] == "dev" and _in_search(task, r)),
         key=lambda r: (r["variant"], r["spec"]["learning_rate"]),
     )
     if not dev:
@@ -244,9 +245,17 @@ def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
     return (spec["method"], spec["bits"], tuple(sorted(spec["options"].items())))
 
 
-def _in_search(run: dict[str, Any]) -> bool:
-    """Whether a dev run is one of a family's learning-rate search (seed 0, ``grid.SEARCHED``)."""
-    return run["spec"]["seed"] == 0 and _recipe(run) in SEARCHED.values()
+def _in_search(task: str, run: dict[str, Any]) -> bool:
+    """Whether a dev run is one of a family's learning-rate search as the grid runs it now (seed
+    0 of ``grid.SEARCHED``, at one of ``grid.learning_rates``): what ``best_learning_rate``
+    chooses from. Runs of a range since moved stay in their result files."""
+    families = {recipe: family for family, recipe in SEARCHED.items()}
+    family = families.get(_recipe(run))
+    return (
+        family is not None
+        and run["spec"]["seed"] == 0
+        and run["spec"]["learning_rate"] in learning_rates(task, family)
+    )
 
 
 def _base(run: dict[str, Any]) -> str:
