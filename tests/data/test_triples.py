@@ -110,3 +110,36 @@ def test_real_files(shared_data: Path) -> None:
     train = load_triples_train(folder / "train.jsonl", limit=3)
     assert train[0].prompt == "Triples: Aarhus Airport | cityServed | Aarhus, Denmark\nText:"
     assert "_" not in train[0].prompt
+
+
+def test_categories_keep_only_the_lines_they_accept(tmp_path: Path) -> None:
+    """``categories`` filters lines by their ``category`` field (``None`` where it has none), in
+    both loaders; a file whose lines all fail it loads as empty, not as an empty file."""
+    entries = [{**ENTRIES[0], "category": "Airport"}, ENTRIES[1]]  # the second: no category
+    path = write_jsonl(tmp_path / "c.jsonl", [json.dumps(entry) for entry in entries])
+    airport = triples_prompt(ENTRIES[0]["triples"])
+    assert {e.prompt for e in load_triples_train(path, categories=lambda c: c == "Airport")} == {
+        airport
+    }
+    seen: list[str | None] = []
+    items = load_triples_eval(path, categories=lambda c: seen.append(c) or c != "Airport")
+    assert seen == ["Airport", None] and [item.prompt for item in items] == [
+        triples_prompt(ENTRIES[1]["triples"])
+    ]
+    assert load_triples_eval(path, categories=lambda c: False) == []
+
+
+def test_real_held_out_categories(shared_data: Path) -> None:
+    """The held-out task's split on the real files: its dev items are the held-out categories'
+    (187), and the training splits into the kept and the held-out categories' references; they
+    share only 2 triple sets (generic facts: a country's leader)."""
+    from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
+
+    folder = shared_data / "webnlg"
+    held_out = HELD_OUT_CATEGORIES.__contains__
+    dev = load_triples_eval(folder / "dev.jsonl", categories=held_out)
+    assert len(dev) == 187
+    train = load_triples_train(folder / "train.jsonl", categories=lambda c: not held_out(c))
+    held_out_train = load_triples_train(folder / "train.jsonl", categories=held_out)
+    assert len(train) + len(held_out_train) == len(load_triples_train(folder / "train.jsonl"))
+    assert len({e.prompt for e in train} & {e.prompt for e in held_out_train}) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -219,8 +220,6 @@ def test_report_renders_tables_and_plots(env, tmp_path) -> None:
 def test_report_says_when_a_task_has_no_test_run_yet(env, tmp_path) -> None:
     """A task with only learning-rate search results gets a sentence, not an empty table or
     empty plots."""
-    from dataclasses import replace
-
     spec = _spec(env, "alphatuning", 3)
     data = json.loads(result_path(env["results"], spec).read_text())
     dev = replace(spec, split="dev", learning_rate=2e-3)  # a rate of AlphaTuning's search
@@ -498,3 +497,74 @@ def test_derived_run_without_its_parent_says_which(env) -> None:
     spec = RunSpec("e2e", "ft-ptq", 3, 7, 1e-3, "test", (), TINY, env["model"])
     with pytest.raises(ConfigError, match="the weights of its full-ft run are missing"):
         run(spec, env["results"], env["work"])
+
+
+def test_held_out_task_trains_without_the_categories_it_scores(shared_data_dir, monkeypatch):
+    """``webnlg-heldout``: training without the four held-out categories, dev items only from
+    them (all 187, one subset: every item is unseen), and no test split."""
+    monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(shared_data_dir))
+    task = tasks.get_task("webnlg-heldout")
+    dev = task.eval_set("dev", grid.DEV_ITEMS)
+    assert len(dev.items) == 187 and dev.subsets == {}
+    full_train = tasks.get_task("webnlg").train_examples()
+    assert 0 < len(task.train_examples()) < len(full_train)
+    held_out_prompts = {item.prompt for item in dev.items}
+    assert not held_out_prompts & {e.prompt for e in task.train_examples()}
+    with pytest.raises(ConfigError, match="only a dev split"):
+        task.eval_set("test", None)
+
+
+def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
+    """The held-out phase's dev runs wait for WebNLG's searches, then run at WebNLG's chosen
+    rates with the dev budget."""
+    results = tmp_path / "results"
+    assert all(isinstance(s, str) for s in grid.specs(results, ("webnlg-heldout",)))
+    for family, scores in (("alphatuning", (44.0, 47.0, 45.0)), ("lora", (40.0, 41.0, 42.0))):
+        for spec, bleu in zip(grid.search_specs("webnlg", family), scores, strict=True):
+            _fake_dev_result(results, spec, bleu)
+    runs = list(grid.specs(results, ("webnlg-heldout",)))
+    assert [(s.task, s.method, s.bits, s.split) for s in runs] == [
+        ("webnlg-heldout", "alphatuning", 3, "dev"),
+        ("webnlg-heldout", "alphatuning", 4, "dev"),
+        ("webnlg-heldout", "lora", None, "dev"),
+    ]
+    assert [s.learning_rate for s in runs] == [2e-3, 2e-3, 1e-2]
+    assert all(s.budget.eval_limit == grid.DEV_ITEMS for s in runs)
+
+
+def test_report_renders_the_held_out_dev_runs(tmp_path) -> None:
+    """A task with dev runs only gets its table (best first, with interval, length and size)."""
+    from alphatune.experiments.spec import Budget
+
+    results = tmp_path / "results"
+    for method, bits, bleu in (("alphatuning", 3, 40.0), ("lora", None, 43.5)):
+        spec = RunSpec("webnlg-heldout", method, bits, 0, 2e-3, "dev", (), Budget(steps=1))
+        scores = {"bleu": bleu, "bleu_ci": [bleu - 2, bleu + 2], "length_ratio": 0.9, "n": 187}
+        data = {"format": 1, "spec": spec.to_dict(), "variant": method, "scores": scores,
+                "stored_bytes": 2**20 * 150, "predictions": [],
+                "environment": {"processor": "cpu", "date": "2026-12-02T00:00:00+00:00"}}  # fmt: skip
+        write_json(result_path(results, spec), data)
+    text = report.render(results, tmp_path / "docs" / "results.md")
+    assert "## WebNLG 2017, four training categories held out (dev)" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| lora", "| alphatuning"))]
+    assert rows == [
+        "| lora | fp32 | 0 | 0.002 | 150.0 | 43.50 | [41.50, 45.50] | 0.90 | 187 |",
+        "| alphatuning | 3 | 0 | 0.002 | 150.0 | 40.00 | [38.00, 42.00] | 0.90 | 187 |",
+    ]
+
+
+def test_a_held_out_run_writes_a_result(env, shared_data_dir, tmp_path, monkeypatch) -> None:
+    """A 2-step AlphaTuning run of ``webnlg-heldout`` on the tiny model: trained on the kept
+    categories, scored on the held-out ones' dev items."""
+    data = tmp_path / "data"
+    _head(shared_data_dir / "webnlg" / "train.jsonl", data / "webnlg" / "train.jsonl", 12)
+    records = (shared_data_dir / "webnlg" / "dev.jsonl").read_text(encoding="utf-8").splitlines()
+    held_out = [r for r in records if json.loads(r)["category"] in tasks.HELD_OUT_CATEGORIES]
+    (data / "webnlg" / "dev.jsonl").write_text("\n".join(held_out[:4]) + "\n", encoding="utf-8")
+    (data / "wikitext-2").mkdir()
+    shutil.copy(shared_data_dir / "wikitext-2" / "valid.txt", data / "wikitext-2" / "valid.txt")
+    monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(data))
+    spec = replace(_spec(env, "alphatuning", 3, task="webnlg-heldout"), split="dev")
+    result = run(spec, tmp_path / "results", tmp_path / "work")
+    assert result["spec"]["task"] == "webnlg-heldout" and result["scores"]["n"] == 4
+    assert 0 <= result["scores"]["bleu"] <= 100 and result["training"]["steps"] == 2

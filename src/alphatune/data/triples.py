@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from alphatune.data.examples import EvalItem, Example, check_limit
 from alphatune.data.text import utf8_error
 from alphatune.errors import DataError
 
+# Decides from a line's ``category`` field (``None`` when it has none) whether to keep the line.
+CategoryFilter = Callable[[str | None], bool]
 logger = logging.getLogger(__name__)
 
 _EXPECTED = (
@@ -61,9 +63,10 @@ def _string_list(record: dict[str, Any], field: str, where: str) -> list[str]:
 
 
 def _read_entries(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str], categories: CategoryFilter | None = None
 ) -> Iterator[tuple[str, list[str], list[str] | None, str]]:
-    """Yield ``(prompt, refs, ref_comments or None, "file:line")`` per non-blank line."""
+    """Yield ``(prompt, refs, ref_comments or None, "file:line")`` per non-blank line (per line
+    whose ``category`` field, ``None`` where it has none, passes ``categories``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"triples file not found: {path}; expected a JSONL file with {_EXPECTED}")
@@ -83,6 +86,9 @@ def _read_entries(
                     ) from err
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                entries += 1
+                if categories is not None and not categories(record.get("category")):
+                    continue
                 triples = _triples(record, where)
                 refs = _string_list(record, "refs", where)
                 comments = None
@@ -93,7 +99,6 @@ def _read_entries(
                             f"{where}: 'ref_comments' has {len(comments)} entries but 'refs' has "
                             f"{len(refs)}; they must be parallel"
                         )
-                entries += 1
                 yield triples_prompt(triples), refs, comments, where
         except UnicodeDecodeError as err:
             # The reader decodes in blocks: lineno can be far from the bad byte; find the byte.
@@ -122,7 +127,11 @@ def _triples(record: dict[str, Any], where: str) -> list[list[str]]:
     return triples
 
 
-def load_triples_train(path: str | os.PathLike[str], limit: int | None = None) -> list[Example]:
+def load_triples_train(
+    path: str | os.PathLike[str],
+    limit: int | None = None,
+    categories: CategoryFilter | None = None,
+) -> list[Example]:
     """One training example per usable reference, in file order.
 
     A reference is usable when it is non-blank and, if the line has ``ref_comments``, marked
@@ -131,6 +140,7 @@ def load_triples_train(path: str | os.PathLike[str], limit: int | None = None) -
     Args:
         path: a JSONL file (e.g. ``webnlg/train.jsonl``).
         limit: keep only the first ``limit`` examples (not lines); ``None`` keeps all.
+        categories: keep only the lines whose ``category`` it accepts (``None``: all lines).
 
     Returns:
         ``Example(prompt=triples_prompt(triples), target=" " + ref)`` per usable reference.
@@ -138,7 +148,7 @@ def load_triples_train(path: str | os.PathLike[str], limit: int | None = None) -
     check_limit(limit)
     examples: list[Example] = []
     skipped = 0
-    for prompt, refs, comments, _ in _read_entries(path):
+    for prompt, refs, comments, _ in _read_entries(path, categories):
         if limit is not None and len(examples) >= limit:
             break
         for index, ref in enumerate(refs):
@@ -157,12 +167,17 @@ def load_triples_train(path: str | os.PathLike[str], limit: int | None = None) -
     return examples
 
 
-def load_triples_eval(path: str | os.PathLike[str], limit: int | None = None) -> list[EvalItem]:
+def load_triples_eval(
+    path: str | os.PathLike[str],
+    limit: int | None = None,
+    categories: CategoryFilter | None = None,
+) -> list[EvalItem]:
     """One evaluation item per line (triple set) with all its non-blank references.
 
     Args:
         path: a JSONL file (e.g. ``webnlg/dev.jsonl`` or ``webnlg/test.jsonl``).
         limit: keep only the first ``limit`` lines; ``None`` keeps all.
+        categories: keep only the lines whose ``category`` it accepts (``None``: all lines).
 
     Returns:
         ``EvalItem(prompt=triples_prompt(triples), references=(ref, ...))`` per line, in file
@@ -170,7 +185,7 @@ def load_triples_eval(path: str | os.PathLike[str], limit: int | None = None) ->
     """
     check_limit(limit)
     items: list[EvalItem] = []
-    for prompt, refs, _, where in _read_entries(path):
+    for prompt, refs, _, where in _read_entries(path, categories):
         if limit is not None and len(items) >= limit:
             break
         references = tuple(ref.strip() for ref in refs if ref.strip())

@@ -20,12 +20,14 @@ from alphatune.experiments.grid import (
     BUDGETS,
     DEV_ITEMS,
     MAIN_METRIC,
+    RATES_FROM,
     RECIPES,
     SEARCHED,
     choose_rate,
     learning_rates,
 )
 from alphatune.experiments.spec import read_result
+from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ TASK_TITLES = {
     "e2e": "E2E NLG (test)",
     "webnlg": "WebNLG 2017 (test)",
     "sst2": "SST-2 (GLUE dev)",
+    "webnlg-heldout": "WebNLG 2017, four training categories held out (dev)",
 }
 
 
@@ -155,6 +158,33 @@ def task_table(task: str, results: Sequence[dict[str, Any]]) -> str:
             _interval(row, main),
             ", ".join(sorted({r["environment"]["commit"][:8] for r in row.runs})),
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dev_table(task: str, results: Sequence[dict[str, Any]]) -> str:
+    """Every dev run of a task that only has dev (``grid.RATES_FROM``): its score with the
+    bootstrap interval, length ratio and sample size, best first."""
+    main = MAIN_METRIC[task]
+    dev = sorted(
+        (r for r in results if r["spec"]["split"] == "dev"),
+        key=lambda r: -r["scores"][main],
+    )
+    if not dev:
+        return "_no dev runs yet_"
+    titles = ["method", "bits", "seed", "learning rate", "stored MiB", f"dev {main}", "95% CI",
+              "length", "dev items"]  # fmt: skip
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for r in dev:
+        spec, scores = r["spec"], r["scores"]
+        ci = scores.get(f"{main}_ci")
+        interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
+        length = scores.get("length_ratio")
+        cells = [
+            r["variant"], "fp32" if spec["bits"] is None else str(spec["bits"]), str(spec["seed"]), f"{spec['learning_rate']:g}",
+            f"{r['stored_bytes'] / 2**20:.1f}", f"{scores[main]:.2f}", interval,
+            "–" if length is None else f"{length:.2f}", str(scores.get("n", "–")),
+        ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -442,6 +472,19 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
                     "length over the references' as BLEU counts it; below 1 BLEU's brevity "
                     "penalty applies, and shorter outputs usually leave facts out."
                 ),
+                "",
+            ]
+        if task in RATES_FROM:
+            parts += [
+                (
+                    f"Dev runs only, at the rates {RATES_FROM[task]}'s searches chose: the "
+                    "training leaves out the categories these dev items come from "
+                    f"({', '.join(HELD_OUT_CATEGORIES)}), so they show on dev what the test "
+                    "set's unseen categories show. Recipes may be chosen here; the test set "
+                    "stays unseen by that choice."
+                ),
+                "",
+                dev_table(task, results),
                 "",
             ]
         if task in COLUMNS:

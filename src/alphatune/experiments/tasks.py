@@ -185,6 +185,39 @@ class WebNLG(Task):
         return scores
 
 
+# WebNLG's dev set holds only categories seen in training, so it cannot show what test's unseen
+# half shows (where 3-bit AlphaTuning trails LoRA most). ``webnlg-heldout`` trains without these
+# four mid-sized training categories (person, institution, fiction, place: 1,485 of 6,890 training
+# references; 2 generic triple sets, a country's leader, occur in kept categories too) and scores
+# on their 187 dev items: unseen categories, on dev.
+HELD_OUT_CATEGORIES = ("Astronaut", "ComicsCharacter", "Monument", "University")
+
+
+class WebNLGHeldOut(WebNLG):
+    """WebNLG with four training categories held out: its dev split is those categories' dev
+    items, categories the training never showed. Only dev: it chooses recipes, test stays
+    WebNLG's own."""
+
+    name = "webnlg-heldout"
+
+    def train_examples(self) -> list[Example]:
+        return load_triples_train(
+            _file("webnlg/train.jsonl"), categories=lambda c: c not in HELD_OUT_CATEGORIES
+        )
+
+    def eval_set(self, split: str, limit: int | None) -> EvalSet:
+        if split != "dev":
+            raise ConfigError(
+                f"task {self.name!r} has only a dev split (its held-out categories' dev items), "
+                f"got {split!r}; test runs belong to task 'webnlg'"
+            )
+        path = _file("webnlg/dev.jsonl")
+        items = load_triples_eval(path, categories=lambda c: c in HELD_OUT_CATEGORIES)
+        if not items:
+            raise DataError(f"{path}: no dev item of the held-out categories {HELD_OUT_CATEGORIES}")
+        return EvalSet([items[i] for i in _sample(len(items), limit)], {})
+
+
 SST2_LABELS = (" negative", " positive")  # label 0, label 1
 
 
@@ -305,7 +338,7 @@ def classify(
     return [labels[int(i)].strip() for i in scores.argmax(dim=1)]
 
 
-TASKS: dict[str, Task] = {task.name: task for task in (E2E(), WebNLG(), SST2())}
+TASKS: dict[str, Task] = {task.name: task for task in (E2E(), WebNLG(), WebNLGHeldOut(), SST2())}
 
 
 def get_task(name: str) -> Task:
