@@ -230,9 +230,10 @@ PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
 # WebNLG's headline comparison comes right after E2E's: held-out WebNLG data is where AlphaTuning
 # trailed LoRA (the issue's warning sign), so it decides whether the default recipe needs work;
 # it trails there (38.1 against 41.3 BLEU), so the candidate recipes on WebNLG dev come next,
-# then the 4-bit bases on WebNLG test and the held-out categories' dev runs. SST-2's headline comparison comes before the remaining
-# baselines and ablations: each task's main result before any task's "-rest" and "-ablations"
-# phases (and SST-2's runs are short: a label per item, no generation).
+# then the 4-bit bases on WebNLG test and the held-out categories' dev runs. SST-2's headline
+# comparison comes before the remaining baselines and ablations: each task's main result before
+# any task's "-rest" and "-ablations" phases (and SST-2's runs are short: a label per item, no
+# generation).
 ORDER = (
     "e2e",
     "webnlg",
