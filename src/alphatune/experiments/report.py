@@ -180,8 +180,9 @@ def dev_table(task: str, results: Sequence[dict[str, Any]]) -> str:
         ci = scores.get(f"{main}_ci")
         interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
         length = scores.get("length_ratio")
+        bits = "fp32" if spec["bits"] is None else str(spec["bits"])
         cells = [
-            r["variant"], "fp32" if spec["bits"] is None else str(spec["bits"]), str(spec["seed"]), f"{spec['learning_rate']:g}",
+            r["variant"], bits, str(spec["seed"]), f"{spec['learning_rate']:g}",
             f"{r['stored_bytes'] / 2**20:.1f}", f"{scores[main]:.2f}", interval,
             "–" if length is None else f"{length:.2f}", str(scores.get("n", "–")),
         ]  # fmt: skip
