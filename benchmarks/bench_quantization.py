@@ -73,6 +73,11 @@ def render(records: list[dict], settings: dict) -> str:
             f"{r['bits_per_weight']:.2f} | {ppl} | {ratio:.2f}× | {r['seconds']:.0f} |"
         )
     lines += ["", f"Machine: {describe_machine()}.", ""]
+    # Hand-written findings live on their own page: this one is rewritten on every record.
+    lines += [
+        "How many bits to choose, and which calibration text: [choosing.md](choosing.md).",
+        "",
+    ]
     return "\n".join(lines)
 
 
