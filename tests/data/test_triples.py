@@ -127,19 +127,3 @@ def test_categories_keep_only_the_lines_they_accept(tmp_path: Path) -> None:
         triples_prompt(ENTRIES[1]["triples"])
     ]
     assert load_triples_eval(path, categories=lambda c: False) == []
-
-
-def test_real_held_out_categories(shared_data: Path) -> None:
-    """The held-out task's split on the real files: its dev items are the held-out categories'
-    (187), and the training splits into the kept and the held-out categories' references; they
-    share only 2 triple sets (generic facts: a country's leader)."""
-    from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
-
-    folder = shared_data / "webnlg"
-    held_out = HELD_OUT_CATEGORIES.__contains__
-    dev = load_triples_eval(folder / "dev.jsonl", categories=held_out)
-    assert len(dev) == 187
-    train = load_triples_train(folder / "train.jsonl", categories=lambda c: not held_out(c))
-    held_out_train = load_triples_train(folder / "train.jsonl", categories=held_out)
-    assert len(train) + len(held_out_train) == len(load_triples_train(folder / "train.jsonl"))
-    assert len({e.prompt for e in train} & {e.prompt for e in held_out_train}) == 2

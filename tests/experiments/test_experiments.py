@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from alphatune.config import BCQConfig
+from alphatune.data import load_triples_train
 from alphatune.errors import ConfigError, DataError
 from alphatune.evaluate import metrics
 from alphatune.experiments import grid, report, tasks
@@ -369,8 +370,12 @@ def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
     assert searched[-1] == runs[0]
     assert all(s.split == "dev" and s.budget == searches[1].budget for s in runs)
     assert all(s.learning_rate == searches[1].learning_rate for s in runs)
-    # Candidates at seed 0, and the default once more at seed 1 (how far a seed moves it).
-    assert [(s.seed, bool(s.options)) for s in runs] == [(0, True)] * 3 + [(1, False)]
+    # Candidates at seed 0, the default once more at seed 1 (how far a seed moves it), and the
+    # default on a 4-bit base.
+    assert [(s.seed, bool(s.options), s.bits) for s in runs] == [(0, True, 3)] * 3 + [
+        (1, False, 3),
+        (0, False, 4),
+    ]
     assert grid.ORDER.index("webnlg-recipe") == grid.ORDER.index("webnlg") + 1
 
 
@@ -499,19 +504,59 @@ def test_derived_run_without_its_parent_says_which(env) -> None:
         run(spec, env["results"], env["work"])
 
 
-def test_held_out_task_trains_without_the_categories_it_scores(shared_data_dir, monkeypatch):
-    """``webnlg-heldout``: training without the four held-out categories, dev items only from
-    them (all 187, one subset: every item is unseen), and no test split."""
+def _held_out_data(shared_data_dir: Path, root: Path, extra_train: list[str] = ()) -> Path:
+    """A WebNLG data folder: the first 12 training lines (Airport), 3 held-out categories'
+    training lines and ``extra_train``; 4 held-out dev items; WikiText-2 valid for the base."""
+    train = (shared_data_dir / "webnlg" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    dev = (shared_data_dir / "webnlg" / "dev.jsonl").read_text(encoding="utf-8").splitlines()
+    held_out = [r for r in train if json.loads(r)["category"] in tasks.HELD_OUT_CATEGORIES]
+    by_category = {json.loads(r)["category"]: r for r in held_out}  # one line per category
+    lines = train[:12] + list(by_category.values()) + list(extra_train)
+    (root / "webnlg").mkdir(parents=True)
+    (root / "webnlg" / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    dev_held_out = [r for r in dev if json.loads(r)["category"] in tasks.HELD_OUT_CATEGORIES]
+    (root / "webnlg" / "dev.jsonl").write_text("\n".join(dev_held_out[:4]) + "\n", encoding="utf-8")
+    (root / "wikitext-2").mkdir()
+    shutil.copy(shared_data_dir / "wikitext-2" / "valid.txt", root / "wikitext-2" / "valid.txt")
+    return root
+
+
+def test_held_out_task_trains_without_the_categories_it_scores(
+    shared_data_dir, monkeypatch
+) -> None:
+    """``webnlg-heldout`` on the real files: its 187 dev items are the held-out categories',
+    its training is WebNLG's minus exactly those categories' 4,119 references (of 18,025), and
+    it has no test split."""
     monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(shared_data_dir))
     task = tasks.get_task("webnlg-heldout")
     dev = task.eval_set("dev", grid.DEV_ITEMS)
-    assert len(dev.items) == 187 and dev.subsets == {}
-    full_train = tasks.get_task("webnlg").train_examples()
-    assert 0 < len(task.train_examples()) < len(full_train)
-    held_out_prompts = {item.prompt for item in dev.items}
-    assert not held_out_prompts & {e.prompt for e in task.train_examples()}
-    with pytest.raises(ConfigError, match="only a dev split"):
+    assert len(dev.items) == 187 and dev.subsets == {}  # one set: every item is unseen
+    full = tasks.get_task("webnlg").train_examples()
+    assert (len(full), len(task.train_examples())) == (18025, 18025 - 4119)
+    with pytest.raises(ConfigError, match="no 'test' split"):
         task.eval_set("test", None)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"triples": [["A", "p", "B"]], "refs": ["A p B."]}', "without a 'category' field"),
+        (None, "no training line of the held-out categories \\['University'\\]"),
+    ],
+    ids=["no category", "a held-out category renamed"],
+)
+def test_held_out_training_refuses_what_it_cannot_filter(
+    shared_data_dir, tmp_path, monkeypatch, line, message
+) -> None:
+    """A training line without a category, or a held-out category missing from the training
+    file (renamed, say), is an error: either could let held-out data into training unseen."""
+    root = _held_out_data(shared_data_dir, tmp_path / "data", [line] if line else [])
+    if line is None:  # University's line renamed
+        path = root / "webnlg" / "train.jsonl"
+        path.write_text(path.read_text().replace('"University"', '"Universities"'))
+    monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(root))
+    with pytest.raises(DataError, match=message):
+        tasks.get_task("webnlg-heldout").train_examples()
 
 
 def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
@@ -533,38 +578,59 @@ def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
 
 
 def test_report_renders_the_held_out_dev_runs(tmp_path) -> None:
-    """A task with dev runs only gets its table (best first, with interval, length and size)."""
+    """A dev-only task gets its own section and table: best first, with interval, length, size,
+    the paired difference against the 3-bit default's seed-0 run, base and commit."""
     from alphatune.experiments.spec import Budget
 
     results = tmp_path / "results"
+    runs = []
     for method, bits, bleu in (("alphatuning", 3, 40.0), ("lora", None, 43.5)):
         spec = RunSpec("webnlg-heldout", method, bits, 0, 2e-3, "dev", (), Budget(steps=1))
         scores = {"bleu": bleu, "bleu_ci": [bleu - 2, bleu + 2], "length_ratio": 0.9, "n": 187}
+        environment = {"processor": "cpu", "date": "2026-12-02T00:00:00+00:00",
+                       "commit": "abc1234567"}  # fmt: skip
         data = {"format": 1, "spec": spec.to_dict(), "variant": method, "scores": scores,
-                "stored_bytes": 2**20 * 150, "predictions": [],
-                "environment": {"processor": "cpu", "date": "2026-12-02T00:00:00+00:00"}}  # fmt: skip
+                "stored_bytes": 2**20 * 150, "predictions": [method], "environment": environment,
+                "notes": {"base": {"fingerprint": "f00d" * 4}} if bits else {}}  # fmt: skip
         write_json(result_path(results, spec), data)
+        runs.append(data)
     text = report.render(results, tmp_path / "docs" / "results.md")
     assert "## WebNLG 2017, four training categories held out (dev)" in text
-    rows = [line for line in text.splitlines() if line.startswith(("| lora", "| alphatuning"))]
+    assert "WebNLG trained without the categories Astronaut" in text
+    assert "one run per row" in text and "mean over seeds" not in text.split("held out (dev)")[1]
+    pairs = []
+
+    def paired(ours, theirs):
+        pairs.append((ours, theirs))
+        return (-1.0, 8.0, 0.9)
+
+    rows = report.dev_table("webnlg-heldout", runs, lambda: paired).splitlines()[2:]
+    lora = "| lora | fp32 | 0 | 0.002 | 150.0 | 43.50 | [41.50, 45.50] | 0.90 | 187 "
+    ours = "| alphatuning | 3 | 0 | 0.002 | 150.0 | 40.00 | [38.00, 42.00] | 0.90 | 187 "
     assert rows == [
-        "| lora | fp32 | 0 | 0.002 | 150.0 | 43.50 | [41.50, 45.50] | 0.90 | 187 |",
-        "| alphatuning | 3 | 0 | 0.002 | 150.0 | 40.00 | [38.00, 42.00] | 0.90 | 187 |",
+        lora + "| +3.50 [-1.00, +8.00] | ? | abc12345 |",
+        ours + "| – | f00df00d | abc12345 |",
     ]
+    assert pairs == [(["lora"], ["alphatuning"])]
 
 
 def test_a_held_out_run_writes_a_result(env, shared_data_dir, tmp_path, monkeypatch) -> None:
-    """A 2-step AlphaTuning run of ``webnlg-heldout`` on the tiny model: trained on the kept
-    categories, scored on the held-out ones' dev items."""
-    data = tmp_path / "data"
-    _head(shared_data_dir / "webnlg" / "train.jsonl", data / "webnlg" / "train.jsonl", 12)
-    records = (shared_data_dir / "webnlg" / "dev.jsonl").read_text(encoding="utf-8").splitlines()
-    held_out = [r for r in records if json.loads(r)["category"] in tasks.HELD_OUT_CATEGORIES]
-    (data / "webnlg" / "dev.jsonl").write_text("\n".join(held_out[:4]) + "\n", encoding="utf-8")
-    (data / "wikitext-2").mkdir()
-    shutil.copy(shared_data_dir / "wikitext-2" / "valid.txt", data / "wikitext-2" / "valid.txt")
+    """A 2-step AlphaTuning run of ``webnlg-heldout`` on the tiny model trains on the kept
+    categories only (the held-out lines of its slice are left out) and scores the held-out dev
+    items; a test run of it fails before any training."""
+    data = _held_out_data(shared_data_dir, tmp_path / "data")
     monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(data))
+    lines = (data / "webnlg" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    airport = tmp_path / "airport.jsonl"  # the slice's 12 kept lines alone
+    airport.write_text("\n".join(lines[:12]) + "\n", encoding="utf-8")
+    assert tasks.get_task("webnlg-heldout").train_examples() == load_triples_train(airport)
+    assert len(load_triples_train(data / "webnlg" / "train.jsonl")) > len(
+        load_triples_train(airport)
+    )
     spec = replace(_spec(env, "alphatuning", 3, task="webnlg-heldout"), split="dev")
     result = run(spec, tmp_path / "results", tmp_path / "work")
     assert result["spec"]["task"] == "webnlg-heldout" and result["scores"]["n"] == 4
     assert 0 <= result["scores"]["bleu"] <= 100 and result["training"]["steps"] == 2
+    with pytest.raises(ConfigError, match="no 'test' split"):
+        run(replace(spec, split="test"), tmp_path / "results", tmp_path / "other-work")
+    assert not (tmp_path / "other-work").exists()  # failed before any work began

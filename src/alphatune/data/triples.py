@@ -26,6 +26,7 @@ from alphatune.errors import DataError
 
 # Decides from a line's ``category`` field (``None`` when it has none) whether to keep the line.
 CategoryFilter = Callable[[str | None], bool]
+
 logger = logging.getLogger(__name__)
 
 _EXPECTED = (
@@ -66,7 +67,8 @@ def _read_entries(
     path: str | os.PathLike[str], categories: CategoryFilter | None = None
 ) -> Iterator[tuple[str, list[str], list[str] | None, str]]:
     """Yield ``(prompt, refs, ref_comments or None, "file:line")`` per non-blank line (per line
-    whose ``category`` field, ``None`` where it has none, passes ``categories``)."""
+    whose ``category`` field, ``None`` where it has none, passes ``categories``; a line it drops
+    is checked to be a JSON object, not further)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"triples file not found: {path}; expected a JSONL file with {_EXPECTED}")

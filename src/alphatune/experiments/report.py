@@ -27,7 +27,7 @@ from alphatune.experiments.grid import (
     learning_rates,
 )
 from alphatune.experiments.spec import read_result
-from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
+from alphatune.experiments.tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +162,12 @@ def task_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def dev_table(task: str, results: Sequence[dict[str, Any]]) -> str:
-    """Every dev run of a task that only has dev (``grid.RATES_FROM``): its score with the
-    bootstrap interval, length ratio and sample size, best first."""
+def dev_table(
+    task: str, results: Sequence[dict[str, Any]], pairing: Callable[[], Pairing | None]
+) -> str:
+    """Every dev run of a dev-only task (``Task.splits``), best first: its score with the
+    bootstrap interval, length ratio and sample size, and its paired difference against the
+    default recipe's seed-0 run (AlphaTuning 3-bit) on the same items (``pairing()``)."""
     main = MAIN_METRIC[task]
     dev = sorted(
         (r for r in results if r["spec"]["split"] == "dev"),
@@ -172,8 +175,12 @@ def dev_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     )
     if not dev:
         return "_no dev runs yet_"
+    default = next(
+        (r for r in dev if _recipe(r) == DEFAULT_RECIPE and r["spec"]["seed"] == 0), None
+    )
+    paired = pairing() if default is not None and len(dev) > 1 else None
     titles = ["method", "bits", "seed", "learning rate", "stored MiB", f"dev {main}", "95% CI",
-              "length", "dev items"]  # fmt: skip
+              "length", "dev items", "− 3-bit default, paired 95% CI", "base", "commit"]  # fmt: skip
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for r in dev:
         spec, scores = r["spec"], r["scores"]
@@ -181,10 +188,20 @@ def dev_table(task: str, results: Sequence[dict[str, Any]]) -> str:
         interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
         length = scores.get("length_ratio")
         bits = "fp32" if spec["bits"] is None else str(spec["bits"])
+        difference = "–"
+        if paired is not None and default is not None and r is not default:
+            theirs = default["scores"][main]
+            difference = f"{scores[main] - theirs:+.2f}"
+            try:
+                low, high, _ = paired(r["predictions"], default["predictions"])
+                difference += f" [{low:+.2f}, {high:+.2f}]"
+            except DataError as exc:  # predictions of an older evaluation set
+                logger.warning("no paired interval for %s: %s", r["variant"], exc)
         cells = [
             r["variant"], bits, str(spec["seed"]), f"{spec['learning_rate']:g}",
             f"{r['stored_bytes'] / 2**20:.1f}", f"{scores[main]:.2f}", interval,
-            "–" if length is None else f"{length:.2f}", str(scores.get("n", "–")),
+            "–" if length is None else f"{length:.2f}", str(scores.get("n", "–")), difference,
+            _base(r), str(r["environment"].get("commit", "?"))[:8],
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -238,10 +255,10 @@ def recipe_table(
     main = MAIN_METRIC[task]
     recipes = {(m, b, tuple(sorted(o))) for m, b, o, _ in RECIPES}
     dev = [r for r in results if r["spec"]["split"] == "dev"]
-    defaults = [r for r in dev if _recipe(r) == ("alphatuning", 3, ())]
+    defaults = [r for r in dev if _recipe(r) == DEFAULT_RECIPE]
     candidates = [
         r for r in dev
-        if _recipe(r) in recipes and (r["spec"]["options"] or r["spec"]["seed"] != 0)
+        if _recipe(r) in recipes and (_recipe(r) != DEFAULT_RECIPE or r["spec"]["seed"] != 0)
     ]  # fmt: skip
     if not candidates:
         return ""
@@ -252,7 +269,8 @@ def recipe_table(
     for r in sorted(candidates, key=lambda r: (r["variant"], r["spec"]["seed"])):
         spec, ours = r["spec"], r["scores"][main]
         reference = _reference(r, defaults)
-        cells = [r["variant"], str(spec["seed"]), f"{spec['learning_rate']:g}", _base(r),
+        label = r["variant"] + ("" if spec["bits"] == 3 else f", {spec['bits']}-bit base")
+        cells = [label, str(spec["seed"]), f"{spec['learning_rate']:g}", _base(r),
                  f"{ours:.2f}"]  # fmt: skip
         if reference is None:
             lines.append("| " + " | ".join(cells + ["–"] * 5) + " |")
@@ -269,6 +287,9 @@ def recipe_table(
         cells += [run, f"{theirs:.2f}", f"{ours - theirs:+.2f}", interval, wins]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+DEFAULT_RECIPE = ("alphatuning", 3, ())  # ``_recipe`` of the default: 3-bit α₁, no options
 
 
 def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
@@ -298,12 +319,13 @@ def _reference(run: dict[str, Any], defaults: list[dict[str, Any]]) -> dict[str,
     """The default's dev run to compare ``run`` with: the same rate and budget, not itself; on
     the same base first, then at the same seed (seed 0 for the default's own reseeded runs)."""
     spec = run["spec"]
-    seed = spec["seed"] if spec["options"] else 0
+    variant = _recipe(run) != DEFAULT_RECIPE  # options or bits: compared at its own seed
+    seed = spec["seed"] if variant else 0
     same = [
         d for d in defaults
         if d is not run and d["spec"]["learning_rate"] == spec["learning_rate"]
         and d["spec"]["budget"] == spec["budget"]
-        and (spec["options"] or d["spec"]["seed"] != spec["seed"])
+        and (variant or d["spec"]["seed"] != spec["seed"])
     ]  # fmt: skip
     if not same:
         return None
@@ -312,8 +334,6 @@ def _reference(run: dict[str, Any], defaults: list[dict[str, Any]]) -> dict[str,
 
 def dev_pairing(task: str) -> Pairing | None:
     """``recipe_table``'s pairing on the task's dev sample, or None without the data files."""
-    from alphatune.experiments.tasks import get_task
-
     evaluation = get_task(task)
     try:
         eval_set = evaluation.eval_set("dev", DEV_ITEMS)
@@ -463,29 +483,33 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
     for task, results in by_task.items():
         budget = BUDGETS.get(task)
         parts += [f"## {TASK_TITLES.get(task, task)}", ""]
+        dev_only = "test" not in get_task(task).splits
         if budget is not None:
+            scores = (
+                "Scores: one run per row; the interval is a bootstrap over the dev items (1,000 "
+                "resamples), the difference a paired bootstrap against AlphaTuning 3-bit on the "
+                "same items."
+                if dev_only
+                else "Scores: mean over seeds ± half the range; the interval is a bootstrap over "
+                "test items (1,000 resamples) per seed."
+            )
             parts += [
                 (
                     f"Budget: {budget.steps} steps × batch {budget.batch_size} × max length "
                     f"{budget.max_length} tokens; decoding: greedy, at most {budget.max_new_tokens} "
-                    "new tokens. Scores: mean over seeds ± half the range; the interval is a "
-                    "bootstrap over test items (1,000 resamples) per seed. Length: the outputs' "
-                    "length over the references' as BLEU counts it; below 1 BLEU's brevity "
-                    "penalty applies, and shorter outputs usually leave facts out."
+                    f"new tokens. {scores} Length: the outputs' length over the references' as "
+                    "BLEU counts it; below 1 BLEU's brevity penalty applies, and shorter outputs "
+                    "usually leave facts out."
                 ),
                 "",
             ]
-        if task in RATES_FROM:
+        if dev_only:
+            rates = RATES_FROM.get(task)
             parts += [
-                (
-                    f"Dev runs only, at the rates {RATES_FROM[task]}'s searches chose: the "
-                    "training leaves out the categories these dev items come from "
-                    f"({', '.join(HELD_OUT_CATEGORIES)}), so they show on dev what the test "
-                    "set's unseen categories show. Recipes may be chosen here; the test set "
-                    "stays unseen by that choice."
-                ),
+                f"{get_task(task).description[:1].upper()}{get_task(task).description[1:]}."
+                + (f" Learning rates: those {rates}'s searches chose." if rates else ""),
                 "",
-                dev_table(task, results),
+                dev_table(task, results, lambda task=task: dev_pairing(task)),
                 "",
             ]
         if task in COLUMNS:
@@ -500,7 +524,7 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
             if recipes:
                 parts += [
                     (
-                        "Candidate recipes for the 3-bit default (dev, seed 0), against a dev run "
+                        "Candidate recipes for the default (3-bit α₁; dev, seed 0), against a dev run "
                         "of the default at the same rate: the difference with its paired "
                         "bootstrap interval (both scored on the same resampled items; it covers "
                         "the items, not training). The reference is the default's run on the "

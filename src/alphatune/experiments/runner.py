@@ -134,6 +134,7 @@ def run(
     if path.exists():
         return read_result(path, spec.task)
     task, method = get_task(spec.task), get_method(spec.method)
+    task.check_split(spec.split)  # a split the task lacks fails now, not after training
     work = work_path(work_dir, spec)
     work.mkdir(parents=True, exist_ok=True)
     with run_lock(work):

@@ -68,12 +68,14 @@ class RunSpec:
     """One run of the comparison.
 
     Args:
-        task: ``e2e``, ``webnlg`` or ``sst2`` (see ``alphatune.experiments.tasks``).
+        task: a key of ``alphatune.experiments.tasks.TASKS`` (``e2e``, ``webnlg``,
+            ``webnlg-heldout``, ``sst2``).
         method: a key of ``alphatune.experiments.methods.METHODS``.
         bits: bits of the quantized weights, ``None`` for a full-precision method.
         seed: training seed (data order and any random initialisation).
         learning_rate: peak learning rate.
-        split: ``dev`` (learning-rate search) or ``test`` (the reported numbers).
+        split: ``dev`` (learning-rate searches, recipe candidates) or ``test`` (the reported
+            numbers); a task may have only some (``Task.splits``).
         options: method options as sorted ``(name, value)`` pairs (hashable; see ``option``).
         budget: the shared training and decoding budget.
         model: the model every method starts from (a name ``load_model`` takes, or a directory).
