@@ -568,12 +568,14 @@ def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
         for spec, bleu in zip(grid.search_specs("webnlg", family), scores, strict=True):
             _fake_dev_result(results, spec, bleu)
     runs = list(grid.specs(results, ("webnlg-heldout",)))
-    assert [(s.task, s.method, s.bits, s.split) for s in runs] == [
-        ("webnlg-heldout", "alphatuning", 3, "dev"),
-        ("webnlg-heldout", "alphatuning", 4, "dev"),
-        ("webnlg-heldout", "lora", None, "dev"),
+    assert [(s.task, s.method, s.bits, s.split, s.seed) for s in runs] == [
+        ("webnlg-heldout", "alphatuning", 3, "dev", 0),
+        ("webnlg-heldout", "alphatuning", 3, "dev", 1),
+        ("webnlg-heldout", "alphatuning", 4, "dev", 0),
+        ("webnlg-heldout", "alphatuning", 4, "dev", 1),
+        ("webnlg-heldout", "lora", None, "dev", 0),
     ]
-    assert [s.learning_rate for s in runs] == [2e-3, 2e-3, 1e-2]
+    assert [s.learning_rate for s in runs] == [2e-3] * 4 + [1e-2]
     assert all(s.budget.eval_limit == grid.DEV_ITEMS for s in runs)
 
 

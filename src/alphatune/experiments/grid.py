@@ -183,8 +183,8 @@ WEBNLG_4BIT: list[Entry] = [
 # and the held-out categories' dev items ("webnlg-heldout", unseen ones), with 3-bit, 4-bit and
 # LoRA runs at WebNLG's rates.
 HELD_OUT: list[Entry] = [
-    ("alphatuning", 3, (), (0,)),
-    ("alphatuning", 4, (), (0,)),
+    ("alphatuning", 3, (), (0, 1)),  # the choice to make: two seeds each (training's noise)
+    ("alphatuning", 4, (), (0, 1)),
     ("lora", None, (), (0,)),
 ]
 
