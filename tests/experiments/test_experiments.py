@@ -15,7 +15,7 @@ from alphatune.config import BCQConfig
 from alphatune.data import load_triples_train
 from alphatune.errors import ConfigError, DataError
 from alphatune.evaluate import metrics
-from alphatune.experiments import grid, report, tasks
+from alphatune.experiments import dev_tables, grid, report, tasks
 from alphatune.experiments.methods import METHODS
 from alphatune.experiments.runner import rescore, run
 from alphatune.experiments.spec import (
@@ -256,7 +256,7 @@ def test_search_table_shows_each_candidates_interval_and_sample() -> None:
     runs += [
         dev_run(2e-3, 63.0, method="alphatuning", bits=3, options={"grad_scale": "group_size"})
     ]
-    lines = report.search_table("e2e", runs).splitlines()
+    lines = dev_tables.search_table("e2e", runs).splitlines()
     assert lines[0] == "| method | learning rate | dev bleu | 95% CI | dev items | chosen |"
     assert lines[2:] == [
         "| alphatuning[train=all_alpha] | 0.001 | 62.00 | – | 200 |  |",
@@ -289,7 +289,7 @@ def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items
         return (0.5, 1.9, 0.97)
 
     runs = [default, all_alpha, other_rate, unlisted]
-    lines = report.recipe_table("webnlg", runs, lambda: paired).splitlines()
+    lines = dev_tables.recipe_table("webnlg", runs, lambda: paired).splitlines()
     assert lines[2:] == [
         (
             "| alphatuning, train=all_alpha | 0 | 0.002 | a36fd862 | 48.00 | seed 0, base ? "
@@ -300,7 +300,7 @@ def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items
     # The default at seed 1 on the candidates' base becomes their reference; it is compared
     # with the seed-0 run itself (a seed and a base apart).
     reseeded = dev_run({}, 45.5, ["e"], seed=1, base="a36fd8629694")
-    lines = report.recipe_table("webnlg", [*runs, reseeded], lambda: paired).splitlines()
+    lines = dev_tables.recipe_table("webnlg", [*runs, reseeded], lambda: paired).splitlines()
     assert lines[2:] == [
         "| alphatuning | 1 | 0.002 | a36fd862 | 45.50 | seed 0, base ? | 46.84 | -1.34 | – | – |",
         (
@@ -308,10 +308,10 @@ def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items
             "| 45.50 | +2.50 | [+0.50, +1.90] | 97% |"
         ),
     ]
-    without_data = report.recipe_table("webnlg", runs, lambda: None).splitlines()
+    without_data = dev_tables.recipe_table("webnlg", runs, lambda: None).splitlines()
     assert without_data[2].endswith("| +1.16 | – | – |")
     asked = []
-    assert report.recipe_table("webnlg", [default, other_rate], lambda: asked.append(1)) == ""
+    assert dev_tables.recipe_table("webnlg", [default, other_rate], lambda: asked.append(1)) == ""
     assert not asked  # the dev references are read only once a candidate has run
 
 
@@ -606,7 +606,7 @@ def test_report_renders_the_held_out_dev_runs(tmp_path) -> None:
         pairs.append((ours, theirs))
         return (-1.0, 8.0, 0.9)
 
-    rows = report.dev_table("webnlg-heldout", runs, lambda: paired).splitlines()[2:]
+    rows = dev_tables.dev_table("webnlg-heldout", runs, lambda: paired).splitlines()[2:]
     lora = "| lora | fp32 | 0 | 0.002 | 150.0 | 43.50 | [41.50, 45.50] | 0.90 | 187 "
     ours = "| alphatuning | 3 | 0 | 0.002 | 150.0 | 40.00 | [38.00, 42.00] | 0.90 | 187 "
     assert rows == [

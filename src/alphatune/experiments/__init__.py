@@ -6,7 +6,8 @@
 - ``methods``: full fine-tuning, LoRA, PTQ after fine-tuning, PTQ → LoRA, QLoRA, PEQA, prompt
   tuning and AlphaTuning with its ablations;
 - ``runner``: one run, resumable; ``grid``: which runs, in which order, with which learning rate;
-- ``report``: the result files rendered into docs/results.md with plots.
+- ``report``: the result files rendered into docs/results.md with plots; ``dev_tables``: its
+  dev-set tables (learning-rate searches, recipe candidates, dev-only tasks).
 
 ``python -m alphatune.experiments --help`` runs it.
 """
