@@ -45,19 +45,15 @@ def dev_table(
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for r in dev:
         spec, scores = r["spec"], r["scores"]
-        ci = scores.get(f"{main}_ci")
-        interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
+        interval = _interval_cell(scores, main)
         length = scores.get("length_ratio")
         bits = "fp32" if spec["bits"] is None else str(spec["bits"])
         difference = "–"
         if paired is not None and default is not None and r is not default:
-            theirs = default["scores"][main]
-            difference = f"{scores[main] - theirs:+.2f}"
-            try:
-                low, high, _ = paired(r["predictions"], default["predictions"])
-                difference += f" [{low:+.2f}, {high:+.2f}]"
-            except DataError as exc:  # predictions of an older evaluation set
-                logger.warning("no paired interval for %s: %s", r["variant"], exc)
+            difference = f"{scores[main] - default['scores'][main]:+.2f}"
+            found = _paired_interval(paired, r, default)
+            if found is not None:
+                difference += f" [{found[0]:+.2f}, {found[1]:+.2f}]"
         cells = [
             r["variant"], bits, str(spec["seed"]), f"{spec['learning_rate']:g}",
             f"{r['stored_bytes'] / 2**20:.1f}", f"{scores[main]:.2f}", interval,
@@ -86,8 +82,7 @@ def search_table(task: str, results: Sequence[dict[str, Any]]) -> str:
     ]
     for r in dev:
         lr, scores = r["spec"]["learning_rate"], r["scores"]
-        ci = scores.get(f"{main}_ci")
-        interval = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
+        interval = _interval_cell(scores, main)
         n = scores.get("n", "–")
         chosen = _chosen_mark(r, [d for d in dev if d["variant"] == r["variant"]], main)
         lines.append(
@@ -138,12 +133,10 @@ def recipe_table(
             continue
         theirs = reference["scores"][main]
         interval, wins = "–", "–"
-        if paired is not None and r.get("predictions") and reference.get("predictions"):
-            try:
-                low, high, share = paired(r["predictions"], reference["predictions"])
-                interval, wins = f"[{low:+.2f}, {high:+.2f}]", f"{100 * share:.0f}%"
-            except DataError as exc:  # predictions of an older evaluation set
-                logger.warning("no paired interval for %s: %s", r["variant"], exc)
+        found = None if paired is None else _paired_interval(paired, r, reference)
+        if found is not None:
+            low, high, share = found
+            interval, wins = f"[{low:+.2f}, {high:+.2f}]", f"{100 * share:.0f}%"
         run = f"seed {reference['spec']['seed']}, base {_base(reference)}"
         cells += [run, f"{theirs:.2f}", f"{ours - theirs:+.2f}", interval, wins]
         lines.append("| " + " | ".join(cells) + " |")
@@ -151,6 +144,28 @@ def recipe_table(
 
 
 DEFAULT_RECIPE = ("alphatuning", 3, ())  # ``_recipe`` of the default: 3-bit α₁, no options
+# ``grid.SEARCHED`` inverted: the family whose learning-rate search a run's recipe belongs to.
+_SEARCHED_FAMILY = {recipe: family for family, recipe in SEARCHED.items()}
+
+
+def _interval_cell(scores: dict[str, Any], main: str) -> str:
+    """The main score's bootstrap interval as a table cell ("–" for a result without one)."""
+    ci = scores.get(f"{main}_ci")
+    return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "–"
+
+
+def _paired_interval(
+    paired: Pairing, ours: dict[str, Any], theirs: dict[str, Any]
+) -> tuple[float, float, float] | None:
+    """``paired`` on two runs' predictions, or None when either has none or they were scored on
+    another evaluation set (logged)."""
+    if not (ours.get("predictions") and theirs.get("predictions")):
+        return None
+    try:
+        return paired(ours["predictions"], theirs["predictions"])
+    except DataError as exc:  # predictions of an older evaluation set
+        logger.warning("no paired interval for %s: %s", ours["variant"], exc)
+        return None
 
 
 def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
@@ -162,8 +177,7 @@ def _in_search(task: str, run: dict[str, Any]) -> bool:
     """Whether a dev run is one of a family's learning-rate search as the grid runs it now (seed
     0 of ``grid.SEARCHED``, at one of ``grid.learning_rates``): what ``best_learning_rate``
     chooses from. Runs of a range since moved stay in their result files."""
-    families = {recipe: family for family, recipe in SEARCHED.items()}
-    family = families.get(_recipe(run))
+    family = _SEARCHED_FAMILY.get(_recipe(run))
     return (
         family is not None
         and run["spec"]["seed"] == 0

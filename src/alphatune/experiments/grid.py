@@ -168,10 +168,10 @@ RECIPES: list[Entry] = [
     ("alphatuning", 4, (), (0,)),
 ]
 
-# WebNLG's gap is widest on the unseen categories (AlphaTuning 3-bit 32.1 and 32.4 BLEU against
-# LoRA's 36.6 and 36.5; seen: 43.0 and 42.4 against 45.5 and 44.5), where the base model's own
-# knowledge carries the output: whether a 4-bit base closes it, and how QLoRA's 4-bit base does
-# there, say whether the 3-bit base is what costs (both runs are in ``REST`` as well).
+# WebNLG's gap to LoRA is widest on the unseen categories (AlphaTuning 3-bit 32.1 and 32.4 BLEU
+# against LoRA's 36.6 and 36.5; seen: 43.0 and 42.4 against 45.5 and 44.5): whether a 4-bit base
+# closes it, and how QLoRA's 4-bit base does, say whether the 3-bit base is what costs (both
+# runs are in ``REST`` as well).
 WEBNLG_4BIT: list[Entry] = [
     ("alphatuning", 4, (), (0,)),
     ("qlora", 4, (), (0,)),

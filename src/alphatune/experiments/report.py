@@ -281,7 +281,8 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
     for task, results in by_task.items():
         budget = BUDGETS.get(task)
         parts += [f"## {TASK_TITLES.get(task, task)}", ""]
-        dev_only = "test" not in get_task(task).splits
+        evaluation = get_task(task)
+        dev_only = "test" not in evaluation.splits
         if budget is not None:
             scores = (
                 "Scores: one run per row; the interval is a bootstrap over the dev items (1,000 "
@@ -304,7 +305,7 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
         if dev_only:
             rates = RATES_FROM.get(task)
             parts += [
-                f"{get_task(task).description[:1].upper()}{get_task(task).description[1:]}."
+                f"{evaluation.description}."
                 + (f" Learning rates: those {rates}'s searches chose." if rates else ""),
                 "",
                 dev_table(task, results, lambda task=task: dev_pairing(task)),
