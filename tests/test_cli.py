@@ -167,14 +167,37 @@ def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, cap
             "directory not found: /no/such/base",
         ),
         (["evaluate", "--base", ".", "--data", "/no/such.csv"], "file not found: /no/such.csv"),
+        (["quantize", "--layer-bits", "*.down_proj", "--output", "x"], "expected PATTERN=BITS"),
+        (["quantize", "--layer-bits", "*.down_proj=9", "--output", "x"], "bits must be 1..8"),
     ],
-    ids=["bits=0", "bits=text", "group=-4", "missing-base", "missing-data"],
+    ids=[
+        "bits=0",
+        "bits=text",
+        "group=-4",
+        "missing-base",
+        "missing-data",
+        "layer-bits-no-bits",
+        "layer-bits=9",
+    ],
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_quantize_with_mixed_precision(tiny_model_dir, tmp_path):
+    out = tmp_path / "mixed"
+    argv = ["quantize", "--model", str(tiny_model_dir), "--group-size", "32", "--method", "offset"]
+    argv += ["--layer-bits", "*.down_proj=4", "--layer-bits", "*.layers.0.*=2"]
+    assert main([*argv, "--output", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["layer_bits"] == {"*.down_proj": 4, "*.layers.0.*": 2}
+    bits = {name: spec["bits"] for name, spec in config["layers"].items()}
+    assert bits["model.layers.0.mlp.down_proj"] == 4  # the first match wins
+    assert bits["model.layers.0.self_attn.q_proj"] == 2
+    assert bits["model.layers.1.self_attn.q_proj"] == 3
 
 
 def test_group_size_that_does_not_divide(tiny_model_dir, tmp_path, capsys):

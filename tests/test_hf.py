@@ -159,6 +159,33 @@ def test_from_pretrained_quantizes_while_loading(arch, tmp_path) -> None:
     assert torch.equal(logits(load_quantized(tmp_path / "base")[0]), logits(model))
 
 
+def test_mixed_precision_goes_through_both_paths(tmp_path) -> None:
+    """``layer_bits`` while loading equals ``quantize_``; the saved base keeps each layer's bits."""
+    config = BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.down_proj": 4})
+    make("llama").save_pretrained(tmp_path / "fp")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config)
+    bits = {n: m.bits for n, m in model.named_modules() if isinstance(m, BCQLinear)}
+    assert {n for n, b in bits.items() if b == 4} == {
+        f"model.layers.{i}.mlp.down_proj" for i in range(2)
+    }
+    assert set(bits.values()) == {3, 4}
+    assert torch.equal(logits(model), logits(quantized("llama", config)))
+    model.save_pretrained(tmp_path / "base")
+    for loaded in (
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+        load_quantized(tmp_path / "base")[0],
+    ):
+        assert {n: m.bits for n, m in loaded.named_modules() if isinstance(m, BCQLinear)} == bits
+        assert torch.equal(logits(loaded), logits(model))
+
+
+def test_a_layer_bits_pattern_naming_no_layer_is_refused_before_loading(tmp_path) -> None:
+    make("llama").save_pretrained(tmp_path / "fp")
+    config = BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.w2": 4})
+    with pytest.raises(ConfigError, match="'\\*.w2' matches none"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=config)
+
+
 @pytest.mark.parametrize("head", ["bf16", "bcq"])
 def test_replaced_heads_go_through_transformers(head, tmp_path) -> None:
     config = BCQConfig(bits=3, group_size=32, method="offset", lm_head=head)

@@ -329,6 +329,11 @@ def test_training_mode_is_kept(llama: nn.Module) -> None:
         {"method": "gptq"},
         {"method": "Greedy"},
         {"iterations": -1},
+        {"layer_bits": {"*.down_proj": 9}},
+        {"layer_bits": {"*.down_proj": True}},
+        {"layer_bits": {3: 4}},
+        {"layer_bits": ("*.down_proj",)},
+        {"layer_bits": 4},
     ],
     ids=lambda kw: "-".join(f"{k}={v!r}" for k, v in kw.items()),
 )
@@ -351,6 +356,41 @@ def test_bcq_config_group_size_for() -> None:
     assert BCQConfig(group_size="auto").group_size_for(512) == 128
     with pytest.raises(ConfigError, match="does not divide"):
         BCQConfig(group_size=30).group_size_for(100)
+
+
+def test_bcq_config_bits_for_takes_the_first_matching_pattern() -> None:
+    config = BCQConfig(bits=3, layer_bits=[("*.layers.0.*", 2), ("*.down_proj", 4)])
+    assert config.layer_bits == (("*.layers.0.*", 2), ("*.down_proj", 4))
+    assert config.bits_for("model.layers.0.mlp.down_proj") == 2
+    assert config.bits_for("model.layers.1.mlp.down_proj") == 4
+    assert config.bits_for("model.layers.1.mlp.up_proj") == 3
+    assert hash(config) == hash(BCQConfig(layer_bits={"*.layers.0.*": 2, "*.down_proj": 4}))
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2"])
+def test_layer_bits_give_mixed_precision(request, arch_name: str, tokens: torch.Tensor) -> None:
+    model = request.getfixturevalue(arch_name)
+    reference = _logits(model, tokens)
+    pattern = "*.down_proj" if arch_name == "llama" else "*.mlp.c_proj"
+    uniform = copy.deepcopy(model)
+    small = quantize_(uniform, BCQConfig(bits=2, group_size=32, method="offset"))
+    summary = quantize_(
+        model, BCQConfig(bits=2, group_size=32, method="offset", layer_bits={pattern: 4})
+    )
+    bits = {n: m.bits for n, m in model.named_modules() if isinstance(m, BCQLinear)}
+    wide = {n for n, b in bits.items() if b == 4}
+    assert wide == {n for n in bits if n.endswith(pattern[2:])} and len(wide) == 2
+    assert set(bits.values()) == {2, 4}
+    assert summary.bits_per_weight > small.bits_per_weight
+    assert summary.quantized_bytes > small.quantized_bytes
+    # The wider layers fit closer: the mixed model's logits are nearer the original.
+    assert _cosine(_logits(model, tokens), reference) > _cosine(_logits(uniform, tokens), reference)
+
+
+def test_layer_bits_pattern_matching_nothing_is_an_error(llama: nn.Module) -> None:
+    config = BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.down_prj": 4})
+    with pytest.raises(ConfigError, match="down_prj.*matches none"):
+        quantize_(llama, config)
 
 
 @pytest.mark.parametrize(
@@ -384,6 +424,7 @@ CONFIGS = [
     BCQConfig(),
     BCQConfig(bits=4, group_size=64, method="offset", include=("*q_proj",), exclude=("*mlp*",)),
     BCQConfig(bits=2, group_size=None, method="greedy", iterations=0),
+    BCQConfig(layer_bits={"*.down_proj": 4, "*.o_proj": 2}),
     AlphaTuningConfig(),
     AlphaTuningConfig(train="all_alpha", train_offset=True, train_bias=True, alpha_lr_scale=0.5),
     TrainConfig(),

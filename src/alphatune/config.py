@@ -8,9 +8,11 @@ that files written by a newer version still load.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
@@ -102,6 +104,22 @@ def _patterns(value: object) -> tuple[str, ...]:
     return patterns
 
 
+def _layer_bits(value: object) -> tuple[tuple[str, int], ...]:
+    """``layer_bits`` as a hashable tuple of ``(pattern, bits)``, from a mapping or pairs."""
+    expected = "a mapping of module-name patterns to bits 1..8, e.g. {'*.down_proj': 4}"
+    try:
+        pairs = list(value.items()) if isinstance(value, Mapping) else list(value)  # type: ignore[call-overload]
+        pairs = [tuple(pair) for pair in pairs]
+    except TypeError:
+        raise ConfigError(f"layer_bits must be {expected}; got {value!r}") from None
+    for pair in pairs:
+        ok = len(pair) == 2 and isinstance(pair[0], str)
+        bits = pair[1] if len(pair) == 2 else None
+        if not ok or isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ConfigError(f"layer_bits must be {expected}; got the entry {pair!r}")
+    return tuple((pattern, int(bits)) for pattern, bits in pairs)
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], where: str) -> T:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - known)
@@ -170,6 +188,10 @@ class BCQConfig:
             size and iterations.
         embedding: the input embedding: ``"compact"`` (default: an 8-bit BCQ table whose rows are
             dequantized when looked up) or ``"keep"`` (see ``alphatune.embedding``). Never α-tuned.
+        layer_bits: mixed precision: ``{pattern: bits}`` (or ``(pattern, bits)`` pairs), glob
+            patterns of module names whose layers get other code planes than ``bits``; the
+            first matching pattern wins (e.g. ``{"*.down_proj": 4}`` keeps the MLP's output
+            projection at 4 bits, as llama.cpp's Q3_K_M keeps its ``ffn_down`` at more bits).
 
     Example:
         >>> cfg = BCQConfig(bits=3, group_size=64, method="offset")
@@ -191,6 +213,7 @@ class BCQConfig:
     lm_head: LMHeadMode = LMHeadMode.COMPACT
     lm_head_bits: int = 4
     embedding: EmbeddingMode = EmbeddingMode.COMPACT
+    layer_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("bits", "lm_head_bits"):
@@ -234,6 +257,14 @@ class BCQConfig:
         _check_types(self, integers=("iterations", "format_version"))
         if self.iterations < 0:
             raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
+        object.__setattr__(self, "layer_bits", _layer_bits(self.layer_bits))
+
+    def bits_for(self, name: str) -> int:
+        """Code planes of the layer named ``name``: its first ``layer_bits`` match, else ``bits``."""
+        for pattern, bits in self.layer_bits:
+            if fnmatch.fnmatchcase(name, pattern):
+                return bits
+        return self.bits
 
     def group_size_for(self, in_features: int) -> int:
         """The group size used for a layer with ``in_features`` inputs (raises if it cannot fit)."""
@@ -259,6 +290,7 @@ class BCQConfig:
         data["embedding"] = self.embedding.value
         data["include"] = list(self.include) if self.include is not None else None
         data["exclude"] = list(self.exclude)
+        data["layer_bits"] = dict(self.layer_bits)
         return data
 
     @classmethod

@@ -73,7 +73,7 @@ from alphatune.files import (
 from alphatune.layers import BCQLinear, linear_weight
 from alphatune.lm_head import check_lm_head, quantize_lm_head, untie_word_embeddings
 from alphatune.memory import own_mapped_tensors, release_free_memory
-from alphatune.quantize import _set_submodule, find_target_layers, summarize
+from alphatune.quantize import _set_submodule, check_layer_bits, find_target_layers, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,7 @@ class BCQHfQuantizer(HfQuantizer):
             )
         for module in layers.values():
             config.group_size_for(linear_weight(module)[0].shape[1])  # raises if none fits
+        check_layer_bits(config, layers)
         check_lm_head(model, config)
         self.targets = {f"{name}.weight": name for name in layers}
 
@@ -249,7 +250,8 @@ class BCQHfQuantizer(HfQuantizer):
         if module.bias is not None and module.bias.is_meta:
             # The bias arrives later; transformers loads it into the new layer's bias.
             module.bias = nn.Parameter(torch.zeros(module.bias.shape, device=weight.device))
-        layer = BCQLinear.from_linear(module, self.quantization_config.bcq)
+        config = self.quantization_config.bcq
+        layer = BCQLinear.from_linear(module, config, bits=config.bits_for(name))
         layer._is_hf_initialized = True
         _set_submodule(model, name, layer)
         release_free_memory()  # the full-precision layer and the fit's temporaries

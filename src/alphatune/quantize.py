@@ -93,6 +93,18 @@ def find_target_layers(model: nn.Module, config: BCQConfig) -> dict[str, nn.Modu
     return targets
 
 
+def check_layer_bits(config: BCQConfig, layers: Iterable[str]) -> None:
+    """Raise if a ``layer_bits`` pattern names none of the layers to quantize (a typo would
+    otherwise quantize every layer at ``bits`` without a word)."""
+    names = list(layers)
+    for pattern, _ in config.layer_bits:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(
+                f"layer_bits pattern {pattern!r} matches none of the {len(names)} layers to "
+                f"quantize (e.g. {names[:2]}); patterns are globs over module names"
+            )
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -201,6 +213,7 @@ def quantize_(
     group_sizes = {
         name: config.group_size_for(linear_weight(m)[0].shape[1]) for name, m in layers.items()
     }
+    check_layer_bits(config, layers)
     if config.lm_head in (LMHeadMode.BF16, LMHeadMode.BCQ):
         check_lm_head(model, config, has_calibration=calibration is not None)
         head_name, _ = find_lm_head(model)
@@ -213,7 +226,13 @@ def quantize_(
     done: list[str] = []
 
     def fit_layer(name: str, module: nn.Module, hessian: Tensor | None) -> None:
-        layer = BCQLinear.from_linear(module, config, hessian=hessian, group_size=group_sizes[name])
+        layer = BCQLinear.from_linear(
+            module,
+            config,
+            bits=config.bits_for(name),
+            hessian=hessian,
+            group_size=group_sizes[name],
+        )
         _set_submodule(model, name, layer)
         release_free_memory()  # the fit's temporaries, freed between the codes that stay
         done.append(name)

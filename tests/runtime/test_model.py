@@ -64,8 +64,9 @@ def _prompts(count: int, seed: int = 1) -> list[list[int]]:
         BCQConfig(bits=3, group_size=32, method="offset"),
         BCQConfig(bits=2, group_size=64, method="greedy", embedding="keep", lm_head="keep"),
         BCQConfig(bits=4, method="offset", lm_head="compact", embedding="keep"),
+        BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.down_proj": 4}),
     ],
-    ids=["compact", "float-tables", "own-head-table"],
+    ids=["compact", "float-tables", "own-head-table", "mixed-bits"],
 )
 def test_the_runtime_gives_the_engines_logits_and_tokens(tmp_path, config):
     directory = _save(tmp_path / "base", config)

@@ -93,6 +93,16 @@ def existing_dir(text: str) -> Path:
     return path
 
 
+def layer_bits(text: str) -> tuple[str, int]:
+    """``PATTERN=BITS`` of ``--layer-bits``."""
+    pattern, sep, value = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(
+            f"expected PATTERN=BITS (e.g. '*.down_proj=4'), got {text!r}"
+        )
+    return pattern, bits(value)
+
+
 def adapter_spec(text: str) -> tuple[str | None, Path]:
     """``DIR``, or ``NAME=DIR`` for one of several adapters serving a mixed-task batch."""
     name, sep, directory = text.partition("=")
@@ -120,6 +130,15 @@ def add_quant_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--bits", type=bits, default=defaults.bits, help="code planes q, 1..8 (default 3)"
+    )
+    parser.add_argument(
+        "--layer-bits",
+        type=layer_bits,
+        action="append",
+        default=[],
+        metavar="PATTERN=BITS",
+        help="mixed precision: layers whose names match the glob PATTERN get BITS code planes "
+        "instead of --bits (repeatable, the first match wins; e.g. '*.down_proj=4')",
     )
     parser.add_argument(
         "--group-size",
@@ -168,6 +187,7 @@ def bcq_config(args: argparse.Namespace, **settings: Any) -> BCQConfig:
     """The ``BCQConfig`` that the options of ``add_quant_options`` describe, plus ``settings``."""
     return BCQConfig(
         bits=args.bits,
+        layer_bits=tuple(args.layer_bits),
         group_size=args.group_size,
         method=args.method,
         lm_head=args.lm_head,
