@@ -102,6 +102,7 @@ ORDERED = [
     ("alphatuning", 3, {"multiplier": True}),
     ("alphatuning", 3, {"base": "greedy", "train": "all_alpha"}),
     ("alphatuning", 3, {"train": "all_alpha", "offset": True}),
+    ("alphatuning", 3, {"layer_bits": "v-o-down4"}),
 ]
 
 
@@ -127,6 +128,18 @@ def test_runs_on_one_base_name_the_same_fingerprint(env) -> None:
     first, second = base(), base(multiplier=True)
     assert first == second
     assert base(base="greedy", train="all_alpha")["fingerprint"] != first["fingerprint"]
+
+
+def test_a_mixed_precision_run_has_a_base_of_its_own(env) -> None:
+    def result(**options) -> dict:
+        return read_result(result_path(env["results"], _spec(env, "alphatuning", 3, **options)))
+
+    uniform, mixed = result(), result(layer_bits="v-o-down4")
+    assert mixed["notes"]["base"]["fingerprint"] != uniform["notes"]["base"]["fingerprint"]
+    assert mixed["stored_bytes"] > uniform["stored_bytes"]
+    assert mixed["bits_per_weight"] > uniform["bits_per_weight"]
+    with pytest.raises(ConfigError, match="mixed-precision preset .*v-o-down4"):
+        run(_spec(env, "alphatuning", 3, layer_bits="down9"), env["results"], env["work"])
 
 
 def test_trainable_counts_follow_the_method(env) -> None:
@@ -371,11 +384,13 @@ def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
     assert all(s.split == "dev" and s.budget == searches[1].budget for s in runs)
     assert all(s.learning_rate == searches[1].learning_rate for s in runs)
     # Candidates at seed 0, the default once more at seed 1 (how far a seed moves it), and the
-    # default on a 4-bit base.
+    # default on a 4-bit base and on a mixed-precision one.
     assert [(s.seed, bool(s.options), s.bits) for s in runs] == [(0, True, 3)] * 3 + [
         (1, False, 3),
         (0, False, 4),
+        (0, True, 3),
     ]
+    assert runs[-1].option("layer_bits") == "v-o-down4"
     assert grid.ORDER.index("webnlg-recipe") == grid.ORDER.index("webnlg") + 1
 
 
@@ -395,6 +410,24 @@ def test_webnlg_bits_phase_runs_the_4_bit_bases_on_test_after_the_recipes(tmp_pa
     assert runs[1].learning_rate == grid.search_specs("webnlg", "lora")[2].learning_rate
     assert set(runs) <= set(grid.specs(results, ("webnlg-rest",)))
     assert grid.ORDER.index("webnlg-4bit") == grid.ORDER.index("webnlg-recipe") + 1
+
+
+def test_e2e_4bit_phase_runs_before_sst2_at_e2es_rates(tmp_path) -> None:
+    """AlphaTuning 4-bit and QLoRA on E2E test (the QLoRA target) come before SST-2, at E2E's
+    chosen rates, and are the same runs as E2E's rest phase's."""
+    results = tmp_path / "results"
+    for family, scores in (("alphatuning", (44.0, 47.0, 45.0)), ("lora", (40.0, 41.0, 42.0))):
+        for spec, bleu in zip(grid.search_specs("e2e", family), scores, strict=True):
+            _fake_dev_result(results, spec, bleu)
+    runs = list(grid.specs(results, ("e2e-4bit",)))
+    assert [(s.task, s.method, s.bits, s.split, s.seed) for s in runs] == [
+        ("e2e", "alphatuning", 4, "test", 0),
+        ("e2e", "qlora", 4, "test", 0),
+    ]
+    assert runs[0].learning_rate == grid.search_specs("e2e", "alphatuning")[1].learning_rate
+    assert runs[1].learning_rate == grid.search_specs("e2e", "lora")[2].learning_rate
+    assert set(runs) <= set(grid.specs(results, ("e2e-rest",)))
+    assert grid.ORDER.index("e2e-4bit") < grid.ORDER.index("sst2")
 
 
 def test_every_task_has_its_headline_comparison_before_its_rest_and_ablations() -> None:
@@ -574,8 +607,11 @@ def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
         ("webnlg-heldout", "alphatuning", 4, "dev", 0),
         ("webnlg-heldout", "alphatuning", 4, "dev", 1),
         ("webnlg-heldout", "lora", None, "dev", 0),
+        ("webnlg-heldout", "alphatuning", 3, "dev", 0),
+        ("webnlg-heldout", "alphatuning", 3, "dev", 1),
     ]
-    assert [s.learning_rate for s in runs] == [2e-3] * 4 + [1e-2]
+    assert [s.option("layer_bits") for s in runs] == [None] * 5 + ["v-o-down4"] * 2
+    assert [s.learning_rate for s in runs] == [2e-3] * 4 + [1e-2] + [2e-3] * 2
     assert all(s.budget.eval_limit == grid.DEV_ITEMS for s in runs)
 
 

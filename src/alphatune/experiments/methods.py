@@ -15,7 +15,7 @@ tokenization, data order, budget and decoding are the same for all.
 | ``peqa`` | a q-bit round-to-nearest base, one trainable multiplier per (row, group) of the whole quantized weight (PEQA's trainable scale) |
 | ``prompt-tuning`` | peft prompt tuning, 20 virtual tokens initialised from text |
 | ``adapter`` | bottleneck adapters (Pfeiffer: after each MLP, bottleneck 16), LoRA's learning rate |
-| ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``multiplier`` (train a multiplier of α₁), ``grad_scale`` (none / group_size) |
+| ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``multiplier`` (train a multiplier of α₁), ``grad_scale`` (none / group_size), ``layer_bits`` (a mixed-precision base: a ``MIXED_PRECISION`` preset, e.g. ``v-o-down4``) |
 
 Bases are quantized once and cached (``cache_dir()/paper/bases``), calibrated on 32 x 512
 tokens of WikiText-2 *valid*, as ``alphatune quantize`` does by default.
@@ -104,11 +104,34 @@ def _model_name(spec: RunSpec) -> str:
 HEAD_AND_EMBEDDING = {"lm_head": "keep", "embedding": "keep"}
 
 
-def base_config(bits: int, method: str) -> BCQConfig:
-    """The q-bit base of a quantizer name: ``calibrated`` (default), ``greedy`` or ``rtn``."""
+# Mixed-precision bases (a run's ``layer_bits`` option names one): layers kept at more bits than
+# the base's ``bits`` (``BCQConfig.layer_bits``). ``v-o-down4`` keeps the kinds llama.cpp's
+# Q3_K_M keeps at more bits; of the variants benchmarks/bench_mixed_precision.py measured, it
+# gained the most WebNLG perplexity per stored MiB after the 3-bit base (ratio to the unquantized
+# model 1.72 -> 1.42 for +5.3 MiB of layers; a 4-bit base: 1.16 for +14.1 MiB).
+MIXED_PRECISION: dict[str, dict[str, int]] = {
+    "v-o-down4": {"*.v_proj": 4, "*.o_proj": 4, "*.down_proj": 4},
+}
+
+
+def base_config(bits: int, method: str, layer_bits: str | None = None) -> BCQConfig:
+    """The q-bit base of a quantizer name: ``calibrated`` (default), ``greedy`` or ``rtn``, with
+    the layers of the ``MIXED_PRECISION`` preset ``layer_bits`` at their own bits."""
+    if layer_bits is not None and layer_bits not in MIXED_PRECISION:
+        raise ConfigError(
+            f"layer_bits must name a mixed-precision preset ({', '.join(MIXED_PRECISION)}), "
+            f"got {layer_bits!r}"
+        )
+    mixed = MIXED_PRECISION.get(layer_bits, {}) if layer_bits else {}
     if method == "rtn":  # the offset grid initialised by round-to-nearest, never refined
-        return BCQConfig(bits=bits, method=QuantMethod.OFFSET, iterations=0, **HEAD_AND_EMBEDDING)
-    return BCQConfig(bits=bits, method=method, **HEAD_AND_EMBEDDING)
+        return BCQConfig(
+            bits=bits,
+            method=QuantMethod.OFFSET,
+            iterations=0,
+            layer_bits=mixed,
+            **HEAD_AND_EMBEDDING,
+        )
+    return BCQConfig(bits=bits, method=method, layer_bits=mixed, **HEAD_AND_EMBEDDING)
 
 
 def _calibration(tokenizer: Any) -> Tensor:
@@ -118,13 +141,15 @@ def _calibration(tokenizer: Any) -> Tensor:
     return calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)
 
 
-def quantize_model(model: nn.Module, tokenizer: Any, bits: int, method: str) -> None:
-    config = base_config(bits, method)
+def quantize_model(
+    model: nn.Module, tokenizer: Any, bits: int, method: str, layer_bits: str | None = None
+) -> None:
+    config = base_config(bits, method, layer_bits)
     calibration = _calibration(tokenizer) if config.method == QuantMethod.CALIBRATED else None
     quantize_(model, config, calibration=calibration)
 
 
-def cached_base(model_name: str, bits: int, method: str) -> Path:
+def cached_base(model_name: str, bits: int, method: str, layer_bits: str | None = None) -> Path:
     """Directory of a saved q-bit base of ``model_name``, quantized once and reused.
 
     Beside it, ``<directory>.json`` records where it was quantized (``spec.environment``): a
@@ -133,13 +158,15 @@ def cached_base(model_name: str, bits: int, method: str) -> Path:
     """
     from alphatune.adapters import save_quantized
 
-    directory = cache_dir() / "paper" / "bases" / f"{Path(model_name).name}-{method}-q{bits}"
+    mixed = f"-{layer_bits}" if layer_bits else ""
+    name = f"{Path(model_name).name}-{method}-q{bits}{mixed}"
+    directory = cache_dir() / "paper" / "bases" / name
     if (directory / "config.json").exists():
         return directory
-    logger.info("quantizing %s to %d bits (%s) -> %s", model_name, bits, method, directory)
+    logger.info("quantizing %s to %d bits%s (%s) -> %s", model_name, bits, mixed, method, directory)
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
-    quantize_model(model, tokenizer, bits, method)
-    save_quantized(model, directory, base_config(bits, method), tokenizer)
+    quantize_model(model, tokenizer, bits, method, layer_bits)
+    save_quantized(model, directory, base_config(bits, method, layer_bits), tokenizer)
     write_json(_made_record(directory), {"quantized": environment()})
     return directory
 
@@ -149,13 +176,14 @@ def _made_record(directory: Path) -> Path:
 
 
 def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The cached base, its tokenizer and the notes that identify it in a result: its
-    fingerprint and where it was quantized (unknown for a base cached before that was recorded)."""
+    """The cached base (with the run's ``layer_bits`` preset), its tokenizer and the notes that
+    identify it in a result: its fingerprint and where it was quantized (unknown for a base
+    cached before that was recorded)."""
     from alphatune.adapters import load_quantized
 
     if spec.bits is None:
         raise ConfigError(f"{spec.method} needs bits (a quantized base)")
-    directory = cached_base(_model_name(spec), spec.bits, method)
+    directory = cached_base(_model_name(spec), spec.bits, method, spec.option("layer_bits", None))
     model, tokenizer = load_quantized(directory)
     record = _made_record(directory)
     made = json.loads(record.read_text()) if record.exists() else {"quantized": None}
