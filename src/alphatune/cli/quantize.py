@@ -98,7 +98,9 @@ def quantize_base(
         )
     began = time.perf_counter()
     with progress_bar(progress) as bar:
-        task = bar.add_task(f"quantizing to {config.bits} bits ({config.method.value})", total=None)
+        mixed = "".join(f", {p} at {b}" for p, b in config.layer_bits)
+        description = f"quantizing to {config.bits} bits{mixed} ({config.method.value})"
+        task = bar.add_task(description, total=None)
 
         def report(stage: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=stage)
