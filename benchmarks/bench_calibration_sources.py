@@ -102,6 +102,30 @@ def eval_texts(tokenizer: Any, data: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def scores(model: Any, texts: dict[str, torch.Tensor], unquantized: dict[str, float]) -> dict:
+    """``model``'s perplexity on each text and its ratio to the unquantized model's."""
+    values = {name: perplexity(model, ids, progress=False) for name, ids in texts.items()}
+    return {
+        "perplexity": {k: round(v, 3) for k, v in values.items()},
+        "ratio_to_unquantized": {k: round(v / unquantized[k], 4) for k, v in values.items()},
+    }
+
+
+def save(args: argparse.Namespace, unquantized: dict[str, float], rows: list[dict]) -> None:
+    """The probe's rows with what measured them, as ``args.out``."""
+    result = {
+        "environment": {**environment(("torch", "transformers", "numba")), **source_revision()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "calibration": [SEQUENCES, LENGTH],
+        "eval_tokens": EVAL_TOKENS,
+        "unquantized": {k: round(v, 3) for k, v in unquantized.items()},
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -123,25 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     for source in args.sources:
         model = load_model()
         quantize_(model, BCQConfig(bits=3), calibration=sources[source])
-        scores = {name: perplexity(model, ids, progress=False) for name, ids in texts.items()}
-        row = {
-            "source": source,
-            "perplexity": {k: round(v, 3) for k, v in scores.items()},
-            "ratio_to_unquantized": {k: round(v / unquantized[k], 4) for k, v in scores.items()},
-        }
+        row = {"source": source, **scores(model, texts, unquantized)}
         print(row, flush=True)
         rows.append(row)
-    result = {
-        "environment": {**environment(("torch", "transformers", "numba")), **source_revision()},
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "calibration": [SEQUENCES, LENGTH],
-        "eval_tokens": EVAL_TOKENS,
-        "unquantized": {k: round(v, 3) for k, v in unquantized.items()},
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save(args, unquantized, rows)
 
 
 if __name__ == "__main__":

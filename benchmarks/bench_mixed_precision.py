@@ -25,13 +25,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from bench_calibration_sources import LENGTH, SEQUENCES, eval_texts
-from common import environment
-from revision import source_revision
+from bench_calibration_sources import LENGTH, SEQUENCES, eval_texts, save, scores
 
 from alphatune import BCQConfig, quantize_
 from alphatune.data import calibration_batch, find_data_dir
@@ -74,32 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     for variant in args.variants:
         bits, layer_bits = VARIANTS[variant]
         model = load_model()
-        summary = quantize_(
-            model, BCQConfig(bits=bits, layer_bits=layer_bits), calibration=calibration
-        )
-        scores = {name: perplexity(model, ids, progress=False) for name, ids in texts.items()}
+        config = BCQConfig(bits=bits, layer_bits=layer_bits)
+        summary = quantize_(model, config, calibration=calibration)
         row = {
             "variant": variant,
             "bits": bits,
             "layer_bits": layer_bits,
             "bits_per_weight": summary.bits_per_weight,
             "layers_mib": round(summary.quantized_bytes / MIB, 2),
-            "perplexity": {k: round(v, 3) for k, v in scores.items()},
-            "ratio_to_unquantized": {k: round(v / unquantized[k], 4) for k, v in scores.items()},
+            **scores(model, texts, unquantized),
         }
         print(row, flush=True)
         rows.append(row)
-    result = {
-        "environment": {**environment(("torch", "transformers", "numba")), **source_revision()},
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "calibration": [SEQUENCES, LENGTH],
-        "eval_tokens": len(next(iter(texts.values()))),
-        "unquantized": {k: round(v, 3) for k, v in unquantized.items()},
-        "results": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"saved {args.out}")
+    save(args, unquantized, rows)
 
 
 if __name__ == "__main__":
