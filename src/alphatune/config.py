@@ -290,7 +290,9 @@ class BCQConfig:
         data["embedding"] = self.embedding.value
         data["include"] = list(self.include) if self.include is not None else None
         data["exclude"] = list(self.exclude)
-        data["layer_bits"] = dict(self.layer_bits)
+        del data["layer_bits"]
+        if self.layer_bits:  # a uniform base's config reads as it did before the option existed
+            data["layer_bits"] = dict(self.layer_bits)
         return data
 
     @classmethod

@@ -122,16 +122,11 @@ def base_config(bits: int, method: str, layer_bits: str | None = None) -> BCQCon
             f"layer_bits must name a mixed-precision preset ({', '.join(MIXED_PRECISION)}), "
             f"got {layer_bits!r}"
         )
-    mixed = MIXED_PRECISION.get(layer_bits, {}) if layer_bits else {}
+    settings = {"layer_bits": MIXED_PRECISION[layer_bits] if layer_bits else {}}
+    settings.update(HEAD_AND_EMBEDDING)
     if method == "rtn":  # the offset grid initialised by round-to-nearest, never refined
-        return BCQConfig(
-            bits=bits,
-            method=QuantMethod.OFFSET,
-            iterations=0,
-            layer_bits=mixed,
-            **HEAD_AND_EMBEDDING,
-        )
-    return BCQConfig(bits=bits, method=method, layer_bits=mixed, **HEAD_AND_EMBEDDING)
+        return BCQConfig(bits=bits, method=QuantMethod.OFFSET, iterations=0, **settings)
+    return BCQConfig(bits=bits, method=method, **settings)
 
 
 def _calibration(tokenizer: Any) -> Tensor:
