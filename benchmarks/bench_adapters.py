@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from common import environment, save_results
-from revision import source_revision
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         base, description = base_directory(args, work)
-        env = environment(PACKAGES) | source_revision()
+        env = environment(PACKAGES)
         results = []
         for name in args.variants:
             console.print(f"[bold]{name}[/]: saving two adapters, {args.repeat} switches")

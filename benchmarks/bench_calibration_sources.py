@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from common import environment
-from revision import source_revision
 from safetensors.torch import load_file, save_file
 
 from alphatune import BCQConfig, quantize_
@@ -114,7 +113,7 @@ def scores(model: Any, texts: dict[str, torch.Tensor], unquantized: dict[str, fl
 def save(args: argparse.Namespace, unquantized: dict[str, float], rows: list[dict]) -> None:
     """The probe's rows with what measured them, as ``args.out``."""
     result = {
-        "environment": {**environment(("torch", "transformers", "numba")), **source_revision()},
+        "environment": environment(("torch", "transformers", "numba")),
         "args": {k: str(v) for k, v in vars(args).items()},
         "calibration": [SEQUENCES, LENGTH],
         "eval_tokens": EVAL_TOKENS,

@@ -34,7 +34,6 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 from common import environment, save_results
-from revision import source_revision
 from rich.console import Console
 from rich.table import Table
 
@@ -178,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         args.base = cached_base(3)
     description = QUICK_DESCRIPTION if args.quick else f"base {args.base}"
     console = Console()
-    env = environment(PACKAGES) | source_revision()
+    env = environment(PACKAGES)
     env["threads"] = args.threads  # split between the processes; the parent does not compute
     results = []
     with tempfile.TemporaryDirectory() as scratch:

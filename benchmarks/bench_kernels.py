@@ -4,7 +4,7 @@ For every shape (out x in), bit width, batch and thread count it times the decod
 
 - ``lut``:  the LUT kernel's ``decoder`` on the layout a layer keeps (tables built per call):
   by default the one decode uses on this CPU (``kernels.lut_kernel()``: AVX-512, else AVX2);
-  ``--kernel`` names others (``avx512``, ``avx2``, ``avx2-int8``), one row each, so the AVX2
+  ``--kernel`` names others (``avx512``, ``avx2``, ``avx2-int16``, ``avx2-int8``), one row each, so the AVX2
   kernel can be measured on an AVX-512 machine too,
 - ``fp32``: ``F.linear`` with a dense float32 weight,
 - ``bf16``: ``F.linear`` with a dense bfloat16 weight and bfloat16 activations,
@@ -58,6 +58,7 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "kernels.json"
 LUT_KERNELS: dict[str, tuple[ModuleType, tuple[object, ...]]] = {
     "avx512": (avx512_lut, ()),
     "avx2": (avx2_lut, (torch.float32,)),
+    "avx2-int16": (avx2_lut, (torch.int16,)),
     "avx2-int8": (avx2_lut, (torch.int8,)),
 }
 

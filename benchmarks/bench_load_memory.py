@@ -136,7 +136,6 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))
     from common import CpuWatch, environment
-    from revision import source_revision
 
     results = []
     watch = CpuWatch()
@@ -160,7 +159,7 @@ def main() -> None:
                 )
                 results.append(row)
     others = watch.stop()
-    env = environment(PACKAGES) | source_revision() | others.record()
+    env = environment(PACKAGES) | others.record()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"environment": env, "args": {"models": args.models, "threads": args.threads},
                "results": results}  # fmt: skip

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from revision import source_revision
 
 from alphatune.experiments.spec import cpu_model
 
@@ -37,7 +38,8 @@ BUSY_SHARE = 0.1  # other processes used more than a tenth of the CPUs: timings 
 
 
 def environment(packages: Iterable[str] = ("torch",)) -> dict[str, Any]:
-    """The machine and software a run measured, to save beside its results.
+    """The machine, software and source (commit, uncommitted changes) a run measured, to save
+    beside its results.
 
     Call it after ``torch.set_num_threads`` (``threads`` is torch's count at the call) and before
     the timed work. ``load_average`` is only a hint: it lags by minutes and counts the run's own
@@ -55,6 +57,7 @@ def environment(packages: Iterable[str] = ("torch",)) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "python": platform.python_version(),
+        **source_revision(),
     }
     for name in packages:
         try:
@@ -200,13 +203,11 @@ def save_watched_results(
     watch: CpuWatch,
 ) -> None:
     """``save_results`` at the end of a timed run: stops ``watch``, warns if others used the
-    machine meanwhile, and records the source revision and what others used beside ``env``."""
-    from revision import source_revision
-
+    machine meanwhile, and records what others used beside ``env``."""
     others = watch.stop()
     if others.busy:
         print(others.warning())
-    save_results(path, args, results, env={**env, **source_revision(), **others.record()})
+    save_results(path, args, results, env={**env, **others.record()})
     print(f"saved {path}")
 
 

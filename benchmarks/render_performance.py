@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from revision import changed_since
+
 RESULTS = Path(__file__).parent / "results"
 PAGE = Path(__file__).parent.parent / "docs" / "performance.md"
 START, END = "<!-- tables:start -->", "<!-- tables:end -->"
@@ -144,28 +146,62 @@ def mixed_table(data: dict) -> str:
     return _table(["target", "phase", "single-task ms", "mixed (4 adapters) ms", "overhead"], rows)
 
 
+# results file (#table) -> (title, renderer, the script and code it measures). A table is marked
+# stale when a commit after the one it measured changed any of those paths.
+_KERNELS = ("src/alphatune/kernels", "src/alphatune/packing.py")
+_MODEL = ("src/alphatune", "src/alphatune_runtime")
 SECTIONS = {
-    "kernels.json": ("Layer level: decode", kernels_table),
-    "kernels.json#batched": ("Layer level: batched path", batched_table),
-    "generation.json": ("Model level: SmolLM2 generation", generation_table),
-    "training.json": ("Training step", training_table),
-    "mixed.json": ("Mixed-task batches", mixed_table),
+    "kernels.json": (
+        "Layer level: decode",
+        kernels_table,
+        ("benchmarks/bench_kernels.py", *_KERNELS),
+    ),
+    "kernels.json#batched": (
+        "Layer level: batched path",
+        batched_table,
+        ("benchmarks/bench_kernels.py", *_KERNELS),
+    ),
+    "generation.json": (
+        "Model level: SmolLM2 generation",
+        generation_table,
+        ("benchmarks/bench_generation.py", *_MODEL),
+    ),
+    "training.json": ("Training step", training_table, ("benchmarks/bench_training.py", *_MODEL)),
+    "mixed.json": ("Mixed-task batches", mixed_table, ("benchmarks/bench_mixed.py", *_MODEL)),
 }
+
+
+def provenance(name: str, data: dict, measured: tuple[str, ...]) -> str:
+    """Where a table comes from, and whether the code it measures changed since."""
+    env = data.get("environment", {})
+    commit = env.get("commit")
+    line = f"(from `benchmarks/results/{name}`, {env.get('date', '?')}"
+    line += f", commit {commit[:8]})" if commit else ")"
+    changed = changed_since(commit, measured)
+    script = measured[0]
+    if changed is None:
+        reason = "it records no commit" if not commit else f"git does not know commit {commit[:8]}"
+        return f"{line}\n\n**Stale**: {reason}, so it may predate the code; rerun `{script}`."
+    if changed:
+        shown = ", ".join(changed[:5]) + (", …" if len(changed) > 5 else "")
+        return (
+            f"{line}\n\n**Stale**: {len(changed)} later commits changed what it measures "
+            f"({shown}); rerun `{script}`."
+        )
+    return line
 
 
 def render(check: bool = False) -> str:
     """All tables as markdown; ``check`` raises if a results file is missing."""
     parts, missing = [], []
-    for key, (title, render_table) in SECTIONS.items():
+    for key, (title, render_table, measured) in SECTIONS.items():
         name = key.split("#")[0]
         data = _load(name)
         if data is None:
             missing.append(name)
             continue
-        date = data.get("environment", {}).get("date", "?")
-        parts.append(
-            f"### {title}\n\n(from `benchmarks/results/{name}`, {date})\n\n{render_table(data)}\n"
-        )
+        source = provenance(name, data, measured)
+        parts.append(f"### {title}\n\n{source}\n\n{render_table(data)}\n")
     if missing and check:
         raise SystemExit(f"missing results: {', '.join(missing)}")
     return "\n".join(parts)

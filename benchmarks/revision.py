@@ -12,18 +12,33 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _git(*args: str) -> str | None:
+    """``git args`` in the repository, its output; ``None`` outside git or on failure."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def changed_since(commit: str | None, paths: tuple[str, ...]) -> list[str] | None:
+    """Short hashes of the commits after ``commit`` (to HEAD) that changed ``paths``, newest
+    first: what a results file measured at ``commit`` no longer measures. ``None`` when that
+    cannot be told (no commit recorded, one git does not know, or no git)."""
+    if not commit:
+        return None
+    base = commit.removesuffix("+dirty")
+    if _git("cat-file", "-e", f"{base}^{{commit}}") is None:
+        return None
+    log = _git("log", "--format=%h", f"{base}..HEAD", "--", *paths)
+    return None if log is None else log.split()
+
+
 def source_revision() -> dict[str, Any]:
     """``{"commit": sha, "dirty": bool}`` of the repository (``None`` values outside git)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=30
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip()
-
+    git = _git
     commit = git("rev-parse", "HEAD")
     # Results files are what a run writes (an earlier benchmark of the same session may have
     # just rewritten one): they are not the measured source.
