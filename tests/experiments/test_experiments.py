@@ -130,9 +130,9 @@ def test_runs_on_one_base_name_the_same_fingerprint(env) -> None:
     assert base(base="greedy", train="all_alpha")["fingerprint"] != first["fingerprint"]
 
 
-def test_a_mixed_precision_run_has_a_base_of_its_own(env) -> None:
-    def result(**options) -> dict:
-        return read_result(result_path(env["results"], _spec(env, "alphatuning", 3, **options)))
+def test_a_mixed_precision_run_has_a_base_of_its_own(env, single_thread) -> None:
+    def result(**options) -> dict:  # the run's result; runs it unless an earlier test did
+        return run(_spec(env, "alphatuning", 3, **options), env["results"], env["work"])
 
     uniform, mixed = result(), result(layer_bits="v-o-down4")
     assert mixed["notes"]["base"]["fingerprint"] != uniform["notes"]["base"]["fingerprint"]
@@ -428,6 +428,24 @@ def test_e2e_4bit_phase_runs_before_sst2_at_e2es_rates(tmp_path) -> None:
     assert runs[1].learning_rate == grid.search_specs("e2e", "lora")[2].learning_rate
     assert set(runs) <= set(grid.specs(results, ("e2e-rest",)))
     assert grid.ORDER.index("e2e-4bit") < grid.ORDER.index("sst2")
+
+
+def test_mixed_precision_phase_runs_e2e_dev_and_webnlg_test_before_sst2(tmp_path) -> None:
+    results = tmp_path / "results"
+    for task in ("e2e", "webnlg"):
+        for spec, bleu in zip(
+            grid.search_specs(task, "alphatuning"), (44.0, 47.0, 45.0), strict=True
+        ):
+            _fake_dev_result(results, spec, bleu)
+    runs = list(grid.specs(results, ("mixed-precision",)))
+    assert [(s.task, s.split, s.bits, s.option("layer_bits")) for s in runs] == [
+        ("e2e", "dev", 3, "v-o-down4"),
+        ("webnlg", "test", 3, "v-o-down4"),
+    ]
+    assert runs[0].budget.eval_limit == grid.DEV_ITEMS
+    assert runs[0].learning_rate == grid.search_specs("e2e", "alphatuning")[1].learning_rate
+    assert runs[1].learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
+    assert grid.ORDER.index("mixed-precision") < grid.ORDER.index("sst2")
 
 
 def test_every_task_has_its_headline_comparison_before_its_rest_and_ablations() -> None:
