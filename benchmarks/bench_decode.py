@@ -11,6 +11,8 @@ started again with ``--worker``), so that each process's memory figures are its 
   head option HEAD, decoded by ``alphatune.engine``: ``compact`` (the default: one 8-bit table
   for the embedding and the tied head), ``keep`` (embedding and tied head in fp32, the layout
   before the compact default) and ``bf16`` (a bf16 head, compact embedding);
+- ``alphatune-q3-v-o-down4-compact-engine``: the mixed base (3 bits, the value, attention-output
+  and MLP-output projections at 4; ``BASES``) with the default head, decoded by the engine;
 - ``alphatune-q3-compact-transformers``: the default 3-bit base through transformers
   ``generate``, the engine's reference path.
 
@@ -63,7 +65,15 @@ DEFAULT_DOCS = HERE.parent / "docs" / "decode_benchmark.md"
 QUICK_OUT = Path(tempfile.gettempdir()) / "alphatune-bench-decode-quick.json"
 QUICK_DOCS = Path(tempfile.gettempdir()) / "alphatune-decode-benchmark-quick.md"
 PROMPT = "The history of the city begins in the Roman period, when"
-BITS = (2, 3, 4)
+# Bases by name: (code planes, layers kept at other bits). ``q3-v-o-down4`` is the mixed base of
+# the paper grid (alphatune.experiments.methods.MIXED_PRECISION): 3 bits, the value, attention
+# output and MLP output projections at 4.
+BASES: dict[str, tuple[int, dict[str, int]]] = {
+    "q2": (2, {}),
+    "q3": (3, {}),
+    "q4": (4, {}),
+    "q3-v-o-down4": (3, {"*.v_proj": 4, "*.o_proj": 4, "*.down_proj": 4}),
+}
 HEADS = ("compact", "keep", "bf16")
 # ALPHATUNE_KERNEL settings with rows of their own, beside the default (the AVX2 kernel's int16
 # tables): its float32 (exact) and int8 tables, and the AVX-512 kernel's float tables (measured
@@ -113,12 +123,13 @@ def all_configs() -> list[dict[str, Any]]:
         {"name": "transformers-fp32", "kind": "transformers", "dtype": "float32"},
         {"name": "transformers-bf16", "kind": "transformers", "dtype": "bfloat16"},
     ]
-    for bits in BITS:
-        for head in HEADS:
+    for base, (bits, layer_bits) in BASES.items():
+        for head in ("compact",) if layer_bits else HEADS:  # a mixed base: the default head only
             configs.append(
                 {
-                    "name": f"alphatune-q{bits}-{head}-engine",
+                    "name": f"alphatune-{base}-{head}-engine",
                     "kind": "alphatune",
+                    "base": base,
                     "bits": bits,
                     "head": head,
                     "decoder": "engine",
@@ -131,6 +142,7 @@ def all_configs() -> list[dict[str, Any]]:
             {
                 "name": f"alphatune-q3-compact-engine-{kernel}",
                 "kind": "alphatune",
+                "base": "q3",
                 "bits": 3,
                 "head": "compact",
                 "decoder": "engine",
@@ -142,6 +154,7 @@ def all_configs() -> list[dict[str, Any]]:
         {
             "name": "alphatune-q3-compact-runtime",
             "kind": "runtime",
+            "base": "q3",
             "bits": 3,
             "head": "compact",
             "decoder": "runtime",
@@ -151,6 +164,7 @@ def all_configs() -> list[dict[str, Any]]:
         {
             "name": "alphatune-q3-compact-transformers",
             "kind": "alphatune",
+            "base": "q3",
             "bits": 3,
             "head": "compact",
             "decoder": "transformers",
@@ -170,13 +184,16 @@ def select_configs(patterns: list[str] | None, quick: bool) -> list[dict[str, An
     return chosen
 
 
-def head_config(bits: int, head: str) -> Any:
-    """The BCQConfig of a base: default calibrated blocks; ``head`` picks the embedding and head."""
+def head_config(base: str, head: str) -> Any:
+    """The BCQConfig of a base (``BASES``): default calibrated blocks; ``head`` picks the
+    embedding and head."""
     from alphatune import BCQConfig
 
+    bits, layer_bits = BASES[base]
     if head == "keep":  # the model's own fp32 embedding, tied to the head (one 113 MB matrix)
-        return BCQConfig(bits=bits, lm_head="keep", embedding="keep")
-    return BCQConfig(bits=bits, lm_head=head)  # compact embedding; compact or bf16 head
+        return BCQConfig(bits=bits, layer_bits=layer_bits, lm_head="keep", embedding="keep")
+    # compact embedding; compact or bf16 head
+    return BCQConfig(bits=bits, layer_bits=layer_bits, lm_head=head)
 
 
 # ------------------------------------------------------------------------------ cached bases
@@ -189,9 +206,9 @@ def calibration_settings(sequences: int) -> dict[str, Any]:
     return {"file": default_file("calibration", "text").name, "sequences": sequences, "length": 512}
 
 
-def base_settings(bits: int, head: str, sequences: int) -> dict[str, Any]:
+def base_settings(base: str, head: str, sequences: int) -> dict[str, Any]:
     return {
-        "config": head_config(bits, head).to_dict(),
+        "config": head_config(base, head).to_dict(),
         "calibration": calibration_settings(sequences),
     }
 
@@ -200,20 +217,20 @@ def _blocks_fingerprint(directory: Path) -> str:
     return json.loads((directory / "config.json").read_text())["quantization_config"]["fingerprint"]
 
 
-def cached_base(bits: int, head: str, cache: Path, sequences: int) -> Path:
-    """Directory of the saved base for (``bits``, ``head``), built on first use.
+def cached_base(base: str, head: str, cache: Path, sequences: int) -> Path:
+    """Directory of the saved base for (``base``, ``head``), built on first use.
 
-    The blocks are quantized once per bit width (the ``keep`` base: quantize_ fits the blocks
+    The blocks are quantized once per base (the ``keep`` base: quantize_ fits the blocks
     before it touches the embedding or head, so they are what the default config gives); the
     ``compact`` and ``bf16`` bases are that base with ``quantize_lm_head`` applied, so every head
     option shares the same blocks (a derived base records their fingerprint, and is built again
     when the ``keep`` base changed).
     """
-    directory = cache / f"smollm2-q{bits}-{head}"
-    wanted = base_settings(bits, head, sequences)
+    directory = cache / f"smollm2-{base}-{head}"
+    wanted = base_settings(base, head, sequences)
     source = None
     if head != "keep":
-        source = cached_base(bits, "keep", cache, sequences)
+        source = cached_base(base, "keep", cache, sequences)
         wanted["blocks_fingerprint"] = _blocks_fingerprint(source)
     try:
         found = json.loads((directory / SETTINGS).read_text())
@@ -225,12 +242,12 @@ def cached_base(bits: int, head: str, cache: Path, sequences: int) -> Path:
     from alphatune import load_quantized, quantize_, quantize_lm_head, save_quantized
     from alphatune.models import load_model, load_tokenizer
 
-    config = head_config(bits, head)
+    config = head_config(base, head)
     began = time.perf_counter()
     if source is None:
         from alphatune.data import calibration_batch, default_file
 
-        print(f"quantizing SmolLM2 to {bits} bits (calibrated, minutes) -> {directory}", flush=True)
+        print(f"quantizing SmolLM2: {base} (calibrated, minutes) -> {directory}", flush=True)
         tokenizer = load_tokenizer()
         calibration = calibration_batch(
             tokenizer, default_file("calibration", "text"), sequences, 512
@@ -238,7 +255,7 @@ def cached_base(bits: int, head: str, cache: Path, sequences: int) -> Path:
         model = load_model()
         quantize_(model, config, calibration=calibration)
     else:
-        print(f"{bits}-bit base with a {head} head -> {directory}", flush=True)
+        print(f"{base} base with a {head} head -> {directory}", flush=True)
         model, tokenizer = load_quantized(source)
         quantize_lm_head(model, config)
     seconds = time.perf_counter() - began
@@ -671,15 +688,15 @@ def main(argv: list[str] | None = None) -> None:
     cache = args.cache or cache_dir() / "bench" / "decode"
     bases: dict[str, dict[str, Any]] = {}
     if args.rebuild:  # every base of the bit widths asked for; they are rebuilt below
-        for bits in sorted({c["bits"] for c in configs if c["kind"] in ALPHATUNE_KINDS}):
-            for directory in cache.glob(f"smollm2-q{bits}-*"):
-                shutil.rmtree(directory)
+        for base in sorted({c["base"] for c in configs if c["kind"] in ALPHATUNE_KINDS}):
+            for head in HEADS:
+                shutil.rmtree(cache / f"smollm2-{base}-{head}", ignore_errors=True)
     for config in configs:
         if config["kind"] in ALPHATUNE_KINDS:
-            key = f"q{config['bits']}-{config['head']}"
+            key = f"{config['base']}-{config['head']}"
             if key not in bases:
                 path = cached_base(
-                    config["bits"], config["head"], cache, args.calibration_sequences
+                    config["base"], config["head"], cache, args.calibration_sequences
                 )
                 bases[key] = describe_base(path)
     short, long = prompt_ids(args.prefill_tokens)
@@ -699,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
     for config in configs:
         job = dict(spec)
         if config["kind"] in ALPHATUNE_KINDS:
-            job["base"] = bases[f"q{config['bits']}-{config['head']}"]
+            job["base"] = bases[f"{config['base']}-{config['head']}"]
         print(f"{config['name']} ...", flush=True)
         row = run_config(config, job, args.timeout)
         if "base" in job:
