@@ -687,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
         configs = [c for c in configs if c["kind"] != "llama.cpp"]
     cache = args.cache or cache_dir() / "bench" / "decode"
     bases: dict[str, dict[str, Any]] = {}
-    if args.rebuild:  # every base of the bit widths asked for; they are rebuilt below
+    if args.rebuild:  # every base the configs ask for; they are rebuilt below
         for base in sorted({c["base"] for c in configs if c["kind"] in ALPHATUNE_KINDS}):
             for head in HEADS:
                 shutil.rmtree(cache / f"smollm2-{base}-{head}", ignore_errors=True)

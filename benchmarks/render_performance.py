@@ -149,7 +149,13 @@ def mixed_table(data: dict) -> str:
 # results file (#table) -> (title, renderer, the script and code it measures). A table is marked
 # stale when a commit after the one it measured changed any of those paths.
 _KERNELS = ("src/alphatune/kernels", "src/alphatune/packing.py")
-_MODEL = ("src/alphatune", "src/alphatune_runtime")
+# The whole inference and training path; not the paper harness or the command line.
+_MODEL = (
+    "src/alphatune",
+    "src/alphatune_runtime",
+    ":(exclude)src/alphatune/experiments",
+    ":(exclude)src/alphatune/cli",
+)
 SECTIONS = {
     "kernels.json": (
         "Layer level: decode",
@@ -182,6 +188,11 @@ def provenance(name: str, data: dict, measured: tuple[str, ...]) -> str:
     if changed is None:
         reason = "it records no commit" if not commit else f"git does not know commit {commit[:8]}"
         return f"{line}\n\n**Stale**: {reason}, so it may predate the code; rerun `{script}`."
+    if env.get("dirty") or commit.endswith("+dirty"):
+        return (
+            f"{line}\n\n**Stale**: measured with uncommitted changes to the code, so no commit "
+            f"holds what it measured; rerun `{script}` on a clean tree."
+        )
     if changed:
         shown = ", ".join(changed[:5]) + (", …" if len(changed) > 5 else "")
         return (

@@ -29,7 +29,7 @@ def changed_since(commit: str | None, paths: tuple[str, ...]) -> list[str] | Non
     cannot be told (no commit recorded, one git does not know, or no git)."""
     if not commit:
         return None
-    base = commit.removesuffix("+dirty")
+    base = commit.removesuffix("+dirty")  # how some older results marked a dirty tree
     if _git("cat-file", "-e", f"{base}^{{commit}}") is None:
         return None
     log = _git("log", "--format=%h", f"{base}..HEAD", "--", *paths)
@@ -38,11 +38,10 @@ def changed_since(commit: str | None, paths: tuple[str, ...]) -> list[str] | Non
 
 def source_revision() -> dict[str, Any]:
     """``{"commit": sha, "dirty": bool}`` of the repository (``None`` values outside git)."""
-    git = _git
-    commit = git("rev-parse", "HEAD")
+    commit = _git("rev-parse", "HEAD")
     # Results files are what a run writes (an earlier benchmark of the same session may have
     # just rewritten one): they are not the measured source.
-    status = git(
+    status = _git(
         "status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks",
         ":(exclude)benchmarks/results",
     )  # fmt: skip

@@ -193,7 +193,7 @@ def test_quantize_with_mixed_precision(tiny_model_dir, tmp_path):
     argv += ["--layer-bits", "*.down_proj=4", "--layer-bits", "*.layers.0.*=2"]
     assert main([*argv, "--output", str(out), "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert config["layer_bits"] == {"*.down_proj": 4, "*.layers.0.*": 2}
+    assert config["layer_bits"] == [["*.down_proj", 4], ["*.layers.0.*", 2]]
     bits = {name: spec["bits"] for name, spec in config["layers"].items()}
     assert bits["model.layers.0.mlp.down_proj"] == 4  # the first match wins
     assert bits["model.layers.0.self_attn.q_proj"] == 2

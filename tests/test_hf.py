@@ -179,6 +179,25 @@ def test_mixed_precision_goes_through_both_paths(tmp_path) -> None:
         assert torch.equal(logits(loaded), logits(model))
 
 
+def test_the_first_matching_layer_bits_pattern_survives_saving(tmp_path) -> None:
+    """Overlapping patterns in an order that is not alphabetical: the loaded config still gives
+    each layer the bits it was quantized with."""
+    config = BCQConfig(
+        bits=3, group_size=32, method="offset", layer_bits={"model.layers.0.*": 2, "*.mlp.*": 4}
+    )
+    model = quantized("llama", config)
+    assert model.model.layers[0].mlp.down_proj.bits == 2
+    assert model.model.layers[1].mlp.down_proj.bits == 4
+    save_quantized(model, tmp_path / "base", config)
+    loaded = BCQConfig.from_dict(
+        json.loads((tmp_path / "base" / BASE_CONFIG).read_text())["quantization_config"]
+    )
+    assert loaded.layer_bits == config.layer_bits
+    for name, layer in load_quantized(tmp_path / "base")[0].named_modules():
+        if isinstance(layer, BCQLinear):
+            assert layer.bits == loaded.bits_for(name) == config.bits_for(name)
+
+
 def test_a_layer_bits_pattern_naming_no_layer_is_refused_before_loading(tmp_path) -> None:
     make("llama").save_pretrained(tmp_path / "fp")
     config = BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.w2": 4})

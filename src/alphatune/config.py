@@ -105,8 +105,11 @@ def _patterns(value: object) -> tuple[str, ...]:
 
 
 def _layer_bits(value: object) -> tuple[tuple[str, int], ...]:
-    """``layer_bits`` as a hashable tuple of ``(pattern, bits)``, from a mapping or pairs."""
+    """``layer_bits`` as a hashable tuple of ``(pattern, bits)`` in the order given (the first
+    match wins), from a mapping or ``(pattern, bits)`` pairs (the JSON form: a list of pairs)."""
     expected = "a mapping of module-name patterns to bits 1..8, e.g. {'*.down_proj': 4}"
+    if isinstance(value, str):  # "*.down_proj=4" would otherwise split into characters
+        raise ConfigError(f"layer_bits must be {expected}, not a string; got {value!r}")
     try:
         pairs = list(value.items()) if isinstance(value, Mapping) else list(value)  # type: ignore[call-overload]
         pairs = [tuple(pair) for pair in pairs]
@@ -117,6 +120,10 @@ def _layer_bits(value: object) -> tuple[tuple[str, int], ...]:
         bits = pair[1] if len(pair) == 2 else None
         if not ok or isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ConfigError(f"layer_bits must be {expected}; got the entry {pair!r}")
+    patterns = [pattern for pattern, _ in pairs]
+    repeated = sorted({p for p in patterns if patterns.count(p) > 1})
+    if repeated:
+        raise ConfigError(f"layer_bits names {repeated} more than once; give each pattern once")
     return tuple((pattern, int(bits)) for pattern, bits in pairs)
 
 
@@ -192,6 +199,8 @@ class BCQConfig:
             patterns of module names whose layers get other code planes than ``bits``; the
             first matching pattern wins (e.g. ``{"*.down_proj": 4}`` keeps the MLP's output
             projection at 4 bits, as llama.cpp's Q3_K_M keeps its ``ffn_down`` at more bits).
+            Only the layers quantized as blocks are covered: a ``"bcq"`` head takes
+            ``lm_head_bits``.
 
     Example:
         >>> cfg = BCQConfig(bits=3, group_size=64, method="offset")
@@ -292,7 +301,9 @@ class BCQConfig:
         data["exclude"] = list(self.exclude)
         del data["layer_bits"]
         if self.layer_bits:  # a uniform base's config reads as it did before the option existed
-            data["layer_bits"] = dict(self.layer_bits)
+            # Pairs, not a mapping: configs are written with sorted keys, and the order of the
+            # patterns decides which one a layer takes.
+            data["layer_bits"] = [list(pair) for pair in self.layer_bits]
         return data
 
     @classmethod

@@ -101,7 +101,8 @@ def check_layer_bits(config: BCQConfig, layers: Iterable[str]) -> None:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ConfigError(
                 f"layer_bits pattern {pattern!r} matches none of the {len(names)} layers to "
-                f"quantize (e.g. {names[:2]}); patterns are globs over module names"
+                f"quantize (e.g. {names[:2]}); patterns are globs over module names (the LM "
+                "head takes lm_head_bits, and excluded layers are not quantized)"
             )
 
 

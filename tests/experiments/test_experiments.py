@@ -467,9 +467,9 @@ def test_every_task_has_its_headline_comparison_before_its_rest_and_ablations() 
 
 
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
-    """WebNLG's and SST-2's AlphaTuning searches are moved below 2e-3 and 5e-3, WebNLG's LoRA search and E2E's full
-    fine-tuning search above (each chose its edge); other tasks keep the family's range, and
-    every search tries <= 3 rates."""
+    """WebNLG's and SST-2's AlphaTuning searches are moved below their lowest rate, WebNLG's
+    LoRA search and E2E's full fine-tuning search above (each chose its edge); other tasks keep
+    the family's range, and every search tries <= 3 rates."""
     webnlg = [s.learning_rate for s in grid.search_specs("webnlg", "alphatuning")]
     e2e = [s.learning_rate for s in grid.search_specs("e2e", "alphatuning")]
     assert webnlg == [1e-3, 2e-3, 5e-3]

@@ -122,7 +122,7 @@ def base_config(bits: int, method: str, layer_bits: str | None = None) -> BCQCon
             f"layer_bits must name a mixed-precision preset ({', '.join(MIXED_PRECISION)}), "
             f"got {layer_bits!r}"
         )
-    settings = {"layer_bits": MIXED_PRECISION[layer_bits] if layer_bits else {}}
+    settings: dict[str, Any] = {"layer_bits": MIXED_PRECISION[layer_bits] if layer_bits else {}}
     settings.update(HEAD_AND_EMBEDDING)
     if method == "rtn":  # the offset grid initialised by round-to-nearest, never refined
         return BCQConfig(bits=bits, method=QuantMethod.OFFSET, iterations=0, **settings)
@@ -153,6 +153,7 @@ def cached_base(model_name: str, bits: int, method: str, layer_bits: str | None 
     """
     from alphatune.adapters import save_quantized
 
+    config = base_config(bits, method, layer_bits)  # an unknown preset fails before any loading
     mixed = f"-{layer_bits}" if layer_bits else ""
     name = f"{Path(model_name).name}-{method}-q{bits}{mixed}"
     directory = cache_dir() / "paper" / "bases" / name
@@ -161,7 +162,7 @@ def cached_base(model_name: str, bits: int, method: str, layer_bits: str | None 
     logger.info("quantizing %s to %d bits%s (%s) -> %s", model_name, bits, mixed, method, directory)
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
     quantize_model(model, tokenizer, bits, method, layer_bits)
-    save_quantized(model, directory, base_config(bits, method, layer_bits), tokenizer)
+    save_quantized(model, directory, config, tokenizer)
     write_json(_made_record(directory), {"quantized": environment()})
     return directory
 
@@ -307,7 +308,8 @@ def _after_training(parent: str) -> Callable[[RunSpec, Path], Prepared]:
                 f"that run (same task, seed and learning rate, split {spec.split}) first"
             )
         model, tokenizer = load_model(source), load_tokenizer(source)
-        quantize_model(model, tokenizer, spec.bits, spec.option("quantizer", "calibrated"))
+        quantizer = spec.option("quantizer", "calibrated")
+        quantize_model(model, tokenizer, spec.bits, quantizer, spec.option("layer_bits", None))
         _freeze(model)
         stored, bpw = _quantized_sizes(model)
         return Prepared(model, tokenizer, stored, stored, bpw)
@@ -318,7 +320,8 @@ def _after_training(parent: str) -> Callable[[RunSpec, Path], Prepared]:
 def parent_spec(spec: RunSpec) -> RunSpec:
     method = METHODS[spec.method]
     assert method.parent is not None
-    options = tuple((k, v) for k, v in spec.options if k not in ("quantizer",))
+    # How the parent's weights are quantized afterwards is not the parent's.
+    options = tuple((k, v) for k, v in spec.options if k not in ("quantizer", "layer_bits"))
     return RunSpec(
         task=spec.task,
         method=method.parent,
