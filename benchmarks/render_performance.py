@@ -196,7 +196,8 @@ def provenance(name: str, data: dict, measured: tuple[str, ...]) -> str:
     if changed:
         shown = ", ".join(changed[:5]) + (", …" if len(changed) > 5 else "")
         return (
-            f"{line}\n\n**Stale**: {len(changed)} later commits changed what it measures "
+            f"{line}\n\n**Stale**: {len(changed)} later commit{'s' if len(changed) > 1 else ''} "
+            "changed what it measures "
             f"({shown}); rerun `{script}`."
         )
     return line
