@@ -29,5 +29,9 @@ export ALPHATUNE_DATA_DIR="${ALPHATUNE_DATA_DIR:-$(cd "$repo/.." && pwd)/shared/
 # each layer's dense weight, kept while the scales hold, than on the LUT decode kernel, and gives
 # the same tokens (measured on 16 E2E dev prompts).
 export ALPHATUNE_KERNEL="${ALPHATUNE_KERNEL:-reference}"
+# The WikiText-2 perplexity of each base cached since the last start (a minute each, once).
+nice -n 10 "$repo/.venv/bin/python" -m alphatune.experiments \
+    --results "$repo/benchmarks/results/paper" bases --threads 2 ||
+    echo "measuring the bases failed; the grid goes on" >&2
 exec nice -n 10 "$repo/.venv/bin/python" -m alphatune.experiments \
     --results "$repo/benchmarks/results/paper" grid "$@"

@@ -53,7 +53,8 @@ def data_dir(tmp_path_factory, shared_data_dir: Path) -> Path:
     _head(shared_data_dir / "sst2" / "train.tsv", root / "sst2" / "train.tsv", 41)
     _head(shared_data_dir / "sst2" / "dev.tsv", root / "sst2" / "dev.tsv", 11)
     (root / "wikitext-2").mkdir()
-    shutil.copy(shared_data_dir / "wikitext-2" / "valid.txt", root / "wikitext-2" / "valid.txt")
+    for split in ("valid", "test"):
+        shutil.copy(shared_data_dir / "wikitext-2" / f"{split}.txt", root / "wikitext-2")
     return root
 
 
@@ -229,6 +230,39 @@ def test_report_renders_tables_and_plots(env, tmp_path) -> None:
     plots = sorted((tmp_path / "docs" / "results").glob("*.png"))
     assert {p.name for p in plots} >= {"e2e-bleu-vs-bits.png", "e2e-bleu-vs-trainable.png"}
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
+
+
+def test_bases_are_measured_once_and_rendered(env, tmp_path, monkeypatch, single_thread) -> None:
+    """Every cached base gets its WikiText-2 perplexity (and the unquantized model once); a
+    second call measures nothing again; the report shows them."""
+    from alphatune.experiments import bases
+
+    for options in ({}, {"layer_bits": "v-o-down4"}):  # two cached bases, whatever ran before
+        run(_spec(env, "alphatuning", 3, **options), env["results"], env["work"])
+    data = bases.measure_bases(env["results"], env["model"])
+    entries = data["bases"]
+    assert bases.UNQUANTIZED in entries and len(entries) >= 3
+    assert all(e["wikitext2_perplexity"] > 1 for e in entries.values())
+    mixed = [e for e in entries.values() if e.get("layer_bits")]
+    assert len(mixed) == 1 and dict(mixed[0]["layer_bits"]) == {
+        "*.v_proj": 4,
+        "*.o_proj": 4,
+        "*.down_proj": 4,
+    }
+    uniform = [e for n, e in entries.items() if n != bases.UNQUANTIZED and not e["layer_bits"]]
+    assert any(
+        mixed[0]["bits_per_weight"] > e["bits_per_weight"] for e in uniform if e["bits"] == 3
+    )
+
+    def fail(*_args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(bases, "_base_entry", fail)
+    monkeypatch.setattr(bases, "_measure", fail)
+    assert bases.measure_bases(env["results"], env["model"]) == data
+    text = report.render(env["results"], tmp_path / "docs" / "results.md")
+    assert "## The quantized bases, before tuning" in text
+    assert "| fp32 | 32 | – | 32 | – |" in text and "`*.v_proj` 4" in text
 
 
 def test_report_says_when_a_task_has_no_test_run_yet(env, tmp_path) -> None:
@@ -569,7 +603,8 @@ def _held_out_data(shared_data_dir: Path, root: Path, extra_train: list[str] = (
     dev_held_out = [r for r in dev if json.loads(r)["category"] in tasks.HELD_OUT_CATEGORIES]
     (root / "webnlg" / "dev.jsonl").write_text("\n".join(dev_held_out[:4]) + "\n", encoding="utf-8")
     (root / "wikitext-2").mkdir()
-    shutil.copy(shared_data_dir / "wikitext-2" / "valid.txt", root / "wikitext-2" / "valid.txt")
+    for split in ("valid", "test"):
+        shutil.copy(shared_data_dir / "wikitext-2" / f"{split}.txt", root / "wikitext-2")
     return root
 
 

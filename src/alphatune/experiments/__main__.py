@@ -4,6 +4,7 @@
     python -m alphatune.experiments list                                   # done / pending / todo
     python -m alphatune.experiments run --task e2e --method lora --lr 1e-3 --steps 2 ...
     python -m alphatune.experiments rescore                                # scores from predictions
+    python -m alphatune.experiments bases                                  # the bases' perplexity
     alphatune report                                 # docs/results.md and its plots from the files
 
 Each grid run goes to a fresh process (``run-spec``), so one failure or leak cannot touch the
@@ -160,6 +161,16 @@ def _rescore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bases(args: argparse.Namespace) -> int:
+    from alphatune.experiments.bases import measure_bases
+    from alphatune.models import DEFAULT_MODEL
+
+    torch.set_num_threads(args.threads)
+    data = measure_bases(args.results, args.model or DEFAULT_MODEL)
+    print(f"{len(data['bases'])} entries in {args.results / 'bases.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alphatune.experiments")
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
@@ -200,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_list)
     r = sub.add_parser("rescore", help="recompute every result's scores from its predictions")
     r.set_defaults(func=_rescore)
+    b = sub.add_parser("bases", help="WikiText-2 perplexity of every cached base, once each")
+    b.add_argument("--model", default=None, help="the unquantized model (default: the grid's)")
+    b.add_argument("--threads", type=int, default=1)
+    b.set_defaults(func=_bases)
     return parser
 
 

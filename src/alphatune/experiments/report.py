@@ -8,6 +8,7 @@ tables (searches, recipe candidates, dev-only tasks) are ``dev_tables``'.
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from collections import defaultdict
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from alphatune.errors import ConfigError
+from alphatune.experiments.bases import RESULTS_FILE as BASES_FILE
+from alphatune.experiments.bases import bases_table
 from alphatune.experiments.dev_tables import dev_pairing, dev_table, recipe_table, search_table
 from alphatune.experiments.grid import (
     BUDGETS,
@@ -278,6 +281,22 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
     bases = bases_paragraph(by_task)
     if bases:
         parts += [bases, ""]
+    measured = results_dir / BASES_FILE
+    if measured.exists():
+        data = json.loads(measured.read_text(encoding="utf-8"))
+        parts += [
+            "## The quantized bases, before tuning",
+            "",
+            (
+                f"WikiText-2 test perplexity (first {data['eval_tokens']:,} tokens, context 512) "
+                "of each base the grid cached, beside the unquantized model "
+                "(`python -m alphatune.experiments bases`; calibration reads WikiText-2 valid). "
+                "Stored MiB count the fp32 embedding / head these bases keep."
+            ),
+            "",
+            bases_table(data),
+            "",
+        ]
     for task, results in by_task.items():
         budget = BUDGETS.get(task)
         parts += [f"## {TASK_TITLES.get(task, task)}", ""]
