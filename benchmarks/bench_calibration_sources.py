@@ -125,15 +125,22 @@ def save(args: argparse.Namespace, unquantized: dict[str, float], rows: list[dic
     print(f"saved {args.out}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+def start(threads: int) -> tuple[Path, Any, dict[str, torch.Tensor], Any, dict[str, float]]:
+    """What a probe begins with: the data folder, the tokenizer, the texts scored, the
+    unquantized model and its perplexity on each text."""
+    torch.set_num_threads(threads)
     data = find_data_dir()
     tokenizer = load_tokenizer()
     texts = eval_texts(tokenizer, data)
     reference = load_model()
     unquantized = {name: perplexity(reference, ids, progress=False) for name, ids in texts.items()}
     print("unquantized", unquantized, flush=True)
+    return data, tokenizer, texts, reference, unquantized
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data, tokenizer, texts, reference, unquantized = start(args.threads)
     wikitext = calibration_batch(tokenizer, data / "wikitext-2" / "valid.txt", SEQUENCES, LENGTH)
     generated = self_generated(reference, tokenizer, SEQUENCES)
     del reference

@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from bench_calibration_sources import LENGTH, SEQUENCES, eval_texts, save, scores
+from bench_calibration_sources import LENGTH, SEQUENCES, save, scores, start
 
 from alphatune import BCQConfig, quantize_
-from alphatune.data import calibration_batch, find_data_dir
-from alphatune.evaluate import perplexity
-from alphatune.models import load_model, load_tokenizer
+from alphatune.data import calibration_batch
+from alphatune.models import load_model
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "mixed_precision.json"
 MIB = 2**20
@@ -58,14 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    data = find_data_dir()
-    tokenizer = load_tokenizer()
-    texts = eval_texts(tokenizer, data)
-    reference = load_model()
-    unquantized = {name: perplexity(reference, ids, progress=False) for name, ids in texts.items()}
+    data, tokenizer, texts, reference, unquantized = start(args.threads)
     del reference
-    print("unquantized", unquantized, flush=True)
     calibration = calibration_batch(tokenizer, data / "wikitext-2" / "valid.txt", SEQUENCES, LENGTH)
     rows = []
     for variant in args.variants:
