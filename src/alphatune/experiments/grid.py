@@ -202,7 +202,8 @@ HELD_OUT: list[Entry] = [
 # the 3-bit default on seen categories (paired 95% CI [-2.2, +2.8]), but on the held-out
 # categories 35.9 / 38.2 (seeds 0 / 1) against 32.2 / 35.8 at 3 bits and 35.4 / 40.9 at 4 bits.
 # Whether it could be the 3-bit default: E2E dev (does it cost where 3 bits already wins?) and
-# WebNLG test, before SST-2.
+# WebNLG test, before SST-2. (They said no: E2E dev +0.63, within noise; WebNLG test 39.9, half
+# of the 4-bit base's gain; docs/choosing.md.)
 MIXED: list[Entry] = [("alphatuning", 3, (("layer_bits", "v-o-down4"),), (0,))]
 
 PHASES: dict[str, list[tuple[str, str, tuple[str, ...], list[Entry]]]] = {
