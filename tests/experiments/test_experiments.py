@@ -501,13 +501,14 @@ def test_every_task_has_its_headline_comparison_before_its_rest_and_ablations() 
 
 
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
-    """WebNLG's and SST-2's AlphaTuning searches are moved below their lowest rate, WebNLG's
-    LoRA search and E2E's full fine-tuning search above (each chose its edge); other tasks keep
-    the family's range, and every search tries <= 3 rates."""
+    """WebNLG's and SST-2's AlphaTuning searches and SST-2's LoRA search are moved below their
+    lowest rate, WebNLG's LoRA search and E2E's full fine-tuning search above (each chose its
+    edge); other tasks keep the family's range, and every search tries <= 3 rates."""
     webnlg = [s.learning_rate for s in grid.search_specs("webnlg", "alphatuning")]
     e2e = [s.learning_rate for s in grid.search_specs("e2e", "alphatuning")]
     assert webnlg == [1e-3, 2e-3, 5e-3]
-    assert [s.learning_rate for s in grid.search_specs("sst2", "alphatuning")] == [5e-4, 1e-3, 2e-3]
+    assert [s.learning_rate for s in grid.search_specs("sst2", "alphatuning")] == [2e-4, 5e-4, 1e-3]
+    assert [s.learning_rate for s in grid.search_specs("sst2", "lora")] == [5e-4, 1e-3, 2e-3]
     assert e2e == list(grid.LEARNING_RATES["alphatuning"])
     assert [s.learning_rate for s in grid.search_specs("webnlg", "lora")] == [2e-3, 5e-3, 1e-2]
     assert [s.learning_rate for s in grid.search_specs("e2e", "lora")] == list(

@@ -55,10 +55,12 @@ LEARNING_RATES = {
 # highest, 5e-3 (48.09 against 47.74 at 2e-3), so its best might lie above (1e-2 scored 45.32).
 # E2E chose full fine-tuning's highest, 1e-4 (65.54 against 64.53 at 5e-5). SST-2 chose
 # AlphaTuning's lowest, 2e-3, by far (78.5% accuracy against 58.5% at 5e-3 and 56.0% at 1e-2,
-# n = 200).
+# n = 200), then the lowest of the range moved below, 5e-4 (85.0% against 83.0% at 1e-3), and
+# LoRA's lowest, 1e-3 (90.0% against 88.0% at 2e-3 and 75.0% at 5e-3): both move lower again.
 TASK_LEARNING_RATES = {
     ("webnlg", "alphatuning"): (1e-3, 2e-3, 5e-3),
-    ("sst2", "alphatuning"): (5e-4, 1e-3, 2e-3),
+    ("sst2", "alphatuning"): (2e-4, 5e-4, 1e-3),
+    ("sst2", "lora"): (5e-4, 1e-3, 2e-3),
     ("webnlg", "lora"): (2e-3, 5e-3, 1e-2),
     ("e2e", "full-ft"): (5e-5, 1e-4, 2e-4),
 }
