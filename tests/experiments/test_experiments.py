@@ -382,6 +382,19 @@ def _fake_dev_result(results: Path, spec: RunSpec, bleu: float) -> None:
     )
 
 
+# Fake dev scores per searched family: AlphaTuning's middle rate wins, LoRA's highest.
+SEARCH_SCORES = {"alphatuning": (44.0, 47.0, 45.0), "lora": (40.0, 41.0, 42.0)}
+
+
+def _fake_searches(
+    results: Path, task: str, families: tuple[str, ...] = ("alphatuning", "lora")
+) -> None:
+    """Dev results for ``task``'s searches of ``families``, scored as ``SEARCH_SCORES``."""
+    for family in families:
+        for spec, bleu in zip(grid.search_specs(task, family), SEARCH_SCORES[family], strict=True):
+            _fake_dev_result(results, spec, bleu)
+
+
 def test_grid_waits_for_the_search_then_takes_the_best_dev_rate(tmp_path) -> None:
     results = tmp_path / "results"
     waiting = [s for s in grid.specs(results, ("e2e",)) if isinstance(s, str)]
@@ -432,9 +445,7 @@ def test_webnlg_bits_phase_runs_the_4_bit_bases_on_test_after_the_recipes(tmp_pa
     """AlphaTuning 4-bit and QLoRA on WebNLG test come right after the recipe phase, at their
     families' rates, and are the same runs (one result each) as the rest phase's."""
     results = tmp_path / "results"
-    for family, scores in (("alphatuning", (44.0, 47.0, 45.0)), ("lora", (40.0, 41.0, 42.0))):
-        for spec, bleu in zip(grid.search_specs("webnlg", family), scores, strict=True):
-            _fake_dev_result(results, spec, bleu)
+    _fake_searches(results, "webnlg")
     runs = list(grid.specs(results, ("webnlg-4bit",)))
     assert [(s.method, s.bits, s.split, s.seed) for s in runs] == [
         ("alphatuning", 4, "test", 0),
@@ -450,9 +461,7 @@ def test_e2e_4bit_phase_runs_before_sst2_at_e2es_rates(tmp_path) -> None:
     """AlphaTuning 4-bit and QLoRA on E2E test (the QLoRA target) come before SST-2, at E2E's
     chosen rates, and are the same runs as E2E's rest phase's."""
     results = tmp_path / "results"
-    for family, scores in (("alphatuning", (44.0, 47.0, 45.0)), ("lora", (40.0, 41.0, 42.0))):
-        for spec, bleu in zip(grid.search_specs("e2e", family), scores, strict=True):
-            _fake_dev_result(results, spec, bleu)
+    _fake_searches(results, "e2e")
     runs = list(grid.specs(results, ("e2e-4bit",)))
     assert [(s.task, s.method, s.bits, s.split, s.seed) for s in runs] == [
         ("e2e", "alphatuning", 4, "test", 0),
@@ -467,10 +476,7 @@ def test_e2e_4bit_phase_runs_before_sst2_at_e2es_rates(tmp_path) -> None:
 def test_mixed_precision_phase_runs_e2e_dev_and_webnlg_test_before_sst2(tmp_path) -> None:
     results = tmp_path / "results"
     for task in ("e2e", "webnlg"):
-        for spec, bleu in zip(
-            grid.search_specs(task, "alphatuning"), (44.0, 47.0, 45.0), strict=True
-        ):
-            _fake_dev_result(results, spec, bleu)
+        _fake_searches(results, task, ("alphatuning",))
     runs = list(grid.specs(results, ("mixed-precision",)))
     assert [(s.task, s.split, s.bits, s.option("layer_bits")) for s in runs] == [
         ("e2e", "dev", 3, "v-o-down4"),
@@ -652,9 +658,7 @@ def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
     rates with the dev budget."""
     results = tmp_path / "results"
     assert all(isinstance(s, str) for s in grid.specs(results, ("webnlg-heldout",)))
-    for family, scores in (("alphatuning", (44.0, 47.0, 45.0)), ("lora", (40.0, 41.0, 42.0))):
-        for spec, bleu in zip(grid.search_specs("webnlg", family), scores, strict=True):
-            _fake_dev_result(results, spec, bleu)
+    _fake_searches(results, "webnlg")
     runs = list(grid.specs(results, ("webnlg-heldout",)))
     assert [(s.task, s.method, s.bits, s.split, s.seed) for s in runs] == [
         ("webnlg-heldout", "alphatuning", 3, "dev", 0),
