@@ -14,24 +14,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from alphatune.experiments.methods import bases_dir, made_record
 from alphatune.experiments.spec import environment, write_json
-from alphatune.models import cache_dir
 
 logger = logging.getLogger(__name__)
 
 EVAL_TOKENS = 8192
 RESULTS_FILE = "bases.json"
 UNQUANTIZED = "fp32"
-
-
-def bases_dir() -> Path:
-    return cache_dir() / "paper" / "bases"
-
-
-def _made(directory: Path) -> dict[str, Any] | None:
-    """What ``cached_base`` recorded beside the base (``None`` for a base cached before that)."""
-    record = directory.with_name(directory.name + ".json")
-    return json.loads(record.read_text()) if record.exists() else None
 
 
 def _wikitext_tokens(tokenizer: Any) -> Any:
@@ -84,7 +74,7 @@ def measure_bases(results_dir: Path, model_name: str) -> dict[str, Any]:
         write_json(path, data)
     directories = sorted(d for d in bases_dir().glob("*") if (d / "config.json").exists())
     for directory in directories:
-        made = _made(directory)
+        made = made_record(directory)
         if directory.name in entries and entries[directory.name].get("quantized") == made:
             continue
         logger.info("measuring base %s", directory.name)

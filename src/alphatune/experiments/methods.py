@@ -156,7 +156,7 @@ def cached_base(model_name: str, bits: int, method: str, layer_bits: str | None 
     config = base_config(bits, method, layer_bits)  # an unknown preset fails before any loading
     mixed = f"-{layer_bits}" if layer_bits else ""
     name = f"{Path(model_name).name}-{method}-q{bits}{mixed}"
-    directory = cache_dir() / "paper" / "bases" / name
+    directory = bases_dir() / name
     if (directory / "config.json").exists():
         return directory
     logger.info("quantizing %s to %d bits%s (%s) -> %s", model_name, bits, mixed, method, directory)
@@ -167,8 +167,20 @@ def cached_base(model_name: str, bits: int, method: str, layer_bits: str | None 
     return directory
 
 
+def bases_dir() -> Path:
+    """Where ``cached_base`` keeps the grid's quantized bases."""
+    return cache_dir() / "paper" / "bases"
+
+
 def _made_record(directory: Path) -> Path:
     return directory.with_name(directory.name + ".json")
+
+
+def made_record(directory: Path) -> dict[str, Any]:
+    """What ``cached_base`` recorded beside the base: ``{"quantized": environment}``, the
+    environment ``None`` for a base cached before that was recorded."""
+    record = _made_record(directory)
+    return json.loads(record.read_text()) if record.exists() else {"quantized": None}
 
 
 def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -181,8 +193,7 @@ def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any, dict[str, An
         raise ConfigError(f"{spec.method} needs bits (a quantized base)")
     directory = cached_base(_model_name(spec), spec.bits, method, spec.option("layer_bits", None))
     model, tokenizer = load_quantized(directory)
-    record = _made_record(directory)
-    made = json.loads(record.read_text()) if record.exists() else {"quantized": None}
+    made = made_record(directory)
     return model, tokenizer, {"base": {"fingerprint": base_fingerprint(model), **made}}
 
 
