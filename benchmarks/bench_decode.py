@@ -65,14 +65,14 @@ DEFAULT_DOCS = HERE.parent / "docs" / "decode_benchmark.md"
 QUICK_OUT = Path(tempfile.gettempdir()) / "alphatune-bench-decode-quick.json"
 QUICK_DOCS = Path(tempfile.gettempdir()) / "alphatune-decode-benchmark-quick.md"
 PROMPT = "The history of the city begins in the Roman period, when"
-# Bases by name: (code planes, layers kept at other bits). ``q3-v-o-down4`` is the mixed base of
-# the paper grid (alphatune.experiments.methods.MIXED_PRECISION): 3 bits, the value, attention
-# output and MLP output projections at 4.
-BASES: dict[str, tuple[int, dict[str, int]]] = {
-    "q2": (2, {}),
-    "q3": (3, {}),
-    "q4": (4, {}),
-    "q3-v-o-down4": (3, {"*.v_proj": 4, "*.o_proj": 4, "*.down_proj": 4}),
+# Bases by name: (code planes, the paper grid's mixed-precision preset or None,
+# alphatune.experiments.methods.MIXED_PRECISION). ``q3-v-o-down4``: 3 bits, the value,
+# attention-output and MLP-output projections at 4.
+BASES: dict[str, tuple[int, str | None]] = {
+    "q2": (2, None),
+    "q3": (3, None),
+    "q4": (4, None),
+    "q3-v-o-down4": (3, "v-o-down4"),
 }
 HEADS = ("compact", "keep", "bf16")
 # ALPHATUNE_KERNEL settings with rows of their own, beside the default (the AVX2 kernel's int16
@@ -123,8 +123,8 @@ def all_configs() -> list[dict[str, Any]]:
         {"name": "transformers-fp32", "kind": "transformers", "dtype": "float32"},
         {"name": "transformers-bf16", "kind": "transformers", "dtype": "bfloat16"},
     ]
-    for base, (bits, layer_bits) in BASES.items():
-        for head in ("compact",) if layer_bits else HEADS:  # a mixed base: the default head only
+    for base, (bits, preset) in BASES.items():
+        for head in ("compact",) if preset else HEADS:  # a mixed base: the default head only
             configs.append(
                 {
                     "name": f"alphatune-{base}-{head}-engine",
@@ -188,8 +188,10 @@ def head_config(base: str, head: str) -> Any:
     """The BCQConfig of a base (``BASES``): default calibrated blocks; ``head`` picks the
     embedding and head."""
     from alphatune import BCQConfig
+    from alphatune.experiments.methods import MIXED_PRECISION  # in the parent only: not timed
 
-    bits, layer_bits = BASES[base]
+    bits, preset = BASES[base]
+    layer_bits = MIXED_PRECISION[preset] if preset else {}
     if head == "keep":  # the model's own fp32 embedding, tied to the head (one 113 MB matrix)
         return BCQConfig(bits=bits, layer_bits=layer_bits, lm_head="keep", embedding="keep")
     # compact embedding; compact or bf16 head
