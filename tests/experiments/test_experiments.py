@@ -457,6 +457,18 @@ def test_webnlg_bits_phase_runs_the_4_bit_bases_on_test_after_the_recipes(tmp_pa
     assert grid.ORDER.index("webnlg-4bit") == grid.ORDER.index("webnlg-recipe") + 1
 
 
+def test_webnlg_4bit_seed_phase_runs_a_second_4_bit_seed_before_the_rest(tmp_path) -> None:
+    """The 4-bit base's second seed on WebNLG test, at the family's rate, before any "-rest"
+    phase."""
+    results = tmp_path / "results"
+    _fake_searches(results, "webnlg")
+    runs = list(grid.specs(results, ("webnlg-4bit-seed",)))
+    assert [(s.method, s.bits, s.split, s.seed) for s in runs] == [("alphatuning", 4, "test", 1)]
+    assert runs[0].learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
+    rest = [grid.ORDER.index(p) for p in grid.ORDER if p.endswith("-rest")]
+    assert grid.ORDER.index("webnlg-4bit-seed") < min(rest)
+
+
 def test_e2e_4bit_phase_runs_before_sst2_at_e2es_rates(tmp_path) -> None:
     """AlphaTuning 4-bit and QLoRA on E2E test (the QLoRA target) come before SST-2, at E2E's
     chosen rates, and are the same runs as E2E's rest phase's."""
