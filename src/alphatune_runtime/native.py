@@ -1,4 +1,4 @@
-"""The numba step: a Llama block stack over a flat list of tokens, in one native call.
+"""The numba step: a Llama or Gemma-3 block stack over a flat list of tokens, in one native call.
 
 ``forward_tokens`` runs every block for ``N`` tokens, each with its own cache row, position and
 scale set (adapter), and returns the final-normed hidden states. Decode passes one token per
@@ -207,6 +207,34 @@ if _IMPORT_ERROR is None:
             for i in range(width):
                 out[n, i] = weight[i] * (x[n, i] * inverse)
 
+    @njit(cache=True, fastmath=_FAST)
+    def head_norm(x, n_heads, head_dim, weight, eps):  # pragma: no cover - numba
+        """In place on x (N, heads·d): ``rms_norm`` of every head's d values (Gemma-3's query
+        and key norms)."""
+        for n in range(x.shape[0]):
+            for h in range(n_heads):
+                base = h * head_dim
+                total = np.float32(0.0)
+                for i in range(head_dim):
+                    total += x[n, base + i] * x[n, base + i]
+                inverse = np.float32(1.0) / np.sqrt(total / np.float32(head_dim) + eps)
+                for i in range(head_dim):
+                    x[n, base + i] = weight[i] * (x[n, base + i] * inverse)
+
+    @njit(cache=True)
+    def gated_activation(gate, up, gelu):  # pragma: no cover - numba
+        """In place: gate <- act(gate) · up, act SiLU (g / (1 + e^-g)) or, with ``gelu``, GELU's
+        tanh form (transformers' ``gelu_pytorch_tanh``)."""
+        root = np.float32(0.7978845608028654)  # sqrt(2 / pi)
+        for n in range(gate.shape[0]):
+            for i in range(gate.shape[1]):
+                g = gate[n, i]
+                if gelu:
+                    inner = root * (g + np.float32(0.044715) * g * g * g)
+                    gate[n, i] = np.float32(0.5) * g * (np.float32(1.0) + np.tanh(inner)) * up[n, i]
+                else:
+                    gate[n, i] = g / (np.float32(1.0) + np.exp(-g)) * up[n, i]
+
     @njit(cache=True)
     def rotate(x, n_heads, head_dim, positions, cos, sin):  # pragma: no cover - numba
         """Rotary embedding in place on x (N, heads·d), transformers' rotate_half convention:
@@ -247,27 +275,36 @@ if _IMPORT_ERROR is None:
             for i in range(head_dim):
                 out[i] += weight * values[j, i]
 
+    @njit(inline="always")
+    def _first_position(position, window):  # pragma: no cover - numba
+        """The first cached position a token at ``position`` attends to: 0, or with a sliding
+        window the last ``window`` positions (transformers: kv > position - window)."""
+        return max(0, position - window + 1) if window > 0 else 0
+
     @njit(cache=True)
     def attend(
-        q, cache_k, cache_v, layer, rows, positions, n_heads, scale, out
+        q, cache_k, cache_v, layer, rows, positions, n_heads, scale, window, out
     ):  # pragma: no cover
-        """Attention of every token over its row's cache, positions 0..position (causal)."""
+        """Attention of every token over its row's cache, positions 0..position (causal), or
+        the last ``window`` of them (> 0)."""
         n_kv, max_len, head_dim = cache_k.shape[2], cache_k.shape[3], cache_k.shape[4]
         group = n_heads // n_kv
         scores = np.empty(max_len, np.float32)
         for n in range(q.shape[0]):
-            r, length = rows[n], positions[n] + 1
+            r, end = rows[n], positions[n] + 1
+            start = _first_position(positions[n], window)
             for h in range(n_heads):
                 kv = h // group
                 base = h * head_dim
                 _attend_one(
-                    q[n, base : base + head_dim], cache_k[layer, r, kv], cache_v[layer, r, kv],
-                    length, scale, scores, out[n, base : base + head_dim],
+                    q[n, base : base + head_dim], cache_k[layer, r, kv, start:],
+                    cache_v[layer, r, kv, start:], end - start, scale, scores,
+                    out[n, base : base + head_dim],
                 )  # fmt: skip
 
     @njit(parallel=True, cache=True)
     def attend_parallel(
-        q, cache_k, cache_v, layer, rows, positions, n_heads, scale, out
+        q, cache_k, cache_v, layer, rows, positions, n_heads, scale, window, out
     ):  # pragma: no cover
         """``attend`` with (token, head) pairs split over numba's threads."""
         n_kv, head_dim = cache_k.shape[2], cache_k.shape[4]
@@ -275,12 +312,13 @@ if _IMPORT_ERROR is None:
         n_tokens = q.shape[0]
         for item in prange(n_tokens * n_heads):
             n, h = item // n_heads, item % n_heads
-            scores = np.empty(positions[n] + 1, np.float32)
+            start = _first_position(positions[n], window)
+            scores = np.empty(positions[n] + 1 - start, np.float32)
             base = h * head_dim
             _attend_one(
-                q[n, base : base + head_dim], cache_k[layer, rows[n], h // group],
-                cache_v[layer, rows[n], h // group], positions[n] + 1, scale, scores,
-                out[n, base : base + head_dim],
+                q[n, base : base + head_dim], cache_k[layer, rows[n], h // group, start:],
+                cache_v[layer, rows[n], h // group, start:], positions[n] + 1 - start, scale,
+                scores, out[n, base : base + head_dim],
             )  # fmt: skip
 
     @njit(cache=True)
@@ -428,16 +466,32 @@ if _IMPORT_ERROR is None:
         return shared
 
     @njit(cache=True)
+    def _add_residual(hidden, update, sandwich, weight, eps, scratch):  # pragma: no cover
+        """hidden += update, or with ``sandwich`` hidden += rms_norm(update) (Gemma's norms of
+        the attention's and the MLP's outputs); ``scratch`` (N, H) is free to overwrite."""
+        if sandwich:
+            rms_norm(update, weight, eps, scratch)
+            hidden += scratch
+        else:
+            hidden += update
+
+    @njit(cache=True)
     def forward_tokens(
-        tag, hidden, rows, positions, sets, cache_k, cache_v, cos, sin, norms, final_norm,
-        codes, biases, ints, eps, n_heads, threads, min_parallel_work, min_parallel_attention,
+        tag, hidden, rows, positions, sets, cache_k, cache_v, cos, sin, layer_rotary, windows,
+        norms, qk_norms, final_norm, codes, biases, ints, eps, scale, sandwich, qk_norm, gelu,
+        n_heads, threads, min_parallel_work, min_parallel_attention,
     ):  # pragma: no cover - numba  # fmt: skip
         """Every block for N tokens; returns the final-normed hidden states (N, H).
 
         hidden (N, H) float32 is the embedded tokens (overwritten: the residual stream). Token n
         belongs to cache row ``rows[n]`` at ``positions[n]`` and uses scale set ``sets[n]`` in
         banked projections. cache_k / cache_v: (L, rows, kv heads, max_len, d). cos / sin:
-        (max_len, d). norms: (L, 2, H), the input and post-attention RMSNorm weights.
+        (R, max_len, d), layer l using table ``layer_rotary[l]``; ``windows[l]`` > 0 limits
+        layer l's attention to that many last positions. norms: (L, 2, H), the input and
+        post-attention RMSNorm weights, or with ``sandwich`` (L, 4, H): input, post-attention
+        (of the attention's output), pre-MLP, post-MLP (of the MLP's output). qk_norms
+        (L, 2, d): the query and key norms, used with ``qk_norm``. ``scale`` multiplies q·k;
+        ``gelu`` gates the MLP with tanh-GELU instead of SiLU (``stack.BlockForm``).
         codes / biases: flat buffers (uint8, float32) holding every projection's codes in the
         kernel's layout and biases; ints: (L·7, INT_COLUMNS) int64, per projection (block·7 +
         index in ``PROJECTIONS``) its scalars and where its operands are (the scales and offset
@@ -449,7 +503,9 @@ if _IMPORT_ERROR is None:
         n_tokens, width = hidden.shape
         n_layers = norms.shape[0]
         n_kv, head_dim = cache_k.shape[2], cache_k.shape[4]
-        scale = np.float32(1.0) / np.sqrt(np.float32(head_dim))
+        # Which of a block's norms: (input, pre-MLP) or (input, post-attention, pre-MLP,
+        # post-MLP); the post norms are read only with ``sandwich``.
+        mlp_norm, post_mlp = (2, 3) if sandwich else (1, 0)
         no_sets = np.zeros(n_tokens, np.int64)
         normed = np.empty((n_tokens, width), np.float32)
         attention = np.empty((n_tokens, n_heads * head_dim), np.float32)
@@ -469,8 +525,12 @@ if _IMPORT_ERROR is None:
             _project_group(tag, normed, base, 3, codes, biases, ints, sets, no_sets, threads,
                            min_parallel_work, qkv)  # fmt: skip
             q, k, v = qkv[0], qkv[1], qkv[2]
-            rotate(q, n_heads, head_dim, positions, cos, sin)
-            rotate(k, n_kv, head_dim, positions, cos, sin)
+            if qk_norm:
+                head_norm(q, n_heads, head_dim, qk_norms[layer, 0], eps)
+                head_norm(k, n_kv, head_dim, qk_norms[layer, 1], eps)
+            table = layer_rotary[layer]
+            rotate(q, n_heads, head_dim, positions, cos[table], sin[table])
+            rotate(k, n_kv, head_dim, positions, cos[table], sin[table])
             for n in range(n_tokens):
                 r, p = rows[n], positions[n]
                 for h in range(n_kv):
@@ -479,26 +539,23 @@ if _IMPORT_ERROR is None:
                         cache_v[layer, r, h, p, i] = v[n, h * head_dim + i]
             if parallel_attention:
                 attend_parallel(q, cache_k, cache_v, layer, rows, positions, n_heads, scale,
-                                attention)  # fmt: skip
+                                windows[layer], attention)  # fmt: skip
             else:
-                attend(q, cache_k, cache_v, layer, rows, positions, n_heads, scale, attention)
+                attend(q, cache_k, cache_v, layer, rows, positions, n_heads, scale,
+                       windows[layer], attention)  # fmt: skip
             o = outputs(base + 3, 1)
             _project_group(tag, attention, base + 3, 1, codes, biases, ints, sets, no_sets,
                            threads, min_parallel_work, o)  # fmt: skip
-            hidden += o[0]
-            rms_norm(hidden, norms[layer, 1], eps, normed)
+            _add_residual(hidden, o[0], sandwich, norms[layer, 1], eps, normed)
+            rms_norm(hidden, norms[layer, mlp_norm], eps, normed)
             gate_up = outputs(base + 4, 2)
             _project_group(tag, normed, base + 4, 2, codes, biases, ints, sets, no_sets,
                            threads, min_parallel_work, gate_up)  # fmt: skip
             gate, up = gate_up[0], gate_up[1]
-            # SiLU-gated MLP: silu(g) · u, with silu(g) = g / (1 + e^-g).
-            for n in range(n_tokens):
-                for i in range(gate.shape[1]):
-                    g = gate[n, i]
-                    gate[n, i] = g / (np.float32(1.0) + np.exp(-g)) * up[n, i]
+            gated_activation(gate, up, gelu)
             down = outputs(base + 6, 1)
             _project_group(tag, gate, base + 6, 1, codes, biases, ints, sets, no_sets, threads,
                            min_parallel_work, down)  # fmt: skip
-            hidden += down[0]
+            _add_residual(hidden, down[0], sandwich, norms[layer, post_mlp], eps, normed)
         rms_norm(hidden, final_norm, eps, normed)
         return normed

@@ -1,4 +1,4 @@
-"""A Llama block stack ready for the numba step: its shape, its laid-out weights, its kernel.
+"""A block stack (Llama or Gemma-3 form) ready for the numba step: its shape, weights, kernel.
 
 ``BlockStack`` is what both decode paths share: ``alphatune.engine.Engine`` (a transformers model,
 embedding and head through its torch modules) and ``alphatune_runtime.model.Model`` (a saved
@@ -27,8 +27,30 @@ MIN_PARALLEL_ATTENTION = 1 << 9
 
 
 @dataclass(frozen=True)
+class BlockForm:
+    """What a block computes beyond its sizes. The defaults are Llama's block; Gemma-3's differs
+    in every field (``alphatune.engine.spec`` reads them from the model)."""
+
+    # Norms of the attention's and the MLP's outputs too, before each residual add: a block's
+    # norms are (input, post-attention, pre-MLP, post-MLP) instead of (input, pre-MLP).
+    sandwich_norms: bool = False
+    qk_norm: bool = False  # an RMSNorm over each head's query and key, before rotary
+    gelu: bool = False  # the MLP's gate through tanh-approximated GELU, else SiLU
+    attention_scale: float = 0.0  # multiplies q·k; 0: 1/sqrt(head_dim)
+    # Per layer: attend to the last ``window`` positions only (0: all). Empty: every layer all.
+    windows: tuple[int, ...] = ()
+    # The rotary frequencies and scaling of the windowed layers, where they differ from the
+    # others' (Gemma-3: base 10,000 local, 1,000,000 global); None: every layer the same.
+    local_inv_freq: np.ndarray | None = None
+    local_rope_scaling: float = 1.0
+
+
+LLAMA_BLOCK = BlockForm()
+
+
+@dataclass(frozen=True)
 class Shape:
-    """The sizes of a Llama-family block stack, and its rotary frequencies."""
+    """The sizes of a Llama-family block stack, its rotary frequencies and its block's form."""
 
     n_layers: int
     hidden: int
@@ -36,21 +58,51 @@ class Shape:
     n_kv_heads: int
     head_dim: int
     eps: float
-    inv_freq: np.ndarray  # (head_dim / 2,) float32, the rotary frequencies
+    inv_freq: np.ndarray  # (head_dim / 2,) float32, the rotary frequencies (of global layers)
     rope_scaling: float  # transformers' attention_scaling: multiplies cos and sin
     max_positions: int  # 0: no limit known
+    block: BlockForm = LLAMA_BLOCK
+
+    @property
+    def norms_per_block(self) -> int:
+        return 4 if self.block.sandwich_norms else 2
+
+    def attention_scale(self) -> float:
+        return self.block.attention_scale or self.head_dim**-0.5
+
+    def layer_windows(self) -> np.ndarray:
+        """``(L,)`` int64: each layer's sliding window, 0 for full attention."""
+        windows = self.block.windows or (0,) * self.n_layers
+        return np.asarray(windows, np.int64)
+
+    def layer_rotary(self) -> np.ndarray:
+        """``(L,)`` int64: which of ``rotary_tables``' tables each layer uses."""
+        if self.block.local_inv_freq is None:
+            return np.zeros(self.n_layers, np.int64)
+        return (self.layer_windows() > 0).astype(np.int64)
 
     def rotary_tables(self, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin ``(length, head_dim)`` float32 C arrays, as ``LlamaRotaryEmbedding`` makes
-        them: float32 angles ``position · inv_freq``, repeated for both halves."""
-        positions = np.arange(length, dtype=np.float32)
-        freqs = positions[:, None] * self.inv_freq.astype(np.float32)[None, :]  # (length, d/2)
-        angles = np.concatenate([freqs, freqs], axis=-1)
-        scaling = np.float32(self.rope_scaling)
+        """cos, sin ``(R, length, head_dim)`` float32 C arrays, as ``LlamaRotaryEmbedding`` makes
+        them: float32 angles ``position · inv_freq``, repeated for both halves. R is 1, or 2
+        when windowed layers have their own frequencies (``layer_rotary`` picks one a layer)."""
+        kinds = [(self.inv_freq, self.rope_scaling)]
+        if self.block.local_inv_freq is not None:
+            kinds.append((self.block.local_inv_freq, self.block.local_rope_scaling))
+        tables = [_rotary_table(length, inv_freq, scaling) for inv_freq, scaling in kinds]
         return (
-            np.ascontiguousarray(np.cos(angles) * scaling, np.float32),
-            np.ascontiguousarray(np.sin(angles) * scaling, np.float32),
+            np.ascontiguousarray(np.stack([cos for cos, _ in tables])),
+            np.ascontiguousarray(np.stack([sin for _, sin in tables])),
         )
+
+
+def _rotary_table(length: int, inv_freq: np.ndarray, scaling: float) -> tuple[np.ndarray, ...]:
+    positions = np.arange(length, dtype=np.float32)
+    freqs = positions[:, None] * inv_freq.astype(np.float32)[None, :]  # (length, d/2)
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    factor = np.float32(scaling)
+    return (np.cos(angles) * factor).astype(np.float32), (np.sin(angles) * factor).astype(
+        np.float32
+    )
 
 
 @dataclass
@@ -104,13 +156,14 @@ class BlockStack:
         ``positions[n]`` (int64 arrays) with adapter scale set ``sets[n]``; it attends to its
         row's positions up to its own, so a row's tokens must come in order, after every earlier
         position of that row. Numba's thread count must be ``threads`` (the caller sets it)."""
-        w = self.weights
+        w, shape = self.weights, self.shape
         cos, sin = rotary
         return native.forward_tokens(
             self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
-            w.norms, w.final_norm, w.codes, w.biases, w.ints,
-            np.float32(self.shape.eps), self.shape.n_heads, threads,
-            self.min_parallel_work, self.min_parallel_attention,
+            shape.layer_rotary(), shape.layer_windows(), w.norms, w.qk_norms, w.final_norm,
+            w.codes, w.biases, w.ints, np.float32(shape.eps), np.float32(shape.attention_scale()),
+            shape.block.sandwich_norms, shape.block.qk_norm, shape.block.gelu, shape.n_heads,
+            threads, self.min_parallel_work, self.min_parallel_attention,
         )  # fmt: skip
 
     def load_step(self) -> None:

@@ -47,9 +47,15 @@ class NativeWeights:
     biases: np.ndarray  # flat float32
     held: list[np.ndarray]  # every array whose address ``ints`` holds (kept alive here)
     ints: np.ndarray  # (L·7, native.INT_COLUMNS) int64
-    norms: np.ndarray  # (L, 2, H) float32
+    norms: np.ndarray  # (L, 2, H) float32, or (L, 4, H) for sandwich norms (stack.BlockForm)
     final_norm: np.ndarray  # (H,) float32
     banked: bool  # some projection holds an adapter bank (scale sets per token)
+    # (L, 2, head_dim) float32: each block's query and key norm weights; (L, 2, 0) without
+    qk_norms: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.qk_norms is None:
+            self.qk_norms = np.zeros((self.norms.shape[0], 2, 0), np.float32)
 
     def nbytes(self) -> int:
         """Bytes of every operand the kernel reads (scales shared with the layers included)."""
@@ -147,17 +153,27 @@ class WeightsBuilder:
         self.banked |= projection.banked
         self.added += 1
 
-    def finish(self, norms: np.ndarray, final_norm: np.ndarray) -> NativeWeights:
+    def finish(
+        self, norms: np.ndarray, final_norm: np.ndarray, qk_norms: np.ndarray | None = None
+    ) -> NativeWeights:
         """The laid-out weights, with ``norms`` ``(L, 2, H)`` (each block's input and
-        post-attention RMSNorm weights) and ``final_norm`` ``(H,)``."""
+        post-attention RMSNorm weights; ``(L, 4, H)`` with sandwich norms: input,
+        post-attention, pre-MLP, post-MLP), ``final_norm`` ``(H,)`` and ``qk_norms``
+        ``(L, 2, head_dim)`` (each block's query and key norms) or None."""
         if self.added != len(self.shapes):
             raise UnsupportedModelError(f"{self.added} of {len(self.shapes)} projections added")
         _check_shared_inputs(self.ints)
         hidden = final_norm.shape[0]
         blocks = len(self.shapes) // len(native.PROJECTIONS)
-        if norms.shape != (blocks, 2, hidden):
+        if norms.shape not in ((blocks, 2, hidden), (blocks, 4, hidden)):
             raise UnsupportedModelError(
-                f"norm weights of shape {norms.shape}, expected {(blocks, 2, hidden)}"
+                f"norm weights of shape {norms.shape}, expected {(blocks, 2, hidden)} or "
+                f"{(blocks, 4, hidden)}"
+            )
+        if qk_norms is not None and (qk_norms.ndim != 3 or qk_norms.shape[:2] != (blocks, 2)):
+            raise UnsupportedModelError(
+                f"query and key norm weights of shape {qk_norms.shape}, expected "
+                f"{(blocks, 2)} + (head_dim,)"
             )
         assert self.codes.used == self.codes.array.size - 1
         assert self.biases.used == self.biases.array.size - 1
@@ -169,6 +185,7 @@ class WeightsBuilder:
             np.ascontiguousarray(norms, np.float32),
             np.ascontiguousarray(final_norm, np.float32),
             self.banked,
+            None if qk_norms is None else np.ascontiguousarray(qk_norms, np.float32),
         )
 
 
@@ -177,6 +194,7 @@ def build_weights(
     norms: np.ndarray,
     final_norm: np.ndarray,
     kernel: NativeKernel,
+    qk_norms: np.ndarray | None = None,
 ) -> NativeWeights:
     """Lay out ``projections`` (block by block, in ``native.PROJECTIONS`` order) for ``kernel``
     (``WeightsBuilder`` over a list). Raises ``UnsupportedModelError`` for a layout the kernel or
@@ -188,7 +206,7 @@ def build_weights(
     )
     for projection in projections:
         builder.add(projection)
-    return builder.finish(norms, final_norm)
+    return builder.finish(norms, final_norm, qk_norms)
 
 
 def _check_shared_inputs(ints: np.ndarray) -> None:

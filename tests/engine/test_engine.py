@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from proc_memory import mapped_library, resident_kib, written_back
-from tiny_models import make_tiny_llama
+from tiny_models import TINY_GEMMA3_WINDOW, make_tiny_gemma3, make_tiny_llama
 
 from alphatune import BCQConfig, quantize_
 from alphatune.engine import (
@@ -39,7 +39,15 @@ def _one_thread(single_thread):
     """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
 
 
-def quantized(config: BCQConfig, seed: int = 0, **llama: object) -> torch.nn.Module:
+def quantized(
+    config: BCQConfig, seed: int = 0, architecture: str = "llama", **llama: object
+) -> torch.nn.Module:
+    """A tiny model quantized with ``config``: a Llama (``llama`` overrides its config), or with
+    ``architecture="gemma3"`` a Gemma-3 (``tiny_models.make_tiny_gemma3``)."""
+    if architecture == "gemma3":
+        model = make_tiny_gemma3(VOCAB, seed=seed, **llama)
+        quantize_(model, config)
+        return model.eval()
     model = make_tiny_llama(VOCAB, seed=seed)
     if llama:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -84,6 +92,8 @@ BLOCK_CASES = [
     ("bias-g16", BCQConfig(bits=3, group_size=16, method="offset"), {"attention_bias": True}),
     ("rows-padded", BCQConfig(bits=3, group_size=8, method="offset"),
      {"hidden_size": 48, "intermediate_size": 80}),
+    # Gemma-3's block: sandwich and query/key norms, tanh-GELU, sliding windows, two ropes.
+    ("gemma3", BCQConfig(bits=3, group_size=32, method="offset"), {"architecture": "gemma3"}),
 ]  # fmt: skip
 HEAD_CASES = [
     ("head-bf16", BCQConfig(bits=3, group_size=32, method="offset", lm_head="bf16"), {}),
@@ -104,6 +114,7 @@ def test_logits_match_the_transformers_forward(config, llama, exact_tables):
     model = quantized(config, **llama)
     engine = Engine.build(model)
     # 70 tokens: prefill runs in two chunks (engine.generate.PREFILL_CHUNK = 64).
+    # (Prompts past the tiny Gemma-3's window of 5 exercise its sliding layers.)
     for ids in ([5], random_prompts(1)[0], random_prompts(1, seed=3)[0] * 4):
         expected = reference_logits(model, ids[:70])
         # A bf16 head rounds its input to 8 bits of mantissa: a 1e-6 difference in the hidden
@@ -150,6 +161,22 @@ def test_greedy_tokens_equal_the_reference_path(model, engine, record_property):
     record_property("greedy_divergences", f"{near_ties}/{len(prompts)}")
     print(f"greedy divergences at a near tie: {near_ties} of {len(prompts)} prompts")
     assert near_ties <= len(prompts) // 4
+
+
+def test_gemma3_greedy_tokens_equal_the_reference_path():
+    """Gemma-3's decode (its sliding layers' windows reached after TINY_GEMMA3_WINDOW tokens)
+    gives transformers generate's greedy tokens, but at a near tie, in a batch of prompts of
+    different lengths."""
+    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"), architecture="gemma3")
+    steps, prompts = 16, random_prompts(4, seed=7)
+    assert max(len(p) for p in prompts) + steps > 3 * TINY_GEMMA3_WINDOW
+    finished = generate_ids(Engine.build(model), prompts, max_new_tokens=steps)
+    for ids, done in zip(prompts, finished, strict=True):
+        expected, gaps = reference_greedy(model, ids, steps)
+        for step, (ours, theirs) in enumerate(zip(done.tokens, expected, strict=True)):
+            if ours != theirs:
+                assert gaps[step] < TOP2_TOLERANCE, (ids, step, gaps[step])
+                break
 
 
 def test_batch_of_different_lengths_equals_each_prompt_alone(engine):
@@ -257,6 +284,15 @@ def test_unsupported_models_say_why():
     model.train()
     with pytest.raises(UnsupportedModelError, match="training mode"):
         Engine.build(model)
+    # Gemma variants the step does not run: logit soft-capping, bidirectional attention.
+    config = BCQConfig(bits=3, group_size=32, method="offset")
+    for setting, match in (
+        ({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+        ({"use_bidirectional_attention": True}, "bidirectional"),
+    ):
+        with pytest.raises(UnsupportedModelError, match=match):
+            Engine.build(quantized(config, architecture="gemma3", **setting))
 
 
 def test_reference_kernel_setting_is_not_served(model, monkeypatch):

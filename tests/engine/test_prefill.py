@@ -87,10 +87,13 @@ def test_bfloat16_dense_prefill_is_close_to_float32():
     assert (exact.argmax(-1) == approximate.argmax(-1)).mean() > 0.95
 
 
-def test_a_batch_of_prompts_prefills_together(monkeypatch, exact_tables):
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_a_batch_of_prompts_prefills_together(monkeypatch, exact_tables, architecture):
     """Prompts of any lengths prefill in one dense pass (one dequantization per layer for all)
-    once they hold enough tokens together; the tokens are those of the LUT path."""
-    engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
+    once they hold enough tokens together; the tokens are those of the LUT path (Gemma-3: each
+    prompt past its sliding window)."""
+    config = BCQConfig(bits=3, group_size=32, method="offset")
+    engine = Engine.build(quantized(config, architecture=architecture))
     prompts = [long_prompt(40), random_prompts(1, seed=4)[0], long_prompt(30, seed=9)]
     monkeypatch.setenv(prefill.PREFILL_ENV, "lut")
     expected = [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=12)]

@@ -1,4 +1,5 @@
-"""A decode engine for quantized Llama-family models without per-token framework overhead.
+"""A decode engine for quantized Llama-family and Gemma-3 models without per-token framework
+overhead.
 
 The transformers path spends most of a decode step outside the kernels: ~210 module calls, kernel
 dispatch and tensor <-> numpy conversions per token, plus the generic generate loop. The engine

@@ -1,4 +1,5 @@
-"""``Engine``: a quantized Llama ready for native decode (weights converted once per request set).
+"""``Engine``: a quantized model (Llama family, Gemma-3) ready for native decode (weights converted
+once per request set).
 
 ``Engine.build(model)`` checks the model (``spec.describe``), maps its embedding and head
 (``spec.token_io``) and converts the blocks (``weights.build_weights``) into an
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from alphatune.engine.prefill import MAX_PASS_TOKENS, DensePrefill, Prompt, dense_dtype, passes
-from alphatune.engine.spec import LlamaSpec, TokenIO, describe, token_io
+from alphatune.engine.spec import ModelSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels.numba_threads import numba_threads
@@ -41,7 +42,7 @@ def _numba_pool_size() -> int:
 class Engine:
     """A model converted for ``native.forward_tokens``; build with ``Engine.build``."""
 
-    spec: LlamaSpec
+    spec: ModelSpec
     io: TokenIO
     stack: BlockStack
     dense: DensePrefill

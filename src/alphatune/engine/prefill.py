@@ -169,11 +169,18 @@ class DensePrefill:
             raise ConfigError(f"a prompt longer than the {cache.max_len}-position cache")
         spans = [(int(end) - p.length, int(end)) for p, end in zip(prompts, ends, strict=True)]
         positions = torch.from_numpy(np.concatenate([np.arange(p.length) for p in prompts]))
-        cos, sin = (torch.from_numpy(t)[positions] for t in rotary)
+        cos, sin = (torch.from_numpy(t)[:, positions] for t in rotary)  # (R, N, d)
+        layer_rotary, windows = shape.layer_rotary(), shape.layer_windows()
+        masks = _window_masks(prompts, windows)
         groups = _by_scale_set(prompts, spans)
         keys, values = torch.from_numpy(cache.keys), torch.from_numpy(cache.values)
-        norms = torch.from_numpy(self.stack.weights.norms)
+        weights = self.stack.weights
+        norms, qk_norms = torch.from_numpy(weights.norms), torch.from_numpy(weights.qk_norms)
+        form = shape.block
+        mlp_norm, post_mlp = (2, 3) if form.sandwich_norms else (1, 0)
+        activation = functools.partial(F.gelu, approximate="tanh") if form.gelu else F.silu
         heads, kv_heads, head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
+        scale = shape.attention_scale()
         tokens = x.shape[0]
         # One numba thread count for the whole batch (each layer's dequantization is a numba
         # call); torch's own count is given back at the end.
@@ -183,32 +190,50 @@ class DensePrefill:
                 normed = self._rms_norm(x, norms[layer, 0])
                 qkv = self._project(normed, base, (0, 1, 2), groups, dtype).float()
                 q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
-                q = _rotate(q.view(tokens, heads, head_dim).transpose(0, 1), cos, sin)
-                k = _rotate(k.view(tokens, kv_heads, head_dim).transpose(0, 1), cos, sin)
+                q = q.reshape(tokens, heads, head_dim).transpose(0, 1)
+                k = k.reshape(tokens, kv_heads, head_dim).transpose(0, 1)
+                if form.qk_norm:
+                    q, k = (
+                        self._rms_norm(q, qk_norms[layer, 0]),
+                        self._rms_norm(k, qk_norms[layer, 1]),
+                    )
+                table = int(layer_rotary[layer])
+                q, k = (_rotate(t, cos[table], sin[table]) for t in (q, k))
                 v = v.view(tokens, kv_heads, head_dim).transpose(0, 1)
                 attention = torch.empty(tokens, heads * head_dim)
-                for prompt, (begin, end) in zip(prompts, spans, strict=True):
+                for index, (prompt, (begin, end)) in enumerate(zip(prompts, spans, strict=True)):
                     keys[layer, prompt.row, :, : prompt.length] = k[:, begin:end]
                     values[layer, prompt.row, :, : prompt.length] = v[:, begin:end]
                     # (heads, T, d), float32: attention in bfloat16 cost 4x the GEMMs' perplexity.
                     one = (t[:, begin:end].to(attention_dtype)[None] for t in (q, k, v))
-                    out = F.scaled_dot_product_attention(*one, is_causal=True, enable_gqa=True)
+                    mask = masks.get((index, int(windows[layer])))
+                    out = F.scaled_dot_product_attention(
+                        *one, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+                    )
                     attention[begin:end] = out[0].transpose(0, 1).reshape(end - begin, -1)
-                x += self._project(attention, base, (3,), groups, dtype)
-                normed = self._rms_norm(x, norms[layer, 1])
+                update = self._project(attention, base, (3,), groups, dtype)
+                x += self._post_norm(update, norms[layer, 1])
+                normed = self._rms_norm(x, norms[layer, mlp_norm])
                 gate_up = self._project(normed, base, (4, 5), groups, dtype)
                 gate, up = gate_up.split(gate_up.shape[1] // 2, 1)
                 # In the GEMMs' dtype, as the bf16 model runs its MLP: the next GEMM's input.
-                x += self._project(F.silu(gate) * up, base, (6,), groups, dtype)
+                update = self._project(activation(gate) * up, base, (6,), groups, dtype)
+                x += self._post_norm(update, norms[layer, post_mlp])
             last = x if every_position else x[torch.from_numpy(ends - 1)]
             out = self._rms_norm(last, torch.from_numpy(self.stack.weights.final_norm))
         self._buffers.clear()  # a few MiB, needed again only by the next long prompt
         return out.numpy()
 
     def _rms_norm(self, x: Tensor, weight: Tensor) -> Tensor:
-        """LlamaRMSNorm in float32."""
+        """LlamaRMSNorm over the last dimension, in float32."""
+        x = x.float()
         variance = x.pow(2).mean(-1, keepdim=True)
         return weight * (x * torch.rsqrt(variance + self.stack.shape.eps))
+
+    def _post_norm(self, update: Tensor, weight: Tensor) -> Tensor:
+        """A block's attention or MLP output as it joins the residual stream: normed first with
+        sandwich norms (Gemma), as it is otherwise."""
+        return self._rms_norm(update, weight) if self.stack.shape.block.sandwich_norms else update
 
     def _project(
         self, x: Tensor, base: int, which: tuple[int, ...], groups: ScaleGroups, dtype: torch.dtype
@@ -289,6 +314,20 @@ class DensePrefill:
         if key not in self._buffers:
             self._buffers[key] = torch.empty(rows, columns, dtype=dtype)
         return self._buffers[key]
+
+
+def _window_masks(prompts: Sequence[Prompt], windows: np.ndarray) -> dict[tuple[int, int], Tensor]:
+    """For each (prompt index, sliding window) a windowed layer needs, the boolean mask
+    ``(T, T)`` of the positions a token attends to: causal, and the last ``window`` only
+    (transformers: kv > q - window). Prompts no longer than the window need none."""
+    masks = {}
+    for window in {int(w) for w in windows if w > 0}:
+        for index, prompt in enumerate(prompts):
+            if prompt.length > window:
+                query = torch.arange(prompt.length)[:, None]
+                key = torch.arange(prompt.length)[None, :]
+                masks[index, window] = (key <= query) & (key > query - window)
+    return masks
 
 
 def _kernel_floats(address: int, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,9 +1,17 @@
-"""What the engine reads from a Hugging Face model: the Llama shape, and why a model is not served.
+"""What the engine reads from a Hugging Face model: its shape, and why a model is not served.
 
-``describe(model)`` returns a ``LlamaSpec`` (its ``Shape``: sizes, norm epsilon, rotary
-frequencies; and the blocks' modules) or raises ``UnsupportedModelError`` saying what does not fit; the caller falls back to
-transformers ``generate`` and logs that reason. ``token_io(model)`` maps the embedding and the
-LM head, whatever their type, to two plain callables.
+``describe(model)`` returns a ``ModelSpec`` (its ``Shape``: sizes, norm epsilon, rotary
+frequencies, the block's form; and the modules holding its blocks) or raises
+``UnsupportedModelError`` saying what does not fit; the caller falls back to transformers
+``generate`` and logs that reason. ``token_io(model)`` maps the embedding and the LM head,
+whatever their type, to two plain callables.
+
+Two block forms are served (``alphatune_runtime.stack.BlockForm``): Llama's (pre-norm RMSNorm,
+rotary attention with grouped KV heads, SiLU-gated MLP) and Gemma-3's (the same with norms of
+each head's query and key, norms of the attention's and the MLP's outputs, a tanh-GELU gate,
+RMSNorm weights stored as ``w - 1``, its own attention scale, sliding-window layers with their
+own rotary frequencies; its embedding's scaling is the embedding module's). Logit soft-capping,
+bidirectional attention and other model types are not served.
 """
 
 from __future__ import annotations
@@ -11,59 +19,65 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from alphatune.errors import UnsupportedModelError
 from alphatune.layers import BCQLinear
 from alphatune_runtime.native import PROJECTIONS
-from alphatune_runtime.stack import Shape
+from alphatune_runtime.stack import LLAMA_BLOCK, BlockForm, Shape
 
-# Model types with Llama's block: pre-norm RMSNorm, rotary attention with grouped KV heads,
-# SiLU-gated MLP, no logit scaling. (Mistral adds a sliding window, Gemma scales the embedding
-# and soft-caps: not served here.)
 LLAMA_TYPES = ("llama",)
+GEMMA3_TYPES = ("gemma3_text",)
+SERVED_TYPES = LLAMA_TYPES + GEMMA3_TYPES
 # Rotary variants whose frequencies do not depend on the sequence length (``dynamic`` does).
 STATIC_ROPE = ("default", "linear", "llama3")
+# Gemma-3's layer kinds (``config.layer_types``) and the rotary buffers of each.
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclass(frozen=True)
-class LlamaSpec:
-    """A Llama-family model as the engine sees it: its shape, and the modules holding its blocks."""
+class ModelSpec:
+    """A served model as the engine sees it: its shape, and the modules holding its blocks."""
 
     shape: Shape
     blocks: tuple[nn.Module, ...]
     final_norm: nn.Module
 
 
-def describe(model: nn.Module) -> LlamaSpec:
+def describe(model: nn.Module) -> ModelSpec:
     """The engine's view of ``model``; ``UnsupportedModelError`` says why it cannot serve it."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in LLAMA_TYPES:
+    if model_type not in SERVED_TYPES:
         raise UnsupportedModelError(
-            f"the decode engine serves the Llama family ({', '.join(LLAMA_TYPES)}), "
-            f"this model is {model_type!r}"
+            f"the decode engine serves the Llama family and Gemma-3 "
+            f"({', '.join(SERVED_TYPES)}), this model is {model_type!r}"
         )
     inner = getattr(model, "model", None)
     blocks = tuple(getattr(inner, "layers", ()))
     rotary = getattr(inner, "rotary_emb", None)
     if not blocks or rotary is None or not hasattr(inner, "norm"):
         raise UnsupportedModelError("the model has no model.layers / rotary_emb / norm")
-    if getattr(config, "hidden_act", None) != "silu":
-        raise UnsupportedModelError(f"MLP activation {config.hidden_act!r}, the engine has silu")
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in STATIC_ROPE:
-        raise UnsupportedModelError(
-            f"rotary type {rope_type!r} (the engine has {', '.join(STATIC_ROPE)})"
-        )
     hidden, n_heads = config.hidden_size, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or hidden // n_heads
     if n_heads % n_kv or head_dim % 2:
         raise UnsupportedModelError(f"{n_heads} heads over {n_kv} KV heads of size {head_dim}")
+    if model_type in GEMMA3_TYPES:
+        form = _gemma3_form(config, rotary, len(blocks))
+        inv_freq, rope_scaling = _rotary_of(rotary, FULL)
+    else:
+        if getattr(config, "hidden_act", None) != "silu":
+            raise UnsupportedModelError(
+                f"MLP activation {config.hidden_act!r}, the engine has silu"
+            )
+        form = LLAMA_BLOCK
+        inv_freq, rope_scaling = _rotary_of(rotary, None)
+    scale = form.attention_scale or head_dim**-0.5
     for index, block in enumerate(blocks):
-        _check_block(index, block, head_dim)
+        _check_block(index, block, scale)
     shape = Shape(
         n_layers=len(blocks),
         hidden=hidden,
@@ -71,14 +85,59 @@ def describe(model: nn.Module) -> LlamaSpec:
         n_kv_heads=n_kv,
         head_dim=head_dim,
         eps=float(config.rms_norm_eps),
-        inv_freq=rotary.inv_freq.detach().float().cpu().numpy().copy(),
-        rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        inv_freq=inv_freq,
+        rope_scaling=rope_scaling,
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+        block=form,
     )
-    return LlamaSpec(shape=shape, blocks=blocks, final_norm=inner.norm)
+    return ModelSpec(shape=shape, blocks=blocks, final_norm=inner.norm)
 
 
-def _check_block(index: int, block: nn.Module, head_dim: int) -> None:
+def _rotary_of(rotary: nn.Module, kind: str | None) -> tuple[np.ndarray, float]:
+    """The frequencies and attention scaling of ``rotary`` (Gemma-3: of one layer kind)."""
+    prefix = "" if kind is None else f"{kind}_"
+    types = getattr(rotary, "rope_type", "default")
+    rope_type = types.get(kind, "default") if isinstance(types, dict) else types
+    if rope_type not in STATIC_ROPE:
+        raise UnsupportedModelError(
+            f"rotary type {rope_type!r} (the engine has {', '.join(STATIC_ROPE)})"
+        )
+    inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
+    if inv_freq is None:
+        raise UnsupportedModelError(f"the rotary embedding has no {prefix}inv_freq")
+    scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+    return inv_freq.detach().float().cpu().numpy().copy(), scaling
+
+
+def _gemma3_form(config: object, rotary: nn.Module, n_layers: int) -> BlockForm:
+    """Gemma-3's block, or ``UnsupportedModelError`` for a variant the engine does not run."""
+    activation = getattr(config, "hidden_activation", None)
+    if activation != "gelu_pytorch_tanh":
+        raise UnsupportedModelError(f"MLP activation {activation!r}, the engine has tanh-GELU")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None) is not None:
+            raise UnsupportedModelError(f"{name} = {getattr(config, name)}: not served")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise UnsupportedModelError("bidirectional attention: not served")
+    kinds = list(getattr(config, "layer_types", None) or [FULL] * n_layers)
+    if len(kinds) != n_layers or not set(kinds) <= {SLIDING, FULL}:
+        raise UnsupportedModelError(f"layer types {sorted(set(kinds))} for {n_layers} layers")
+    window = int(getattr(config, "sliding_window", 0) or 0)
+    if SLIDING in kinds and window < 1:
+        raise UnsupportedModelError(f"sliding layers with a window of {window}")
+    local_inv_freq, local_scaling = _rotary_of(rotary, SLIDING) if SLIDING in kinds else (None, 1.0)
+    return BlockForm(
+        sandwich_norms=True,
+        qk_norm=True,
+        gelu=True,
+        attention_scale=float(config.query_pre_attn_scalar) ** -0.5,
+        windows=tuple(window if kind == SLIDING else 0 for kind in kinds),
+        local_inv_freq=local_inv_freq,
+        local_rope_scaling=local_scaling,
+    )
+
+
+def _check_block(index: int, block: nn.Module, scale: float) -> None:
     for name in PROJECTIONS:
         module = block.get_submodule(name)
         if not isinstance(module, BCQLinear):
@@ -88,9 +147,9 @@ def _check_block(index: int, block: nn.Module, head_dim: int) -> None:
             )
         if module.packed_codes.device.type != "cpu":
             raise UnsupportedModelError("the engine runs on CPU; the model is on another device")
-    scaling = getattr(block.self_attn, "scaling", head_dim**-0.5)
-    if abs(scaling - head_dim**-0.5) > 1e-6 * head_dim**-0.5:
-        raise UnsupportedModelError(f"attention scaling {scaling} is not 1/sqrt(head_dim)")
+    scaling = getattr(block.self_attn, "scaling", scale)
+    if abs(scaling - scale) > 1e-6 * scale:
+        raise UnsupportedModelError(f"attention scaling {scaling}, expected {scale}")
 
 
 @dataclass(frozen=True)

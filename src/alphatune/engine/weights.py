@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from alphatune.engine.spec import LlamaSpec
+from alphatune.engine.spec import ModelSpec
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels.lut_common import _float32_numpy
 from alphatune.layers import BCQLinear
@@ -26,8 +26,19 @@ from alphatune_runtime.dispatch import NativeKernel
 from alphatune_runtime.weights import NativeWeights, Projection
 from alphatune_runtime.weights import build_weights as lay_out
 
+# A block's norms in the order the step reads them (``native.forward_tokens``): Llama's, and
+# with sandwich norms (Gemma-3) the norms of the attention's and the MLP's outputs too.
+NORMS = ("input_layernorm", "post_attention_layernorm")
+SANDWICH_NORMS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+)
+QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
 
-def build_weights(spec: LlamaSpec, kernel: NativeKernel, use_bank: bool) -> NativeWeights:
+
+def build_weights(spec: ModelSpec, kernel: NativeKernel, use_bank: bool) -> NativeWeights:
     """Convert the blocks of ``spec`` for ``kernel``.
 
     ``use_bank``: projections that hold an adapter bank use it (one scale set per adapter);
@@ -39,15 +50,20 @@ def build_weights(spec: LlamaSpec, kernel: NativeKernel, use_bank: bool) -> Nati
             for block in spec.blocks
             for name in native.PROJECTIONS
         ]
+        sandwich = spec.shape.block.sandwich_norms
+        names = SANDWICH_NORMS if sandwich else NORMS
         norms = np.stack(
-            [
-                np.stack(
-                    [_norm_weight(b.input_layernorm), _norm_weight(b.post_attention_layernorm)]
-                )
-                for b in spec.blocks
-            ]
+            [np.stack([_norm_weight(b.get_submodule(n)) for n in names]) for b in spec.blocks]
         )
-        return lay_out(projections, norms, _norm_weight(spec.final_norm), kernel)
+        qk_norms = None
+        if spec.shape.block.qk_norm:
+            qk_norms = np.stack(
+                [
+                    np.stack([_norm_weight(b.get_submodule(n)) for n in QK_NORMS])
+                    for b in spec.blocks
+                ]
+            )
+        return lay_out(projections, norms, _norm_weight(spec.final_norm), kernel, qk_norms)
 
 
 def _projection(layer: BCQLinear, use_bank: bool) -> Projection:
@@ -79,7 +95,13 @@ def _projection(layer: BCQLinear, use_bank: bool) -> Projection:
 
 
 def _norm_weight(norm: torch.nn.Module) -> np.ndarray:
+    """What the step multiplies a normed vector by: Llama's weight, or Gemma's ``1 + weight``
+    (in float32, as Gemma's RMSNorm computes it)."""
     weight = getattr(norm, "weight", None)
-    if weight is None or type(norm).__name__ not in ("LlamaRMSNorm",):
-        raise UnsupportedModelError(f"norm {type(norm).__name__} is not Llama's RMSNorm")
-    return weight.detach().float().contiguous().numpy().copy()
+    kind = type(norm).__name__
+    if weight is None or kind not in ("LlamaRMSNorm", "Gemma3RMSNorm"):
+        raise UnsupportedModelError(f"norm {kind} is not Llama's or Gemma-3's RMSNorm")
+    weight = weight.detach().float()
+    if kind == "Gemma3RMSNorm":
+        weight = 1.0 + weight
+    return weight.contiguous().numpy().copy()

@@ -2,7 +2,7 @@
 
 Two paths give the same answers: the decode engine (``alphatune.engine``: one native call per
 token for all blocks, a static KV cache), used by default where it serves the model (quantized
-Llama-family models on a CPU with a LUT kernel, greedy or sampling), and transformers
+Llama-family and Gemma-3 models on a CPU with a LUT kernel, greedy or sampling), and transformers
 ``generate`` for everything else (beam search, other architectures, unquantized models), chosen
 with a logged reason. ``engine=False`` or ``ALPHATUNE_ENGINE=off`` forces transformers.
 """
