@@ -521,7 +521,7 @@ def test_every_task_has_its_headline_comparison_before_its_rest_and_ablations() 
 def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
     """WebNLG's and SST-2's AlphaTuning searches and SST-2's LoRA search are moved below their
     lowest rate, WebNLG's LoRA search and E2E's full fine-tuning search above (each chose its
-    edge); other tasks keep the family's range, and every search tries <= 3 rates."""
+    edge; E2E's twice); other tasks keep the family's range, and every search tries <= 3 rates."""
     webnlg = [s.learning_rate for s in grid.search_specs("webnlg", "alphatuning")]
     e2e = [s.learning_rate for s in grid.search_specs("e2e", "alphatuning")]
     assert webnlg == [1e-3, 2e-3, 5e-3]
@@ -532,7 +532,10 @@ def test_a_task_can_move_its_search_past_the_chosen_edge() -> None:
     assert [s.learning_rate for s in grid.search_specs("e2e", "lora")] == list(
         grid.LEARNING_RATES["lora"]
     )
-    assert [s.learning_rate for s in grid.search_specs("e2e", "full-ft")] == [5e-5, 1e-4, 2e-4]
+    assert [s.learning_rate for s in grid.search_specs("e2e", "full-ft")] == [1e-4, 2e-4, 5e-4]
+    # WebNLG's full fine-tuning starts from E2E's earlier moved range, which holds E2E's choice.
+    assert [s.learning_rate for s in grid.search_specs("webnlg", "full-ft")] == [5e-5, 1e-4, 2e-4]
+    assert grid.learning_rates("sst2", "full-ft") == grid.LEARNING_RATES["full-ft"]
     for task in grid.BUDGETS:
         for family in grid.LEARNING_RATES:
             assert len(grid.learning_rates(task, family)) <= 3
