@@ -263,7 +263,7 @@ def test_an_adapter_trains_saves_and_serves_by_name(base_dir, gemma_tokenizer, i
     set_adapter(served, "b")
     assert torch.equal(logits(served, ids), other)
 
-    # A mixed batch through transformers' generate: each row as it runs alone.
+    # A mixed batch (on the decode engine, one scale set per adapter): each row as it runs alone.
     prompts = [PROMPT, "Hello"]
     mixed = generate(served, gemma_tokenizer, prompts, adapters=["a", "b"], max_new_tokens=4,
                      progress=False)  # fmt: skip

@@ -4,7 +4,8 @@
 scale set (adapter), and returns the final-normed hidden states. Decode passes one token per
 batch row; prefill passes chunks of prompt tokens (several rows mixed). Each block writes the
 chunk's keys and values into the cache before any token attends, and a token attends to its
-row's positions ``0..position``: that is the causal mask, with no padding anywhere.
+row's positions ``0..position`` (a sliding-window layer: the last ``window`` of them): that is
+the causal mask, with no padding anywhere.
 
 The seven projections of a block call the LUT kernel's njit code directly, so no Python runs
 between layers: the per-token framework cost of the transformers path (module calls, dispatch,
@@ -61,6 +62,12 @@ PROJECTIONS = (
 # read the normed hidden state, o the attention, gate and up the normed residual, down the
 # gated MLP activations. ``forward_tokens`` builds each input's tables once for its group.
 SHARED_INPUTS = ((0, 3), (3, 1), (4, 2), (6, 1))
+# Where a block's norms are in ``norms[layer]``: (pre-MLP, post-MLP) slots. Llama's block has two
+# norms, (input, pre-MLP); with sandwich norms (Gemma) four: (input, post-attention, pre-MLP,
+# post-MLP). Slot 0 is always the input norm, slot 1 the post-attention one when there is one;
+# a post-MLP slot is read only with sandwich norms.
+LLAMA_MLP_NORMS = (1, 0)
+SANDWICH_MLP_NORMS = (2, 3)
 
 # Columns of the per-projection integer table (``ints``): the kernel's scalars, then where each
 # operand is. Codes and biases start at an offset in the engine's flat buffers; the scales and the
@@ -503,9 +510,7 @@ if _IMPORT_ERROR is None:
         n_tokens, width = hidden.shape
         n_layers = norms.shape[0]
         n_kv, head_dim = cache_k.shape[2], cache_k.shape[4]
-        # Which of a block's norms: (input, pre-MLP) or (input, post-attention, pre-MLP,
-        # post-MLP); the post norms are read only with ``sandwich``.
-        mlp_norm, post_mlp = (2, 3) if sandwich else (1, 0)
+        mlp_norm, post_mlp = SANDWICH_MLP_NORMS if sandwich else LLAMA_MLP_NORMS
         no_sets = np.zeros(n_tokens, np.int64)
         normed = np.empty((n_tokens, width), np.float32)
         attention = np.empty((n_tokens, n_heads * head_dim), np.float32)

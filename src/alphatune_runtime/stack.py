@@ -65,6 +65,8 @@ class Shape:
 
     @property
     def norms_per_block(self) -> int:
+        """How many norms a block has: input and pre-MLP, or with sandwich norms also the
+        attention's and the MLP's outputs' (``native.SANDWICH_MLP_NORMS``)."""
         return 4 if self.block.sandwich_norms else 2
 
     def attention_scale(self) -> float:
@@ -95,14 +97,16 @@ class Shape:
         )
 
 
-def _rotary_table(length: int, inv_freq: np.ndarray, scaling: float) -> tuple[np.ndarray, ...]:
+def _rotary_table(
+    length: int, inv_freq: np.ndarray, scaling: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin ``(length, head_dim)`` float32 of one set of frequencies, times ``scaling``."""
     positions = np.arange(length, dtype=np.float32)
     freqs = positions[:, None] * inv_freq.astype(np.float32)[None, :]  # (length, d/2)
     angles = np.concatenate([freqs, freqs], axis=-1)
     factor = np.float32(scaling)
-    return (np.cos(angles) * factor).astype(np.float32), (np.sin(angles) * factor).astype(
-        np.float32
-    )
+    cos = (np.cos(angles) * factor).astype(np.float32)
+    return cos, (np.sin(angles) * factor).astype(np.float32)
 
 
 @dataclass
@@ -114,15 +118,22 @@ class BlockStack:
     kernel: NativeKernel
     kernel_tag: np.ndarray  # empty array whose dtype selects the kernel (native.KERNEL_TAGS)
     min_parallel_work: int  # code bits × tokens from which projections run on the threads
+    layer_rotary: np.ndarray  # Shape.layer_rotary(), made once
+    layer_windows: np.ndarray  # Shape.layer_windows(), made once
     min_parallel_attention: int = MIN_PARALLEL_ATTENTION
 
     @classmethod
     def of(cls, shape: Shape, weights: NativeWeights, kernel: NativeKernel) -> BlockStack:
-        """The stack of laid-out ``weights`` (``dispatch.required_kernel`` has checked numba)."""
+        """The stack of laid-out ``weights`` (``dispatch.required_kernel`` has checked numba);
+        ``UnsupportedModelError`` where the weights do not have the norms the block's form
+        reads (the step would read past them)."""
+        _check_form(shape, weights)
         return cls(
             shape=shape,
             weights=weights,
             kernel=kernel,
+            layer_rotary=shape.layer_rotary(),
+            layer_windows=shape.layer_windows(),
             kernel_tag=np.zeros(0, native.KERNEL_TAGS[kernel.name]),
             min_parallel_work=(
                 kernel.module.MIN_PARALLEL_WORK  # AVX-512: one parallel region per projection
@@ -160,7 +171,7 @@ class BlockStack:
         cos, sin = rotary
         return native.forward_tokens(
             self.kernel_tag, hidden, rows, positions, sets, cache.keys, cache.values, cos, sin,
-            shape.layer_rotary(), shape.layer_windows(), w.norms, w.qk_norms, w.final_norm,
+            self.layer_rotary, self.layer_windows, w.norms, w.qk_norms, w.final_norm,
             w.codes, w.biases, w.ints, np.float32(shape.eps), np.float32(shape.attention_scale()),
             shape.block.sandwich_norms, shape.block.qk_norm, shape.block.gelu, shape.n_heads,
             threads, self.min_parallel_work, self.min_parallel_attention,
@@ -173,3 +184,19 @@ class BlockStack:
         zero = np.zeros(1, np.int64)
         hidden = np.zeros((1, self.shape.hidden), np.float32)
         self.run(hidden, zero, zero, zero, cache, self.rotary(1), 1)
+
+
+def _check_form(shape: Shape, weights: NativeWeights) -> None:
+    """The norms and query/key norms that ``shape``'s block form reads, and a window for every
+    layer: what the step indexes without bounds checks."""
+    expected = (shape.n_layers, shape.norms_per_block, shape.hidden)
+    qk = (shape.n_layers, 2, shape.head_dim if shape.block.qk_norm else 0)
+    if weights.norms.shape != expected or weights.qk_norms.shape != qk:
+        raise UnsupportedModelError(
+            f"norm weights {weights.norms.shape} and query/key norms {weights.qk_norms.shape}; "
+            f"the block's form reads {expected} and {qk}"
+        )
+    if len(shape.layer_windows()) != shape.n_layers:
+        raise UnsupportedModelError(
+            f"{len(shape.block.windows)} sliding windows for {shape.n_layers} layers"
+        )

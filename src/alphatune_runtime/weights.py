@@ -50,12 +50,9 @@ class NativeWeights:
     norms: np.ndarray  # (L, 2, H) float32, or (L, 4, H) for sandwich norms (stack.BlockForm)
     final_norm: np.ndarray  # (H,) float32
     banked: bool  # some projection holds an adapter bank (scale sets per token)
-    # (L, 2, head_dim) float32: each block's query and key norm weights; (L, 2, 0) without
-    qk_norms: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        if self.qk_norms is None:
-            self.qk_norms = np.zeros((self.norms.shape[0], 2, 0), np.float32)
+    # (L, 2, head_dim) float32: each block's query and key norm weights; (L, 2, 0) for a block
+    # without them (Llama), never read then.
+    qk_norms: np.ndarray
 
     def nbytes(self) -> int:
         """Bytes of every operand the kernel reads (scales shared with the layers included)."""
@@ -185,7 +182,9 @@ class WeightsBuilder:
             np.ascontiguousarray(norms, np.float32),
             np.ascontiguousarray(final_norm, np.float32),
             self.banked,
-            None if qk_norms is None else np.ascontiguousarray(qk_norms, np.float32),
+            np.zeros((blocks, 2, 0), np.float32)
+            if qk_norms is None
+            else np.ascontiguousarray(qk_norms, np.float32),
         )
 
 

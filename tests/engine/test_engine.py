@@ -80,8 +80,9 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-# Block layouts the engine must serve: (id, quantizer config, Llama config overrides). Shared
-# with tests/engine/test_prefill.py, which runs the same blocks through the dense prefill.
+# Block layouts the engine must serve: (id, quantizer config, ``quantized``'s keywords: config
+# overrides, and ``architecture`` for a Gemma-3). Shared with tests/engine/test_prefill.py, which
+# runs the same blocks through the dense prefill.
 BLOCK_CASES = [
     ("q3-g32-offset", BCQConfig(bits=3, group_size=32, method="offset"), {}),
     ("q2-g64-greedy", BCQConfig(bits=2, group_size=64, method="greedy"), {}),
@@ -92,8 +93,11 @@ BLOCK_CASES = [
     ("bias-g16", BCQConfig(bits=3, group_size=16, method="offset"), {"attention_bias": True}),
     ("rows-padded", BCQConfig(bits=3, group_size=8, method="offset"),
      {"hidden_size": 48, "intermediate_size": 80}),
-    # Gemma-3's block: sandwich and query/key norms, tanh-GELU, sliding windows, two ropes.
+    # Gemma-3's block: sandwich and query/key norms, tanh-GELU, sliding windows, two ropes; and
+    # every layer sliding (one rotary table, the sliding layers').
     ("gemma3", BCQConfig(bits=3, group_size=32, method="offset"), {"architecture": "gemma3"}),
+    ("gemma3-all-sliding", BCQConfig(bits=3, group_size=32, method="offset"),
+     {"architecture": "gemma3", "layer_types": ["sliding_attention"] * 3}),
 ]  # fmt: skip
 HEAD_CASES = [
     ("head-bf16", BCQConfig(bits=3, group_size=32, method="offset", lm_head="bf16"), {}),
@@ -293,6 +297,11 @@ def test_unsupported_models_say_why():
     ):
         with pytest.raises(UnsupportedModelError, match=match):
             Engine.build(quantized(config, architecture="gemma3", **setting))
+    # Layer kinds are read, never guessed (transformers' default is a pattern of both).
+    gemma = quantized(config, architecture="gemma3")
+    gemma.config.layer_types = None
+    with pytest.raises(UnsupportedModelError, match="layer types"):
+        Engine.build(gemma)
 
 
 def test_reference_kernel_setting_is_not_served(model, monkeypatch):
@@ -393,14 +402,17 @@ def test_the_engine_reads_the_layers_scales_in_place(monkeypatch):
     )
 
 
-def test_threads_give_the_same_tokens(model, engine):
-    """Two threads split layers and attention; the tokens stay the same."""
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_threads_give_the_same_tokens(architecture):
+    """Two threads split layers and attention (Gemma-3: windowed attention too); the tokens
+    stay the same."""
     from numba import config
 
     if config.NUMBA_NUM_THREADS < 2:
         pytest.skip("numba's pool has one thread here (e.g. pinned to one core)")
+    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"), architecture=architecture)
     prompts = random_prompts(4, seed=19)
-    one = generate_ids(engine, prompts, max_new_tokens=8)
+    one = generate_ids(Engine.build(model), prompts, max_new_tokens=8)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

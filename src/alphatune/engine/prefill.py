@@ -170,14 +170,16 @@ class DensePrefill:
         spans = [(int(end) - p.length, int(end)) for p, end in zip(prompts, ends, strict=True)]
         positions = torch.from_numpy(np.concatenate([np.arange(p.length) for p in prompts]))
         cos, sin = (torch.from_numpy(t)[:, positions] for t in rotary)  # (R, N, d)
-        layer_rotary, windows = shape.layer_rotary(), shape.layer_windows()
+        layer_rotary, windows = self.stack.layer_rotary, self.stack.layer_windows
         masks = _window_masks(prompts, windows)
         groups = _by_scale_set(prompts, spans)
         keys, values = torch.from_numpy(cache.keys), torch.from_numpy(cache.values)
         weights = self.stack.weights
         norms, qk_norms = torch.from_numpy(weights.norms), torch.from_numpy(weights.qk_norms)
         form = shape.block
-        mlp_norm, post_mlp = (2, 3) if form.sandwich_norms else (1, 0)
+        mlp_norm, post_mlp = (
+            native.SANDWICH_MLP_NORMS if form.sandwich_norms else native.LLAMA_MLP_NORMS
+        )
         activation = functools.partial(F.gelu, approximate="tanh") if form.gelu else F.silu
         heads, kv_heads, head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
         scale = shape.attention_scale()

@@ -66,8 +66,7 @@ def describe(model: nn.Module) -> ModelSpec:
     if n_heads % n_kv or head_dim % 2:
         raise UnsupportedModelError(f"{n_heads} heads over {n_kv} KV heads of size {head_dim}")
     if model_type in GEMMA3_TYPES:
-        form = _gemma3_form(config, rotary, len(blocks))
-        inv_freq, rope_scaling = _rotary_of(rotary, FULL)
+        form, (inv_freq, rope_scaling) = _gemma3_form(config, rotary, len(blocks))
     else:
         if getattr(config, "hidden_act", None) != "silu":
             raise UnsupportedModelError(
@@ -75,9 +74,6 @@ def describe(model: nn.Module) -> ModelSpec:
             )
         form = LLAMA_BLOCK
         inv_freq, rope_scaling = _rotary_of(rotary, None)
-    scale = form.attention_scale or head_dim**-0.5
-    for index, block in enumerate(blocks):
-        _check_block(index, block, scale)
     shape = Shape(
         n_layers=len(blocks),
         hidden=hidden,
@@ -90,6 +86,8 @@ def describe(model: nn.Module) -> ModelSpec:
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
         block=form,
     )
+    for index, block in enumerate(blocks):
+        _check_block(index, block, shape.attention_scale())
     return ModelSpec(shape=shape, blocks=blocks, final_norm=inner.norm)
 
 
@@ -103,14 +101,20 @@ def _rotary_of(rotary: nn.Module, kind: str | None) -> tuple[np.ndarray, float]:
             f"rotary type {rope_type!r} (the engine has {', '.join(STATIC_ROPE)})"
         )
     inv_freq = getattr(rotary, f"{prefix}inv_freq", None)
-    if inv_freq is None:
-        raise UnsupportedModelError(f"the rotary embedding has no {prefix}inv_freq")
+    if inv_freq is None:  # e.g. Gemma-3 in transformers 4.x, whose local rotary is a module
+        raise UnsupportedModelError(
+            f"the rotary embedding has no {prefix}inv_freq (the engine reads transformers 5's)"
+        )
     scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
     return inv_freq.detach().float().cpu().numpy().copy(), scaling
 
 
-def _gemma3_form(config: object, rotary: nn.Module, n_layers: int) -> BlockForm:
-    """Gemma-3's block, or ``UnsupportedModelError`` for a variant the engine does not run."""
+def _gemma3_form(
+    config: object, rotary: nn.Module, n_layers: int
+) -> tuple[BlockForm, tuple[np.ndarray, float]]:
+    """Gemma-3's block and the rotary frequencies and scaling of its full-attention layers (of
+    its sliding ones where it has no others), or ``UnsupportedModelError`` for a variant the
+    engine does not run."""
     activation = getattr(config, "hidden_activation", None)
     if activation != "gelu_pytorch_tanh":
         raise UnsupportedModelError(f"MLP activation {activation!r}, the engine has tanh-GELU")
@@ -119,14 +123,23 @@ def _gemma3_form(config: object, rotary: nn.Module, n_layers: int) -> BlockForm:
             raise UnsupportedModelError(f"{name} = {getattr(config, name)}: not served")
     if getattr(config, "use_bidirectional_attention", False):
         raise UnsupportedModelError("bidirectional attention: not served")
-    kinds = list(getattr(config, "layer_types", None) or [FULL] * n_layers)
+    # Read, never assumed: transformers' own default is a pattern of sliding and full layers.
+    kinds = list(getattr(config, "layer_types", None) or ())
     if len(kinds) != n_layers or not set(kinds) <= {SLIDING, FULL}:
-        raise UnsupportedModelError(f"layer types {sorted(set(kinds))} for {n_layers} layers")
+        raise UnsupportedModelError(
+            f"layer types {sorted(set(kinds))} for {n_layers} layers (expected {SLIDING!r} or "
+            f"{FULL!r} for each)"
+        )
     window = int(getattr(config, "sliding_window", 0) or 0)
     if SLIDING in kinds and window < 1:
         raise UnsupportedModelError(f"sliding layers with a window of {window}")
-    local_inv_freq, local_scaling = _rotary_of(rotary, SLIDING) if SLIDING in kinds else (None, 1.0)
-    return BlockForm(
+    # Full-attention layers take the stack's main rotary table, sliding ones their own where
+    # both kinds exist (with one kind, that kind's is the only table).
+    main = _rotary_of(rotary, FULL if FULL in kinds else SLIDING)
+    local_inv_freq, local_scaling = (
+        _rotary_of(rotary, SLIDING) if {SLIDING, FULL} <= set(kinds) else (None, 1.0)
+    )
+    form = BlockForm(
         sandwich_norms=True,
         qk_norm=True,
         gelu=True,
@@ -135,6 +148,7 @@ def _gemma3_form(config: object, rotary: nn.Module, n_layers: int) -> BlockForm:
         local_inv_freq=local_inv_freq,
         local_rope_scaling=local_scaling,
     )
+    return form, main
 
 
 def _check_block(index: int, block: nn.Module, scale: float) -> None:

@@ -26,8 +26,9 @@ from alphatune_runtime.dispatch import NativeKernel
 from alphatune_runtime.weights import NativeWeights, Projection
 from alphatune_runtime.weights import build_weights as lay_out
 
-# A block's norms in the order the step reads them (``native.forward_tokens``): Llama's, and
-# with sandwich norms (Gemma-3) the norms of the attention's and the MLP's outputs too.
+# A block's norms in the order the step reads them (``native.LLAMA_MLP_NORMS`` and
+# ``native.SANDWICH_MLP_NORMS`` say which slot is which): Llama's, and with sandwich norms
+# (Gemma-3) the norms of the attention's and the MLP's outputs too.
 NORMS = ("input_layernorm", "post_attention_layernorm")
 SANDWICH_NORMS = (
     "input_layernorm",
