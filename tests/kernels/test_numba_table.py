@@ -83,6 +83,26 @@ def test_table_matmul_matches_the_reference(rows: int, dim: int, tokens: int, th
     assert torch.allclose(y, expected, rtol=0, atol=2e-5 * scale)
 
 
+def test_table_matmul_takes_bytes_in_any_layout():
+    """A strided view of the bytes gives the products of its contiguous copy (the kernel reads
+    ahead through the bytes' flat view, so it is handed a C-ordered array)."""
+    import numpy as np
+
+    from alphatune_runtime import table as runtime_table
+
+    table = BCQTable.from_weight(_weight(300, 128))
+    step, low = (t.numpy() for t in numba_table.uniform_form(table.alpha, table.offset))
+    levels = numba_table.levels_from_planes(table.plane_codes(), 128).numpy()
+    wide = np.zeros((300, 256), np.uint8)
+    wide[:, ::2] = levels
+    x = np.random.default_rng(0).standard_normal((2, 128)).astype(np.float32)
+    group = table.spec.group_size
+    np.testing.assert_array_equal(
+        runtime_table.table_matmul(x, wide[:, ::2], step, low, group),
+        runtime_table.table_matmul(x, levels, step, low, group),
+    )
+
+
 @pytest.mark.parametrize("bits", [2, 5, 8])
 def test_planes_and_levels_convert_both_ways(bits: int):
     packed, _, _ = fit_table(_weight(300, 96), bits, group_size=32)
