@@ -70,6 +70,8 @@ class Shape:
         return 4 if self.block.sandwich_norms else 2
 
     def attention_scale(self) -> float:
+        """What multiplies q·k: the block form's (Gemma-3: query_pre_attn_scalar^-0.5), else
+        1/sqrt(head_dim)."""
         return self.block.attention_scale or self.head_dim**-0.5
 
     def layer_windows(self) -> np.ndarray:
