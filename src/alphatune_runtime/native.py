@@ -498,7 +498,7 @@ if _IMPORT_ERROR is None:
         post-attention RMSNorm weights, or with ``sandwich`` (L, 4, H): input, post-attention
         (of the attention's output), pre-MLP, post-MLP (of the MLP's output). qk_norms
         (L, 2, d): the query and key norms, used with ``qk_norm``. ``scale`` multiplies q·k;
-        ``gelu`` gates the MLP with tanh-GELU instead of SiLU (``stack.BlockForm``).
+        ``gelu`` gates the MLP with tanh-GELU instead of SiLU (``forms.BlockForm``).
         codes / biases: flat buffers (uint8, float32) holding every projection's codes in the
         kernel's layout and biases; ints: (L·7, INT_COLUMNS) int64, per projection (block·7 +
         index in ``PROJECTIONS``) its scalars and where its operands are (the scales and offset

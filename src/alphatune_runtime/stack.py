@@ -16,6 +16,7 @@ from alphatune_runtime import native
 from alphatune_runtime.cache import KVCache
 from alphatune_runtime.dispatch import NativeKernel
 from alphatune_runtime.errors import UnsupportedModelError
+from alphatune_runtime.forms import LLAMA_BLOCK, BlockForm
 from alphatune_runtime.weights import NativeWeights
 
 # Attention work (cached positions × heads, summed over a call's tokens) from which two threads
@@ -24,28 +25,6 @@ from alphatune_runtime.weights import NativeWeights
 # position 100, 5.50 / 5.09 ms with every attention parallel against 6.02 / 5.19 ms at the former
 # 2^14; at position 500, 7.51 / 6.35 against 8.51 / 7.64 ms.
 MIN_PARALLEL_ATTENTION = 1 << 9
-
-
-@dataclass(frozen=True)
-class BlockForm:
-    """What a block computes beyond its sizes. The defaults are Llama's block; Gemma-3's differs
-    in every field (``alphatune.engine.spec`` reads them from the model)."""
-
-    # Norms of the attention's and the MLP's outputs too, before each residual add: a block's
-    # norms are (input, post-attention, pre-MLP, post-MLP) instead of (input, pre-MLP).
-    sandwich_norms: bool = False
-    qk_norm: bool = False  # an RMSNorm over each head's query and key, before rotary
-    gelu: bool = False  # the MLP's gate through tanh-approximated GELU, else SiLU
-    attention_scale: float = 0.0  # multiplies q·k; 0: 1/sqrt(head_dim)
-    # Per layer: attend to the last ``window`` positions only (0: all). Empty: every layer all.
-    windows: tuple[int, ...] = ()
-    # The rotary frequencies and scaling of the windowed layers, where they differ from the
-    # others' (Gemma-3: base 10,000 local, 1,000,000 global); None: every layer the same.
-    local_inv_freq: np.ndarray | None = None
-    local_rope_scaling: float = 1.0
-
-
-LLAMA_BLOCK = BlockForm()
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ class NativeWeights:
     biases: np.ndarray  # flat float32
     held: list[np.ndarray]  # every array whose address ``ints`` holds (kept alive here)
     ints: np.ndarray  # (L·7, native.INT_COLUMNS) int64
-    norms: np.ndarray  # (L, 2, H) float32, or (L, 4, H) for sandwich norms (stack.BlockForm)
+    norms: np.ndarray  # (L, 2, H) float32, or (L, 4, H) for sandwich norms (forms.BlockForm)
     final_norm: np.ndarray  # (H,) float32
     banked: bool  # some projection holds an adapter bank (scale sets per token)
     # (L, 2, head_dim) float32: each block's query and key norm weights; (L, 2, 0) for a block

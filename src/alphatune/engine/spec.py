@@ -6,7 +6,7 @@ frequencies, the block's form; and the modules holding its blocks) or raises
 ``generate`` and logs that reason. ``token_io(model)`` maps the embedding and the LM head,
 whatever their type, to two plain callables.
 
-Two block forms are served (``alphatune_runtime.stack.BlockForm``): Llama's (pre-norm RMSNorm,
+Two block forms are served (``alphatune_runtime.forms``): Llama's (pre-norm RMSNorm,
 rotary attention with grouped KV heads, SiLU-gated MLP) and Gemma-3's (the same with norms of
 each head's query and key, norms of the attention's and the MLP's outputs, a tanh-GELU gate,
 RMSNorm weights stored as ``w - 1``, its own attention scale, sliding-window layers with their
@@ -25,16 +25,12 @@ from torch import Tensor, nn
 
 from alphatune.errors import UnsupportedModelError
 from alphatune.layers import BCQLinear
+from alphatune_runtime.forms import GEMMA3_TYPES, LLAMA_BLOCK, SERVED_TYPES, gemma3_form
 from alphatune_runtime.native import PROJECTIONS
-from alphatune_runtime.stack import LLAMA_BLOCK, BlockForm, Shape
+from alphatune_runtime.stack import Shape
 
-LLAMA_TYPES = ("llama",)
-GEMMA3_TYPES = ("gemma3_text",)
-SERVED_TYPES = LLAMA_TYPES + GEMMA3_TYPES
 # Rotary variants whose frequencies do not depend on the sequence length (``dynamic`` does).
 STATIC_ROPE = ("default", "linear", "llama3")
-# Gemma-3's layer kinds (``config.layer_types``) and the rotary buffers of each.
-SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclass(frozen=True)
@@ -66,7 +62,9 @@ def describe(model: nn.Module) -> ModelSpec:
     if n_heads % n_kv or head_dim % 2:
         raise UnsupportedModelError(f"{n_heads} heads over {n_kv} KV heads of size {head_dim}")
     if model_type in GEMMA3_TYPES:
-        form, (inv_freq, rope_scaling) = _gemma3_form(config, rotary, len(blocks))
+        form, (inv_freq, rope_scaling) = gemma3_form(
+            config.to_dict(), len(blocks), lambda kind: _rotary_of(rotary, kind)
+        )
     else:
         if getattr(config, "hidden_act", None) != "silu":
             raise UnsupportedModelError(
@@ -107,48 +105,6 @@ def _rotary_of(rotary: nn.Module, kind: str | None) -> tuple[np.ndarray, float]:
         )
     scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
     return inv_freq.detach().float().cpu().numpy().copy(), scaling
-
-
-def _gemma3_form(
-    config: object, rotary: nn.Module, n_layers: int
-) -> tuple[BlockForm, tuple[np.ndarray, float]]:
-    """Gemma-3's block and the rotary frequencies and scaling of its full-attention layers (of
-    its sliding ones where it has no others), or ``UnsupportedModelError`` for a variant the
-    engine does not run."""
-    activation = getattr(config, "hidden_activation", None)
-    if activation != "gelu_pytorch_tanh":
-        raise UnsupportedModelError(f"MLP activation {activation!r}, the engine has tanh-GELU")
-    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, name, None) is not None:
-            raise UnsupportedModelError(f"{name} = {getattr(config, name)}: not served")
-    if getattr(config, "use_bidirectional_attention", False):
-        raise UnsupportedModelError("bidirectional attention: not served")
-    # Read, never assumed: transformers' own default is a pattern of sliding and full layers.
-    kinds = list(getattr(config, "layer_types", None) or ())
-    if len(kinds) != n_layers or not set(kinds) <= {SLIDING, FULL}:
-        raise UnsupportedModelError(
-            f"layer types {sorted(set(kinds))} for {n_layers} layers (expected {SLIDING!r} or "
-            f"{FULL!r} for each)"
-        )
-    window = int(getattr(config, "sliding_window", 0) or 0)
-    if SLIDING in kinds and window < 1:
-        raise UnsupportedModelError(f"sliding layers with a window of {window}")
-    # Full-attention layers take the stack's main rotary table, sliding ones their own where
-    # both kinds exist (with one kind, that kind's is the only table).
-    main = _rotary_of(rotary, FULL if FULL in kinds else SLIDING)
-    local_inv_freq, local_scaling = (
-        _rotary_of(rotary, SLIDING) if {SLIDING, FULL} <= set(kinds) else (None, 1.0)
-    )
-    form = BlockForm(
-        sandwich_norms=True,
-        qk_norm=True,
-        gelu=True,
-        attention_scale=float(config.query_pre_attn_scalar) ** -0.5,
-        windows=tuple(window if kind == SLIDING else 0 for kind in kinds),
-        local_inv_freq=local_inv_freq,
-        local_rope_scaling=local_scaling,
-    )
-    return form, main
 
 
 def _check_block(index: int, block: nn.Module, scale: float) -> None:

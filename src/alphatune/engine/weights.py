@@ -23,20 +23,13 @@ from alphatune.layers import BCQLinear
 from alphatune.memory import page_out
 from alphatune_runtime import native
 from alphatune_runtime.dispatch import NativeKernel
+from alphatune_runtime.forms import QK_NORM_MODULES
 from alphatune_runtime.weights import NativeWeights, Projection
 from alphatune_runtime.weights import build_weights as lay_out
 
-# A block's norms in the order the step reads them (``native.LLAMA_MLP_NORMS`` and
-# ``native.SANDWICH_MLP_NORMS`` say which slot is which): Llama's, and with sandwich norms
-# (Gemma-3) the norms of the attention's and the MLP's outputs too.
-NORMS = ("input_layernorm", "post_attention_layernorm")
-SANDWICH_NORMS = (
-    "input_layernorm",
-    "post_attention_layernorm",
-    "pre_feedforward_layernorm",
-    "post_feedforward_layernorm",
-)
-QK_NORMS = ("self_attn.q_norm", "self_attn.k_norm")
+# The RMSNorm classes whose weights the step reads (what they multiply by: ``forms.BlockForm``'s
+# ``norm_offset`` plus the weight).
+NORM_CLASSES = ("LlamaRMSNorm", "Gemma3RMSNorm")
 
 
 def build_weights(spec: ModelSpec, kernel: NativeKernel, use_bank: bool) -> NativeWeights:
@@ -51,20 +44,20 @@ def build_weights(spec: ModelSpec, kernel: NativeKernel, use_bank: bool) -> Nati
             for block in spec.blocks
             for name in native.PROJECTIONS
         ]
-        sandwich = spec.shape.block.sandwich_norms
-        names = SANDWICH_NORMS if sandwich else NORMS
-        norms = np.stack(
-            [np.stack([_norm_weight(b.get_submodule(n)) for n in names]) for b in spec.blocks]
-        )
-        qk_norms = None
-        if spec.shape.block.qk_norm:
-            qk_norms = np.stack(
+        form = spec.shape.block
+
+        def weights_of(names: tuple[str, ...]) -> np.ndarray:
+            return np.stack(
                 [
-                    np.stack([_norm_weight(b.get_submodule(n)) for n in QK_NORMS])
+                    np.stack([_norm_weight(b.get_submodule(n), form.norm_offset) for n in names])
                     for b in spec.blocks
                 ]
             )
-        return lay_out(projections, norms, _norm_weight(spec.final_norm), kernel, qk_norms)
+
+        norms = weights_of(form.norm_modules)
+        qk_norms = weights_of(QK_NORM_MODULES) if form.qk_norm else None
+        final_norm = _norm_weight(spec.final_norm, form.norm_offset)
+        return lay_out(projections, norms, final_norm, kernel, qk_norms)
 
 
 def _projection(layer: BCQLinear, use_bank: bool) -> Projection:
@@ -95,14 +88,11 @@ def _projection(layer: BCQLinear, use_bank: bool) -> Projection:
     )
 
 
-def _norm_weight(norm: torch.nn.Module) -> np.ndarray:
-    """What the step multiplies a normed vector by: Llama's weight, or Gemma's ``1 + weight``
-    (in float32, as Gemma's RMSNorm computes it)."""
+def _norm_weight(norm: torch.nn.Module, offset: float) -> np.ndarray:
+    """What the step multiplies a normed vector by: ``offset + weight`` in float32 (Llama: the
+    weight; Gemma: ``1 + weight``, as its RMSNorm computes it)."""
     weight = getattr(norm, "weight", None)
     kind = type(norm).__name__
-    if weight is None or kind not in ("LlamaRMSNorm", "Gemma3RMSNorm"):
-        raise UnsupportedModelError(f"norm {kind} is not Llama's or Gemma-3's RMSNorm")
-    weight = weight.detach().float()
-    if kind == "Gemma3RMSNorm":
-        weight = 1.0 + weight
-    return weight.contiguous().numpy().copy()
+    if weight is None or kind not in NORM_CLASSES:
+        raise UnsupportedModelError(f"norm {kind} is not one of {', '.join(NORM_CLASSES)}")
+    return (offset + weight.detach().float()).contiguous().numpy().copy()
