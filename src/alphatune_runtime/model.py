@@ -7,8 +7,8 @@ at a time) and keeps the embedding and the head in their stored compact form (8-
 ``table``). ``generate`` runs ``alphatune_runtime.generate`` on it: the same numba step, loop and
 sampling as ``alphatune.engine``, so a base gives the same tokens through either.
 
-What it serves: Llama-family bases (SiLU MLP, rotary ``default`` or ``linear``) quantized by
-alphatune, with a compact or float32/float16 embedding and a compact, float32/float16 or tied
+What it serves: Llama-family and Gemma-3 bases (``forms``; rotary ``default`` or ``linear``)
+quantized by alphatune, with a compact or float32/float16 embedding and a compact, float32/float16 or tied
 head: the defaults of ``alphatune quantize``; with one adapter (``adapter=``: α₁, and whatever
 else it tuned of the blocks' projections: the other planes, offsets, biases, α₁ multipliers).
 Anything else (a bf16 or BCQ head, mixed-adapter batches, another architecture) raises
@@ -50,6 +50,14 @@ from alphatune_runtime.files import (
     read_json,
     verify_document,
     verify_files,
+)
+from alphatune_runtime.forms import (
+    GEMMA3_TYPES,
+    LLAMA_BLOCK,
+    QK_NORM_MODULES,
+    SERVED_TYPES,
+    Rotary,
+    gemma3_form,
 )
 from alphatune_runtime.generate import Finished, cut_at_stop, generate_ids
 from alphatune_runtime.memory import page_out_compiler, release_free_memory
@@ -188,10 +196,12 @@ def _read_table(tensors: _Tensors, prefix: str, spec: dict[str, Any], where: Pat
     return _Table(levels, *uniform, group_size=int(spec["group_size"]))
 
 
-def _rotary(config: dict[str, Any], head_dim: int, where: Path) -> tuple[np.ndarray, float]:
-    """The rotary frequencies ``(head_dim / 2,)`` float32, as transformers' default or linear
-    rope makes them, and the attention scaling (1 for both)."""
-    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+def _rotary(
+    parameters: dict[str, Any], config: dict[str, Any], head_dim: int, where: Path
+) -> Rotary:
+    """The rotary frequencies ``(head_dim / 2,)`` float32 of rope ``parameters`` (a layer
+    kind's, for Gemma-3), as transformers' default or linear rope makes them, and the attention
+    scaling (1 for both)."""
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     if rope_type not in STATIC_ROPE:
         raise UnsupportedModelError(
@@ -206,21 +216,35 @@ def _rotary(config: dict[str, Any], head_dim: int, where: Path) -> tuple[np.ndar
 
 
 def _shape(config: dict[str, Any], where: Path) -> Shape:
-    if config.get("model_type") != "llama":
+    model_type = config.get("model_type")
+    if model_type not in SERVED_TYPES:
         raise UnsupportedModelError(
-            f"{where}: the runtime serves the Llama family, this model is "
-            f"{config.get('model_type')!r}"
+            f"{where}: the runtime serves the Llama family and Gemma-3 "
+            f"({', '.join(SERVED_TYPES)}), this model is {model_type!r}"
         )
-    if config.get("hidden_act") != "silu":
-        raise UnsupportedModelError(f"{where}: MLP activation {config.get('hidden_act')!r}")
     hidden, n_heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_heads)
     head_dim = int(config.get("head_dim") or hidden // n_heads)
+    n_layers = int(config["num_hidden_layers"])
     if n_heads % n_kv or head_dim % 2:
         raise UnsupportedModelError(f"{where}: {n_heads} heads over {n_kv} of size {head_dim}")
-    inv_freq, scaling = _rotary(config, head_dim, where)
+    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if model_type in GEMMA3_TYPES:
+        try:  # Gemma-3's rope parameters are per layer kind
+            form, (inv_freq, scaling) = gemma3_form(
+                config,
+                n_layers,
+                lambda kind: _rotary(parameters.get(kind) or {}, config, head_dim, where),
+            )
+        except UnsupportedModelError as err:
+            raise UnsupportedModelError(f"{where}: {err}") from None
+    else:
+        if config.get("hidden_act") != "silu":
+            raise UnsupportedModelError(f"{where}: MLP activation {config.get('hidden_act')!r}")
+        form = LLAMA_BLOCK
+        inv_freq, scaling = _rotary(parameters, config, head_dim, where)
     return Shape(
-        n_layers=int(config["num_hidden_layers"]),
+        n_layers=n_layers,
         hidden=hidden,
         n_heads=n_heads,
         n_kv_heads=n_kv,
@@ -229,6 +253,7 @@ def _shape(config: dict[str, Any], where: Path) -> Shape:
         inv_freq=inv_freq,
         rope_scaling=scaling,
         max_positions=int(config.get("max_position_embeddings") or 0),
+        block=form,
     )
 
 
@@ -350,18 +375,24 @@ def _blocks(
     )
     for name in names:  # one layer's stored arrays at a time
         builder.add(_projection(tensors, name, layers[name], adapter, where))
-    norms = np.stack(
-        [
-            np.stack(
-                [
-                    _float32(tensors.get(f"model.layers.{i}.{norm}.weight"))
-                    for norm in ("input_layernorm", "post_attention_layernorm")
-                ]
-            )
-            for i in range(shape.n_layers)
-        ]
+    form = shape.block
+
+    def norm_weight(name: str) -> np.ndarray:  # what the step multiplies by (forms.BlockForm)
+        return _float32(tensors.get(f"{name}.weight")) + np.float32(form.norm_offset)
+
+    def block_norms(modules: tuple[str, ...]) -> np.ndarray:
+        return np.stack(
+            [
+                np.stack([norm_weight(f"model.layers.{i}.{module}") for module in modules])
+                for i in range(shape.n_layers)
+            ]
+        )
+
+    weights = builder.finish(
+        block_norms(form.norm_modules),
+        norm_weight("model.norm"),
+        block_norms(QK_NORM_MODULES) if form.qk_norm else None,
     )
-    weights = builder.finish(norms, _float32(tensors.get("model.norm.weight")))
     return BlockStack.of(shape, weights, kernel)
 
 

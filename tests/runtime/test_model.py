@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from tiny_models import make_tiny_gemma3, make_tiny_llama
 
 from alphatune import BCQConfig, load_quantized, quantize_, save_quantized
 from alphatune.engine import Engine, generate_ids, prompt_logits
@@ -38,8 +38,9 @@ def _one_thread(single_thread):
     """Tiny tensors: one thread avoids thread start-up and spinning on a busy machine."""
 
 
-def _save(directory, config: BCQConfig, seed: int = 0):
-    model = make_tiny_llama(VOCAB, seed=seed)
+def _save(directory, config: BCQConfig, seed: int = 0, architecture: str = "llama"):
+    make = make_tiny_gemma3 if architecture == "gemma3" else make_tiny_llama
+    model = make(VOCAB, seed=seed)
     quantize_(model, config)
     save_quantized(model.eval(), directory, config)
     return directory
@@ -58,18 +59,22 @@ def _prompts(count: int, seed: int = 1) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    "config",
+    "config, architecture",
     [
         # compact embedding and tied compact head (the defaults)
-        BCQConfig(bits=3, group_size=32, method="offset"),
-        BCQConfig(bits=2, group_size=64, method="greedy", embedding="keep", lm_head="keep"),
-        BCQConfig(bits=4, method="offset", lm_head="compact", embedding="keep"),
-        BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.down_proj": 4}),
+        (BCQConfig(bits=3, group_size=32, method="offset"), "llama"),
+        (BCQConfig(bits=2, group_size=64, method="greedy", embedding="keep", lm_head="keep"),
+         "llama"),
+        (BCQConfig(bits=4, method="offset", lm_head="compact", embedding="keep"), "llama"),
+        (BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.down_proj": 4}),
+         "llama"),
+        # Gemma-3's form (tests/tiny_models.make_tiny_gemma3: windows, two ropes, its norms)
+        (BCQConfig(bits=3, group_size=32, method="offset"), "gemma3"),
     ],
-    ids=["compact", "float-tables", "own-head-table", "mixed-bits"],
-)
-def test_the_runtime_gives_the_engines_logits_and_tokens(tmp_path, config):
-    directory = _save(tmp_path / "base", config)
+    ids=["compact", "float-tables", "own-head-table", "mixed-bits", "gemma3"],
+)  # fmt: skip
+def test_the_runtime_gives_the_engines_logits_and_tokens(tmp_path, config, architecture):
+    directory = _save(tmp_path / "base", config, architecture=architecture)
     model, _ = load_quantized(directory)
     engine = Engine.build(model)
     runtime = Model.load(directory, threads=1)
