@@ -672,10 +672,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.prefill_tokens = args.prefill_tokens or (128 if quick else 512)
     # The default page renders the default results only: a run saved elsewhere (another machine,
     # a subset of the configurations) renders a page only where --docs names one.
-    from alphatune.models import DEFAULT_MODEL
+    other_model = False
+    if not args.worker:  # a worker measures its own imports: it imports nothing before them
+        from alphatune.models import DEFAULT_MODEL
 
-    other_model = args.model not in (None, DEFAULT_MODEL)
-    args.model = args.model or DEFAULT_MODEL
+        other_model = args.model not in (None, DEFAULT_MODEL)
+        args.model = args.model or DEFAULT_MODEL
     default_docs = None if (args.out is not None or other_model) and not quick else DEFAULT_DOCS
     default_out = HERE / "results" / f"decode-{args.model}.json" if other_model else DEFAULT_OUT
     args.out = args.out or (QUICK_OUT if quick else default_out)
