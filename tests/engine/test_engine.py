@@ -318,14 +318,14 @@ def test_cache_is_sized_to_the_request(engine):
         engine.new_cache(1, spec.max_positions + 1)
 
 
-def model_with_two_adapters(directory) -> tuple[torch.nn.Module, dict]:
-    """A quantized tiny Llama and two saved adapters ("a", "b") of randomly moved scales; the
-    model keeps its own scales."""
+def model_with_two_adapters(directory, architecture: str = "llama") -> tuple[torch.nn.Module, dict]:
+    """A quantized tiny model (``quantized``'s architecture) and two saved adapters ("a", "b")
+    of randomly moved scales; the model keeps its own scales."""
     from alphatune import AlphaTuningConfig
     from alphatune.adapters import save_adapter
     from alphatune.tuning import prepare_for_alphatuning
 
-    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"))
+    model = quantized(BCQConfig(bits=3, group_size=32, method="offset"), architecture=architecture)
     prepare_for_alphatuning(model, AlphaTuningConfig())
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     original = {n: p.detach().clone() for n, p in trainable.items()}
@@ -343,11 +343,12 @@ def model_with_two_adapters(directory) -> tuple[torch.nn.Module, dict]:
     return model, paths
 
 
-def test_mixed_batch_rows_use_their_adapters(tmp_path, caplog):
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_mixed_batch_rows_use_their_adapters(tmp_path, caplog, architecture):
     from alphatune.adapters import load_adapter, unload_adapter
     from alphatune.mixed import load_adapters, unload_adapters
 
-    model, paths = model_with_two_adapters(tmp_path)
+    model, paths = model_with_two_adapters(tmp_path, architecture)
     prompts = random_prompts(4, seed=17)
     rows = ["a", "b", None, "a"]
     expected = []

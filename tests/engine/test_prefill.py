@@ -151,11 +151,14 @@ def test_prefill_leaves_the_cache_decode_continues_from(exact_tables, monkeypatc
     assert greedy == done.tokens
 
 
-def test_mixed_adapter_rows_prefill_with_their_own_scales(tmp_path, monkeypatch, exact_tables):
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_mixed_adapter_rows_prefill_with_their_own_scales(
+    tmp_path, monkeypatch, exact_tables, architecture
+):
     """Banked projections take each row's α₁ from the bank in the dense path too."""
     from alphatune.mixed import load_adapters, unload_adapters
 
-    model, paths = model_with_two_adapters(tmp_path)
+    model, paths = model_with_two_adapters(tmp_path, architecture)
     # Interleaved sets: a set's tokens are gathered from non-adjacent prompts.
     prompts = [long_prompt(70, seed=s) for s in (1, 2, 3, 4)]
     bank = load_adapters(model, paths)
