@@ -64,6 +64,15 @@ class BlockForm:
 LLAMA_BLOCK = BlockForm()
 
 
+def embedding_scale(config: Mapping[str, Any]) -> float:
+    """What the model multiplies its embedding rows by: Gemma-3's sqrt(hidden) (transformers'
+    ``embed_scale``, applied in the embedding module's forward), else 1. A compact embedding
+    records its own scale; a float one is stored unscaled."""
+    if config.get("model_type") in GEMMA3_TYPES:
+        return float(config["hidden_size"]) ** 0.5
+    return 1.0
+
+
 def gemma3_form(
     config: Mapping[str, Any], n_layers: int, rotary: Callable[[str], Rotary]
 ) -> tuple[BlockForm, Rotary]:

@@ -7,10 +7,11 @@ at a time) and keeps the embedding and the head in their stored compact form (8-
 ``table``). ``generate`` runs ``alphatune_runtime.generate`` on it: the same numba step, loop and
 sampling as ``alphatune.engine``, so a base gives the same tokens through either.
 
-What it serves: Llama-family and Gemma-3 bases (``forms``; rotary ``default`` or ``linear``)
-quantized by alphatune, with a compact or float32/float16 embedding and a compact, float32/float16 or tied
-head: the defaults of ``alphatune quantize``; with one adapter (``adapter=``: α₁, and whatever
-else it tuned of the blocks' projections: the other planes, offsets, biases, α₁ multipliers).
+What it serves: Llama-family and Gemma-3 bases (``forms``; rotary ``default`` or ``linear``;
+Gemma-3 as saved by transformers 5) quantized by alphatune, with a compact or float32/float16
+embedding and a compact, float32/float16 or tied head: the defaults of ``alphatune quantize``;
+with one adapter (``adapter=``: α₁, and whatever else it tuned of the blocks' projections: the
+other planes, offsets, biases, α₁ multipliers).
 Anything else (a bf16 or BCQ head, mixed-adapter batches, another architecture) raises
 ``UnsupportedModelError`` saying what, and ``alphatune.load_quantized`` +
 ``alphatune.evaluate.generate`` serve it instead.
@@ -57,6 +58,7 @@ from alphatune_runtime.forms import (
     QK_NORM_MODULES,
     SERVED_TYPES,
     Rotary,
+    embedding_scale,
     gemma3_form,
 )
 from alphatune_runtime.generate import Finished, cut_at_stop, generate_ids
@@ -196,16 +198,14 @@ def _read_table(tensors: _Tensors, prefix: str, spec: dict[str, Any], where: Pat
     return _Table(levels, *uniform, group_size=int(spec["group_size"]))
 
 
-def _rotary(
-    parameters: dict[str, Any], config: dict[str, Any], head_dim: int, where: Path
-) -> Rotary:
+def _rotary(parameters: dict[str, Any], config: dict[str, Any], head_dim: int) -> Rotary:
     """The rotary frequencies ``(head_dim / 2,)`` float32 of rope ``parameters`` (a layer
     kind's, for Gemma-3), as transformers' default or linear rope makes them, and the attention
-    scaling (1 for both)."""
+    scaling (1 for both). ``UnsupportedModelError`` (without the file: the caller names it)."""
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     if rope_type not in STATIC_ROPE:
         raise UnsupportedModelError(
-            f"{where}: rotary type {rope_type!r} (the runtime has {', '.join(STATIC_ROPE)})"
+            f"rotary type {rope_type!r} (the runtime has {', '.join(STATIC_ROPE)})"
         )
     theta = float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -229,20 +229,20 @@ def _shape(config: dict[str, Any], where: Path) -> Shape:
     if n_heads % n_kv or head_dim % 2:
         raise UnsupportedModelError(f"{where}: {n_heads} heads over {n_kv} of size {head_dim}")
     parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if model_type in GEMMA3_TYPES:
-        try:  # Gemma-3's rope parameters are per layer kind
+    try:
+        if model_type in GEMMA3_TYPES:
             form, (inv_freq, scaling) = gemma3_form(
                 config,
                 n_layers,
-                lambda kind: _rotary(parameters.get(kind) or {}, config, head_dim, where),
+                lambda kind: _rotary(_kind_rope(parameters, kind), config, head_dim),
             )
-        except UnsupportedModelError as err:
-            raise UnsupportedModelError(f"{where}: {err}") from None
-    else:
-        if config.get("hidden_act") != "silu":
-            raise UnsupportedModelError(f"{where}: MLP activation {config.get('hidden_act')!r}")
-        form = LLAMA_BLOCK
-        inv_freq, scaling = _rotary(parameters, config, head_dim, where)
+        else:
+            if config.get("hidden_act") != "silu":
+                raise UnsupportedModelError(f"MLP activation {config.get('hidden_act')!r}")
+            form = LLAMA_BLOCK
+            inv_freq, scaling = _rotary(parameters, config, head_dim)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"{where}: {err}") from None
     return Shape(
         n_layers=n_layers,
         hidden=hidden,
@@ -255,6 +255,19 @@ def _shape(config: dict[str, Any], where: Path) -> Shape:
         max_positions=int(config.get("max_position_embeddings") or 0),
         block=form,
     )
+
+
+def _kind_rope(parameters: dict[str, Any], kind: str) -> dict[str, Any]:
+    """Gemma-3's rope parameters of layer ``kind``, as transformers 5 saves them (one entry per
+    kind). transformers 4.x saved ``rope_theta`` / ``rope_local_base_freq`` instead: such a
+    base is refused rather than read with the wrong base frequency."""
+    found = parameters.get(kind)
+    if not isinstance(found, dict) or "rope_theta" not in found:
+        raise UnsupportedModelError(
+            f"no rope_parameters[{kind!r}] with a rope_theta (a Gemma-3 config from transformers "
+            "4.x?); load this base with alphatune.load_quantized"
+        )
+    return found
 
 
 def _shapes(spec: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -397,13 +410,15 @@ def _blocks(
 
 
 def _embedding(
-    tensors: _Tensors, qconfig: dict[str, Any], where: Path
+    tensors: _Tensors, config: dict[str, Any], qconfig: dict[str, Any], where: Path
 ) -> tuple[_Table | _Matrix, str, float]:
-    """The input embedding, the module it was, and the scale its rows take."""
+    """The input embedding, the module it was, and the scale its rows take (a float embedding's:
+    the model's, ``forms.embedding_scale``)."""
     record = qconfig.get("input_embedding")
     if record is None:
         module = "model.embed_tokens"
-        return _Matrix(_float32(tensors.get(f"{module}.weight"))), module, 1.0
+        weight = _float32(tensors.get(f"{module}.weight"))
+        return _Matrix(weight), module, embedding_scale(config)
     module = record["module"]
     return _read_table(tensors, module, record["table"], where), module, float(record["scale"])
 
@@ -534,7 +549,7 @@ class Model:
         )
         tensors = _Tensors(directory / BASE_WEIGHTS, record)
         try:
-            embedding = _embedding(tensors, qconfig, config_path)
+            embedding = _embedding(tensors, config, qconfig, config_path)
             head, bias = _head(tensors, config, qconfig, embedding, config_path)
             stack = _blocks(tensors, layers, shape, kernel, adapted, config_path)
             tensors.finish()

@@ -204,7 +204,8 @@ if _IMPORT_ERROR is None:
 
     @njit(cache=True, fastmath=_FAST)
     def rms_norm(x, weight, eps, out):  # pragma: no cover - numba
-        """out[n] = x[n] / sqrt(mean(x[n]²) + eps) · weight (LlamaRMSNorm, float32)."""
+        """out[n] = x[n] / sqrt(mean(x[n]²) + eps) · weight, float32 (LlamaRMSNorm; Gemma's with
+        its 1 + w folded into weight)."""
         n_tokens, width = x.shape
         for n in range(n_tokens):
             total = np.float32(0.0)

@@ -7,6 +7,9 @@ that does real work per byte. ``prefetch(array, index)`` asks for the cache line
 ``array[index]`` (LLVM's ``llvm.prefetch``: a read, kept in all cache levels; on x86
 ``prefetcht0``, on ARM ``prfm``), so a kernel can request the rows it will read next while it
 computes on the current one. A hint only: it never faults, and results do not change.
+
+Numba's on-disk cache of a kernel that calls ``prefetch`` tracks the kernel's own file, not this
+one: after editing this file, delete the ``__pycache__`` entries of the kernels that use it.
 """
 
 from __future__ import annotations
@@ -31,8 +34,12 @@ if IMPORT_ERROR is None:
 
     @intrinsic
     def prefetch(typingctx: Any, array: Any, index: Any) -> Any:
-        """Prefetch the cache line of ``array[index]`` (``array`` 1-d; no bounds check: the
-        caller keeps ``index`` inside the array, as a prefetch past it would still be issued)."""
+        """Prefetch the cache line of ``array[index]``: ``array`` 1-d and C-contiguous (the
+        address is data + index, with no strides), ``index`` an integer. No bounds check: the
+        caller keeps ``index`` inside the array."""
+        one_d = isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+        if not (one_d and isinstance(index, types.Integer)):
+            return None  # a typing error naming the arguments, not a failure in code generation
         sig = types.void(array, index)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:

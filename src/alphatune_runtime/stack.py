@@ -29,7 +29,7 @@ MIN_PARALLEL_ATTENTION = 1 << 9
 
 @dataclass(frozen=True)
 class Shape:
-    """The sizes of a Llama-family block stack, its rotary frequencies and its block's form."""
+    """The sizes of a block stack, its rotary frequencies and its block's form."""
 
     n_layers: int
     hidden: int

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from alphatune_runtime.errors import ConfigError
+
 try:
     from numba import njit, prange
 
@@ -98,6 +100,10 @@ def table_matmul(
         step, low: ``(rows, dim // group_size)`` float32 (``uniform_form``).
     """
     x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or levels.ndim != 2 or x.shape[1] != levels.shape[1]:
+        raise ConfigError(
+            f"inputs {x.shape} do not fit a table of {levels.shape} (rows, width) level bytes"
+        )
     out = np.empty((x.shape[0], levels.shape[0]), dtype=np.float32)
     # C order: the kernel prefetches through the bytes' flat view (no copy for a table's own).
     _matmul(x, np.ascontiguousarray(levels), step, low, group_size, out)

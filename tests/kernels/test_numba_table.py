@@ -103,6 +103,48 @@ def test_table_matmul_takes_bytes_in_any_layout():
     )
 
 
+def test_the_product_checks_its_widths():
+    import numpy as np
+
+    from alphatune_runtime import table as runtime_table
+    from alphatune_runtime.errors import ConfigError
+
+    levels = np.zeros((4, 64), np.uint8)
+    scales = np.ones((4, 1), np.float32)
+    with pytest.raises(ConfigError, match="do not fit"):
+        runtime_table.table_matmul(np.ones((1, 32), np.float32), levels, scales, scales, 64)
+
+
+def test_the_prefetch_is_emitted_and_refuses_what_it_cannot_address():
+    """The read-ahead must reach the machine code (a dropped hint would pass every product
+    test); a strided array has no address per index, so it is a typing error."""
+    import platform
+
+    import numpy as np
+    from numba import njit
+    from numba.core.errors import TypingError
+
+    from alphatune_runtime.prefetch import prefetch
+
+    @njit
+    def ahead(data):
+        for at in range(0, data.shape[0], 64):
+            prefetch(data, at)
+
+    data = np.zeros(4096, np.uint8)
+    ahead(data)
+    if platform.machine() in ("x86_64", "AMD64"):
+        assembly = "\n".join(ahead.inspect_asm().values())
+        assert "prefetcht0" in assembly
+
+    @njit
+    def strided(data):
+        prefetch(data[::2], 0)
+
+    with pytest.raises(TypingError):
+        strided(data)
+
+
 @pytest.mark.parametrize("bits", [2, 5, 8])
 def test_planes_and_levels_convert_both_ways(bits: int):
     packed, _, _ = fit_table(_weight(300, 96), bits, group_size=32)

@@ -68,10 +68,13 @@ def _prompts(count: int, seed: int = 1) -> list[list[int]]:
         (BCQConfig(bits=4, method="offset", lm_head="compact", embedding="keep"), "llama"),
         (BCQConfig(bits=3, group_size=32, method="offset", layer_bits={"*.down_proj": 4}),
          "llama"),
-        # Gemma-3's form (tests/tiny_models.make_tiny_gemma3: windows, two ropes, its norms)
+        # Gemma-3's form (tests/tiny_models.make_tiny_gemma3: windows, two ropes, its norms),
+        # and its float embedding, stored without the sqrt(hidden) its forward applies
         (BCQConfig(bits=3, group_size=32, method="offset"), "gemma3"),
+        (BCQConfig(bits=3, group_size=32, method="offset", embedding="keep", lm_head="keep"),
+         "gemma3"),
     ],
-    ids=["compact", "float-tables", "own-head-table", "mixed-bits", "gemma3"],
+    ids=["compact", "float-tables", "own-head-table", "mixed-bits", "gemma3", "gemma3-float"],
 )  # fmt: skip
 def test_the_runtime_gives_the_engines_logits_and_tokens(tmp_path, config, architecture):
     directory = _save(tmp_path / "base", config, architecture=architecture)
@@ -166,6 +169,19 @@ def test_an_edited_config_is_refused(tmp_path, base):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="does not match the hash"):
         Model.load(copy)
+
+
+def test_a_gemma3_config_without_rope_parameters_per_layer_kind_is_refused(tmp_path):
+    """transformers 4.x saved Gemma-3's rope as rope_theta / rope_local_base_freq: read as one
+    rope, the sliding layers would get the global base frequency; refused, naming the file."""
+    from alphatune_runtime.model import _shape
+
+    config = make_tiny_gemma3(VOCAB).config.to_dict()
+    _shape(config, tmp_path / "config.json")  # transformers 5's form is served
+    old = {k: v for k, v in config.items() if k != "rope_parameters"}
+    old |= {"rope_theta": 1e6, "rope_local_base_freq": 10_000.0}
+    with pytest.raises(UnsupportedModelError, match=r"config\.json: no rope_parameters"):
+        _shape(old, tmp_path / "config.json")
 
 
 def test_not_a_base_and_unserved_bases_say_why(tmp_path):

@@ -27,9 +27,9 @@ from alphatune_runtime.forms import QK_NORM_MODULES
 from alphatune_runtime.weights import NativeWeights, Projection
 from alphatune_runtime.weights import build_weights as lay_out
 
-# The RMSNorm classes whose weights the step reads (what they multiply by: ``forms.BlockForm``'s
-# ``norm_offset`` plus the weight).
-NORM_CLASSES = ("LlamaRMSNorm", "Gemma3RMSNorm")
+# The RMSNorm classes whose weights the step reads, and what each adds to its weight (Gemma's
+# multiplies by 1 + weight): it must be the block form's ``norm_offset``.
+NORM_OFFSETS = {"LlamaRMSNorm": 0.0, "Gemma3RMSNorm": 1.0}
 
 
 def build_weights(spec: ModelSpec, kernel: NativeKernel, use_bank: bool) -> NativeWeights:
@@ -93,6 +93,9 @@ def _norm_weight(norm: torch.nn.Module, offset: float) -> np.ndarray:
     weight; Gemma: ``1 + weight``, as its RMSNorm computes it)."""
     weight = getattr(norm, "weight", None)
     kind = type(norm).__name__
-    if weight is None or kind not in NORM_CLASSES:
-        raise UnsupportedModelError(f"norm {kind} is not one of {', '.join(NORM_CLASSES)}")
+    if weight is None or NORM_OFFSETS.get(kind) != offset:
+        raise UnsupportedModelError(
+            f"norm {kind} in a block whose norms add {offset} to their weights (the step runs "
+            f"{', '.join(NORM_OFFSETS)})"
+        )
     return (offset + weight.detach().float()).contiguous().numpy().copy()
