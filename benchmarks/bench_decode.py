@@ -43,8 +43,7 @@ Usage::
 ``--model`` names another packaged model (``alphatune.models.PACKAGED_MODELS``; Gemma-3-270M
 needs the ``gemma`` extra): llama.cpp then runs that model's packaged GGUF (Gemma: Q4_K_M), the
 bases are quantized from it (cached under their own names), and the results go to
-``results/decode-<model>.json`` with no page rendered. The torch-free runtime serves the Llama
-family only.
+``results/decode-<model>.json`` with no page rendered.
 """
 
 from __future__ import annotations

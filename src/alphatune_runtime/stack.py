@@ -44,9 +44,8 @@ class Shape:
 
     @property
     def norms_per_block(self) -> int:
-        """How many norms a block has: input and pre-MLP, or with sandwich norms also the
-        attention's and the MLP's outputs' (``native.SANDWICH_MLP_NORMS``)."""
-        return 4 if self.block.sandwich_norms else 2
+        """How many norms a block has (``forms.BlockForm.norm_modules``)."""
+        return len(self.block.norm_modules)
 
     def attention_scale(self) -> float:
         """What multiplies q·k: the block form's (Gemma-3: query_pre_attn_scalar^-0.5), else
@@ -177,7 +176,7 @@ def _check_form(shape: Shape, weights: NativeWeights) -> None:
             f"norm weights {weights.norms.shape} and query/key norms {weights.qk_norms.shape}; "
             f"the block's form reads {expected} and {qk}"
         )
-    if len(shape.layer_windows()) != shape.n_layers:
+    if len(shape.block.windows) not in (0, shape.n_layers):  # none: every layer full
         raise UnsupportedModelError(
             f"{len(shape.block.windows)} sliding windows for {shape.n_layers} layers"
         )

@@ -57,10 +57,10 @@ LEARNING_RATES = {
 # the range moved above, 2e-4 (66.77 against 65.54 at 1e-4): it moves up once more. WebNLG's
 # full fine-tuning starts from E2E's moved range, which holds the rate E2E chose (the same model,
 # budget and kind of task), rather than from the default range, whose top E2E found too low.
-# SST-2 chose
-# AlphaTuning's lowest, 2e-3, by far (78.5% accuracy against 58.5% at 5e-3 and 56.0% at 1e-2,
-# n = 200), then the lowest of the range moved below, 5e-4 (85.0% against 83.0% at 1e-3), and
-# LoRA's lowest, 1e-3 (90.0% against 88.0% at 2e-3 and 75.0% at 5e-3): both move lower again.
+# SST-2 chose AlphaTuning's lowest, 2e-3, by far (78.5% accuracy against 58.5% at 5e-3 and
+# 56.0% at 1e-2, n = 200), then the lowest of the range moved below, 5e-4 (85.0% against 83.0%
+# at 1e-3), and LoRA's lowest, 1e-3 (90.0% against 88.0% at 2e-3 and 75.0% at 5e-3): both move
+# lower again.
 TASK_LEARNING_RATES = {
     ("webnlg", "alphatuning"): (1e-3, 2e-3, 5e-3),
     ("sst2", "alphatuning"): (2e-4, 5e-4, 1e-3),
