@@ -283,6 +283,19 @@ def test_calibrated_keeps_the_logits_close(arch, tokens: torch.Tensor, sequentia
     assert (("calibrating", 1, 1) in stages) is not sequential
 
 
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "one-pass"])
+def test_the_heap_is_trimmed_once_a_block_when_sequential(
+    llama: nn.Module, tokens: torch.Tensor, sequential: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``malloc_trim`` costs ~10 ms a call: sequential calibration trims after each block (2
+    here), the one-pass mode after each layer (14), and both once more at the end."""
+    calls: list[int] = []
+    monkeypatch.setattr("alphatune.quantize.release_free_memory", lambda: calls.append(1))
+    config = BCQConfig(bits=3, group_size=32, method="calibrated", lm_head="keep", embedding="keep")
+    quantize_(llama, config, calibration=tokens, sequential=sequential)
+    assert len(calls) == (2 if sequential else len(LLAMA_TARGETS)) + 1
+
+
 @pytest.mark.parametrize("method", ["offset", "calibrated"])
 def test_eight_bits_is_close_to_full_precision(arch, method: str, tokens: torch.Tensor) -> None:
     model, _ = arch

@@ -195,12 +195,14 @@ def quantize_sequentially(
     calibration: Tensor,
     fit_layer: Callable[[str, nn.Module, Tensor | None], None],
     batch_size: int = 4,
+    after_block: Callable[[], None] | None = None,
 ) -> set[str]:
     """GPTQ's layer-sequential calibration, one transformer block at a time.
 
     Each block's Hessians come from inputs that already went through the *quantized* earlier
     blocks, so later blocks learn to compensate earlier errors. ``fit_layer(name, module,
-    hessian)`` replaces a layer. Returns the names it quantized (none without a block list).
+    hessian)`` replaces a layer; ``after_block()`` is called once each block's layers are fitted.
+    Returns the names it quantized (none without a block list).
     """
     found = _transformer_blocks(model, layers)
     if found is None:
@@ -223,6 +225,8 @@ def quantize_sequentially(
                 for name, module in targets.items():
                     fit_layer(name, module, hessians.pop(name))
                     done.add(name)
+                if after_block:
+                    after_block()
             with keeping_dense_weights(block):
                 inputs = [
                     _replace_hidden(args, kwargs, _block_output(block(*args, **kwargs)))
