@@ -15,8 +15,8 @@ unquantized perplexity on WikiText-2 test and the references of WebNLG dev, E2E 
 A variant is ``EPOCHS:LR``; ``0:0`` is the default quantizer (no refinement), measured in the
 same run.
 
-Quality only, heavy (one quantization per variant, ~3 minutes each with refinement): pause other
-jobs while it runs.
+Quality only, heavy (one quantization per variant, 3-5 minutes each with refinement, and the
+scoring): pause other jobs while it runs.
 
 Usage::
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,19 +43,20 @@ from alphatune.layers import BCQLinear
 from alphatune.models import load_model
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "block_refine.json"
-REFINE = {"epochs": 0, "lr": 0.0}  # the variant being run (read by the sequential pass below)
+
+Inputs = list[tuple[tuple, dict]]  # one block's positional and keyword inputs per batch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["0:0", "2:1e-4", "2:3e-4"])
+    parser.add_argument("--variants", nargs="+", default=["0:0", "2:3e-4", "4:1e-3"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
 
 def refine_block(
-    block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor]
+    block: nn.Module, inputs: Inputs, targets: list[torch.Tensor], epochs: int, lr: float
 ) -> tuple[float, float]:
     """Train the scales and offsets of ``block``'s quantized layers towards ``targets`` (the
     unquantized block's outputs for ``inputs``). Returns the summed loss of the first and last
@@ -66,10 +68,10 @@ def refine_block(
         params += [t for t in (layer.alpha1, layer.alpha_rest, layer.offset) if t is not None]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=REFINE["lr"])
+    optimizer = torch.optim.Adam(params, lr=lr)
     losses = []
     with torch.enable_grad():
-        for _ in range(REFINE["epochs"]):
+        for _ in range(epochs):
             total = 0.0
             for (args, kwargs), target in zip(inputs, targets, strict=True):
                 output = calibration_module._block_output(block(*args, **kwargs))
@@ -86,32 +88,45 @@ def refine_block(
     return losses[0], losses[-1]
 
 
-def quantize_sequentially(model, layers, calibration, fit_layer, batch_size=4):
+def refining_sequentially(epochs: int, lr: float) -> Callable[..., set[str]]:
     """``alphatune.calibration.quantize_sequentially`` with one step added: each block's
     unquantized pass runs to the block's end (its outputs are the targets) and the fitted block
-    is refined before its outputs feed the next block."""
+    is refined (``epochs`` passes at ``lr``; none for 0) before its outputs feed the next block."""
     c = calibration_module
-    prefix, blocks = c._transformer_blocks(model, layers)
-    done = set()
-    with c.eval_mode(model), torch.no_grad():
-        inputs = c._block_inputs(model, blocks[0], calibration, batch_size)
-        for index, block in enumerate(blocks):
-            targets = {n: m for n, m in layers.items() if n.startswith(f"{prefix}.{index}.")}
-            with c.recording_hessians(targets) as hessians:
-                expected = [c._block_output(block(*a, **k)).clone() for a, k in inputs]
-            for name, module in targets.items():
-                fit_layer(name, module, hessians.pop(name))
-                done.add(name)
-            if REFINE["epochs"]:
-                began = time.perf_counter()
-                first, last = refine_block(block, inputs, expected)
-                seconds = time.perf_counter() - began
-                print(f"block {index}: loss {first:.4g} -> {last:.4g} ({seconds:.1f} s)")
-            with c.keeping_dense_weights(block):
-                inputs = [
-                    c._replace_hidden(a, k, c._block_output(block(*a, **k))) for a, k in inputs
-                ]
-    return done
+
+    def quantize_sequentially(
+        model: nn.Module,
+        layers: dict[str, nn.Module],
+        calibration: torch.Tensor,
+        fit_layer: Callable[[str, nn.Module, torch.Tensor | None], None],
+        batch_size: int = 4,
+        after_block: Callable[[], None] | None = None,
+    ) -> set[str]:
+        prefix, blocks = c._transformer_blocks(model, layers)
+        done = set()
+        with c.eval_mode(model), torch.no_grad():
+            inputs = c._block_inputs(model, blocks[0], calibration, batch_size)
+            for index, block in enumerate(blocks):
+                targets = {n: m for n, m in layers.items() if n.startswith(f"{prefix}.{index}.")}
+                with c.recording_hessians(targets) as hessians:
+                    expected = [c._block_output(block(*a, **k)).clone() for a, k in inputs]
+                for name, module in targets.items():
+                    fit_layer(name, module, hessians.pop(name))
+                    done.add(name)
+                if epochs:
+                    began = time.perf_counter()
+                    first, last = refine_block(block, inputs, expected, epochs, lr)
+                    seconds = time.perf_counter() - began
+                    print(f"block {index}: loss {first:.4g} -> {last:.4g} ({seconds:.1f} s)")
+                if after_block is not None:
+                    after_block()
+                with c.keeping_dense_weights(block):
+                    inputs = [
+                        c._replace_hidden(a, k, c._block_output(block(*a, **k))) for a, k in inputs
+                    ]
+        return done
+
+    return quantize_sequentially
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,11 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     data, tokenizer, texts, reference, unquantized = start(args.threads)
     del reference
     calibration = calibration_batch(tokenizer, data / "wikitext-2" / "valid.txt", SEQUENCES, LENGTH)
-    quantize_module.quantize_sequentially = quantize_sequentially
     rows = []
     for variant in args.variants:
         epochs, lr = variant.split(":")
-        REFINE.update(epochs=int(epochs), lr=float(lr))
+        quantize_module.quantize_sequentially = refining_sequentially(int(epochs), float(lr))
         model = load_model()
         began = time.perf_counter()
         quantize_(model, BCQConfig(bits=3), calibration=calibration)

@@ -288,12 +288,22 @@ def test_the_heap_is_trimmed_once_a_block_when_sequential(
     llama: nn.Module, tokens: torch.Tensor, sequential: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``malloc_trim`` costs ~10 ms a call: sequential calibration trims after each block (2
-    here), the one-pass mode after each layer (14), and both once more at the end."""
+    here) and after each layer outside the blocks (the head, included by pattern), the one-pass
+    mode after each layer (15), and both once more at the end."""
     calls: list[int] = []
     monkeypatch.setattr("alphatune.quantize.release_free_memory", lambda: calls.append(1))
-    config = BCQConfig(bits=3, group_size=32, method="calibrated", lm_head="keep", embedding="keep")
+    config = BCQConfig(
+        bits=3,
+        group_size=32,
+        method="calibrated",
+        include=["model.layers.*", "lm_head"],
+        exclude=[],
+        lm_head="keep",
+        embedding="keep",
+    )
     quantize_(llama, config, calibration=tokens, sequential=sequential)
-    assert len(calls) == (2 if sequential else len(LLAMA_TARGETS)) + 1
+    assert isinstance(llama.lm_head, BCQLinear)
+    assert len(calls) == (2 + 1 if sequential else len(LLAMA_TARGETS) + 1) + 1
 
 
 @pytest.mark.parametrize("method", ["offset", "calibrated"])

@@ -114,7 +114,8 @@ def page_out_compiler() -> int:
 def release_free_memory() -> None:
     """Return the heap's free pages to the operating system (glibc ``malloc_trim``; else a no-op).
 
-    Cheap (it walks the heap's free lists): called after each layer a quantization replaces.
+    Not free (~10 ms a call after a SmolLM2 layer's fit: it walks the heap's free lists):
+    quantization calls it once a transformer block, and where a step has freed much memory.
     """
     trim = _malloc_trim()
     if trim is not None:
