@@ -96,14 +96,26 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- digests
+def running_digest(dtype_name: str, shape: tuple[int, ...], algorithm: str = HASH_ALGORITHM) -> Any:
+    """A hash of a tensor under way: its dtype's torch name and shape taken; ``update`` it with
+    the tensor's bytes in order, then ``digest_text`` gives what ``bytes_digest`` would."""
+    digest = HASHES[algorithm]()
+    digest.update(f"{dtype_name}:{tuple(shape)};".encode())
+    return digest
+
+
+def digest_text(digest: Any) -> str:
+    """The recorded form of a finished hash."""
+    return digest.hexdigest()[:32]
+
+
 def bytes_digest(
     dtype_name: str, shape: tuple[int, ...], data: memoryview, algorithm: str = HASH_ALGORITHM
 ) -> str:
     """Hash of a tensor given as its dtype's torch name, its shape and its bytes."""
-    digest = HASHES[algorithm]()
-    digest.update(f"{dtype_name}:{tuple(shape)};".encode())
+    digest = running_digest(dtype_name, shape, algorithm)
     digest.update(data)
-    return digest.hexdigest()[:32]
+    return digest_text(digest)
 
 
 def array_digest(array: np.ndarray, algorithm: str = HASH_ALGORITHM) -> str:
@@ -119,7 +131,7 @@ def file_digest(path: Path, algorithm: str = HASH_ALGORITHM) -> str:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:32]
+    return digest_text(digest)
 
 
 def json_digest(data: Any, algorithm: str = HASH_ALGORITHM) -> str:
@@ -127,7 +139,7 @@ def json_digest(data: Any, algorithm: str = HASH_ALGORITHM) -> str:
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
     digest = HASHES[algorithm]()
     digest.update(text.encode())
-    return digest.hexdigest()[:32]
+    return digest_text(digest)
 
 
 def record_in(document: dict[str, Any], at: tuple[str, ...]) -> Any:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,10 @@ from alphatune_runtime.files import (
     array_digest,
     check_digest,
     check_format_version,
+    digest_text,
     expected_digests,
     read_json,
+    running_digest,
     verify_document,
     verify_files,
 )
@@ -134,6 +136,35 @@ class _Tensors:
 
     def get(self, name: str) -> np.ndarray:
         """The tensor ``name``, checked against its hash; ``CheckpointError`` if it is absent."""
+        dtype, shape, begin, end = self._located(name)
+        array = self._read(name, _DTYPES[dtype], begin, end - begin).reshape(shape)
+        if self.expected is not None:
+            found = array_digest(array, self.algorithm)  # type: ignore[arg-type]
+            check_digest(self.path, name, found, self.expected[name])
+        self.read.add(name)
+        return array
+
+    def slices(self, name: str) -> Iterator[np.ndarray]:
+        """The tensor ``name`` one index of its first axis at a time (a plane of packed codes),
+        each read when it is asked for: what is made of a big tensor can be built without the
+        whole of it in memory. Its hash is checked after the last slice (``CheckpointError``),
+        so a caller must take them all before using what it built."""
+        dtype, shape, begin, end = self._located(name)
+        numpy_dtype = np.dtype(_DTYPES[dtype])
+        digest = None
+        if self.expected is not None:
+            digest = running_digest(f"torch.{numpy_dtype.name}", shape, self.algorithm)
+        size = (end - begin) // max(shape[0], 1)
+        for index in range(shape[0]):
+            part = self._read(name, numpy_dtype, begin + index * size, size)
+            if digest is not None:
+                digest.update(memoryview(part.view(np.uint8)))
+            yield part.reshape(shape[1:])
+        if digest is not None:
+            check_digest(self.path, name, digest_text(digest), self.expected[name])
+        self.read.add(name)
+
+    def _located(self, name: str) -> tuple[str, tuple, int, int]:
         if name not in self.entries:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing; the base is corrupted")
         dtype, shape, begin, end = self.entries[name]
@@ -142,15 +173,14 @@ class _Tensors:
                 f"{self.path}: tensor {name!r} is {dtype}, which numpy cannot hold; load this "
                 "base with alphatune.load_quantized"
             )
+        return dtype, shape, begin, end
+
+    def _read(self, name: str, dtype: Any, begin: int, size: int) -> np.ndarray:
+        """``size`` bytes of the data section from ``begin``, as a flat array of ``dtype``."""
         self.handle.seek(self.data_start + begin)
-        array = np.fromfile(self.handle, _DTYPES[dtype], int(np.prod(shape)))
-        if array.nbytes != end - begin:
+        array = np.fromfile(self.handle, dtype, size // np.dtype(dtype).itemsize)
+        if array.nbytes != size:
             raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; truncated file")
-        array = array.reshape(shape)
-        if self.expected is not None:
-            found = array_digest(array, self.algorithm)  # type: ignore[arg-type]
-            check_digest(self.path, name, found, self.expected[name])
-        self.read.add(name)
         return array
 
     def finish(self) -> None:
@@ -192,9 +222,16 @@ def _read_table(tensors: _Tensors, prefix: str, spec: dict[str, Any], where: Pat
             f"{where}: the table {prefix!r} is not in the uniform 8-bit form the runtime reads; "
             "load this base with alphatune.load_quantized"
         )
-    levels = table.levels_from_planes(tensors.get(f"{prefix}.packed_codes"), int(spec["dim"]))
-    if levels.shape != (spec["rows"], spec["dim"]):
-        raise CheckpointError(f"{where}: table {prefix!r} has shape {levels.shape}, not {spec}")
+    # Plane by plane into the level bytes: Gemma-3's 262k-row table is 160 MiB of planes, which
+    # read whole would sit beside its 160 MiB of bytes at the load's peak.
+    name = f"{prefix}.packed_codes"
+    planes, rows, width = tensors.shape(name)
+    dim = int(spec["dim"])
+    if (rows, dim) != (spec["rows"], spec["dim"]) or width != -(-dim // 8):
+        raise CheckpointError(
+            f"{where}: table {prefix!r} has planes of shape {(planes, rows, width)}, not {spec}"
+        )
+    levels = table.levels_from_plane_slices(tensors.slices(name), planes, rows, dim)
     return _Table(levels, *uniform, group_size=int(spec["group_size"]))
 
 
@@ -547,6 +584,15 @@ class Model:
                 {name: layers[name] for name in _block_names(shape) if name in layers},
             )
         )
+        # As load_quantized: a base with a hash record has the tokenizer files it lists (each
+        # verified above); one without says nothing, so whatever is there is used.
+        listed = record is None or TOKENIZER_FILE in record.get("files", {})
+        has_tokenizer = listed and (directory / TOKENIZER_FILE).is_file()
+        tokenizer = Tokenizer(directory) if has_tokenizer else None
+        # Before the weights, and what parsing it freed given back at once: Gemma-3's 262k-token
+        # tokenizer.json takes ~290 MiB to load and keeps ~100, so loaded after the weights its
+        # parsing would sit on top of them at the peak (load_quantized does the same).
+        release_free_memory()
         tensors = _Tensors(directory / BASE_WEIGHTS, record)
         try:
             embedding = _embedding(tensors, config, qconfig, config_path)
@@ -555,11 +601,6 @@ class Model:
             tensors.finish()
         finally:
             tensors.close()
-        # As load_quantized: a base with a hash record has the tokenizer files it lists (each
-        # verified above); one without says nothing, so whatever is there is used.
-        listed = record is None or TOKENIZER_FILE in record.get("files", {})
-        has_tokenizer = listed and (directory / TOKENIZER_FILE).is_file()
-        tokenizer = Tokenizer(directory) if has_tokenizer else None
         eos = config.get("eos_token_id")
         eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
         if tokenizer is not None and tokenizer.eos_id is not None:

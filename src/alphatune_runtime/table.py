@@ -17,6 +17,8 @@ kernels); ``levels_from_planes`` converts packed planes (the stored layout) to l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 from alphatune_runtime.errors import ConfigError
@@ -74,6 +76,23 @@ def levels_from_planes(packed: np.ndarray, dim: int, out: np.ndarray | None = No
     return levels
 
 
+def levels_from_plane_slices(
+    planes: Iterable[np.ndarray], count: int, rows: int, dim: int
+) -> np.ndarray:
+    """``levels_from_planes`` from the ``count`` planes ``(rows, ceil(dim/8))`` one at a time
+    (plane 0 the most significant bit): only one plane need be in memory beside the bytes."""
+    if count > 8:
+        raise ValueError(f"level bytes hold at most 8 planes, got {count}")
+    levels = np.zeros((rows, dim), np.uint8)
+    taken = 0
+    for plane in planes:
+        _add_plane(np.ascontiguousarray(plane), count - 1 - taken, levels)
+        taken += 1
+    if taken != count:
+        raise ValueError(f"expected {count} planes, got {taken}")
+    return levels
+
+
 def table_rows(
     levels: np.ndarray, step: np.ndarray, low: np.ndarray, ids: np.ndarray, group_size: int
 ) -> np.ndarray:
@@ -124,6 +143,17 @@ if IMPORT_ERROR is None:
                     for p in range(q):
                         level |= ((packed[p, r, b] >> k) & 1) << (q - 1 - p)
                     levels[r, 8 * b + k] = level
+
+    @njit(parallel=True, cache=True)
+    def _add_plane(plane, shift, levels):  # pragma: no cover
+        """``levels[r, 8b + k] |=`` bit k of ``plane[r, b]`` << ``shift``."""
+        rows, width = plane.shape
+        dim = levels.shape[1]
+        for r in prange(rows):
+            for b in range(width):
+                byte = plane[r, b]
+                for k in range(min(8, dim - 8 * b)):
+                    levels[r, 8 * b + k] |= ((byte >> k) & 1) << shift
 
     @njit(parallel=True, cache=True)
     def _pack_plane_words(words, shift, out):  # pragma: no cover

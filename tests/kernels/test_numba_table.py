@@ -217,3 +217,17 @@ def test_numba_conversions_match_the_torch_bit_ops(dim: int):
     assert torch.equal(numba_table.plane_bytes(levels, 8, 3), planes[3])
     rebuilt = sum(unpack_bits(planes[p], dim) << (7 - p) for p in range(8)).to(torch.uint8)
     assert torch.equal(numba_table.levels_from_planes(planes, dim), rebuilt)
+
+
+@pytest.mark.parametrize(("bits", "dim"), [(8, 96), (8, 100), (3, 3), (5, 17)])
+def test_levels_from_plane_slices_match_the_whole_array(bits: int, dim: int):
+    """The runtime builds a table's bytes plane by plane (one plane in memory at a time)."""
+    from alphatune_runtime import table
+
+    generator = torch.Generator().manual_seed(bits * 1000 + dim)
+    planes = torch.randint(0, 256, (bits, 40, -(-dim // 8)), dtype=torch.uint8, generator=generator)
+    whole = table.levels_from_planes(planes.numpy(), dim)
+    sliced = table.levels_from_plane_slices(iter(planes.numpy()), bits, 40, dim)
+    assert (sliced == whole).all()
+    with pytest.raises(ValueError, match="expected 3 planes, got 2"):
+        table.levels_from_plane_slices(iter(planes.numpy()[:2]), 3, 40, dim)

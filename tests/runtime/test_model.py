@@ -128,7 +128,15 @@ def test_decoding_never_imports_torch_or_transformers(base):
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_flipped_byte_in_a_scale_names_the_tensor(tmp_path, base):
+@pytest.mark.parametrize(
+    ("name", "at"),
+    [
+        ("model.layers.0.mlp.down_proj.alpha1", 0),
+        # Read plane by plane: a flip in the last plane is caught after the last slice.
+        ("model.embed_tokens.packed_codes", -1),
+    ],
+)
+def test_a_flipped_byte_in_a_scale_or_a_table_names_the_tensor(tmp_path, base, name, at):
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -136,12 +144,12 @@ def test_a_flipped_byte_in_a_scale_names_the_tensor(tmp_path, base):
     copy = tmp_path / "copy"
     shutil.copytree(base, copy)
     tensors = load_file(str(copy / "model.safetensors"))
-    name = "model.layers.0.mlp.down_proj.alpha1"
+    assert name in tensors, sorted(tensors)
     flipped = tensors[name].copy()
-    flipped.view(np.uint8)[0] ^= 1
+    flipped.reshape(-1).view(np.uint8)[at] ^= 1
     tensors[name] = flipped
     save_file(tensors, str(copy / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="down_proj.alpha1"):
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
         Model.load(copy)
 
 
@@ -236,6 +244,31 @@ def test_a_base_with_a_tokenizer_generates_text(text_base):
     if stop.strip():
         [cut] = runtime.generate([prompt], max_new_tokens=8, stop=[stop])
         assert stop not in cut and text.startswith(cut)
+
+
+def test_the_tokenizer_is_read_and_its_garbage_given_back_before_the_weights(
+    text_base, monkeypatch
+):
+    """Gemma-3's tokenizer.json takes ~290 MiB to parse and keeps ~100: parsed after the
+    weights, that would sit on top of them at the load's peak."""
+    import alphatune_runtime.model as runtime_model
+
+    events: list[str] = []
+
+    def logged(name, function):
+        def wrapper(*args, **kwargs):
+            events.append(name)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(runtime_model, "Tokenizer", logged("tokenizer", runtime_model.Tokenizer))
+    monkeypatch.setattr(runtime_model, "_Tensors", logged("weights", runtime_model._Tensors))
+    monkeypatch.setattr(
+        runtime_model, "release_free_memory", logged("trim", runtime_model.release_free_memory)
+    )
+    Model.load(text_base, threads=1)
+    assert events[:3] == ["tokenizer", "trim", "weights"], events
 
 
 def test_the_command_line_generates_and_reports_bad_input(text_base, tmp_path, capsys):
