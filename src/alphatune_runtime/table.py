@@ -69,21 +69,23 @@ def levels_from_planes(packed: np.ndarray, dim: int, out: np.ndarray | None = No
     """Packed planes ``(q, rows, ceil(dim/8))`` uint8 (plane 0 the most significant bit) ->
     level bytes ``(rows, dim)`` uint8 (into ``out`` when given); ``q <= 8``."""
     q, rows, _ = packed.shape
-    if q > 8:
-        raise ValueError(f"level bytes hold at most 8 planes, got {q}")
-    levels = np.empty((rows, dim), np.uint8) if out is None else out
-    _unpack_levels(np.ascontiguousarray(packed), levels)
-    return levels
+    return levels_from_plane_slices(packed, q, rows, dim, out)
 
 
 def levels_from_plane_slices(
-    planes: Iterable[np.ndarray], count: int, rows: int, dim: int
+    planes: Iterable[np.ndarray], count: int, rows: int, dim: int, out: np.ndarray | None = None
 ) -> np.ndarray:
     """``levels_from_planes`` from the ``count`` planes ``(rows, ceil(dim/8))`` one at a time
-    (plane 0 the most significant bit): only one plane need be in memory beside the bytes."""
+    (plane 0 the most significant bit): only one plane need be in memory beside the bytes.
+
+    One pass per plane is also the faster order: 72 against 113 ms for SmolLM2's 49,152 x 576
+    table, 306 against 703 ms for Gemma-3's 262,144 x 640 (quiet Xeon, 2 threads), against one
+    pass that gathered every plane's bit of each byte.
+    """
     if count > 8:
         raise ValueError(f"level bytes hold at most 8 planes, got {count}")
-    levels = np.zeros((rows, dim), np.uint8)
+    levels = np.zeros((rows, dim), np.uint8) if out is None else out
+    levels[...] = 0
     taken = 0
     for plane in planes:
         _add_plane(np.ascontiguousarray(plane), count - 1 - taken, levels)
@@ -130,19 +132,6 @@ def table_matmul(
 
 
 if IMPORT_ERROR is None:
-
-    @njit(parallel=True, cache=True)
-    def _unpack_levels(packed, levels):  # pragma: no cover
-        """``levels[r, 8b + k]`` = Σ_p bit k of ``packed[p, r, b]`` << (q - 1 - p)."""
-        q, rows, width = packed.shape
-        dim = levels.shape[1]
-        for r in prange(rows):
-            for b in range(width):
-                for k in range(min(8, dim - 8 * b)):
-                    level = 0
-                    for p in range(q):
-                        level |= ((packed[p, r, b] >> k) & 1) << (q - 1 - p)
-                    levels[r, 8 * b + k] = level
 
     @njit(parallel=True, cache=True)
     def _add_plane(plane, shift, levels):  # pragma: no cover
