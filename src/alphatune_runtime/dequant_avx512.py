@@ -145,6 +145,15 @@ if IMPORT_ERROR is None:
                         _lookup32(flat_codes, code_at, rows, plane_stride, bits, inverse, table,
                                   flat_out, row * width + 8 * k)  # fmt: skip
                         k += 4
+                    if begin + 4 <= k < end and 8 * end <= width:
+                        # The group's last 1-3 bytes: one more lookup of its last 4, rewriting
+                        # up to 24 weights just written with the same values (same table). The
+                        # 576-wide layers' groups of 144 (18 bytes) end this way; one weight at a
+                        # time below, their tails took as long as the rest of the group.
+                        code_at = (block * n_bytes + end - 4) * rows + r
+                        _lookup32(flat_codes, code_at, rows, plane_stride, bits, inverse, table,
+                                  flat_out, row * width + 8 * (end - 4))  # fmt: skip
+                        k = end
                     for kk in range(k, end):  # the group's last bytes, one weight at a time
                         for b in range(min(8, width - 8 * kk)):
                             c = 0

@@ -59,17 +59,25 @@ def test_dequantize_from_a_kernel_layout_equals_the_reference(
     "bits, out, inputs, group_size, offset",
     [
         (3, 70, 576, 144, True),
+        (3, 24, 80, 40, False),
         (5, 32, 256, 128, False),
         (2, 40, 68, 68, True),
         (6, 16, 64, 32, True),
     ],
-    ids=["q3-g144-tails", "q5-g128", "q2-row-partial-byte", "q6-generic-loop"],
+    ids=[
+        "q3-g144-tails",
+        "q3-g40-overlapping-tail",
+        "q5-g128",
+        "q2-row-partial-byte",
+        "q6-generic-loop",
+    ],
 )
 def test_vpermw_path_gives_the_generic_loops_bits(
     kernel_layout, bits, out, inputs, group_size, offset
 ):
     """The same float32 sums in the same order: bit-identical bfloat16, tails (groups of 18
-    bytes, a partial last byte) included; 6 bits (64 values) go through the generic loop."""
+    and 5 bytes: one more lookup overlapping the group's last 4; a partial last byte) included;
+    6 bits (64 values) go through the generic loop."""
     rows, byte_map = kernel_layout
     packed, alpha, shift = random_layer(bits, out, inputs, group_size, offset, seed=3)
     codes = layout.prepare_codes(packed.numpy(), inputs, rows, byte_map).codes

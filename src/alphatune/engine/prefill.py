@@ -7,7 +7,9 @@ batch of prompts runs through each block as that model would: every projection i
 from the engine's own codes and scales into a reused bfloat16 buffer (``alphatune_runtime
 .dequant``, the projections that read one input stacked into one weight, once per adapter scale
 set in the batch) and applied as one GEMM; norms, rotary and attention (per prompt) stay
-float32, and the keys and values go into the engine's ``KVCache``, where decode continues.
+float32, and the keys and values go into the engine's ``KVCache``, where decode continues. The
+work between the GEMMs runs in a few numba calls per block (``alphatune_runtime
+.prefill_kernels``), and the GEMMs write into reused buffers.
 Quality (``benchmarks/bench_prefill_precision.py``, the 3-bit base over 8 x 512 WikiText-2
 tokens): +0.031% perplexity against float32; with the attention in bfloat16 too, +0.137%, over
 the project's 0.1% rule for a lossy default, hence float32 attention.
@@ -34,6 +36,7 @@ from torch import Tensor
 from alphatune.errors import ConfigError
 from alphatune.kernels.numba_threads import numba_threads
 from alphatune_runtime import dequant, layout, native
+from alphatune_runtime import prefill_kernels as kernels
 from alphatune_runtime.cache import KVCache
 from alphatune_runtime.stack import BlockStack
 
@@ -130,7 +133,7 @@ class DensePrefill:
         self.stack = stack
         self.inverse = dequant.inverse_byte_map(stack.kernel.byte_map)
         self.rows_inner = stack.kernel.scales_layout == layout.ROWS_INNER
-        self._buffers: dict[tuple[int, int, torch.dtype], Tensor] = {}
+        self._buffers: dict[tuple[str, int, int, torch.dtype], Tensor] = {}
 
     def run(
         self,
@@ -168,59 +171,67 @@ class DensePrefill:
         if max(p.length for p in prompts) > cache.max_len:
             raise ConfigError(f"a prompt longer than the {cache.max_len}-position cache")
         spans = [(int(end) - p.length, int(end)) for p, end in zip(prompts, ends, strict=True)]
-        positions = torch.from_numpy(np.concatenate([np.arange(p.length) for p in prompts]))
-        cos, sin = (torch.from_numpy(t)[:, positions] for t in rotary)  # (R, N, d)
         layer_rotary, windows = self.stack.layer_rotary, self.stack.layer_windows
         masks = _window_masks(prompts, windows)
         groups = _by_scale_set(prompts, spans)
         keys, values = torch.from_numpy(cache.keys), torch.from_numpy(cache.values)
         weights = self.stack.weights
-        norms, qk_norms = torch.from_numpy(weights.norms), torch.from_numpy(weights.qk_norms)
+        norms, qk_norms = weights.norms, weights.qk_norms
         form = shape.block
         mlp_norm, post_mlp = (
             native.SANDWICH_MLP_NORMS if form.sandwich_norms else native.LLAMA_MLP_NORMS
         )
-        activation = functools.partial(F.gelu, approximate="tanh") if form.gelu else F.silu
+        # In place on gate (a view of gate·up's buffer): no new multi-MiB tensor per layer.
+        activation = (
+            functools.partial(torch.ops.aten.gelu_, approximate="tanh")
+            if form.gelu
+            else functools.partial(F.silu, inplace=True)
+        )
         heads, kv_heads, head_dim = shape.n_heads, shape.n_kv_heads, shape.head_dim
-        scale = shape.attention_scale()
+        scale, eps = shape.attention_scale(), np.float32(shape.eps)
         tokens = x.shape[0]
-        # One numba thread count for the whole batch (each layer's dequantization is a numba
-        # call); torch's own count is given back at the end.
+        queries = torch.empty(heads, tokens, head_dim)  # every layer's, rotated
+        attention = torch.empty(tokens, heads * head_dim, dtype=dtype)  # o_proj's input
+        normed = torch.empty(tokens, x.shape[1], dtype=dtype)  # the GEMMs' input after a norm
+        # One numba thread count for the whole batch (the dequantization and the kernels
+        # between the GEMMs are numba calls); torch's own count is given back at the end.
         with torch.inference_mode(), numba_threads(threads):
             for layer in range(shape.n_layers):
                 base = 7 * layer
-                normed = self._rms_norm(x, norms[layer, 0])
-                qkv = self._project(normed, base, (0, 1, 2), groups, dtype).float()
-                q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], 1)
-                q = q.reshape(tokens, heads, head_dim).transpose(0, 1)
-                k = k.reshape(tokens, kv_heads, head_dim).transpose(0, 1)
-                if form.qk_norm:
-                    q, k = (
-                        self._rms_norm(q, qk_norms[layer, 0]),
-                        self._rms_norm(k, qk_norms[layer, 1]),
-                    )
+                kernels.rms_norm_into(hidden, norms[layer, 0], eps, _bits(normed))
+                qkv = self._project(normed, base, (0, 1, 2), groups, dtype)
                 table = int(layer_rotary[layer])
-                q, k = (_rotate(t, cos[table], sin[table]) for t in (q, k))
-                v = v.view(tokens, kv_heads, head_dim).transpose(0, 1)
-                attention = torch.empty(tokens, heads * head_dim)
                 for index, (prompt, (begin, end)) in enumerate(zip(prompts, spans, strict=True)):
-                    keys[layer, prompt.row, :, : prompt.length] = k[:, begin:end]
-                    values[layer, prompt.row, :, : prompt.length] = v[:, begin:end]
+                    kernels.heads_into_cache(
+                        _bits(qkv), begin, end, heads, kv_heads, qk_norms[layer, 0],
+                        qk_norms[layer, 1], form.qk_norm, eps, rotary[0][table],
+                        rotary[1][table], queries.numpy(), cache.keys[layer, prompt.row],
+                        cache.values[layer, prompt.row],
+                    )  # fmt: skip
                     # (heads, T, d), float32: attention in bfloat16 cost 4x the GEMMs' perplexity.
-                    one = (t[:, begin:end].to(attention_dtype)[None] for t in (q, k, v))
+                    one = (
+                        t.to(attention_dtype)[None]
+                        for t in (
+                            queries[:, begin:end],
+                            keys[layer, prompt.row, :, : prompt.length],
+                            values[layer, prompt.row, :, : prompt.length],
+                        )
+                    )
                     mask = masks.get((index, int(windows[layer])))
                     out = F.scaled_dot_product_attention(
                         *one, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
                     )
                     attention[begin:end] = out[0].transpose(0, 1).reshape(end - begin, -1)
                 update = self._project(attention, base, (3,), groups, dtype)
-                x += self._post_norm(update, norms[layer, 1])
-                normed = self._rms_norm(x, norms[layer, mlp_norm])
+                sandwich = form.sandwich_norms
+                kernels.add_update(hidden, _bits(update), sandwich, norms[layer, 1], eps)
+                kernels.rms_norm_into(hidden, norms[layer, mlp_norm], eps, _bits(normed))
                 gate_up = self._project(normed, base, (4, 5), groups, dtype)
                 gate, up = gate_up.split(gate_up.shape[1] // 2, 1)
                 # In the GEMMs' dtype, as the bf16 model runs its MLP: the next GEMM's input.
-                update = self._project(activation(gate) * up, base, (6,), groups, dtype)
-                x += self._post_norm(update, norms[layer, post_mlp])
+                activated = torch.mul(activation(gate), up, out=gate)
+                update = self._project(activated, base, (6,), groups, dtype)
+                kernels.add_update(hidden, _bits(update), sandwich, norms[layer, post_mlp], eps)
             last = x if every_position else x[torch.from_numpy(ends - 1)]
             out = self._rms_norm(last, torch.from_numpy(self.stack.weights.final_norm))
         self._buffers.clear()  # a few MiB, needed again only by the next long prompt
@@ -232,34 +243,34 @@ class DensePrefill:
         variance = x.pow(2).mean(-1, keepdim=True)
         return weight * (x * torch.rsqrt(variance + self.stack.shape.eps))
 
-    def _post_norm(self, update: Tensor, weight: Tensor) -> Tensor:
-        """A block's attention or MLP output as it joins the residual stream: normed first with
-        sandwich norms (Gemma), as it is otherwise."""
-        return self._rms_norm(update, weight) if self.stack.shape.block.sandwich_norms else update
-
     def _project(
         self, x: Tensor, base: int, which: tuple[int, ...], groups: ScaleGroups, dtype: torch.dtype
     ) -> Tensor:
         """``x (N, in)`` through projections ``base + which`` (they read one input), their
         outputs side by side, ``(N, Σ out)`` in ``dtype``: per scale set, one GEMM of its tokens
-        on the projections' stacked weight (one GEMM for all when none of them is banked)."""
+        on the projections' stacked weight (one GEMM for all when none of them is banked).
+
+        The result is a reused buffer, valid until the next projection of the same width (o_proj
+        and down_proj share one): each is consumed before that.
+        """
         ints = self.stack.weights.ints
         indices = [base + i for i in which]
         widths = [int(ints[i, native.OUT_FEATURES]) for i in indices]
-        weight = self._buffer(sum(widths), x.shape[1], dtype)
+        weight = self._buffer("weight", sum(widths), x.shape[1], dtype)
         bias = self._bias(indices, widths, dtype)
         if not any(ints[i, native.BANKED] for i in indices):
             groups = {0: None}  # the layers' own scales for every token
-        y = None if len(groups) == 1 else torch.empty(x.shape[0], sum(widths), dtype=dtype)
+        # A fresh multi-MiB output every GEMM cost page faults: gate·up's GEMM took 1.7 ms a
+        # layer that way, 1.45 ms into a reused buffer (SmolLM2, 512 tokens, one thread).
+        y = self._buffer("output", x.shape[0], sum(widths), dtype)
         for scale_set, tokens in groups.items():
             at = 0
             for index, width in zip(indices, widths, strict=True):
                 self._dequantize(index, scale_set, weight[at : at + width])
                 at += width
-            if y is None:  # one scale set: every token, no gather
-                return F.linear(x.to(dtype), weight, bias)
+            if tokens is None:  # one scale set: every token, no gather
+                return _linear(x.to(dtype), weight, bias, y)
             y[tokens] = F.linear(x[tokens].to(dtype), weight, bias)
-        assert y is not None
         return y
 
     def _bias(self, indices: list[int], widths: list[int], dtype: torch.dtype) -> Tensor | None:
@@ -310,9 +321,10 @@ class DensePrefill:
         at = int(ints[native.CODES_AT])
         return self.stack.weights.codes[at : at + int(np.prod(shape))].reshape(shape)
 
-    def _buffer(self, rows: int, columns: int, dtype: torch.dtype) -> Tensor:
-        """A reused weight buffer per shape (a few per model: q·k·v, o, gate·up, down)."""
-        key = (rows, columns, dtype)
+    def _buffer(self, role: str, rows: int, columns: int, dtype: torch.dtype) -> Tensor:
+        """A reused buffer per role (``weight``, ``output``) and shape: a few per model (q·k·v,
+        o, gate·up, down)."""
+        key = (role, rows, columns, dtype)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(rows, columns, dtype=dtype)
         return self._buffers[key]
@@ -340,9 +352,16 @@ def _kernel_floats(address: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.ctypeslib.as_array(pointer, shape=shape)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding of ``x (heads, T, d)`` with tables ``(T, d)`` (transformers'
-    rotate_half convention, as ``native.rotate``), a new contiguous tensor."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x.contiguous() * cos + rotated * sin
+def _bits(t: Tensor) -> np.ndarray:
+    """A float32 tensor as its numpy array, a bfloat16 one as its bits (uint16; numpy has no
+    bfloat16), for the numba kernels."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """``F.linear(x, weight, bias)`` written into ``out``."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)

@@ -1,0 +1,95 @@
+"""The dense prefill's numba kernels (``alphatune_runtime.prefill_kernels``) against torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alphatune_runtime import prefill_kernels
+
+pytestmark = [
+    pytest.mark.numba,
+    pytest.mark.skipif(not prefill_kernels.available(), reason="numba is not installed"),
+]
+
+EPS = np.float32(1e-6)
+
+
+def bits(t: torch.Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def from_bits(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + float(EPS)))
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' rotate_half rotary of x (..., T, d) with tables (T, d)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def random(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_into_writes_torchs_norm_in_the_gemms_dtype(dtype):
+    x, weight = random(37, 48), random(48, seed=1)
+    out = torch.empty(37, 48, dtype=dtype)
+    prefill_kernels.rms_norm_into(
+        x.numpy(), weight.numpy(), EPS, bits(out) if dtype == torch.bfloat16 else out.numpy()
+    )
+    expected = rms_norm(x, weight).to(dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    else:  # the same float32 value up to summation order, then one rounding: at most one ulp
+        assert (out.float() - expected.float()).abs().max() <= expected.float().abs().max() * 2**-7
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sandwich", [False, True], ids=["llama", "sandwich"])
+def test_add_update_adds_the_update_or_its_norm(dtype, sandwich):
+    x, update, weight = random(21, 40), random(21, 40, seed=2).to(dtype), random(40, seed=3)
+    expected = x + (rms_norm(update, weight) if sandwich else update.float())
+    update_array = bits(update) if dtype == torch.bfloat16 else update.numpy()
+    prefill_kernels.add_update(x.numpy(), update_array, sandwich, weight.numpy(), EPS)
+    torch.testing.assert_close(x, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk-norm"])
+def test_heads_into_cache_splits_norms_and_rotates_one_prompt_of_a_batch(dtype, qk_norm):
+    """The second of two prompts (tokens 5..12 of the batch): queries at their batch index,
+    keys and values at positions 0..7 of the cache row, nothing else written."""
+    heads, kv_heads, d, tokens, max_len = 4, 2, 16, 13, 10
+    begin, end = 5, 13
+    qkv = random(tokens, (heads + 2 * kv_heads) * d).to(dtype)
+    q_norm, k_norm = random(d, seed=4), random(d, seed=5)
+    angles = torch.arange(max_len)[:, None] * torch.linspace(0.1, 1.0, d)[None]
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    queries = torch.full((heads, tokens, d), 7.0)
+    keys, values = torch.full((kv_heads, max_len, d), 7.0), torch.full((kv_heads, max_len, d), 7.0)
+    prefill_kernels.heads_into_cache(
+        bits(qkv) if dtype == torch.bfloat16 else qkv.numpy(), begin, end, heads, kv_heads,
+        q_norm.numpy(), k_norm.numpy(), qk_norm, EPS, cos.numpy(), sin.numpy(), queries.numpy(),
+        keys.numpy(), values.numpy(),
+    )  # fmt: skip
+
+    q, k, v = qkv[begin:end].float().split([heads * d, kv_heads * d, kv_heads * d], 1)
+    q, k = q.reshape(-1, heads, d).transpose(0, 1), k.reshape(-1, kv_heads, d).transpose(0, 1)
+    if qk_norm:
+        q, k = rms_norm(q, q_norm), rms_norm(k, k_norm)
+    length = end - begin
+    q, k = rotate(q, cos[:length], sin[:length]), rotate(k, cos[:length], sin[:length])
+    torch.testing.assert_close(queries[:, begin:end], q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys[:, :length], k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(values[:, :length], v.reshape(-1, kv_heads, d).transpose(0, 1))
+    assert (queries[:, :begin] == 7).all()
+    assert (keys[:, length:] == 7).all() and (values[:, length:] == 7).all()
