@@ -500,6 +500,71 @@ def test_mixed_precision_phase_runs_e2e_dev_and_webnlg_test_before_sst2(tmp_path
     assert grid.ORDER.index("mixed-precision") < grid.ORDER.index("sst2")
 
 
+def test_steps_phase_runs_the_headline_pair_longer_on_webnlg_dev(tmp_path) -> None:
+    """AlphaTuning 3-bit and LoRA at 3x the steps on the held-out and seen WebNLG dev items, at
+    the rates WebNLG's 100-step searches chose, before the "-rest" phases; their tagged budget
+    gives them files (and a training) of their own beside the 100-step runs."""
+    results = tmp_path / "results"
+    _fake_searches(results, "webnlg")
+    runs = list(grid.specs(results, ("webnlg-steps",)))
+    assert [(s.task, s.method, s.bits, s.split, s.seed) for s in runs] == [
+        ("webnlg-heldout", "alphatuning", 3, "dev", 0),
+        ("webnlg-heldout", "lora", None, "dev", 0),
+        ("webnlg", "alphatuning", 3, "dev", 0),
+        ("webnlg", "lora", None, "dev", 0),
+    ]
+    assert [s.learning_rate for s in runs] == [2e-3, 1e-2] * 2
+    assert all(s.budget.steps == 300 and s.budget.tag == "steps300" for s in runs)
+    assert all(s.budget.eval_limit == grid.DEV_ITEMS for s in runs)
+    at_budget = grid.search_specs("webnlg", "alphatuning")[1]
+    assert runs[2].run_id == "alphatuning-q3-lr0.002-s0-steps300-dev"
+    assert at_budget.run_id == "alphatuning-q3-lr0.002-s0-dev"
+    assert runs[2].training_id != at_budget.training_id
+    assert runs[2].variant == "alphatuning (steps300)"
+    rest = [grid.ORDER.index(p) for p in grid.ORDER if p.endswith("-rest")]
+    assert grid.ORDER.index("webnlg-steps") < min(rest)
+
+
+def test_a_budget_tag_names_files_so_it_must_be_a_plain_word() -> None:
+    from alphatune.experiments.spec import Budget
+
+    with pytest.raises(ConfigError, match="budget tag"):
+        Budget(tag="300 steps/x")
+
+
+def test_budget_table_compares_longer_runs_with_the_task_budget_on_the_same_items() -> None:
+    def dev_run(method, bits, bleu, predictions, steps=100, tag="", lr=2e-3) -> dict:
+        budget = {"eval_limit": 200, "steps": steps, "tag": tag}
+        spec = {"split": "dev", "method": method, "bits": bits, "seed": 0, "learning_rate": lr,
+                "options": {}, "budget": budget}  # fmt: skip
+        variant = method + (f" ({tag})" if tag else "")
+        scores = {"bleu": bleu, "bleu_ci": [bleu - 2, bleu + 2], "length_ratio": 0.95}
+        return {"spec": spec, "variant": variant, "scores": scores, "predictions": predictions}
+
+    ours_100 = dev_run("alphatuning", 3, 46.84, ["a"])
+    ours_300 = dev_run("alphatuning", 3, 48.5, ["b"], steps=300, tag="steps300")
+    lora_300 = dev_run("lora", None, 49.0, ["c"], steps=300, tag="steps300", lr=5e-3)
+    pairs = []
+
+    def paired(ours, theirs):
+        pairs.append((ours, theirs))
+        return (0.4, 2.9, 0.99)
+
+    assert dev_tables.budget_table("webnlg", [ours_100], lambda: paired) == ""
+    lines = dev_tables.budget_table("webnlg", [ours_100, ours_300, lora_300], lambda: paired)
+    assert lines.splitlines()[2:] == [
+        (
+            "| alphatuning (steps300) | 3 | 0 | 0.002 | 300 | 48.50 | [46.50, 50.50] | 0.95 | 100 "
+            "| 46.84 | +1.66 | [+0.40, +2.90] |"
+        ),
+        "| lora (steps300) | fp32 | 0 | 0.005 | 300 | 49.00 | [47.00, 51.00] | 0.95 | – | – | – | – |",
+    ]
+    assert pairs == [(["b"], ["a"])]
+    # The tagged run is no default and no search run: the other dev tables leave it out.
+    assert dev_tables._recipe(ours_300) != dev_tables.DEFAULT_RECIPE
+    assert "steps300" not in dev_tables.search_table("webnlg", [ours_100, ours_300])
+
+
 def test_every_task_has_its_headline_comparison_before_its_rest_and_ablations() -> None:
     """Each task's main phase (its searches and AlphaTuning against LoRA and LoRA → PTQ) comes
     before every task's "-rest" and "-ablations" phases; SST-2's split phases hold what the one

@@ -109,7 +109,7 @@ def recipe_table(
     possible; the table names both runs' bases and the reference's seed.
     """
     main = MAIN_METRIC[task]
-    recipes = {(m, b, tuple(sorted(o))) for m, b, o, _ in RECIPES}
+    recipes = {(m, b, tuple(sorted(o)), "") for m, b, o, _ in RECIPES}
     dev = [r for r in results if r["spec"]["split"] == "dev"]
     defaults = [r for r in dev if _recipe(r) == DEFAULT_RECIPE]
     candidates = [
@@ -143,9 +143,61 @@ def recipe_table(
     return "\n".join(lines)
 
 
-DEFAULT_RECIPE = ("alphatuning", 3, ())  # ``_recipe`` of the default: 3-bit α₁, no options
+def budget_table(
+    task: str, results: Sequence[dict[str, Any]], pairing: Callable[[], Pairing | None]
+) -> str:
+    """Dev runs at another budget than the task's (``Budget.tag``, e.g. 3x the steps), each
+    against the same recipe, rate and seed at the task's budget on the same dev items, with the
+    paired bootstrap interval of the difference (``pairing()``, asked once such a run exists);
+    "" when there is none."""
+    main = MAIN_METRIC[task]
+    dev = [r for r in results if r["spec"]["split"] == "dev"]
+    tagged = [r for r in dev if _recipe(r)[3]]
+    if not tagged:
+        return ""
+    paired = pairing()
+    titles = ["method", "bits", "seed", "learning rate", "steps", f"dev {main}", "95% CI",
+              "length", "at the task's steps", f"its {main}", "difference",
+              "paired 95% CI"]  # fmt: skip
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for r in sorted(tagged, key=lambda r: (r["variant"], r["spec"]["seed"])):
+        spec, scores = r["spec"], r["scores"]
+        length = scores.get("length_ratio")
+        cells = [
+            r["variant"], "fp32" if spec["bits"] is None else str(spec["bits"]),
+            str(spec["seed"]), f"{spec['learning_rate']:g}", str(spec["budget"]["steps"]),
+            f"{scores[main]:.2f}", _interval_cell(scores, main),
+            "–" if length is None else f"{length:.2f}",
+        ]  # fmt: skip
+        reference = next((d for d in dev if _same_run_at_task_budget(d, r)), None)
+        if reference is None:
+            lines.append("| " + " | ".join(cells + ["–"] * 4) + " |")
+            continue
+        theirs = reference["scores"][main]
+        found = None if paired is None else _paired_interval(paired, r, reference)
+        interval = "–" if found is None else f"[{found[0]:+.2f}, {found[1]:+.2f}]"
+        cells += [str(reference["spec"]["budget"]["steps"]), f"{theirs:.2f}",
+                  f"{scores[main] - theirs:+.2f}", interval]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _same_run_at_task_budget(candidate: dict[str, Any], tagged: dict[str, Any]) -> bool:
+    """Whether ``candidate`` is ``tagged``'s recipe, rate and seed at the task's own budget,
+    scored on the same number of dev items."""
+    ours, theirs = tagged["spec"], candidate["spec"]
+    return (
+        _recipe(candidate) == (*_recipe(tagged)[:3], "")
+        and theirs["seed"] == ours["seed"]
+        and theirs["learning_rate"] == ours["learning_rate"]
+        and (theirs.get("budget") or {}).get("eval_limit") == ours["budget"].get("eval_limit")
+    )
+
+
+# ``_recipe`` of the default: 3-bit α₁, no options, the task's own budget.
+DEFAULT_RECIPE = ("alphatuning", 3, (), "")
 # ``grid.SEARCHED`` inverted: the family whose learning-rate search a run's recipe belongs to.
-_SEARCHED_FAMILY = {recipe: family for family, recipe in SEARCHED.items()}
+_SEARCHED_FAMILY = {(*recipe, ""): family for family, recipe in SEARCHED.items()}
 
 
 def _interval_cell(scores: dict[str, Any], main: str) -> str:
@@ -169,8 +221,10 @@ def _paired_interval(
 
 
 def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
+    """Method, bits, options and budget tag (``Budget.tag``: "" for the task's own budget)."""
     spec = run["spec"]
-    return (spec["method"], spec["bits"], tuple(sorted(spec["options"].items())))
+    tag = (spec.get("budget") or {}).get("tag", "")
+    return (spec["method"], spec["bits"], tuple(sorted(spec["options"].items())), tag)
 
 
 def _in_search(task: str, run: dict[str, Any]) -> bool:

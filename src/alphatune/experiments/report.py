@@ -20,7 +20,13 @@ from typing import Any
 from alphatune.errors import ConfigError
 from alphatune.experiments.bases import RESULTS_FILE as BASES_FILE
 from alphatune.experiments.bases import bases_table
-from alphatune.experiments.dev_tables import dev_pairing, dev_table, recipe_table, search_table
+from alphatune.experiments.dev_tables import (
+    budget_table,
+    dev_pairing,
+    dev_table,
+    recipe_table,
+    search_table,
+)
 from alphatune.experiments.grid import (
     BUDGETS,
     DEV_ITEMS,
@@ -356,6 +362,20 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
                     recipes,
                     "",
                 ]
+        longer = budget_table(task, results, lambda task=task: dev_pairing(task))
+        if longer:
+            parts += [
+                (
+                    "Longer training (dev): runs at more steps than the budget above, each "
+                    "against the same method, rate and seed at the task's steps on the same dev "
+                    "items, with the paired bootstrap interval of the difference (it covers the "
+                    "items, not training). The learning rates are those chosen at the task's "
+                    "steps."
+                ),
+                "",
+                longer,
+                "",
+            ]
     text = "\n".join(parts).rstrip() + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")

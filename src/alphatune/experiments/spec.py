@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,9 @@ class Budget:
     num_beams: int = 1
     max_new_tokens: int = 64
     eval_limit: int | None = None  # items scored (a seeded sample); None: the whole split
+    # Names a budget other than its task's (``steps300``: the grid's runs at 3x the steps), so
+    # such a run has files and a table row of its own; empty for the task's own budget.
+    tag: str = ""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "num_beams", "max_new_tokens"):
@@ -61,6 +65,11 @@ class Budget:
                 raise ConfigError(f"budget {name} must be a positive integer, got {value!r}")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"budget eval_limit must be None or >= 1, got {self.eval_limit!r}")
+        if not isinstance(self.tag, str) or not re.fullmatch(r"[a-z0-9]*", self.tag):
+            raise ConfigError(
+                f"budget tag must be lower-case letters and digits (it names files), got "
+                f"{self.tag!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -109,10 +118,12 @@ class RunSpec:
 
     @property
     def variant(self) -> str:
-        """Method and options, e.g. ``alphatuning[granularity=row]``: one row of a table."""
+        """Method and options, e.g. ``alphatuning[granularity=row]``, and a budget's tag, e.g.
+        ``alphatuning (steps300)``: one row of a table."""
+        budget = f" ({self.budget.tag})" if self.budget.tag else ""
         if not self.options:
-            return self.method
-        return f"{self.method}[{','.join(f'{k}={v}' for k, v in self.options)}]"
+            return self.method + budget
+        return f"{self.method}[{','.join(f'{k}={v}' for k, v in self.options)}]{budget}"
 
     @property
     def training_id(self) -> str:
@@ -125,8 +136,10 @@ class RunSpec:
         bits = "fp" if self.bits is None else f"q{self.bits}"
         opts = "".join(f"-{k}={v}" for k, v in self.options)
         model = "" if self.model == DEFAULT_MODEL else f"-{Path(self.model).name}"
+        budget = f"-{self.budget.tag}" if self.budget.tag else ""
         return (
-            f"{self.method}{opts}{model}-{bits}-lr{self.learning_rate:g}-s{self.seed}-{self.split}"
+            f"{self.method}{opts}{model}-{bits}-lr{self.learning_rate:g}-s{self.seed}{budget}"
+            f"-{self.split}"
         )
 
     def to_dict(self) -> dict[str, Any]:
