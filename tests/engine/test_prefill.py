@@ -77,9 +77,12 @@ def sqnr_db(signal: np.ndarray, approximation: np.ndarray) -> float:
     return float(10 * np.log10(np.square(signal).mean() / noise))
 
 
-def test_bfloat16_dense_prefill_is_close_to_float32():
-    """bfloat16 GEMMs keep the logits within a few tenths of a percent: a floor, not allclose."""
-    engine = Engine.build(quantized(BCQConfig(bits=3, group_size=32, method="offset")))
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_bfloat16_dense_prefill_is_close_to_float32(architecture):
+    """bfloat16 GEMMs keep the logits within a few tenths of a percent: a floor, not allclose
+    (Gemma-3: its GELU in place on bfloat16, its sandwich norms of bfloat16 outputs)."""
+    config = BCQConfig(bits=3, group_size=32, method="offset")
+    engine = Engine.build(quantized(config, architecture=architecture))
     ids = long_prompt()
     exact = engine.logits(dense_states(engine, ids, torch.float32)[0])
     approximate = engine.logits(dense_states(engine, ids, torch.bfloat16)[0])

@@ -355,6 +355,11 @@ def test_recipe_table_compares_each_candidate_with_the_default_on_the_same_items
             "| 45.50 | +2.50 | [+0.50, +1.90] | 97% |"
         ),
     ]
+    # A candidate written since budgets carry a tag still finds a default saved before that.
+    tagged_format = dev_run({"train": "all_alpha"}, 48.0, ["b"], base="a36fd8629694")
+    tagged_format["spec"]["budget"] = {**tagged_format["spec"]["budget"], "tag": ""}
+    lines = dev_tables.recipe_table("webnlg", [default, tagged_format], lambda: None).splitlines()
+    assert lines[2].endswith("| seed 0, base ? | 46.84 | +1.16 | – | – |")
     without_data = dev_tables.recipe_table("webnlg", runs, lambda: None).splitlines()
     assert without_data[2].endswith("| +1.16 | – | – |")
     asked = []
@@ -530,6 +535,20 @@ def test_a_budget_tag_names_files_so_it_must_be_a_plain_word() -> None:
 
     with pytest.raises(ConfigError, match="budget tag"):
         Budget(tag="300 steps/x")
+    assert grid._budget("webnlg", "dev", {"max_length": 256}).tag == "maxlength256"
+    # A run by hand at another budget than the grid's gets files of its own, tagged with the
+    # difference; at the grid's budget it is the grid's run.
+    at_grid = grid._budget("e2e", "dev")
+    assert grid.tagged_budget("e2e", "dev", at_grid) == at_grid
+    by_hand = grid.tagged_budget("e2e", "dev", replace(at_grid, steps=2, eval_limit=8))
+    assert by_hand.tag == "evallimit8steps2"
+
+
+def test_a_search_row_cannot_change_its_budget(monkeypatch) -> None:
+    phases = {"odd": [("e2e", "search", ("lora",), [], {"steps": 300})]}
+    monkeypatch.setattr(grid, "PHASES", phases)
+    with pytest.raises(ConfigError, match="a search runs at its task's budget"):
+        list(grid.specs(Path("unused"), ("odd",)))
 
 
 def test_budget_table_compares_longer_runs_with_the_task_budget_on_the_same_items() -> None:
@@ -560,6 +579,14 @@ def test_budget_table_compares_longer_runs_with_the_task_budget_on_the_same_item
         "| lora (steps300) | fp32 | 0 | 0.005 | 300 | 49.00 | [47.00, 51.00] | 0.95 | – | – | – | – |",
     ]
     assert pairs == [(["b"], ["a"])]
+    # On the tagged run's base where the task's budget has a run there.
+    ours_300["notes"] = {"base": {"fingerprint": "a36fd8629694"}}
+    other_base = dev_run("alphatuning", 3, 45.0, ["d"])
+    other_base["notes"] = {"base": {"fingerprint": "a36fd8629694"}}
+    lines = dev_tables.budget_table("webnlg", [ours_100, other_base, ours_300], lambda: None)
+    assert "| 300 | 48.50 | [46.50, 50.50] | 0.95 | 100 | 45.00 | +3.50 | – |" in lines
+    lines = dev_tables.budget_table("webnlg", [ours_100, ours_300], lambda: None)
+    assert "| 100 (base ?) | 46.84 | +1.66 | – |" in lines
     # The tagged run is no default and no search run: the other dev tables leave it out.
     assert dev_tables._recipe(ours_300) != dev_tables.DEFAULT_RECIPE
     assert "steps300" not in dev_tables.search_table("webnlg", [ours_100, ours_300])

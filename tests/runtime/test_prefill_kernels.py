@@ -66,9 +66,9 @@ def test_add_update_adds_the_update_or_its_norm(dtype, sandwich):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [False, True], ids=["llama", "qk-norm"])
 def test_heads_into_cache_splits_norms_and_rotates_one_prompt_of_a_batch(dtype, qk_norm):
-    """The second of two prompts (tokens 5..12 of the batch): queries at their batch index,
-    keys and values at positions 0..7 of the cache row, nothing else written."""
-    heads, kv_heads, d, tokens, max_len = 4, 2, 16, 13, 10
+    """The second of three prompts (tokens 5..12 of 15): queries at their batch index, keys
+    and values at positions 0..7 of the cache row, nothing else written."""
+    heads, kv_heads, d, tokens, max_len = 4, 2, 16, 15, 10
     begin, end = 5, 13
     qkv = random(tokens, (heads + 2 * kv_heads) * d).to(dtype)
     q_norm, k_norm = random(d, seed=4), random(d, seed=5)
@@ -91,5 +91,5 @@ def test_heads_into_cache_splits_norms_and_rotates_one_prompt_of_a_batch(dtype, 
     torch.testing.assert_close(queries[:, begin:end], q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(keys[:, :length], k, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(values[:, :length], v.reshape(-1, kv_heads, d).transpose(0, 1))
-    assert (queries[:, :begin] == 7).all()
+    assert (queries[:, :begin] == 7).all() and (queries[:, end:] == 7).all()
     assert (keys[:, length:] == 7).all() and (values[:, length:] == 7).all()

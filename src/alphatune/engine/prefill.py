@@ -250,8 +250,8 @@ class DensePrefill:
         outputs side by side, ``(N, Σ out)`` in ``dtype``: per scale set, one GEMM of its tokens
         on the projections' stacked weight (one GEMM for all when none of them is banked).
 
-        The result is a reused buffer, valid until the next projection of the same width (o_proj
-        and down_proj share one): each is consumed before that.
+        The result is a buffer reused by the same projections of every layer, valid until
+        then: each is consumed before the next layer's.
         """
         ints = self.stack.weights.ints
         indices = [base + i for i in which]
@@ -262,7 +262,7 @@ class DensePrefill:
             groups = {0: None}  # the layers' own scales for every token
         # A fresh multi-MiB output every GEMM cost page faults: gate·up's GEMM took 1.7 ms a
         # layer that way, 1.45 ms into a reused buffer (SmolLM2, 512 tokens, one thread).
-        y = self._buffer("output", x.shape[0], sum(widths), dtype)
+        y = self._buffer(f"output{which}", x.shape[0], sum(widths), dtype)
         for scale_set, tokens in groups.items():
             at = 0
             for index, width in zip(indices, widths, strict=True):
@@ -322,8 +322,8 @@ class DensePrefill:
         return self.stack.weights.codes[at : at + int(np.prod(shape))].reshape(shape)
 
     def _buffer(self, role: str, rows: int, columns: int, dtype: torch.dtype) -> Tensor:
-        """A reused buffer per role (``weight``, ``output``) and shape: a few per model (q·k·v,
-        o, gate·up, down)."""
+        """A reused buffer per role (``weight``; ``output`` and the projections) and shape: a few
+        per model (q·k·v, o, gate·up, down)."""
         key = (role, rows, columns, dtype)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(rows, columns, dtype=dtype)

@@ -128,6 +128,8 @@ def _run_one(args: argparse.Namespace) -> int:
         (k, json.loads(v) if v in ("true", "false") else v)
         for k, v in (o.split("=", 1) for o in args.option)
     )
+    if args.task in grid_module.BUDGETS:  # another budget than the grid's: files of its own
+        budget = grid_module.tagged_budget(args.task, args.split, budget)
     spec = RunSpec(
         args.task, args.method, args.bits, args.seed, args.lr, args.split, options, budget
     )

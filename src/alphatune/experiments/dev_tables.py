@@ -165,19 +165,23 @@ def budget_table(
         length = scores.get("length_ratio")
         cells = [
             r["variant"], "fp32" if spec["bits"] is None else str(spec["bits"]),
-            str(spec["seed"]), f"{spec['learning_rate']:g}", str(spec["budget"]["steps"]),
+            str(spec["seed"]), f"{spec['learning_rate']:g}", str(_budget(r)["steps"]),
             f"{scores[main]:.2f}", _interval_cell(scores, main),
             "–" if length is None else f"{length:.2f}",
         ]  # fmt: skip
-        reference = next((d for d in dev if _same_run_at_task_budget(d, r)), None)
-        if reference is None:
+        same = [d for d in dev if _same_run_at_task_budget(d, r)]
+        if not same:
             lines.append("| " + " | ".join(cells + ["–"] * 4) + " |")
             continue
+        # On the same quantized base where there is one: another base differs by float order.
+        reference = max(same, key=lambda d: _base(d) == _base(r))
         theirs = reference["scores"][main]
         found = None if paired is None else _paired_interval(paired, r, reference)
         interval = "–" if found is None else f"[{found[0]:+.2f}, {found[1]:+.2f}]"
-        cells += [str(reference["spec"]["budget"]["steps"]), f"{theirs:.2f}",
-                  f"{scores[main] - theirs:+.2f}", interval]  # fmt: skip
+        steps = str(_budget(reference)["steps"])
+        if _base(reference) != _base(r):
+            steps += f" (base {_base(reference)})"
+        cells += [steps, f"{theirs:.2f}", f"{scores[main] - theirs:+.2f}", interval]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -190,7 +194,7 @@ def _same_run_at_task_budget(candidate: dict[str, Any], tagged: dict[str, Any]) 
         _recipe(candidate) == (*_recipe(tagged)[:3], "")
         and theirs["seed"] == ours["seed"]
         and theirs["learning_rate"] == ours["learning_rate"]
-        and (theirs.get("budget") or {}).get("eval_limit") == ours["budget"].get("eval_limit")
+        and _budget(candidate).get("eval_limit") == _budget(tagged).get("eval_limit")
     )
 
 
@@ -223,8 +227,18 @@ def _paired_interval(
 def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
     """Method, bits, options and budget tag (``Budget.tag``: "" for the task's own budget)."""
     spec = run["spec"]
-    tag = (spec.get("budget") or {}).get("tag", "")
-    return (spec["method"], spec["bits"], tuple(sorted(spec["options"].items())), tag)
+    return (
+        spec["method"],
+        spec["bits"],
+        tuple(sorted(spec["options"].items())),
+        _budget(run)["tag"],
+    )
+
+
+def _budget(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's budget as saved, with the fields that result files written before them lack
+    (``tag``: the task's own budget) filled in."""
+    return {"tag": "", **(run["spec"].get("budget") or {})}
 
 
 def _in_search(task: str, run: dict[str, Any]) -> bool:
@@ -253,7 +267,7 @@ def _reference(run: dict[str, Any], defaults: list[dict[str, Any]]) -> dict[str,
     same = [
         d for d in defaults
         if d is not run and d["spec"]["learning_rate"] == spec["learning_rate"]
-        and d["spec"]["budget"] == spec["budget"]
+        and _budget(d) == _budget(run)
         and (variant or d["spec"]["seed"] != spec["seed"])
     ]  # fmt: skip
     if not same:

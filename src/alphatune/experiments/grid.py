@@ -12,7 +12,7 @@ ablations use AlphaTuning's), as the issue asks. A task without searches of its 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,26 @@ def _budget(task: str, split: str, changes: dict[str, int] | None = None) -> Bud
     if split == "dev":
         budget = replace(budget, eval_limit=DEV_ITEMS)
     if changes:
-        tag = "".join(f"{name}{value}" for name, value in sorted(changes.items()))
-        budget = replace(budget, **changes, tag=tag)
+        budget = replace(budget, **changes, tag=budget_tag(changes))
     return budget
+
+
+def budget_tag(changes: dict[str, Any]) -> str:
+    """``Budget.tag`` for a task's budget with ``changes``: each field and value, in order,
+    without underscores (``{"max_length": 256}`` -> ``maxlength256``)."""
+    return "".join(f"{name.replace('_', '')}{value}" for name, value in sorted(changes.items()))
+
+
+def tagged_budget(task: str, split: str, budget: Budget) -> Budget:
+    """``budget`` tagged with its differences from the grid's budget for ``task`` and ``split``
+    (untagged when it has none): a run at another budget never takes a grid run's files."""
+    grid_budget = _budget(task, split)
+    changes = {
+        f.name: getattr(budget, f.name)
+        for f in fields(Budget)
+        if f.name != "tag" and getattr(budget, f.name) != getattr(grid_budget, f.name)
+    }
+    return replace(budget, tag=budget_tag(changes))
 
 
 def search_specs(task: str, family: str) -> list[RunSpec]:
@@ -345,6 +362,8 @@ def specs(results_dir: Path, phases: tuple[str, ...] = ORDER) -> Iterator[RunSpe
             raise ConfigError(f"unknown phase {phase!r}; known: {', '.join(PHASES)}")
         for task, kind, families, entries, *changes in PHASES[phase]:
             if kind == "search":
+                if changes:
+                    raise ConfigError(f"phase {phase!r}: a search runs at its task's budget")
                 for family in families:
                     if len(learning_rates(task, family)) > 1:  # one candidate: no search
                         yield from search_specs(task, family)
