@@ -14,6 +14,9 @@ Usage::
         --out benchmarks/results/prefill_threshold.json  # where the dense path starts to pay
     python benchmarks/bench_prefill.py --tokens 48 80 --batch 8 --paths lut bf16 \
         --out benchmarks/results/prefill_batch.json      # a batch of prompts (evaluate's case)
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 NUMBA_CPU_NAME=haswell \
+        python benchmarks/bench_prefill.py --paths lut float32 --tokens 32 64 128 512 \
+        --out benchmarks/results/prefill_float32_avx2.json  # a CPU without bfloat16, emulated
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from bench_table_precision import windows
 from common import DECODE_Q3_BASE, CpuWatch, environment, save_watched_results
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "prefill_engine.json"
+ISA_LIMITS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "NUMBA_CPU_NAME", "ALPHATUNE_KERNEL")
 # label -> (ALPHATUNE_PREFILL, attention dtype)
 PATHS = {
     "lut": ("lut", torch.float32),
@@ -107,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     [text] = windows(tokenizer, 1, max(args.tokens) * args.batch)
     watch = CpuWatch()
     env = environment(("torch", "numba"))
+    # An AVX2-only CPU is emulated by holding the GEMM libraries and numba to AVX2 (see
+    # engine/prefill.py's MIN_FLOAT32_TOKENS): the settings that did it go into the results.
+    env["isa_limits"] = {name: os.environ[name] for name in ISA_LIMITS if name in os.environ}
     run = engine.dense.run
     rows = []
     for threads in args.threads:

@@ -224,7 +224,8 @@ def test_the_setting_chooses_the_path(monkeypatch):
     assert prefill.dense_dtype(prefill.MIN_TOKENS - 1) is None
     assert prefill.dense_dtype(prefill.MIN_TOKENS) is torch.bfloat16
     monkeypatch.setattr(prefill, "native_bfloat16", lambda: False)
-    assert prefill.dense_dtype(10_000) is None
+    assert prefill.dense_dtype(prefill.MIN_FLOAT32_TOKENS - 1) is None
+    assert prefill.dense_dtype(prefill.MIN_FLOAT32_TOKENS) is torch.float32
     monkeypatch.setenv(prefill.PREFILL_ENV, "amx")
     with pytest.raises(ConfigError, match="ALPHATUNE_PREFILL='amx'; choose one of auto, bf16"):
         prefill.dense_dtype(100)

@@ -15,9 +15,9 @@ tokens): +0.031% perplexity against float32; with the attention in bfloat16 too,
 the project's 0.1% rule for a lossy default, hence float32 attention.
 
 ``ALPHATUNE_PREFILL`` chooses: ``auto`` (the default: bfloat16 when the prompts hold at least
-``MIN_TOKENS`` tokens per scale set and the CPU has native bfloat16, else the LUT kernel),
-``bf16`` or ``float32`` (the dense path for any prompts; float32 is exact up to summation
-order, for tests and CPUs without bfloat16), or ``lut`` (never).
+``MIN_TOKENS`` tokens per scale set and the CPU has native bfloat16; float32 GEMMs from
+``MIN_FLOAT32_TOKENS`` tokens on CPUs without it; else the LUT kernel), ``bf16`` or ``float32``
+(the dense path for any prompts; float32 is exact up to summation order), or ``lut`` (never).
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ CHOICES = ("auto", "bf16", "float32", "lut")
 # 0.24 s dense on 1 thread, 64 tokens 0.26 vs 0.25 s, 96 tokens 0.38 vs 0.27 s; the same
 # crossing on 2 threads.
 MIN_TOKENS = 64
+# The same crossing for float32 GEMMs, where the CPU has no native bfloat16: SmolLM2 3-bit on the
+# Xeon with MKL, oneDNN and numba held to AVX2 (``MKL_ENABLE_INSTRUCTIONS=AVX2
+# ONEDNN_MAX_CPU_ISA=AVX2 NUMBA_CPU_NAME=haswell``, ``bench_prefill.py --paths lut float32``,
+# ``results/prefill_float32_avx2.json``): 64 tokens 0.23 s LUT vs 0.33 s dense on 1 thread,
+# 128 tokens 0.46 vs 0.48 s, 512 tokens 2.19 vs 1.50 s; on 2 threads 64 tokens 0.14 vs 0.18 s,
+# 128 tokens 0.29 vs 0.27 s, 512 tokens 1.28 vs 0.79 s.
+MIN_FLOAT32_TOKENS = 128
 # Tokens per dense pass at most: a pass holds every token's activations at once (~30 KiB a
 # token for SmolLM2), and each pass costs one more dequantization (~0.1 s), so a big batch goes
 # in passes of whole prompts of about this many tokens (~60 MiB of activations).
@@ -80,9 +87,11 @@ def dense_dtype(tokens: int) -> torch.dtype | None:
         return torch.bfloat16
     if choice == "float32":
         return torch.float32
-    if choice == "auto" and tokens >= MIN_TOKENS and native_bfloat16():
-        return torch.bfloat16
-    return None
+    if choice != "auto":
+        return None
+    if native_bfloat16():
+        return torch.bfloat16 if tokens >= MIN_TOKENS else None
+    return torch.float32 if tokens >= MIN_FLOAT32_TOKENS else None
 
 
 @dataclass(frozen=True)
