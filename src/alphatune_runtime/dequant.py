@@ -10,8 +10,8 @@ so prefill reads no second copy of them (the layer's own codes are paged out onc
 ``alphatune.kernels.reference.dequantize_packed``. Each row block is summed over the planes in a
 small float32 buffer per task (a ±1 vector per code byte from ``SIGNS``, times that plane's α),
 then written once: as float32, or rounded to the nearest bfloat16 (ties to even), stored as its
-uint16 bits, since numpy has no bfloat16 (the caller views them as one). On AVX-512BW CPUs the
-bfloat16 case runs through ``dequant_avx512`` (table lookups, the same bits).
+uint16 bits, since numpy has no bfloat16 (the caller views them as one). On AVX-512BW CPUs both
+run through ``dequant_avx512`` (table lookups, the same bits).
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ def dequantize(
         offset: ``(out, G)`` float32, or None.
         group_size: inputs per group (a multiple of 8, or ``in``: one group).
         out: ``(out, in)`` C-contiguous, float32, or uint16 for bfloat16 bits.
-        vector_path: bfloat16 through ``dequant_avx512`` where the CPU has AVX-512BW (the same
-            bits; False: the generic loop, for tests and measurements).
+        vector_path: through ``dequant_avx512``'s table lookups where the CPU has AVX-512BW
+            (bfloat16 up to 5 bits, float32 up to 4: the same bits as the generic loop; False:
+            the generic loop, for tests and measurements).
     """
     if IMPORT_ERROR is not None:
         raise KernelUnavailableError("dequantization needs numba (pip install numba)")
@@ -150,9 +151,9 @@ def dequantize(
         raise ConfigError(f"out must be float32 or uint16 (bfloat16 bits), got {out.dtype}")
     from alphatune_runtime import dequant_avx512  # it imports this module's bfloat16_bits
 
-    vector = vector_path and bits <= dequant_avx512.MAX_BITS and dequant_avx512.available()
-    if out.dtype == np.uint16 and vector:
-        dequant_avx512.dequantize_bfloat16(
+    most = dequant_avx512.MAX_BITS if out.dtype == np.uint16 else dequant_avx512.MAX_BITS_FLOAT32
+    if vector_path and bits <= most and dequant_avx512.available():
+        dequant_avx512.dequantize_lookup(
             codes, inverse, first, rest, shift, with_offset, bytes_per_group, out
         )
         return out

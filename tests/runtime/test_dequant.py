@@ -72,12 +72,14 @@ def test_dequantize_from_a_kernel_layout_equals_the_reference(
         "q6-generic-loop",
     ],
 )
-def test_vpermw_path_gives_the_generic_loops_bits(
-    kernel_layout, bits, out, inputs, group_size, offset
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32], ids=["bfloat16", "float32"])
+def test_lookup_path_gives_the_generic_loops_bits(
+    kernel_layout, bits, out, inputs, group_size, offset, dtype
 ):
-    """The same float32 sums in the same order: bit-identical bfloat16, tails (groups of 18
-    and 5 bytes: one more lookup overlapping the group's last 4; a partial last byte) included;
-    6 bits (64 values) go through the generic loop."""
+    """The same float32 sums in the same order: bit-identical bfloat16 (``vpermw``) and
+    float32 (``vpermps``, up to 4 bits), tails (groups of 18 and 5 bytes: one more lookup
+    overlapping the group's last ones; a partial last byte) included; 6 bits (64 values), and 5
+    bits in float32, go through the generic loop."""
     rows, byte_map = kernel_layout
     packed, alpha, shift = random_layer(bits, out, inputs, group_size, offset, seed=3)
     codes = layout.prepare_codes(packed.numpy(), inputs, rows, byte_map).codes
@@ -85,8 +87,8 @@ def test_vpermw_path_gives_the_generic_loops_bits(
         codes, dequant.inverse_byte_map(byte_map), alpha[0].numpy(), alpha[1:].numpy(),
         None if shift is None else shift.numpy(), group_size,
     )  # fmt: skip
-    generic = dequant.dequantize(*args, np.zeros((out, inputs), np.uint16), vector_path=False)
-    vector = dequant.dequantize(*args, np.full((out, inputs), 7, np.uint16))
+    generic = dequant.dequantize(*args, np.zeros((out, inputs), dtype), vector_path=False)
+    vector = dequant.dequantize(*args, np.full((out, inputs), 7, dtype))
     np.testing.assert_array_equal(vector, generic)
 
 
