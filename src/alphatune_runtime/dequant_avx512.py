@@ -44,6 +44,12 @@ def available() -> bool:
 
 @functools.cache
 def _host_has_avx512bw() -> bool:
+    from numba import config
+
+    # numba compiling for another CPU (NUMBA_CPU_NAME, e.g. ``haswell`` to emulate an AVX2-only
+    # machine in bench_prefill.py) has AVX-512BW only where its feature list says so.
+    if config.CPU_NAME not in (None, "host"):
+        return "+avx512bw" in (config.CPU_FEATURES or "")
     return bool(llvm_binding.get_host_cpu_features().get("avx512bw", False))
 
 
