@@ -75,11 +75,11 @@ def time_prefill(engine: Any, prompts: list[list[int]], threads: int, repeats: i
 def breakdown(engine: Any, ids: list[int], threads: int) -> dict[str, float]:
     """Milliseconds per operation of one bf16 prefill: the profiler's top operations and the
     dequantization (numba, timed around its calls)."""
-    from alphatune.engine import prefill
+    from alphatune_runtime import dense_prefill
     from alphatune_runtime.generate import _prefill
 
     spent = [0.0]
-    dequantize = prefill.DensePrefill._dequantize
+    dequantize = dense_prefill.DensePrefill._dequantize
 
     def timed(self: Any, *args: Any) -> None:
         began = time.perf_counter()
@@ -87,14 +87,14 @@ def breakdown(engine: Any, ids: list[int], threads: int) -> dict[str, float]:
         spent[0] += time.perf_counter() - began
 
     cache, rotary = engine.new_cache(1, len(ids)), engine.rotary(len(ids))
-    prefill.DensePrefill._dequantize = timed
+    dense_prefill.DensePrefill._dequantize = timed
     try:
         with torch.profiler.profile() as profiler:
             began = time.perf_counter()
             _prefill(engine, [ids], np.zeros(1, np.int64), cache, rotary, threads)
             total = time.perf_counter() - began
     finally:
-        prefill.DensePrefill._dequantize = dequantize
+        dense_prefill.DensePrefill._dequantize = dequantize
     events = sorted(profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)
     parts = {e.key: round(e.self_cpu_time_total / 1000, 1) for e in events[:8]}
     return {"total_ms": round(1000 * total, 1), "dequantize_ms": round(1000 * spent[0], 1), **parts}

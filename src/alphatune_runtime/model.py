@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from alphatune_runtime import dispatch, native, table
+from alphatune_runtime import dense_prefill, dispatch, native, table
 from alphatune_runtime.cache import KVCache
 from alphatune_runtime.errors import CheckpointError, ConfigError, UnsupportedModelError
 from alphatune_runtime.files import (
@@ -653,9 +653,25 @@ class Model:
         rotary: tuple[np.ndarray, np.ndarray],
         threads: int,
     ) -> np.ndarray | None:
-        """None: without torch there is no bfloat16 GEMM to beat the LUT kernel on long prompts
-        (``alphatune.engine.prefill``), so every prompt goes through ``forward``."""
-        return None
+        """The final-normed hidden states ``(P, H)`` of the prompts' last tokens (prompt p in
+        cache row p, adapter ``sets[p]``) through float32 GEMMs (``dense_prefill``: numpy's
+        BLAS), or None where the LUT kernel is faster for these prompts (fewer than
+        ``dense_prefill.MIN_FLOAT32_TOKENS`` tokens per adapter scale set); the caller then runs
+        them through ``forward``."""
+        batch = dense_prefill.batch_of(prompts, sets, self.stack.weights.banked)
+        if not dense_prefill.takes_dense_path(
+            dense_prefill.tokens_per_scale_set(batch), bfloat16=False
+        ):
+            return None
+        dense = dense_prefill.DensePrefill(self.stack)
+        last = []
+        for part in dense_prefill.passes(batch, dense_prefill.MAX_PASS_TOKENS):
+            hidden = self.embed(np.concatenate([prompts[p.row] for p in part]))
+            last.append(dense.run(hidden, part, cache, rotary, threads, dense_prefill.NumpyOps()))
+        # The prompts' activations and dequantized weights go back to the system rather than
+        # staying resident through decode.
+        release_free_memory()
+        return np.concatenate(last)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """``(N, H)`` float32 embeddings of ``ids`` (a writable C array: the residual stream)."""

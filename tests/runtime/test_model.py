@@ -91,6 +91,55 @@ def test_the_runtime_gives_the_engines_logits_and_tokens(tmp_path, config, archi
     assert [d.tokens for d in ours] == [d.tokens for d in theirs]
 
 
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_long_prompts_prefill_through_float32_gemms(tmp_path, monkeypatch, architecture):
+    """Without torch the dense prefill runs float32 GEMMs through numpy and the numba step's
+    attention: the tokens of the LUT path, and the engine's (Gemma-3: prompts past its sliding
+    window); ``auto`` takes it from ``MIN_FLOAT32_TOKENS`` tokens."""
+    from alphatune_runtime import dense_prefill
+
+    config = BCQConfig(bits=3, group_size=32, method="offset")
+    directory = _save(tmp_path / "base", config, architecture=architecture)
+    runtime = Model.load(directory, threads=1)
+    generator = np.random.default_rng(3)
+    prompts = [generator.integers(0, VOCAB, n).tolist() for n in (70, 5, 90)]
+    monkeypatch.setenv(dense_prefill.PREFILL_ENV, "lut")
+    expected = [d.tokens for d in generate_ids(runtime, prompts, max_new_tokens=10)]
+    passes = []
+    run = dense_prefill.DensePrefill.run
+    monkeypatch.setattr(
+        dense_prefill.DensePrefill,
+        "run",
+        lambda self, *a, **k: passes.append(a[1]) or run(self, *a, **k),
+    )
+    monkeypatch.setenv(dense_prefill.PREFILL_ENV, "float32")
+    assert [d.tokens for d in generate_ids(runtime, prompts, max_new_tokens=10)] == expected
+    assert [[p.length for p in part] for part in passes] == [[70, 5, 90]]
+    model, _ = load_quantized(directory)
+    engine = Engine.build(model)
+    assert [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=10)] == expected
+    assert len(passes) == 2  # the engine's dense prefill runs the same loop (on torch)
+    monkeypatch.setenv(dense_prefill.PREFILL_ENV, "auto")
+    generate_ids(runtime, [prompts[0]], max_new_tokens=1)  # 70 tokens: the LUT kernel
+    assert len(passes) == 2
+    long = generator.integers(0, VOCAB, dense_prefill.MIN_FLOAT32_TOKENS).tolist()
+    generate_ids(runtime, [long], max_new_tokens=1)
+    assert len(passes) == 3
+
+
+def test_numpy_gemms_run_on_the_threads_asked_for():
+    """numpy's OpenBLAS uses every core by default; a prefill on one thread holds it to one."""
+    from alphatune_runtime import dense_prefill
+
+    _, getter = dense_prefill._openblas_thread_calls()
+    if getter is None:
+        pytest.skip("numpy's BLAS exposes no thread setting here")
+    before = getter()
+    with dense_prefill.NumpyOps().threads(1):
+        assert getter() == 1
+    assert getter() == before
+
+
 def test_sampling_is_seeded_per_prompt(base):
     runtime = Model.load(base, threads=1)
     prompts = _prompts(3, seed=5)
@@ -118,6 +167,9 @@ def test_decoding_never_imports_torch_or_transformers(base):
         from alphatune_runtime.generate import generate_ids
         done = generate_ids(model, [[1, 2, 3]], max_new_tokens=4)
         assert len(done[0].tokens) <= 4
+        # A long prompt prefills through float32 GEMMs (numpy), still without torch.
+        done = generate_ids(model, [[1, 2, 3] * 50], max_new_tokens=2)
+        assert len(done[0].tokens) <= 2
         print(sorted(m for m in ("torch", "transformers") if m in sys.modules))
         """
     )

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from alphatune.engine.prefill import MAX_PASS_TOKENS, DensePrefill, Prompt, dense_dtype, passes
+from alphatune.engine.prefill import MAX_PASS_TOKENS, DensePrefill, dense_dtype, passes
 from alphatune.engine.spec import ModelSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels.numba_threads import numba_threads
 from alphatune.memory import page_out_compiler, release_free_memory
 from alphatune_runtime.cache import KVCache
+from alphatune_runtime.dense_prefill import batch_of, tokens_per_scale_set
 from alphatune_runtime.dispatch import required_kernel
 from alphatune_runtime.stack import BlockStack
 from alphatune_runtime.weights import NativeWeights
@@ -131,15 +132,8 @@ class Engine:
         None where that path does not pay for these prompts (``prefill.dense_dtype`` of their
         tokens together per adapter scale set: one dequantization serves all of a set's
         prompts); the caller then runs them through ``forward``."""
-        banked = self.stack.weights.banked  # otherwise every prompt reads the layers' own α
-        batch = [
-            Prompt(row, len(ids), int(sets[row]) if banked else 0)
-            for row, ids in enumerate(prompts)
-        ]
-        # Each adapter's scale set costs a dequantization of every banked layer: the tokens
-        # that pay for one are the tokens per set.
-        scale_sets = len({prompt.scale_set for prompt in batch})
-        dtype = dense_dtype(sum(len(ids) for ids in prompts) // scale_sets)
+        batch = batch_of(prompts, sets, self.stack.weights.banked)
+        dtype = dense_dtype(tokens_per_scale_set(batch))
         if dtype is None:
             return None
         last = []
