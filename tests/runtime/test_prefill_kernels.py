@@ -93,3 +93,47 @@ def test_heads_into_cache_splits_norms_and_rotates_one_prompt_of_a_batch(dtype, 
     torch.testing.assert_close(values[:, :length], v.reshape(-1, kv_heads, d).transpose(0, 1))
     assert (queries[:, :begin] == 7).all() and (queries[:, end:] == 7).all()
     assert (keys[:, length:] == 7).all() and (values[:, length:] == 7).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("window", [0, 50], ids=["causal", "sliding-window"])
+def test_numpy_attention_is_torchs_over_tiles_heads_and_windows(threads, window, monkeypatch):
+    """``NumpyOps.attention`` (GEMMs over tiles of queries, grouped key/value heads) against
+    torch's attention with the same mask, for a prompt of several tiles in cache row 1."""
+    from alphatune_runtime import dense_prefill
+    from alphatune_runtime.cache import KVCache
+
+    monkeypatch.setattr(dense_prefill, "ATTENTION_TILE", 32)
+    heads, kv_heads, d, length, max_len = 6, 2, 16, 90, 100
+    queries = random(length, heads, d, seed=6)
+    cache = KVCache(
+        np.zeros((2, 2, kv_heads, max_len, d), np.float32),
+        np.zeros((2, 2, kv_heads, max_len, d), np.float32),
+        np.zeros(2, np.int64),
+    )
+    cache.keys[1, 1, :, :length] = random(kv_heads, length, d, seed=7).numpy()
+    cache.values[1, 1, :, :length] = random(kv_heads, length, d, seed=8).numpy()
+    ops = dense_prefill.NumpyOps()
+    out = np.full((length, heads * d), 7.0, np.float32)
+    with ops.threads(threads):
+        ops.attention(cache, 1, 1, queries.numpy(), window, 0.25, out)
+    query, key = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = (key <= query) & ((key > query - window) if window else True)
+    k = torch.from_numpy(cache.keys[1, 1, :, :length]).repeat_interleave(heads // kv_heads, 0)
+    v = torch.from_numpy(cache.values[1, 1, :, :length]).repeat_interleave(heads // kv_heads, 0)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        queries.transpose(0, 1), k, v, attn_mask=allowed, scale=0.25
+    )
+    torch.testing.assert_close(
+        torch.from_numpy(out), expected.transpose(0, 1).reshape(length, -1), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_numpy_matmul_splits_its_rows_over_threads():
+    from alphatune_runtime import dense_prefill
+
+    x, weight, bias = random(37, 24).numpy(), random(40, 24, seed=1).numpy(), random(40).numpy()
+    ops, out = dense_prefill.NumpyOps(), np.zeros((37, 40), np.float32)
+    with ops.threads(2):
+        ops.matmul(x, weight, bias, out)
+    np.testing.assert_allclose(out, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
