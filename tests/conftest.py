@@ -24,8 +24,9 @@ def single_thread():
 @pytest.fixture(autouse=True)
 def _lut_prefill(monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill through the LUT kernel unless a test asks for the dense path: the default
-    (``auto``) takes bf16 GEMMs only on CPUs with native bf16, and the suite should test the
-    same path on every CPU. ``tests/engine/test_prefill.py`` tests the dense path and ``auto``."""
+    (``auto``) takes bf16 or float32 GEMMs by CPU and prompt length, and the suite should test
+    the same path on every CPU. ``tests/engine/test_prefill.py`` and ``tests/runtime`` test the
+    dense paths and ``auto``."""
     monkeypatch.setenv("ALPHATUNE_PREFILL", "lut")
 
 

@@ -405,8 +405,11 @@ class NumpyOps:
             for item in items:
                 work(item)
             return
-        for done in _pool().map(work, items):  # re-raises the first error
-            del done
+        # Every item finishes (none still writing into a buffer) before an error is raised.
+        pending = [_pool().submit(work, item) for item in items]
+        errors = [e for e in (f.exception() for f in pending) if e is not None]
+        if errors:
+            raise errors[0]
 
     def matmul(
         self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, out: np.ndarray
@@ -472,10 +475,16 @@ def _pool() -> Any:
     return ThreadPoolExecutor(max_workers=int(config.NUMBA_NUM_THREADS))
 
 
+# A forked child inherits the pool without its threads (and would wait on them forever): it
+# starts its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
 @contextlib.contextmanager
 def _blas_threads(count: int) -> Iterator[None]:
     """numpy's OpenBLAS held to ``count`` threads inside (its default is every core), where its
-    library exposes the setting; otherwise unchanged (logged once)."""
+    library exposes the setting; otherwise unchanged (logged once). The setting is the
+    process's: two prefills at once on two threads of one process share it."""
     setter, getter = _openblas_thread_calls()
     if setter is None or getter is None:
         yield

@@ -663,11 +663,18 @@ class Model:
             dense_prefill.tokens_per_scale_set(batch), bfloat16=False
         ):
             return None
+        from numba import set_num_threads
+
         dense = dense_prefill.DensePrefill(self.stack)
         last = []
-        for part in dense_prefill.passes(batch, dense_prefill.MAX_PASS_TOKENS):
-            hidden = self.embed(np.concatenate([prompts[p.row] for p in part]))
-            last.append(dense.run(hidden, part, cache, rotary, threads, dense_prefill.NumpyOps()))
+        try:
+            for part in dense_prefill.passes(batch, dense_prefill.MAX_PASS_TOKENS):
+                hidden = self.embed(np.concatenate([prompts[p.row] for p in part]))
+                ops = dense_prefill.NumpyOps()
+                last.append(dense.run(hidden, part, cache, rotary, threads, ops))
+        finally:
+            # The head's numba kernel (logits of the last tokens) runs on the count set now.
+            set_num_threads(threads)
         # The prompts' activations and dequantized weights go back to the system rather than
         # staying resident through decode.
         release_free_memory()

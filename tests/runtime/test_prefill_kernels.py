@@ -137,3 +137,30 @@ def test_numpy_matmul_splits_its_rows_over_threads():
     with ops.threads(2):
         ops.matmul(x, weight, bias, out)
     np.testing.assert_allclose(out, x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forked_child_splits_its_work_over_threads_of_its_own():
+    """A child forked after the pool started gets a new pool, not the parent's dead threads."""
+    import os
+    import signal
+
+    from alphatune_runtime import dense_prefill
+
+    # GEMMs long enough that both halves run at once: the pool starts its second thread.
+    x, weight = random(512, 576).numpy(), random(1536, 576, seed=1).numpy()
+    ops, out = dense_prefill.NumpyOps(), np.zeros((512, 1536), np.float32)
+    with ops.threads(2):
+        for _ in range(3):
+            ops.matmul(x, weight, None, out)
+    assert len(dense_prefill._pool()._threads) == 2
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child's outcome is its exit status
+        signal.alarm(20)
+        try:
+            with ops.threads(2):
+                ops.matmul(x, weight, None, out)
+            os._exit(0 if np.allclose(out, x @ weight.T, rtol=1e-4, atol=1e-3) else 1)
+        finally:
+            os._exit(2)  # an error: never back into pytest in the child
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
