@@ -14,9 +14,12 @@ Usage::
         --out benchmarks/results/prefill_threshold.json  # where the dense path starts to pay
     python benchmarks/bench_prefill.py --tokens 48 80 --batch 8 --paths lut bf16 \
         --out benchmarks/results/prefill_batch.json      # a batch of prompts (evaluate's case)
-    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 NUMBA_CPU_NAME=haswell \
+    # A CPU without bfloat16 (AVX2 only), emulated: MKL, oneDNN, OpenBLAS and numba held to
+    # AVX2 (NUMBA_CPU_FEATURES: this file's HASWELL_FEATURES); --decoder runtime: NumpyOps.
+    MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OPENBLAS_CORETYPE=Haswell \
+        NUMBA_CPU_NAME=haswell NUMBA_CPU_FEATURES=+64bit,+avx,+avx2,+bmi,+bmi2,...  \
         python benchmarks/bench_prefill.py --paths lut float32 --tokens 32 64 128 512 \
-        --out benchmarks/results/prefill_float32_avx2.json  # a CPU without bfloat16, emulated
+        --out benchmarks/results/prefill_float32_avx2.json
 """
 
 from __future__ import annotations
@@ -35,7 +38,16 @@ from bench_table_precision import windows
 from common import DECODE_Q3_BASE, CpuWatch, environment, save_watched_results
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "prefill_engine.json"
-ISA_LIMITS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "NUMBA_CPU_NAME", "ALPHATUNE_KERNEL")
+ISA_LIMITS = (
+    "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES",
+    "OPENBLAS_CORETYPE", "ALPHATUNE_KERNEL",
+)  # fmt: skip
+# numba compiles for the host's features unless NUMBA_CPU_FEATURES lists them: Haswell's (AVX2,
+# FMA, no AVX-512), for the emulation in the usage above.
+HASWELL_FEATURES = (
+    "+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fsgsbase,+fxsr,+lzcnt,+mmx,+movbe,"
+    "+pclmul,+popcnt,+rdrnd,+sahf,+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave,+xsaveopt"
+)
 # label -> (ALPHATUNE_PREFILL, attention dtype)
 PATHS = {
     "lut": ("lut", torch.float32),
@@ -53,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="prompts of --tokens each, at once")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--decoder", choices=("engine", "runtime"), default="engine",
+        help="the engine (torch: TorchOps) or the torch-free runtime (NumpyOps)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
 
@@ -60,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def time_prefill(engine: Any, prompts: list[list[int]], threads: int, repeats: int) -> list[float]:
     from alphatune_runtime.generate import _prefill
 
-    cache = engine.new_cache(len(prompts), max(len(p) for p in prompts))
-    rotary = engine.rotary(cache.max_len)
+    cache = engine.stack.new_cache(len(prompts), max(len(p) for p in prompts))
+    rotary = engine.stack.rotary(cache.max_len)
     sets = np.zeros(len(prompts), np.int64)
     _prefill(engine, prompts, sets, cache, rotary, threads)  # warm-up: compiled code, pages
     times = []
@@ -108,11 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_quantized(args.base)
     model.eval()
     engine = Engine.build(model)
+    decoder = engine
+    if args.decoder == "runtime":  # the torch-free runtime on the same base: NumpyOps
+        from alphatune_runtime.model import Model
+
+        decoder = Model.load(args.base)
+        if set(args.paths) - {"lut", "float32"}:
+            raise SystemExit("the runtime prefills through the LUT kernel or float32 GEMMs only")
     [text] = windows(tokenizer, 1, max(args.tokens) * args.batch)
     watch = CpuWatch()
     env = environment(("torch", "numba"))
     # An AVX2-only CPU is emulated by holding the GEMM libraries and numba to AVX2 (see
-    # engine/prefill.py's MIN_FLOAT32_TOKENS): the settings that did it go into the results.
+    # dense_prefill.MIN_FLOAT32_TOKENS): the settings that did it go into the results.
     env["isa_limits"] = {name: os.environ[name] for name in ISA_LIMITS if name in os.environ}
     run = engine.dense.run
     rows = []
@@ -124,11 +147,12 @@ def main(argv: list[str] | None = None) -> None:
                 setting, attention = PATHS[label]
                 os.environ["ALPHATUNE_PREFILL"] = setting
                 engine.dense.run = functools.partial(run, attention_dtype=attention)
-                times = time_prefill(engine, prompts, threads, args.repeats)
-                row = {"path": label, "threads": threads, "tokens": tokens, "batch": args.batch,
+                times = time_prefill(decoder, prompts, threads, args.repeats)
+                row = {"decoder": args.decoder, "path": label, "threads": threads,
+                       "tokens": tokens, "batch": args.batch,
                        "median_s": round(statistics.median(times), 4),
                        "times_s": [round(t, 4) for t in times]}  # fmt: skip
-                if label == "bf16" and tokens == max(args.tokens):
+                if label == "bf16" and tokens == max(args.tokens) and decoder is engine:
                     row["breakdown_ms"] = breakdown(engine, prompts[0], threads)
                 print(row)
                 rows.append(row)

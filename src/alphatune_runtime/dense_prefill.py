@@ -15,7 +15,7 @@ on CPUs with native bfloat16, torch's flash attention) serves the engine.
 
 ``ALPHATUNE_PREFILL`` chooses: ``auto`` (the default: the dense path from ``MIN_TOKENS`` prompt
 tokens per scale set where the GEMMs run in bfloat16, from ``MIN_FLOAT32_TOKENS`` in float32,
-else the LUT kernel), ``bf16`` or ``float32`` (the dense path for any prompts; float32 is exact up
+from ``MIN_NUMPY_TOKENS`` without torch, else the LUT kernel), ``bf16`` or ``float32`` (the dense path for any prompts; float32 is exact up
 to summation order; without torch ``bf16`` runs float32), or ``lut`` (never).
 """
 
@@ -49,13 +49,19 @@ CHOICES = ("auto", "bf16", "float32", "lut")
 # ``results/prefill_threshold.json``): 48 tokens 0.19 s LUT vs 0.24 s dense on 1 thread, 64
 # tokens 0.26 vs 0.25 s, 96 tokens 0.38 vs 0.27 s; the same crossing on 2 threads.
 MIN_TOKENS = 64
-# The same crossing for float32 GEMMs (a CPU without native bfloat16, or no torch): SmolLM2 3-bit
-# on the Xeon with MKL, oneDNN and numba held to AVX2 (``MKL_ENABLE_INSTRUCTIONS=AVX2
-# ONEDNN_MAX_CPU_ISA=AVX2 NUMBA_CPU_NAME=haswell``, ``bench_prefill.py --paths lut float32``,
-# ``results/prefill_float32_avx2.json``): 64 tokens 0.23 s LUT vs 0.33 s dense on 1 thread,
-# 128 tokens 0.46 vs 0.48 s, 512 tokens 2.19 vs 1.50 s; on 2 threads 64 tokens 0.14 vs 0.18 s,
-# 128 tokens 0.29 vs 0.27 s, 512 tokens 1.28 vs 0.79 s.
+# The same crossing for torch's float32 GEMMs (a CPU without native bfloat16): SmolLM2 3-bit on
+# the Xeon with MKL, oneDNN, OpenBLAS and numba held to AVX2 (``bench_prefill.py``'s usage,
+# ``results/prefill_float32_avx2.json``): 64 tokens 0.25 s LUT vs 0.33 s dense on 1 thread,
+# 128 tokens 0.51 vs 0.47 s, 512 tokens 2.35 vs 1.48 s; on 2 threads 64 tokens 0.15 vs 0.17 s,
+# 128 tokens 0.31 vs 0.25 s, 512 tokens 1.45 vs 0.76 s.
 MIN_FLOAT32_TOKENS = 128
+# The torch-free runtime's crossing (``NumpyOps``: float32 GEMMs through numpy's BLAS on Python
+# threads, the dequantization on one thread), later than torch's: ``bench_prefill.py --decoder
+# runtime`` on this Xeon (``results/prefill_runtime.json``): 128 tokens 0.49 s LUT vs 0.33 s
+# dense on 1 thread but 0.30 vs 0.31 s on 2, 256 tokens 1.04 vs 0.58 s and 0.62 vs 0.46 s; held
+# to AVX2 as above (``results/prefill_runtime_avx2.json``): 256 tokens 1.07 vs 0.90 s on 1
+# thread and 0.63 vs 0.63 s on 2, 512 tokens 2.33 vs 1.58 s and 1.38 vs 1.07 s.
+MIN_NUMPY_TOKENS = 256
 # Tokens per dense pass at most: a pass holds every token's activations at once (~30 KiB a
 # token for SmolLM2), and each pass costs one more dequantization (~0.1 s), so a big batch goes
 # in passes of whole prompts of about this many tokens (~60 MiB of activations).
@@ -75,15 +81,16 @@ def prefill_setting() -> str:
     return choice
 
 
-def takes_dense_path(tokens: int, bfloat16: bool) -> bool:
-    """Whether ``tokens`` prompt tokens (per scale set) go through the dense path, whose GEMMs
-    run in bfloat16 (``bfloat16``) or float32, as ``ALPHATUNE_PREFILL`` says."""
+def takes_dense_path(tokens: int, minimum: int) -> bool:
+    """Whether ``tokens`` prompt tokens (per scale set) go through the dense path, as
+    ``ALPHATUNE_PREFILL`` says; ``auto`` from ``minimum`` tokens (where its GEMMs beat the LUT
+    kernel: ``MIN_TOKENS``, ``MIN_FLOAT32_TOKENS``, ``MIN_NUMPY_TOKENS``)."""
     choice = prefill_setting()
     if choice in ("bf16", "float32"):
         return True
     if choice == "lut":
         return False
-    return tokens >= (MIN_TOKENS if bfloat16 else MIN_FLOAT32_TOKENS)
+    return tokens >= minimum
 
 
 @dataclass(frozen=True)

@@ -656,12 +656,11 @@ class Model:
         """The final-normed hidden states ``(P, H)`` of the prompts' last tokens (prompt p in
         cache row p, adapter ``sets[p]``) through float32 GEMMs (``dense_prefill``: numpy's
         BLAS), or None where the LUT kernel is faster for these prompts (fewer than
-        ``dense_prefill.MIN_FLOAT32_TOKENS`` tokens per adapter scale set); the caller then runs
+        ``dense_prefill.MIN_NUMPY_TOKENS`` tokens per adapter scale set); the caller then runs
         them through ``forward``."""
         batch = dense_prefill.batch_of(prompts, sets, self.stack.weights.banked)
-        if not dense_prefill.takes_dense_path(
-            dense_prefill.tokens_per_scale_set(batch), bfloat16=False
-        ):
+        tokens = dense_prefill.tokens_per_scale_set(batch)
+        if not dense_prefill.takes_dense_path(tokens, dense_prefill.MIN_NUMPY_TOKENS):
             return None
         from numba import set_num_threads
 

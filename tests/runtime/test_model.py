@@ -96,7 +96,7 @@ def test_the_runtime_gives_the_engines_logits_and_tokens(tmp_path, config, archi
 def test_long_prompts_prefill_through_float32_gemms(tmp_path, monkeypatch, architecture):
     """Without torch the dense prefill runs float32 GEMMs through numpy and the numba step's
     attention: the tokens of the LUT path, and the engine's (Gemma-3: prompts past its sliding
-    window); ``auto`` takes it from ``MIN_FLOAT32_TOKENS`` tokens."""
+    window); ``auto`` takes it from ``MIN_NUMPY_TOKENS`` tokens."""
     from alphatune_runtime import dense_prefill
 
     config = BCQConfig(bits=3, group_size=32, method="offset")
@@ -121,9 +121,10 @@ def test_long_prompts_prefill_through_float32_gemms(tmp_path, monkeypatch, archi
     assert [d.tokens for d in generate_ids(engine, prompts, max_new_tokens=10)] == expected
     assert len(passes) == 2  # the engine's dense prefill runs the same loop (on torch)
     monkeypatch.setenv(dense_prefill.PREFILL_ENV, "auto")
+    monkeypatch.setattr(dense_prefill, "MIN_NUMPY_TOKENS", 100)  # the tiny model's 256 positions
     generate_ids(runtime, [prompts[0]], max_new_tokens=1)  # 70 tokens: the LUT kernel
     assert len(passes) == 2
-    long = generator.integers(0, VOCAB, dense_prefill.MIN_FLOAT32_TOKENS).tolist()
+    long = generator.integers(0, VOCAB, 100).tolist()
     generate_ids(runtime, [long], max_new_tokens=1)
     assert len(passes) == 3
 

@@ -51,7 +51,7 @@ def dense_dtype(tokens: int) -> torch.dtype | None:
     (``ALPHATUNE_PREFILL``: ``dense_prefill.takes_dense_path``)."""
     choice = prefill_setting()
     bfloat16 = choice == "bf16" or (choice == "auto" and native_bfloat16())
-    if not dense_prefill.takes_dense_path(tokens, bfloat16):
+    if not dense_prefill.takes_dense_path(tokens, MIN_TOKENS if bfloat16 else MIN_FLOAT32_TOKENS):
         return None
     return torch.bfloat16 if bfloat16 else torch.float32
 
