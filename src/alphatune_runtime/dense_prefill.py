@@ -15,8 +15,9 @@ on CPUs with native bfloat16, torch's flash attention) serves the engine.
 
 ``ALPHATUNE_PREFILL`` chooses: ``auto`` (the default: the dense path from ``MIN_TOKENS`` prompt
 tokens per scale set where the GEMMs run in bfloat16, from ``MIN_FLOAT32_TOKENS`` in float32,
-from ``MIN_NUMPY_TOKENS`` without torch, else the LUT kernel), ``bf16`` or ``float32`` (the dense path for any prompts; float32 is exact up
-to summation order; without torch ``bf16`` runs float32), or ``lut`` (never).
+from ``MIN_NUMPY_TOKENS`` without torch, else the LUT kernel), ``bf16`` or ``float32`` (the
+dense path for any prompts; float32 is exact up to summation order; without torch ``bf16``
+runs float32), or ``lut`` (never).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import functools
 import glob
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from alphatune_runtime import dequant, layout, native
 from alphatune_runtime import prefill_kernels as kernels
 from alphatune_runtime.cache import KVCache
 from alphatune_runtime.errors import ConfigError
+from alphatune_runtime.memory import release_free_memory
 from alphatune_runtime.stack import BlockStack
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,25 @@ def tokens_per_scale_set(batch: Sequence[Prompt]) -> int:
     """The prompt tokens that pay for one dequantization of every banked layer: each adapter's
     scale set costs one."""
     return sum(p.length for p in batch) // len({p.scale_set for p in batch})
+
+
+def run_in_passes(
+    run: Callable[[np.ndarray, list[Prompt]], np.ndarray],
+    embed: Callable[[np.ndarray], np.ndarray],
+    prompts: Sequence[np.ndarray],
+    batch: Sequence[Prompt],
+    most: int,
+) -> np.ndarray:
+    """``run(hidden, part)`` on each pass of whole prompts (``passes`` of at most ``most``
+    tokens), ``hidden`` their embeddings (``embed``), and the passes' last hidden states joined.
+    The prompts' activations and dequantized weights (~25-50 MiB for 512 SmolLM2 tokens) then go
+    back to the system rather than staying resident through decode."""
+    last = [
+        run(embed(np.concatenate([prompts[p.row] for p in part])), part)
+        for part in passes(batch, most)
+    ]
+    release_free_memory()
+    return np.concatenate(last)
 
 
 def _by_scale_set(prompts: Sequence[Prompt], spans: list[tuple[int, int]]) -> ScaleGroups:

@@ -664,20 +664,15 @@ class Model:
             return None
         from numba import set_num_threads
 
-        dense = dense_prefill.DensePrefill(self.stack)
-        last = []
+        dense, ops = dense_prefill.DensePrefill(self.stack), dense_prefill.NumpyOps()
         try:
-            for part in dense_prefill.passes(batch, dense_prefill.MAX_PASS_TOKENS):
-                hidden = self.embed(np.concatenate([prompts[p.row] for p in part]))
-                ops = dense_prefill.NumpyOps()
-                last.append(dense.run(hidden, part, cache, rotary, threads, ops))
+            return dense_prefill.run_in_passes(
+                lambda hidden, part: dense.run(hidden, part, cache, rotary, threads, ops),
+                self.embed, prompts, batch, dense_prefill.MAX_PASS_TOKENS,
+            )  # fmt: skip
         finally:
             # The head's numba kernel (logits of the last tokens) runs on the count set now.
             set_num_threads(threads)
-        # The prompts' activations and dequantized weights go back to the system rather than
-        # staying resident through decode.
-        release_free_memory()
-        return np.concatenate(last)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """``(N, H)`` float32 embeddings of ``ids`` (a writable C array: the residual stream)."""

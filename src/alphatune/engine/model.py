@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from alphatune.engine.prefill import MAX_PASS_TOKENS, DensePrefill, dense_dtype, passes
+from alphatune.engine.prefill import MAX_PASS_TOKENS, DensePrefill, dense_dtype
 from alphatune.engine.spec import ModelSpec, TokenIO, describe, token_io
 from alphatune.engine.weights import build_weights
 from alphatune.errors import UnsupportedModelError
 from alphatune.kernels.numba_threads import numba_threads
 from alphatune.memory import page_out_compiler, release_free_memory
 from alphatune_runtime.cache import KVCache
-from alphatune_runtime.dense_prefill import batch_of, tokens_per_scale_set
+from alphatune_runtime.dense_prefill import batch_of, run_in_passes, tokens_per_scale_set
 from alphatune_runtime.dispatch import required_kernel
 from alphatune_runtime.stack import BlockStack
 from alphatune_runtime.weights import NativeWeights
@@ -136,14 +136,10 @@ class Engine:
         dtype = dense_dtype(tokens_per_scale_set(batch))
         if dtype is None:
             return None
-        last = []
-        for part in passes(batch, MAX_PASS_TOKENS):
-            hidden = self.embed(np.concatenate([prompts[p.row] for p in part]))
-            last.append(self.dense.run(hidden, part, cache, rotary, threads, dtype))
-        # The prompts' activations and dequantized weights (~25-50 MiB for 512 SmolLM2 tokens)
-        # go back to the system rather than staying resident through decode.
-        release_free_memory()
-        return np.concatenate(last)
+        return run_in_passes(
+            lambda hidden, part: self.dense.run(hidden, part, cache, rotary, threads, dtype),
+            self.embed, prompts, batch, MAX_PASS_TOKENS,
+        )  # fmt: skip
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """``(N, H)`` float32 embeddings of ``ids``, a writable C array (the residual stream)."""
