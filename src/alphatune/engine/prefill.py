@@ -24,7 +24,6 @@ from alphatune.kernels.numba_threads import numba_threads
 from alphatune_runtime import dense_prefill
 from alphatune_runtime.cache import KVCache
 from alphatune_runtime.dense_prefill import (  # noqa: F401 - the engine's names for them
-    CHOICES,
     MAX_PASS_TOKENS,
     MIN_FLOAT32_TOKENS,
     MIN_TOKENS,

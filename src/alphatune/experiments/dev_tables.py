@@ -165,7 +165,7 @@ def budget_table(
         length = scores.get("length_ratio")
         cells = [
             r["variant"], "fp32" if spec["bits"] is None else str(spec["bits"]),
-            str(spec["seed"]), f"{spec['learning_rate']:g}", str(_budget(r)["steps"]),
+            str(spec["seed"]), f"{spec['learning_rate']:g}", str(_saved_budget(r)["steps"]),
             f"{scores[main]:.2f}", _interval_cell(scores, main),
             "–" if length is None else f"{length:.2f}",
         ]  # fmt: skip
@@ -178,7 +178,7 @@ def budget_table(
         theirs = reference["scores"][main]
         found = None if paired is None else _paired_interval(paired, r, reference)
         interval = "–" if found is None else f"[{found[0]:+.2f}, {found[1]:+.2f}]"
-        steps = str(_budget(reference)["steps"])
+        steps = str(_saved_budget(reference)["steps"])
         if _base(reference) != _base(r):
             steps += f" (base {_base(reference)})"
         cells += [steps, f"{theirs:.2f}", f"{scores[main] - theirs:+.2f}", interval]
@@ -194,7 +194,7 @@ def _same_run_at_task_budget(candidate: dict[str, Any], tagged: dict[str, Any]) 
         _recipe(candidate) == (*_recipe(tagged)[:3], "")
         and theirs["seed"] == ours["seed"]
         and theirs["learning_rate"] == ours["learning_rate"]
-        and _budget(candidate).get("eval_limit") == _budget(tagged).get("eval_limit")
+        and _saved_budget(candidate).get("eval_limit") == _saved_budget(tagged).get("eval_limit")
     )
 
 
@@ -231,11 +231,11 @@ def _recipe(run: dict[str, Any]) -> tuple[Any, ...]:
         spec["method"],
         spec["bits"],
         tuple(sorted(spec["options"].items())),
-        _budget(run)["tag"],
+        _saved_budget(run)["tag"],
     )
 
 
-def _budget(run: dict[str, Any]) -> dict[str, Any]:
+def _saved_budget(run: dict[str, Any]) -> dict[str, Any]:
     """The run's budget as saved, with the fields that result files written before them lack
     (``tag``: the task's own budget) filled in."""
     return {"tag": "", **(run["spec"].get("budget") or {})}
@@ -267,7 +267,7 @@ def _reference(run: dict[str, Any], defaults: list[dict[str, Any]]) -> dict[str,
     same = [
         d for d in defaults
         if d is not run and d["spec"]["learning_rate"] == spec["learning_rate"]
-        and _budget(d) == _budget(run)
+        and _saved_budget(d) == _saved_budget(run)
         and (variant or d["spec"]["seed"] != spec["seed"])
     ]  # fmt: skip
     if not same:
