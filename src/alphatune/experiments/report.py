@@ -8,6 +8,7 @@ tables (searches, recipe candidates, dev-only tasks) are ``dev_tables``'.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import statistics
@@ -305,6 +306,8 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
         ]
     for task, results in by_task.items():
         budget = BUDGETS.get(task)
+        # The dev references are read once per task, by the first table that pairs runs.
+        pairing = functools.cache(functools.partial(dev_pairing, task))
         parts += [f"## {TASK_TITLES.get(task, task)}", ""]
         evaluation = get_task(task)
         dev_only = "test" not in evaluation.splits
@@ -333,7 +336,7 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
                 f"{evaluation.description}."
                 + (f" Learning rates: those {rates}'s searches chose." if rates else ""),
                 "",
-                dev_table(task, results, lambda task=task: dev_pairing(task)),
+                dev_table(task, results, pairing),
                 "",
             ]
         if task in COLUMNS:
@@ -344,7 +347,7 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
             else:
                 parts.append("No test run has finished yet; the learning-rate search is below.")
             parts += ["", "Learning-rate search (dev):", "", search_table(task, results), ""]
-            recipes = recipe_table(task, results, lambda task=task: dev_pairing(task))
+            recipes = recipe_table(task, results, pairing)
             if recipes:
                 parts += [
                     (
@@ -362,7 +365,7 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
                     recipes,
                     "",
                 ]
-        longer = budget_table(task, results, lambda task=task: dev_pairing(task))
+        longer = budget_table(task, results, pairing)
         if longer:
             parts += [
                 (
