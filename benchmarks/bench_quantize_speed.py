@@ -30,6 +30,7 @@ from common import CpuWatch, environment
 
 import alphatune
 from alphatune import BCQConfig, quantize_
+from alphatune.calibration import HESSIAN_PRECISIONS, resolve_hessian_precision
 from alphatune.data import calibration_batch, find_data_dir, load_text_tokens
 from alphatune.evaluate import perplexity
 from alphatune.models import load_model, load_tokenizer
@@ -88,6 +89,12 @@ def main() -> None:
         "sequential=False), instead of block by block on the quantized blocks' outputs",
     )
     parser.add_argument(
+        "--hessian-precision",
+        choices=HESSIAN_PRECISIONS,
+        default="auto",
+        help="quantize_'s hessian_precision (auto: bfloat16 inputs on a CPU with native bf16)",
+    )
+    parser.add_argument(
         "--iterations", type=int, default=None, help="BCQConfig.iterations (default: its own)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -120,7 +127,11 @@ def main() -> None:
         watch = CpuWatch()  # a draw's seconds count only when nothing else ran beside it
         began = time.perf_counter()
         summary = quantize_(
-            model, config, calibration=calibration, sequential=not args.no_sequential
+            model,
+            config,
+            calibration=calibration,
+            sequential=not args.no_sequential,
+            hessian_precision=args.hessian_precision,
         )
         seconds = time.perf_counter() - began
         others = watch.stop()
@@ -140,6 +151,10 @@ def main() -> None:
         "config": config.to_dict(),
         "calibration": [args.calibration_sequences, 512],
         "sequential": not args.no_sequential,
+        "hessian_precision": args.hessian_precision,
+        "hessian_precision_resolved": resolve_hessian_precision(
+            args.hessian_precision, torch.device("cpu")
+        ),
         "first_draw": args.first_draw,
         "eval_tokens": EVAL_TOKENS,
         "bits_per_weight": summary.bits_per_weight,

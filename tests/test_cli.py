@@ -169,6 +169,7 @@ def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, cap
         (["evaluate", "--base", ".", "--data", "/no/such.csv"], "file not found: /no/such.csv"),
         (["quantize", "--layer-bits", "*.down_proj", "--output", "x"], "expected PATTERN=BITS"),
         (["quantize", "--layer-bits", "*.down_proj=9", "--output", "x"], "bits must be 1..8"),
+        (["quantize", "--hessian-precision", "half", "--output", "x"], "invalid choice: 'half'"),
     ],
     ids=[
         "bits=0",
@@ -178,6 +179,7 @@ def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, cap
         "missing-data",
         "layer-bits-no-bits",
         "layer-bits=9",
+        "hessian-precision=half",
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
@@ -288,3 +290,20 @@ def test_generate_with_an_adapter_per_prompt(base_dir, tmp_path, capsys):
         ]
     )
     assert code == 2 and "one --prompt-adapter NAME per --prompt" in capsys.readouterr().err
+
+
+def test_quantize_passes_the_hessian_precision_on(tiny_model_dir, tmp_path, monkeypatch):
+    import alphatune.quantize
+
+    seen = []
+    real = alphatune.quantize.quantize_
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["hessian_precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(alphatune.quantize, "quantize_", spy)
+    argv = ["quantize", "--model", str(tiny_model_dir), "--group-size", "32", "--method", "offset"]
+    argv += ["--hessian-precision", "float32", "--output", str(tmp_path / "b"), "--no-progress"]
+    assert main(argv) == 0
+    assert seen == ["float32"]

@@ -257,6 +257,19 @@ def test_calibrated_needs_calibration(llama: nn.Module) -> None:
     assert _quantized_names(llama) == []
 
 
+def test_unknown_hessian_precision_fails_before_quantizing(
+    llama: nn.Module, tokens: torch.Tensor
+) -> None:
+    with pytest.raises(ConfigError, match="hessian_precision must be one of auto"):
+        quantize_(
+            llama,
+            BCQConfig(bits=3, group_size=32, method="calibrated"),
+            calibration=tokens,
+            hessian_precision="half",
+        )
+    assert _quantized_names(llama) == []
+
+
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "one-pass"])
 def test_calibrated_keeps_the_logits_close(arch, tokens: torch.Tensor, sequential: bool) -> None:
     model, expected = arch

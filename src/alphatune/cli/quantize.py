@@ -10,6 +10,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from alphatune.calibration import HESSIAN_PRECISIONS
 from alphatune.cli import options
 from alphatune.cli.console import console, progress_bar, timed_step
 from alphatune.cli.loading import existing_inputs
@@ -34,6 +35,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     q.add_argument(
         "--calibration-length", type=options.positive_int, default=options.CALIBRATION_LENGTH
     )
+    q.add_argument(
+        "--hessian-precision",
+        choices=HESSIAN_PRECISIONS,
+        default="auto",
+        help="how the calibration passes recording the Hessians multiply (auto: bfloat16 inputs "
+        "with float32 sums where the CPU has native bfloat16, ~15%% faster; float32 elsewhere)",
+    )
     q.add_argument("--output", required=True, type=Path, help="directory for the quantized base")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     options.add_common(q)
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         calibration=args.calibration,
         calibration_sequences=args.calibration_sequences,
         calibration_length=args.calibration_length,
+        hessian_precision=args.hessian_precision,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )
@@ -65,6 +74,7 @@ def quantize_base(
     calibration: Path | None = None,
     calibration_sequences: int = options.CALIBRATION_SEQUENCES,
     calibration_length: int = options.CALIBRATION_LENGTH,
+    hessian_precision: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -73,6 +83,7 @@ def quantize_base(
     Args:
         calibration: text file for ``method="calibrated"`` (default: WikiText-2 valid).
         calibration_sequences, calibration_length: how much of it, in sequences of tokens.
+        hessian_precision: ``quantize_``'s ``hessian_precision``.
 
     Returns:
         The quantization summary (``QuantizeSummary.to_dict``), with ``seconds`` and ``output``.
@@ -105,7 +116,13 @@ def quantize_base(
         def report(stage: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=stage)
 
-        summary = quantize_(model, config, calibration=batch, progress=report)
+        summary = quantize_(
+            model,
+            config,
+            calibration=batch,
+            hessian_precision=hessian_precision,
+            progress=report,
+        )
     seconds = time.perf_counter() - began
     save_quantized(model, output, config, tokenizer, overwrite=overwrite)
     table = Table(title="quantized base", show_header=False)

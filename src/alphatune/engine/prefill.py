@@ -12,7 +12,6 @@ float32 attention. On CPUs without native bfloat16 the GEMMs run in float32 (``d
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch import Tensor
 from alphatune.kernels.numba_threads import numba_threads
 from alphatune_runtime import dense_prefill
 from alphatune_runtime.cache import KVCache
+from alphatune_runtime.cpu import native_bfloat16
 from alphatune_runtime.dense_prefill import (  # noqa: F401 - the engine's names for them
     MAX_PASS_TOKENS,
     MIN_FLOAT32_TOKENS,
@@ -33,16 +33,6 @@ from alphatune_runtime.dense_prefill import (  # noqa: F401 - the engine's names
     prefill_setting,
 )
 from alphatune_runtime.stack import BlockStack
-
-
-@functools.cache
-def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so oneDNN's bf16
-    GEMM beats float32 rather than emulating it."""
-    import llvmlite.binding as llvm_binding
-
-    features = llvm_binding.get_host_cpu_features()
-    return bool(features.get("avx512bf16", False) or features.get("amx-bf16", False))
 
 
 def dense_dtype(tokens: int) -> torch.dtype | None:
