@@ -164,9 +164,9 @@ def main() -> None:
         # Draw 0's figures under the old keys: entries from before draws compare with them.
         entry.update(seconds=runs[0]["seconds"], perplexity=runs[0]["perplexity"],
                      busy=runs[0]["busy"])  # fmt: skip
+    entry["draws"] = runs  # always: an entry of one draw d > 0 kept none of its numbers before
     if len(runs) > 1:
         values = [r["perplexity"] for r in runs]
-        entry["draws"] = runs
         entry["perplexity_mean"] = statistics.mean(values)
         entry["perplexity_stdev"] = statistics.stdev(values)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
