@@ -6,7 +6,9 @@ that attention is ~30% of the prefill (``bench_prefill.py``'s breakdown). This t
 causal attention (9 query heads, 3 key/value heads, head size 64) on one thread, exact in float32
 every way: torch's ``scaled_dot_product_attention`` (its CPU flash kernel), the same with the
 key/value heads repeated, a grouped GEMM + softmax + GEMM over the whole square, and that in
-causal chunks (the query rows of chunk i only against keys up to its end); bf16 SDPA for scale.
+causal chunks (the query rows of chunk i only against keys up to its end); bf16 SDPA for scale,
+and SDPA and the grouped GEMMs under oneDNN's bf16 math mode (bf16 inputs, float32 sums: not
+exact, the quantizer's recording pass uses it).
 The tensors have the engine's layouts (the values a strided view of their projection's output).
 Each exact way must match the first within 1e-5. Run it on a quiet machine.
 
@@ -43,6 +45,22 @@ def grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: int) -> t
         scores += mask[start:end, :end]
         out[:, :, start:end] = torch.softmax(scores, -1) @ v[:, None, :end]
     return out.view(HEADS, tokens, HEAD_DIM)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                          enable_gqa=True)[0]  # fmt: skip
+
+
+def bf16_math(run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``run()`` with oneDNN's float32 GEMMs taking bfloat16 inputs (float32 accumulation and
+    output): what the quantizer's Hessian-recording pass uses (``alphatune.calibration``)."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        return run()
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
 
 
 def median_ms(run: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -85,6 +103,16 @@ def main(argv: list[str] | None = None) -> None:
                 lambda c=c: grouped(q, k, v, c)
             )
             for c in (1, 2, 4, 8)
+        },
+        **{
+            f"{name}, oneDNN bf16 math mode (not exact: bf16 inputs, float32 sums)": (
+                lambda run=run: bf16_math(run)
+            )
+            for name, run in (
+                ("sdpa float32", lambda: sdpa(q, k, v)),
+                ("grouped GEMMs, 4 causal chunks", lambda: grouped(q, k, v, 4)),
+                ("grouped GEMMs, 1 causal chunk", lambda: grouped(q, k, v, 1)),
+            )
         },
         **{
             f"sdpa {name} (not exact: for scale)": (
