@@ -193,3 +193,14 @@ def test_sequential_records_in_bf16_and_propagates_in_float32() -> None:
     assert seen["recording"] == {"bf16", before}
     assert seen["propagating"] == {before}
     assert _matmul_precision() == before
+
+
+def test_native_bfloat16_is_false_without_llvmlite(monkeypatch) -> None:
+    """numba (and its llvmlite) is an optional extra: without it the answer is the safe float32
+    one, not an ImportError out of ``quantize_``."""
+    import sys
+
+    from alphatune_runtime.cpu import native_bfloat16
+
+    monkeypatch.setitem(sys.modules, "llvmlite.binding", None)  # import fails
+    assert native_bfloat16.__wrapped__() is False

@@ -13,8 +13,11 @@ import functools
 @functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), so oneDNN's bf16
-    GEMM beats float32 rather than emulating it."""
-    import llvmlite.binding as llvm_binding
-
+    GEMM beats float32 rather than emulating it. False where llvmlite (numba's, the optional
+    ``fast`` extra) is not installed to ask: the float32 paths are the safe answer."""
+    try:
+        import llvmlite.binding as llvm_binding
+    except ImportError:
+        return False
     features = llvm_binding.get_host_cpu_features()
     return bool(features.get("avx512bf16", False) or features.get("amx-bf16", False))
