@@ -204,6 +204,56 @@ def test_sst2_answers_are_labels_and_scored_as_accuracy(env, single_thread) -> N
     assert low <= result["scores"]["accuracy"] <= high
 
 
+def test_a_killed_decoding_resumes_from_its_saved_answers(env, monkeypatch, single_thread) -> None:
+    """Answers are saved a chunk at a time: a run killed while decoding decodes only the chunks
+    it had not finished, and its answers are those of one uninterrupted call."""
+    from alphatune.experiments import runner
+
+    # 4 prompts: two chunks of one left-padded batch each, as one call batches them.
+    monkeypatch.setattr(runner, "GENERATION_BATCH", 2)
+    monkeypatch.setattr(runner, "PREDICTION_CHUNK", 2)
+    spec = replace(_spec(env, "lora"), learning_rate=3e-3)
+    real, calls = runner._generate, []
+
+    def dies_at_the_second_chunk(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine went away
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_generate", dies_at_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, env["results"], env["work"])
+    saved = work_path(env["work"], spec) / "answers-test.json"
+    first = json.loads(saved.read_text())["answers"]
+    assert len(first) == 2
+    calls.clear()
+    monkeypatch.setattr(
+        runner, "_generate", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k)
+    )
+    result = run(spec, env["results"], env["work"])  # training resumes at its last step
+    assert calls == [2]  # only the chunk not decoded before
+    assert all(result["predictions"][int(i)] == answer for i, answer in first.items())
+    assert not saved.exists()  # the answers are in the result
+    # One uninterrupted call over the same model gives the same answers.
+    prepared = runner.get_method(spec.method).prepare(spec, work_path(env["work"], spec))
+    runner._train(spec, prepared, work_path(env["work"], spec), False)
+    prompts = [item.prompt for item in get_task("e2e").eval_set("test", TINY.eval_limit).items]
+    assert runner._generate(spec, prepared, prompts, False) == result["predictions"]
+
+
+def test_saved_answers_of_another_model_are_not_used(tmp_path) -> None:
+    from alphatune.experiments import runner
+
+    saved = tmp_path / "answers-test.json"
+    identity = {"model": "a", "prompts": "p"}
+    write_json(saved, {**identity, "answers": {"0": "x"}})
+    assert runner._saved_answers(saved, identity) == {0: "x"}
+    assert runner._saved_answers(saved, {**identity, "model": "b"}) == {}
+    saved.write_text("{ truncated")
+    assert runner._saved_answers(saved, identity) == {}
+
+
 def test_rescore_recomputes_scores_from_predictions(env) -> None:
     spec = _spec(env, "alphatuning", 3)
     path = result_path(env["results"], spec)

@@ -71,6 +71,19 @@ def _engine_choice(engine: bool | None) -> bool | None:
     raise ConfigError(f"{ENGINE_ENV}={setting!r}; use auto, on or off")
 
 
+def _longest_first(encoded: Sequence[Sequence[int]]) -> list[int]:
+    # Longest first: a batch too large for memory fails at once, not at the end. Stable: prompts
+    # of one length keep their order, so a run of this order decodes in the same batches again.
+    return sorted(range(len(encoded)), key=lambda index: len(encoded[index]), reverse=True)
+
+
+def generation_order(tokenizer: Any, prompts: Sequence[str]) -> list[int]:
+    """The order in which ``generate`` batches ``prompts`` (indices). Calling ``generate`` on
+    consecutive slices of it, each a whole number of batches, gives the batches, and so the
+    answers, of one call over all of them (what a resumable caller needs)."""
+    return _longest_first([encode_prompt(tokenizer, prompt) for prompt in prompts])
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -153,8 +166,7 @@ def generate(
     for index, ids in enumerate(encoded):
         if not ids:
             raise DataError(f"prompt {index} is empty after tokenization; give it some text")
-    # Longest first: a batch too large for memory fails at once, not at the end.
-    order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]), reverse=True)
+    order = _longest_first(encoded)
     options: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,

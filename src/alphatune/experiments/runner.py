@@ -2,12 +2,15 @@
 
 ``run`` is idempotent: a spec whose result file exists is not run again, and a killed run resumes
 from its last training checkpoint (every 50 steps; full fine-tuning, whose checkpoint would be the
-whole model and its optimizer state, restarts instead).
+whole model and its optimizer state, restarts instead) and from the answers it had decoded
+(``predict``: saved every ``PREDICTION_CHUNK`` prompts).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -22,6 +25,7 @@ import torch
 from alphatune.config import TrainConfig
 from alphatune.errors import ConfigError
 from alphatune.evaluate import generate
+from alphatune.evaluate.generation import generation_order
 from alphatune.experiments.methods import (
     HANDOFF,
     Prepared,
@@ -40,6 +44,7 @@ from alphatune.experiments.spec import (
     write_json,
 )
 from alphatune.experiments.tasks import SST2_LABELS, classify, get_task
+from alphatune.files import tensor_digest
 from alphatune.models import load_model
 from alphatune.train import CHECKPOINT_DIR, train
 
@@ -48,6 +53,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_EVERY = 50
 LOCK = ".lock"
 GENERATION_BATCH = 16
+# Prompts decoded between saves of the answers so far (a whole number of batches).
+PREDICTION_CHUNK = 8 * GENERATION_BATCH
 
 
 @functools.lru_cache(maxsize=4)
@@ -97,10 +104,66 @@ def _train(spec: RunSpec, prepared: Prepared, work: Path, progress: bool) -> dic
     }
 
 
-def predict(spec: RunSpec, prepared: Prepared, prompts: list[str], progress: bool) -> list[str]:
-    """The method's answers: generated text, or the chosen label for a classification task."""
+def predict(
+    spec: RunSpec,
+    prepared: Prepared,
+    prompts: list[str],
+    progress: bool,
+    saved: Path | None = None,
+) -> list[str]:
+    """The method's answers: generated text, or the chosen label for a classification task.
+
+    ``saved``: a file that keeps the answers so far, written after each chunk of
+    ``PREDICTION_CHUNK`` prompts. A test set's decoding can take longer than the machine stays
+    up; a killed run then decodes only the chunks it had not finished. The chunks follow
+    ``generate``'s own order, each a whole number of its batches, so the answers are those of
+    one call over all prompts. The file is only used again by a model and prompts of the same
+    hash (a full fine-tuning restarts its training, which may not give the same weights).
+    """
     if not get_task(spec.task).generates:
         return classify(prepared.model, prepared.tokenizer, prompts, SST2_LABELS)
+    if saved is None:
+        return _generate(spec, prepared, prompts, progress)
+    identity = {"model": _model_digest(prepared.model), "prompts": _text_digest(prompts)}
+    answers = _saved_answers(saved, identity)
+    order = generation_order(prepared.tokenizer, prompts)
+    for start in range(0, len(order), PREDICTION_CHUNK):
+        chunk = order[start : start + PREDICTION_CHUNK]
+        if all(i in answers for i in chunk):
+            continue
+        texts = _generate(spec, prepared, [prompts[i] for i in chunk], progress)
+        answers.update(zip(chunk, texts, strict=True))
+        write_json(saved, {**identity, "answers": {str(i): a for i, a in answers.items()}})
+    return [answers[i] for i in range(len(prompts))]
+
+
+def _saved_answers(saved: Path, identity: dict[str, str]) -> dict[int, str]:
+    """The answers in ``saved`` if it was written for ``identity``, else none."""
+    try:
+        document = json.loads(saved.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if {key: document.get(key) for key in identity} != identity:
+        logger.info("%s: answers of another model or prompts; decoding again", saved)
+        return {}
+    answers = {int(i): a for i, a in document.get("answers", {}).items()}
+    logger.info("%s: %d answers decoded before; resuming", saved, len(answers))
+    return answers
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    """Hash of every parameter and buffer (name, dtype, shape, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}={tensor_digest(tensor)};".encode())
+    return digest.hexdigest()
+
+
+def _text_digest(texts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+
+
+def _generate(spec: RunSpec, prepared: Prepared, prompts: list[str], progress: bool) -> list[str]:
     return generate(
         prepared.model,
         prepared.tokenizer,
@@ -190,7 +253,9 @@ def _run(
 
     scored = time.perf_counter()
     eval_set = task.eval_set(spec.split, spec.budget.eval_limit)
-    predictions = predict(spec, prepared, [item.prompt for item in eval_set.items], progress)
+    saved = work / f"answers-{spec.split}.json"  # dev and test runs of a rate share ``work``
+    prompts = [item.prompt for item in eval_set.items]
+    predictions = predict(spec, prepared, prompts, progress, saved)
     scores = task.score(predictions, eval_set)
     eval_seconds = time.perf_counter() - scored
     if handoff and spec.split == "test" and prepared.handoff is not None:
@@ -219,6 +284,7 @@ def _run(
         "predictions": predictions,
     }
     write_json(path, result)
+    saved.unlink(missing_ok=True)  # the answers are in the result now
     return result
 
 
