@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from bases import DEFAULT_CACHE, cached_base, calibration_tokens, parse_head
-from common import append_record, describe_machine, environment, load_records, time_ms
+from common import append_record, environment, load_records, measured_on, time_ms
 
 from alphatune import BCQConfig, bcq, kernels, quantize_lm_head
 from alphatune.adapters import load_quantized, save_quantized
@@ -286,7 +286,7 @@ def render(records: list[dict], settings: dict) -> str:
     lines += render_choice(records, forms)
     lines += USAGE
     lines += render_forms(forms)
-    lines += ["", f"Machine: {describe_machine()}.", ""]
+    lines += ["", measured_on(records + forms), ""]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from common import append_record, describe_machine, load_records
+from common import append_record, environment, load_records, measured_on
 
 from alphatune import BCQConfig, quantize_
 from alphatune.data import calibration_batch, find_data_dir, load_text_tokens
@@ -72,7 +72,7 @@ def render(records: list[dict], settings: dict) -> str:
             f"| {r['method']} | {r['bits']} | {r['group_size'] or 'row'} | {seq} | "
             f"{r['bits_per_weight']:.2f} | {ppl} | {ratio:.2f}× | {r['seconds']:.0f} |"
         )
-    lines += ["", f"Machine: {describe_machine()}.", ""]
+    lines += ["", measured_on(records), ""]
     # Hand-written findings live on their own page: this one is rewritten on every record.
     lines += [
         "How many bits to choose, and which calibration text: [choosing.md](choosing.md).",
@@ -93,7 +93,16 @@ def main() -> None:
     parser.add_argument("--one-pass", action="store_true", help="calibrate without sequential mode")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--render", action="store_true", help="only re-render --docs")
     args = parser.parse_args()
+    settings = {
+        "eval_tokens": args.eval_tokens,
+        "calibration_sequences": args.calibration_sequences,
+        "command": "make bench  # or .venv/bin/python benchmarks/bench_quantization.py",
+    }
+    if args.render:
+        args.docs.write_text(render(load_records(args.out), settings))
+        return
 
     data = find_data_dir()
     tokenizer = load_tokenizer()
@@ -105,11 +114,6 @@ def main() -> None:
     )
     records = load_records(args.out)
     done = {key(r) for r in records}
-    settings = {
-        "eval_tokens": args.eval_tokens,
-        "calibration_sequences": args.calibration_sequences,
-        "command": "make bench  # or .venv/bin/python benchmarks/bench_quantization.py",
-    }
 
     def record(entry: dict) -> None:
         append_record(records, entry, args.out, args.docs, partial(render, settings=settings))
@@ -125,6 +129,7 @@ def main() -> None:
                 "perplexity": perplexity(model, eval_tokens, progress=False),
                 "bits_per_weight": 32.0,
                 "seconds": 0.0,
+                "environment": environment(("torch", "transformers")),
             }
         )
     for method in args.methods:
@@ -136,6 +141,7 @@ def main() -> None:
                     continue
                 model = load_model()
                 config = BCQConfig(bits=bits, group_size=parse_group(group), method=method)
+                env = environment(("torch", "transformers", "numba"))
                 began = time.perf_counter()
                 summary = quantize_(
                     model, config, calibration=calibration, sequential=bool(sequential)
@@ -152,6 +158,7 @@ def main() -> None:
                         "bits_per_weight": summary.bits_per_weight,
                         "seconds": seconds,
                         "eval_tokens": args.eval_tokens,
+                        "environment": env,
                     }
                 )
 

@@ -137,9 +137,34 @@ class CpuWatch:
         )
 
 
-def describe_machine() -> str:
-    """One line for a rendered results page: CPU model, torch threads, torch version."""
-    return f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+def measured_on(records: list[dict[str, Any]]) -> str:
+    """One paragraph for a rendered results page: where, when and at which commit its records
+    were measured (each record's ``environment``), never the machine that renders the page; and
+    how many records say nothing of it (measured before the sweep recorded it: stale once the
+    code under them changed)."""
+    groups: dict[tuple, list[str]] = {}
+    unrecorded = 0
+    for record in records:
+        env = record.get("environment")
+        if env is None:
+            unrecorded += 1
+            continue
+        commit = str(env.get("commit", "?"))[:7] + ("-dirty" if env.get("dirty") else "")
+        where = (commit, env.get("processor", "?"), env.get("threads", "?"), env.get("torch", "?"))
+        groups.setdefault(where, []).append(env.get("date", "?"))
+    parts = [
+        f"{len(dates)} row{'s' * (len(dates) > 1)} at commit `{commit}` on {processor} "
+        f"({threads} thread{'s' * (threads != 1)}, torch {torch_version}), "
+        f"{min(dates)[:10]}{'' if min(dates)[:10] == max(dates)[:10] else ' to ' + max(dates)[:10]}"
+        for (commit, processor, threads, torch_version), dates in groups.items()
+    ]
+    if unrecorded:
+        parts.append(
+            f"{unrecorded} row{'s' * (unrecorded > 1)} recording no commit, machine or date "
+            "(measured before this sweep kept them): stale wherever the code under them has "
+            "changed since, until rerun"
+        )
+    return "Measured: " + "; ".join(parts) + "." if parts else "No measurements yet."
 
 
 def time_ms(
