@@ -233,6 +233,7 @@ def test_a_killed_decoding_resumes_from_its_saved_answers(env, monkeypatch, sing
     )
     result = run(spec, env["results"], env["work"])  # training resumes at its last step
     assert calls == [2]  # only the chunk not decoded before
+    assert result["notes"]["answers_decoded_before"] == 2
     assert all(result["predictions"][int(i)] == answer for i, answer in first.items())
     assert not saved.exists()  # the answers are in the result
     # One uninterrupted call over the same model gives the same answers.
