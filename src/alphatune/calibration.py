@@ -27,8 +27,8 @@ from alphatune_runtime.cpu import native_bfloat16
 # How the recording passes multiply: "float32", "bfloat16" (oneDNN's bf16 math mode: inputs
 # rounded to bfloat16, float32 accumulation and output) or "auto" (bfloat16 on a CPU model where
 # the CPU multiplies bfloat16 natively). On an Intel Xeon with AMX a SmolLM2 3-bit quantization
-# took 0.85x the time (median of 13 side-by-side pairs; 54.8 s against 65.2 s in a quiet hour) at
-# +0.5% perplexity (13 calibration draws, paired 95% interval -0.6% to +1.7%;
+# took 0.86x the time (median of 14 side-by-side pairs; 54.8 s against 65.2 s in a quiet hour) at
+# +0.3% perplexity (14 calibration draws, paired 95% interval -0.9% to +1.4%;
 # benchmarks/results/quantize_speed_hessian_precision.json). The propagating pass, whose outputs
 # feed the next block, stays float32: bf16 there had cost +2.3% (docs/performance.md).
 HESSIAN_PRECISIONS = ("auto", "float32", "bfloat16")

@@ -203,7 +203,7 @@ def quantize_(
             ``"auto"`` (default: bfloat16 inputs with float32 accumulation where the CPU
             multiplies bfloat16 natively, AVX-512 BF16 or AMX; float32 elsewhere), ``"float32"``
             or ``"bfloat16"``. On an Intel Xeon with AMX, bfloat16 quantized SmolLM2 at 3 bits
-            in 0.85x the time at +0.5% perplexity (docs/performance.md); the pass that carries
+            in 0.86x the time at +0.3% perplexity (docs/performance.md); the pass that carries
             each block's outputs to the next stays float32.
         progress: called as ``progress(stage, done, total)`` after each calibration batch
             (stage ``"calibrating"``) and after each layer (stage = the layer's name); the total
