@@ -889,3 +889,36 @@ def test_a_held_out_run_writes_a_result(env, shared_data_dir, tmp_path, monkeypa
     with pytest.raises(ConfigError, match="no 'test' split"):
         run(replace(spec, split="test"), tmp_path / "results", tmp_path / "other-work")
     assert not (tmp_path / "other-work").exists()  # failed before any work began
+
+
+def test_prompt_tuning_generates_what_its_forward_predicts(tiny_model_dir) -> None:
+    """The virtual tokens lead every step: greedy tokens from ``generate`` (batched, left-padded,
+    KV cache) equal a step-by-step argmax of the model's own forward on each prompt alone.
+    peft's own generate garbled them (its cache grew by the whole sequence at each step)."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from alphatune.evaluate.generation import _left_pad
+    from alphatune.experiments.methods import DropVirtualTokens
+    from alphatune.models import load_model
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    base = load_model(str(tiny_model_dir)).eval()
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    model = DropVirtualTokens(get_peft_model(base, config), 4).eval()
+    prompts = [[5, 9, 13, 2, 7], [11, 3]]
+    steps = 5
+    with torch.no_grad():
+        expected = []
+        for ids in prompts:
+            sequence = list(ids)
+            for _ in range(steps):
+                logits = model(input_ids=torch.tensor([sequence])).logits
+                sequence.append(int(logits[0, -1].argmax()))
+            expected.append(sequence[len(ids) :])
+        input_ids, mask = _left_pad(prompts, pad_id=0)
+        output = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=steps,
+                                min_new_tokens=steps, do_sample=False, num_beams=1,
+                                pad_token_id=0)  # fmt: skip
+    assert output[:, : input_ids.shape[1]].tolist() == input_ids.tolist()
+    assert output[:, input_ids.shape[1] :].tolist() == expected

@@ -398,8 +398,24 @@ class DropVirtualTokens(nn.Module):
         output.logits = output.logits[:, self.virtual_tokens :]
         return output
 
-    def generate(self, **inputs: Any) -> Tensor:
-        return self.peft_model.generate(**inputs)  # type: ignore[operator]
+    def generate(
+        self, *, input_ids: Tensor, attention_mask: Tensor, **options: Any
+    ) -> Tensor:  # fmt: skip
+        """Greedy or beam search with the virtual tokens in front, through the base model's own
+        ``generate`` on input embeddings. peft's prompt-tuning ``generate`` (peft 0.21,
+        transformers 5) fed the whole sequence again at each step while its KV cache grew: the
+        answers were garbled (E2E test: 2.1 BLEU) and the decode 12x slower than LoRA's.
+        Returns the prompt's ids followed by the new tokens, as ``generate`` does for ids."""
+        peft = self.peft_model
+        embedded = peft.get_input_embeddings()(input_ids)
+        virtual = peft.get_prompt(batch_size=input_ids.shape[0]).to(embedded.dtype)
+        ones = attention_mask.new_ones(input_ids.shape[0], virtual.shape[1])
+        new_tokens = peft.base_model.generate(  # type: ignore[operator]
+            inputs_embeds=torch.cat([virtual, embedded], dim=1),
+            attention_mask=torch.cat([ones, attention_mask], dim=1),
+            **options,
+        )
+        return torch.cat([input_ids, new_tokens], dim=1)
 
 
 def _prompt_tuning(spec: RunSpec, work: Path) -> Prepared:
