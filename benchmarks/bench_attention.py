@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from common import CpuWatch, environment, save_watched_results
 
+from alphatune.calibration import recording_precision
+
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64  # SmolLM2-135M
 DEFAULT_OUT = Path(__file__).parent / "results" / "attention.json"
 
@@ -54,13 +56,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def bf16_math(run: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``run()`` with oneDNN's float32 GEMMs taking bfloat16 inputs (float32 accumulation and
-    output): what the quantizer's Hessian-recording pass uses (``alphatune.calibration``)."""
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    try:
+    output): the quantizer's Hessian-recording pass's own setting."""
+    with recording_precision("bfloat16"):
         return run()
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = before
 
 
 def median_ms(run: Callable[[], torch.Tensor], repeats: int) -> float:

@@ -398,9 +398,7 @@ class DropVirtualTokens(nn.Module):
         output.logits = output.logits[:, self.virtual_tokens :]
         return output
 
-    def generate(
-        self, *, input_ids: Tensor, attention_mask: Tensor, **options: Any
-    ) -> Tensor:  # fmt: skip
+    def generate(self, *, input_ids: Tensor, attention_mask: Tensor, **options: Any) -> Tensor:
         """Greedy or beam search with the virtual tokens in front, through the base model's own
         ``generate`` on input embeddings. peft's prompt-tuning ``generate`` (peft 0.21,
         transformers 5) fed the whole sequence again at each step while its KV cache grew: the
