@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from alphatune.data import EvalItem, Example, load_triples_eval, load_triples_train, triples_prompt
+from alphatune.data import (
+    EvalItem,
+    Example,
+    load_triples_eval,
+    load_triples_train,
+    triple_entities,
+    triples_prompt,
+)
 from alphatune.errors import DataError
 
 ENTRIES = [
@@ -48,9 +55,19 @@ def test_train_uses_only_good_refs(small_jsonl: Path) -> None:
 
 def test_eval_keeps_all_refs(small_jsonl: Path) -> None:
     items = load_triples_eval(small_jsonl)
-    assert items[0] == EvalItem(triples_prompt(ENTRIES[0]["triples"]), tuple(ENTRIES[0]["refs"]))
+    assert items[0] == EvalItem(
+        triples_prompt(ENTRIES[0]["triples"]),
+        tuple(ENTRIES[0]["refs"]),
+        entities=("Aarhus Airport", "Aarhus, Denmark"),
+    )
+    assert items[1].entities == ("A B", "C", "D")  # each once, as the prompt spells them
     assert len(items) == 2
     assert load_triples_eval(small_jsonl, limit=1) == items[:1]
+
+
+def test_entities_are_subjects_and_objects_never_properties() -> None:
+    triples = [["X", "capital", "Y"], ["Y", "leader", '"X"'], ["Z", "p", '""']]
+    assert triple_entities(triples) == ("X", "Y", "Z")  # an empty object is no entity
 
 
 def test_blank_lines_skipped(tmp_path: Path) -> None:

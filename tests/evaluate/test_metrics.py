@@ -17,6 +17,7 @@ from alphatune.evaluate import (
     e2e_bleu,
     e2e_metrics,
     e2e_nist,
+    missing_entities,
     paired_bootstrap_difference,
 )
 
@@ -286,6 +287,39 @@ def test_bootstrap_fast_path_equals_recomputing() -> None:
             hyps, refs, lambda h, r, m=metric: m(h, r), samples=40, seed=7, confidence=0.9
         )
         assert fast == pytest.approx(slow, abs=1e-9)
+
+
+def test_missing_entities_by_hand() -> None:
+    """Accents, case, punctuation and a disambiguation do not count; order and every word do."""
+    entities = [
+        ("Adolfo Suárez Madrid–Barajas Airport", "Alcobendas", "Alan Bean (astronaut)"),
+        ("Abilene, Texas", "1634.0", "Aarhus"),
+    ]
+    hypotheses = [
+        "Adolfo Suarez Madrid-Barajas airport serves ALCOBENDAS; Alan Bean flew.",
+        "Abilene Texas, at 1634.0 metres.",  # "Aarhus" not named
+    ]
+    assert missing_entities(hypotheses, entities) == pytest.approx(100 / 6)
+    assert missing_entities(["Barajas Madrid Suarez Adolfo Airport"], [entities[0][:1]]) == 100.0
+    assert missing_entities(["Abilene"], [("Abilene, Texas",)]) == 100.0  # a part is missing
+    assert missing_entities(["Aarhusian"], [("Aarhus",)]) == 100.0  # whole words only
+    with pytest.raises(DataError, match="references\\[0\\] is empty"):
+        missing_entities(["text"], [()])
+
+
+def test_missing_entities_interval_sums_counts_like_recomputing() -> None:
+    """The bootstrap sums per-item counts (a ratio of sums, not a mean of item shares); the
+    slow path, rescoring each draw's texts, gives the same interval."""
+    rng = random.Random(3)
+    names = ["Aarhus", "Denmark", "Alan Bean", "Apollo 12", "NASA", "Texas"]
+    entities = [tuple(rng.sample(names, rng.randint(1, 4))) for _ in range(40)]
+    hyps = [" ".join(name for name in item if rng.random() < 0.6) for item in entities]
+    fast = bootstrap_interval(hyps, entities, missing_entities, samples=50, seed=2)
+    slow = bootstrap_interval(
+        hyps, entities, lambda h, e: missing_entities(h, e), samples=50, seed=2
+    )
+    assert fast == pytest.approx(slow, abs=1e-9)
+    assert fast[0] < missing_entities(hyps, entities) < fast[1]
 
 
 def test_bootstrap_any_metric() -> None:

@@ -193,6 +193,13 @@ def test_webnlg_scores_seen_and_unseen(env, single_thread) -> None:
     assert scores["n"] == 4
     assert scores["seen_n"] + scores["unseen_n"] == 4 and scores["seen_n"] > 0
     assert "unseen_bleu_ci" in scores
+    eval_set = get_task("webnlg").eval_set("test", TINY.eval_limit)
+    entities = [item.entities for item in eval_set.items]
+    expected = metrics.missing_entities(result["predictions"], entities)
+    assert scores["entities_missing"] == pytest.approx(expected)
+    low, high = scores["entities_missing_ci"]
+    assert 0 <= low <= scores["entities_missing"] <= high <= 100
+    assert "unseen_entities_missing" in scores
 
 
 def test_sst2_answers_are_labels_and_scored_as_accuracy(env, single_thread) -> None:
@@ -261,7 +268,28 @@ def test_rescore_recomputes_scores_from_predictions(env) -> None:
     data = json.loads(path.read_text())
     data["scores"] = {"bleu": -1}
     write_json(path, data)
-    assert rescore(path)["scores"]["bleu"] >= 0
+    rescored = rescore(path)
+    assert rescored["scores"]["bleu"] >= 0
+    assert rescored["rescored"]["commit"] and rescored["rescored"]["date"]
+    assert rescored["environment"] == data["environment"]  # the run's own, kept
+
+
+def test_rescore_of_one_task_leaves_the_others(env, single_thread, tmp_path) -> None:
+    from alphatune.experiments.__main__ import main as experiments_main
+
+    results = tmp_path / "results"
+    for task in ("e2e", "webnlg"):
+        source = result_path(env["results"], _spec(env, "alphatuning", 3, task=task))
+        if not source.exists():
+            run(_spec(env, "alphatuning", 3, task=task), env["results"], env["work"])
+        target = results / task / source.name
+        target.parent.mkdir(parents=True)
+        data = json.loads(source.read_text())
+        data["scores"] = {"bleu": -1}
+        write_json(target, data)
+    assert experiments_main(["--results", str(results), "rescore", "--task", "webnlg"]) == 0
+    assert read_result(results / "webnlg" / source.name)["scores"]["bleu"] >= 0
+    assert read_result(next((results / "e2e").glob("*.json")))["scores"] == {"bleu": -1}
 
 
 def test_e2e_scores_include_meteor(env, monkeypatch) -> None:
@@ -277,6 +305,7 @@ def test_report_renders_tables_and_plots(env, tmp_path) -> None:
     assert output.read_text() == text
     assert "## E2E NLG (test)" in text and "## WebNLG 2017 (test)" in text
     assert "| alphatuning" in text and "BLEU 95% CI per seed" in text
+    assert "entities missing %" in text and "Entities missing: the percent" in text
     assert "Quantized bases (cached per quantizer and bit width" in text
     plots = sorted((tmp_path / "docs" / "results").glob("*.png"))
     assert {p.name for p in plots} >= {"e2e-bleu-vs-bits.png", "e2e-bleu-vs-trainable.png"}

@@ -13,7 +13,12 @@ from alphatune.data.tokenize import (
     load_task,
     start_ids,
 )
-from alphatune.data.triples import load_triples_eval, load_triples_train, triples_prompt
+from alphatune.data.triples import (
+    load_triples_eval,
+    load_triples_train,
+    triple_entities,
+    triples_prompt,
+)
 
 __all__ = [
     "DATA_ENV",
@@ -36,5 +41,6 @@ __all__ = [
     "load_triples_train",
     "seeded_sample",
     "start_ids",
+    "triple_entities",
     "triples_prompt",
 ]

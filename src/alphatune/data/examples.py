@@ -29,10 +29,16 @@ class Example:
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One evaluation input with every reference text written for it."""
+    """One evaluation input with every reference text written for it.
+
+    ``entities``: the names a data-to-text input asks the output to mention (a WebNLG triple
+    set's subjects and objects, as the prompt spells them); empty where the task has none. They
+    score omissions (``alphatune.evaluate.missing_entities``).
+    """
 
     prompt: str
     references: tuple[str, ...]
+    entities: tuple[str, ...] = ()
 
 
 def check_limit(limit: int | None) -> None:

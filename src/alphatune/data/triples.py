@@ -53,6 +53,17 @@ def triples_prompt(triples: Sequence[Sequence[str]]) -> str:
     return f"Triples: {joined}\nText:"
 
 
+def triple_entities(triples: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The subjects and objects of a triple set as the prompt spells them, each once, in order.
+
+    >>> triple_entities([["Aarhus_Airport", "cityServed", '"Aarhus, Denmark"'],
+    ...                  ["Aarhus_Airport", "elevationAboveTheSeaLevel", "25.0"]])
+    ('Aarhus Airport', 'Aarhus, Denmark', '25.0')
+    """
+    names = (_clean(name) for subject, _, obj in triples for name in (subject, obj))
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
 def _string_list(record: dict[str, Any], field: str, where: str) -> list[str]:
     """``record[field]`` checked to be a list of strings."""
     if field not in record:
@@ -65,8 +76,8 @@ def _string_list(record: dict[str, Any], field: str, where: str) -> list[str]:
 
 def _read_entries(
     path: str | os.PathLike[str], categories: CategoryFilter | None = None
-) -> Iterator[tuple[str, list[str], list[str] | None, str]]:
-    """Yield ``(prompt, refs, ref_comments or None, "file:line")`` per non-blank line (per line
+) -> Iterator[tuple[list[list[str]], list[str], list[str] | None, str]]:
+    """Yield ``(triples, refs, ref_comments or None, "file:line")`` per non-blank line (per line
     whose ``category`` field, ``None`` where it has none, passes ``categories``; a line it drops
     is checked to be a JSON object, not further)."""
     path = Path(path)
@@ -101,7 +112,7 @@ def _read_entries(
                             f"{where}: 'ref_comments' has {len(comments)} entries but 'refs' has "
                             f"{len(refs)}; they must be parallel"
                         )
-                yield triples_prompt(triples), refs, comments, where
+                yield triples, refs, comments, where
         except UnicodeDecodeError as err:
             # The reader decodes in blocks: lineno can be far from the bad byte; find the byte.
             raise DataError(f"{path}: not UTF-8 text ({utf8_error(path)})") from err
@@ -150,9 +161,10 @@ def load_triples_train(
     check_limit(limit)
     examples: list[Example] = []
     skipped = 0
-    for prompt, refs, comments, _ in _read_entries(path, categories):
+    for triples, refs, comments, _ in _read_entries(path, categories):
         if limit is not None and len(examples) >= limit:
             break
+        prompt = triples_prompt(triples)
         for index, ref in enumerate(refs):
             if (comments is not None and comments[index] != "good") or not ref.strip():
                 skipped += 1
@@ -182,17 +194,20 @@ def load_triples_eval(
         categories: keep only the lines whose ``category`` it accepts (``None``: all lines).
 
     Returns:
-        ``EvalItem(prompt=triples_prompt(triples), references=(ref, ...))`` per line, in file
-        order, references in their original order whatever their comment.
+        ``EvalItem(prompt=triples_prompt(triples), references=(ref, ...),
+        entities=triple_entities(triples))`` per line, in file order, references in their
+        original order whatever their comment.
     """
     check_limit(limit)
     items: list[EvalItem] = []
-    for prompt, refs, _, where in _read_entries(path, categories):
+    for triples, refs, _, where in _read_entries(path, categories):
         if limit is not None and len(items) >= limit:
             break
         references = tuple(ref.strip() for ref in refs if ref.strip())
         if not references:
             raise DataError(f"{where}: 'refs' has no non-blank reference; evaluation needs one")
-        items.append(EvalItem(prompt=prompt, references=references))
+        items.append(
+            EvalItem(triples_prompt(triples), references, entities=triple_entities(triples))
+        )
     logger.debug("loaded %d evaluation items from %s", len(items), path)
     return items

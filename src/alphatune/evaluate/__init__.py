@@ -10,6 +10,7 @@ from alphatune.evaluate.metrics import (
     e2e_bleu,
     e2e_metrics,
     e2e_nist,
+    missing_entities,
     paired_bootstrap_difference,
 )
 from alphatune.evaluate.perplexity import perplexity
@@ -32,6 +33,7 @@ __all__ = [
     "e2e_metrics",
     "e2e_nist",
     "generate",
+    "missing_entities",
     "paired_bootstrap_difference",
     "perplexity",
     "score_generation",

@@ -6,16 +6,19 @@ references (one or more strings per item). ``corpus_bleu`` is sacrebleu's defaul
 (github.com/tuetschek/e2e-metrics, ``measure_scores.py``) with maintained packages: sacrebleu for
 BLEU, our own NIST (mteval-v13a's definition), and pycocoevalcap's bundled Stanford PTB tokenizer,
 METEOR 1.5 jar, ROUGE-L and CIDEr-D code. ``bootstrap_interval`` gives a percentile interval for
-any corpus metric. docs/metrics.md lists where the scores can differ from the official script.
+any corpus metric. ``missing_entities`` counts the input's names an output leaves out
+(data-to-text omissions). docs/metrics.md lists where the scores can differ from the official script.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import shutil
 import subprocess
 import tempfile
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -410,6 +413,64 @@ def e2e_metrics(
 
 
 # --------------------------------------------------------------------------------------------
+# Omissions (data-to-text)
+
+# A trailing DBpedia disambiguation, "Alan Bean (astronaut)": outputs name the entity without it.
+_DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")
+_NOT_WORD = re.compile(r"[^0-9a-z]+")
+
+
+def _name_words(text: str) -> list[str]:
+    """Lowercase ASCII words of a name or an output: accents folded (outputs write "Suarez" for
+    "Suárez"), punctuation dropped (", Texas" vs " Texas")."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    folded = "".join(char for char in decomposed if not unicodedata.combining(char))
+    # Anything else outside a-z0-9 (an en dash, "ø") separates words rather than vanishing.
+    return _NOT_WORD.sub(" ", folded).split()
+
+
+def _entity_counts(hypotheses: Sequence[str], entities: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per item: (entities not named, entities), int64 (n, 2)."""
+    rows = []
+    for hypothesis, names in zip(hypotheses, entities, strict=True):
+        said = f" {' '.join(_name_words(hypothesis))} "
+        wanted = [_name_words(_DISAMBIGUATION.sub("", name)) for name in names]
+        wanted = [words for words in wanted if words]
+        missing = sum(f" {' '.join(words)} " not in said for words in wanted)
+        rows.append([missing, len(wanted)])
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+
+
+def _missing_share(counts: np.ndarray) -> float:
+    missing, total = counts[..., 0], counts[..., 1]
+    return 100.0 * missing / np.maximum(total, 1)
+
+
+def missing_entities(hypotheses: Sequence[str], entities: Sequence[Sequence[str]]) -> float:
+    """Percent of the input's entities an output does not name: omissions in data-to-text.
+
+    An entity counts as named when its words, lowercased, accents folded, punctuation and a
+    trailing parenthesised disambiguation dropped, occur in that order in the output. This is
+    literal: a date written out ("1923-06-28" as "June 28, 1923"), a unit or a paraphrase counts
+    as missing for every system alike, so compare systems with it; it is not an absolute error
+    rate (docs/metrics.md). The metric's signature is ``Metric``'s, entities in place of
+    references, so :func:`bootstrap_interval` gives its interval.
+
+    Args:
+        hypotheses: one generated text per item.
+        entities: the names each item's input holds (``EvalItem.entities``), at least one each.
+
+    Example::
+
+        >>> missing_entities(["Abilene Regional Airport serves Abilene."],
+        ...                  [("Abilene Regional Airport", "Abilene, Texas")])
+        50.0
+    """
+    _check_corpus(hypotheses, entities)
+    return float(_missing_share(_entity_counts(hypotheses, entities).sum(axis=0)))
+
+
+# --------------------------------------------------------------------------------------------
 # Bootstrap
 
 
@@ -529,30 +590,32 @@ def _sample_scores(
     metric: Metric,
     picks: list[np.ndarray],
 ) -> list[float]:
-    """The metric on each draw of items."""
+    """The metric on each draw of items. Metrics that are a function of summed per-item
+    statistics (BLEU, missing entities) sum them per draw instead of rescoring the texts."""
     n = len(hypotheses)
     settings = _BLEU_SETTINGS.get(metric)
-    if settings is not None:
-        scorer = BLEU(**settings)
-        stats = _bleu_statistics(scorer, hypotheses, references)  # (n, 2 + 2 * order)
-        order = (stats.shape[1] - 2) // 2
-        weights = np.stack([np.bincount(picked, minlength=n) for picked in picks])  # (samples, n)
-        totals = weights @ stats  # (samples, 2 + 2 * order)
-        scores = [
-            BLEU.compute_bleu(
-                correct=total[2 : 2 + order].tolist(),
-                total=total[2 + order :].tolist(),
-                sys_len=int(total[0]),
-                ref_len=int(total[1]),
-                smooth_method=scorer.smooth_method,
-                smooth_value=scorer.smooth_value,
-                max_ngram_order=order,
-            ).score
-            for total in totals
-        ]
-    else:
-        scores = [
+    if settings is None and metric is not missing_entities:
+        return [
             metric([hypotheses[i] for i in picked], [references[i] for i in picked])
             for picked in picks
         ]
+    weights = np.stack([np.bincount(picked, minlength=n) for picked in picks])  # (samples, n)
+    if settings is None:
+        return _missing_share(weights @ _entity_counts(hypotheses, references)).tolist()
+    scorer = BLEU(**settings)
+    stats = _bleu_statistics(scorer, hypotheses, references)  # (n, 2 + 2 * order)
+    order = (stats.shape[1] - 2) // 2
+    totals = weights @ stats  # (samples, 2 + 2 * order)
+    scores = [
+        BLEU.compute_bleu(
+            correct=total[2 : 2 + order].tolist(),
+            total=total[2 + order :].tolist(),
+            sys_len=int(total[0]),
+            ref_len=int(total[1]),
+            smooth_method=scorer.smooth_method,
+            smooth_value=scorer.smooth_value,
+            max_ngram_order=order,
+        ).score
+        for total in totals
+    ]
     return scores

@@ -3,7 +3,7 @@
     python -m alphatune.experiments grid [--phase e2e ...] [--threads 1]   # resumable, background
     python -m alphatune.experiments list                                   # done / pending / todo
     python -m alphatune.experiments run --task e2e --method lora --lr 1e-3 --steps 2 ...
-    python -m alphatune.experiments rescore                                # scores from predictions
+    python -m alphatune.experiments rescore [--task webnlg]                # scores from predictions
     python -m alphatune.experiments bases                                  # the bases' perplexity
     alphatune report                                 # docs/results.md and its plots from the files
 
@@ -157,7 +157,8 @@ def _list(args: argparse.Namespace) -> int:
 def _rescore(args: argparse.Namespace) -> int:
     from alphatune.experiments.runner import rescore
 
-    for path in sorted(args.results.glob("*/*.json")):
+    tasks = args.task or ["*"]
+    for path in sorted(p for task in tasks for p in args.results.glob(f"{task}/*.json")):
         rescore(path)
         print(f"rescored {path}")
     return 0
@@ -212,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--phase", action="append", choices=list(grid_module.PHASES))
     ls.set_defaults(func=_list)
     r = sub.add_parser("rescore", help="recompute every result's scores from its predictions")
+    r.add_argument(
+        "--task", action="append", help="only this task's results (repeatable; default: all)"
+    )
     r.set_defaults(func=_rescore)
     b = sub.add_parser("bases", help="WikiText-2 perplexity of every cached base, once each")
     b.add_argument("--model", default=None, help="the unquantized model (default: the grid's)")

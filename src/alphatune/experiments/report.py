@@ -54,6 +54,7 @@ COLUMNS = {
         ("BLEU seen", "seen_bleu"),
         ("BLEU unseen", "unseen_bleu"),
         ("length", "length_ratio"),
+        ("entities missing %", "entities_missing"),
     ],
     "sst2": [("accuracy", "accuracy")],
 }
@@ -248,6 +249,20 @@ def bases_paragraph(by_task: dict[str, list[dict[str, Any]]]) -> str:
     )
 
 
+def _rescored_sentence(by_task: dict[str, list[dict[str, Any]]]) -> str:
+    """Which code scored runs whose scores were recomputed from their saved outputs."""
+    commits = sorted(
+        {r["rescored"]["commit"][:8] for rs in by_task.values() for r in rs if "rescored" in r}
+    )
+    if not commits:
+        return ""
+    return (
+        " Some runs' scores were recomputed from their saved outputs after a metric was added "
+        f"(`python -m alphatune.experiments rescore`, at {', '.join(commits)}); the commit "
+        "column is the run's own."
+    )
+
+
 def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> str:
     """Write docs/results.md (and its plots) from the result files; returns the markdown."""
     by_task = load_results(results_dir)
@@ -260,7 +275,7 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
         (
             "Rendered by `alphatune report` from the result files in "
             f"`{results_dir}` (one per run; rerun with `python -m alphatune.experiments grid`). "
-            "Do not edit by hand."
+            "Do not edit by hand." + _rescored_sentence(by_task)
         ),
         "",
         (
@@ -327,6 +342,14 @@ def render(results_dir: Path, output: Path, plots_dir: Path | None = None) -> st
                     f"new tokens. {scores} Length: the outputs' length over the references' as "
                     "BLEU counts it; below 1 BLEU's brevity penalty applies, and shorter outputs "
                     "usually leave facts out."
+                    + (
+                        " Entities missing: the percent of the input triples' subjects and objects "
+                        "an output does not name word for word (lower is better; dates and "
+                        "paraphrases count as missing for every method alike, see "
+                        "docs/metrics.md)."
+                        if any(key == "entities_missing" for _, key in COLUMNS.get(task, []))
+                        else ""
+                    )
                 ),
                 "",
             ]

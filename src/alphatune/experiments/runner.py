@@ -358,5 +358,7 @@ def rescore(path: Path) -> dict[str, Any]:
             f"{len(eval_set.items)} items; rerun it"
         )
     result["scores"] = task.score(result["predictions"], eval_set)
+    # The run's own environment stays; this says which code computed the scores now in it.
+    result["rescored"] = {key: environment()[key] for key in ("commit", "date")}
     write_json(path, result)
     return result

@@ -3,7 +3,8 @@
 - ``e2e``: E2E NLG (restaurant meaning representations to text); BLEU, NIST, METEOR, ROUGE-L and
   CIDEr against all references of each MR, BLEU with a bootstrap 95% interval.
 - ``webnlg``: WebNLG 2017 (DBpedia triples to text); BLEU (sacrebleu, cased, 13a) on all, seen
-  and unseen test categories (the ``seen`` field), each with its interval.
+  and unseen test categories (the ``seen`` field), each with its interval, and the percent of
+  the triples' entities the outputs leave out (``missing_entities``).
 - ``webnlg-heldout``: WebNLG trained without four categories and scored on their dev items
   (``WebNLGHeldOut``): a dev-only task for choosing recipes on unseen categories.
 - ``sst2``: SST-2 sentiment as the classification task: the model reads the sentence and the label
@@ -48,6 +49,7 @@ from alphatune.evaluate.metrics import (
     corpus_bleu,
     e2e_bleu,
     e2e_metrics,
+    missing_entities,
     paired_bootstrap_difference,
 )
 from alphatune.models import model_device
@@ -122,15 +124,27 @@ class Task:
 
 def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
     """BLEU (sacrebleu, cased), its bootstrap 95% interval over items (1,000 resamples) and the
-    length ratio its brevity penalty reads."""
+    length ratio its brevity penalty reads; where every item names its input's entities, the
+    percent of them the outputs leave out, with its interval."""
+    predictions = list(predictions)
     references = [item.references for item in items]
-    low, high = bootstrap_interval(list(predictions), references, samples=BOOTSTRAP_SAMPLES, seed=0)
-    return {
+    low, high = bootstrap_interval(predictions, references, samples=BOOTSTRAP_SAMPLES, seed=0)
+    scores = {
         "bleu": corpus_bleu(predictions, references),
         "bleu_ci": [low, high],
         "length_ratio": bleu_length_ratio(predictions, references),
         "n": len(items),
     }
+    entities = [item.entities for item in items]
+    if all(entities):
+        low, high = bootstrap_interval(
+            predictions, entities, metric=missing_entities, samples=BOOTSTRAP_SAMPLES, seed=0
+        )
+        scores.update(
+            entities_missing=missing_entities(predictions, entities),
+            entities_missing_ci=[low, high],
+        )
+    return scores
 
 
 class E2E(Task):
