@@ -463,7 +463,7 @@ def test_report_command_writes_the_page(env, tmp_path) -> None:
 def _fake_dev_result(results: Path, spec: RunSpec, bleu: float) -> None:
     write_json(
         result_path(results, spec),
-        {"format": 1, "spec": spec.to_dict(), "scores": {"bleu": bleu}},
+        {"format": 1, "spec": spec.to_dict(), "scores": {grid.MAIN_METRIC[spec.task]: bleu}},
     )
 
 
@@ -583,6 +583,20 @@ def test_mixed_precision_phase_runs_e2e_dev_and_webnlg_test_before_sst2(tmp_path
     assert runs[0].learning_rate == grid.search_specs("e2e", "alphatuning")[1].learning_rate
     assert runs[1].learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
     assert grid.ORDER.index("mixed-precision") < grid.ORDER.index("sst2")
+
+
+def test_sst2_seed_phase_runs_the_headline_methods_second_seed(tmp_path) -> None:
+    """AlphaTuning 3-bit, LoRA and LoRA -> PTQ 3-bit at seed 1 on SST-2, at their searched
+    rates, before SST-2's remaining baselines: two seeds of each, as on the other tasks."""
+    results = tmp_path / "results"
+    _fake_searches(results, "sst2")
+    runs = list(grid.specs(results, ("sst2-seed",)))
+    first = list(grid.specs(results, ("sst2",)))
+    headline = [s for s in first if not isinstance(s, str) and s.option("quantizer") != "rtn"]
+    headline = [s for s in headline if s.split == "test"]
+    assert [(s.method, s.bits, s.seed) for s in runs] == [(s.method, s.bits, 1) for s in headline]
+    assert [s.learning_rate for s in runs] == [s.learning_rate for s in headline]
+    assert grid.ORDER.index("sst2-seed") < grid.ORDER.index("sst2-rest")
 
 
 def test_steps_phase_runs_the_headline_pair_longer_on_webnlg_dev(tmp_path) -> None:

@@ -310,6 +310,9 @@ PHASES: dict[str, list[PhaseRow]] = {
         ("sst2", "search", ("alphatuning", "lora"), []),
         ("sst2", "test", (), _main((0,))),
     ],
+    "sst2-seed": [
+        ("sst2", "test", (), [(m, b, o, (1,)) for m, b, o, seeds in _main() if 1 in seeds]),
+    ],
     "sst2-rest": [
         ("sst2", "search", ("full-ft",), []),
         ("sst2", "test", (), REST),
@@ -332,7 +335,9 @@ PHASES: dict[str, list[PhaseRow]] = {
 # generation). The 4-bit base's second WebNLG seed comes before the "-rest" phases too: the
 # recommendation in docs/choosing.md rests on it. Longer training on WebNLG ("webnlg-steps") was
 # added once every phase before "webnlg-rest" had run: whether more steps close the gap decides
-# more than the remaining baselines do, so it runs next.
+# more than the remaining baselines do, so it runs next. SST-2's headline comparison ran with one
+# seed first (its runs are short, so its second seed waited for nothing); its second seed comes
+# before SST-2's remaining baselines, as the issue asks two seeds of those three methods.
 ORDER = (
     "e2e",
     "webnlg",
@@ -347,6 +352,7 @@ ORDER = (
     "e2e-rest",
     "e2e-ablations",
     "webnlg-rest",
+    "sst2-seed",
     "sst2-rest",
     "webnlg-ablations",
 )
