@@ -516,13 +516,15 @@ def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
     assert all(s.split == "dev" and s.budget == searches[1].budget for s in runs)
     assert all(s.learning_rate == searches[1].learning_rate for s in runs)
     # Candidates at seed 0, the default once more at seed 1 (how far a seed moves it), and the
-    # default on a 4-bit base and on a mixed-precision one.
+    # default on a 4-bit base, on a mixed-precision one and on one calibrated on task text too.
     assert [(s.seed, bool(s.options), s.bits) for s in runs] == [(0, True, 3)] * 3 + [
         (1, False, 3),
         (0, False, 4),
         (0, True, 3),
+        (0, True, 3),
     ]
-    assert runs[-1].option("layer_bits") == "v-o-down4"
+    assert runs[-2].option("layer_bits") == "v-o-down4"
+    assert runs[-1].option("calibration") == "wikitext+tasks"
     assert grid.ORDER.index("webnlg-recipe") == grid.ORDER.index("webnlg") + 1
 
 
@@ -869,9 +871,12 @@ def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
         ("webnlg-heldout", "lora", None, "dev", 0),
         ("webnlg-heldout", "alphatuning", 3, "dev", 0),
         ("webnlg-heldout", "alphatuning", 3, "dev", 1),
+        ("webnlg-heldout", "alphatuning", 3, "dev", 0),
+        ("webnlg-heldout", "alphatuning", 3, "dev", 1),
     ]
-    assert [s.option("layer_bits") for s in runs] == [None] * 5 + ["v-o-down4"] * 2
-    assert [s.learning_rate for s in runs] == [2e-3] * 4 + [1e-2] + [2e-3] * 2
+    assert [s.option("layer_bits") for s in runs] == [None] * 5 + ["v-o-down4"] * 2 + [None] * 2
+    assert [s.option("calibration") for s in runs] == [None] * 7 + ["wikitext+tasks"] * 2
+    assert [s.learning_rate for s in runs] == [2e-3] * 4 + [1e-2] + [2e-3] * 4
     assert all(s.budget.eval_limit == grid.DEV_ITEMS for s in runs)
 
 
@@ -965,3 +970,40 @@ def test_prompt_tuning_generates_what_its_forward_predicts(tiny_model_dir) -> No
                                 pad_token_id=0)  # fmt: skip
     assert output[:, : input_ids.shape[1]].tolist() == input_ids.tolist()
     assert output[:, input_ids.shape[1] :].tolist() == expected
+
+
+def test_task_calibration_alternates_the_tasks_without_the_held_out_categories(
+    tmp_path, monkeypatch, tokenizer
+) -> None:
+    """The ``wikitext+tasks`` base's task half: E2E and WebNLG training pairs (prompt, target,
+    end of text) end to end, never a pair of the held-out categories (their dev items must stay
+    unseen by every base)."""
+    from alphatune.data import encode_example
+    from alphatune.errors import DataError
+    from alphatune.experiments import methods
+
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "train.csv").write_text(
+        'mr,ref\n"name[A], food[B]",A serves B.\n"name[C], food[D]",C serves D.\n',
+        encoding="utf-8",
+    )
+    webnlg = [
+        {"category": "Airport", "triples": [["X_Airport", "city", "Y"]], "refs": ["X serves Y."]},
+        {"category": "Astronaut", "triples": [["Z", "mission", "W"]], "refs": ["Z flew W."]},
+    ]
+    (tmp_path / "webnlg").mkdir()
+    (tmp_path / "webnlg" / "train.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in webnlg) + "\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(tmp_path))
+    assert "Astronaut" in tasks.HELD_OUT_CATEGORIES
+    pairs = methods._task_pairs()
+    assert [p.prompt.split(":")[0] for p in pairs] == ["Table", "Triples"]  # one of each left
+    assert all("Z" not in p.prompt for p in pairs)
+    stream = [i for p in pairs for i in encode_example(tokenizer, p, 512)["input_ids"]]
+    ids = methods.task_calibration(tokenizer, 2, 8)
+    assert ids.tolist() == [stream[:8], stream[8:16]]
+    with pytest.raises(DataError, match="task pairs hold"):
+        methods.task_calibration(tokenizer, 2, 512)
+    with pytest.raises(ConfigError, match="calibration must be one of"):
+        methods.cached_base("model", 3, "calibrated", calibration="books")

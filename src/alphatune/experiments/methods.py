@@ -15,7 +15,7 @@ tokenization, data order, budget and decoding are the same for all.
 | ``peqa`` | a q-bit round-to-nearest base, one trainable multiplier per (row, group) of the whole quantized weight (PEQA's trainable scale) |
 | ``prompt-tuning`` | peft prompt tuning, 20 virtual tokens initialised from text |
 | ``adapter`` | bottleneck adapters (Pfeiffer: after each MLP, bottleneck 16), LoRA's learning rate |
-| ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``multiplier`` (train a multiplier of α₁), ``grad_scale`` (none / group_size), ``layer_bits`` (a mixed-precision base: a ``MIXED_PRECISION`` preset, e.g. ``v-o-down4``) |
+| ``alphatuning`` | ours: options ``base`` (calibrated / greedy), ``train`` (alpha1 / all_alpha), ``offset``, ``granularity`` (group / row), ``multiplier`` (train a multiplier of α₁), ``grad_scale`` (none / group_size), ``layer_bits`` (a mixed-precision base: a ``MIXED_PRECISION`` preset, e.g. ``v-o-down4``), ``calibration`` (the base's calibration text: ``CALIBRATION_SOURCES``) |
 
 Bases are quantized once and cached (``cache_dir()/paper/bases``), calibrated on 32 x 512
 tokens of WikiText-2 *valid*, as ``alphatune quantize`` does by default.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ from torch import Tensor, nn
 
 from alphatune.bases import base_fingerprint
 from alphatune.config import AlphaTuningConfig, BCQConfig, QuantMethod
-from alphatune.errors import ConfigError
+from alphatune.data import Example
+from alphatune.errors import ConfigError, DataError
 from alphatune.experiments.spec import RunSpec, environment, write_json
 from alphatune.layers import BCQLinear
 from alphatune.models import cache_dir, load_model, load_tokenizer
@@ -129,22 +131,82 @@ def base_config(bits: int, method: str, layer_bits: str | None = None) -> BCQCon
     return BCQConfig(bits=bits, method=method, **settings)
 
 
-def _calibration(tokenizer: Any) -> Tensor:
+# What the calibrated quantizer reads (a run's ``calibration`` option): ``wikitext`` (the
+# default: 32 x 512 tokens of WikiText-2 valid) or ``wikitext+tasks``: half of it, half the
+# data-to-text tasks' training pairs as the model sees them (prompt, target, end of text; E2E and
+# WebNLG alternating, seeded order, WebNLG without the ``webnlg-heldout`` categories so that
+# their dev items stay unseen by every base). The 3-bit base leaves out more of WebNLG's input
+# facts than the 4-bit one (docs/choosing.md), and WikiText-2 prose never asks the model to copy
+# names from a prompt; benchmarks/bench_task_calibration.py measured the mixed text before any
+# tuning (results/task_calibration.json).
+CALIBRATION_SOURCES = ("wikitext", "wikitext+tasks")
+TASK_PAIR_SEED = 0
+
+
+def _task_pairs() -> list[Example]:
+    """E2E and WebNLG training pairs, alternating, each in a seeded order; WebNLG without the
+    held-out categories."""
+    from alphatune.data import find_data_dir, load_e2e_train, load_triples_train
+    from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
+
+    data = find_data_dir()
+    rng = random.Random(TASK_PAIR_SEED)
+    e2e = load_e2e_train(data / "e2e" / "train.csv")
+    webnlg = load_triples_train(
+        data / "webnlg" / "train.jsonl", categories=lambda c: c not in HELD_OUT_CATEGORIES
+    )
+    rng.shuffle(e2e)
+    rng.shuffle(webnlg)
+    return [pair for both in zip(e2e, webnlg, strict=False) for pair in both]
+
+
+def task_calibration(tokenizer: Any, sequences: int, length: int = CALIBRATION_LENGTH) -> Tensor:
+    """``(sequences, length)`` token ids: the task pairs encoded (prompt, target, eos) end to end."""
+    from alphatune.data import encode_example
+
+    stream: list[int] = []
+    for pair in _task_pairs():
+        stream += encode_example(tokenizer, pair, CALIBRATION_LENGTH)["input_ids"]  # whole pairs
+        if len(stream) >= sequences * length:
+            break
+    if len(stream) < sequences * length:
+        raise DataError(f"the task pairs hold {len(stream)} tokens; {sequences}x{length} needed")
+    return torch.tensor(stream[: sequences * length], dtype=torch.long).view(sequences, length)
+
+
+def _calibration(tokenizer: Any, source: str = "wikitext") -> Tensor:
     from alphatune.data import calibration_batch, default_file
 
+    if source not in CALIBRATION_SOURCES:
+        raise ConfigError(f"calibration must be one of {CALIBRATION_SOURCES}, got {source!r}")
     path = default_file("calibration", "text")
-    return calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)
+    wikitext = calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)
+    if source == "wikitext":
+        return wikitext
+    half = CALIBRATION_SEQUENCES // 2
+    return torch.cat([wikitext[:half], task_calibration(tokenizer, CALIBRATION_SEQUENCES - half)])
 
 
 def quantize_model(
-    model: nn.Module, tokenizer: Any, bits: int, method: str, layer_bits: str | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    bits: int,
+    method: str,
+    layer_bits: str | None = None,
+    calibration: str = "wikitext",
 ) -> None:
     config = base_config(bits, method, layer_bits)
-    calibration = _calibration(tokenizer) if config.method == QuantMethod.CALIBRATED else None
-    quantize_(model, config, calibration=calibration)
+    text = _calibration(tokenizer, calibration) if config.method == QuantMethod.CALIBRATED else None
+    quantize_(model, config, calibration=text)
 
 
-def cached_base(model_name: str, bits: int, method: str, layer_bits: str | None = None) -> Path:
+def cached_base(
+    model_name: str,
+    bits: int,
+    method: str,
+    layer_bits: str | None = None,
+    calibration: str = "wikitext",
+) -> Path:
     """Directory of a saved q-bit base of ``model_name``, quantized once and reused.
 
     Beside it, ``<directory>.json`` records where it was quantized (``spec.environment``): a
@@ -154,14 +216,17 @@ def cached_base(model_name: str, bits: int, method: str, layer_bits: str | None 
     from alphatune.adapters import save_quantized
 
     config = base_config(bits, method, layer_bits)  # an unknown preset fails before any loading
+    if calibration not in CALIBRATION_SOURCES:
+        raise ConfigError(f"calibration must be one of {CALIBRATION_SOURCES}, got {calibration!r}")
     mixed = f"-{layer_bits}" if layer_bits else ""
-    name = f"{Path(model_name).name}-{method}-q{bits}{mixed}"
+    text = "" if calibration == "wikitext" else f"-cal={calibration}"  # old names stay valid
+    name = f"{Path(model_name).name}-{method}-q{bits}{mixed}{text}"
     directory = bases_dir() / name
     if (directory / "config.json").exists():
         return directory
     logger.info("quantizing %s to %d bits%s (%s) -> %s", model_name, bits, mixed, method, directory)
     model, tokenizer = load_model(model_name), load_tokenizer(model_name)
-    quantize_model(model, tokenizer, bits, method, layer_bits)
+    quantize_model(model, tokenizer, bits, method, layer_bits, calibration)
     save_quantized(model, directory, config, tokenizer)
     write_json(_made_record(directory), {"quantized": environment()})
     return directory
@@ -184,14 +249,20 @@ def made_record(directory: Path) -> dict[str, Any]:
 
 
 def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The cached base (with the run's ``layer_bits`` preset), its tokenizer and the notes that
+    """The cached base (with the run's ``layer_bits`` preset and ``calibration`` text), its tokenizer and the notes that
     identify it in a result: its fingerprint and where it was quantized (unknown for a base
     cached before that was recorded)."""
     from alphatune.adapters import load_quantized
 
     if spec.bits is None:
         raise ConfigError(f"{spec.method} needs bits (a quantized base)")
-    directory = cached_base(_model_name(spec), spec.bits, method, spec.option("layer_bits", None))
+    directory = cached_base(
+        _model_name(spec),
+        spec.bits,
+        method,
+        spec.option("layer_bits", None),
+        spec.option("calibration", "wikitext"),
+    )
     model, tokenizer = load_quantized(directory)
     made = made_record(directory)
     return model, tokenizer, {"base": {"fingerprint": base_fingerprint(model), **made}}
