@@ -441,7 +441,8 @@ def _entity_counts(hypotheses: Sequence[str], entities: Sequence[Sequence[str]])
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
 
-def _missing_share(counts: np.ndarray) -> float:
+def _missing_share(counts: np.ndarray) -> np.ndarray:
+    """Percent missing from summed (missing, total) counts, per row of ``counts``."""
     missing, total = counts[..., 0], counts[..., 1]
     return 100.0 * missing / np.maximum(total, 1)
 

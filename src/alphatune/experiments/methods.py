@@ -174,11 +174,15 @@ def task_calibration(tokenizer: Any, sequences: int, length: int = CALIBRATION_L
     return torch.tensor(stream[: sequences * length], dtype=torch.long).view(sequences, length)
 
 
+def _check_calibration(source: str) -> None:
+    if source not in CALIBRATION_SOURCES:
+        raise ConfigError(f"calibration must be one of {CALIBRATION_SOURCES}, got {source!r}")
+
+
 def _calibration(tokenizer: Any, source: str = "wikitext") -> Tensor:
     from alphatune.data import calibration_batch, default_file
 
-    if source not in CALIBRATION_SOURCES:
-        raise ConfigError(f"calibration must be one of {CALIBRATION_SOURCES}, got {source!r}")
+    _check_calibration(source)
     path = default_file("calibration", "text")
     wikitext = calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)
     if source == "wikitext":
@@ -216,8 +220,7 @@ def cached_base(
     from alphatune.adapters import save_quantized
 
     config = base_config(bits, method, layer_bits)  # an unknown preset fails before any loading
-    if calibration not in CALIBRATION_SOURCES:
-        raise ConfigError(f"calibration must be one of {CALIBRATION_SOURCES}, got {calibration!r}")
+    _check_calibration(calibration)
     mixed = f"-{layer_bits}" if layer_bits else ""
     text = "" if calibration == "wikitext" else f"-cal={calibration}"  # old names stay valid
     name = f"{Path(model_name).name}-{method}-q{bits}{mixed}{text}"
