@@ -522,9 +522,13 @@ def test_recipe_candidates_run_on_dev_at_their_familys_rate(tmp_path) -> None:
         (0, False, 4),
         (0, True, 3),
         (0, True, 3),
+        (0, True, 3),
     ]
-    assert runs[-2].option("layer_bits") == "v-o-down4"
-    assert runs[-1].option("calibration") == "wikitext+tasks"
+    assert [(s.option("layer_bits"), s.option("calibration")) for s in runs[-3:]] == [
+        ("v-o-down4", None),
+        (None, "wikitext+tasks"),
+        ("v-o-down4", "wikitext+tasks"),
+    ]
     assert grid.ORDER.index("webnlg-recipe") == grid.ORDER.index("webnlg") + 1
 
 
@@ -579,11 +583,14 @@ def test_mixed_precision_phase_runs_e2e_dev_and_webnlg_test_before_sst2(tmp_path
     runs = list(grid.specs(results, ("mixed-precision",)))
     assert [(s.task, s.split, s.bits, s.option("layer_bits")) for s in runs] == [
         ("e2e", "dev", 3, "v-o-down4"),
+        ("e2e", "dev", 3, "v-o-down4"),
+        ("webnlg", "test", 3, "v-o-down4"),
         ("webnlg", "test", 3, "v-o-down4"),
     ]
+    assert [s.option("calibration") for s in runs] == [None, "wikitext+tasks"] * 2
     assert runs[0].budget.eval_limit == grid.DEV_ITEMS
     assert runs[0].learning_rate == grid.search_specs("e2e", "alphatuning")[1].learning_rate
-    assert runs[1].learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
+    assert runs[2].learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
     assert grid.ORDER.index("mixed-precision") < grid.ORDER.index("sst2")
 
 
@@ -873,10 +880,13 @@ def test_held_out_runs_take_webnlgs_rates(tmp_path) -> None:
         ("webnlg-heldout", "alphatuning", 3, "dev", 1),
         ("webnlg-heldout", "alphatuning", 3, "dev", 0),
         ("webnlg-heldout", "alphatuning", 3, "dev", 1),
+        ("webnlg-heldout", "alphatuning", 3, "dev", 0),
+        ("webnlg-heldout", "alphatuning", 3, "dev", 1),
     ]
-    assert [s.option("layer_bits") for s in runs] == [None] * 5 + ["v-o-down4"] * 2 + [None] * 2
-    assert [s.option("calibration") for s in runs] == [None] * 7 + ["wikitext+tasks"] * 2
-    assert [s.learning_rate for s in runs] == [2e-3] * 4 + [1e-2] + [2e-3] * 4
+    mixed = ["v-o-down4"] * 2
+    assert [s.option("layer_bits") for s in runs] == [None] * 5 + mixed + [None] * 2 + mixed
+    assert [s.option("calibration") for s in runs] == [None] * 7 + ["wikitext+tasks"] * 4
+    assert [s.learning_rate for s in runs] == [2e-3] * 4 + [1e-2] + [2e-3] * 6
     assert all(s.budget.eval_limit == grid.DEV_ITEMS for s in runs)
 
 
