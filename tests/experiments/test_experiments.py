@@ -608,6 +608,16 @@ def test_sst2_seed_phase_runs_the_headline_methods_second_seed(tmp_path) -> None
     assert grid.ORDER.index("sst2-seed") < grid.ORDER.index("sst2-rest")
 
 
+def test_task_text_seed_phase_runs_the_candidate_base_at_seed_1_before_the_rest(tmp_path) -> None:
+    results = tmp_path / "results"
+    _fake_searches(results, "webnlg")
+    (run,) = grid.specs(results, ("webnlg-task-text-seed",))
+    assert (run.task, run.split, run.bits, run.seed) == ("webnlg", "test", 3, 1)
+    assert (run.option("calibration"), run.option("layer_bits")) == ("wikitext+tasks", "v-o-down4")
+    assert run.learning_rate == grid.search_specs("webnlg", "alphatuning")[1].learning_rate
+    assert grid.ORDER.index("webnlg-task-text-seed") < grid.ORDER.index("webnlg-rest")
+
+
 def test_steps_phase_runs_the_headline_pair_longer_on_webnlg_dev(tmp_path) -> None:
     """AlphaTuning 3-bit and LoRA at 3x the steps on the held-out and seen WebNLG dev items, at
     the rates WebNLG's 100-step searches chose, before the "-rest" phases; their tagged budget
