@@ -290,6 +290,8 @@ def test_rescore_of_one_task_leaves_the_others(env, single_thread, tmp_path) -> 
     assert experiments_main(["--results", str(results), "rescore", "--task", "webnlg"]) == 0
     assert read_result(results / "webnlg" / source.name)["scores"]["bleu"] >= 0
     assert read_result(next((results / "e2e").glob("*.json")))["scores"] == {"bleu": -1}
+    with pytest.raises(SystemExit):  # argparse: an unknown task, not an empty glob
+        experiments_main(["--results", str(results), "rescore", "--task", "webnlgg"])
 
 
 def test_e2e_scores_include_meteor(env, monkeypatch) -> None:

@@ -26,6 +26,7 @@ import torch
 
 from alphatune.experiments import grid as grid_module
 from alphatune.experiments.spec import Budget, RunSpec, result_path, work_path
+from alphatune.experiments.tasks import TASKS
 from alphatune.models import cache_dir
 
 DEFAULT_RESULTS = Path("benchmarks/results/paper")
@@ -214,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=_list)
     r = sub.add_parser("rescore", help="recompute every result's scores from its predictions")
     r.add_argument(
-        "--task", action="append", help="only this task's results (repeatable; default: all)"
+        "--task",
+        action="append",
+        choices=sorted(TASKS),  # an unknown name is an error, not an empty glob
+        help="only this task's results (repeatable; default: all)",
     )
     r.set_defaults(func=_rescore)
     b = sub.add_parser("bases", help="WikiText-2 perplexity of every cached base, once each")

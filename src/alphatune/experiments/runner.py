@@ -359,6 +359,7 @@ def rescore(path: Path) -> dict[str, Any]:
         )
     result["scores"] = task.score(result["predictions"], eval_set)
     # The run's own environment stays; this says which code computed the scores now in it.
-    result["rescored"] = {key: environment()[key] for key in ("commit", "date")}
+    scored_by = environment()
+    result["rescored"] = {"commit": scored_by["commit"], "date": scored_by["date"]}
     write_json(path, result)
     return result
