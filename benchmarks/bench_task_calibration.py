@@ -42,7 +42,6 @@ from alphatune import BCQConfig, quantize_
 from alphatune.data import (
     Example,
     calibration_batch,
-    collate,
     encode_example,
     load_e2e_eval,
     load_triples_eval,
@@ -50,6 +49,7 @@ from alphatune.data import (
 from alphatune.experiments.methods import task_calibration
 from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
 from alphatune.models import load_model
+from alphatune.train import evaluate_loss
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "task_calibration.json"
 SCORED_ITEMS = 400  # per non-held-out set: enough for a ~1% perplexity difference to show
@@ -91,30 +91,14 @@ def conditional_sets(data: Path) -> dict[str, list[Example]]:
     }
 
 
-@torch.inference_mode()
-def conditional_perplexity(model: Any, tokenizer: Any, pairs: list[Example], batch: int = 16):
-    """exp(mean loss over the targets' tokens given their prompts), summed over every pair."""
-    total, count = 0.0, 0
-    for start_at in range(0, len(pairs), batch):
-        encoded = [
-            encode_example(tokenizer, p, MAX_LENGTH) for p in pairs[start_at : start_at + batch]
-        ]
-        inputs = collate(encoded, tokenizer.pad_token_id or tokenizer.eos_token_id)
-        logits = (
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-            .logits[:, :-1]
-            .float()
-        )
-        labels = inputs["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]),
-            labels.reshape(-1),
-            reduction="sum",
-            ignore_index=-100,
-        )
-        total += losses.item()
-        count += int((labels != -100).sum())
-    return math.exp(total / count)
+def conditional_perplexity(model: Any, tokenizer: Any, pairs: list[Example]) -> float:
+    """exp(mean loss over the targets' tokens given their prompts, over every pair): training's
+    own evaluation loss (``alphatune.train.evaluate_loss``, no label smoothing)."""
+    encoded = [encode_example(tokenizer, pair, MAX_LENGTH) for pair in pairs]
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    return math.exp(evaluate_loss(model, encoded, pad_id, batch_size=16))
 
 
 def main(argv: list[str] | None = None) -> None:
