@@ -252,9 +252,9 @@ def made_record(directory: Path) -> dict[str, Any]:
 
 
 def _load_base(spec: RunSpec, method: str) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The cached base (with the run's ``layer_bits`` preset and ``calibration`` text), its tokenizer and the notes that
-    identify it in a result: its fingerprint and where it was quantized (unknown for a base
-    cached before that was recorded)."""
+    """The cached base (with the run's ``layer_bits`` preset and ``calibration`` text), its
+    tokenizer and the notes that identify it in a result: its fingerprint and where it was
+    quantized (unknown for a base cached before that was recorded)."""
     from alphatune.adapters import load_quantized
 
     if spec.bits is None:

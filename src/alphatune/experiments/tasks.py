@@ -122,7 +122,7 @@ class Task:
     main_metric = staticmethod(corpus_bleu)
 
 
-def _bleu_with_interval(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
+def _text_scores(predictions: Sequence[str], items: Sequence[EvalItem]) -> dict[str, Any]:
     """BLEU (sacrebleu, cased), its bootstrap 95% interval over items (1,000 resamples) and the
     length ratio its brevity penalty reads; where every item names its input's entities, the
     percent of them the outputs leave out, with its interval."""
@@ -201,10 +201,10 @@ class WebNLG(Task):
         return EvalSet([items[i] for i in kept], subsets)
 
     def score(self, predictions: Sequence[str], eval_set: EvalSet) -> dict[str, Any]:
-        scores = _bleu_with_interval(predictions, eval_set.items)
+        scores = _text_scores(predictions, eval_set.items)
         for name, indices in eval_set.subsets.items():
             if indices:
-                part = _bleu_with_interval(
+                part = _text_scores(
                     [predictions[i] for i in indices], [eval_set.items[i] for i in indices]
                 )
                 scores.update({f"{name}_{k}": v for k, v in part.items()})
