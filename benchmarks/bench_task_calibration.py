@@ -9,7 +9,7 @@ This probe quantizes SmolLM2 at 3 bits (default calibrated quantizer, 32 x 512 t
 - ``tasks``: training pairs of the data-to-text tasks as the model sees them (prompt, target,
   end of text), E2E and WebNLG alternating, seeded order; WebNLG's four ``webnlg-heldout``
   categories are left out, so that their dev items stay categories no calibration saw
-  (``alphatune.experiments.methods.task_calibration``);
+  (``alphatune.data.pairs_batch`` over ``alphatune.experiments.methods.task_pairs``);
 - ``mixed``: half of each (the grid's ``calibration=wikitext+tasks`` base);
 
 and, for scale, ``q4-wikitext``: the 4-bit base from the default text. Each base is scored by
@@ -45,8 +45,9 @@ from alphatune.data import (
     encode_example,
     load_e2e_eval,
     load_triples_eval,
+    pairs_batch,
 )
-from alphatune.experiments.methods import task_calibration
+from alphatune.experiments.methods import TASK_PAIR_SEED, task_pairs
 from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
 from alphatune.models import load_model
 from alphatune.train import evaluate_loss
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     print("unquantized, conditional", reference_conditional, flush=True)
     del reference
     wikitext = calibration_batch(tokenizer, data / "wikitext-2" / "valid.txt", SEQUENCES, LENGTH)
-    tasks = task_calibration(tokenizer, SEQUENCES, LENGTH)  # the grid's ``wikitext+tasks`` half
+    # the grid's ``wikitext+tasks`` half
+    tasks = pairs_batch(tokenizer, task_pairs(), SEQUENCES, LENGTH, TASK_PAIR_SEED)
     sources = {
         "wikitext": wikitext,
         "tasks": tasks,

@@ -170,6 +170,14 @@ def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, cap
         (["quantize", "--layer-bits", "*.down_proj", "--output", "x"], "expected PATTERN=BITS"),
         (["quantize", "--layer-bits", "*.down_proj=9", "--output", "x"], "bits must be 1..8"),
         (["quantize", "--hessian-precision", "half", "--output", "x"], "invalid choice: 'half'"),
+        (
+            ["quantize", "--calibration-pairs", "books:/no/such.txt", "--output", "x"],
+            "expected TASK:FILE with TASK one of e2e, triples, webnlg",
+        ),
+        (
+            ["quantize", "--calibration-pairs", "e2e:/no/such.csv", "--output", "x"],
+            "file not found: /no/such.csv",
+        ),
     ],
     ids=[
         "bits=0",
@@ -180,6 +188,8 @@ def test_tune_refuses_to_overwrite_an_adapter(base_dir, e2e_files, tmp_path, cap
         "layer-bits-no-bits",
         "layer-bits=9",
         "hessian-precision=half",
+        "calibration-pairs-task",
+        "calibration-pairs-file",
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, capsys):
@@ -307,3 +317,49 @@ def test_quantize_passes_the_hessian_precision_on(tiny_model_dir, tmp_path, monk
     argv += ["--hessian-precision", "float32", "--output", str(tmp_path / "b"), "--no-progress"]
     assert main(argv) == 0
     assert seen == ["float32"]
+
+
+def test_quantize_calibrates_on_text_and_training_pairs(tiny_model_dir, tmp_path, e2e_files):
+    """``--calibration-pairs``: the calibrated method reads the text file's rows, then
+    ``--pair-share`` of the rows from the training pairs (``mixed_calibration``)."""
+    import alphatune.quantize
+    from alphatune.data import load_e2e_train, mixed_calibration
+    from alphatune.models import load_tokenizer
+
+    seen = []
+    real = alphatune.quantize.quantize_
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["calibration"])
+        return real(*args, **kwargs)
+
+    text = tmp_path / "text.txt"
+    text.write_text("A pub by the river serves Indian food. " * 100, encoding="utf-8")
+    train = e2e_files / "train.csv"
+    argv = ["quantize", "--model", str(tiny_model_dir), "--group-size", "32"]
+    argv += ["--calibration", str(text), "--calibration-sequences", "4"]
+    argv += ["--calibration-length", "16", "--calibration-pairs", f"e2e:{train}"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(alphatune.quantize, "quantize_", spy)
+        assert main([*argv, "--pair-share", "0.25", "--output", str(tmp_path / "b")]) == 0
+    tokenizer = load_tokenizer(tiny_model_dir)
+    pairs = [load_e2e_train(train)]
+    expected = mixed_calibration(tokenizer, text, pairs, 4, 16, pair_share=0.25)
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
+    assert (tmp_path / "b" / "config.json").exists()
+
+
+def test_calibration_pairs_need_the_calibrated_method(tiny_model_dir, tmp_path, e2e_files, capsys):
+    argv = ["quantize", "--model", str(tiny_model_dir), "--method", "offset", "--group-size", "32"]
+    argv += [
+        "--calibration-pairs",
+        f"e2e:{e2e_files / 'train.csv'}",
+        "--output",
+        str(tmp_path / "b"),
+    ]
+    assert main([*argv, "--no-progress"]) == 2
+    assert "--calibration-pairs needs --method calibrated" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    argv = ["quantize", "--model", str(tiny_model_dir), "--pair-share", "0.5"]
+    assert main([*argv, "--output", str(tmp_path / "c"), "--no-progress"]) == 2
+    assert "--pair-share is the share of --calibration-pairs" in capsys.readouterr().err

@@ -994,14 +994,9 @@ def test_prompt_tuning_generates_what_its_forward_predicts(tiny_model_dir) -> No
     assert output[:, input_ids.shape[1] :].tolist() == expected
 
 
-def test_task_calibration_alternates_the_tasks_without_the_held_out_categories(
-    tmp_path, monkeypatch, tokenizer
-) -> None:
-    """The ``wikitext+tasks`` base's task half: E2E and WebNLG training pairs (prompt, target,
-    end of text) end to end, never a pair of the held-out categories (their dev items must stay
-    unseen by every base)."""
-    from alphatune.data import encode_example
-    from alphatune.errors import DataError
+def test_task_pairs_leave_out_the_held_out_categories(tmp_path, monkeypatch) -> None:
+    """The ``wikitext+tasks`` base's pairs: E2E's and WebNLG's training pairs, never a pair of
+    the held-out categories (their dev items must stay unseen by every base)."""
     from alphatune.experiments import methods
 
     (tmp_path / "e2e").mkdir()
@@ -1019,13 +1014,8 @@ def test_task_calibration_alternates_the_tasks_without_the_held_out_categories(
     )
     monkeypatch.setenv("ALPHATUNE_DATA_DIR", str(tmp_path))
     assert "Astronaut" in tasks.HELD_OUT_CATEGORIES
-    pairs = methods._task_pairs()
-    assert [p.prompt.split(":")[0] for p in pairs] == ["Table", "Triples"]  # one of each left
-    assert all("Z" not in p.prompt for p in pairs)
-    stream = [i for p in pairs for i in encode_example(tokenizer, p, 512)["input_ids"]]
-    ids = methods.task_calibration(tokenizer, 2, 8)
-    assert ids.tolist() == [stream[:8], stream[8:16]]
-    with pytest.raises(DataError, match="task pairs hold"):
-        methods.task_calibration(tokenizer, 2, 512)
+    e2e, triples = methods.task_pairs()
+    assert [p.target for p in e2e] == [" A serves B.", " C serves D."]
+    assert [p.target for p in triples] == [" X serves Y."]
     with pytest.raises(ConfigError, match="calibration must be one of"):
         methods.cached_base("model", 3, "calibrated", calibration="books")

@@ -113,6 +113,20 @@ def adapter_spec(text: str) -> tuple[str | None, Path]:
     return name, existing_dir(directory)
 
 
+def task_file(text: str) -> tuple[str, Path]:
+    """``TASK:FILE`` of ``--calibration-pairs``: a training file of a task ``alphatune tune``
+    reads (``e2e`` CSV, ``triples`` JSONL)."""
+    from alphatune.data import TASKS
+
+    task, sep, path = text.partition(":")
+    if not sep or task.lower() not in TASKS:
+        raise argparse.ArgumentTypeError(
+            f"expected TASK:FILE with TASK one of {', '.join(sorted(TASKS))} "
+            f"(e.g. 'e2e:train.csv'), got {text!r}"
+        )
+    return task.lower(), existing_file(path)
+
+
 # ---------------------------------------------------------------- shared options
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -1,5 +1,6 @@
 """Task data: finding the files, loading them into examples, tokenizing them and batching them."""
 
+from alphatune.data.calibration_pairs import DEFAULT_PAIR_SHARE, mixed_calibration, pairs_batch
 from alphatune.data.e2e import e2e_prompt, load_e2e_eval, load_e2e_train
 from alphatune.data.examples import EvalItem, Example, seeded_sample
 from alphatune.data.locate import DATA_ENV, calibration_batch, default_file, find_data_dir
@@ -22,6 +23,7 @@ from alphatune.data.triples import (
 
 __all__ = [
     "DATA_ENV",
+    "DEFAULT_PAIR_SHARE",
     "IGNORE_INDEX",
     "TASKS",
     "EvalItem",
@@ -39,6 +41,8 @@ __all__ = [
     "load_text_tokens",
     "load_triples_eval",
     "load_triples_train",
+    "mixed_calibration",
+    "pairs_batch",
     "seeded_sample",
     "start_ids",
     "triple_entities",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 from alphatune.bases import base_fingerprint
 from alphatune.config import AlphaTuningConfig, BCQConfig, QuantMethod
 from alphatune.data import Example
-from alphatune.errors import ConfigError, DataError
+from alphatune.errors import ConfigError
 from alphatune.experiments.spec import RunSpec, environment, write_json
 from alphatune.layers import BCQLinear
 from alphatune.models import cache_dir, load_model, load_tokenizer
@@ -133,9 +132,9 @@ def base_config(bits: int, method: str, layer_bits: str | None = None) -> BCQCon
 
 # What the calibrated quantizer reads (a run's ``calibration`` option): ``wikitext`` (the
 # default: 32 x 512 tokens of WikiText-2 valid) or ``wikitext+tasks``: half of it, half the
-# data-to-text tasks' training pairs as the model sees them (prompt, target, end of text; E2E and
-# WebNLG alternating, seeded order, WebNLG without the ``webnlg-heldout`` categories so that
-# their dev items stay unseen by every base). The 3-bit base leaves out more of WebNLG's input
+# data-to-text tasks' training pairs as the model sees them (``alphatune.data.mixed_calibration``:
+# prompt, target, end of text; E2E and WebNLG alternating, seeded order), WebNLG without the
+# ``webnlg-heldout`` categories so that their dev items stay unseen by every base. The 3-bit base leaves out more of WebNLG's input
 # facts than the 4-bit one (docs/choosing.md), and WikiText-2 prose never asks the model to copy
 # names from a prompt; benchmarks/bench_task_calibration.py measured the mixed text before any
 # tuning (results/task_calibration.json).
@@ -143,35 +142,18 @@ CALIBRATION_SOURCES = ("wikitext", "wikitext+tasks")
 TASK_PAIR_SEED = 0
 
 
-def _task_pairs() -> list[Example]:
-    """E2E and WebNLG training pairs, alternating, each in a seeded order; WebNLG without the
-    held-out categories."""
+def task_pairs() -> list[list[Example]]:
+    """The calibration pairs of ``wikitext+tasks``: E2E's and WebNLG's training pairs, WebNLG
+    without the held-out categories."""
     from alphatune.data import find_data_dir, load_e2e_train, load_triples_train
     from alphatune.experiments.tasks import HELD_OUT_CATEGORIES
 
     data = find_data_dir()
-    rng = random.Random(TASK_PAIR_SEED)
     e2e = load_e2e_train(data / "e2e" / "train.csv")
     webnlg = load_triples_train(
         data / "webnlg" / "train.jsonl", categories=lambda c: c not in HELD_OUT_CATEGORIES
     )
-    rng.shuffle(e2e)
-    rng.shuffle(webnlg)
-    return [pair for both in zip(e2e, webnlg, strict=False) for pair in both]
-
-
-def task_calibration(tokenizer: Any, sequences: int, length: int = CALIBRATION_LENGTH) -> Tensor:
-    """``(sequences, length)`` token ids: the task pairs encoded (prompt, target, eos) end to end."""
-    from alphatune.data import encode_example
-
-    stream: list[int] = []
-    for pair in _task_pairs():
-        stream += encode_example(tokenizer, pair, CALIBRATION_LENGTH)["input_ids"]  # whole pairs
-        if len(stream) >= sequences * length:
-            break
-    if len(stream) < sequences * length:
-        raise DataError(f"the task pairs hold {len(stream)} tokens; {sequences}x{length} needed")
-    return torch.tensor(stream[: sequences * length], dtype=torch.long).view(sequences, length)
+    return [e2e, webnlg]
 
 
 def _check_calibration(source: str) -> None:
@@ -180,15 +162,20 @@ def _check_calibration(source: str) -> None:
 
 
 def _calibration(tokenizer: Any, source: str = "wikitext") -> Tensor:
-    from alphatune.data import calibration_batch, default_file
+    from alphatune.data import calibration_batch, default_file, mixed_calibration
 
     _check_calibration(source)
     path = default_file("calibration", "text")
-    wikitext = calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)
     if source == "wikitext":
-        return wikitext
-    half = CALIBRATION_SEQUENCES // 2
-    return torch.cat([wikitext[:half], task_calibration(tokenizer, CALIBRATION_SEQUENCES - half)])
+        return calibration_batch(tokenizer, path, CALIBRATION_SEQUENCES, CALIBRATION_LENGTH)
+    return mixed_calibration(
+        tokenizer,
+        path,
+        task_pairs(),
+        CALIBRATION_SEQUENCES,
+        CALIBRATION_LENGTH,
+        seed=TASK_PAIR_SEED,
+    )
 
 
 def quantize_model(
