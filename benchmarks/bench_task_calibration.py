@@ -12,7 +12,9 @@ This probe quantizes SmolLM2 at 3 bits (default calibrated quantizer, 32 x 512 t
   (``alphatune.data.pairs_batch`` over ``alphatune.experiments.methods.task_pairs``);
 - ``mixed``: half of each (the grid's ``calibration=wikitext+tasks`` base);
 
-and, for scale, ``q4-wikitext``: the 4-bit base from the default text. Each base is scored by
+and, for scale, ``q4-wikitext``: the 4-bit base from the default text. ``wikitext-64``,
+``wikitext-128`` and ``mixed-64`` ask whether more calibration text (64 or 128 sequences instead
+of 32; GPTQ's paper calibrates on 128 x 2048 tokens) helps the base, with the quantization time. Each base is scored by
 its perplexity of the references given their input (teacher-forced, prompt tokens unscored, the
 first reference of each item; the loss α-tuning starts from), as a ratio to the unquantized
 model's, on: WebNLG dev items of the held-out categories (187; unseen by every calibration),
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from alphatune.data import (
     encode_example,
     load_e2e_eval,
     load_triples_eval,
+    mixed_calibration,
     pairs_batch,
 )
 from alphatune.experiments.methods import TASK_PAIR_SEED, task_pairs
@@ -56,17 +60,21 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "task_calibration.json"
 SCORED_ITEMS = 400  # per non-held-out set: enough for a ~1% perplexity difference to show
 MAX_LENGTH = 256
 
-BASES: dict[str, tuple[int, str]] = {  # name: (bits, calibration source)
-    "wikitext": (3, "wikitext"),
-    "tasks": (3, "tasks"),
-    "mixed": (3, "mixed"),
-    "q4-wikitext": (4, "wikitext"),
+BASES: dict[str, tuple[int, str, int]] = {  # name: (bits, calibration source, sequences)
+    "wikitext": (3, "wikitext", SEQUENCES),
+    "tasks": (3, "tasks", SEQUENCES),
+    "mixed": (3, "mixed", SEQUENCES),
+    "q4-wikitext": (4, "wikitext", SEQUENCES),
+    "wikitext-64": (3, "wikitext", 64),
+    "wikitext-128": (3, "wikitext", 128),
+    "mixed-64": (3, "mixed", 64),
 }
+DEFAULT_BASES = ["wikitext", "tasks", "mixed", "q4-wikitext"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bases", nargs="+", choices=list(BASES), default=list(BASES))
+    parser.add_argument("--bases", nargs="+", choices=list(BASES), default=DEFAULT_BASES)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser.parse_args(argv)
@@ -102,6 +110,20 @@ def conditional_perplexity(model: Any, tokenizer: Any, pairs: list[Example]) -> 
     return math.exp(evaluate_loss(model, encoded, pad_id, batch_size=16))
 
 
+def calibration_rows(tokenizer: Any, data: Path, source: str, sequences: int) -> torch.Tensor:
+    """``(sequences, LENGTH)`` calibration token ids from ``source``: WikiText-2 valid, the task
+    pairs (the grid's seed), or half of each (``mixed``: the grid's ``wikitext+tasks`` base at 32
+    sequences)."""
+    wikitext = data / "wikitext-2" / "valid.txt"
+    if source == "wikitext":
+        return calibration_batch(tokenizer, wikitext, sequences, LENGTH)
+    if source == "tasks":
+        return pairs_batch(tokenizer, task_pairs(), sequences, LENGTH, TASK_PAIR_SEED)
+    return mixed_calibration(
+        tokenizer, wikitext, task_pairs(), sequences, LENGTH, seed=TASK_PAIR_SEED
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data, tokenizer, texts, reference, unquantized = start(args.threads)
@@ -111,19 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     print("unquantized, conditional", reference_conditional, flush=True)
     del reference
-    wikitext = calibration_batch(tokenizer, data / "wikitext-2" / "valid.txt", SEQUENCES, LENGTH)
-    # the grid's ``wikitext+tasks`` half
-    tasks = pairs_batch(tokenizer, task_pairs(), SEQUENCES, LENGTH, TASK_PAIR_SEED)
-    sources = {
-        "wikitext": wikitext,
-        "tasks": tasks,
-        "mixed": torch.cat([wikitext[: SEQUENCES // 2], tasks[: SEQUENCES // 2]]),
+    unquantized_all = {
+        **unquantized,
+        **{f"conditional: {k}": v for k, v in reference_conditional.items()},
     }
     rows = []
     for name in args.bases:
-        bits, source = BASES[name]
+        bits, source, sequences = BASES[name]
+        calibration = calibration_rows(tokenizer, data, source, sequences)
         model = load_model()
-        quantize_(model, BCQConfig(bits=bits), calibration=sources[source])
+        began = time.perf_counter()
+        quantize_(model, BCQConfig(bits=bits), calibration=calibration)
+        seconds = time.perf_counter() - began
         conditional = {
             key: conditional_perplexity(model, tokenizer, items) for key, items in pairs.items()
         }
@@ -131,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             "base": name,
             "bits": bits,
             "calibration": source,
+            "calibration_sequences": sequences,
+            "quantize_seconds": round(seconds, 1),
             "conditional_perplexity": {k: round(v, 4) for k, v in conditional.items()},
             "conditional_ratio_to_unquantized": {
                 k: round(v / reference_conditional[k], 4) for k, v in conditional.items()
@@ -139,12 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(row, flush=True)
         rows.append(row)
+        save(args, unquantized_all, rows)  # after each base: a stopped run keeps what it measured
         del model
-    unquantized_all = {
-        **unquantized,
-        **{f"conditional: {k}": v for k, v in reference_conditional.items()},
-    }
-    save(args, unquantized_all, rows)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 from alphatune.calibration import collect_hessians, recording_hessians, run_batches
 from alphatune.config import BCQConfig
 from alphatune.quantize import find_target_layers
+from alphatune_runtime.cpu import native_bfloat16
 from tests.tiny_models import make_tiny_llama
 
 
@@ -115,6 +116,10 @@ needs_bf16_math = pytest.mark.skipif(
     not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"),
     reason="this torch has no oneDNN bf16 math mode (torch.backends.mkldnn.matmul.fp32_precision)",
 )
+needs_native_bf16 = pytest.mark.skipif(
+    not native_bfloat16(),
+    reason="this CPU has no native bfloat16 (AVX-512 BF16 or AMX): oneDNN ignores the bf16 mode",
+)
 
 
 def test_hessian_precision_resolves_by_value_device_and_cpu(monkeypatch) -> None:
@@ -133,6 +138,11 @@ def test_hessian_precision_resolves_by_value_device_and_cpu(monkeypatch) -> None
         if calibration._mkldnn_matmul() is None:
             expected = "float32"
         assert calibration.resolve_hessian_precision("auto", cpu) == expected
+    if calibration._mkldnn_matmul() is not None:
+        # Asked for by name on a CPU without native bfloat16, where oneDNN would ignore it.
+        monkeypatch.setattr(calibration, "native_bfloat16", lambda: False)
+        with pytest.raises(ConfigError, match="needs a CPU that multiplies bfloat16 natively"):
+            calibration.resolve_hessian_precision("bfloat16", cpu)
 
 
 @needs_bf16_math
@@ -149,6 +159,7 @@ def test_recording_precision_sets_bf16_math_and_restores_it() -> None:
 
 
 @needs_bf16_math
+@needs_native_bf16
 def test_bfloat16_hessians_are_close_to_float32_ones() -> None:
     """bf16 inputs, float32 sums: each product within bf16's rounding of the exact one (measured
     ~0.3% of its largest entry here), still symmetric, and not the float32 result itself (the
@@ -168,11 +179,14 @@ def test_bfloat16_hessians_are_close_to_float32_ones() -> None:
 
 
 @needs_bf16_math
-def test_sequential_records_in_bf16_and_propagates_in_float32() -> None:
+def test_sequential_records_in_bf16_and_propagates_in_float32(monkeypatch) -> None:
     """Only the recording pass takes bfloat16 inputs: the outputs carried to the next block come
-    from float32 arithmetic, and the setting is back after the quantization."""
+    from float32 arithmetic, and the setting is back after the quantization (the setting is what
+    is checked, so any CPU will do: bfloat16 is taken as native)."""
+    from alphatune import calibration
     from alphatune.calibration import quantize_sequentially
 
+    monkeypatch.setattr(calibration, "native_bfloat16", lambda: True)
     model = make_tiny_llama(vocab_size=50).eval()
     layers = find_target_layers(model, BCQConfig())
     seen: dict[str, set[str]] = {"recording": set(), "propagating": set()}

@@ -56,6 +56,13 @@ def resolve_hessian_precision(precision: str, device: torch.device) -> str:
             f"mode (torch.backends.mkldnn.matmul.fp32_precision; torch {torch.__version__}, "
             f"model on {device.type}); use 'auto' or 'float32'"
         )
+    if precision == "bfloat16" and not native_bfloat16():
+        # oneDNN ignores the bf16 math mode on such a CPU (an AVX2-only AMD EPYC gave the float32
+        # sums bit for bit): the request would silently change nothing.
+        raise ConfigError(
+            "hessian_precision='bfloat16' needs a CPU that multiplies bfloat16 natively (AVX-512 "
+            "BF16 or AMX); oneDNN runs float32 on this one; use 'auto' or 'float32'"
+        )
     return precision
 
 

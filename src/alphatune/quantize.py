@@ -202,7 +202,8 @@ def quantize_(
         hessian_precision: how the calibration passes that record the Hessians multiply:
             ``"auto"`` (default: bfloat16 inputs with float32 accumulation where the CPU
             multiplies bfloat16 natively, AVX-512 BF16 or AMX; float32 elsewhere), ``"float32"``
-            or ``"bfloat16"``. On an Intel Xeon with AMX, bfloat16 quantized SmolLM2 at 3 bits
+            or ``"bfloat16"`` (an error on a CPU without native bfloat16, where oneDNN would
+            ignore it). On an Intel Xeon with AMX, bfloat16 quantized SmolLM2 at 3 bits
             in 0.86x the time at +0.3% perplexity (docs/performance.md); the pass that carries
             each block's outputs to the next stays float32.
         progress: called as ``progress(stage, done, total)`` after each calibration batch
