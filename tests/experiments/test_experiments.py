@@ -620,6 +620,26 @@ def test_task_text_seed_phase_runs_the_candidate_base_at_seed_1_before_the_rest(
     assert grid.ORDER.index("webnlg-task-text-seed") < grid.ORDER.index("webnlg-rest")
 
 
+def test_task_text_elsewhere_phase_runs_the_candidate_base_on_e2e_and_sst2(tmp_path) -> None:
+    """The task-text calibrated base on E2E test and SST-2 at each task's AlphaTuning rate, after
+    SST-2's second seed and before its remaining baselines."""
+    results = tmp_path / "results"
+    for task in ("e2e", "sst2"):
+        _fake_searches(results, task)
+    runs = list(grid.specs(results, ("task-text-elsewhere",)))
+    assert [(r.task, r.split, r.bits, r.seed) for r in runs] == [
+        ("e2e", "test", 3, 0),
+        ("sst2", "test", 3, 0),
+    ]
+    for run in runs:
+        assert run.option("calibration") == "wikitext+tasks"
+        assert run.option("layer_bits") == "v-o-down4"
+        searched = grid.search_specs(run.task, "alphatuning")[1].learning_rate
+        assert run.learning_rate == searched
+    order = grid.ORDER.index
+    assert order("sst2-seed") < order("task-text-elsewhere") < order("sst2-rest")
+
+
 def test_steps_phase_runs_the_headline_pair_longer_on_webnlg_dev(tmp_path) -> None:
     """AlphaTuning 3-bit and LoRA at 3x the steps on the held-out and seen WebNLG dev items, at
     the rates WebNLG's 100-step searches chose, before the "-rest" phases; their tagged budget
