@@ -14,12 +14,12 @@ This probe quantizes SmolLM2 at 3 bits (default calibrated quantizer, 32 x 512 t
 
 and, for scale, ``q4-wikitext``: the 4-bit base from the default text. ``wikitext-64``,
 ``wikitext-128`` and ``mixed-64`` ask whether more calibration text (64 or 128 sequences instead
-of 32; GPTQ's paper calibrates on 128 x 2048 tokens) helps the base, with the quantization time. Each base is scored by
-its perplexity of the references given their input (teacher-forced, prompt tokens unscored, the
-first reference of each item; the loss α-tuning starts from), as a ratio to the unquantized
-model's, on: WebNLG dev items of the held-out categories (187; unseen by every calibration),
-WebNLG dev items of the other categories (first 400; their categories, not these items, are in
-``tasks``), and E2E dev (first 400 items). It also scores the four texts of
+of 32; GPTQ's paper calibrates on 128 x 2048 tokens) helps the base, with the quantization time.
+Each base is scored by its perplexity of the references given their input (teacher-forced, prompt
+tokens unscored, the first reference of each item; the loss α-tuning starts from), as a ratio to
+the unquantized model's, on: WebNLG dev items of the held-out categories (187; unseen by every
+calibration), WebNLG dev items of the other categories (first 400; their categories, not these
+items, are in ``tasks``), and E2E dev (first 400 items). It also scores the four texts of
 ``bench_calibration_sources.py`` (WikiText-2 test; references of WebNLG, E2E and SST-2 dev).
 
 One quantization's perplexity moves by ~1.5% with float order alone (``bench_quantize_speed.py``),

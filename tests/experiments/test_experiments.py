@@ -631,11 +631,11 @@ def test_task_text_elsewhere_phase_runs_the_candidate_base_on_e2e_and_sst2(tmp_p
         ("e2e", "test", 3, 0),
         ("sst2", "test", 3, 0),
     ]
-    for run in runs:
-        assert run.option("calibration") == "wikitext+tasks"
-        assert run.option("layer_bits") == "v-o-down4"
-        searched = grid.search_specs(run.task, "alphatuning")[1].learning_rate
-        assert run.learning_rate == searched
+    for spec in runs:
+        assert spec.option("calibration") == "wikitext+tasks"
+        assert spec.option("layer_bits") == "v-o-down4"
+        searched = grid.search_specs(spec.task, "alphatuning")[1].learning_rate
+        assert spec.learning_rate == searched
     order = grid.ORDER.index
     assert order("sst2-seed") < order("task-text-elsewhere") < order("sst2-rest")
 

@@ -88,14 +88,10 @@ def mixed_calibration(
     seed: int = 0,
 ) -> Tensor:
     """``(sequences, length)`` calibration token ids: the first rows cut from the text file
-    (:func:`calibration_batch`), the last ``round(sequences * pair_share)`` from the training
-    pairs (:func:`pairs_batch`)."""
-    if not 0 < pair_share <= 1:
-        raise DataError(f"pair_share must be in (0, 1], got {pair_share}")
-    pair_rows = max(1, round(sequences * pair_share))
-    pairs = pairs_batch(tokenizer, sources, pair_rows, length, seed)
-    if pair_rows == sequences:
+    (:func:`calibration_batch`), the last :func:`pair_rows` of them from the training pairs
+    (:func:`pairs_batch`)."""
+    rows = pair_rows(sequences, pair_share)
+    pairs = pairs_batch(tokenizer, sources, rows, length, seed)
+    if rows == sequences:
         return pairs
-    return torch.cat(
-        [calibration_batch(tokenizer, text_path, sequences - pair_rows, length), pairs]
-    )
+    return torch.cat([calibration_batch(tokenizer, text_path, sequences - rows, length), pairs])

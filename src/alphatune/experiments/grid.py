@@ -184,6 +184,10 @@ ABLATIONS: list[Entry] = [
     ("alphatuning", 3, (("grad_scale", "group_size"),), (0,)),
 ]
 
+# The best measured WebNLG base: v_proj, o_proj and down_proj at 4 bits, calibrated on half
+# WikiText-2, half data-to-text training pairs (``alphatune quantize --calibration-pairs``).
+TASK_TEXT_V_O_DOWN4 = (("calibration", "wikitext+tasks"), ("layer_bits", "v-o-down4"))
+
 # Candidate changes to the default 3-bit recipe, scored on dev (seed 0, the family's learning
 # rate, the searches' dev items) against the default's own dev run: WebNLG's held-out test is
 # where AlphaTuning trails LoRA (38.1 against 41.3 BLEU), and the issue asks for the best
@@ -211,12 +215,7 @@ RECIPES: list[Entry] = [
     ("alphatuning", 3, (("calibration", "wikitext+tasks"),), (0,)),
     # Both: on dev the task text gained +1.2 BLEU on seen categories and +2.8 / +0.4 on the
     # held-out ones (seeds 0 / 1), v-o-down4 +0.6 and +3.7 / +2.3; do they add up?
-    (
-        "alphatuning",
-        3,
-        (("calibration", "wikitext+tasks"), ("layer_bits", "v-o-down4")),
-        (0,),
-    ),
+    ("alphatuning", 3, TASK_TEXT_V_O_DOWN4, (0,)),
 ]
 
 # WebNLG's gap to LoRA is widest on the unseen categories (AlphaTuning 3-bit 32.1 and 32.4 BLEU
@@ -241,12 +240,7 @@ HELD_OUT: list[Entry] = [
     ("lora", None, (), (0,)),
     ("alphatuning", 3, (("layer_bits", "v-o-down4"),), (0, 1)),
     ("alphatuning", 3, (("calibration", "wikitext+tasks"),), (0, 1)),
-    (
-        "alphatuning",
-        3,
-        (("calibration", "wikitext+tasks"), ("layer_bits", "v-o-down4")),
-        (0, 1),
-    ),
+    ("alphatuning", 3, TASK_TEXT_V_O_DOWN4, (0, 1)),
 ]
 
 # The mixed-precision base (``v-o-down4``, 3.88 bits per weight) on WebNLG dev: +0.55 BLEU over
@@ -259,12 +253,7 @@ MIXED: list[Entry] = [
     ("alphatuning", 3, (("layer_bits", "v-o-down4"),), (0,)),
     # The mixed base calibrated on task text too (its dev runs come first, in the recipe and
     # held-out phases): E2E dev and WebNLG test say whether it could be the default.
-    (
-        "alphatuning",
-        3,
-        (("calibration", "wikitext+tasks"), ("layer_bits", "v-o-down4")),
-        (0,),
-    ),
+    ("alphatuning", 3, TASK_TEXT_V_O_DOWN4, (0,)),
 ]
 
 # On WebNLG test the 4-bit base matched LoRA with one seed (41.5 against 41.3 ± 0.3 BLEU), and
@@ -275,27 +264,13 @@ FOUR_BIT_SEED: list[Entry] = [("alphatuning", 4, (), (1,))]
 # On WebNLG test the v-o-down4 base calibrated on half WikiText-2, half task pairs scored 40.9
 # [40.0, 42.0], inside LoRA's intervals, at seed 0 (dev: +4.7 BLEU over the default on seen
 # categories); a second seed before it can stand in a headline row or become the default.
-TASK_TEXT_SEED: list[Entry] = [
-    (
-        "alphatuning",
-        3,
-        (("calibration", "wikitext+tasks"), ("layer_bits", "v-o-down4")),
-        (1,),
-    )
-]
+TASK_TEXT_SEED: list[Entry] = [("alphatuning", 3, TASK_TEXT_V_O_DOWN4, (1,))]
 
 # The same base on the other tasks: its calibration half is E2E's and WebNLG's training pairs
 # (``alphatune quantize --calibration-pairs``), so what does it cost where 3 bits already wins
 # (E2E test; dev said nothing: 65.84 against 65.34) and on a task whose text it never saw (SST-2:
 # before tuning its sentences' perplexity was 2.28x the unquantized model's against 2.03x)?
-TASK_TEXT_ELSEWHERE: list[Entry] = [
-    (
-        "alphatuning",
-        3,
-        (("calibration", "wikitext+tasks"), ("layer_bits", "v-o-down4")),
-        (0,),
-    )
-]
+TASK_TEXT_ELSEWHERE: list[Entry] = [("alphatuning", 3, TASK_TEXT_V_O_DOWN4, (0,))]
 
 # Longer training: the headline pair at 3x the steps on WebNLG dev, seen categories (``webnlg``)
 # and held-out ones (``webnlg-heldout``). The issue lists "learning rate and steps" among what
@@ -398,11 +373,11 @@ PHASES: dict[str, list[PhaseRow]] = {
 # recommendation in docs/choosing.md rests on it. Longer training on WebNLG ("webnlg-steps") was
 # added once every phase before "webnlg-rest" had run: whether more steps close the gap decides
 # more than the remaining baselines do, so it runs next. The task-text calibrated mixed base's
-# second WebNLG seed comes before the remaining baselines for the same reason. SST-2's headline comparison ran with one
-# seed first (its runs are short, so its second seed waited for nothing); its second seed comes
-# before SST-2's remaining baselines, as the issue asks two seeds of those three methods. What the
-# task-text calibrated base costs on E2E test and SST-2 comes before SST-2's remaining baselines:
-# whether it could be recommended beyond data-to-text rests on it.
+# second WebNLG seed comes before the remaining baselines for the same reason. SST-2's headline
+# comparison ran with one seed first (its runs are short, so its second seed waited for nothing);
+# its second seed comes before SST-2's remaining baselines, as the issue asks two seeds of those
+# three methods. What the task-text calibrated base costs on E2E test and SST-2 comes before
+# SST-2's remaining baselines: whether it could be recommended beyond data-to-text rests on it.
 ORDER = (
     "e2e",
     "webnlg",

@@ -134,10 +134,11 @@ def base_config(bits: int, method: str, layer_bits: str | None = None) -> BCQCon
 # default: 32 x 512 tokens of WikiText-2 valid) or ``wikitext+tasks``: half of it, half the
 # data-to-text tasks' training pairs as the model sees them (``alphatune.data.mixed_calibration``:
 # prompt, target, end of text; E2E and WebNLG alternating, seeded order), WebNLG without the
-# ``webnlg-heldout`` categories so that their dev items stay unseen by every base. The 3-bit base leaves out more of WebNLG's input
-# facts than the 4-bit one (docs/choosing.md), and WikiText-2 prose never asks the model to copy
-# names from a prompt; benchmarks/bench_task_calibration.py measured the mixed text before any
-# tuning (results/task_calibration.json).
+# ``webnlg-heldout`` categories so that their dev items stay unseen by every base. The 3-bit
+# base leaves out more of WebNLG's input facts than the 4-bit one (docs/choosing.md), and
+# WikiText-2 prose never asks the model to copy names from a prompt;
+# benchmarks/bench_task_calibration.py measured the mixed text before any tuning
+# (results/task_calibration.json).
 CALIBRATION_SOURCES = ("wikitext", "wikitext+tasks")
 TASK_PAIR_SEED = 0
 
